@@ -1,0 +1,36 @@
+"""Round-to-nearest: estimate a range per tensor / channel / group, round every weight to the nearest code."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jq import ranges
+from jq.algorithms import register
+from jq.qtensor import Layout, QTensor
+from jq.scheme import Scheme
+
+
+@register("rtn")
+def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
+    """Quantize `w` (logical shape `layout.shape`) by round-to-nearest on `scheme`'s grid.
+
+    `stats` is accepted for a uniform signature; with range "mse" a per-input-channel `stats["act_sq"]`
+    (mean x², shape [K] along the group axis) weights the clip search by activation energy.
+    """
+    xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
+    weight = None
+    if stats is not None and scheme.range == "mse" and "act_sq" in stats:
+        weight = _channel_weight(jnp.asarray(stats["act_sq"], jnp.float32), layout)
+    lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme, weight)
+    scale, zero = scheme.scale_zero(lo, hi)
+    codes = scheme.encode(xg, scale, zero)
+    return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
+
+
+def _channel_weight(act_sq: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """A [K] per-input-channel weight broadcast onto the grouped view (K = the group axis)."""
+    shape = [1] * len(layout.stored_shape)
+    shape[layout.group_axis] = -1
+    k = layout.stored_shape[layout.group_axis]
+    v = jnp.pad(act_sq, (0, k - act_sq.shape[0])).reshape(shape)
+    return jnp.broadcast_to(v, layout.stored_shape).reshape(layout.grouped_shape)

@@ -1,0 +1,167 @@
+"""Recipes: ordered rules mapping parameter paths to a scheme and a method, loadable from YAML.
+
+A leaf's path is its pytree keys joined by "/" (`layers_3/attn/q_proj/kernel`; NNX's trailing `value` is dropped).
+For each leaf: a path matching `ignore` stays float (unless a rule with `force: true` matches it); otherwise the
+first rule whose regex *fully* matches the path decides; no match leaves the leaf float. `ignore` defaults to
+`DEFAULT_IGNORE` — embeddings, norms, biases, the LM head and anything with fewer than two dimensions — so
+a recipe that says "all kernels" does not touch them by accident.
+
+YAML form::
+
+    name: rtn_w4_g128
+    description: 4-bit asymmetric, groups of 128, round to nearest
+    rules:
+      - pattern: ".*/kernel"
+        method: rtn
+        format: int4
+        symmetric: false
+        group_size: 128
+    ignore: [".*lm_head.*"]      # optional; replaces the defaults
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import yaml
+
+from jq.scheme import Scheme
+
+__all__ = ["Rule", "QuantConfig", "DEFAULT_IGNORE", "load_recipe", "recipe_from_dict"]
+
+DEFAULT_IGNORE: tuple[str, ...] = (
+    r"(.*/)?(embed|embedding|embeddings|embed_tokens|wte|wpe|token_embd)(/.*)?",
+    r"(.*/)?lm_head(/.*)?",
+    r"(.*/)?[^/]*norm[^/]*(/.*)?",
+    r"(.*/)?bias",
+)
+
+_SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
+_RULE_FIELDS = ("pattern", "method", "skip", "force", "options")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Leaves whose path fully matches `pattern` are quantized with `scheme` by `method` (or kept float if
+    `scheme` is None). `options` are passed to the method; `force` lets the rule reach ignored leaves."""
+
+    pattern: str
+    scheme: Scheme | None
+    method: str = "rtn"
+    force: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "_regex", re.compile(self.pattern))
+        except re.error as e:
+            raise ValueError(f"rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        from jq.algorithms import get_method  # validates the name against the registry
+
+        get_method(self.method)
+
+    def matches(self, path: str) -> bool:
+        return self._regex.fullmatch(path) is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """An ordered list of rules plus the ignore list. Hashable, so it can be a static jit argument."""
+
+    rules: tuple[Rule, ...]
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    name: str = "custom"
+    description: str = ""
+
+    def __post_init__(self):
+        for p in self.ignore:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"ignore pattern {p!r} is not a valid regular expression: {e}") from None
+
+    def ignored(self, path: str, ndim: int) -> bool:
+        return ndim < 2 or any(re.fullmatch(p, path) for p in self.ignore)
+
+    def rule_for(self, path: str, ndim: int) -> Rule | None:
+        """The rule that decides this leaf, or None (stay float)."""
+        ignored = self.ignored(path, ndim)
+        for r in self.rules:
+            if r.matches(path) and (r.force or not ignored):
+                return r
+        return None
+
+    @classmethod
+    def simple(cls, scheme: Scheme, pattern: str = r".*kernel", method: str = "rtn", **kw) -> "QuantConfig":
+        """One rule for every kernel (the common case): `QuantConfig.simple(Scheme("int4", group_size=128))`."""
+        return cls(rules=(Rule(pattern, scheme, method),), **kw)
+
+
+def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
+    """Build and validate a config from a YAML-shaped dict. Errors name the source, the rule and the field."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: a recipe must be a mapping with 'rules', got {type(d).__name__}")
+    top = {"name", "description", "rules", "ignore", "defaults"}
+    unknown = set(d) - top
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level field(s) {sorted(unknown)}; allowed fields are {sorted(top)}")
+    defaults = d.get("defaults") or {}
+    rules_in = d.get("rules")
+    if not rules_in or not isinstance(rules_in, list):
+        raise ValueError(f"{source}: 'rules' must be a non-empty list of rules, got {rules_in!r}")
+    rules = []
+    for i, raw in enumerate(rules_in):
+        where = f"{source}: rules[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: a rule must be a mapping, got {raw!r}")
+        r = {**defaults, **raw}
+        unknown = set(r) - set(_SCHEME_FIELDS) - set(_RULE_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown field(s) {sorted(unknown)}; allowed fields are "
+                f"{sorted(_RULE_FIELDS + _SCHEME_FIELDS)}"
+            )
+        if "pattern" not in r:
+            raise ValueError(f"{where}: missing field 'pattern' (a regex fully matching leaf paths, e.g. '.*kernel')")
+        try:
+            scheme = None if r.get("skip") else Scheme(**{k: r[k] for k in _SCHEME_FIELDS if k in r})
+            rules.append(
+                Rule(
+                    pattern=r["pattern"],
+                    scheme=scheme,
+                    method=r.get("method", "rtn"),
+                    force=bool(r.get("force", False)),
+                    options=tuple(sorted((r.get("options") or {}).items())),
+                )
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
+    ignore = d.get("ignore", DEFAULT_IGNORE)
+    if not isinstance(ignore, (list, tuple)):
+        raise ValueError(f"{source}: 'ignore' must be a list of regexes, got {ignore!r}")
+    return QuantConfig(
+        rules=tuple(rules),
+        ignore=tuple(ignore),
+        name=str(d.get("name", os.path.splitext(os.path.basename(source))[0])),
+        description=str(d.get("description", "")),
+    )
+
+
+def load_recipe(path: str | os.PathLike) -> QuantConfig:
+    """Load a YAML recipe file (see the module docstring for its form)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", path)
+        if os.path.exists(here):
+            path = here
+        else:
+            raise FileNotFoundError(f"recipe {path!r} not found; pass a YAML path, e.g. configs/rtn_w4_g128.yaml")
+    with open(path) as f:
+        try:
+            d = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return recipe_from_dict(d, source=path)

@@ -1,0 +1,205 @@
+"""QTensor: a quantized array as a pytree — codes, scales, zero points, an optional permutation — plus static layout.
+
+Layout. A weight of logical `shape` is contracted over `axes` in its matmul (a Flax `Dense` kernel `(in, out)`
+has axes `(0,)`; a `DenseGeneral` kernel `(heads, head_dim, out)` has `(0, 1)`). Granularity:
+
+- "tensor": one scale for everything; scale shape is all ones (same rank).
+- "channel": one scale per output element; scale has 1 at every contraction axis, e.g. `(1, out)`.
+- "group": groups of `group_size` consecutive elements along the *group axis* (the last contraction axis).
+  The scale replaces that axis by the number of groups, e.g. `(in // g, out)`. With `pad=True` the axis is
+  zero-padded up to a multiple of `group_size` and codes are stored padded.
+
+Codes are stored with the group axis permuted by `perm` when present (act-order): `stored = W[perm]` along the
+group axis, so `x @ W == x[..., perm] @ stored`. Sub-byte codes are bit-packed along the group axis
+(`formats.pack`). Dequantized value = (code − zero) · scale for ints, table[code] · scale for fp4/NF4, and
+float(code) · scale for fp8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq import formats
+
+__all__ = ["Layout", "QTensor"]
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static description of how a QTensor's codes and scales map onto the logical array."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    granularity: str = "channel"
+    group_size: int | None = None
+    padded: int | None = None  # stored length of the group axis (>= shape[group_axis])
+
+    @property
+    def group_axis(self) -> int:
+        """The axis groups run along and codes are packed along: the last contraction axis."""
+        return max(self.axes) if self.axes else len(self.shape) - 1
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        s = list(self.shape)
+        if self.padded is not None:
+            s[self.group_axis] = self.padded
+        return tuple(s)
+
+    @property
+    def grouped_shape(self) -> tuple[int, ...]:
+        """The stored array viewed with the group axis split into (n_groups, group_size)."""
+        s = self.stored_shape
+        if self.granularity != "group":
+            return s
+        a = self.group_axis
+        return s[:a] + (s[a] // self.group_size, self.group_size) + s[a + 1 :]
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        """Axes of the grouped view that one scale covers."""
+        if self.granularity == "tensor":
+            return tuple(range(len(self.grouped_shape)))
+        if self.granularity == "channel":
+            return tuple(self.axes)
+        return (self.group_axis + 1,)
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Stored shape of scales / zero points (the grouped view with reduced axes dropped for groups)."""
+        g = list(self.grouped_shape)
+        for a in self.reduce_axes:
+            g[a] = 1
+        if self.granularity == "group":
+            del g[self.group_axis + 1]
+        return tuple(g)
+
+    # -- views ----------------------------------------------------------------------------------------------
+    def to_grouped(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Logical-shape array → grouped view (padding the group axis with zeros if the layout is padded)."""
+        if self.padded is not None and self.padded != self.shape[self.group_axis]:
+            pad = [(0, 0)] * x.ndim
+            pad[self.group_axis] = (0, self.padded - self.shape[self.group_axis])
+            x = jnp.pad(x, pad)
+        return x.reshape(self.grouped_shape)
+
+    def from_grouped(self, xg: jnp.ndarray) -> jnp.ndarray:
+        """Grouped view → logical shape (dropping padding)."""
+        x = xg.reshape(self.stored_shape)
+        if self.stored_shape != self.shape:
+            x = jax.lax.slice_in_dim(x, 0, self.shape[self.group_axis], axis=self.group_axis)
+        return x
+
+    def expand_scale(self, s: jnp.ndarray) -> jnp.ndarray:
+        """Stored scale → broadcastable against the grouped view."""
+        return jnp.expand_dims(s, self.group_axis + 1) if self.granularity == "group" else s
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QTensor:
+    """A quantized array. Array fields are pytree children; everything else is static metadata.
+
+    Attributes:
+      codes: stored codes; packed uint8 when the format has < 8 bits, else int8/uint8/float8.
+      scale: float scales, shape `layout.scale_shape`.
+      zero: zero points in code units (asymmetric int formats), same shape as `scale`, or None.
+      perm: int32 [K] permutation of the group axis (codes stored as W[perm]), or None.
+      fmt: format name (see `formats.FORMATS`).
+      layout: static `Layout`.
+      symmetric / restricted: the integer code range used.
+      dtype: name of the logical (dequantized) dtype.
+      rotation: name of a rotation stored elsewhere in the tree that was applied to this weight, or None.
+    """
+
+    codes: jax.Array
+    scale: jax.Array
+    zero: jax.Array | None = None
+    perm: jax.Array | None = None
+    fmt: str = dataclasses.field(default="int8", metadata=dict(static=True))
+    layout: Layout = dataclasses.field(default=None, metadata=dict(static=True))
+    symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    restricted: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+    rotation: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    # -- array-like metadata --------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.layout.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.layout.shape)
+
+    @property
+    def format(self) -> formats.Format:
+        return formats.get_format(self.fmt)
+
+    def __repr__(self) -> str:
+        lay = self.layout
+        g = f"g{lay.group_size}" if lay.granularity == "group" else lay.granularity
+        kind = "sym" if self.symmetric else "asym"
+        extra = " perm" if self.perm is not None else ""
+        return f"QTensor({self.fmt} {kind} {g}, shape={lay.shape}, axes={lay.axes}{extra})"
+
+    def __getitem__(self, key):
+        """Only `q[...]` (how NNX reads a variable's value) is supported: it returns the QTensor itself."""
+        if key is Ellipsis:
+            return self
+        raise TypeError(f"{self!r} cannot be indexed by {key!r}; call .dequantize() first")
+
+    # -- decoding -------------------------------------------------------------------------------------------
+    def unpacked_codes(self) -> jax.Array:
+        """Codes in the stored (padded, permuted) shape, one element per weight."""
+        f = self.format
+        if not f.packs:
+            return self.codes
+        lay = self.layout
+        n = lay.stored_shape[lay.group_axis]
+        return formats.unpack(self.codes, f.bits, n, axis=lay.group_axis, signed=f.is_int and self.symmetric)
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """Back to a dense array of the logical shape and dtype (or `dtype`)."""
+        dtype = jnp.dtype(dtype or self.dtype)
+        lay = self.layout
+        v = self.format.decode(self.unpacked_codes(), jnp.float32)
+        v = v.reshape(lay.grouped_shape)
+        if self.zero is not None:
+            v = v - lay.expand_scale(self.zero.astype(jnp.float32))
+        v = v * lay.expand_scale(self.scale.astype(jnp.float32))
+        w = v.reshape(lay.stored_shape)
+        if self.perm is not None:
+            w = jnp.take(w, jnp.argsort(self.perm), axis=lay.group_axis)
+        if lay.stored_shape != lay.shape:
+            w = jax.lax.slice_in_dim(w, 0, lay.shape[lay.group_axis], axis=lay.group_axis)
+        return w.astype(dtype)
+
+    # -- honest size accounting -----------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored: codes, scales, zero points and permutation."""
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self._arrays())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits divided by the number of logical weights (scales and zeros included)."""
+        return 8.0 * self.nbytes / self.size
+
+    def _arrays(self):
+        return [a for a in (self.codes, self.scale, self.zero, self.perm) if a is not None]
+
+
+def is_qtensor(x) -> bool:
+    return isinstance(x, QTensor)

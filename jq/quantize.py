@@ -1,0 +1,224 @@
+"""The tree-level API: `quantize_params`, `dequantize_params`, and a per-leaf report.
+
+`quantize_params(params, cfg, calib=None)` is a pure function: the same pytree comes back with QTensors at the
+leaves the recipe quantizes. It works on linen `variables["params"]` dicts and on NNX `State`s alike, and it is
+jit-able (the config is static; bad-input checks that need concrete values run only outside a trace).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jq.algorithms import get_method
+from jq.config import QuantConfig
+from jq.qtensor import QTensor
+
+__all__ = ["quantize_params", "dequantize_params", "leaf_paths", "path_str", "report", "format_report", "LeafReport"]
+
+
+def path_str(keypath) -> str:
+    """'/'-joined path of a jax key path; NNX's trailing `.value` is dropped."""
+    parts = []
+    for k in keypath:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        else:
+            parts.append(str(getattr(k, "key", k)))
+    if len(parts) > 1 and parts[-1] == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+def leaf_paths(tree) -> list[tuple[str, Any]]:
+    """(path, leaf) pairs, QTensors kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_q)
+    return [(path_str(p), v) for p, v in flat]
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, QTensor)
+
+
+def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
+    """Contraction axes when the scheme names none: embeddings contract their last axis (as in `attend`);
+    Flax kernels (`Dense` (in, out), `DenseGeneral` (in, ..., out)) their first."""
+    if "embed" in path.rsplit("/", 1)[-1] or path.endswith("embedding"):
+        return (ndim - 1,)
+    return (0,)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(method_name: str, options: tuple):
+    """One compiled function per (method, options); scheme and layout are static, so each distinct weight
+    shape / scheme compiles once and is reused across layers."""
+    fn = functools.partial(get_method(method_name), **dict(options))
+    return jax.jit(fn, static_argnums=(1, 2))
+
+
+def _call_method(rule, w, layout, stats):
+    return _jitted(rule.method, rule.options)(w, rule.scheme, layout, stats)
+
+
+def _check_finite(path: str, w) -> None:
+    if isinstance(w, jax.core.Tracer):
+        return
+    a = np.asarray(w)
+    if not np.issubdtype(a.dtype, np.floating) and a.dtype.kind != "V":
+        a = a.astype(np.float32)
+    bad = ~np.isfinite(a.astype(np.float32))
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"{path}: {int(bad.sum())} non-finite value(s) in a weight of shape {a.shape} "
+            f"(first at index {idx}: {a[idx]!r}); repair the checkpoint, or keep this leaf float with "
+            f"ignore: ['{path}']"
+        )
+
+
+def _stats_for(calib, path: str):
+    if calib is None:
+        return None
+    if isinstance(calib, dict) and path in calib:
+        return calib[path]
+    node = calib
+    for part in path.split("/"):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
+def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: bool = True):
+    """Quantize a parameter pytree by the rules of `cfg`.
+
+    Args:
+      params: a pytree of float arrays (linen `variables["params"]`, an NNX `State`, or any nesting of dicts).
+      cfg: a `QuantConfig` (see `jq.config`, `jq.load_recipe`).
+      calib: optional statistics mirroring the parameter paths (a nested dict, or a flat dict keyed by path),
+        as produced by calibration; methods that need data raise if their leaf has none.
+      warn_unmatched: warn about rules that match no leaf (usually a typo in the regex).
+
+    Returns:
+      The same tree structure with `QTensor`s at the quantized leaves; other leaves are returned unchanged.
+    """
+    used = [False] * len(cfg.rules)
+
+    def visit(keypath, w):
+        if _is_q(w):
+            return w
+        path = path_str(keypath)
+        ndim = getattr(w, "ndim", 0)
+        rule = cfg.rule_for(path, ndim)
+        if rule is None:
+            return w
+        used[cfg.rules.index(rule)] = True
+        if rule.scheme is None:
+            return w
+        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
+        _check_finite(path, w)
+        axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
+        layout = rule.scheme.layout(tuple(w.shape), axes, path)
+        stats = _stats_for(calib, path)
+        if getattr(get_method(rule.method), "needs_calibration", False) and stats is None:
+            raise ValueError(
+                f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
+                "run jq.calibrate first or choose method: rtn"
+            )
+        return _call_method(rule, jnp.asarray(w), layout, stats)
+
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_q)
+    if warn_unmatched:
+        for r, u in zip(cfg.rules, used):
+            if not u:
+                warnings.warn(
+                    f"recipe {cfg.name!r}: rule pattern {r.pattern!r} matched no parameter; check the regex "
+                    f"against the paths (jq inspect prints them)",
+                    stacklevel=2,
+                )
+    return out
+
+
+def dequantize_params(qparams, dtype=None):
+    """Replace every QTensor by its dense dequantized array (in its recorded dtype, or `dtype`)."""
+    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if _is_q(x) else x, qparams, is_leaf=_is_q)
+
+
+# -- reports ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafReport:
+    path: str
+    shape: tuple[int, ...]
+    scheme: str
+    bits_per_weight: float
+    nbytes: int
+    rel_error: float | None
+
+
+def report(params, qparams) -> list[LeafReport]:
+    """Per-leaf rows: path, shape, scheme, honest bits/weight, stored bytes and relative Frobenius error."""
+    orig = dict(leaf_paths(params))
+    rows = []
+    for path, q in leaf_paths(qparams):
+        shape = tuple(getattr(q, "shape", ()))
+        if _is_q(q):
+            err = None
+            if path in orig:
+                w = jnp.asarray(orig[path], jnp.float32)
+                err = float(jnp.linalg.norm(q.dequantize(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
+            lay = q.layout
+            g = f"g{lay.group_size}" if lay.granularity == "group" else lay.granularity
+            desc = f"{q.fmt} {'sym' if q.symmetric else 'asym'} {g}" + (" perm" if q.perm is not None else "")
+            rows.append(LeafReport(path, shape, desc, q.bits_per_weight, q.nbytes, err))
+        else:
+            a = np.asarray(q) if not isinstance(q, jax.core.Tracer) else q
+            nbytes = int(np.prod(shape)) * jnp.dtype(a.dtype).itemsize if shape or hasattr(a, "dtype") else 0
+            rows.append(LeafReport(path, shape, f"float ({jnp.dtype(a.dtype).name})", 8.0 * jnp.dtype(a.dtype).itemsize, nbytes, None))
+    return rows
+
+
+def summarize(rows: list[LeafReport]) -> dict:
+    """Totals over a report: parameters, bytes, bits/weight over all leaves and over quantized leaves only."""
+    n_all = sum(int(np.prod(r.shape)) for r in rows)
+    b_all = sum(r.nbytes for r in rows)
+    q = [r for r in rows if r.rel_error is not None or not r.scheme.startswith("float")]
+    n_q = sum(int(np.prod(r.shape)) for r in q)
+    b_q = sum(r.nbytes for r in q)
+    return {
+        "params": n_all,
+        "model_bytes": b_all,
+        "bits_per_weight": 8.0 * b_all / max(n_all, 1),
+        "quantized_params": n_q,
+        "quantized_bits_per_weight": 8.0 * b_q / max(n_q, 1),
+    }
+
+
+def format_report(rows: list[LeafReport], *, only_quantized: bool = False, title: str | None = None):
+    """A `rich.table.Table` of the report (print it with `rich.print` or a Console)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c, j in (("path", "left"), ("shape", "left"), ("scheme", "left"), ("bits/w", "right"), ("KiB", "right"), ("rel err", "right")):
+        t.add_column(c, justify=j)
+    for r in rows:
+        if only_quantized and r.rel_error is None:
+            continue
+        err = "" if r.rel_error is None else f"{r.rel_error:.4f}"
+        t.add_row(r.path, "×".join(map(str, r.shape)), r.scheme, f"{r.bits_per_weight:.3f}", f"{r.nbytes / 1024:.1f}", err)
+    s = summarize(rows)
+    t.caption = f"{s['params']:,} params, {s['model_bytes'] / 2**20:.2f} MiB, {s['bits_per_weight']:.3f} bits/weight overall"
+    return t
