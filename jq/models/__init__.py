@@ -1,0 +1,14 @@
+"""Models for jq: a Flax linen Llama decoder, GGUF / Hugging Face loaders, tokenizers, perplexity, model resolution."""
+
+from jq.models.config import LlamaConfig
+from jq.models.eval import perplexity
+from jq.models.gguf_loader import load_gguf
+from jq.models.hf_loader import load_hf
+from jq.models.hub import load_model, resolve_model
+from jq.models.llama import Llama, init_params, make_forward
+from jq.models.tokenizer import Tokenizer
+
+__all__ = [
+    "LlamaConfig", "Llama", "init_params", "make_forward", "load_gguf", "load_hf", "load_model", "resolve_model",
+    "perplexity", "Tokenizer",
+]

