@@ -33,13 +33,20 @@ GRANULARITIES = ("tensor", "channel", "group")
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static description of how a QTensor's codes and scales map onto the logical array."""
+    """Static description of how a QTensor's codes and scales map onto the logical array.
+
+    `flat=True` (groups only) forms groups from the weight flattened with the group axis innermost — PyTorch's
+    `W.reshape(-1, g)` on an `(out, in)` weight — so a group may run from the end of one output channel into the
+    next when g does not divide the axis. Codes are then stored as `(n_groups, g)`, scales as `(n_groups,)`.
+    For an axis that g divides, flat and per-axis groups hold the same numbers.
+    """
 
     shape: tuple[int, ...]
     axes: tuple[int, ...]
     granularity: str = "channel"
     group_size: int | None = None
     padded: int | None = None  # stored length of the group axis (>= shape[group_axis])
+    flat: bool = False
 
     @property
     def group_axis(self) -> int:
@@ -47,17 +54,35 @@ class Layout:
         return max(self.axes) if self.axes else len(self.shape) - 1
 
     @property
+    def _moved_shape(self) -> tuple[int, ...]:
+        a = self.group_axis
+        return self.shape[:a] + self.shape[a + 1 :] + (self.shape[a],)
+
+    @property
     def stored_shape(self) -> tuple[int, ...]:
+        """Shape of the (unpacked) codes as stored."""
+        if self.flat:
+            return (math.prod(self.shape) // self.group_size, self.group_size)
         s = list(self.shape)
         if self.padded is not None:
             s[self.group_axis] = self.padded
         return tuple(s)
 
     @property
+    def pack_axis(self) -> int:
+        """The axis of the stored codes that sub-byte codes are packed along."""
+        return 1 if self.flat else self.group_axis
+
+    @property
+    def inner_axis(self) -> int:
+        """For groups: the axis of the grouped view that runs within a group."""
+        return 1 if self.flat else self.group_axis + 1
+
+    @property
     def grouped_shape(self) -> tuple[int, ...]:
         """The stored array viewed with the group axis split into (n_groups, group_size)."""
         s = self.stored_shape
-        if self.granularity != "group":
+        if self.granularity != "group" or self.flat:
             return s
         a = self.group_axis
         return s[:a] + (s[a] // self.group_size, self.group_size) + s[a + 1 :]
@@ -69,7 +94,7 @@ class Layout:
             return tuple(range(len(self.grouped_shape)))
         if self.granularity == "channel":
             return tuple(self.axes)
-        return (self.group_axis + 1,)
+        return (self.inner_axis,)
 
     @property
     def scale_shape(self) -> tuple[int, ...]:
@@ -78,28 +103,37 @@ class Layout:
         for a in self.reduce_axes:
             g[a] = 1
         if self.granularity == "group":
-            del g[self.group_axis + 1]
+            del g[self.inner_axis]
         return tuple(g)
 
     # -- views ----------------------------------------------------------------------------------------------
     def to_grouped(self, x: jnp.ndarray) -> jnp.ndarray:
         """Logical-shape array → grouped view (padding the group axis with zeros if the layout is padded)."""
+        if self.flat:
+            return jnp.moveaxis(x, self.group_axis, -1).reshape(self.grouped_shape)
         if self.padded is not None and self.padded != self.shape[self.group_axis]:
             pad = [(0, 0)] * x.ndim
             pad[self.group_axis] = (0, self.padded - self.shape[self.group_axis])
             x = jnp.pad(x, pad)
         return x.reshape(self.grouped_shape)
 
-    def from_grouped(self, xg: jnp.ndarray) -> jnp.ndarray:
-        """Grouped view → logical shape (dropping padding)."""
+    def from_grouped(self, xg: jnp.ndarray, perm: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Grouped view → logical shape: undo the permutation of the group axis (`stored = W[perm]`), drop padding."""
+        if self.flat:
+            x = xg.reshape(self._moved_shape)
+            if perm is not None:
+                x = jnp.take(x, jnp.argsort(perm), axis=-1)
+            return jnp.moveaxis(x, -1, self.group_axis)
         x = xg.reshape(self.stored_shape)
+        if perm is not None:
+            x = jnp.take(x, jnp.argsort(perm), axis=self.group_axis)
         if self.stored_shape != self.shape:
             x = jax.lax.slice_in_dim(x, 0, self.shape[self.group_axis], axis=self.group_axis)
         return x
 
     def expand_scale(self, s: jnp.ndarray) -> jnp.ndarray:
         """Stored scale → broadcastable against the grouped view."""
-        return jnp.expand_dims(s, self.group_axis + 1) if self.granularity == "group" else s
+        return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
 @jax.tree_util.register_dataclass
@@ -149,7 +183,7 @@ class QTensor:
 
     def __repr__(self) -> str:
         lay = self.layout
-        g = f"g{lay.group_size}" if lay.granularity == "group" else lay.granularity
+        g = f"g{lay.group_size}{' flat' if lay.flat else ''}" if lay.granularity == "group" else lay.granularity
         kind = "sym" if self.symmetric else "asym"
         extra = " perm" if self.perm is not None else ""
         return f"QTensor({self.fmt} {kind} {g}, shape={lay.shape}, axes={lay.axes}{extra})"
@@ -167,8 +201,8 @@ class QTensor:
         if not f.packs:
             return self.codes
         lay = self.layout
-        n = lay.stored_shape[lay.group_axis]
-        return formats.unpack(self.codes, f.bits, n, axis=lay.group_axis, signed=f.is_int and self.symmetric)
+        n = lay.stored_shape[lay.pack_axis]
+        return formats.unpack(self.codes, f.bits, n, axis=lay.pack_axis, signed=f.is_int and self.symmetric)
 
     def dequantize(self, dtype=None) -> jax.Array:
         """Back to a dense array of the logical shape and dtype (or `dtype`)."""
@@ -179,12 +213,26 @@ class QTensor:
         if self.zero is not None:
             v = v - lay.expand_scale(self.zero.astype(jnp.float32))
         v = v * lay.expand_scale(self.scale.astype(jnp.float32))
-        w = v.reshape(lay.stored_shape)
-        if self.perm is not None:
-            w = jnp.take(w, jnp.argsort(self.perm), axis=lay.group_axis)
-        if lay.stored_shape != lay.shape:
-            w = jax.lax.slice_in_dim(w, 0, lay.shape[lay.group_axis], axis=lay.group_axis)
-        return w.astype(dtype)
+        return lay.from_grouped(v, self.perm).astype(dtype)
+
+    def check(self, where: str = "QTensor") -> None:
+        """Raise ValueError if the arrays do not fit the static layout (a damaged or foreign file)."""
+        lay, f = self.layout, self.format
+        want = list(lay.stored_shape)
+        if f.packs:
+            want[lay.pack_axis] = formats.packed_length(want[lay.pack_axis], f.bits)
+        problems = []
+        if tuple(self.codes.shape) != tuple(want):
+            problems.append(f"codes shape {tuple(self.codes.shape)} != {tuple(want)}")
+        for name, a in (("scale", self.scale), ("zero", self.zero)):
+            if a is not None and tuple(a.shape) != lay.scale_shape:
+                problems.append(f"{name} shape {tuple(a.shape)} != {lay.scale_shape}")
+        if self.perm is not None and tuple(self.perm.shape) != (lay.shape[lay.group_axis],):
+            problems.append(f"perm shape {tuple(self.perm.shape)} != ({lay.shape[lay.group_axis]},)")
+        if (self.zero is None) != (self.symmetric or not f.is_int):
+            problems.append("zero point present/absent contrary to the symmetry")
+        if problems:
+            raise ValueError(f"{where}: {self!r} is inconsistent: " + "; ".join(problems))
 
     # -- honest size accounting -----------------------------------------------------------------------------
     @property

@@ -177,11 +177,11 @@ def report(params, qparams) -> list[LeafReport]:
         shape = tuple(getattr(q, "shape", ()))
         if _is_q(q):
             err = None
-            if path in orig:
+            if path in orig and not _is_q(orig[path]):
                 w = jnp.asarray(orig[path], jnp.float32)
                 err = float(jnp.linalg.norm(q.dequantize(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
             lay = q.layout
-            g = f"g{lay.group_size}" if lay.granularity == "group" else lay.granularity
+            g = f"g{lay.group_size}{' flat' if lay.flat else ''}" if lay.granularity == "group" else lay.granularity
             desc = f"{q.fmt} {'sym' if q.symmetric else 'asym'} {g}" + (" perm" if q.perm is not None else "")
             rows.append(LeafReport(path, shape, desc, q.bits_per_weight, q.nbytes, err))
         else:

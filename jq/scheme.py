@@ -13,6 +13,7 @@ Scales are rounded to `scale_dtype` *before* the codes are computed, so stored s
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -41,7 +42,10 @@ class Scheme:
       restricted: symmetric ints use −(2^(b−1)−1)..2^(b−1)−1 (drop the most negative code).
       granularity: "tensor", "channel" or "group"; a `group_size` implies "group".
       group_size: elements per group along the last contraction axis.
-      pad: zero-pad the group axis to a multiple of `group_size` instead of raising.
+      pad: zero-pad the group axis to a multiple of `group_size` instead of raising (the last group is partial).
+      flat_groups: form groups from the weight flattened with the group axis innermost (PyTorch's
+        `W.reshape(-1, g)` on `(out, in)`); needs only that g divides the weight's size. Identical to per-axis
+        groups when g divides the axis; offered for parity with toolkits that group this way.
       range: "minmax", "absmax", "percentile" or "mse" (grid search of shrink factors under a p-norm).
       percentile: the upper percentile for range="percentile" (the lower one is 100 − p).
       mse_grid, mse_max_shrink, mse_norm: the MSE clip search visits shrink factors 1, 1−1/grid, … down to
@@ -57,6 +61,7 @@ class Scheme:
     granularity: str = "channel"
     group_size: int | None = None
     pad: bool = False
+    flat_groups: bool = False
     range: str = "minmax"
     percentile: float = 99.99
     mse_grid: int = 100
@@ -75,6 +80,11 @@ class Scheme:
         _choice("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "group" and self.group_size is None:
             raise ValueError("scheme field 'group_size' is missing; granularity 'group' needs e.g. group_size: 128")
+        if self.flat_groups and (self.granularity != "group" or self.pad):
+            raise ValueError(
+                "scheme field 'flat_groups' needs granularity 'group' (a group_size) and pad: false; "
+                f"got granularity {self.granularity!r}, pad {self.pad!r}"
+            )
         _choice("range", self.range, RANGE_METHODS)
         _choice("zero_point", self.zero_point, ZERO_POINTS)
         _choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
@@ -102,7 +112,7 @@ class Scheme:
         return self.fmt.bits
 
     def describe(self) -> str:
-        g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
         s = "sym" if self.symmetric else "asym"
         r = "" if self.range == "minmax" else f" {self.range}"
         return f"{self.format} {s} {g}{r}"
@@ -115,6 +125,14 @@ class Scheme:
         if any(not -nd <= a < nd for a in (self.axes or ())):
             raise ValueError(f"{path}: axes {self.axes} out of range for shape {shape}")
         padded = None
+        if self.flat_groups:
+            n = math.prod(shape)
+            if n % self.group_size:
+                raise ValueError(
+                    f"{path}: group_size {self.group_size} does not divide the {n} elements of shape {shape}; "
+                    "flat groups need that — choose another group size, or flat_groups: false with pad: true"
+                )
+            return Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
             k = shape[ga]
@@ -181,8 +199,8 @@ class Scheme:
         f = self.fmt
         codes = codes_g.reshape(layout.stored_shape)
         if f.packs:
-            codes = formats.pack(codes, f.bits, axis=layout.group_axis)
-        squeeze = (layout.group_axis + 1,) if layout.granularity == "group" else ()
+            codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+        squeeze = (layout.inner_axis,) if layout.granularity == "group" else ()
         scale = jnp.squeeze(scale_g, squeeze).astype(self.scale_dtype)
         zero = None
         if zero_g is not None:

@@ -65,7 +65,8 @@ def save(directory: str | os.PathLike, tree, meta: dict[str, Any] | None = None,
                 kind="qtensor", fmt=x.fmt, symmetric=x.symmetric, restricted=x.restricted, dtype=x.dtype,
                 rotation=x.rotation,
                 layout={"shape": list(x.layout.shape), "axes": list(x.layout.axes), "granularity": x.layout.granularity,
-                        "group_size": x.layout.group_size, "padded": x.layout.padded},
+                        "group_size": x.layout.group_size, "padded": x.layout.padded,
+                        "flat": x.layout.flat},
             )
             fields = {f: getattr(x, f) for f in _FIELDS if getattr(x, f) is not None}
         else:
@@ -136,9 +137,11 @@ def load(directory: str | os.PathLike) -> tuple[dict, dict]:
             lay = e["layout"]
             value = QTensor(
                 codes=arrs["codes"], scale=arrs["scale"], zero=arrs.get("zero"), perm=arrs.get("perm"), fmt=e["fmt"],
-                layout=Layout(tuple(lay["shape"]), tuple(lay["axes"]), lay["granularity"], lay["group_size"], lay["padded"]),
+                layout=Layout(tuple(lay["shape"]), tuple(lay["axes"]), lay["granularity"], lay["group_size"], lay["padded"],
+                              lay.get("flat", False)),
                 symmetric=e["symmetric"], restricted=e["restricted"], dtype=e["dtype"], rotation=e.get("rotation"),
             )
+            value.check(f"{directory}: {e['path']}")
         else:
             value = arrs["value"]
         node = tree

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = ["rtn_w8.yaml", "rtn_w8_g128.yaml", "rtn_w4_g128.yaml", "rtn_w4_g128_sym.yaml", "rtn_w4_g128_mse.yaml",
+RECIPES = ["rtn_w8.yaml", "rtn_w8_g128.yaml", "rtn_w4_g128.yaml", "rtn_w4_g128_sym.yaml", "rtn_w4_g128_pad.yaml",
+           "rtn_w4_g128_mse.yaml", "rtn_w3_g128_pad.yaml",
            "nf4_g64.yaml", "rtn_w3_g128.yaml"]
 
 

@@ -29,8 +29,6 @@ def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
 
 def _channel_weight(act_sq: jnp.ndarray, layout: Layout) -> jnp.ndarray:
     """A [K] per-input-channel weight broadcast onto the grouped view (K = the group axis)."""
-    shape = [1] * len(layout.stored_shape)
+    shape = [1] * len(layout.shape)
     shape[layout.group_axis] = -1
-    k = layout.stored_shape[layout.group_axis]
-    v = jnp.pad(act_sq, (0, k - act_sq.shape[0])).reshape(shape)
-    return jnp.broadcast_to(v, layout.stored_shape).reshape(layout.grouped_shape)
+    return layout.to_grouped(jnp.broadcast_to(act_sq.reshape(shape), layout.shape))
