@@ -156,11 +156,13 @@ def get_format(name: str) -> Format:
 # -- packing ------------------------------------------------------------------------------------------------
 # Codes of `bits` bits are packed densely along one axis, little-endian: 8 codes fill exactly `bits` bytes, the
 # first code in the lowest bits. For 4 bits this is "two per byte, low nibble first"; for 2 bits four per byte;
-# 3 bits packs 8 codes into 3 bytes. The axis is zero-padded to a multiple of 8 codes.
+# 3 bits packs 8 codes into 3 bytes. The axis is zero-padded to a multiple of 8 codes (except for 8 bits).
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Bytes along the packed axis for `n` codes of `bits` bits."""
+    """Bytes along the packed axis for `n` codes of `bits` bits (8-bit codes are stored one per byte, unpadded)."""
+    if bits == 8:
+        return n
     return -(-n // 8) * bits
 
 

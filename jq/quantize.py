@@ -116,15 +116,13 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
     used = [False] * len(cfg.rules)
 
     def visit(keypath, w):
-        if _is_q(w):
-            return w
         path = path_str(keypath)
         ndim = getattr(w, "ndim", 0)
         rule = cfg.rule_for(path, ndim)
         if rule is None:
             return w
         used[cfg.rules.index(rule)] = True
-        if rule.scheme is None:
+        if rule.scheme is None or _is_q(w):  # already quantized leaves pass through
             return w
         if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
             raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")

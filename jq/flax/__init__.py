@@ -54,7 +54,7 @@ def _dense_general(m, x, kernel, axis, n_feature_dims):
     bias = m.get_variable("params", "bias") if m.use_bias else None
     dtype = m.dtype or jnp.result_type(x, jnp.dtype(kernel.dtype), *(() if bias is None else (bias,)))
     x = jnp.asarray(x, dtype)
-    axis = tuple(a % x.ndim for a in axis)
+    axis = tuple(sorted(a % x.ndim for a in axis))  # as Flax's DenseGeneral: the kernel follows sorted axes
     y = ops.qdot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())), precision=m.precision)
     y = y.astype(dtype)
     if bias is not None:
@@ -164,7 +164,7 @@ def nnx_merge(graphdef, state, *states) -> nnx.Module:
     state = jax.tree_util.tree_map_with_path(keep_or_dequantize, state, is_leaf=_is_q)
     model = nnx.merge(graphdef, state, *states)
     for path, node in nnx.iter_graph(model):
-        if type(node) is nnx.Linear and _is_q(node.kernel.value):
+        if type(node) is nnx.Linear and _is_q(node.kernel[...]):
             node.dot_general = _nnx_dot_general
             node.promote_dtype = _nnx_promote
     return model
