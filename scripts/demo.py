@@ -71,18 +71,18 @@ def _plot(rows, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["linear_bits_per_weight"], r["perplexity"], s=30)
-        ax.annotate(r["recipe"], (r["linear_bits_per_weight"], r["perplexity"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
-    ax.axhline(rows[0]["perplexity"], color="grey", lw=0.8, ls="--", label="float")
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    markers = "osD^v<>pPX*h"
+    for i, r in enumerate(rows):
+        ax.scatter(r["linear_bits_per_weight"], r["perplexity"], s=40, marker=markers[i % len(markers)],
+                   label=f"{r['recipe']}: {r['perplexity']:.2f}")
+    ax.axhline(rows[0]["perplexity"], color="grey", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight of the linear layers (scales and zero points included)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=10)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper right", title="recipe: perplexity", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
