@@ -21,6 +21,28 @@ def _recipe(path):
     return load_recipe(path) if path else None
 
 
+def _calibration(args, m, recipe, eval_text=None):
+    """Calibration tokens when the recipe needs data (None otherwise)."""
+    if recipe is None or not recipe.needs_calibration:
+        return None
+    from jq.models import pipeline
+
+    files = [Path(f) for f in args.calib] if args.calib else pipeline.default_calib_files(eval_text)
+    if not files:
+        raise ValueError(f"recipe {recipe.name!r} needs calibration text: pass --calib FILE [FILE ...]")
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"--calib {f}: no such file")
+    return pipeline.calibration_tokens(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed)
+
+
+def _add_calib_args(p) -> None:
+    p.add_argument("--calib", nargs="+", help="calibration text files (default: the Austen books but the eval text)")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the windows")
+
+
 def cmd_eval(args) -> int:
     from jq.models import pipeline
 
@@ -30,9 +52,10 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"--text {text_path}: no such file")
     recipe = _recipe(args.recipe)
     m = pipeline.load(args.model)
+    calib = _calibration(args, m, recipe, text_path)
     load_s = time.perf_counter() - t0
     r = pipeline.evaluate(m, text_path.read_text(encoding="utf-8"), recipe, window=args.window, windows=args.windows,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, calib=calib, progress=not args.json)
     r.update(text=str(text_path), window=args.window, load_seconds=load_s, seconds=time.perf_counter() - t0)
     if args.json:
         print(json.dumps(r))
@@ -49,16 +72,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    import jax
-
     import jq
     from jq import serialize
     from jq.models import pipeline
 
     recipe = _recipe(args.recipe)
     m = pipeline.load(args.model)
+    calib = _calibration(args, m, recipe)
     t0 = time.perf_counter()
-    q = jax.block_until_ready(jq.quantize_params(m.params, recipe))
+    q, _ = pipeline.quantize(m, recipe, calib)
     secs = time.perf_counter() - t0
     import dataclasses
 
@@ -95,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=16, help="number of leading windows (default 16)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    _add_calib_args(e)
     e.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("quantize", help="quantize a model by a recipe and write the quantized tree")
@@ -103,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (manifest.json + tensors.safetensors)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     q.add_argument("--all", action="store_true", help="list float leaves in the report too")
+    _add_calib_args(q)
     q.set_defaults(fn=cmd_quantize)
 
     i = sub.add_parser("inspect", help="per-leaf table of a directory written by `jq quantize`")

@@ -40,7 +40,9 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 )
 
 _SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
-_RULE_FIELDS = ("pattern", "method", "skip", "force", "options")
+_RULE_FIELDS = ("pattern", "method", "skip", "force", "options", "transforms")
+# Model-level transforms that run before quantization on the weights sharing an input (see jq.sequential).
+TRANSFORMS = ("awq", "smoothquant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,12 @@ class Rule:
     method: str = "rtn"
     force: bool = False
     options: tuple[tuple[str, Any], ...] = ()
+    transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self):
+        for name, _ in self.transforms:
+            if name not in TRANSFORMS:
+                raise ValueError(f"unknown transform {name!r}; choose from {list(TRANSFORMS)}")
         try:
             object.__setattr__(self, "_regex", re.compile(self.pattern))
         except re.error as e:
@@ -62,6 +68,12 @@ class Rule:
         from jq.algorithms import get_method  # validates the name against the registry
 
         get_method(self.method)
+
+    @property
+    def needs_calibration(self) -> bool:
+        from jq.algorithms import get_method
+
+        return bool(self.transforms) or getattr(get_method(self.method), "needs_calibration", False)
 
     def matches(self, path: str) -> bool:
         return self._regex.fullmatch(path) is not None
@@ -93,6 +105,11 @@ class QuantConfig:
             if r.matches(path) and (r.force or not ignored):
                 return r
         return None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether any rule needs statistics from running the model (a calibrated method or a transform)."""
+        return any(r.scheme is not None and r.needs_calibration for r in self.rules)
 
     @classmethod
     def simple(cls, scheme: Scheme, pattern: str = r".*kernel", method: str = "rtn", **kw) -> "QuantConfig":
@@ -135,6 +152,7 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
                     method=r.get("method", "rtn"),
                     force=bool(r.get("force", False)),
                     options=tuple(sorted((r.get("options") or {}).items())),
+                    transforms=_parse_transforms(r.get("transforms") or []),
                 )
             )
         except (ValueError, TypeError) as e:
@@ -148,6 +166,24 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
         name=str(d.get("name", os.path.splitext(os.path.basename(source))[0])),
         description=str(d.get("description", "")),
     )
+
+
+def _parse_transforms(items) -> tuple:
+    """`[awq, {smoothquant: {alpha: 0.6}}]` → (("awq", ()), ("smoothquant", (("alpha", 0.6),)))."""
+    if not isinstance(items, list):
+        raise ValueError(f"'transforms' must be a list like [awq] or [{{smoothquant: {{alpha: 0.5}}}}], got {items!r}")
+    out = []
+    for t in items:
+        if isinstance(t, str):
+            out.append((t, ()))
+        elif isinstance(t, dict) and len(t) == 1:
+            (name, opts), = t.items()
+            if opts is not None and not isinstance(opts, dict):
+                raise ValueError(f"transform {name!r} options must be a mapping, got {opts!r}")
+            out.append((name, tuple(sorted((opts or {}).items()))))
+        else:
+            raise ValueError(f"a transform is a name or a one-key mapping of options, got {t!r}")
+    return tuple(out)
 
 
 def load_recipe(path: str | os.PathLike) -> QuantConfig:

@@ -15,9 +15,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jq.formats import get_format
 from jq.qtensor import QTensor
 
-__all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "KERNELS"]
+__all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "KERNELS", "quantize_activations"]
 
 log = logging.getLogger("jq.ops")
 
@@ -44,6 +45,34 @@ def _operand(x, dtype):
     return x.dequantize(dtype) if isinstance(x, QTensor) else x
 
 
+def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-token quantization: codes of x (int8 or fp8 e4m3) and f32 scales with one value per token
+    (the abs-max over the contracted `axes`, kept as size-1 dims)."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+    f = get_format(fmt)
+    qmax = 127.0 if fmt == "int8" else f.max
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    return f.encode(x.astype(jnp.float32) / scale, symmetric=True, restricted=True), scale
+
+
+def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):
+    """int8 x int8 -> int32 dot, scales applied after: activations per token, weights per output channel."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    xq, xs = quantize_activations(lhs, "int8", tuple(lc))
+    acc = jax.lax.dot_general(xq, rhs.codes, dimension_numbers, preferred_element_type=jnp.int32)
+    xs = jnp.squeeze(xs, tuple(lc))  # [batch..., lhs free...]
+    ws = jnp.squeeze(rhs.scale.astype(jnp.float32), tuple(rc))  # [rhs free...]
+    xs = xs.reshape(xs.shape + (1,) * ws.ndim)
+    return acc.astype(jnp.float32) * xs * ws
+
+
+def _int_path_ok(lhs, rhs, dimension_numbers) -> bool:
+    (_, rc), (lb, rb) = dimension_numbers
+    lay = rhs.layout
+    return (rhs.act == "int8" and rhs.fmt == "int8" and rhs.symmetric and lay.granularity == "channel"
+            and rhs.perm is None and not lb and not rb and tuple(rc) == tuple(lay.axes) and not isinstance(lhs, QTensor))
+
+
 def qdot_general(
     lhs,
     rhs,
@@ -64,6 +93,13 @@ def qdot_general(
         if why is None:
             return k.fn(lhs, rhs, dimension_numbers, preferred_element_type)
         reasons.append(f"{k.name}: {why}")
+    if isinstance(rhs, QTensor) and rhs.act is not None:
+        if _int_path_ok(lhs, rhs, dimension_numbers):
+            log.debug("qdot_general: W8A8 int8 x int8 -> int32 XLA dot")
+            return _w8a8_int(lhs, rhs, dimension_numbers).astype(lhs.dtype)
+        (lc, _), _ = dimension_numbers
+        xq, xs = quantize_activations(lhs, rhs.act, tuple(lc))
+        lhs = (xq.astype(jnp.float32) * xs).astype(lhs.dtype)  # fake-quantized activations, same numbers
     act = rhs if isinstance(lhs, QTensor) else lhs
     dtype = act.dtype if not isinstance(act, QTensor) else jnp.float32
     log.debug("qdot_general falls back to dequantize + XLA dot (%s)", "; ".join(reasons) or "no kernel registered")

@@ -151,6 +151,7 @@ class QTensor:
       symmetric / restricted: the integer code range used.
       dtype: name of the logical (dequantized) dtype.
       rotation: name of a rotation stored elsewhere in the tree that was applied to this weight, or None.
+      act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3"), or None.
     """
 
     codes: jax.Array
@@ -163,6 +164,7 @@ class QTensor:
     restricted: bool = dataclasses.field(default=False, metadata=dict(static=True))
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
     rotation: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    act: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     # -- array-like metadata --------------------------------------------------------------------------------
     @property
@@ -185,7 +187,7 @@ class QTensor:
         lay = self.layout
         g = f"g{lay.group_size}{' flat' if lay.flat else ''}" if lay.granularity == "group" else lay.granularity
         kind = "sym" if self.symmetric else "asym"
-        extra = " perm" if self.perm is not None else ""
+        extra = (" perm" if self.perm is not None else "") + (f" act={self.act}" if self.act else "")
         return f"QTensor({self.fmt} {kind} {g}, shape={lay.shape}, axes={lay.axes}{extra})"
 
     def __getitem__(self, key):

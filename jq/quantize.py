@@ -100,6 +100,51 @@ def _stats_for(calib, path: str):
     return node
 
 
+def quantize_leaf(path: str, w, rule, stats=None):
+    """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
+    a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
+    `with_info` variant reports damping increases and fallbacks, which are warned about naming the layer."""
+    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+        raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
+    _check_finite(path, w)
+    ndim = w.ndim
+    axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
+    layout = rule.scheme.layout(tuple(w.shape), axes, path)
+    method = get_method(rule.method)
+    if getattr(method, "needs_calibration", False):
+        if stats is None:
+            raise ValueError(
+                f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
+                "calibrate first (jq eval/quantize --calib, or jq.calibrate.capture) or choose method: rtn"
+            )
+        count = stats.get("count") if isinstance(stats, dict) else None
+        if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
+            warnings.warn(f"{path}: no calibration token reached this layer; quantized with RTN instead of "
+                          f"{rule.method!r}", stacklevel=3)
+            return _jitted("rtn", ())(jnp.asarray(w), rule.scheme, layout, None)
+        with_info = getattr(method, "with_info", None)
+        if with_info is not None and not isinstance(w, jax.core.Tracer):
+            q, info = _jitted_info(rule.method, rule.options)(jnp.asarray(w), rule.scheme, layout, stats)
+            _warn_info(path, rule, info)
+            return q
+    return _call_method(rule, jnp.asarray(w), layout, stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_info(method_name: str, options: tuple):
+    fn = functools.partial(get_method(method_name).with_info, **dict(options))
+    return jax.jit(fn, static_argnums=(1, 2))
+
+
+def _warn_info(path: str, rule, info: dict) -> None:
+    if "fallback" in info and bool(info["fallback"]):
+        warnings.warn(f"{path}: {rule.method} failed even after raising the damping (Hessian not positive "
+                      "definite); this layer fell back to RTN", stacklevel=4)
+    elif "damp" in info and float(info["damp"]) > float(dict(rule.options).get("damp", 0.01)) * 1.0001:
+        warnings.warn(f"{path}: {rule.method} raised the relative damping to {float(info['damp']):.3g} for a "
+                      "stable Cholesky factorisation", stacklevel=4)
+
+
 def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: bool = True):
     """Quantize a parameter pytree by the rules of `cfg`.
 
@@ -124,18 +169,7 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
         used[cfg.rules.index(rule)] = True
         if rule.scheme is None or _is_q(w):  # already quantized leaves pass through
             return w
-        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-            raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
-        _check_finite(path, w)
-        axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
-        layout = rule.scheme.layout(tuple(w.shape), axes, path)
-        stats = _stats_for(calib, path)
-        if getattr(get_method(rule.method), "needs_calibration", False) and stats is None:
-            raise ValueError(
-                f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
-                "run jq.calibrate first or choose method: rtn"
-            )
-        return _call_method(rule, jnp.asarray(w), layout, stats)
+        return quantize_leaf(path, w, rule, _stats_for(calib, path))
 
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_q)
     if warn_unmatched:

@@ -25,6 +25,7 @@ __all__ = ["Scheme", "RANGE_METHODS"]
 RANGE_METHODS = ("minmax", "absmax", "percentile", "mse")
 ZERO_POINTS = ("int", "float")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
+ACT_FORMATS = ("int8", "fp8_e4m3")
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -53,6 +54,8 @@ class Scheme:
       zero_point: "int" (rounded, stored as uint8) or "float" (unrounded, stored in `scale_dtype`).
       scale_dtype: dtype scales (and float zero points) are stored in.
       axes: contraction axes of the weight; None lets the caller pick (Dense kernels: (0,)).
+      act: quantize the layer's input activations dynamically per token to this format ("int8", "fp8_e4m3")
+        in the matmul (W8A8); None keeps them float (weight-only).
     """
 
     format: str = "int8"
@@ -70,8 +73,11 @@ class Scheme:
     zero_point: str = "int"
     scale_dtype: str = "float16"
     axes: tuple[int, ...] | None = None
+    act: str | None = None
 
     def __post_init__(self):
+        if self.act is not None:
+            _choice("act", self.act, ACT_FORMATS)
         _choice("format", self.format, formats.FORMATS)
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -115,7 +121,8 @@ class Scheme:
         g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
         s = "sym" if self.symmetric else "asym"
         r = "" if self.range == "minmax" else f" {self.range}"
-        return f"{self.format} {s} {g}{r}"
+        a = f" a:{self.act}" if self.act else ""
+        return f"{self.format} {s} {g}{r}{a}"
 
     # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
@@ -216,6 +223,7 @@ class Scheme:
             symmetric=self.symmetric,
             restricted=self.restricted,
             dtype=jnp.dtype(dtype).name,
+            act=self.act,
         )
 
 

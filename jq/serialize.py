@@ -63,7 +63,7 @@ def save(directory: str | os.PathLike, tree, meta: dict[str, Any] | None = None,
         if isinstance(x, QTensor):
             entry.update(
                 kind="qtensor", fmt=x.fmt, symmetric=x.symmetric, restricted=x.restricted, dtype=x.dtype,
-                rotation=x.rotation,
+                rotation=x.rotation, act=x.act,
                 layout={"shape": list(x.layout.shape), "axes": list(x.layout.axes), "granularity": x.layout.granularity,
                         "group_size": x.layout.group_size, "padded": x.layout.padded,
                         "flat": x.layout.flat},
@@ -140,6 +140,7 @@ def load(directory: str | os.PathLike) -> tuple[dict, dict]:
                 layout=Layout(tuple(lay["shape"]), tuple(lay["axes"]), lay["granularity"], lay["group_size"], lay["padded"],
                               lay.get("flat", False)),
                 symmetric=e["symmetric"], restricted=e["restricted"], dtype=e["dtype"], rotation=e.get("rotation"),
+                act=e.get("act"),
             )
             value.check(f"{directory}: {e['path']}")
         else:

@@ -26,7 +26,7 @@ from jq import ops
 from jq.quantize import path_str
 from jq.qtensor import QTensor
 
-__all__ = ["apply", "nnx_merge", "routed_paths"]
+__all__ = ["apply", "prepare", "nnx_merge", "routed_paths", "quantized_interceptor", "module_path", "is_routable"]
 
 _ROUTABLE = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -35,11 +35,15 @@ def _is_q(x) -> bool:
     return isinstance(x, QTensor)
 
 
-def _module_path(m: nn.Module) -> str:
+def module_path(m: nn.Module) -> str:
+    """The '/'-joined scope path of a bound linen module (relative to the params root)."""
     return "/".join(str(p) for p in m.scope.path)
 
 
-def _routable(m: nn.Module) -> bool:
+def is_routable(m: nn.Module) -> bool:
+    """A standard layer jq can run on a QTensor kernel (Dense, DenseGeneral without batch dims, Einsum w/o bias)."""
+    if not isinstance(m, _ROUTABLE):
+        return False
     if isinstance(m, nn.Einsum):
         return not m.use_bias
     if isinstance(m, nn.DenseGeneral):
@@ -76,9 +80,10 @@ def _run_quantized(m: nn.Module, args, kwargs):
     return ops.qeinsum(eq, jnp.asarray(x, dtype), kernel, precision=m.precision).astype(dtype)
 
 
-def _quantized_interceptor(next_fun, args, kwargs, context):
+def quantized_interceptor(next_fun, args, kwargs, context):
+    """Runs routable layers whose kernel is a QTensor through `jq.ops`; everything else as usual."""
     m = context.module
-    if context.method_name == "__call__" and isinstance(m, _ROUTABLE) and _routable(m):
+    if context.method_name == "__call__" and isinstance(m, _ROUTABLE) and is_routable(m):
         if m.has_variable("params", "kernel") and _is_q(m.get_variable("params", "kernel")):
             return _run_quantized(m, args, kwargs)
     return next_fun(*args, **kwargs)
@@ -91,8 +96,8 @@ def routed_paths(module: nn.Module, variables, *args, method=None, **kwargs) -> 
 
     def recorder(next_fun, a, kw, context):
         m = context.module
-        if context.method_name == "__call__" and isinstance(m, _ROUTABLE) and _routable(m):
-            found.add(_module_path(m) + "/kernel")
+        if context.method_name == "__call__" and isinstance(m, _ROUTABLE) and is_routable(m):
+            found.add(module_path(m) + "/kernel")
         return next_fun(*a, **kw)
 
     dense_vars = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x) else x,
@@ -106,19 +111,11 @@ def routed_paths(module: nn.Module, variables, *args, method=None, **kwargs) -> 
     return found
 
 
-def apply(module: nn.Module, variables, *args, method=None, mutable=False, **kwargs):
-    """`module.apply(variables, *args, ...)` where `variables["params"]` may hold QTensors.
-
-    Args:
-      module: an unmodified linen module.
-      variables: `{"params": qparams, ...}` as returned by `jq.quantize_params` (on the params collection).
-      *args, method, mutable, **kwargs: as for `module.apply`.
-    Returns: what `module.apply` returns.
-    """
+def prepare(module: nn.Module, variables, *args, method=None, **kwargs):
+    """The variables `apply` runs on: QTensors of routed layers kept, every other QTensor dequantized."""
     params = variables.get("params", {})
-    has_q = any(_is_q(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_q))
-    if not has_q:
-        return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+    if not any(_is_q(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_q)):
+        return variables
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
 
     def keep_or_dequantize(kp, x):
@@ -127,8 +124,26 @@ def apply(module: nn.Module, variables, *args, method=None, mutable=False, **kwa
         return x
 
     params = jax.tree_util.tree_map_with_path(keep_or_dequantize, params, is_leaf=_is_q)
-    with nn.intercept_methods(_quantized_interceptor):
-        return module.apply({**variables, "params": params}, *args, method=method, mutable=mutable, **kwargs)
+    return {**variables, "params": params}
+
+
+def apply(module: nn.Module, variables, *args, method=None, mutable=False, interceptor=None, **kwargs):
+    """`module.apply(variables, *args, ...)` where `variables["params"]` may hold QTensors.
+
+    Args:
+      module: an unmodified linen module.
+      variables: `{"params": qparams, ...}` as returned by `jq.quantize_params` (on the params collection).
+      *args, method, mutable, **kwargs: as for `module.apply`.
+      interceptor: an extra `nn.intercept_methods` interceptor that sees every method call first (calibration
+        uses it to record layer inputs); it must call `next_fun` to run the call.
+    Returns: what `module.apply` returns.
+    """
+    variables = prepare(module, variables, *args, method=method, **kwargs)
+    with nn.intercept_methods(quantized_interceptor):
+        if interceptor is None:
+            return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+        with nn.intercept_methods(interceptor):
+            return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
 
 
 # -- NNX ------------------------------------------------------------------------------------------------------

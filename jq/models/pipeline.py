@@ -18,7 +18,8 @@ from jq.models.eval import perplexity
 from jq.models.llama import Llama
 from jq.qtensor import QTensor
 
-__all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text"]
+__all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
+           "calibration_tokens", "default_calib_files", "quantize"]
 
 
 @dataclasses.dataclass
@@ -64,6 +65,45 @@ def size_summary(params) -> dict[str, float]:
     }
 
 
+def calibration_tokens(tokenizer, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0) -> np.ndarray:
+    """`samples` non-overlapping windows of `length` tokens drawn at random (seeded) from the files' token streams
+    → int32 [samples, length]. Errors name the files, the tokens they hold and what was asked."""
+    if samples < 1 or length < 2:
+        raise ValueError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
+    streams = [np.asarray(tokenizer.encode(Path(f).read_text(encoding="utf-8")), np.int32) for f in files]
+    slots = [(i, j * length) for i, st in enumerate(streams) for j in range(len(st) // length)]
+    if len(slots) < samples:
+        total = sum(len(s_) for s_ in streams)
+        raise ValueError(
+            f"calibration text too short: {', '.join(str(f) for f in files)} hold {total} tokens, {len(slots)} "
+            f"windows of {length}; {samples} were asked. Pass more text (--calib) or fewer/shorter samples "
+            "(--calib-samples / --calib-len)"
+        )
+    pick = np.random.default_rng(seed).choice(len(slots), size=samples, replace=False)
+    return np.stack([streams[slots[k][0]][slots[k][1] : slots[k][1] + length] for k in sorted(pick)])
+
+
+def default_calib_files(eval_text: Path | None = None) -> list[Path]:
+    """The shared Austen books other than the evaluation text (empty when the shared data is absent)."""
+    d = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "austen"
+    if not d.is_dir():
+        return []
+    name = Path(eval_text).name if eval_text else "persuasion.txt"
+    return sorted(p for p in d.glob("*.txt") if p.name != name)
+
+
+def quantize(m: LoadedModel, recipe: QuantConfig, calib: np.ndarray | None = None, *, progress: bool = True):
+    """Quantize the model's params by `recipe`: sequentially on `calib` tokens [S, L] when the recipe needs data."""
+    if not recipe.needs_calibration:
+        return jax.block_until_ready(jq.quantize_params(m.params, recipe)), {}
+    if calib is None:
+        raise ValueError(f"recipe {recipe.name!r} needs calibration data: pass calibration text (--calib FILE ...)")
+    from jq.models.llama_blocks import block_spec
+    from jq.sequential import quantize_sequential
+
+    return quantize_sequential(block_spec(m.cfg), m.params, recipe, calib, progress=progress)
+
+
 def evaluate(
     m: LoadedModel,
     text: str,
@@ -73,14 +113,16 @@ def evaluate(
     windows: int = 16,
     batch_size: int = 4,
     dtype=jnp.float32,
+    calib: np.ndarray | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Quantize `m` by `recipe` (None: float) and measure perplexity on `text` (see `jq.models.eval`)."""
+    """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens when the recipe needs data) and
+    measure perplexity on `text` (see `jq.models.eval`)."""
     t0 = time.perf_counter()
     ids = np.asarray(m.tokenizer.encode(text), np.int32)
-    params = m.params
+    params, qlog = m.params, {}
     if recipe is not None:
-        params = jq.quantize_params(params, recipe)
-        params = jax.block_until_ready(params)
+        params, qlog = quantize(m, recipe, calib, progress=progress)
     t1 = time.perf_counter()
     result = perplexity(quantized_forward(m.cfg, dtype), params, ids, window=window, windows=windows, batch_size=batch_size)
     t2 = time.perf_counter()
@@ -90,6 +132,8 @@ def evaluate(
         **result,
         **size_summary(params),
         "quantize_seconds": t1 - t0,
+        "calibration": None if calib is None or not recipe or not recipe.needs_calibration
+        else {"samples": int(calib.shape[0]), "length": int(calib.shape[1]), "transforms": qlog.get("transforms", [])},
         "eval_seconds": t2 - t1,
         "seconds": t2 - t0,
     }

@@ -1,0 +1,233 @@
+"""Sequential calibrated quantization: block i is calibrated on the outputs of the already quantized blocks
+before it, and inside a block stage by stage ("true sequential": q/k/v, then o, then gate/up, then down).
+
+A model takes part by describing its blocks with a `BlockSpec` (see `jq.models.llama_blocks` for the Llama one):
+
+    BlockSpec(module=Block(cfg),                 # one block: module.apply({"params": p}, h, *extra) -> h
+              names=("layers_0", ...),           # the params keys of the blocks, in order
+              embed=lambda params, tokens: h,    # the hidden states entering block 0
+              extra=lambda tokens: (positions,), # extra per-batch arguments of a block (optional)
+              stages=(("attn/q_proj/kernel", ...), ...),   # kernel paths in a block, in execution order
+              folds=(Fold("input_norm/scale", ("attn/q_proj/kernel", ...)), ...))  # who produces each input
+
+Per block: (1) if a rule asks for transforms (AWQ, SmoothQuant), statistics of the float block are captured and
+per-input-channel scales s are folded into the producer (norm scale or linear kernel, divided by s) and the
+consumers (kernel rows multiplied by s), so the float block computes the same function; (2) each stage's inputs
+are captured with the earlier stages already quantized and its kernels quantized (GPTQ, AWQ clip, …);
+(3) the quantized block maps the hidden states on to the next block. Leaves outside blocks are quantized by the
+same rules without data.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jq import calibrate
+from jq import flax as jqflax
+from jq.config import QuantConfig
+from jq.quantize import leaf_paths, quantize_leaf, quantize_params
+
+__all__ = ["Fold", "BlockSpec", "quantize_sequential", "apply_fold"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """`prev` (a norm scale [K], or a linear kernel [..., K]) produces the input that the `consumers` (kernels
+    [K, N]) read; paths are relative to the block."""
+
+    prev: str
+    consumers: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockSpec:
+    module: nn.Module
+    names: tuple[str, ...]
+    embed: Callable[[Any, jax.Array], jax.Array]
+    extra: Callable[[jax.Array], tuple] = lambda tokens: ()
+    stages: tuple[tuple[str, ...], ...] = ()
+    folds: tuple[Fold, ...] = ()
+
+
+def _get(tree: dict, path: str):
+    for p in path.split("/"):
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, last = path.split("/")
+    for p in parents:
+        tree = tree[p]
+    tree[last] = value
+
+
+def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
+    """In place: divide the producer's output channels by s and multiply the consumers' input rows by s, so the
+    block's float function is unchanged. s: [K]."""
+    s = jnp.asarray(s, jnp.float32)
+    prev = jnp.asarray(_get(block, fold.prev), jnp.float32)
+    if prev.shape[-1] != s.shape[0]:
+        raise ValueError(f"fold {fold.prev} -> {fold.consumers}: producer has {prev.shape[-1]} outputs, scales {s.shape}")
+    _set(block, fold.prev, prev / s)
+    for c in fold.consumers:
+        w = jnp.asarray(_get(block, c), jnp.float32)
+        _set(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
+
+
+def _scale_stats(st: dict, s: jax.Array) -> dict:
+    """Statistics of x / s from those of x."""
+    return {**st, "hessian": st["hessian"] / jnp.outer(s, s), "act_absmean": st["act_absmean"] / s,
+            "act_sq": st["act_sq"] / (s * s), "act_absmax": st["act_absmax"] / s}
+
+
+def _transform_scales(name: str, opts: dict, weights: list, stats: dict, rule, path: str) -> jax.Array:
+    if name == "smoothquant":
+        from jq.algorithms.smoothquant import smooth_scales
+
+        return smooth_scales(stats["act_absmax"], weights, **opts)
+    from jq.algorithms.awq import search_scales
+
+    cat = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=-1)
+    layout = rule.scheme.layout(tuple(cat.shape), (0,), path)
+    s, _ = search_scales(weights, stats["hessian"], stats["act_absmean"], rule.scheme, layout, **opts)
+    return s
+
+
+class _Compiled:
+    """jitted capture / block functions, cached across blocks (the blocks share shapes and metadata)."""
+
+    def __init__(self, spec: BlockSpec):
+        self.spec = spec
+        self._capture: dict = {}
+        self.forward = jax.jit(lambda p, h, extra: jqflax.apply(spec.module, {"params": p}, h, *extra))
+
+    def capture(self, params: dict, inputs: Sequence[tuple], paths: Sequence[str]) -> dict:
+        key = tuple(sorted(paths))
+        if key not in self._capture:
+            wanted = set(paths)
+
+            def run(p, args):
+                found: dict = {}
+                jqflax.apply(self.spec.module, {"params": p}, *args, interceptor=calibrate.recorder(wanted, found))
+                return found
+
+            self._capture[key] = (jax.jit(run), jax.jit(lambda acc, p, a: calibrate._merge_all(acc, run(p, a)),
+                                                        donate_argnums=(0,)))
+        first, step = self._capture[key]
+        acc = None
+        for args in inputs:
+            acc = first(params, args) if acc is None else step(acc, params, args)
+        stats = calibrate.finalize(acc)
+        missing = set(paths) - set(stats)
+        if missing:
+            raise ValueError(f"calibration: layers {sorted(missing)} were never called by the block; check the BlockSpec")
+        return stats
+
+
+def quantize_sequential(
+    spec: BlockSpec,
+    params: dict,
+    cfg: QuantConfig,
+    tokens: np.ndarray,
+    *,
+    batch_size: int = 8,
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> tuple[dict, dict]:
+    """Quantize `params` block by block on calibration `tokens` [S, L].
+
+    Returns (qparams, log) where log has per-block seconds and the transforms applied.
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
+    comp = _Compiled(spec)
+    embed = jax.jit(spec.embed)
+    batches = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    extras = [tuple(spec.extra(b)) for b in batches]
+    hs = [embed(params, b) for b in batches]
+    out = copy.copy(params)
+    log: dict[str, Any] = {"blocks": [], "transforms": []}
+    bar = _progress(len(spec.names), progress)
+    for i, name in enumerate(spec.names):
+        t0 = time.perf_counter()
+        block = jax.tree_util.tree_map(lambda x: x, copy.deepcopy(params[name]))
+        rules = {p: cfg.rule_for(f"{name}/{p}", getattr(w, "ndim", 0)) for p, w in leaf_paths(block)}
+        rules = {p: r for p, r in rules.items() if r is not None and r.scheme is not None}
+        inputs = [(h, *e) for h, e in zip(hs, extras)]
+
+        # (1) transforms on the float block
+        fold_rules = [(f, rules.get(f.consumers[0])) for f in spec.folds]
+        fold_rules = [(f, r) for f, r in fold_rules if r is not None and r.transforms]
+        if fold_rules:
+            stats = comp.capture(block, inputs, sorted({c for f, _ in fold_rules for c in f.consumers}))
+            for fold, rule in fold_rules:
+                others = {rules.get(c).transforms if rules.get(c) else () for c in fold.consumers}
+                if len(others) != 1:
+                    raise ValueError(f"{name}: layers {fold.consumers} share an input but their rules ask for "
+                                     f"different transforms {sorted(others)}; give them the same transforms")
+                prev = jnp.asarray(_get(block, fold.prev))
+                k = jnp.asarray(_get(block, fold.consumers[0])).shape[0]
+                if prev.shape[-1] != k:
+                    continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
+                st = stats[fold.consumers[0]]
+                for tname, topts in rule.transforms:
+                    weights = [jnp.asarray(_get(block, c), jnp.float32) for c in fold.consumers]
+                    s = _transform_scales(tname, dict(topts), weights, st, rule, f"{name}/{fold.consumers[0]}")
+                    apply_fold(block, fold, s)
+                    st = _scale_stats(st, s)
+                    log["transforms"].append({"block": name, "transform": tname, "prev": fold.prev,
+                                              "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
+
+        # (2) stages, each calibrated with the earlier ones quantized
+        stages = list(spec.stages) if (true_sequential and spec.stages) else [tuple(sorted(rules))]
+        staged = {p for st_ in stages for p in st_}
+        stages.append(tuple(sorted(p for p in rules if p not in staged)))  # anything the spec did not list
+        for stage in stages:
+            todo = [p for p in stage if p in rules]
+            need = [p for p in todo if rules[p].needs_calibration]
+            stats = comp.capture(block, inputs, need) if need else {}
+            for p in todo:
+                _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats.get(p)))
+
+        # (3) on to the next block
+        hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
+        out[name] = block
+        secs = time.perf_counter() - t0
+        log["blocks"].append({"block": name, "seconds": secs})
+        bar(i + 1, name, secs)
+    rest = {k: v for k, v in out.items() if k not in spec.names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # block rules do not match outside blocks, by design
+        rest_cfg = dataclasses.replace(cfg, rules=tuple(r for r in cfg.rules if not r.needs_calibration))
+        out.update(quantize_params(rest, rest_cfg, warn_unmatched=False) if rest_cfg.rules else rest)
+    for p, w in leaf_paths(rest):
+        r = cfg.rule_for(p, getattr(w, "ndim", 0))
+        if r is not None and r.scheme is not None and r.needs_calibration:
+            raise ValueError(f"{p}: calibrated method {r.method!r} is only supported inside blocks; use rtn for it")
+    return out, log
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return lambda *a: None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    start = time.perf_counter()
+
+    def show(done, name, secs):
+        console.print(f"  calibrated {name} ({done}/{total}) in {secs:.1f} s; {time.perf_counter() - start:.0f} s total",
+                      highlight=False)
+
+    return show
