@@ -1,0 +1,186 @@
+"""Calibration capture (vs NumPy, streaming, 8-device data parallel), the sequential driver, folds, calibration
+sampling, and W8A8 activation quantization."""
+
+import copy
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jq
+from jq import calibrate
+from jq.algorithms import METHODS, register
+from jq.models.config import LlamaConfig
+from jq.models.llama import Llama, init_params
+from jq.models.llama_blocks import FOLDS, block_spec
+from jq.models.pipeline import calibration_tokens
+from jq.sequential import _get, apply_fold, quantize_sequential
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(16, name="a")(x))
+        h = nn.DenseGeneral((2, 4), name="b")(h)
+        return nn.DenseGeneral(8, axis=(-2, -1), name="c")(h)
+
+
+def np_stats(x2d):
+    x = np.asarray(x2d, np.float64)
+    n = x.shape[0]
+    return {"hessian": x.T @ x / n, "act_absmean": np.abs(x).mean(0), "act_sq": (x * x).mean(0),
+            "act_absmax": np.abs(x).max(0), "count": n}
+
+
+@pytest.fixture(scope="module")
+def net():
+    m = Net()
+    x = jax.random.normal(jax.random.key(0), (8, 5, 12)) * jnp.linspace(0.1, 3.0, 12)
+    return m, m.init(jax.random.key(1), x), x
+
+
+def test_capture_matches_numpy_over_streamed_batches(net):
+    m, v, x = net
+    st = calibrate.capture(m, v, [x[:3], x[3:6], x[6:]])
+    xa = np.asarray(x).reshape(-1, 12)
+    ha = np.maximum(xa @ np.asarray(v["params"]["a"]["kernel"]) + np.asarray(v["params"]["a"]["bias"]), 0)
+    hb = ha @ np.asarray(v["params"]["b"]["kernel"]).reshape(16, 8) + np.asarray(v["params"]["b"]["bias"]).reshape(8)
+    for path, inp in (("a/kernel", xa), ("b/kernel", ha), ("c/kernel", hb)):
+        ref = np_stats(inp)
+        for k, r in ref.items():
+            np.testing.assert_allclose(np.asarray(st[path][k]), r, rtol=2e-4, atol=2e-5, err_msg=f"{path} {k}")
+
+
+def test_data_parallel_capture_on_8_devices_equals_single_device(net):
+    m, v, x = net
+    mesh = jax.make_mesh((8,), ("data",))
+    a = calibrate.capture(m, v, [x])
+    b = calibrate.capture(m, v, [x], mesh=mesh)
+    for p in a:
+        for k in a[p]:
+            np.testing.assert_allclose(np.asarray(a[p][k]), np.asarray(b[p][k]), rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_layers_are_not_recorded_and_unknown_paths_fail(net):
+    m, v, x = net
+    q = jq.quantize_params(v["params"], jq.QuantConfig.simple(jq.Scheme("int8"), pattern="a/kernel"))
+    assert sorted(calibrate.capture(m, {"params": q}, [x])) == ["b/kernel", "c/kernel"]
+    with pytest.raises(ValueError, match="'z/kernel' was never called"):
+        calibrate.capture(m, v, [x], paths=["a/kernel", "z/kernel"])
+    with pytest.raises(ValueError, match="no calibration batches"):
+        calibrate.capture(m, v, [])
+
+
+TINY = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, head_dim=8)
+TINY_MHA = LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=64, head_dim=8)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_MHA], ids=["gqa", "mha"])
+def test_folds_keep_the_float_model(cfg):
+    params = init_params(cfg, jax.random.key(0))
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 64, (3, 12)))
+    folded = copy.deepcopy(params)
+    for i in range(cfg.n_layers):
+        blk = folded[f"layers_{i}"]
+        for f in FOLDS:
+            k = np.asarray(_get(blk, f.consumers[0])).shape[0]
+            if np.asarray(_get(blk, f.prev)).shape[-1] != k:
+                assert cfg.n_kv_heads != cfg.n_heads  # only v -> o under GQA is impossible
+                continue
+            apply_fold(blk, f, jnp.exp(0.5 * jax.random.normal(jax.random.key(i), (k,))))
+    m = Llama(cfg)
+    a, b = m.apply({"params": params}, toks), m.apply({"params": folded}, toks)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+    assert not np.allclose(np.asarray(folded["layers_0"]["input_norm"]["scale"]),
+                           np.asarray(params["layers_0"]["input_norm"]["scale"]))
+
+
+def test_sequential_with_rtn_equals_quantize_params():
+    params = init_params(TINY, jax.random.key(0))
+    toks = np.random.default_rng(0).integers(0, 64, (5, 16))
+    cfg = jq.QuantConfig.simple(jq.Scheme("int4", symmetric=False, group_size=16))
+    seq, log = quantize_sequential(block_spec(TINY), params, cfg, toks, batch_size=2, progress=False)
+    direct = jq.quantize_params(params, cfg)
+    for (p, a), (_, b) in zip(jq.leaf_paths(seq), jq.leaf_paths(direct)):
+        if isinstance(b, jq.QTensor):
+            np.testing.assert_array_equal(np.asarray(a.dequantize()), np.asarray(b.dequantize()), err_msg=p)
+    assert [b["block"] for b in log["blocks"]] == ["layers_0", "layers_1"]
+
+
+def _stats_recording_method():
+    """A calibrated method that records the Hessians it was given (then quantizes by RTN)."""
+    seen = {}
+
+    @register("_record_h", needs_calibration=True)
+    def record(w, scheme, layout, stats=None):
+        jax.debug.callback(lambda h: seen.__setitem__(len(seen), np.asarray(h)), stats["hessian"])
+        return METHODS["rtn"](w, scheme, layout)
+
+    return seen
+
+
+def test_true_sequential_stages_see_the_earlier_stages_quantized():
+    seen = _stats_recording_method()
+    try:
+        params = init_params(TINY, jax.random.key(0))
+        toks = np.random.default_rng(1).integers(0, 64, (4, 16))
+        rule = jq.Rule(r"layers_0/attn/o_proj/kernel", jq.Scheme("int2", symmetric=False), method="_record_h")
+        rtn = jq.Rule(r"layers_0/attn/[qkv]_proj/kernel", jq.Scheme("int2", symmetric=False))
+        quantize_sequential(block_spec(TINY), params, jq.QuantConfig(rules=(rtn, rule)), toks, progress=False)
+        h_seq = next(iter(seen.values()))
+        # o_proj's input computed with the float q/k/v differs from the one with int2 q/k/v
+        float_stats = calibrate.capture(block_spec(TINY).module, {"params": params["layers_0"]},
+                                        [(jnp.take(jnp.asarray(params["embed"]["embedding"]), jnp.asarray(toks), 0),
+                                          jnp.broadcast_to(jnp.arange(16), (4, 16)))], paths=["attn/o_proj/kernel"])
+        assert not np.allclose(h_seq, np.asarray(float_stats["attn/o_proj/kernel"]["hessian"]), rtol=1e-2)
+    finally:
+        METHODS.pop("_record_h")
+
+
+def test_layer_without_tokens_falls_back_to_rtn_with_a_warning():
+    _stats_recording_method()
+    try:
+        w = jnp.asarray(np.random.default_rng(0).normal(size=(32, 8)), jnp.float32)
+        rule = jq.Rule(".*", jq.Scheme("int4", group_size=16), method="_record_h")
+        stats = {"hessian": jnp.zeros((32, 32)), "count": jnp.asarray(0.0)}
+        with pytest.warns(UserWarning, match="moe/expert_3/kernel: no calibration token reached this layer"):
+            q = jq.quantize.quantize_leaf("moe/expert_3/kernel", w, rule, stats)
+        ref = METHODS["rtn"](w, rule.scheme, rule.scheme.layout((32, 8), (0,)))
+        np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(ref.dequantize()))
+        with pytest.raises(ValueError, match="needs calibration statistics"):
+            jq.quantize.quantize_leaf("x/kernel", w, rule, None)
+    finally:
+        METHODS.pop("_record_h")
+
+
+class _Tok:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+
+def test_calibration_tokens_are_seeded_non_overlapping_windows(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("".join(chr(65 + i % 26) for i in range(400)))
+    b.write_text("".join(chr(97 + i % 26) for i in range(300)))
+    t1 = calibration_tokens(_Tok(), [a, b], samples=6, length=50, seed=3)
+    t2 = calibration_tokens(_Tok(), [a, b], samples=6, length=50, seed=3)
+    assert t1.shape == (6, 50) and np.array_equal(t1, t2)
+    assert len({tuple(r) for r in t1}) == 6
+    with pytest.raises(ValueError, match=r"calibration text too short: .* hold 700 tokens, 14 windows of 50; 20 were"):
+        calibration_tokens(_Tok(), [a, b], samples=20, length=50)
+
+
+def test_w8a8_int_path_matches_numpy_and_fake_path():
+    x = jax.random.normal(jax.random.key(0), (3, 5, 64)) * 2
+    w = jax.random.normal(jax.random.key(1), (64, 32))
+    xn = np.asarray(x, np.float64)
+    xs = np.abs(xn).max(-1, keepdims=True) / 127
+    xq = np.clip(np.round(xn / xs), -127, 127) * xs
+    for scheme in (jq.Scheme("int8", act="int8"), jq.Scheme("int4", group_size=16, act="int8")):
+        q = jq.quantize_params({"k": {"kernel": w}}, jq.QuantConfig.simple(scheme))["k"]["kernel"]
+        y = np.asarray(jax.jit(jq.ops.qdot)(x, q))
+        np.testing.assert_allclose(y, xq @ np.asarray(q.dequantize(), np.float64), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="'act' has value 'int3'"):
+        jq.Scheme("int8", act="int3")
