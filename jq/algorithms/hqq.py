@@ -1,0 +1,218 @@
+"""HQQ: Half-Quadratic Quantization (Badri & Shaji, 2023) — data-free refinement of zero points (and optionally
+scales) per group, minimising the lp reconstruction error Σ |W − dequant(quant(W))|^p with p < 1.
+
+The lp "norm" with p < 1 is robust to the few outlying weights of a group: min-max quantization spends its grid on
+them, HQQ lets them carry a large error and moves the zero point to serve the bulk. The problem
+
+    argmin_z  φ_p(W − Q⁻¹_z(Q_z(W)))
+
+is split half-quadratically with an auxiliary error variable E:
+
+    argmin_{z, E}  φ_p(E) + β/2 ‖E − (W − Q⁻¹_z(Q_z(W)))‖²
+
+and solved by alternating, with β growing by κ each iteration:
+
+    W_q = clip(round(W/s + z))                        codes under the current zero point
+    W_r = (W_q − z)·s                                 reconstruction
+    E   = shrink_p(W − W_r, β)                        generalized soft-thresholding (the prox of φ_p / β)
+    z   = mean(W_q − (W − E)/s)                       closed-form least-squares zero point
+    β  ← κ·β
+
+with shrink_p(x, β) = sign(x)·relu(|x| − |x|^(p−1)/β). With `optimize_scale=True` the scale is also fitted in
+closed form: (s, z) is the least-squares line W − E ≈ s·(W_q − z) over the group.
+
+Everything runs vectorised over all groups at once in the layout's grouped view, inside a `lax.while_loop` that
+stops early (as the reference does) when the total lp error stops decreasing, and keeps, *per group*, the best
+parameters seen — counted after the zero point is made an integer (int zero points: the better of its two integer
+neighbours) or cast to `scale_dtype` (float zero points), and including the min-max start. So HQQ's lp error is
+never above RTN's, group by group.
+
+Integer zero points: with the scale fixed, an integer zero point only slides the window over the same lattice
+{k·scale}, so zero-only HQQ cannot improve on RTN there; `hqq` therefore also fits the scale by default when
+`scheme.zero_point == "int"` (float zero points follow the paper: zero point only).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jq import ranges
+from jq.algorithms import register
+from jq.qtensor import Layout, QTensor
+from jq.scheme import Scheme
+
+__all__ = ["hqq", "hqq_refine", "shrink_lp", "lp_error"]
+
+
+def shrink_lp(x: jnp.ndarray, beta, p: float, weight=None) -> jnp.ndarray:
+    """Generalized soft-thresholding: the proximal operator of (weight/β)·|x|^p (the lp "norm", p ≤ 1).
+
+    sign(x)·max(|x| − (weight/β)·|x|^(p−1), 0); exact soft-thresholding for p = 1, 0 at x = 0.
+    """
+    ax = jnp.abs(x)
+    thr = jnp.where(ax > 0, ax ** (p - 1.0), 0.0) / beta if p != 1.0 else jnp.ones_like(ax) / beta
+    if weight is not None:
+        thr = thr * weight
+    return jnp.sign(x) * jnp.maximum(ax - thr, 0.0)
+
+
+def lp_error(xg, xr, p: float, reduce_axes, weight=None) -> jnp.ndarray:
+    """Σ weight·|xg − xr|^p over `reduce_axes` (keepdims)."""
+    e = jnp.abs(xg - xr) ** p
+    if weight is not None:
+        e = e * weight
+    return jnp.sum(e, axis=reduce_axes, keepdims=True)
+
+
+def _check_scheme(scheme: Scheme) -> None:
+    if scheme.symmetric or not scheme.fmt.is_int:
+        raise ValueError(
+            f"HQQ optimises the zero point of an asymmetric integer grid, but the scheme is {scheme.describe()!r} "
+            "(no zero point); use an int format with symmetric: false"
+        )
+
+
+def hqq_refine(
+    xg: jnp.ndarray,
+    scale: jnp.ndarray,
+    zero: jnp.ndarray,
+    scheme: Scheme,
+    reduce_axes: tuple[int, ...],
+    *,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    optimize_scale: bool = False,
+    early_stop: bool = True,
+    weight: jnp.ndarray | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Refine keepdims `(scale, zero)` of the grouped view `xg` by HQQ's half-quadratic iterations.
+
+    Args:
+      xg: weights in a grouped view (any layout; `reduce_axes` are the axes one scale covers).
+      scale, zero: starting parameters, broadcastable against `xg` (keepdims), zero in code units.
+      scheme: an asymmetric int scheme; its `zero_point` ("int": floor or ceil, whichever has the lower lp error,
+        clipped to the code range; "float": kept unrounded, cast to `scale_dtype`) and `scale_dtype` decide the
+        stored values.
+      iters, p, beta, kappa: iterations, lp exponent, initial β and its growth factor.
+      optimize_scale: also fit the scale in closed form (least squares) each iteration.
+      early_stop: stop when the total lp error of the iterate stops decreasing (the reference's rule).
+      weight: optional non-negative per-element weights broadcastable to `xg` (0 masks padding out).
+
+    Returns:
+      `(scale, zero)` of the same shapes, already in their stored precision: per group the best pair met
+      (the starting pair included) under the lp error with those stored values.
+    """
+    _check_scheme(scheme)
+    qmax = float(2**scheme.bits - 1)
+    sdt = jnp.dtype(scheme.scale_dtype)
+    xg = xg.astype(jnp.float32)
+    scale = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), _keep_shape(xg.shape, reduce_axes))
+    zero = jnp.broadcast_to(jnp.asarray(zero, jnp.float32), scale.shape)
+    w = None if weight is None else jnp.broadcast_to(jnp.asarray(weight, jnp.float32), xg.shape)
+    wsum = None if w is None else jnp.sum(w, axis=reduce_axes, keepdims=True)
+
+    def mean(a):
+        if w is None:
+            return jnp.mean(a, axis=reduce_axes, keepdims=True)
+        return jnp.sum(a * w, axis=reduce_axes, keepdims=True) / jnp.where(wsum > 0, wsum, 1.0)
+
+    def codes(s, z):
+        return jnp.clip(jnp.round(xg / s + z), 0.0, qmax)
+
+    def err(s, z):
+        return lp_error(xg, (codes(s, z) - z) * s, p, reduce_axes, w)
+
+    def stored(s, z):
+        """The values that would be stored, and their lp error. An int zero point takes whichever of its two
+        integer neighbours reconstructs better (plain rounding would undo the sub-unit moves HQQ makes)."""
+        s = s.astype(sdt).astype(jnp.float32)
+        s = jnp.where(s > 0, s, 1.0)
+        if scheme.zero_point == "int":
+            zf, zc = jnp.clip(jnp.floor(z), 0.0, qmax), jnp.clip(jnp.ceil(z), 0.0, qmax)
+            ef, ec = err(s, zf), err(s, zc)
+            return s, jnp.where(ec < ef, zc, zf), jnp.minimum(ef, ec)
+        z = z.astype(sdt).astype(jnp.float32)
+        return s, z, err(s, z)
+
+    s0, z0, e0 = stored(scale, zero)
+
+    def body(c):
+        i, b, s, z, bs, bz, be, prev, _ = c
+        wq = codes(s, z)
+        we = shrink_lp(xg - (wq - z) * s, b, p, w)
+        t = xg - we  # the target the grid should reproduce
+        if optimize_scale:
+            mq, mt = mean(wq), mean(t)
+            var = mean((wq - mq) ** 2)
+            cov = mean((wq - mq) * (t - mt))
+            a = cov / jnp.where(var > 0, var, 1.0)
+            ok = (var > 0) & (a > 0) & jnp.isfinite(a)
+            s = jnp.where(ok, a, s)
+        z = mean(wq - t / s)
+        cur = jnp.sum(err(s, z))  # the iterate's own error, in float (drives early stopping)
+        ss, zs, e = stored(s, z)  # error with the values that would be stored (drives the per-group choice)
+        better = e < be
+        bs, bz, be = jnp.where(better, ss, bs), jnp.where(better, zs, bz), jnp.where(better, e, be)
+        stop = (cur >= prev) if early_stop else jnp.asarray(False)
+        return i + 1, b * kappa, s, z, bs, bz, be, jnp.minimum(cur, prev), stop
+
+    def cond(c):
+        return (c[0] < iters) & ~c[-1]
+
+    start_err = jnp.sum(err(scale, zero))
+    init = (jnp.int32(0), jnp.float32(beta), scale, zero, s0, z0, e0, start_err, jnp.asarray(False))
+    out = jax.lax.while_loop(cond, body, init)
+    return out[4], out[5]
+
+
+def _keep_shape(shape, reduce_axes):
+    return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
+
+
+def _valid_mask(layout: Layout) -> jnp.ndarray | None:
+    """1 for real weights, 0 for the zero padding of a padded group axis (None when nothing is padded)."""
+    if layout.padded is None or layout.padded == layout.shape[layout.group_axis]:
+        return None
+    return layout.to_grouped(jnp.ones(layout.shape, jnp.float32))
+
+
+@register("hqq")
+def hqq(
+    w: jnp.ndarray,
+    scheme: Scheme,
+    layout: Layout,
+    stats=None,
+    *,
+    iters: int = 20,
+    p: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    optimize_scale: bool | None = None,
+) -> QTensor:
+    """HQQ-quantize `w` (logical shape `layout.shape`): start from `scheme.range` (min-max by default) and refine
+    the zero point (and the scale with `optimize_scale`) per group by `hqq_refine`. Data-free: `stats` is ignored.
+
+    `optimize_scale=None` (the default) means False for float zero points (the paper's zero-only HQQ) and True for
+    int zero points: moving an integer zero point by whole codes only slides the window over the same lattice
+    {k·scale}, so with the scale fixed it can do nothing but clip the group's extremes, and zero-only HQQ would
+    return RTN's result. An explicit False keeps zero-only for int zero points too.
+
+    Only asymmetric int schemes have a zero point to optimise; others raise ValueError. Padding of a padded
+    group axis is left out of the error and the zero-point means.
+    """
+    _check_scheme(scheme)
+    if optimize_scale is None:
+        optimize_scale = scheme.zero_point == "int"
+    xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
+    axes = layout.reduce_axes
+    lo, hi = ranges.estimate(xg, axes, scheme)
+    scale, zero = scheme.scale_zero(lo, hi)
+    scale, zero = hqq_refine(
+        xg, scale, zero, scheme, axes, iters=iters, p=p, beta=beta, kappa=kappa,
+        optimize_scale=optimize_scale, weight=_valid_mask(layout),
+    )
+    codes = scheme.encode(xg, scale, zero)
+    return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
