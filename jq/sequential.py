@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -90,17 +91,26 @@ def _scale_stats(st: dict, s: jax.Array) -> dict:
             "act_sq": st["act_sq"] / (s * s), "act_absmax": st["act_absmax"] / s}
 
 
-def _transform_scales(name: str, opts: dict, weights: list, stats: dict, rule, path: str) -> jax.Array:
+def _transform_scales(name: str, opts: dict, weights: list, stats: dict, rule) -> jax.Array:
     if name == "smoothquant":
         from jq.algorithms.smoothquant import smooth_scales
 
         return smooth_scales(stats["act_absmax"], weights, **opts)
+    s, _ = _awq_search(tuple(sorted(opts.items())))(weights, stats["hessian"], stats["act_absmean"], rule.scheme,
+                                                     _layout_fn(rule.scheme))
+    return s
+
+
+@functools.lru_cache(maxsize=None)
+def _layout_fn(scheme):
+    return lambda shape: scheme.layout(shape, (0,))
+
+
+@functools.lru_cache(maxsize=None)
+def _awq_search(opts: tuple):
     from jq.algorithms.awq import search_scales
 
-    cat = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in weights], axis=-1)
-    layout = rule.scheme.layout(tuple(cat.shape), (0,), path)
-    s, _ = search_scales(weights, stats["hessian"], stats["act_absmean"], rule.scheme, layout, **opts)
-    return s
+    return jax.jit(functools.partial(search_scales, **dict(opts)), static_argnums=(3, 4))
 
 
 class _Compiled:
@@ -183,7 +193,7 @@ def quantize_sequential(
                 st = stats[fold.consumers[0]]
                 for tname, topts in rule.transforms:
                     weights = [jnp.asarray(_get(block, c), jnp.float32) for c in fold.consumers]
-                    s = _transform_scales(tname, dict(topts), weights, st, rule, f"{name}/{fold.consumers[0]}")
+                    s = _transform_scales(tname, dict(topts), weights, st, rule)
                     apply_fold(block, fold, s)
                     st = _scale_stats(st, s)
                     log["transforms"].append({"block": name, "transform": tname, "prev": fold.prev,

@@ -184,3 +184,51 @@ def test_w8a8_int_path_matches_numpy_and_fake_path():
         np.testing.assert_allclose(y, xq @ np.asarray(q.dequantize(), np.float64), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="'act' has value 'int3'"):
         jq.Scheme("int8", act="int3")
+
+
+def _logit_error(cfg, params, q, toks):
+    m = Llama(cfg)
+    ref = m.apply({"params": params}, toks)
+    out = jax.jit(lambda p, t: jq.flax.apply(m, {"params": p}, t))(q, toks)
+    return float(jnp.mean((out - ref) ** 2))
+
+
+def _outlier_params(cfg, seed=0):
+    """Random params whose norm scales have a few large channels, as real LLMs do (what AWQ/SmoothQuant target)."""
+    params = init_params(cfg, jax.random.key(seed))
+    for i in range(cfg.n_layers):
+        for norm in ("input_norm", "post_attn_norm"):
+            s = np.ones(cfg.dim, np.float32)
+            s[[3, 17]] = 20.0
+            params[f"layers_{i}"][norm]["scale"] = s
+    return params
+
+
+def test_awq_recipe_end_to_end_beats_rtn_on_outlier_channels():
+    cfg = TINY_MHA
+    params = _outlier_params(cfg)
+    rng = np.random.default_rng(0)
+    calib, held = rng.integers(0, 64, (8, 16)), jnp.asarray(rng.integers(0, 64, (4, 16)))
+    base = dict(pattern=".*kernel", format="int3", symmetric=False, group_size=16)
+    awq = jq.recipe_from_dict({"rules": [{**base, "transforms": ["awq"], "method": "awq_clip"}]})
+    rtn = jq.recipe_from_dict({"rules": [base]})
+    assert awq.needs_calibration and not rtn.needs_calibration
+    qa, log = quantize_sequential(block_spec(cfg), params, awq, calib, progress=False)
+    assert {t["prev"] for t in log["transforms"]} == {f.prev for f in FOLDS}  # v -> o allowed without GQA
+    assert not np.allclose(np.asarray(qa["layers_0"]["input_norm"]["scale"]), params["layers_0"]["input_norm"]["scale"])
+    e_awq = _logit_error(cfg, params, qa, held)
+    e_rtn = _logit_error(cfg, params, jq.quantize_params(params, rtn), held)
+    assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
+
+
+def test_smoothquant_w8a8_recipe_runs_the_int8_path_and_beats_plain_w8a8():
+    cfg = TINY
+    params = _outlier_params(cfg, seed=1)
+    rng = np.random.default_rng(1)
+    calib, held = rng.integers(0, 64, (8, 16)), jnp.asarray(rng.integers(0, 64, (4, 16)))
+    base = dict(pattern=".*kernel", format="int8", restricted=True, granularity="channel", act="int8")
+    sq = jq.recipe_from_dict({"rules": [{**base, "transforms": [{"smoothquant": {"alpha": 0.5}}]}]})
+    plain = jq.recipe_from_dict({"rules": [base]})
+    qs, _ = quantize_sequential(block_spec(cfg), params, sq, calib, progress=False)
+    assert qs["layers_0"]["attn"]["q_proj"]["kernel"].act == "int8"
+    assert _logit_error(cfg, params, qs, held) < _logit_error(cfg, params, jq.quantize_params(params, plain), held)
