@@ -34,6 +34,7 @@ from flax import linen as nn
 
 from jq import calibrate
 from jq import flax as jqflax
+from jq import qtensor as jq_qtensor
 from jq.config import QuantConfig
 from jq.quantize import leaf_paths, quantize_leaf, quantize_params
 
@@ -57,6 +58,9 @@ class BlockSpec:
     extra: Callable[[jax.Array], tuple] = lambda tokens: ()
     stages: tuple[tuple[str, ...], ...] = ()
     folds: tuple[Fold, ...] = ()
+    # Optional fast path: staged(block, hs, extras, quantize_stage) -> (block, outputs) runs the block's dataflow
+    # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers.
+    staged: Callable | None = None
 
 
 def _get(tree: dict, path: str):
@@ -83,6 +87,11 @@ def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
     for c in fold.consumers:
         w = jnp.asarray(_get(block, c), jnp.float32)
         _set(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
+
+
+@jax.jit
+def _input_stats(x):
+    return calibrate.layer_inputs_stats(x, x.shape[-1])
 
 
 def _scale_stats(st: dict, s: jax.Array) -> dict:
@@ -199,19 +208,36 @@ def quantize_sequential(
                     log["transforms"].append({"block": name, "transform": tname, "prev": fold.prev,
                                               "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
 
-        # (2) stages, each calibrated with the earlier ones quantized
-        stages = list(spec.stages) if (true_sequential and spec.stages) else [tuple(sorted(rules))]
-        staged = {p for st_ in stages for p in st_}
-        stages.append(tuple(sorted(p for p in rules if p not in staged)))  # anything the spec did not list
-        for stage in stages:
-            todo = [p for p in stage if p in rules]
-            need = [p for p in todo if rules[p].needs_calibration]
-            stats = comp.capture(block, inputs, need) if need else {}
+        # (2) stages, each calibrated with the earlier ones quantized; (3) on to the next block
+        def quantize_stage(paths, stage_inputs, block):
+            todo = [p for p in paths if p in rules]
+            stats = None
+            if any(rules[p].needs_calibration for p in todo):
+                acc = None
+                for x in stage_inputs:
+                    st = _input_stats(x)
+                    acc = st if acc is None else calibrate._merge(acc, st)
+                stats = calibrate.finalize({"x": acc})["x"]
             for p in todo:
-                _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats.get(p)))
+                _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats))
+            return block
 
-        # (3) on to the next block
-        hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
+        if spec.staged is not None and true_sequential:
+            block, hs = spec.staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
+            leftover = [p for p in rules if not isinstance(_get(block, p), jq_qtensor.QTensor)]
+            if leftover:
+                raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")
+        else:
+            stages = list(spec.stages) if (true_sequential and spec.stages) else [tuple(sorted(rules))]
+            staged = {p for st_ in stages for p in st_}
+            stages.append(tuple(sorted(p for p in rules if p not in staged)))  # anything the spec did not list
+            for stage in stages:
+                todo = [p for p in stage if p in rules]
+                need = [p for p in todo if rules[p].needs_calibration]
+                stats = comp.capture(block, inputs, need) if need else {}
+                for p in todo:
+                    _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats.get(p)))
+            hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
         out[name] = block
         secs = time.perf_counter() - t0
         log["blocks"].append({"block": name, "seconds": secs})

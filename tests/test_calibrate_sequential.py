@@ -232,3 +232,26 @@ def test_smoothquant_w8a8_recipe_runs_the_int8_path_and_beats_plain_w8a8():
     qs, _ = quantize_sequential(block_spec(cfg), params, sq, calib, progress=False)
     assert qs["layers_0"]["attn"]["q_proj"]["kernel"].act == "int8"
     assert _logit_error(cfg, params, qs, held) < _logit_error(cfg, params, jq.quantize_params(params, plain), held)
+
+
+def test_llama_staged_fast_path_equals_generic_true_sequential():
+    import dataclasses
+
+    @register("_mse_cal", needs_calibration=True)
+    def mse_cal(w, scheme, layout, stats=None):  # a data-dependent method: clip search weighted by act_sq
+        return METHODS["rtn"](w, scheme, layout, {"act_sq": stats["act_sq"]})
+
+    try:
+        params = init_params(TINY, jax.random.key(0))
+        toks = np.random.default_rng(0).integers(0, 64, (6, 16))
+        cfg = jq.QuantConfig.simple(jq.Scheme("int3", symmetric=False, group_size=16, range="mse"), method="_mse_cal")
+        spec = block_spec(TINY)
+        fast, _ = quantize_sequential(spec, params, cfg, toks, batch_size=4, progress=False)
+        slow, _ = quantize_sequential(dataclasses.replace(spec, staged=None), params, cfg, toks, batch_size=4,
+                                      progress=False)
+        for (p, a), (_, b) in zip(jq.leaf_paths(fast), jq.leaf_paths(slow)):
+            a = a.dequantize() if isinstance(a, jq.QTensor) else a
+            b = b.dequantize() if isinstance(b, jq.QTensor) else b
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+    finally:
+        METHODS.pop("_mse_cal")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from jq import flax as jqflax
+from jq import ops
 from jq.models.config import LlamaConfig
-from jq.models.llama import Block
+from jq.models.llama import MLP, Attention, Block, RMSNorm
 from jq.sequential import BlockSpec, Fold
 
 ATTN_IN = ("attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel")
@@ -41,4 +45,61 @@ def block_spec(cfg: LlamaConfig, dtype=jnp.float32) -> BlockSpec:
         extra=extra,
         stages=STAGES,
         folds=FOLDS,
+        staged=functools.partial(staged_block, _stage_fns(cfg, jnp.dtype(dtype).name)),
     )
+
+
+def _grab(target: str, box: dict):
+    """An interceptor keeping the input of the layer at module path `target`."""
+
+    def intercept(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and jqflax.module_path(context.module) == target:
+            box["x"] = args[0]
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
+    """The block's dataflow cut at its linear layers' inputs, each piece jitted once per config."""
+    attn, mlp, norm = Attention(cfg, dtype), MLP(cfg, dtype), RMSNorm(cfg.norm_eps, dtype)
+
+    def attn_core(p, x, positions):  # -> o_proj's input; XLA drops the float o_proj itself
+        box: dict = {}
+        jqflax.apply(attn, {"params": p}, x, positions, interceptor=_grab("o_proj", box))
+        return box["x"]
+
+    def mlp_core(p, x):  # -> down_proj's input
+        box: dict = {}
+        jqflax.apply(mlp, {"params": p}, x, interceptor=_grab("down_proj", box))
+        return box["x"]
+
+    def attn_out(block, h, a):  # residual after o_proj, and the MLP input
+        h1 = h + ops.qdot(a, block["attn"]["o_proj"]["kernel"]).astype(h.dtype)
+        return h1, norm.apply({"params": block["post_attn_norm"]}, h1)
+
+    return {
+        "norm_in": jax.jit(lambda block, h: norm.apply({"params": block["input_norm"]}, h)),
+        "attn_core": jax.jit(lambda block, x, pos: attn_core(block["attn"], x, pos)),
+        "attn_out": jax.jit(attn_out),
+        "mlp_core": jax.jit(lambda block, x: mlp_core(block["mlp"], x)),
+        "mlp_out": jax.jit(lambda block, h1, m: h1 + ops.qdot(m, block["mlp"]["down_proj"]["kernel"]).astype(h1.dtype)),
+    }
+
+
+def staged_block(fns: dict, block: dict, hs: list, extras: list, quantize_stage):
+    """One pass through a block, quantizing each stage on the inputs computed with the earlier stages quantized
+    (the `BlockSpec.staged` protocol). hs: per-batch hidden states [B, T, D]; returns (block, outputs)."""
+    x0 = [fns["norm_in"](block, h) for h in hs]
+    block = quantize_stage(ATTN_IN, x0)
+    a = [fns["attn_core"](block, x, *e) for x, e in zip(x0, extras)]
+    del x0
+    block = quantize_stage(("attn/o_proj/kernel",), a)
+    h1, x2 = zip(*[fns["attn_out"](block, h, ai) for h, ai in zip(hs, a)])
+    del a
+    block = quantize_stage(MLP_IN, x2)
+    m = [fns["mlp_core"](block, x) for x in x2]
+    del x2
+    block = quantize_stage(("mlp/down_proj/kernel",), m)
+    return block, [fns["mlp_out"](block, h, mi) for h, mi in zip(h1, m)]
