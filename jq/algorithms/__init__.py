@@ -39,4 +39,4 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
-from jq.algorithms import awq, hqq, rtn, smoothquant  # noqa: E402,F401  (registers)
+from jq.algorithms import awq, gptq, hqq, rtn, smoothquant  # noqa: E402,F401  (registers)
