@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# OpenBLAS threads (behind jax's CPU Cholesky) compete with XLA's on small machines; one is much faster.
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: venv demo test test-fast bench clean
 

@@ -55,7 +55,7 @@ def cmd_eval(args) -> int:
     calib = _calibration(args, m, recipe, text_path)
     load_s = time.perf_counter() - t0
     r = pipeline.evaluate(m, text_path.read_text(encoding="utf-8"), recipe, window=args.window, windows=args.windows,
-                          batch_size=args.batch_size, calib=calib, progress=not args.json)
+                          batch_size=args.batch_size, calib=calib, progress=True)
     r.update(text=str(text_path), window=args.window, load_seconds=load_s, seconds=time.perf_counter() - t0)
     if args.json:
         print(json.dumps(r))
