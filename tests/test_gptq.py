@@ -348,3 +348,24 @@ def test_refusals():
         gptq(w3, g, g.layout(w3.shape, (0, 1)), h, act_order=True)
     with pytest.raises(ValueError, match="hessian"):
         gptq(w, s, s.layout(w.shape, (0,)), None)
+
+
+def test_tree_level_gptq_warns_naming_the_layer_on_raised_damping_and_fallback():
+    import warnings
+
+    import jq
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(64, 16)), jnp.float32)
+    rule = jq.Rule(".*", jq.Scheme("int4", symmetric=False, group_size=32), method="gptq")
+    bad = -np.eye(64, dtype=np.float32)  # negative definite: no damping makes it factorable
+    with pytest.warns(UserWarning, match=r"blk_7/mlp/kernel: gptq failed .* fell back to RTN"):
+        jq.quantize.quantize_leaf("blk_7/mlp/kernel", w, rule, {"hessian": jnp.asarray(bad)})
+    x = rng.normal(size=(256, 64)).astype(np.float32)
+    h = x.T @ x / 256
+    h[5, 5] = -1.0  # indefinite until damped harder than the default
+    with pytest.warns(UserWarning, match=r"blk_2/attn/kernel: gptq raised the relative damping"):
+        jq.quantize.quantize_leaf("blk_2/attn/kernel", w, rule, {"hessian": jnp.asarray(h)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jq.quantize.quantize_leaf("blk_0/ok/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})

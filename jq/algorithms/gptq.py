@@ -417,20 +417,11 @@ def gptq_with_info(
 
 
 @register("gptq", needs_calibration=True)
-def gptq(
-    w: jnp.ndarray,
-    scheme: Scheme,
-    layout: Layout,
-    stats,
-    *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-    max_damp_tries: int = 6,
-) -> QTensor:
-    """GPTQ quantization of a kernel against calibration `stats["hessian"]`; see `gptq_with_info` (which also
-    reports the final damping, whether the layer fell back to RTN, and the GPTQ objective)."""
-    q, _ = gptq_with_info(w, scheme, layout, stats, block_size=block_size, damp=damp, act_order=act_order,
-                          static_groups=static_groups, max_damp_tries=max_damp_tries)
-    return q
+def gptq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats, **options) -> QTensor:
+    """GPTQ quantization of a kernel against calibration `stats["hessian"]`; options and behaviour as
+    `gptq_with_info`, which also reports the final damping, whether the layer fell back to RTN, and the
+    objective. `quantize_leaf` uses that variant (outside jit) to warn about damping increases and fallbacks."""
+    return gptq_with_info(w, scheme, layout, stats, **options)[0]
+
+
+gptq.with_info = gptq_with_info
