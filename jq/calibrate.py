@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jq import flax as jqflax
 from jq.qtensor import QTensor
 
-__all__ = ["capture", "finalize", "layer_inputs_stats", "STAT_KEYS"]
+__all__ = ["capture", "capture_fns", "accumulate", "finalize", "layer_inputs_stats", "STAT_KEYS"]
 
 STAT_KEYS = ("hessian", "abs_sum", "sq_sum", "act_absmax", "count")
 
@@ -124,6 +124,21 @@ def capture(
       mesh: shard each batch's leading axis over the mesh's first axis (data parallel).
       progress: called with the number of batches done.
     """
+    if mesh is not None:  # data parallel: let XLA place the all-reduce (Explicit axes would demand out_sharding)
+        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+        spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        batches = (tuple(jax.device_put(a, spec) for a in _as_args(b)) for b in batches)
+    return accumulate(capture_fns(module, paths, method), variables, batches, paths=paths, progress=progress)
+
+
+def _as_args(batch) -> tuple:
+    return batch if isinstance(batch, tuple) else (batch,)
+
+
+def capture_fns(module: nn.Module, paths: Iterable[str] | None = None, method: str | None = None):
+    """The jitted (first, step) pair of a capture: `first(variables, args)` returns one batch's sums, `step(acc,
+    variables, args)` adds a batch to donated running sums. Build once and reuse across calls of `accumulate`."""
     wanted = None if paths is None else set(paths)
 
     def run(variables, args):
@@ -131,27 +146,26 @@ def capture(
         jqflax.apply(module, variables, *args, method=method, interceptor=recorder(wanted, found))
         return found
 
-    if mesh is not None:  # data parallel: let XLA place the all-reduce (Explicit axes would demand out_sharding)
-        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                                 axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-    first = jax.jit(run)
-    step = jax.jit(lambda acc, v, a: _merge_all(acc, run(v, a)), donate_argnums=(0,))
+    return jax.jit(run), jax.jit(lambda acc, v, a: _merge_all(acc, run(v, a)), donate_argnums=(0,))
+
+
+def accumulate(fns, variables: dict, batches: Iterable[Any], *, paths: Iterable[str] | None = None,
+               progress: Callable[[int], None] | None = None) -> dict[str, dict]:
+    """Stream `batches` through the `capture_fns` pair and return finalized statistics; every path in `paths`
+    must have been recorded."""
+    first, step = fns
     acc = None
     for i, batch in enumerate(batches):
-        args = batch if isinstance(batch, tuple) else (batch,)
-        if mesh is not None:
-            spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-            args = tuple(jax.device_put(a, spec) for a in args)
+        args = _as_args(batch)
         acc = first(variables, args) if acc is None else step(acc, variables, args)
         if progress is not None:
             progress(i + 1)
     if acc is None:
         raise ValueError("capture: no calibration batches were given; pass at least one batch")
     stats = finalize(acc)
-    if wanted is not None:
-        for p in sorted(wanted - set(stats)):
-            raise ValueError(
-                f"capture: layer {p!r} was never called by the model, so it has no statistics; check the path "
-                "(jq inspect lists them) or drop it from the calibrated rules"
-            )
+    for p in sorted(set(paths or ()) - set(stats)):
+        raise ValueError(
+            f"capture: layer {p!r} was never called by the model, so it has no statistics; check the path "
+            "(jq inspect lists them) or drop it from the calibrated rules"
+        )
     return stats

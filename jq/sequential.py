@@ -133,24 +133,8 @@ class _Compiled:
     def capture(self, params: dict, inputs: Sequence[tuple], paths: Sequence[str]) -> dict:
         key = tuple(sorted(paths))
         if key not in self._capture:
-            wanted = set(paths)
-
-            def run(p, args):
-                found: dict = {}
-                jqflax.apply(self.spec.module, {"params": p}, *args, interceptor=calibrate.recorder(wanted, found))
-                return found
-
-            self._capture[key] = (jax.jit(run), jax.jit(lambda acc, p, a: calibrate._merge_all(acc, run(p, a)),
-                                                        donate_argnums=(0,)))
-        first, step = self._capture[key]
-        acc = None
-        for args in inputs:
-            acc = first(params, args) if acc is None else step(acc, params, args)
-        stats = calibrate.finalize(acc)
-        missing = set(paths) - set(stats)
-        if missing:
-            raise ValueError(f"calibration: layers {sorted(missing)} were never called by the block; check the BlockSpec")
-        return stats
+            self._capture[key] = calibrate.capture_fns(self.spec.module, key)
+        return calibrate.accumulate(self._capture[key], {"params": params}, inputs, paths=key)
 
 
 def quantize_sequential(

@@ -100,8 +100,7 @@ def routed_paths(module: nn.Module, variables, *args, method=None, **kwargs) -> 
             found.add(module_path(m) + "/kernel")
         return next_fun(*a, **kw)
 
-    dense_vars = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x) else x,
-                                        variables, is_leaf=_is_q)
+    dense_vars = _dense_like(variables)
 
     def run(v):
         with nn.intercept_methods(recorder):
@@ -117,14 +116,7 @@ def prepare(module: nn.Module, variables, *args, method=None, **kwargs):
     if not any(_is_q(x) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_q)):
         return variables
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
-
-    def keep_or_dequantize(kp, x):
-        if _is_q(x) and path_str(kp) not in routed:
-            return x.dequantize()
-        return x
-
-    params = jax.tree_util.tree_map_with_path(keep_or_dequantize, params, is_leaf=_is_q)
-    return {**variables, "params": params}
+    return {**variables, "params": _dequantize_except(params, routed)}
 
 
 def apply(module: nn.Module, variables, *args, method=None, mutable=False, interceptor=None, **kwargs):
@@ -171,12 +163,7 @@ def nnx_merge(graphdef, state, *states) -> nnx.Module:
         if type(node) is nnx.Linear:
             linear_paths.add("/".join(str(p) for p in path) + "/kernel")
 
-    def keep_or_dequantize(kp, x):
-        if _is_q(x) and path_str(kp) not in linear_paths:
-            return x.dequantize()
-        return x
-
-    state = jax.tree_util.tree_map_with_path(keep_or_dequantize, state, is_leaf=_is_q)
+    state = _dequantize_except(state, linear_paths)
     model = nnx.merge(graphdef, state, *states)
     for path, node in nnx.iter_graph(model):
         if type(node) is nnx.Linear and _is_q(node.kernel[...]):
@@ -185,7 +172,15 @@ def nnx_merge(graphdef, state, *states) -> nnx.Module:
     return model
 
 
-def _dense_like(state):
+def _dense_like(tree):
+    """QTensors replaced by the ShapeDtypeStruct of their dequantized array (for abstract traces)."""
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x) else x, state, is_leaf=_is_q
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if _is_q(x) else x, tree, is_leaf=_is_q
+    )
+
+
+def _dequantize_except(tree, keep: set[str]):
+    """Dequantize every QTensor whose path is not in `keep` (the kernels routed to jq.ops)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: x.dequantize() if _is_q(x) and path_str(kp) not in keep else x, tree, is_leaf=_is_q
     )
