@@ -255,3 +255,18 @@ def test_llama_staged_fast_path_equals_generic_true_sequential():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
     finally:
         METHODS.pop("_mse_cal")
+
+
+def test_transform_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"rules\[0\]: unknown transform 'rotate'; choose from \['awq', 'smoothquant'\]"):
+        jq.recipe_from_dict({"rules": [{"pattern": ".*", "transforms": ["rotate"]}]})
+    with pytest.raises(ValueError, match="'transforms' must be a list"):
+        jq.recipe_from_dict({"rules": [{"pattern": ".*", "transforms": "awq"}]})
+    params = init_params(TINY, jax.random.key(0))
+    toks = np.random.default_rng(0).integers(0, 64, (2, 8))
+    mixed = jq.recipe_from_dict({"rules": [
+        {"pattern": r".*/q_proj/kernel", "transforms": ["awq"], "method": "awq_clip", "format": "int4"},
+        {"pattern": ".*kernel", "format": "int4"}]})
+    with pytest.raises(ValueError, match=r"layers_0: layers .*q_proj.* share an input but their rules ask for "
+                                         "different transforms"):
+        quantize_sequential(block_spec(TINY), params, mixed, toks, progress=False)
