@@ -62,7 +62,7 @@ from jq.algorithms import register
 from jq.qtensor import Layout, QTensor
 from jq.scheme import Scheme
 
-__all__ = ["gptq", "gptq_with_info"]
+__all__ = ["gptq", "gptq_with_info", "refit_groups"]
 
 
 _SUB = 16  # channels per sub-block
@@ -152,6 +152,60 @@ def _group_params(x: jnp.ndarray, scheme: Scheme):
     return s.reshape(n), None if z is None else z.reshape(n)
 
 
+def refit_groups(w0: jnp.ndarray, vals: jnp.ndarray, h: jnp.ndarray, mask: jnp.ndarray, g: int,
+                 scale: jnp.ndarray, zero: jnp.ndarray | None, fit_zero: bool, ridge: float = 1e-4):
+    """Least-squares refit of group scales (and float zero points) with the codes held fixed.
+
+    With codes fixed, a dequantized group column is a·v + b·1 (v: the codes' grid values minus a fixed zero point,
+    or the raw grid values when the zero point is refitted, b = −a·zero), linear in (a, b). The group parameters
+    of one output column that minimise the layer objective tr((W − Ŵ)ᵀ H (W − Ŵ)) solve a [2G, 2G] system
+    (G groups); all columns are solved at once. Across groups the parameters are coupled through H, which is
+    what lets them absorb part of the rounding that GPTQ's feedback could not.
+
+    Args (processing order, K rows = groups of g consecutive rows):
+      w0: [K, N] original weights (padding rows zero); vals: [K, N] grid values of the codes (see above);
+      h: [K, K] damped Hessian; mask: [K] 1 for real rows, 0 for padding; scale, zero: [G, N] current values;
+      fit_zero: also fit b (float zero points); ridge: Levenberg–Marquardt pull toward the current values,
+        relative to the system's diagonal (keeps near-singular groups where they were).
+    Returns: (scale, zero) [G, N], zero None when `zero` is None; non-positive scales keep their old values.
+    """
+    K, N = vals.shape
+    G = K // g
+    f32 = jnp.float32
+    v = vals * mask[:, None]
+    seg = lambda x: x.reshape(G, g, *x.shape[1:]).sum(1)  # noqa: E731  per-group sums over rows
+    hp = lambda a, b: jnp.matmul(a, b, precision=lax.Precision.HIGHEST)  # noqa: E731
+
+    def one(j):  # the columns of the system for group j: H restricted to its rows, against every group
+        hj = lax.dynamic_slice_in_dim(h, j * g, g, 1)  # [K, g]
+        t = hp(hj, lax.dynamic_slice_in_dim(v, j * g, g, 0))  # [K, N]
+        u = hj @ lax.dynamic_slice_in_dim(mask, j * g, g)  # [K]
+        return seg(v * t), seg(t * mask[:, None]), seg(v * u[:, None]), seg(u * mask)
+
+    maa, mba, mab, mbb = lax.map(one, jnp.arange(G))  # [G(j), G(i), N] ×3, [G(j), G(i)]
+    hw = hp(h, w0)
+    ra, rb = seg(v * hw), seg(hw * mask[:, None])  # [G, N]
+    a0 = scale.astype(f32)
+    if fit_zero:
+        b0 = -a0 * zero
+        m = jnp.concatenate([jnp.concatenate([maa, mab], 0),
+                             jnp.concatenate([mba, jnp.broadcast_to(mbb[..., None], mba.shape)], 0)], 1)  # [2G, 2G, N]
+        r, t0 = jnp.concatenate([ra, rb], 0), jnp.concatenate([a0, b0], 0)
+    else:
+        m, r, t0 = maa, ra, a0
+    m = jnp.moveaxis(m, -1, 0).swapaxes(1, 2)  # [N, rows i, cols j]
+    d = jnp.diagonal(m, axis1=1, axis2=2)  # [N, P]
+    eps = ridge * jnp.maximum(d, 1e-30)
+    theta = jnp.linalg.solve(m + eps[:, :, None] * jnp.eye(m.shape[-1], dtype=f32),
+                             (r.T + eps * t0.T)[..., None])[..., 0].T  # [P, N]
+    a = theta[:G]
+    ok = jnp.isfinite(theta).all(0) & (a > 0).all(0)  # per column
+    a_new = jnp.where(ok, a, a0)
+    if not fit_zero:
+        return a_new, zero
+    return a_new, jnp.where(ok, -theta[G:] / jnp.where(ok, a, 1.0), zero)
+
+
 def gptq_with_info(
     w: jnp.ndarray,
     scheme: Scheme,
@@ -163,6 +217,7 @@ def gptq_with_info(
     act_order: bool = False,
     static_groups: bool = False,
     max_damp_tries: int = 6,
+    refit: bool = False,
 ) -> tuple[QTensor, dict[str, jnp.ndarray]]:
     """GPTQ-quantize `w` and report how it went.
 
@@ -176,6 +231,8 @@ def gptq_with_info(
       act_order: process channels by descending diag H.
       static_groups: compute all group grids up front from the original weights.
       max_damp_tries: how many times damping is raised ×10 when the Cholesky factorisation fails.
+      refit: after the GPTQ pass, refit the group scales (and float zero points) to the final codes by least
+        squares on the damped H (`refit_groups`); groups formed during the pass only (not channel / static).
 
     Returns:
       (QTensor, info) with info = {"damp": f32 final relative damping, "fallback": bool (RTN was used),
@@ -184,6 +241,10 @@ def gptq_with_info(
       of the given H: divide by tr(WᵀHW) for a relative figure}.
     """
     p = _plan(layout, block_size, act_order, static_groups)
+    if refit and p.level not in ("column", "block"):
+        raise ValueError(f"gptq: refit applies to groups formed during the pass (granularity: group, "
+                         f"static_groups: false); this layout is {layout.granularity!r} with static_groups="
+                         f"{static_groups}. Drop the refit option")
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
     if stats is None or "hessian" not in stats:
         raise ValueError(
@@ -399,6 +460,21 @@ def gptq_with_info(
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         carry = lax.fori_loop(lo, hi, functools.partial(block, start=lo * B), carry)
     _, codes, _, sc, zc, loss = carry
+    if refit:
+        fit_zero = not sym and scheme.zero_point == "float"
+        zrow = None if sym or fit_zero else jnp.repeat(zc, g, axis=0)
+        vals = scheme.decode(codes, jnp.ones((1, N), f32), zrow)
+        h_d = hp + jnp.diag(pad_diag + final_damp * mdiag)
+        sc2, zc2 = refit_groups(w0, vals, h_d, mask, g, sc, zc, fit_zero)
+        sdt = jnp.dtype(scheme.scale_dtype)
+        sc2 = sc2.astype(sdt).astype(f32)
+        zc2 = zc2 if zc2 is None or not fit_zero else zc2.astype(sdt).astype(f32)
+        keep = fallback | no_data
+        sc = jnp.where(keep, sc, sc2)
+        zc = zc if zc is None else jnp.where(keep, zc, zc2)
+        err_m = (w0 - scheme.decode(codes, jnp.repeat(sc, g, axis=0),
+                                    None if zc is None else jnp.repeat(zc, g, axis=0))) * mask[:, None]
+        loss = jnp.where(keep, loss, jnp.sum(err_m * jnp.matmul(h_d, err_m, precision=lax.Precision.HIGHEST)))
 
     # -- back to the stored layout -------------------------------------------------------------------------
     perm = None
