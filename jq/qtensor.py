@@ -150,8 +150,11 @@ class QTensor:
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
       dtype: name of the logical (dequantized) dtype.
-      rotation: name of a rotation stored elsewhere in the tree that was applied to this weight, or None.
-      act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3"), or None.
+      rotation: None, or "hadamard": the codes hold Qᵀ W along the (single) contraction axis, Q the normalised
+        Hadamard matrix (`jq.hadamard`); `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight.
+      act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3", "int4"), or None.
+      act_clip: per-token activation scale = act_clip · max |x| / qmax.
+      act_outlier: LLM.int8 threshold: input channels with |x| above it skip activation quantization, or None.
     """
 
     codes: jax.Array
@@ -165,6 +168,8 @@ class QTensor:
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
     rotation: str | None = dataclasses.field(default=None, metadata=dict(static=True))
     act: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+    act_clip: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    act_outlier: float | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     # -- array-like metadata --------------------------------------------------------------------------------
     @property
@@ -215,7 +220,16 @@ class QTensor:
         if self.zero is not None:
             v = v - lay.expand_scale(self.zero.astype(jnp.float32))
         v = v * lay.expand_scale(self.scale.astype(jnp.float32))
-        return lay.from_grouped(v, self.perm).astype(dtype)
+        w = lay.from_grouped(v, self.perm)
+        if self.rotation == "hadamard":  # stored Qᵀ W → W = Q (Qᵀ W)
+            from jq.hadamard import hadamard_transform
+
+            w = hadamard_transform(w, axis=lay.axes[0], transpose=True)
+        return w.astype(dtype)
+
+    def unrotated(self) -> "QTensor":
+        """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""
+        return dataclasses.replace(self, rotation=None)
 
     def check(self, where: str = "QTensor") -> None:
         """Raise ValueError if the arrays do not fit the static layout (a damaged or foreign file)."""

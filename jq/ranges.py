@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from jq.scheme import Scheme
 
-__all__ = ["minmax", "absmax", "percentile", "mse_clip", "estimate"]
+__all__ = ["minmax", "absmax", "absmean", "percentile", "mse_clip", "estimate"]
 
 
 def minmax(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -23,6 +23,13 @@ def absmax(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.nda
     """(−a, a) with a the largest magnitude per scale group."""
     a = jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
     return -a, a
+
+
+def absmean(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(−m, m) with m the mean magnitude per scale group: BitNet b1.58's weight scale γ = mean |W| (Ma et al. 2024),
+    which on the int2 symmetric restricted grid gives W ≈ γ · clip(round(W / γ), −1, 1)."""
+    m = jnp.mean(jnp.abs(xg), axis=axes, keepdims=True)
+    return -m, m
 
 
 def percentile(xg: jnp.ndarray, axes: tuple[int, ...], p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -73,6 +80,8 @@ def estimate(xg: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme, weight=None
         return minmax(xg, axes)
     if scheme.range == "absmax":
         return absmax(xg, axes)
+    if scheme.range == "absmean":
+        return absmean(xg, axes)
     if scheme.range == "percentile":
         return percentile(xg, axes, scheme.percentile)
     return mse_clip(xg, axes, scheme, weight)

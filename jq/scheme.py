@@ -22,10 +22,11 @@ from jq.qtensor import GRANULARITIES, Layout, QTensor
 
 __all__ = ["Scheme", "RANGE_METHODS"]
 
-RANGE_METHODS = ("minmax", "absmax", "percentile", "mse")
+RANGE_METHODS = ("minmax", "absmax", "percentile", "mse", "absmean")
 ZERO_POINTS = ("int", "float")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
-ACT_FORMATS = ("int8", "fp8_e4m3")
+ACT_FORMATS = ("int8", "fp8_e4m3", "int4")
+ROTATIONS = ("hadamard",)
 
 
 def _choice(field: str, value, allowed) -> None:
@@ -47,15 +48,23 @@ class Scheme:
       flat_groups: form groups from the weight flattened with the group axis innermost (PyTorch's
         `W.reshape(-1, g)` on `(out, in)`); needs only that g divides the weight's size. Identical to per-axis
         groups when g divides the axis; offered for parity with toolkits that group this way.
-      range: "minmax", "absmax", "percentile" or "mse" (grid search of shrink factors under a p-norm).
+      range: "minmax", "absmax", "percentile", "mse" (grid search of shrink factors under a p-norm) or "absmean"
+        (±mean |x| per group: BitNet b1.58's ternary weight scale, with int2 symmetric restricted codes {-1, 0, 1}).
       percentile: the upper percentile for range="percentile" (the lower one is 100 − p).
       mse_grid, mse_max_shrink, mse_norm: the MSE clip search visits shrink factors 1, 1−1/grid, … down to
         1 − max_shrink and keeps, per group, the one with the least sum |q(x) − x|^norm.
       zero_point: "int" (rounded, stored as uint8) or "float" (unrounded, stored in `scale_dtype`).
       scale_dtype: dtype scales (and float zero points) are stored in.
       axes: contraction axes of the weight; None lets the caller pick (Dense kernels: (0,)).
-      act: quantize the layer's input activations dynamically per token to this format ("int8", "fp8_e4m3")
-        in the matmul (W8A8); None keeps them float (weight-only).
+      act: quantize the layer's input activations dynamically per token to this format ("int8", "fp8_e4m3",
+        "int4") in the matmul (W8A8, W4A8, W4A4); None keeps them float (weight-only).
+      act_clip: the per-token scale covers `act_clip` × max |x| (QuaRot clips int4 activations at 0.9).
+      act_outlier: LLM.int8 decomposition: input channels whose |x| exceeds this threshold for some token of the
+        batch (6.0 in the paper) bypass activation quantization and multiply the dequantized weight in float.
+      rotate: "hadamard" stores Qᵀ W (Q the normalised Hadamard matrix of the contraction length, any size
+        `jq.hadamard` supports) and the matmul rotates its input by Q online: x Q · Qᵀ W = x W, with the input's
+        outliers spread over all channels before activation quantization (QuaRot's online down_proj rotation).
+        Needs a single contraction axis; calibration Hessians are rotated to match (Qᵀ H Q).
     """
 
     format: str = "int8"
@@ -74,10 +83,21 @@ class Scheme:
     scale_dtype: str = "float16"
     axes: tuple[int, ...] | None = None
     act: str | None = None
+    act_clip: float = 1.0
+    act_outlier: float | None = None
+    rotate: str | None = None
 
     def __post_init__(self):
         if self.act is not None:
             _choice("act", self.act, ACT_FORMATS)
+        if not (isinstance(self.act_clip, (int, float)) and 0.0 < self.act_clip <= 1.0):
+            raise ValueError(f"scheme field 'act_clip' has value {self.act_clip!r}; use a ratio in (0, 1]")
+        if self.act_outlier is not None:
+            if self.act is None or not isinstance(self.act_outlier, (int, float)) or self.act_outlier <= 0:
+                raise ValueError(f"scheme field 'act_outlier' has value {self.act_outlier!r} with act={self.act!r}; "
+                                 "it is a positive threshold (e.g. 6.0) and needs activation quantization (act: int8)")
+        if self.rotate is not None:
+            _choice("rotate", self.rotate, ROTATIONS)
         _choice("format", self.format, formats.FORMATS)
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -122,7 +142,10 @@ class Scheme:
         s = "sym" if self.symmetric else "asym"
         r = "" if self.range == "minmax" else f" {self.range}"
         a = f" a:{self.act}" if self.act else ""
-        return f"{self.format} {s} {g}{r}{a}"
+        a += f"@{self.act_clip:g}" if self.act and self.act_clip != 1.0 else ""
+        a += f" outlier>{self.act_outlier:g}" if self.act_outlier is not None else ""
+        rot = f" rot:{self.rotate}" if self.rotate else ""
+        return f"{self.format} {s} {g}{r}{a}{rot}"
 
     # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
@@ -224,6 +247,9 @@ class Scheme:
             restricted=self.restricted,
             dtype=jnp.dtype(dtype).name,
             act=self.act,
+            act_clip=float(self.act_clip),
+            act_outlier=None if self.act_outlier is None else float(self.act_outlier),
+            rotation=self.rotate,
         )
 
 
