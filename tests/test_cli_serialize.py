@@ -1,7 +1,7 @@
-"""The CLI end to end on a tiny GGUF model, and the on-disk tree format (round trip, atomicity, refusals)."""
+"""The CLI end to end on a tiny GGUF model: eval, quantize --out, inspect, convert (the checkpoint format itself is
+tested in test_checkpoint.py)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jq
-from jq import serialize
+from jq import checkpoint
 from jq.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
 
@@ -69,8 +69,9 @@ def test_quantize_writes_a_tree_that_inspect_reads_and_that_dequantizes_equal(ti
     out = tmp_path / "q"
     assert cli_main(["quantize", "--model", str(model), "--recipe", str(recipe), "--out", str(out)]) == 0
     assert "layers_0/attn/q_proj/kernel" in capsys.readouterr().out
-    tree, manifest = serialize.load(out)
-    assert manifest["meta"]["recipe"] == "w4" and manifest["format_version"] == serialize.FORMAT_VERSION
+    tree, meta = checkpoint.load(out)
+    assert meta["recipe"]["name"] == "w4" and meta["format_version"] == checkpoint.FORMAT_VERSION
+    assert meta["meta"]["model_config"]["n_layers"] == 2
     from jq.models import load_model
 
     _, params, _ = load_model(model)
@@ -85,67 +86,25 @@ def test_quantize_writes_a_tree_that_inspect_reads_and_that_dequantizes_equal(ti
     assert "already exists" in capsys.readouterr().err
 
 
-def _tree():
-    k = jax.random.key(1)
-    w = jax.random.normal(k, (64, 24), jnp.float32)
-    params = {"a": {"kernel": w, "bias": jnp.arange(24, dtype=jnp.bfloat16)},
-              "b": {"kernel": w[:32] * 3}, "c": {"kernel": w.T}}
-    cfg = jq.QuantConfig(rules=(jq.Rule("a/kernel", jq.Scheme("int3", symmetric=False, group_size=16)),
-                                jq.Rule("b/kernel", jq.Scheme("fp8_e4m3", scale_dtype="bfloat16")),
-                                jq.Rule("c/kernel", jq.Scheme("nf4", group_size=16, pad=True, restricted=False))))
-    return params, jq.quantize_params(params, cfg)
 
-
-def test_save_load_round_trip_is_exact_for_every_array_kind(tmp_path):
-    params, q = _tree()
-    serialize.save(tmp_path / "t", q, {"note": "x"})
-    back, m = serialize.load(tmp_path / "t")
-    assert m["meta"] == {"note": "x"}
-    for (p1, x), (p2, y) in zip(jq.leaf_paths(q), jq.leaf_paths(back)):
-        assert p1 == p2
-        if isinstance(x, jq.QTensor):
-            assert isinstance(y, jq.QTensor) and y.layout == x.layout and y.fmt == x.fmt
-            np.testing.assert_array_equal(np.asarray(y.dequantize()), np.asarray(x.dequantize()))
-            assert y.nbytes == x.nbytes
-        else:
-            assert y.dtype == x.dtype
-            np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
-
-
-def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
-    params, q = _tree()
-
-    def boom(*a, **k):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(serialize, "save_file", boom)
-    with pytest.raises(OSError, match="No space"):
-        serialize.save(tmp_path / "t", q)
-    assert not (tmp_path / "t").exists()
-    assert [p for p in os.listdir(tmp_path)] == []  # the temporary directory is gone too
-
-
-def test_load_refuses_missing_foreign_and_newer(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a directory"):
-        serialize.load(tmp_path / "nope")
-    (tmp_path / "foreign").mkdir()
-    with pytest.raises(ValueError, match="manifest.json or tensors.safetensors is missing"):
-        serialize.load(tmp_path / "foreign")
-    _, q = _tree()
-    d = serialize.save(tmp_path / "t", q)
-    m = json.loads((d / "manifest.json").read_text())
-    m["format_version"] = serialize.FORMAT_VERSION + 1
-    (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="newer than this jq reads"):
-        serialize.load(d)
-
-
-def test_load_rejects_arrays_that_do_not_fit_the_layout(tmp_path):
-    _, q = _tree()
-    d = serialize.save(tmp_path / "t", q)
-    m = json.loads((d / "manifest.json").read_text())
-    leaf = next(e for e in m["leaves"] if e["path"] == "a/kernel")
-    leaf["layout"]["group_size"] = 8  # the stored scales are for groups of 16
-    (d / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=r"a/kernel.*scale shape \(4, 24\) != \(8, 24\)"):
-        serialize.load(d)
+def test_convert_then_inspect_and_inspect_refuses_a_damaged_checkpoint(tiny_model, tmp_path, capsys):
+    model, _, recipe = tiny_model
+    out = tmp_path / "c"
+    assert cli_main(["convert", "--in", str(model), "--recipe", str(recipe), "--out", str(out)]) == 0
+    cap = capsys.readouterr()
+    assert "layers_1/mlp/down_proj/kernel" in cap.err and f"wrote {out}" in cap.out
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "int4 asym g16" in text and "float (float32)" in text and "integrity OK" in text
+    meta = out / checkpoint.META_FILE
+    m = json.loads(meta.read_text())
+    m["leaves"]["layers_0/attn/q_proj/kernel"]["arrays"]["codes"]["crc32"] ^= 1
+    meta.write_text(json.dumps(m))
+    assert cli_main(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "jq inspect: error:" in err and "layers_0/attn/q_proj/kernel" in err and "CRC-32" in err
+    assert cli_main(["inspect", str(tmp_path / "none")]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert cli_main(["convert", "--in", str(model), "--out", str(tmp_path / "d")]) == 2
+    assert "--recipe is required" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -7,6 +7,7 @@ attn_q / attn_k for its RoPE kernel; they are un-permuted here back to the Huggi
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from jq.models.config import LlamaConfig
-from jq.models.params import check_params, set_path
+from jq.models.params import LazyParam, check_shapes, set_path
 from jq.models.tokenizer import Tokenizer
 
 _T = GGMLQuantizationType
@@ -94,10 +95,12 @@ def _target(name: str, n_layers: int) -> tuple[str, bool]:
     )
 
 
-def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
-    """Read a llama GGUF file -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
+def open_gguf(path: str | Path) -> tuple[LlamaConfig, list[LazyParam], dict[str, Any]]:
+    """Open a llama GGUF file lazily -> (config, one `LazyParam` per parameter, GGUF metadata).
 
-    Parameter paths and kernel layouts are those of `jq.models.llama.Llama` (kernels are (in, out)).
+    Only the header is read and checked (architecture, tensor types, every parameter present with its shape);
+    the file is memory-mapped and each `LazyParam.load()` dequantizes one tensor to fp32 in the layout of
+    `jq.models.llama.Llama` (kernels (in, out), q/k rows un-permuted).
     """
     path = Path(path)
     if not path.is_file():
@@ -110,16 +113,32 @@ def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]
         meta, vocab_size=len(tokens) if tokens is not None else None, has_output="output.weight" in names
     )
     _check_types(reader)
-
-    params: dict[str, Any] = {}
+    lazy = []
     for t in reader.tensors:
         target, linear = _target(t.name, cfg.n_layers)
-        w = _tensor_fp32(t)
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_qk(w, cfg.n_heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_qk(w, cfg.n_kv_heads)
-        set_path(params, target, np.ascontiguousarray(w.T) if linear else w)
+        heads = cfg.n_heads if t.name.endswith("attn_q.weight") else \
+            cfg.n_kv_heads if t.name.endswith("attn_k.weight") else None
+        shape = tuple(int(d) for d in t.shape)  # GGUF order is reversed NumPy order: already (in, out) for a linear
+        lazy.append(LazyParam(target, shape if linear else shape[::-1], functools.partial(_load_tensor, t, heads, linear)))
+    check_shapes({p.path: p.shape for p in lazy}, cfg, path)
+    return cfg, lazy, meta
 
-    check_params(params, cfg, path)
+
+def _load_tensor(t: Any, heads: int | None, linear: bool) -> np.ndarray:
+    """One ReaderTensor -> fp32 parameter: dequantized, q/k rows un-permuted (`heads`), linears transposed."""
+    w = _tensor_fp32(t)
+    if heads is not None:
+        w = unpermute_qk(w, heads)
+    return np.ascontiguousarray(w.T) if linear else w
+
+
+def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
+    """Read a llama GGUF file -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
+
+    Parameter paths and kernel layouts are those of `jq.models.llama.Llama` (kernels are (in, out)).
+    """
+    cfg, lazy, meta = open_gguf(path)
+    params: dict[str, Any] = {}
+    for p in lazy:
+        set_path(params, p.path, p.load())
     return cfg, params, Tokenizer.from_gguf_metadata(meta)

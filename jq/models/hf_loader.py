@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jq.models.config import LlamaConfig
-from jq.models.params import check_params, set_path
+from jq.models.params import LazyParam, check_shapes, set_path
 from jq.models.tokenizer import Tokenizer
 
 # HF per-layer name (after "model.layers.N.") -> (path under layers_N, is a linear weight to transpose)
@@ -52,15 +52,23 @@ def weight_files(directory: Path) -> list[Path]:
     )
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every tensor; bf16 arrives as ml_dtypes.bfloat16 (read by hand if safetensors can't)."""
-    for file in files:
-        with safe_open(str(file), framework="np") as f:
-            for name in f.keys():
-                try:
-                    yield name, f.get_tensor(name)
-                except TypeError:  # older safetensors: no NumPy bfloat16
-                    yield name, _read_raw(file, name)
+def _header(file: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (name -> {"dtype", "shape", "data_offsets"}, plus "__metadata__")."""
+    with open(file, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        try:
+            return json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a safetensors file (unreadable header: {e})") from None
+
+
+def _read_tensor(file: Path, name: str) -> np.ndarray:
+    """One tensor; bf16 arrives as ml_dtypes.bfloat16 (read by hand if safetensors can't)."""
+    with safe_open(str(file), framework="np") as f:
+        try:
+            return f.get_tensor(name)
+        except TypeError:  # older safetensors: no NumPy bfloat16
+            return _read_raw(file, name)
 
 
 def _read_raw(file: Path, name: str) -> np.ndarray:
@@ -68,15 +76,20 @@ def _read_raw(file: Path, name: str) -> np.ndarray:
     import ml_dtypes
 
     dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
+    info = _header(file)[name]
+    if info["dtype"] not in dtypes:
+        raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, expected a float type")
     with open(file, "rb") as fh:
         header_len = int.from_bytes(fh.read(8), "little")
-        info = json.loads(fh.read(header_len))[name]
-        if info["dtype"] not in dtypes:
-            raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, expected a float type")
         start, end = info["data_offsets"]
         fh.seek(8 + header_len + start)
         raw = fh.read(end - start)
     return np.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+
+
+def _load_param(file: Path, name: str, linear: bool) -> np.ndarray:
+    w = np.asarray(_read_tensor(file, name), dtype=np.float32)
+    return np.ascontiguousarray(w.T) if linear else w
 
 
 def _target(name: str, n_layers: int) -> tuple[str, bool] | None:
@@ -93,10 +106,11 @@ def _target(name: str, n_layers: int) -> tuple[str, bool] | None:
     raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
 
 
-def load_hf(directory: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer | None]:
-    """Read a Hugging Face Llama directory -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
+def open_hf(directory: str | Path) -> tuple[LlamaConfig, list[LazyParam]]:
+    """Open a Hugging Face Llama directory lazily -> (config, one `LazyParam` per parameter).
 
-    The tokenizer comes from `tokenizer.json` and is None when the directory has none. A tied checkpoint that
+    Only config.json and the safetensors headers are read and checked; each `LazyParam.load()` reads one tensor
+    as fp32 in the layout of `jq.models.llama.Llama` (kernels transposed to (in, out)). A tied checkpoint that
     still ships `lm_head.weight` drops it (the model reads `embed/embedding`).
     """
     directory = Path(directory)
@@ -104,17 +118,31 @@ def load_hf(directory: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokeniz
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face model directory")
     cfg = LlamaConfig.from_hf_config(json.loads(config_path.read_text()))
+    lazy = []
+    for file in weight_files(directory):
+        for name, info in _header(file).items():
+            if name == "__metadata__":
+                continue
+            target = _target(name, cfg.n_layers)
+            if target is None or (cfg.tie_embeddings and name == "lm_head.weight"):
+                continue
+            path, linear = target
+            shape = tuple(int(d) for d in info["shape"])
+            lazy.append(LazyParam(path, shape[::-1] if linear else shape, functools.partial(_load_param, file, name, linear)))
+    check_shapes({p.path: p.shape for p in lazy}, cfg, directory)
+    return cfg, lazy
 
+
+def load_hf(directory: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer | None]:
+    """Read a Hugging Face Llama directory -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
+
+    The tokenizer comes from `tokenizer.json` and is None when the directory has none. A tied checkpoint that
+    still ships `lm_head.weight` drops it (the model reads `embed/embedding`).
+    """
+    cfg, lazy = open_hf(directory)
     params: dict[str, Any] = {}
-    for name, w in _iter_tensors(weight_files(directory)):
-        target = _target(name, cfg.n_layers)
-        if target is None or (cfg.tie_embeddings and name == "lm_head.weight"):
-            continue
-        path, linear = target
-        w = np.asarray(w, dtype=np.float32)
-        set_path(params, path, np.ascontiguousarray(w.T) if linear else w)
-    check_params(params, cfg, directory)
-
-    tok_path = directory / "tokenizer.json"
+    for p in lazy:
+        set_path(params, p.path, p.load())
+    tok_path = Path(directory) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tok_path) if tok_path.is_file() else None
     return cfg, params, tokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,20 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+@dataclasses.dataclass(frozen=True)
+class LazyParam:
+    """One parameter of a model file, not yet read: `load()` reads and converts it (fp32, Flax layout).
+
+    `shape` is the shape `load()` returns (kernels already transposed to (in, out)), known from the file header.
+    Streaming conversion (`jq.checkpoint.convert`) reads one at a time, so peak memory is one tensor, not the model.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+    dtype: str = "float32"
+
+
 def set_path(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
     """tree["a"]["b"]["c"] = value for path "a/b/c", creating the intermediate dicts."""
     *heads, leaf = path.split("/")
@@ -36,13 +52,12 @@ def set_path(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
     tree[leaf] = value
 
 
-def check_params(params: dict[str, Any], cfg: LlamaConfig, source: str | Path) -> None:
-    """Raise ValueError naming `source` if a parameter is missing or has the wrong shape for `cfg`."""
+def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: LlamaConfig, source: str | Path) -> None:
+    """Raise ValueError naming `source` if a parameter is missing from `shapes` ({path: shape}) or has the wrong
+    shape for `cfg`."""
     for path, shape in expected_shapes(cfg).items():
-        node: Any = params
-        for key in path.split("/"):
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is None:
+        if path not in shapes:
             raise ValueError(f"{source}: missing weight for parameter {path}")
-        if tuple(node.shape) != shape:
-            raise ValueError(f"{source}: parameter {path} has shape {tuple(node.shape)}, expected {shape}")
+        if tuple(shapes[path]) != shape:
+            raise ValueError(f"{source}: parameter {path} has shape {tuple(shapes[path])}, expected {shape}")
+
