@@ -13,6 +13,18 @@ intercepts `nn.Dense` sees all of them. Parameter paths (inside the `params` col
     lm_head/kernel                                    (dim, vocab), only when not tied
 
 q/k use the Hugging Face ("rotate-half") head layout; the GGUF loader un-permutes llama.cpp's interleaved rows.
+
+Decoding with a KV cache (explicit pytree in, pytree out; the parameters and their paths are the same):
+
+    cache = init_cache(cfg, batch, max_len, kv_cache)            # {"layers_i": {"k": entry, "v": entry}}
+    prefill, decode_step = make_decode(cfg, dtype, kv_cache)
+    logits, cache = prefill(params, cache, tokens)                # tokens [B, T] at positions 0..T-1
+    logits, cache = decode_step(params, cache, token, pos)        # token [B] at position pos -> logits [B, V]
+
+An entry is a float array [B, max_len, n_kv_heads, head_dim] or, with a quantized `KVCacheConfig`, a dict of
+codes / scales / zero points (see `jq.kvcache`). `Llama(cfg, dtype, kv_cache)` applies the same quantization
+in the full-sequence forward (k and v are quantize-dequantized before attention), so perplexity measures the
+quantized cache; with `kv_cache.rotate`, q and k are rotated by one orthogonal matrix after RoPE (QuaRot).
 """
 
 from __future__ import annotations
@@ -25,9 +37,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jq import kvcache
+from jq.kvcache import KVCacheConfig
 from jq.models.config import LlamaConfig
 
-__all__ = ["LlamaConfig", "Llama", "RMSNorm", "Attention", "MLP", "Block", "rope", "init_params", "make_forward"]
+__all__ = ["LlamaConfig", "KVCacheConfig", "Llama", "RMSNorm", "Attention", "MLP", "Block", "rope", "init_params",
+           "make_forward", "init_cache", "make_decode", "cache_bytes_per_token", "qk_rotation"]
 
 
 class RMSNorm(nn.Module):
@@ -60,34 +75,75 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def qk_rotation(kv: KVCacheConfig | None, head_dim: int) -> Callable[[jax.Array], jax.Array] | None:
+    """The orthogonal map applied to q and k after RoPE, or None: `kv.rotation` if given, else the normalized
+    Hadamard transform of `jq.hadamard` (any head_dim it supports). x: [..., head_dim] -> same shape and dtype
+    (computed in fp32)."""
+    if kv is None or not kv.rotate:
+        return None
+    fn = kv.rotation
+    if fn is None:
+        from jq.hadamard import decompose, hadamard_transform
+
+        decompose(head_dim)  # a clear error for a head_dim with no Hadamard construction
+
+        def fn(x):
+            return hadamard_transform(x, axis=-1, normalize=True)
+    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
+
+
 class Attention(nn.Module):
-    """Grouped-query causal self-attention; kv head j serves query heads j*G .. (j+1)*G-1 (G = n_heads/n_kv_heads)."""
+    """Grouped-query causal self-attention; kv head j serves query heads j*G .. (j+1)*G-1 (G = n_heads/n_kv_heads).
+
+    `kv_cache` (optional) quantizes k and v (and rotates q, k) as described in the module docstring."""
 
     cfg: LlamaConfig
     dtype: Any = jnp.float32
+    kv_cache: KVCacheConfig | None = None
 
     def _dense(self, features: int, name: str) -> nn.Dense:
         return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, dim]; positions: [B, T] int (the causal mask is key_pos <= query_pos) -> [B, T, dim]."""
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
+        """x: [B, T, dim]; positions: [B, T] int (the causal mask is key_pos <= query_pos) -> [B, T, dim].
+
+        cache: None, or this layer's {"k": entry, "v": entry} with entries of max_len L rows (see `init_cache`).
+        Then the T new keys/values are written at rows positions[0, 0] .. positions[0, 0] + T - 1 (all batch rows
+        share positions), the queries attend over the L rows with row <= query position, and the result is
+        ([B, T, dim], updated cache).
+        """
         c = self.cfg
         b, t, _ = x.shape
         g = c.group_size
+        kv = self.kv_cache
         q = self._dense(c.n_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.n_heads, c.head_dim)
         k = self._dense(c.n_kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = self._dense(c.n_kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-        q = rope(q, positions, c.rope_theta).reshape(b, t, c.n_kv_heads, g, c.head_dim)
+        q = rope(q, positions, c.rope_theta)
         k = rope(k, positions, c.rope_theta)
+        rotate = qk_rotation(kv, c.head_dim)
+        if rotate is not None:
+            q, k = rotate(q), rotate(k)
+        q = q.reshape(b, t, c.n_kv_heads, g, c.head_dim)
+        if cache is None:
+            k, v = kvcache.fake_quant_kv(k, kv), kvcache.fake_quant_kv(v, kv)
+            key_pos = positions                                                             # [B, Tk]
+        else:
+            start = positions[0, 0]
+            cache = {"k": kvcache.write_kv(cache["k"], k, start, kv), "v": kvcache.write_kv(cache["v"], v, start, kv)}
+            k, v = kvcache.read_kv(cache["k"], kv, self.dtype), kvcache.read_kv(cache["v"], kv, self.dtype)
+            key_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), (b, k.shape[1]))
 
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / jnp.sqrt(jnp.float32(c.head_dim)))
-        causal = positions[:, :, None] >= positions[:, None, :]                             # [B, Tq, Tk]
+        causal = positions[:, :, None] >= key_pos[:, None, :]                               # [B, Tq, Tk]
         scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, c.n_heads * c.head_dim)
-        return self._dense(c.dim, "o_proj")(out)
+        out = self._dense(c.dim, "o_proj")(out)
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -104,27 +160,44 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). x: [B, T, dim] -> [B, T, dim]."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(.)). x: [B, T, dim] -> [B, T, dim]
+    (with a layer `cache`: ([B, T, dim], updated cache), see `Attention`)."""
 
     cfg: LlamaConfig
     dtype: Any = jnp.float32
+    kv_cache: KVCacheConfig | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 cache: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
         eps = self.cfg.norm_eps
-        x = x + Attention(self.cfg, self.dtype, name="attn")(RMSNorm(eps, self.dtype, name="input_norm")(x), positions)
-        return x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attn_norm")(x))
+        attn = Attention(self.cfg, self.dtype, self.kv_cache, name="attn")
+        h = RMSNorm(eps, self.dtype, name="input_norm")(x)
+        if cache is None:
+            x = x + attn(h, positions)
+        else:
+            a, cache = attn(h, positions, cache)
+            x = x + a
+        x = x + MLP(self.cfg, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_attn_norm")(x))
+        return x if cache is None else (x, cache)
 
 
 class Llama(nn.Module):
-    """Llama-family decoder. `dtype` is the activation compute dtype; parameters are created in fp32."""
+    """Llama-family decoder. `dtype` is the activation compute dtype; parameters are created in fp32.
+    `kv_cache` optionally quantizes keys/values (cache and full-sequence forward alike; see `jq.kvcache`)."""
 
     cfg: LlamaConfig
     dtype: Any = jnp.float32
+    kv_cache: KVCacheConfig | None = None
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens: [B, T] int32; positions: [B, T] or [T] int (default arange(T)) -> logits [B, T, vocab] float32."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 cache: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
+        """tokens: [B, T] int32; positions: [B, T] or [T] int (default arange(T)) -> logits [B, T, vocab] float32.
+
+        cache: None, or {"layers_i": {"k": entry, "v": entry}} from `init_cache`; then the result is
+        (logits, updated cache) and the new keys/values go to rows positions[0, 0] .. + T - 1.
+        """
         c = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -132,14 +205,21 @@ class Llama(nn.Module):
         positions = jnp.broadcast_to(positions, (b, t))
         embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=jnp.float32, name="embed")
         x = embed(tokens)
+        new_cache = {}
         for i in range(c.n_layers):
-            x = Block(c, self.dtype, name=f"layers_{i}")(x, positions)
+            name = f"layers_{i}"
+            block = Block(c, self.dtype, self.kv_cache, name=name)
+            if cache is None:
+                x = block(x, positions)
+            else:
+                x, new_cache[name] = block(x, positions, cache[name])
         x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name="lm_head")(x)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> dict[str, Any]:
@@ -148,11 +228,59 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> dict[str, Any]:
     return flax.core.unfreeze(variables["params"])
 
 
-def make_forward(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Callable[[Any, jax.Array], jax.Array]:
-    """forward(params, tokens[B, T] int32) -> logits[B, T, vocab] float32 (not jitted; the caller jits or wraps)."""
-    model = Llama(cfg, dtype=dtype)
+def make_forward(cfg: LlamaConfig, dtype: Any = jnp.float32,
+                 kv_cache: KVCacheConfig | None = None) -> Callable[[Any, jax.Array], jax.Array]:
+    """forward(params, tokens[B, T] int32) -> logits[B, T, vocab] float32 (not jitted; the caller jits or wraps).
+    `kv_cache` quantize-dequantizes k and v before attention (as a quantized cache would)."""
+    model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
 
     def forward(params: Any, tokens: jax.Array) -> jax.Array:
         return model.apply({"params": params}, tokens)
 
     return forward
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, kv_cache: KVCacheConfig | None = None,
+               dtype: Any = jnp.float32) -> dict[str, dict[str, Any]]:
+    """An empty KV cache {"layers_i": {"k": entry, "v": entry}} of `max_len` rows per sequence.
+
+    Entries are float arrays [batch, max_len, n_kv_heads, head_dim] in `dtype` (the compute dtype), or the
+    quantized dicts of `jq.kvcache` when `kv_cache` quantizes. Errors when max_len exceeds the model context."""
+    if batch < 1 or max_len < 1:
+        raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model context max_seq_len={cfg.max_seq_len}; use a "
+                         "shorter prompt or fewer new tokens")
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    return {f"layers_{i}": {"k": kvcache.empty_kv(shape, kv_cache, dtype),
+                            "v": kvcache.empty_kv(shape, kv_cache, dtype)} for i in range(cfg.n_layers)}
+
+
+def cache_bytes_per_token(cfg: LlamaConfig, kv_cache: KVCacheConfig | None = None, dtype: Any = jnp.float32) -> int:
+    """Bytes one token occupies in the cache over all layers (keys and values; float cache in `dtype`)."""
+    return kvcache.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_cache, dtype)
+
+
+def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheConfig | None = None):
+    """(prefill, decode_step), pure functions of (params, cache, ...) -> (logits, cache); not jitted.
+
+    prefill(params, cache, tokens[B, T], start=0) -> (logits [B, T, vocab] f32, cache): tokens at positions
+      start .. start + T - 1 (start may be traced; start + T <= max_len is the caller's to check).
+    decode_step(params, cache, token[B], pos) -> (logits [B, vocab] f32, cache): one token at position `pos`.
+
+    `params` may hold QTensors: the model runs through `jq.flax.apply`, so quantized kernels go to `jq.ops`.
+    """
+    from jq import flax as jqflax
+
+    model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
+
+    def prefill(params: Any, cache: dict, tokens: jax.Array, start: jax.Array | int = 0):
+        positions = jnp.asarray(start, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        return jqflax.apply(model, {"params": params}, tokens, positions, cache)
+
+    def decode_step(params: Any, cache: dict, token: jax.Array, pos: jax.Array | int):
+        positions = jnp.full((1,), pos, jnp.int32)
+        logits, cache = jqflax.apply(model, {"params": params}, token[:, None], positions, cache)
+        return logits[:, 0], cache
+
+    return prefill, decode_step

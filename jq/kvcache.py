@@ -1,0 +1,230 @@
+"""KV-cache quantization: the `KVCacheConfig` a recipe carries, and the array maths of a quantized key/value cache.
+
+Keys and values are quantized per token, per kv head, in groups of `group_size` consecutive elements along
+`head_dim` (default: one group = the whole head). Arrays are `[B, T, H, D]` (batch, tokens, kv heads, head_dim);
+a quantized entry is a dict of arrays with the same leading `[B, T, H]`:
+
+    codes  uint8 [B, T, H, D]      int8 asymmetric: 0..255 (int8 symmetric: int8 -128..127)
+           uint8 [B, T, H, D/2]    int4: two codes per byte, low nibble first (code 2i in bits 0-3, 2i+1 in
+                                   bits 4-7: the layout of `jq.formats.pack(codes, 4)`); symmetric codes are
+                                   signed nibbles (two's complement)
+    scale  scale_dtype [B, T, H, D/group_size]   (float16 by default)
+    zero   uint8 [B, T, H, D/group_size]         asymmetric only: integer zero point in code units
+
+The arithmetic is the library's weight convention (`jq.scheme`): asymmetric widens the range to contain 0,
+scale = (max − min) / (2^b − 1), zero = round(−min / scale), code = clip(round(x / scale) + zero, 0, 2^b − 1),
+x̂ = (code − zero) · scale; symmetric scale = absmax / ((2^b − 1) / 2), code in [−2^(b−1), 2^(b−1) − 1].
+The scale is rounded to `scale_dtype` before the codes are computed, so the stored scale and codes agree.
+
+Bytes per token (one layer, keys + values): `2 · H · (code bytes + groups · (scale bytes + zero bytes))`, see
+`kv_bytes_per_token`. SmolLM2-135M (30 layers, 3 kv heads, head_dim 64): bf16 23 040 B/token, int8 12 060,
+int4 g64 6 300.
+
+This module knows only arrays (layer 2): rotation (`rotate`) is applied by the model, which resolves it to a
+callable (`KVCacheConfig.rotation`, else the Hadamard transform of `jq.hadamard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
+           "read_kv", "kv_bytes_per_token"]
+
+KV_FORMATS = ("int8", "int4")
+_SCALE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheConfig:
+    """How the key/value cache (and, in the full-sequence forward, k and v before attention) is quantized.
+
+    Attributes:
+      format: "int8" | "int4", or None for a float cache (useful with `rotate` alone).
+      group_size: elements of head_dim sharing one scale (must divide head_dim); None = head_dim (one per head).
+      symmetric: signed codes and no zero point (default False: asymmetric, integer zero point).
+      rotate: rotate q and k after RoPE by the same orthogonal matrix (a normalized Hadamard transform unless
+        `rotation` is given): q·k is unchanged, outlier channels of k are spread before k is quantized.
+      scale_dtype: "float16" (default) | "bfloat16" | "float32", the stored scale's dtype.
+      rotation: optional callable x[..., D] -> x[..., D] (orthogonal along the last axis) used when `rotate`;
+        not settable from YAML.
+    """
+
+    format: str | None = "int8"
+    group_size: int | None = None
+    symmetric: bool = False
+    rotate: bool = False
+    scale_dtype: str = "float16"
+    rotation: Callable[[jax.Array], jax.Array] | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in KV_FORMATS:
+            raise ValueError(f"kv_cache format {self.format!r} is not supported; choose one of {list(KV_FORMATS)}")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size <= 0):
+            raise ValueError(f"kv_cache group_size must be a positive integer dividing head_dim (or null for one "
+                             f"group per head), got {self.group_size!r}")
+        for name in ("symmetric", "rotate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"kv_cache {name} must be true or false, got {getattr(self, name)!r}")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"kv_cache scale_dtype {self.scale_dtype!r} is not supported; choose one of "
+                             f"{list(_SCALE_DTYPES)}")
+        if self.rotation is not None and not callable(self.rotation):
+            raise ValueError(f"kv_cache rotation must be a callable x[..., D] -> x[..., D], got {self.rotation!r}")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether k/v are quantized (False: a float cache, possibly rotated)."""
+        return self.format is not None
+
+    @property
+    def bits(self) -> int:
+        if self.format is None:
+            raise ValueError("a float kv cache (format None) has no code width")
+        return int(self.format[3:])
+
+    def groups(self, head_dim: int) -> int:
+        """Scale groups per head; errors when group_size does not divide head_dim."""
+        g = self.group_size or head_dim
+        if head_dim % g:
+            raise ValueError(f"kv_cache group_size {g} does not divide head_dim {head_dim}; pick a divisor "
+                             f"(e.g. {head_dim // 2 if head_dim % 2 == 0 else head_dim}) or null for one group per "
+                             "head")
+        return head_dim // g
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. 'int4 asym g64 rot'."""
+        if self.format is None:
+            return "float" + (" rot" if self.rotate else "")
+        g = f" g{self.group_size}" if self.group_size else ""
+        return f"{self.format} {'sym' if self.symmetric else 'asym'}{g}" + (" rot" if self.rotate else "")
+
+
+def _grouped(x: jax.Array, n_groups: int) -> jax.Array:
+    """[..., D] -> [..., n_groups, D / n_groups]."""
+    return x.reshape(x.shape[:-1] + (n_groups, x.shape[-1] // n_groups))
+
+
+def _pack4(codes: jax.Array) -> jax.Array:
+    """uint8/int8 codes [..., D] (D even) -> uint8 [..., D/2], low nibble first."""
+    c = codes.astype(jnp.uint8) & jnp.uint8(0xF)
+    c = c.reshape(c.shape[:-1] + (c.shape[-1] // 2, 2))
+    return c[..., 0] | (c[..., 1] << jnp.uint8(4))
+
+
+def _unpack4(packed: jax.Array, signed: bool) -> jax.Array:
+    """uint8 [..., D/2] -> codes [..., D] (int8 sign-extended when `signed`, else uint8)."""
+    lo, hi = packed & jnp.uint8(0xF), packed >> jnp.uint8(4)
+    c = jnp.stack([lo, hi], axis=-1).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+    if signed:
+        return ((c.astype(jnp.int8) ^ jnp.int8(8)) - jnp.int8(8)).astype(jnp.int8)
+    return c
+
+
+def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
+    """Quantize keys or values. x: [..., D] float (usually [B, T, H, D]) -> {"codes", "scale"[, "zero"]} as in
+    the module docstring (codes [..., D] or [..., D/2] for int4; scale/zero [..., D/group_size])."""
+    d = x.shape[-1]
+    n = kv.groups(d)
+    if kv.bits == 4 and d % 2:
+        raise ValueError(f"int4 kv cache packs two codes per byte and needs an even head_dim, got {d}")
+    b = kv.bits
+    sdt = jnp.dtype(kv.scale_dtype)
+    xg = _grouped(x.astype(jnp.float32), n)                                              # [..., n, g]
+    tiny = float(jnp.finfo(sdt).tiny)
+    if kv.symmetric:
+        amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
+        scale = jnp.maximum(amax / ((2**b - 1) / 2), tiny).astype(sdt)
+        codes = jnp.clip(jnp.round(xg / scale.astype(jnp.float32)), -(2 ** (b - 1)), 2 ** (b - 1) - 1).astype(jnp.int8)
+        out = {}
+    else:
+        lo = jnp.minimum(jnp.min(xg, axis=-1, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(xg, axis=-1, keepdims=True), 0.0)
+        scale = jnp.maximum((hi - lo) / (2**b - 1), tiny).astype(sdt)
+        s32 = scale.astype(jnp.float32)
+        zero = jnp.clip(jnp.round(-lo / s32), 0, 2**b - 1)
+        codes = jnp.clip(jnp.round(xg / s32) + zero, 0, 2**b - 1).astype(jnp.uint8)
+        out = {"zero": zero[..., 0].astype(jnp.uint8)}
+    codes = codes.reshape(x.shape)
+    out["codes"] = _pack4(codes) if b == 4 else codes
+    out["scale"] = scale[..., 0]
+    return out
+
+
+def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.float32) -> jax.Array:
+    """Inverse of `quantize_kv`: {"codes", "scale"[, "zero"]} -> [..., D] in `dtype`."""
+    codes = q["codes"]
+    if kv.bits == 4:
+        codes = _unpack4(codes, signed=kv.symmetric)
+    n = q["scale"].shape[-1]
+    c = _grouped(codes.astype(jnp.float32), n)
+    if not kv.symmetric:
+        c = c - q["zero"][..., None].astype(jnp.float32)
+    return (c * q["scale"][..., None].astype(jnp.float32)).reshape(codes.shape).astype(dtype)
+
+
+def fake_quant_kv(x: jax.Array, kv: KVCacheConfig | None) -> jax.Array:
+    """dequantize(quantize(x)) in x's dtype; x unchanged when `kv` is None or a float cache. x: [..., D]."""
+    if kv is None or not kv.quantized:
+        return x
+    return dequantize_kv(quantize_kv(x, kv), kv, x.dtype)
+
+
+def empty_kv(shape: tuple[int, ...], kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array | dict:
+    """A zero cache entry for keys or values of `shape` = (B, max_len, H, D): a float array in `dtype`, or the
+    quantized dict (zero codes, unit scales) when `kv` quantizes."""
+    if kv is None or not kv.quantized:
+        return jnp.zeros(shape, dtype)
+    *lead, d = shape
+    n = kv.groups(d)
+    code_d = d // 2 if kv.bits == 4 else d
+    out = {"codes": jnp.zeros((*lead, code_d), jnp.int8 if kv.symmetric and kv.bits == 8 else jnp.uint8),
+           "scale": jnp.ones((*lead, n), jnp.dtype(kv.scale_dtype))}
+    if not kv.symmetric:
+        out["zero"] = jnp.zeros((*lead, n), jnp.uint8)
+    return out
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, kv: KVCacheConfig | None,
+                       dtype: Any = jnp.float32) -> int:
+    """Cache bytes one token occupies over all layers, keys and values (float cache: in `dtype`)."""
+    if kv is None or not kv.quantized:
+        per_head = head_dim * jnp.dtype(dtype).itemsize
+    else:
+        n = kv.groups(head_dim)
+        code = head_dim // 2 if kv.bits == 4 else head_dim
+        per_head = code + n * (jnp.dtype(kv.scale_dtype).itemsize + (0 if kv.symmetric else 1))
+    return 2 * n_layers * n_kv_heads * per_head
+
+
+def write_kv(entry: jax.Array | dict, new: jax.Array, start: jax.Array | int,
+             kv: KVCacheConfig | None) -> jax.Array | dict:
+    """Write `new` [B, T, H, D] into the cache entry at rows start .. start + T - 1 (quantizing it first when `kv`
+    quantizes); every array of a quantized entry is updated at the same rows. `start` may be traced.
+
+    Like `lax.dynamic_update_slice`, a start past max_len - T is clamped: callers check lengths beforehand."""
+    zero = jnp.zeros((), jnp.int32)
+    start = jnp.asarray(start, jnp.int32)
+
+    def put(buf, val):
+        idx = (zero, start) + (zero,) * (buf.ndim - 2)
+        return jax.lax.dynamic_update_slice(buf, val.astype(buf.dtype), idx)
+
+    if kv is None or not kv.quantized:
+        return put(entry, new)
+    q = quantize_kv(new, kv)
+    return {name: put(entry[name], q[name]) for name in entry}
+
+
+def read_kv(entry: jax.Array | dict, kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array:
+    """The whole cache entry as a float array [B, L, H, D] in `dtype` (dequantized when quantized)."""
+    if kv is None or not kv.quantized:
+        return entry.astype(dtype)
+    return dequantize_kv(entry, kv, dtype)
