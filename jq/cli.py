@@ -1,4 +1,4 @@
-"""The `jq` command line: eval, quantize, inspect. Nothing imports this module."""
+"""The `jq` command line: eval, quantize, inspect, generate. Nothing imports this module."""
 
 from __future__ import annotations
 
@@ -54,8 +54,13 @@ def cmd_eval(args) -> int:
     m = pipeline.load(args.model)
     calib = _calibration(args, m, recipe, text_path)
     load_s = time.perf_counter() - t0
+    also = {}
+    for f in args.also_text or []:
+        if not Path(f).exists():
+            raise FileNotFoundError(f"--also-text {f}: no such file")
+        also[str(f)] = Path(f).read_text(encoding="utf-8", errors="replace")
     r = pipeline.evaluate(m, text_path.read_text(encoding="utf-8"), recipe, window=args.window, windows=args.windows,
-                          batch_size=args.batch_size, calib=calib, progress=True)
+                          batch_size=args.batch_size, calib=calib, progress=True, also=also)
     r.update(text=str(text_path), window=args.window, load_seconds=load_s, seconds=time.perf_counter() - t0)
     if args.json:
         print(json.dumps(r))
@@ -67,41 +72,111 @@ def cmd_eval(args) -> int:
         t.add_column(c, justify="right")
     t.add_row(r["recipe"], f"{r['perplexity']:.3f}", f"{r['linear_bits_per_weight']:.3f}", f"{r['bits_per_weight']:.3f}",
               f"{r['model_bytes'] / 1e6:.1f}", f"{r['windows']}×{args.window}", f"{r['seconds']:.1f}")
+    for name, o in r.get("also", {}).items():
+        t.add_row(f"  on {Path(name).name}", f"{o['perplexity']:.3f}", "", "", "", f"{o['windows']}×{args.window}", "")
     _console().print(t)
     return 0
 
 
 def cmd_quantize(args) -> int:
     import jq
-    from jq import serialize
+    from jq import checkpoint
     from jq.models import pipeline
 
     recipe = _recipe(args.recipe)
     m = pipeline.load(args.model)
     calib = _calibration(args, m, recipe)
     t0 = time.perf_counter()
-    q, _ = pipeline.quantize(m, recipe, calib)
+    q, qlog = pipeline.quantize(m, recipe, calib)
     secs = time.perf_counter() - t0
     import dataclasses
 
-    meta = {"model": m.source, "model_config": dataclasses.asdict(m.cfg), "recipe": recipe.name,
-            "recipe_file": str(args.recipe), "quantize_seconds": secs}
-    out = serialize.save(args.out, q, meta, overwrite=args.overwrite)
-    rows = jq.report(m.params, q)
+    cfg = qlog.get("model_config", m.cfg)  # a rotating recipe unties the LM head: store the config q needs
+    meta = {"model": m.source, "model_config": dataclasses.asdict(cfg), "recipe_file": str(args.recipe),
+            "quantize_seconds": secs}
+    out = checkpoint.save(args.out, q, recipe=recipe, meta=meta, overwrite=args.overwrite)
+    rows = jq.report(pipeline.rotated(m, recipe).params, q)  # errors against the float weights q was made from
     _console().print(jq.format_report(rows, only_quantized=not args.all, title=f"{recipe.name} → {out}"))
     print(f"wrote {out} in {secs:.1f} s (quantize)")
     return 0
 
 
 def cmd_inspect(args) -> int:
+    """Per-leaf table from the checkpoint's metadata, then the integrity check (exit 2 naming the problem)."""
     import jq
-    from jq import serialize
+    from jq import checkpoint
 
-    tree, manifest = serialize.load(args.dir)
-    rows = jq.report(tree, tree)
-    meta = manifest.get("meta", {})
-    title = f"{args.dir} — format v{manifest['format_version']}, jq {manifest['jq_version']}, recipe {meta.get('recipe', '?')}"
-    _console().print(jq.format_report(rows, title=title))
+    meta = checkpoint.read_meta(args.dir)
+    tree = checkpoint.abstract_tree(args.dir)
+    recipe = (meta.get("recipe") or {}).get("name", "none")
+    title = f"{args.dir} — format {meta['format_version']}, jq {meta['jq_version']}, recipe {recipe}"
+    _console().print(jq.format_report(jq.report(tree, tree), title=title))
+    s = checkpoint.verify(args.dir, read_data=not args.quick)
+    what = "shapes, dtypes and layouts" if args.quick else "shapes, dtypes, layouts and CRC-32 of every array"
+    print(f"integrity OK: {s['leaves']} leaves ({s['quantized']} quantized), {s['bytes'] / 2**20:.2f} MiB; {what} checked")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Stream a float checkpoint / GGUF / HF model through a recipe into a checkpoint (docs/FORMAT.md)."""
+    from jq import checkpoint
+
+    if args.recipe is None and not args.dequantize:
+        raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
+    t0 = time.perf_counter()
+    out = checkpoint.convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
+                             calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+                             calib_seed=args.calib_seed, overwrite=args.overwrite)
+    s = checkpoint.verify(out, read_data=False)
+    print(f"wrote {out}: {s['leaves']} leaves ({s['quantized']} quantized), {s['bytes'] / 2**20:.2f} MiB in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import dataclasses
+
+    from jq.kvcache import KVCacheConfig
+    from jq.models import generate, pipeline
+
+    if args.recipe and args.quantized:
+        raise ValueError("--recipe and --quantized cannot be combined: --quantized DIR already holds weights "
+                         "quantized by a recipe; pass one of them (set the KV cache with --kv int8|int4)")
+    if args.max_new < 1:
+        raise ValueError(f"--max-new must be >= 1, got {args.max_new}")
+    if (args.kv_group_size or args.kv_rotate) and not args.kv:
+        raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
+    recipe = _recipe(args.recipe)
+    m = pipeline.load(args.model)
+    params, kv, cfg = m.params, None, m.cfg
+    if recipe is not None:
+        params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe), progress=False)
+        cfg = qlog.get("model_config", cfg)  # a rotating recipe unties the LM head
+    elif args.quantized:
+        params, meta, kv = pipeline.load_quantized(args.quantized)
+        saved, cur = meta.get("model_config") or {}, dataclasses.asdict(m.cfg)
+        diff = sorted(k for k in saved if k in cur and saved[k] != cur[k] and k != "tie_embeddings")
+        if diff:
+            raise ValueError(f"--quantized {args.quantized} was written for another model ({', '.join(diff)} differ "
+                             f"from --model {args.model}); pass the model it was quantized from")
+        if "tie_embeddings" in saved:  # a rotated model's LM head is untied
+            cfg = dataclasses.replace(cfg, tie_embeddings=bool(saved["tie_embeddings"]))
+    kv = recipe.kv_cache if recipe is not None else kv  # --quantized: the KV cache of the checkpoint's recipe
+    if args.kv:
+        kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size, rotate=args.kv_rotate)
+    text, r = generate.generate_text(cfg, params, m.tokenizer, args.prompt, args.max_new, kv, args.temperature,
+                                     args.seed, args.max_len, dtype=args.dtype)
+    info = {"text": text, "recipe": recipe.name if recipe else args.quantized or "float",
+            "kv_cache": kv.describe() if kv else "float", **r.summary()}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(text)
+    dec = f"{info['decode_tokens_per_s']:.1f} tok/s" if info["decode_tokens_per_s"] is not None else "no step"
+    print(f"prefill: {r.prompt_len} tokens in {r.prefill_seconds:.3f} s ({info['prefill_tokens_per_s']:.1f} tok/s) | "
+          f"decode: {r.n_new - 1} tokens in {r.decode_seconds:.3f} s ({dec}) | compile: {r.compile_seconds:.2f} s "
+          f"(excluded) | weights: {info['recipe']} | KV cache: {info['kv_cache']}, "
+          f"{r.cache_bytes_per_token} B/token")
     return 0
 
 
@@ -113,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="a .gguf file, a Hugging Face directory, or smollm2-135m")
     e.add_argument("--recipe", help="a YAML recipe (configs/…); omit for the float model")
     e.add_argument("--text", help="evaluation text file (default: persuasion.txt)")
+    e.add_argument("--also-text", nargs="+", metavar="FILE",
+                   help="more texts scored by the same quantized model (e.g. a text of another kind)")
     e.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--windows", type=int, default=16, help="number of leading windows (default 16)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -123,23 +200,60 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model by a recipe and write the quantized tree")
     q.add_argument("--model", required=True)
     q.add_argument("--recipe", required=True)
-    q.add_argument("--out", required=True, help="output directory (manifest.json + tensors.safetensors)")
+    q.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     q.add_argument("--all", action="store_true", help="list float leaves in the report too")
     _add_calib_args(q)
     q.set_defaults(fn=cmd_quantize)
 
-    i = sub.add_parser("inspect", help="per-leaf table of a directory written by `jq quantize`")
+    i = sub.add_parser("inspect", help="per-leaf table of a checkpoint (jq quantize / convert) and its integrity check")
     i.add_argument("dir")
+    i.add_argument("--quick", action="store_true", help="check metadata, shapes and layouts only; skip reading data")
     i.set_defaults(fn=cmd_inspect)
+
+    c = sub.add_parser("convert", help="stream a checkpoint / GGUF / HF model through a recipe into a checkpoint")
+    c.add_argument("--in", dest="input", required=True,
+                   help="a float Orbax checkpoint, a jq checkpoint, a Hugging Face directory or a .gguf file")
+    c.add_argument("--recipe", help="a YAML recipe (configs/…); optional only with --dequantize")
+    c.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
+    c.add_argument("--dequantize", action="store_true",
+                   help="write float weights: dequantize a jq checkpoint, or quantize-dequantize by the recipe")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _add_calib_args(c)
+    c.set_defaults(fn=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate text with a (quantized) model and KV cache; prints tokens/s")
+    g.add_argument("--model", required=True, help="a .gguf file, a Hugging Face directory, or smollm2-135m")
+    g.add_argument("--recipe", help="a YAML recipe quantizing the weights and/or the KV cache (kv_cache:)")
+    g.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new", type=int, default=32, help="new tokens to generate (default 32)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--max-len", type=int, help="KV-cache rows (default: prompt tokens + max-new - 1)")
+    g.add_argument("--kv", choices=["float", "int8", "int4"], help="KV-cache format (overrides the recipe's)")
+    g.add_argument("--kv-group-size", type=int, help="with --kv: group size along head_dim (default head_dim)")
+    g.add_argument("--kv-rotate", action="store_true", help="with --kv: Hadamard-rotate q and k after RoPE")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text + figures")
+    _add_calib_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("qat", add_help=False,
+                       help="quantization-aware fine-tuning, then conversion (jq qat --help for its options)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["qat"]:  # its own parser (jq.models.finetune), so `jq qat --help` shows its options
+        from jq.models.finetune import main as finetune_main
+
+        return finetune_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: missing / existing paths, a full disk
         print(f"jq {args.command}: error: {e}", file=sys.stderr)
         return 2
 

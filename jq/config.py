@@ -17,6 +17,11 @@ YAML form::
         symmetric: false
         group_size: 128
     ignore: [".*lm_head.*"]      # optional; replaces the defaults
+    kv_cache:                    # optional: quantize the KV cache (see jq.kvcache); `rules` may then be []
+      format: int4               # int8 | int4
+      group_size: 64             # along head_dim; omit for one group per head
+      symmetric: false           # default false (asymmetric, integer zero point)
+      rotate: false              # Hadamard-rotate q and k after RoPE before k is quantized
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from typing import Any
 
 import yaml
 
+from jq.kvcache import KVCacheConfig
 from jq.scheme import Scheme
 
-__all__ = ["Rule", "QuantConfig", "DEFAULT_IGNORE", "load_recipe", "recipe_from_dict"]
+__all__ = ["Rule", "QuantConfig", "KVCacheConfig", "DEFAULT_IGNORE", "load_recipe", "recipe_from_dict",
+           "recipe_to_dict"]
 
 DEFAULT_IGNORE: tuple[str, ...] = (
     r"(.*/)?(embed|embedding|embeddings|embed_tokens|wte|wpe|token_embd)(/.*)?",
@@ -80,13 +87,34 @@ class Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class RotationConfig:
+    """A model-level rotation before quantization (QuaRot-style; applied by the model adapter, e.g.
+    `jq.models.rotate.rotate`): fold norms and rotate the residual stream by a randomized Hadamard matrix
+    (`residual`), rotate v / o per head (`heads`); `seed` draws the random signs."""
+
+    residual: bool = True
+    heads: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("residual", "heads"):
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"rotation: '{k}' must be true or false, got {getattr(self, k)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"rotation: 'seed' must be an int, got {self.seed!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """An ordered list of rules plus the ignore list. Hashable, so it can be a static jit argument."""
+    """An ordered list of rules plus the ignore list. Hashable, so it can be a static jit argument.
+    `kv_cache` (optional) is how a model quantizes its key/value cache; weight quantization ignores it."""
 
     rules: tuple[Rule, ...]
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     name: str = "custom"
     description: str = ""
+    kv_cache: KVCacheConfig | None = None
+    rotation: RotationConfig | None = None
 
     def __post_init__(self):
         for p in self.ignore:
@@ -121,14 +149,18 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
     """Build and validate a config from a YAML-shaped dict. Errors name the source, the rule and the field."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: a recipe must be a mapping with 'rules', got {type(d).__name__}")
-    top = {"name", "description", "rules", "ignore", "defaults"}
+    top = {"name", "description", "rules", "ignore", "defaults", "kv_cache", "rotation"}
     unknown = set(d) - top
     if unknown:
         raise ValueError(f"{source}: unknown top-level field(s) {sorted(unknown)}; allowed fields are {sorted(top)}")
     defaults = d.get("defaults") or {}
     rules_in = d.get("rules")
-    if not rules_in or not isinstance(rules_in, list):
-        raise ValueError(f"{source}: 'rules' must be a non-empty list of rules, got {rules_in!r}")
+    kv_cache = _parse_kv_cache(d["kv_cache"], source) if d.get("kv_cache") is not None else None
+    if kv_cache is not None and rules_in in (None, []):
+        rules_in = []  # a KV-cache-only recipe: weights stay float
+    elif not rules_in or not isinstance(rules_in, list):
+        raise ValueError(f"{source}: 'rules' must be a non-empty list of rules, got {rules_in!r} (only a recipe "
+                         "with a 'kv_cache' mapping may have rules: [])")
     rules = []
     for i, raw in enumerate(rules_in):
         where = f"{source}: rules[{i}]"
@@ -165,7 +197,45 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
         ignore=tuple(ignore),
         name=str(d.get("name", os.path.splitext(os.path.basename(source))[0])),
         description=str(d.get("description", "")),
+        kv_cache=kv_cache,
+        rotation=_parse_rotation(d.get("rotation"), source),
     )
+
+
+def _parse_rotation(raw, source: str) -> RotationConfig | None:
+    """The `rotation:` mapping (or `true` for the defaults) → RotationConfig."""
+    if raw is None or raw is False:
+        return None
+    if raw is True:
+        return RotationConfig()
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: 'rotation' must be true or a mapping like {{residual: true, seed: 0}}, got {raw!r}")
+    allowed = [f.name for f in dataclasses.fields(RotationConfig)]
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise ValueError(f"{source}: rotation: unknown field(s) {sorted(unknown)}; allowed fields are {allowed}")
+    try:
+        return RotationConfig(**raw)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+_KV_FIELDS = ("format", "group_size", "symmetric", "rotate", "scale_dtype")
+
+
+def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
+    """The `kv_cache:` mapping → KVCacheConfig; errors name the source, the field and the allowed values."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: 'kv_cache' must be a mapping like {{format: int8}}, got {raw!r}")
+    unknown = set(raw) - set(_KV_FIELDS)
+    if unknown:
+        raise ValueError(f"{source}: kv_cache: unknown field(s) {sorted(unknown)}; allowed fields are {list(_KV_FIELDS)}")
+    if "format" not in raw:
+        raise ValueError(f"{source}: kv_cache: missing field 'format' (int8 or int4)")
+    try:
+        return KVCacheConfig(**raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 def _parse_transforms(items) -> tuple:
@@ -201,3 +271,39 @@ def load_recipe(path: str | os.PathLike) -> QuantConfig:
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML: {e}") from None
     return recipe_from_dict(d, source=path)
+
+
+def recipe_to_dict(cfg: QuantConfig) -> dict[str, Any]:
+    """The YAML-shaped dict of a config, the inverse of `recipe_from_dict`: `recipe_from_dict(recipe_to_dict(c))
+    == c`. Scheme fields at their defaults are left out, so the dict reads like a recipe file; checkpoints store
+    it as the recipe that produced them."""
+    default = Scheme()
+    rules = []
+    for r in cfg.rules:
+        d: dict[str, Any] = {"pattern": r.pattern}
+        if r.scheme is None:
+            d["skip"] = True
+        else:
+            for f in dataclasses.fields(Scheme):
+                v = getattr(r.scheme, f.name)
+                if v != getattr(default, f.name) and not (f.name == "granularity" and r.scheme.group_size):
+                    d[f.name] = list(v) if isinstance(v, tuple) else v
+        if r.method != "rtn":
+            d["method"] = r.method
+        if r.force:
+            d["force"] = True
+        if r.options:
+            d["options"] = dict(r.options)
+        if r.transforms:
+            d["transforms"] = [name if not opts else {name: dict(opts)} for name, opts in r.transforms]
+        rules.append(d)
+    out: dict[str, Any] = {"name": cfg.name, "description": cfg.description, "rules": rules, "ignore": list(cfg.ignore)}
+    for f in dataclasses.fields(cfg):  # model-level sections (kv_cache, rotation, ...): their YAML-expressible fields
+        v = getattr(cfg, f.name)
+        if f.name in out or v is None:
+            continue
+        if dataclasses.is_dataclass(v):
+            v = {g.name: list(x) if isinstance(x, tuple) else x for g in dataclasses.fields(v)
+                 if not callable(x := getattr(v, g.name)) and x is not None}
+        out[f.name] = v
+    return out

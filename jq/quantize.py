@@ -111,6 +111,8 @@ def quantize_leaf(path: str, w, rule, stats=None):
     axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
     method = get_method(rule.method)
+    if rule.scheme.rotate is not None:
+        w, stats = _rotate_input(path, jnp.asarray(w), axes, stats)
     if getattr(method, "needs_calibration", False):
         if stats is None:
             raise ValueError(
@@ -128,6 +130,28 @@ def quantize_leaf(path: str, w, rule, stats=None):
             _warn_info(path, rule, info)
             return q
     return _call_method(rule, jnp.asarray(w), layout, stats)
+
+
+def _rotate_input(path: str, w, axes: tuple[int, ...], stats):
+    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q (Hessian
+    Qᵀ H Q, and its diagonal as the mean square per channel; mean / max |x| do not rotate and are dropped)."""
+    from jq.hadamard import hadamard_transform, supported
+
+    if len(axes) != 1:
+        raise ValueError(f"{path}: rotate: hadamard needs one contraction axis, the weight has axes {axes}; "
+                         "drop rotate for this leaf")
+    k = w.shape[axes[0]]
+    if not supported(k):
+        raise ValueError(f"{path}: rotate: hadamard along axis {axes[0]} of length {k}, which has no Hadamard "
+                         "construction (see jq.hadamard.decompose); drop rotate for this leaf")
+    w = hadamard_transform(w, axis=axes[0])
+    if isinstance(stats, dict) and "hessian" in stats:
+        h = hadamard_transform(hadamard_transform(jnp.asarray(stats["hessian"], jnp.float32), axis=0), axis=1)
+        stats = {k_: v for k_, v in stats.items() if k_ not in ("act_absmean", "act_absmax")}
+        stats.update(hessian=h, act_sq=jnp.diagonal(h))
+    elif isinstance(stats, dict):
+        stats = {k_: v for k_, v in stats.items() if k_ in ("count",)}
+    return w, stats
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,7 +226,9 @@ class LeafReport:
 
 
 def report(params, qparams) -> list[LeafReport]:
-    """Per-leaf rows: path, shape, scheme, honest bits/weight, stored bytes and relative Frobenius error."""
+    """Per-leaf rows: path, shape, scheme, honest bits/weight, stored bytes and relative Frobenius error.
+    `qparams` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `jq.checkpoint.abstract_tree`): sizes need
+    only shapes and dtypes."""
     orig = dict(leaf_paths(params))
     rows = []
     for path, q in leaf_paths(qparams):
@@ -217,9 +243,9 @@ def report(params, qparams) -> list[LeafReport]:
             desc = f"{q.fmt} {'sym' if q.symmetric else 'asym'} {g}" + (" perm" if q.perm is not None else "")
             rows.append(LeafReport(path, shape, desc, q.bits_per_weight, q.nbytes, err))
         else:
-            a = np.asarray(q) if not isinstance(q, jax.core.Tracer) else q
-            nbytes = int(np.prod(shape)) * jnp.dtype(a.dtype).itemsize if shape or hasattr(a, "dtype") else 0
-            rows.append(LeafReport(path, shape, f"float ({jnp.dtype(a.dtype).name})", 8.0 * jnp.dtype(a.dtype).itemsize, nbytes, None))
+            dt = jnp.dtype(q.dtype if hasattr(q, "dtype") else np.asarray(q).dtype)  # arrays and abstract leaves
+            nbytes = int(np.prod(shape)) * dt.itemsize
+            rows.append(LeafReport(path, shape, f"float ({dt.name})", 8.0 * dt.itemsize, nbytes, None))
     return rows
 
 

@@ -19,7 +19,7 @@ from jq.models.llama import Llama
 from jq.qtensor import QTensor
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
-           "calibration_tokens", "default_calib_files", "quantize"]
+           "calibration_tokens", "default_calib_files", "quantize", "load_quantized"]
 
 
 @dataclasses.dataclass
@@ -40,9 +40,10 @@ def load(model: str) -> LoadedModel:
     return LoadedModel(cfg, params, tok, str(resolve_model(model)))
 
 
-def quantized_forward(cfg: LlamaConfig, dtype=jnp.float32):
-    """A jitted `forward(params, ids[B, T]) -> logits[B, T, V]` that accepts float or quantized params."""
-    model = Llama(cfg, dtype=dtype)
+def quantized_forward(cfg: LlamaConfig, dtype=jnp.float32, kv_cache=None):
+    """A jitted `forward(params, ids[B, T]) -> logits[B, T, V]` that accepts float or quantized params;
+    `kv_cache` (a `jq.kvcache.KVCacheConfig`, e.g. `recipe.kv_cache`) quantizes k/v before attention."""
+    model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
     return jax.jit(lambda params, ids: jq.flax.apply(model, {"params": params}, ids))
 
 
@@ -92,16 +93,51 @@ def default_calib_files(eval_text: Path | None = None) -> list[Path]:
     return sorted(p for p in d.glob("*.txt") if p.name != name)
 
 
+def rotated(m: LoadedModel, recipe: QuantConfig | None) -> LoadedModel:
+    """`m` with the recipe's model-level rotation applied (`jq.models.rotate`), or `m` itself when it has none.
+    The rotated model computes the same function; its config unties the LM head."""
+    if recipe is None or recipe.rotation is None:
+        return m
+    from jq.models.rotate import rotate
+
+    params, cfg = rotate(m.params, m.cfg, recipe.rotation)
+    return dataclasses.replace(m, cfg=cfg, params=params)
+
+
 def quantize(m: LoadedModel, recipe: QuantConfig, calib: np.ndarray | None = None, *, progress: bool = True):
-    """Quantize the model's params by `recipe`: sequentially on `calib` tokens [S, L] when the recipe needs data."""
+    """Quantize the model's params by `recipe` → (params, log): rotated first when the recipe has a `rotation`
+    (then `log["model_config"]` is the rotated model's config, which the quantized params need), sequentially on
+    `calib` tokens [S, L] when the recipe needs data."""
+    r = rotated(m, recipe)
+    extra = {"model_config": r.cfg} if r is not m else {}
     if not recipe.needs_calibration:
-        return jax.block_until_ready(jq.quantize_params(m.params, recipe)), {}
+        return jax.block_until_ready(jq.quantize_params(r.params, recipe)), extra
     if calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration data: pass calibration text (--calib FILE ...)")
     from jq.models.llama_blocks import block_spec
     from jq.sequential import quantize_sequential
 
-    return quantize_sequential(block_spec(m.cfg), m.params, recipe, calib, progress=progress)
+    params, log = quantize_sequential(block_spec(r.cfg), r.params, recipe, calib, progress=progress)
+    return params, {**log, **extra}
+
+
+def outlier_fractions(m: LoadedModel, recipe: QuantConfig, tokens: np.ndarray) -> dict[str, float]:
+    """For rules with an LLM.int8 threshold (`act_outlier`): per layer, the fraction of input channels whose
+    |x| exceeds it for some token of `tokens` [B, T] in the float (rotated, if the recipe rotates) model — the
+    channels the decomposition keeps in float for such a batch."""
+    from jq.calibrate import capture
+    from jq.quantize import leaf_paths
+
+    r = rotated(m, recipe)
+    thr = {}
+    for path, w in leaf_paths(r.params):
+        rule = recipe.rule_for(path, np.ndim(w))
+        if rule is not None and rule.scheme is not None and rule.scheme.act_outlier is not None:
+            thr[path] = rule.scheme.act_outlier
+    if not thr:
+        return {}
+    stats = capture(Llama(r.cfg), {"params": r.params}, [jnp.asarray(tokens)], paths=list(thr))
+    return {p: float(np.mean(np.asarray(stats[p]["act_absmax"]) > t)) for p, t in thr.items()}
 
 
 def evaluate(
@@ -115,20 +151,38 @@ def evaluate(
     dtype=jnp.float32,
     calib: np.ndarray | None = None,
     progress: bool = False,
+    also: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens when the recipe needs data) and
-    measure perplexity on `text` (see `jq.models.eval`)."""
+    measure perplexity on `text` (see `jq.models.eval`); `also` maps names to more texts scored by the same
+    quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
     t0 = time.perf_counter()
     ids = np.asarray(m.tokenizer.encode(text), np.int32)
     params, qlog = m.params, {}
     if recipe is not None:
         params, qlog = quantize(m, recipe, calib, progress=progress)
     t1 = time.perf_counter()
-    result = perplexity(quantized_forward(m.cfg, dtype), params, ids, window=window, windows=windows, batch_size=batch_size)
+    kv = recipe.kv_cache if recipe is not None else None
+    cfg = qlog.get("model_config", m.cfg)
+    fwd = quantized_forward(cfg, dtype, kv)
+    result = perplexity(fwd, params, ids, window=window, windows=windows, batch_size=batch_size)
+    extra = {}
+    for name, t in (also or {}).items():
+        other = np.asarray(m.tokenizer.encode(t), np.int32)
+        if len(other) <= window:
+            raise ValueError(f"evaluation text {name!r} has {len(other)} tokens, not more than one window of {window}")
+        extra[name] = perplexity(fwd, params, other, window=window, windows=min(windows, (len(other) - 1) // window),
+                                 batch_size=batch_size)
     t2 = time.perf_counter()
+    outliers = {}
+    if recipe is not None and any(r.scheme is not None and r.scheme.act_outlier is not None for r in recipe.rules):
+        n = min(batch_size, len(ids) // window)
+        outliers = outlier_fractions(m, recipe, ids[: n * window].reshape(n, window))
     return {
         "model": m.source,
         "recipe": recipe.name if recipe is not None else "float",
+        "kv_cache": kv.describe() if kv is not None else None,
+        "rotation": dataclasses.asdict(recipe.rotation) if recipe is not None and recipe.rotation else None,
         **result,
         **size_summary(params),
         "quantize_seconds": t1 - t0,
@@ -136,6 +190,8 @@ def evaluate(
         else {"samples": int(calib.shape[0]), "length": int(calib.shape[1]), "transforms": qlog.get("transforms", [])},
         "eval_seconds": t2 - t1,
         "seconds": t2 - t0,
+        **({"outlier_fraction": outliers} if outliers else {}),
+        **({"also": extra} if extra else {}),
     }
 
 
@@ -146,3 +202,18 @@ def default_eval_text() -> Path:
         if p.exists():
             return p
     raise FileNotFoundError("no default evaluation text: pass --text FILE")
+
+
+def load_quantized(directory: str | Path):
+    """(params, meta, kv_cache) of a jq checkpoint (`jq quantize --out DIR`, `jq convert`): `meta` is the writer's
+    metadata dict (empty when none is recorded); `kv_cache` is the `KVCacheConfig` of the stored recipe, or None."""
+    from jq import checkpoint
+    from jq.kvcache import KVCacheConfig
+
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"--quantized {directory}: no such directory (write one with jq quantize --out DIR)")
+    tree, info = checkpoint.load(directory)
+    recipe = info.get("recipe") or {}
+    kv = recipe.get("kv_cache") if isinstance(recipe, dict) else None
+    return tree, dict(info.get("meta") or {}), KVCacheConfig(**kv) if kv else None
