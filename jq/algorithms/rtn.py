@@ -32,3 +32,24 @@ def _channel_weight(act_sq: jnp.ndarray, layout: Layout) -> jnp.ndarray:
     shape = [1] * len(layout.shape)
     shape[layout.group_axis] = -1
     return layout.to_grouped(jnp.broadcast_to(act_sq.reshape(shape), layout.shape))
+
+
+@register("qat")
+def qat(
+    w: jnp.ndarray,
+    scheme: Scheme,
+    layout: Layout,
+    stats=None,
+    *,
+    lsq: bool = False,
+    lsq_init: str = "range",
+    ste: str = "identity",
+) -> QTensor:
+    """The method quantization-aware-training recipes name (trained by `jq.qat`).
+
+    The options steer training only — `lsq` learns the step sizes (LSQ), `lsq_init` ("range" or "paper") picks
+    their start, `ste` ("identity" or "clipped") the straight-through gradient. Applied as plain post-training
+    quantization, without learned step sizes, the method is round-to-nearest on the scheme's grid, so a QAT
+    recipe also quantizes an untrained model; `jq.qat.convert` uses learned step sizes where they exist.
+    """
+    return rtn(w, scheme, layout, stats)

@@ -1,0 +1,302 @@
+"""Quantization-aware fine-tuning of a Llama-family model on text, sharded over every device, then conversion to the
+quantized tree `jq quantize` writes.
+
+    jq qat --model smollm2-135m --recipe configs/qat_w4_g128.yaml --steps 300 \\
+        --batch-size 8 --seq-len 512 --grad-accum 4 --lr 2e-5 --ckpt-dir out/qat_ckpt --out out/qat_w4_g128
+    jq qat --float ...              # control: the same fine-tune in float, then PTQ by the recipe
+    jq qat --model tiny --steps 2 --seq-len 64 --batch-size 2    # smoke test, no download
+
+The corpus defaults to the Austen books other than persuasion.txt (the evaluation text); `--eval-windows N` reports
+the perplexity of the converted model on persuasion.txt. Multi-host: pass --coordinator HOST:PORT (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); each host runs the same command.
+`main(argv)` is the entry point (`jq qat` and `scripts/qat_finetune.py` call it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocabulary 256): the tokenizer of the `--model tiny` smoke model."""
+
+    vocab_size = 256
+    bos_id = eos_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jq qat", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a .gguf file, a Hugging Face directory, smollm2-135m, or 'tiny' "
+                        "(random one-block Llama, byte tokens)")
+    p.add_argument("--recipe", default=str(REPO / "configs" / "qat_w4_g128.yaml"), help="QAT / PTQ recipe (YAML)")
+    p.add_argument("--float", action="store_true",
+                   help="fine-tune without fake quantization (the control); --out still applies the recipe (PTQ)")
+    p.add_argument("--corpus", nargs="+", help="training text files (default: the Austen books but persuasion.txt)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate of the weights (default 2e-5)")
+    p.add_argument("--quant-lr", type=float, default=None, help="learning rate of learned step sizes (default --lr)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of --steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of ≥2-D weights (default 0)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clip by global norm (default 1.0)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="activation compute dtype")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order (and of the tiny model)")
+    p.add_argument("--fsdp", type=int, default=None, help="devices per fsdp group (default: every device of a host)")
+    p.add_argument("--ckpt-dir", help="Orbax checkpoint directory (train state + data position)")
+    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (default 100) and at the end")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --ckpt-dir")
+    p.add_argument("--out", help="write the converted quantized params here (a jq checkpoint, docs/FORMAT.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="perplexity of the converted model on this many persuasion.txt windows (default 0: skip)")
+    p.add_argument("--eval-window", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    return p
+
+
+# -- model and data ---------------------------------------------------------------------------------------------
+
+
+def load_model(name: str, seed: int):
+    """(LlamaConfig, params, tokenizer, source) for a model name / path, or for 'tiny' a random one-block Llama
+    (width 32) on byte tokens."""
+    import jax
+
+    if name == "tiny":
+        from jq.models.config import LlamaConfig
+        from jq.models.llama import init_params
+
+        cfg = dataclasses.replace(LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size), n_layers=1)
+        return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed)), ByteTokenizer(), "tiny"
+    from jq.models import pipeline
+
+    m = pipeline.load(name)
+    return m.cfg, m.params, m.tokenizer, m.source
+
+
+def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
+    """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len]."""
+    out = []
+    for f in files:
+        ids = np.asarray(tokenizer.encode(Path(f).read_text(encoding="utf-8")), np.int32)
+        n = len(ids) // seq_len
+        out.append(ids[: n * seq_len].reshape(n, seq_len))
+    windows = np.concatenate(out) if out else np.zeros((0, seq_len), np.int32)
+    if not len(windows):
+        raise ValueError(f"the corpus {[str(f) for f in files]} holds no window of {seq_len} tokens")
+    return windows
+
+
+def default_corpus() -> list[Path]:
+    from jq.models import pipeline
+
+    files = pipeline.default_calib_files()
+    if files:
+        return files
+    excerpt = REPO / "data" / "persuasion_excerpt.txt"
+    if excerpt.exists():
+        return [excerpt]
+    raise FileNotFoundError("no default corpus (shared Austen data absent): pass --corpus FILE [FILE ...]")
+
+
+# -- training pieces --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(args, qat_params):
+    """AdamW on the weights (decay on ≥2-D weights only), Adam on learned step sizes, warm-up + cosine, clipped."""
+    import jax
+    import optax
+
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
+    decay_steps = max(args.steps, warmup + 1)
+
+    def schedule(peak):
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, decay_steps, end_value=0.1 * peak)
+
+    def decay(p):  # multi_transform hands adamw the whole tree, the learned step sizes masked out
+        return jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, p)
+
+    weights = optax.adamw(schedule(args.lr), weight_decay=args.weight_decay, mask=decay)
+    steps = optax.adam(schedule(args.quant_lr if args.quant_lr is not None else args.lr))
+    labels = {"params": _tree_const(qat_params["params"], "w"), "quant": _tree_const(qat_params["quant"], "q")}
+    return optax.chain(optax.clip_by_global_norm(args.clip), optax.multi_transform({"w": weights, "q": steps}, labels))
+
+
+def _tree_const(tree, value):
+    import jax
+
+    return jax.tree_util.tree_map(lambda _: value, tree)
+
+
+def make_loss(model, act_cfg):
+    """loss(params, ids[B, T]) = mean next-token cross-entropy of the (fake-quantized) model."""
+    import jax.numpy as jnp
+    import optax
+
+    from jq import qat
+
+    def loss_fn(params, ids):
+        logits = qat.apply(model, {"params": params}, ids, cfg=act_cfg)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
+        return jnp.mean(ce)
+
+    return loss_fn
+
+
+class _Progress:
+    """A rich progress bar with loss and tokens/s on stderr (or plain log lines)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.bar = Progress(
+                TextColumn("[bold]qat"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self.task = self.bar.add_task("qat", total=total, completed=start, loss=float("nan"), tps=0.0)
+            self.bar.start()
+
+    def update(self, step: int, loss: float, tps: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps)
+        else:
+            self.console.print(f"step {step}: loss {loss:.4f}, {tps:,.0f} tok/s", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- main -------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jq import qat
+
+    qat.maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+
+    import jax
+    import jax.numpy as jnp
+
+    import jq
+    from jq import checkpoint
+    from jq.models.llama import Llama
+
+    if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 2:
+        raise ValueError("need --steps >= 0, --batch-size >= 1, --grad-accum >= 1, --seq-len >= 2")
+    if args.resume and not args.ckpt_dir:
+        raise ValueError("--resume needs --ckpt-dir")
+    t0 = time.perf_counter()
+    recipe = jq.load_recipe(args.recipe)
+    mcfg, params, tokenizer, source = load_model(args.model, args.seed)
+    files = [Path(f) for f in args.corpus] if args.corpus else default_corpus()
+    windows = corpus_windows(tokenizer, files, args.seq_len)
+    batches = qat.WindowBatches(windows, args.batch_size, args.grad_accum, seed=args.seed)
+
+    mesh = qat.make_mesh(fsdp=args.fsdp) if args.fsdp else qat.make_mesh()
+    qp = {"params": params, "quant": {}} if args.float else qat.init(params, recipe)
+    optimizer = make_optimizer(args, qp)
+    state = qat.init_train_state(qp, optimizer, mesh)
+    del params, qp
+    model = Llama(mcfg, dtype=jnp.dtype(args.dtype))
+    step_fn = qat.make_train_step(make_loss(model, None if args.float else recipe), optimizer,
+                                  None if args.float else recipe, mesh=mesh)
+
+    ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
+    if args.resume and ckpt.latest_step() is not None:
+        state, extra = ckpt.restore(state)
+        batches.restore(extra["data"])
+    start = int(jax.device_get(state["step"]))
+    console_out = jax.process_index() == 0
+    if console_out:
+        print(f"{source}: {'float control' if args.float else recipe.name}, {len(windows)} windows of "
+              f"{args.seq_len} tokens from {len(files)} file(s), mesh {dict(mesh.shape)}, steps {start}..{args.steps}, "
+              f"batch {args.grad_accum}x{args.batch_size}", file=sys.stderr)
+
+    bar = _Progress(args.steps, start, enabled=console_out and not args.no_progress)
+    tokens_per_step = args.grad_accum * args.batch_size * args.seq_len
+    losses: list[float] = []
+    step_seconds: list[float] = []
+    train_t0 = time.perf_counter()
+    try:
+        for step in range(start, args.steps):
+            ts = time.perf_counter()
+            state, metrics = step_fn(state, qat.shard_batch(next(batches), mesh))
+            loss = float(metrics["loss"])
+            losses.append(loss)
+            step_seconds.append(time.perf_counter() - ts)
+            if console_out:
+                bar.update(step + 1, loss, tokens_per_step / step_seconds[-1])
+            if ckpt is not None and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+                ckpt.save(state, {"data": batches.state()})
+    finally:
+        bar.close()
+    train_s = time.perf_counter() - train_t0
+    if ckpt is not None:
+        if args.steps > start:
+            ckpt.save(state, {"data": batches.state()})
+        ckpt.close()
+
+    result: dict[str, Any] = {
+        "model": source, "recipe": recipe.name, "mode": "float" if args.float else "qat", "steps": args.steps,
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "train_seconds": train_s,
+        # steady state: the first step of a run includes compilation
+        "tokens_per_second": tokens_per_step * (len(step_seconds) - 1) / sum(step_seconds[1:])
+        if len(step_seconds) > 1 else None,
+    }
+    if args.out or args.eval_windows:
+        trained = state["params"]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            trained = multihost_utils.process_allgather(trained, tiled=True)
+        qparams = jax.block_until_ready(qat.convert(jax.device_get(trained), recipe))
+        if args.out and console_out:
+            meta = {"model": source, "model_config": dataclasses.asdict(mcfg), "recipe_file": str(args.recipe),
+                    "qat": {k: v for k, v in result.items() if k != "model"}}
+            result["out"] = str(checkpoint.save(args.out, qparams, recipe=recipe, meta=meta, overwrite=args.overwrite))
+        if args.eval_windows:
+            from jq.models import pipeline
+            from jq.models.eval import perplexity
+
+            text = pipeline.default_eval_text().read_text(encoding="utf-8")
+            ids = np.asarray(tokenizer.encode(text), np.int32)
+            fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
+            result["eval"] = perplexity(fwd, qparams, ids, window=args.eval_window, windows=args.eval_windows)
+    result["seconds"] = time.perf_counter() - t0
+    if console_out:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

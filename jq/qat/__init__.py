@@ -1,0 +1,77 @@
+"""Quantization-aware training: straight-through estimators in an ordinary Optax loop, learned step sizes (LSQ),
+BitNet b1.58 ternary weights, sharded fine-tuning on a mesh, and conversion to the PTQ QTensor tree.
+
+The maths. A recipe rule's scheme gives, per scale group, a step s and (asymmetric ints) a zero point z in code
+units. Fake quantization is the PTQ round trip, computed by `Scheme.encode` / `Scheme.decode`:
+
+    ŵ = (Q(w / s + z) − z) · s,      Q = round-and-clip to the format's codes (ints, fp8, fp4, NF4)
+
+Q has zero derivative almost everywhere, so training uses straight-through estimators (STE):
+
+- range from the data (RTN's range, recomputed every step; s, z constants for the gradient):
+  `ste: identity` — ∂ŵ/∂w = 1 (Bengio et al. 2013); `ste: clipped` — ∂ŵ/∂w = 1[Q_n ≤ w/s + z ≤ Q_p].
+- learned step size, LSQ (Esser et al. 2019, `lsq: true`): s (and z) are parameters. With v = w/s + z,
+      ∂ŵ/∂w = 1[Q_n ≤ v ≤ Q_p]
+      ∂ŵ/∂s = g · (round(v) − v)   inside,   g · (Q_n − z) below,   g · (Q_p − z) above
+      ∂ŵ/∂z = −g · s · 1[outside]                      (LSQ+ offset, Bhalgat et al. 2020)
+  with the gradient scale g = 1 / sqrt(N · Q_p), N the weights sharing s and Q_p the largest positive code.
+  Forward values use s rounded to the scheme's scale dtype and z rounded to an integer (int zero points), both
+  straight through, so the forward pass is exactly the model `convert` produces.
+- activations (a scheme's `act`: "int8", "fp8_e4m3"): per-token abs-max fake quantization with ∂x̂/∂x = 1,
+  the numbers `jq.ops` uses in the converted W8A8 / BitNet matmul.
+- BitNet b1.58 (Ma et al. 2024): `format: int2, restricted: true` (codes {−1, 0, 1}), `range: absmean`
+  (s = mean |W| per tensor) and `act: int8` — see configs/qat_bitnet_b158.yaml.
+
+Every STE is value-exact: `stop_gradient(f(x)) + (x − stop_gradient(x))` (see `jq.qat.ste`).
+
+Use (linen; NNX: `graphdef, state = nnx.split(model)` and `jq.qat.nnx_merge(graphdef, fq_state, cfg=cfg)`)::
+
+    cfg = jq.load_recipe("configs/qat_w4_g128.yaml")
+    qp = jq.qat.init(params, cfg)                         # {"params": float masters, "quant": learned scales}
+    def loss_fn(qp, batch):
+        p = jq.qat.fake_quantize(qp, cfg)                 # same tree as params
+        return loss(jq.qat.apply(model, {"params": p}, batch["x"], cfg=cfg), batch["y"])
+    opt_state = optimizer.init(qp)                        # any optax optimizer
+    ...
+    qparams = jq.qat.convert(qp, cfg)                     # == jq.quantize_params(params, cfg) without LSQ
+    logits = jq.flax.apply(model, {"params": qparams}, x)
+
+`make_train_step` packages that loop, sharded over a (data, fsdp) mesh with gradient accumulation; `Checkpointer`
+saves and resumes it with Orbax.
+"""
+
+from jq.qat import ste
+from jq.qat.ste import code_bounds, fake_quant, fake_quant_act, lsq_fake_quant, lsq_grad_scale
+from jq.qat.train import (
+    Checkpointer,
+    WindowBatches,
+    batch_sharding,
+    init_train_state,
+    make_mesh,
+    make_train_step,
+    maybe_initialize_distributed,
+    param_spec,
+    shard_batch,
+    tree_shardings,
+)
+from jq.qat.tree import (
+    QAT_OPTIONS,
+    LeafPlan,
+    act_interceptor,
+    apply,
+    convert,
+    decay_mask,
+    fake_quantize,
+    init,
+    nnx_merge,
+    plan,
+    qat_options,
+)
+
+__all__ = [
+    "QAT_OPTIONS", "Checkpointer", "LeafPlan", "WindowBatches", "act_interceptor", "apply", "batch_sharding",
+    "code_bounds", "convert", "decay_mask", "fake_quant", "fake_quant_act", "fake_quantize", "init",
+    "init_train_state", "lsq_fake_quant", "lsq_grad_scale", "make_mesh", "make_train_step",
+    "maybe_initialize_distributed", "nnx_merge", "param_spec", "plan", "qat_options", "shard_batch", "ste",
+    "tree_shardings",
+]

@@ -1,0 +1,263 @@
+"""QAT on parameter pytrees: `init`, `fake_quantize`, `convert`, and running unmodified linen / NNX models with
+fake-quantized activations.
+
+`qat_params = {"params": <the float tree, unchanged>, "quant": <learned quantization parameters>}` is an ordinary
+pytree: any optax optimizer updates both halves. `quant` mirrors the paths of the leaves whose rule asks for LSQ
+(`options: {lsq: true}`), each `{"scale": f32[scale_shape], "zero": f32[scale_shape]}` (zero only when asymmetric),
+e.g. `quant["layers_0"]["attn"]["q_proj"]["kernel"]["scale"]`; it is `{}` when no rule learns its step size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from jq.config import QuantConfig, Rule
+from jq.flax import module_path
+from jq.qat import ste as S
+from jq.qtensor import Layout, QTensor
+from jq.quantize import _default_axes, _stats_for, path_str, quantize_leaf, quantize_params
+from jq.scheme import Scheme
+
+__all__ = [
+    "QAT_OPTIONS",
+    "LeafPlan",
+    "plan",
+    "qat_options",
+    "init",
+    "fake_quantize",
+    "convert",
+    "decay_mask",
+    "act_interceptor",
+    "apply",
+    "nnx_merge",
+]
+
+# Options a `method: qat` rule may carry (see jq.algorithms.rtn.qat), with their defaults.
+QAT_OPTIONS: dict[str, Any] = {"lsq": False, "lsq_init": "range", "ste": "identity"}
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, QTensor)
+
+
+def qat_options(rule: Rule) -> dict[str, Any]:
+    """The QAT options of a rule: those of a `method: qat` rule (validated), the defaults for any other method."""
+    if rule.method != "qat":
+        return dict(QAT_OPTIONS)
+    opts = dict(rule.options)
+    unknown = set(opts) - set(QAT_OPTIONS)
+    if unknown:
+        raise ValueError(f"rule {rule.pattern!r}: unknown QAT option(s) {sorted(unknown)}; "
+                         f"allowed: {sorted(QAT_OPTIONS)}")
+    out = {**QAT_OPTIONS, **opts}
+    if out["ste"] not in S.STE_MODES:
+        raise ValueError(f"rule {rule.pattern!r}: option ste={out['ste']!r}; choose one of {list(S.STE_MODES)}")
+    if out["lsq_init"] not in S.LSQ_INITS:
+        raise ValueError(f"rule {rule.pattern!r}: option lsq_init={out['lsq_init']!r}; "
+                         f"choose one of {list(S.LSQ_INITS)}")
+    out["lsq"] = bool(out["lsq"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """What QAT does to one leaf: its rule's scheme on `layout`, with or without learned step sizes."""
+
+    path: str
+    scheme: Scheme
+    layout: Layout
+    rule: Rule
+    lsq: bool
+    lsq_init: str
+    ste: str
+
+
+def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
+    """The plan for leaf `w` at `path`, or None when the recipe keeps it float (no rule, `skip`, not a float array)."""
+    ndim = getattr(w, "ndim", 0)
+    rule = cfg.rule_for(path, ndim)
+    if rule is None or rule.scheme is None or _is_q(w) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+        return None
+    sch = rule.scheme
+    if getattr(sch, "rotate", None) is not None or getattr(sch, "act_outlier", None) is not None:
+        raise ValueError(f"{path}: QAT does not train schemes with rotate / act_outlier (scheme {sch.describe()}); "
+                         "use a recipe without them")
+    axes = sch.axes if sch.axes is not None else _default_axes(path, ndim)
+    o = qat_options(rule)
+    return LeafPlan(path, sch, sch.layout(tuple(w.shape), axes, path), rule, o["lsq"], o["lsq_init"], o["ste"])
+
+
+# -- nested-dict access by "/" path ------------------------------------------------------------------------------
+
+
+def _get(tree: dict, path: str):
+    node = tree
+    for part in path.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, last = path.split("/")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value
+
+
+# -- the three tree functions -------------------------------------------------------------------------------------
+
+_lsq_init = jax.jit(S.lsq_init, static_argnums=(1, 2, 3))
+_lsq_qtensor = jax.jit(S.lsq_qtensor, static_argnums=(2, 3))
+
+
+def init(params, cfg: QuantConfig) -> dict[str, Any]:
+    """QAT parameters from float `params` (a linen params dict or an NNX State): `{"params": params, "quant": q}`
+    with learned step sizes (and zero points) initialised for every leaf whose rule has `lsq: true`."""
+    quant: dict = {}
+    for kp, w in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_q)[0]:
+        path = path_str(kp)
+        p = plan(path, w, cfg)
+        if p is not None and p.lsq:
+            _set(quant, path, _lsq_init(jnp.asarray(w), p.scheme, p.layout, p.lsq_init))
+    return {"params": params, "quant": quant}
+
+
+def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
+    """The float tree the model runs on during QAT: every leaf the recipe quantizes replaced by its fake-quantized
+    value (straight-through; learned step sizes where `quant` has them), everything else unchanged. Same tree
+    structure and dtypes as `qat_params["params"]`. Call it inside the loss function (it traces under jit)."""
+    quant = qat_params.get("quant") or {}
+
+    def visit(kp, w):
+        path = path_str(kp)
+        p = plan(path, w, cfg)
+        if p is None:
+            return w
+        q = _get(quant, path)
+        if q is not None:
+            return S.lsq_fake_quant(w, q, p.scheme, p.layout)
+        if p.lsq:
+            raise ValueError(f"{path}: the recipe learns this step size (lsq: true) but qat_params has no 'quant' "
+                             "entry for it; build qat_params with jq.qat.init(params, cfg)")
+        return S.fake_quant(w, p.scheme, p.layout, p.ste)
+
+    return jax.tree_util.tree_map_with_path(visit, qat_params["params"], is_leaf=_is_q)
+
+
+def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
+    """The quantized tree, as `jq.quantize_params` returns it: QTensors at the quantized leaves.
+
+    Without learned step sizes this *is* `quantize_params(qat_params["params"], cfg, calib)`; leaves with learned
+    step sizes are encoded with them (the codes and scales the fake-quantized forward rounded to)."""
+    params, quant = qat_params["params"], qat_params.get("quant") or {}
+    if not jax.tree_util.tree_leaves(quant):
+        return quantize_params(params, cfg, calib)
+
+    def visit(kp, w):
+        path = path_str(kp)
+        p = plan(path, w, cfg)
+        if p is None:
+            return w
+        q = _get(quant, path)
+        if q is None:
+            return quantize_leaf(path, w, p.rule, _stats_for(calib, path))
+        return _lsq_qtensor(jnp.asarray(w), q, p.scheme, p.layout)
+
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_q)
+
+
+def decay_mask(qat_params: dict[str, Any]):
+    """A weight-decay mask for `optax.adamw(mask=...)`: True on float weights with ≥ 2 dims, False on vectors
+    (norms, biases) and on every learned quantization parameter."""
+    return {
+        "params": jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, qat_params["params"]),
+        "quant": jax.tree_util.tree_map(lambda x: False, qat_params.get("quant") or {}),
+    }
+
+
+# -- activations: linen --------------------------------------------------------------------------------------------
+
+
+def _act_scheme(cfg: QuantConfig, path: str, ndim: int) -> Scheme | None:
+    """The scheme of the kernel at `path` when it quantizes its layer's input activations, else None."""
+    rule = cfg.rule_for(path, ndim)
+    return rule.scheme if rule is not None and rule.scheme is not None and rule.scheme.act else None
+
+
+def _fq_act(x: jax.Array, sch: Scheme, axes: tuple[int, ...]) -> jax.Array:
+    """x [..., K...] fake-quantized per token over `axes` as the scheme's `act` (and `act_clip`) asks."""
+    return S.fake_quant_act(x, sch.act, axes, getattr(sch, "act_clip", 1.0))
+
+
+def act_interceptor(cfg: QuantConfig):
+    """A linen interceptor (`with nn.intercept_methods(...)`) fake-quantizing the inputs of every `nn.Dense` /
+    `nn.DenseGeneral` whose kernel's rule sets `act` ("int8", "int4", "fp8_e4m3"), per token over the contracted
+    axes — the numbers `jq.ops` uses when the converted model runs."""
+
+    def intercept(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.DenseGeneral)):
+            return next_fun(*args, **kwargs)
+        if not m.has_variable("params", "kernel") or (isinstance(m, nn.DenseGeneral) and m.batch_dims):
+            return next_fun(*args, **kwargs)
+        sch = _act_scheme(cfg, module_path(m) + "/kernel", m.get_variable("params", "kernel").ndim)
+        if sch is None:
+            return next_fun(*args, **kwargs)
+        args, kwargs = list(args), dict(kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        axis = (-1,) if isinstance(m, nn.Dense) else (m.axis if isinstance(m.axis, tuple) else (m.axis,))
+        xq = _fq_act(x, sch, tuple(sorted(a % x.ndim for a in axis)))
+        if args:
+            args[0] = xq
+        else:
+            kwargs["inputs"] = xq
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+def _has_act(cfg: QuantConfig | None) -> bool:
+    return cfg is not None and any(r.scheme is not None and r.scheme.act for r in cfg.rules)
+
+
+def apply(module: nn.Module, variables, *args, cfg: QuantConfig | None = None, **kwargs):
+    """`module.apply(variables, *args, **kwargs)` with activations fake-quantized where `cfg`'s rules set `act`.
+    Pass `{"params": jq.qat.fake_quantize(qat_params, cfg)}` as variables. Without `act` rules it is plain apply."""
+    if not _has_act(cfg):
+        return module.apply(variables, *args, **kwargs)
+    with nn.intercept_methods(act_interceptor(cfg)):
+        return module.apply(variables, *args, **kwargs)
+
+
+# -- activations: NNX ----------------------------------------------------------------------------------------------
+
+
+def _act_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
+                     *, scheme: Scheme):
+    (lc, _), _ = dimension_numbers
+    lhs = _fq_act(lhs, scheme, tuple(lc))
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+
+
+def nnx_merge(graphdef, state, *states, cfg: QuantConfig | None = None) -> nnx.Module:
+    """`nnx.merge(graphdef, state, *states)`, and every `nnx.Linear` whose kernel's rule sets `act` fake-quantizes
+    its inputs per token. `state` is the fake-quantized State (`fake_quantize({"params": state, ...}, cfg)`)."""
+    model = nnx.merge(graphdef, state, *states)
+    if not _has_act(cfg):
+        return model
+    for path, node in nnx.iter_graph(model):
+        if type(node) is nnx.Linear:
+            kpath = "/".join(str(p) for p in path) + "/kernel"
+            sch = _act_scheme(cfg, kpath, node.kernel[...].ndim)
+            if sch is not None:
+                node.dot_general = functools.partial(_act_dot_general, scheme=sch)
+    return model

@@ -1,0 +1,430 @@
+"""jq.qat: STE and LSQ gradients against NumPy, fake-quant forward = PTQ = convert for every format and granularity,
+linen / NNX / Llama models (BitNet ternary included), a sharded step against the single-device step, bit-identical
+resume from an Orbax checkpoint, and the fine-tuning script on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import jq
+import jq.flax
+from jq import qat
+from jq.config import QuantConfig, Rule, load_recipe, recipe_from_dict
+from jq.models.config import LlamaConfig
+from jq.models.llama import Llama, init_params
+from jq.qtensor import QTensor
+from jq.scheme import Scheme
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, QTensor)
+
+
+def assert_trees_equal(a, b) -> None:
+    """Same structure, every array leaf (QTensor fields included) equal bit for bit."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ------------------------------------------------------------------------------------------- gradients vs NumPy
+
+
+def test_plain_ste_gradient_is_identity_or_clipped():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(32, 6)).astype(np.float32)
+    w[3, 1] = 9.0  # far outside the 90th-percentile clip
+    sch = Scheme("int4", range="percentile", percentile=90.0, scale_dtype="float32")
+    lay = sch.layout(w.shape, (0,))
+    c = rng.normal(size=w.shape).astype(np.float32)
+
+    def grad(mode):
+        return np.asarray(jax.grad(lambda x: jnp.sum(qat.fake_quant(x, sch, lay, mode) * c))(jnp.asarray(w)))
+
+    np.testing.assert_array_equal(grad("identity"), c)
+    lo, hi = np.percentile(w, [10.0, 90.0], axis=0, keepdims=True)
+    s = (np.maximum(np.abs(lo), np.abs(hi)) / np.float32(7.5)).astype(np.float32)
+    v = w / s
+    inside = (v >= -8) & (v <= 7)  # int4 codes -8..7
+    assert 0 < (~inside).sum() < inside.size
+    np.testing.assert_array_equal(grad("clipped"), c * inside)
+
+
+@pytest.mark.parametrize(
+    "sch",
+    [Scheme("int4", scale_dtype="float32"), Scheme("int3", symmetric=False, group_size=8, scale_dtype="float32")],
+    ids=["int4-sym-channel", "int3-asym-g8"],
+)
+def test_lsq_gradients_match_the_paper(sch):
+    """dŵ/dw = 1 inside, 0 outside; dŵ/ds = g·(round(v) − v) inside, g·(Q_n − z) / g·(Q_p − z) outside;
+    dŵ/dz = −g·s outside; g = 1/sqrt(N·Q_p) (Esser et al. 2019), all against a NumPy transcription."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(16, 4)).astype(np.float32)
+    lay = sch.layout(w.shape, (0,))
+    q = dict(qat.ste.lsq_init(jnp.asarray(w), sch, lay))
+    q["scale"] = q["scale"] * 0.6  # a smaller step than the range: some weights clip
+    if "zero" in q:
+        q["zero"] = q["zero"] + 0.3  # a learned, non-integer zero point (the forward rounds it)
+    c = rng.normal(size=w.shape).astype(np.float32)
+    gw, gq = jax.grad(lambda w_, q_: jnp.sum(qat.lsq_fake_quant(w_, q_, sch, lay) * c), argnums=(0, 1))(
+        jnp.asarray(w), q)
+
+    g = 8 if sch.granularity == "group" else 16  # weights per step size
+    qn, qp = (0, 7) if not sch.symmetric else (-8, 7)
+    assert qat.lsq_grad_scale(sch, lay) == pytest.approx(1 / np.sqrt(g * 7))
+    wg, cg = w.reshape(16 // g, g, 4), c.reshape(16 // g, g, 4)
+    s = np.asarray(q["scale"]).reshape(16 // g, 1, 4)
+    z = np.clip(np.round(np.asarray(q["zero"])), 0, 7).reshape(16 // g, 1, 4) if "zero" in q else 0.0
+    v = wg / s + z
+    inside = (v >= qn) & (v <= qp)
+    assert 0 < (~inside).sum()
+    code = np.clip(np.round(v), qn, qp)
+    gscale = 1 / np.sqrt(g * 7)
+    ds = gscale * np.sum(cg * np.where(inside, code - v, code - z), axis=1)
+    np.testing.assert_array_equal(np.asarray(gw), (cg * inside).reshape(w.shape))
+    np.testing.assert_allclose(np.asarray(gq["scale"]), ds.reshape(q["scale"].shape), rtol=1e-5, atol=1e-6)
+    if "zero" in q:
+        dz = gscale * np.sum(cg * -s * ~inside, axis=1)
+        np.testing.assert_allclose(np.asarray(gq["zero"]), dz.reshape(q["zero"].shape), rtol=1e-5, atol=1e-6)
+
+
+def test_lsq_paper_initialisation():
+    w = np.random.default_rng(4).normal(size=(16, 4)).astype(np.float32)
+    sch = Scheme("int4", group_size=8, scale_dtype="float32")
+    q = qat.ste.lsq_init(jnp.asarray(w), sch, sch.layout(w.shape, (0,)), "paper")
+    ref = 2 * np.abs(w.reshape(2, 8, 4)).mean(axis=1) / np.sqrt(7)  # s = 2<|w|>/sqrt(Q_p)
+    np.testing.assert_allclose(np.asarray(q["scale"]), ref, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ forward = PTQ, every format
+
+
+SCHEMES = [  # (scheme, weight shape): every format and granularity, symmetric and not, padded and flat groups
+    (Scheme("int2", restricted=True, granularity="tensor", range="absmean", scale_dtype="float32"), (48, 20)),
+    (Scheme("int3", symmetric=False, group_size=16), (48, 20)),
+    (Scheme("int4", symmetric=False, group_size=16, flat_groups=True), (20, 48)),
+    (Scheme("int4", group_size=20, pad=True), (48, 20)),
+    (Scheme("int5", symmetric=False, granularity="channel", zero_point="float"), (48, 20)),
+    (Scheme("int6", range="mse", mse_grid=10), (48, 20)),
+    (Scheme("int4", range="percentile", percentile=99.0, group_size=16), (48, 20)),
+    (Scheme("int8", restricted=True, axes=(0, 1), group_size=4), (4, 8, 12)),
+    (Scheme("fp8_e4m3"), (48, 20)),
+    (Scheme("fp8_e5m2", granularity="tensor"), (48, 20)),
+    (Scheme("fp4_e2m1", group_size=16), (48, 20)),
+    (Scheme("nf4", group_size=16, scale_dtype="bfloat16"), (48, 20)),
+]
+
+
+def _zoo():
+    rng = np.random.default_rng(2)
+    params, rules = {}, []
+    for i, (sch, shape) in enumerate(SCHEMES):
+        params[f"l{i}"] = {"kernel": jnp.asarray(rng.standard_t(5, size=shape).astype(np.float32))}
+        rules.append(Rule(f"l{i}/kernel", sch, "qat", options=(("lsq", i % 2 == 1),)))
+    return params, QuantConfig(rules=tuple(rules))
+
+
+def test_fake_quant_and_convert_equal_ptq_for_every_format_and_granularity():
+    """At initialisation (learned steps start at RTN's), fake quantization is the PTQ model bit for bit, and
+    convert returns the PTQ QTensors bit for bit, with and without learned step sizes."""
+    params, cfg = _zoo()
+    qp = qat.init(params, cfg)
+    assert set(qp["quant"]) == {f"l{i}" for i in range(1, len(SCHEMES), 2)}
+    ptq = jq.quantize_params(params, cfg)
+    assert_trees_equal(qat.convert(qp, cfg), ptq)
+
+    @jax.jit
+    def fake_and_grad(qp):
+        fq = qat.fake_quantize(qp, cfg)
+        return fq, jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(qat.fake_quantize(p, cfg))))(qp)
+
+    fq, grads = fake_and_grad(qp)
+    assert_trees_equal(fq, jax.jit(jq.dequantize_params)(ptq))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(grads))
+    assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree_util.tree_leaves(grads["quant"]))
+
+
+def test_qat_options_are_validated():
+    cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True, "lsqq": 1},
+                                       "format": "int4"}]})
+    with pytest.raises(ValueError, match="lsqq"):
+        qat.init({"d": {"kernel": jnp.ones((8, 8))}}, cfg)
+    cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True},
+                                       "format": "int4"}]})
+    with pytest.raises(ValueError, match="jq.qat.init"):
+        qat.fake_quantize({"params": {"d": {"kernel": jnp.ones((8, 8))}}, "quant": {}}, cfg)
+
+
+# ------------------------------------------------------------------------------------------ linen and NNX MLPs
+
+MLP_CFG = QuantConfig(rules=(
+    Rule(".*0/kernel", Scheme("int4", symmetric=False, group_size=8), "qat", options=(("lsq", True),)),
+    Rule(".*1/kernel", Scheme("int8", restricted=True, act="int8"), "qat"),  # W8A8: activations too
+))
+
+
+class LinenMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(16, name="Dense_1")(nn.relu(nn.Dense(32, name="Dense_0")(x)))
+
+
+class NNXMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.lin0 = nnx.Linear(24, 32, rngs=rngs)
+        self.lin1 = nnx.Linear(32, 16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.lin1(jax.nn.relu(self.lin0(x)))
+
+
+def _one_adam_step(qp, loss):
+    opt = optax.adam(1e-2)
+
+    @jax.jit
+    def step(qp):
+        grads = jax.grad(loss)(qp)
+        updates, _ = opt.update(grads, opt.init(qp), qp)
+        return optax.apply_updates(qp, updates), grads
+
+    return step(qp)
+
+
+def test_linen_mlp_fake_quant_forward_equals_converted_model():
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 24))
+    model = LinenMLP()
+    qp = qat.init(model.init(jax.random.PRNGKey(0), x)["params"], MLP_CFG)
+
+    def forward(qp):
+        return qat.apply(model, {"params": qat.fake_quantize(qp, MLP_CFG)}, x, cfg=MLP_CFG)
+
+    qp, grads = _one_adam_step(qp, lambda p: jnp.sum(forward(p) ** 2))
+    assert float(jnp.abs(grads["quant"]["Dense_0"]["kernel"]["scale"]).sum()) > 0
+    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, x))(qat.convert(qp, MLP_CFG))
+    np.testing.assert_allclose(np.asarray(jax.jit(forward)(qp)), np.asarray(y_q), rtol=1e-5, atol=1e-5)
+    y_weights_only = jax.jit(lambda p: model.apply({"params": qat.fake_quantize(p, MLP_CFG)}, x))(qp)
+    assert float(jnp.max(jnp.abs(y_weights_only - y_q))) > 1e-6  # the int8 activations are part of both
+
+
+def test_nnx_mlp_fake_quant_forward_equals_converted_model():
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 24))
+    graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
+    qp = qat.init(state, MLP_CFG)
+    assert set(qp["quant"]) == {"lin0"}
+
+    def forward(qp):
+        return qat.nnx_merge(graphdef, qat.fake_quantize(qp, MLP_CFG), cfg=MLP_CFG)(x)
+
+    qp, _ = _one_adam_step(qp, lambda p: jnp.sum(forward(p) ** 2))
+    y_q = jax.jit(lambda q: jq.flax.nnx_merge(graphdef, q)(x))(qat.convert(qp, MLP_CFG))
+    np.testing.assert_allclose(np.asarray(jax.jit(forward)(qp)), np.asarray(y_q), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- tiny Llama
+
+TINY = dataclasses.replace(LlamaConfig.tiny(vocab_size=64), n_layers=1)  # one block: compile time
+SEQ, MICRO, ACCUM = 16, 8, 2
+
+
+def _windows(n: int = 64) -> np.ndarray:
+    """Learnable token windows: each sequence counts up by a step from a random start (mod vocab)."""
+    rng = np.random.default_rng(3)
+    start, step = rng.integers(0, 64, size=(n, 1)), rng.integers(1, 3, size=(n, 1))
+    return ((start + step * np.arange(SEQ)) % 64).astype(np.int32)
+
+
+def _tiny_params():
+    return jax.jit(init_params, static_argnums=0)(TINY, jax.random.PRNGKey(0))
+
+
+def _lm_loss(model, act_cfg=None):
+    def loss_fn(params, ids):
+        logits = qat.apply(model, {"params": params}, ids, cfg=act_cfg)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    return loss_fn
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """The tiny Llama under configs/qat_w4_g128.yaml (int4 g128 flat groups, LSQ+), with one jitted train step on
+    a 2x4 (data, fsdp) mesh and one on a single device, shared by the tests below (each compiles once)."""
+    recipe = load_recipe(REPO / "configs" / "qat_w4_g128.yaml")
+    model = Llama(TINY)
+    params = _tiny_params()
+    opt = optax.adam(3e-3)
+    mesh = qat.make_mesh(data=2, fsdp=4)
+    loss_fn = _lm_loss(model)
+    return {
+        "recipe": recipe, "model": model, "params": params, "opt": opt, "mesh": mesh,
+        "step_mesh": qat.make_train_step(loss_fn, opt, recipe, mesh=mesh),
+        "step_one": qat.make_train_step(loss_fn, opt, recipe, donate=False),
+    }
+
+
+def _run(step, state, batches, n, mesh=None):
+    losses = []
+    for _ in range(n):
+        state, m = step(state, qat.shard_batch(next(batches), mesh))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def test_sharded_step_equals_single_device_step(llama):
+    mesh = llama["mesh"]
+    qp = qat.init(llama["params"], llama["recipe"])
+    s_mesh = qat.init_train_state(qp, llama["opt"], mesh)
+    kernel = s_mesh["params"]["params"]["layers_0"]["mlp"]["gate_proj"]["kernel"]  # (32, 64): fsdp on dim 1
+    assert kernel.sharding.spec == P(None, "fsdp")
+    s_mesh, l_mesh = _run(llama["step_mesh"], s_mesh, qat.WindowBatches(_windows(), MICRO, ACCUM), 2, mesh)
+    s_one, l_one = _run(llama["step_one"], qat.init_train_state(qp, llama["opt"]),
+                        qat.WindowBatches(_windows(), MICRO, ACCUM), 2)
+    np.testing.assert_allclose(l_mesh, l_one, rtol=1e-5)
+    assert s_mesh["params"]["params"]["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P(None, "fsdp")
+    for a, b in zip(jax.tree_util.tree_leaves(s_mesh), jax.tree_util.tree_leaves(s_one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_resume_from_checkpoint_is_bit_identical(llama, tmp_path):
+    mesh, step, recipe, opt = llama["mesh"], llama["step_mesh"], llama["recipe"], llama["opt"]
+
+    def fresh():
+        return qat.init_train_state(qat.init(llama["params"], recipe), opt, mesh)
+
+    straight, _ = _run(step, fresh(), qat.WindowBatches(_windows(), MICRO, ACCUM, seed=5), 4, mesh)
+
+    batches = qat.WindowBatches(_windows(), MICRO, ACCUM, seed=5)
+    half, _ = _run(step, fresh(), batches, 2, mesh)
+    with qat.Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.save(half, {"data": batches.state()}) == 2
+    del half
+    with qat.Checkpointer(tmp_path / "ckpt") as ckpt:
+        state, extra = ckpt.restore(fresh())
+    assert int(state["step"]) == 2 and state["params"]["params"]["embed"]["embedding"].sharding.spec == P("fsdp")
+    resumed_batches = qat.WindowBatches(_windows(), MICRO, ACCUM, seed=5)
+    resumed_batches.restore(extra["data"])
+    resumed, _ = _run(step, state, resumed_batches, 2, mesh)
+    assert_trees_equal(jax.device_get(resumed), jax.device_get(straight))
+
+
+def test_llama_lsq_training_lowers_loss_and_converts_to_the_trained_forward(llama):
+    model, recipe = llama["model"], llama["recipe"]
+    qp0 = qat.init(llama["params"], recipe)
+    state, losses = _run(llama["step_one"], qat.init_train_state(qp0, llama["opt"]),
+                         qat.WindowBatches(_windows(), MICRO, ACCUM), 4)
+    assert losses[-1] < losses[0]
+    qp = state["params"]
+    s0 = qp0["quant"]["layers_0"]["attn"]["q_proj"]["kernel"]["scale"]
+    assert float(jnp.max(jnp.abs(qp["quant"]["layers_0"]["attn"]["q_proj"]["kernel"]["scale"] - s0))) > 0
+    conv = qat.convert(qp, recipe)
+    fq = jax.jit(qat.fake_quantize, static_argnums=1)(qp, recipe)
+    assert_trees_equal(jq.dequantize_params(conv), fq)  # the trained forward is the converted model's
+    ids = jnp.asarray(_windows(4))
+    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, ids))(conv)
+    np.testing.assert_allclose(np.asarray(y_q), np.asarray(jax.jit(model.apply)({"params": fq}, ids)),
+                               rtol=1e-5, atol=1e-5)
+    # without learned step sizes, convert is quantize_params on the master weights, bit for bit
+    plain = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "format": "int4",
+                                         "symmetric": False, "group_size": 128, "flat_groups": True}]})
+    assert_trees_equal(qat.convert({"params": qp["params"], "quant": {}}, plain),
+                       jq.quantize_params(qp["params"], plain))
+
+
+def test_bitnet_ternary_weights_and_int8_activations():
+    recipe = load_recipe(REPO / "configs" / "qat_bitnet_b158.yaml")
+    model = Llama(TINY)
+    params = _tiny_params()
+    qp = qat.init(params, recipe)
+    conv = qat.convert(qp, recipe)
+    kernels = [(p, x) for p, x in jq.leaf_paths(conv) if _is_q(x)]
+    assert len(kernels) == 7 * TINY.n_layers
+    for path, x in kernels:
+        assert x.fmt == "int2" and x.restricted and x.act == "int8"
+        assert set(np.unique(np.asarray(x.unpacked_codes()))) <= {-1, 0, 1}
+        w = np.asarray(dict(jq.leaf_paths(params))[path])
+        np.testing.assert_allclose(float(x.scale.reshape(())), np.abs(w).mean(), rtol=1e-5)  # abs-mean scale
+    ids = jnp.asarray(_windows(2))
+    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, ids))(conv)
+    loss = _lm_loss(model, recipe)
+
+    @jax.jit
+    def forward_and_grad(p):
+        y = qat.apply(model, {"params": qat.fake_quantize(p, recipe)}, ids, cfg=recipe)
+        return y, jax.grad(lambda p: loss(qat.fake_quantize(p, recipe), ids))(p)
+
+    y_fq, g = forward_and_grad(qp)
+    np.testing.assert_allclose(np.asarray(y_fq), np.asarray(y_q), rtol=1e-4, atol=1e-4)
+    gk = g["params"]["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert bool(jnp.all(jnp.isfinite(gk))) and float(jnp.abs(gk).sum()) > 0
+
+
+def test_qat_recipes_load_and_quantize_as_ptq():
+    for name in ("qat_w4_g128", "qat_w3_g128", "qat_bitnet_b158"):
+        r = load_recipe(REPO / "configs" / f"{name}.yaml")
+        assert r.name == name and r.rules[0].method == "qat"
+        qat.qat_options(r.rules[0])
+    w3 = load_recipe(REPO / "configs" / "qat_w3_g128.yaml")
+    q = jq.quantize_params({"mlp": {"kernel": jnp.ones((128, 8)) * jnp.arange(8.0)}}, w3)["mlp"]["kernel"]
+    assert q.fmt == "int3" and q.layout.group_size == 128 and not q.layout.flat and q.zero.dtype == jnp.float16
+
+
+# ----------------------------------------------------------------------------------------- mesh, multi-host
+
+
+def test_param_spec_shards_the_largest_divisible_dimension():
+    assert qat.param_spec((64, 32), 4) == P("fsdp")
+    assert qat.param_spec((30, 8), 4) == P(None, "fsdp")
+    assert qat.param_spec((3, 5), 4) == P()
+    assert qat.param_spec((64, 32), 1) == P()
+    mesh = qat.make_mesh(data=2, fsdp=4)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+    assert qat.batch_sharding(mesh, (2, 8, 16)).spec == P(None, ("data", "fsdp"), None)
+    assert qat.batch_sharding(mesh, (2, 6, 16)).spec == P(None, "data", None)
+
+
+def test_distributed_initialize_only_when_launched_multi_host(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a: calls.append(a))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert not qat.maybe_initialize_distributed()
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert qat.maybe_initialize_distributed()
+    assert calls == [("10.0.0.1:1234", 2, 1)]
+
+
+# --------------------------------------------------------------------------------------------------- the script
+
+
+def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
+    from jq.models import finetune as script
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                      "must be in want of a wife. " * 20)
+    out = tmp_path / "q"
+    rc = script.main(["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "8", "--corpus",
+                      str(corpus), "--out", str(out), "--ckpt-dir", str(tmp_path / "ckpt"), "--no-progress"])
+    assert rc == 0
+    from jq import checkpoint
+
+    tree, meta = checkpoint.load(out)
+    assert meta["recipe"]["name"] == "qat_w4_g128"
+    assert _is_q(tree["layers_0"]["attn"]["q_proj"]["kernel"])
+    assert qat.Checkpointer(tmp_path / "ckpt").latest_step() == 2
+    assert '"last_loss"' in capsys.readouterr().out
