@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import jax
@@ -24,19 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import hadamard as had
-
-
-def timed(fn, *args, repeats: int):
-    """(output, compile + first run seconds, median run seconds)."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - t0)
-    return out, first, float(np.median(runs))
+from timing import timed  # benchmarks/ is on sys.path when a script here runs
 
 
 def main() -> None:

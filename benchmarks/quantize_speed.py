@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import jax
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
+from timing import timed  # benchmarks/ is on sys.path when a script here runs
 
 SCHEMES = {
     "int8 channel": jq.Scheme("int8"),
@@ -27,18 +27,6 @@ SCHEMES = {
     "nf4 g64": jq.Scheme("nf4", group_size=64),
     "fp8 e4m3 channel": jq.Scheme("fp8_e4m3", scale_dtype="float32"),
 }
-
-
-def timed(fn, *args, repeats: int):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - t0)
-    return out, first, float(np.median(runs))
 
 
 def main() -> None:
