@@ -46,6 +46,24 @@ def test_eval_json_float_and_quantized(tiny_model, capsys):
     assert q["perplexity"] != f["perplexity"]
 
 
+def test_eval_also_scores_other_texts_with_the_same_quantized_model(tiny_model, tmp_path, capsys):
+    model, text, recipe = tiny_model
+    other = tmp_path / "other.txt"
+    other.write_text("a dog ran in the fog by the log. " * 30)
+    args = ["eval", "--model", str(model), "--recipe", str(recipe), "--text", str(text), "--window", "32",
+            "--windows", "4", "--json"]
+    assert cli_main(args + ["--also-text", str(other)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    o = r["also"][str(other)]
+    assert o["windows"] == 4 and np.isfinite(o["perplexity"]) and o["perplexity"] != r["perplexity"]
+    # scoring the other text as the main text gives the same number (same quantized model, same windows)
+    assert cli_main(args[:6] + [str(other)] + args[7:]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["perplexity"] == pytest.approx(o["perplexity"], rel=1e-6)
+    assert cli_main(args + ["--also-text", str(tmp_path / "missing.txt")]) == 2
+    assert "--also-text" in capsys.readouterr().err
+
+
 def test_eval_text_shorter_than_window_is_a_clear_error(tiny_model, tmp_path, capsys):
     model, _, _ = tiny_model
     short = tmp_path / "short.txt"
@@ -108,3 +126,24 @@ def test_convert_then_inspect_and_inspect_refuses_a_damaged_checkpoint(tiny_mode
     assert cli_main(["convert", "--in", str(model), "--out", str(tmp_path / "d")]) == 2
     assert "--recipe is required" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_qat_subcommand_hands_its_arguments_to_the_finetune_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["qat", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: jq qat") and "--grad-accum" in out and "--float" in out
+
+
+def test_quantize_with_a_rotating_recipe_stores_the_untied_config(tiny_model, tmp_path, capsys):
+    from jq import checkpoint
+
+    model, _, _ = tiny_model
+    rot = tmp_path / "rot.yaml"
+    rot.write_text("name: rot\nrotation: {seed: 1}\nrules:\n  - pattern: '.*kernel'\n    format: int8\n")
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--model", str(model), "--recipe", str(rot), "--out", str(out)]) == 0
+    tree, info = checkpoint.load(out)
+    assert "lm_head" in tree and info["meta"]["model_config"]["tie_embeddings"] is False
+    assert info["recipe"]["rotation"] == {"residual": True, "heads": True, "seed": 1}
