@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             ids = np.asarray(tokenizer.encode(text), np.int32)
             fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
             result["eval"] = perplexity(fwd, qparams, ids, window=args.eval_window, windows=args.eval_windows)
+            if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
+                result["eval_float"] = perplexity(fwd, jax.device_get(trained["params"]), ids, window=args.eval_window,
+                                                  windows=args.eval_windows)
     result["seconds"] = time.perf_counter() - t0
     if console_out:
         print(json.dumps(result))
