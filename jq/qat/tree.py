@@ -135,20 +135,26 @@ def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
     """The float tree the model runs on during QAT: every leaf the recipe quantizes replaced by its fake-quantized
     value (straight-through; learned step sizes where `quant` has them), everything else unchanged. Same tree
     structure and dtypes as `qat_params["params"]`. Call it inside the loss function (it traces under jit)."""
-    quant = qat_params.get("quant") or {}
-
-    def visit(kp, w):
-        path = path_str(kp)
-        p = plan(path, w, cfg)
-        if p is None:
-            return w
-        q = _get(quant, path)
+    def leaf(path, w, p, q):
         if q is not None:
             return S.lsq_fake_quant(w, q, p.scheme, p.layout)
         if p.lsq:
             raise ValueError(f"{path}: the recipe learns this step size (lsq: true) but qat_params has no 'quant' "
                              "entry for it; build qat_params with jq.qat.init(params, cfg)")
         return S.fake_quant(w, p.scheme, p.layout, p.ste)
+
+    return _map_planned(leaf, qat_params, cfg)
+
+
+def _map_planned(leaf, qat_params: dict[str, Any], cfg: QuantConfig):
+    """Map `leaf(path, w, plan, learned quant params or None)` over the leaves the recipe quantizes; the others
+    pass through."""
+    quant = qat_params.get("quant") or {}
+
+    def visit(kp, w):
+        path = path_str(kp)
+        p = plan(path, w, cfg)
+        return w if p is None else leaf(path, w, p, _get(quant, path))
 
     return jax.tree_util.tree_map_with_path(visit, qat_params["params"], is_leaf=_is_q)
 
@@ -158,21 +164,15 @@ def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
 
     Without learned step sizes this *is* `quantize_params(qat_params["params"], cfg, calib)`; leaves with learned
     step sizes are encoded with them (the codes and scales the fake-quantized forward rounded to)."""
-    params, quant = qat_params["params"], qat_params.get("quant") or {}
-    if not jax.tree_util.tree_leaves(quant):
-        return quantize_params(params, cfg, calib)
+    if not jax.tree_util.tree_leaves(qat_params.get("quant") or {}):
+        return quantize_params(qat_params["params"], cfg, calib)
 
-    def visit(kp, w):
-        path = path_str(kp)
-        p = plan(path, w, cfg)
-        if p is None:
-            return w
-        q = _get(quant, path)
+    def leaf(path, w, p, q):
         if q is None:
             return quantize_leaf(path, w, p.rule, _stats_for(calib, path))
         return _lsq_qtensor(jnp.asarray(w), q, p.scheme, p.layout)
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_q)
+    return _map_planned(leaf, qat_params, cfg)
 
 
 def decay_mask(qat_params: dict[str, Any]):
