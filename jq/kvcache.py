@@ -32,7 +32,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jq.scheme import Scheme
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
            "read_kv", "kv_bytes_per_token"]
@@ -128,6 +129,11 @@ def _unpack4(packed: jax.Array, signed: bool) -> jax.Array:
     return c
 
 
+def _scheme(kv: KVCacheConfig) -> Scheme:
+    """The library's weight grid for this cache (min-max range, integer zero point, scale in `scale_dtype`)."""
+    return Scheme(format=kv.format, symmetric=kv.symmetric, scale_dtype=kv.scale_dtype)
+
+
 def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
     """Quantize keys or values. x: [..., D] float (usually [B, T, H, D]) -> {"codes", "scale"[, "zero"]} as in
     the module docstring (codes [..., D] or [..., D/2] for int4; scale/zero [..., D/group_size])."""
@@ -135,26 +141,13 @@ def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
     n = kv.groups(d)
     if kv.bits == 4 and d % 2:
         raise ValueError(f"int4 kv cache packs two codes per byte and needs an even head_dim, got {d}")
-    b = kv.bits
-    sdt = jnp.dtype(kv.scale_dtype)
+    sch = _scheme(kv)
     xg = _grouped(x.astype(jnp.float32), n)                                              # [..., n, g]
-    tiny = float(jnp.finfo(sdt).tiny)
-    if kv.symmetric:
-        amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)
-        scale = jnp.maximum(amax / ((2**b - 1) / 2), tiny).astype(sdt)
-        codes = jnp.clip(jnp.round(xg / scale.astype(jnp.float32)), -(2 ** (b - 1)), 2 ** (b - 1) - 1).astype(jnp.int8)
-        out = {}
-    else:
-        lo = jnp.minimum(jnp.min(xg, axis=-1, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(xg, axis=-1, keepdims=True), 0.0)
-        scale = jnp.maximum((hi - lo) / (2**b - 1), tiny).astype(sdt)
-        s32 = scale.astype(jnp.float32)
-        zero = jnp.clip(jnp.round(-lo / s32), 0, 2**b - 1)
-        codes = jnp.clip(jnp.round(xg / s32) + zero, 0, 2**b - 1).astype(jnp.uint8)
-        out = {"zero": zero[..., 0].astype(jnp.uint8)}
-    codes = codes.reshape(x.shape)
-    out["codes"] = _pack4(codes) if b == 4 else codes
-    out["scale"] = scale[..., 0]
+    scale, zero = sch.scale_zero(jnp.min(xg, axis=-1, keepdims=True), jnp.max(xg, axis=-1, keepdims=True))
+    codes = sch.encode(xg, scale, zero).reshape(x.shape)
+    out = {} if zero is None else {"zero": zero[..., 0].astype(jnp.uint8)}
+    out["codes"] = _pack4(codes) if kv.bits == 4 else codes
+    out["scale"] = scale[..., 0].astype(kv.scale_dtype)
     return out
 
 
@@ -164,10 +157,9 @@ def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.f
     if kv.bits == 4:
         codes = _unpack4(codes, signed=kv.symmetric)
     n = q["scale"].shape[-1]
-    c = _grouped(codes.astype(jnp.float32), n)
-    if not kv.symmetric:
-        c = c - q["zero"][..., None].astype(jnp.float32)
-    return (c * q["scale"][..., None].astype(jnp.float32)).reshape(codes.shape).astype(dtype)
+    zero = None if kv.symmetric else q["zero"][..., None].astype(jnp.float32)
+    x = _scheme(kv).decode(_grouped(codes, n), q["scale"][..., None].astype(jnp.float32), zero)
+    return x.reshape(codes.shape).astype(dtype)
 
 
 def fake_quant_kv(x: jax.Array, kv: KVCacheConfig | None) -> jax.Array:
