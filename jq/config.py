@@ -202,40 +202,38 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
     )
 
 
+def _parse_section(raw, cls, name: str, allowed: list[str], source: str, expected: str):
+    """A model-level recipe section (a mapping of `allowed` fields) → `cls(**raw)`; errors name the source, the
+    section and the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: '{name}' must be {expected}, got {raw!r}")
+    unknown = set(raw) - set(allowed)
+    if unknown:
+        raise ValueError(f"{source}: {name}: unknown field(s) {sorted(unknown)}; allowed fields are {allowed}")
+    try:
+        return cls(**raw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
 def _parse_rotation(raw, source: str) -> RotationConfig | None:
     """The `rotation:` mapping (or `true` for the defaults) → RotationConfig."""
     if raw is None or raw is False:
         return None
     if raw is True:
         return RotationConfig()
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: 'rotation' must be true or a mapping like {{residual: true, seed: 0}}, got {raw!r}")
-    allowed = [f.name for f in dataclasses.fields(RotationConfig)]
-    unknown = set(raw) - set(allowed)
-    if unknown:
-        raise ValueError(f"{source}: rotation: unknown field(s) {sorted(unknown)}; allowed fields are {allowed}")
-    try:
-        return RotationConfig(**raw)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    return _parse_section(raw, RotationConfig, "rotation", [f.name for f in dataclasses.fields(RotationConfig)],
+                          source, "true or a mapping like {residual: true, seed: 0}")
 
 
 _KV_FIELDS = ("format", "group_size", "symmetric", "rotate", "scale_dtype")
 
 
 def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
-    """The `kv_cache:` mapping → KVCacheConfig; errors name the source, the field and the allowed values."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{source}: 'kv_cache' must be a mapping like {{format: int8}}, got {raw!r}")
-    unknown = set(raw) - set(_KV_FIELDS)
-    if unknown:
-        raise ValueError(f"{source}: kv_cache: unknown field(s) {sorted(unknown)}; allowed fields are {list(_KV_FIELDS)}")
-    if "format" not in raw:
+    """The `kv_cache:` mapping → KVCacheConfig (`format` required)."""
+    if isinstance(raw, dict) and not set(raw) - set(_KV_FIELDS) and "format" not in raw:
         raise ValueError(f"{source}: kv_cache: missing field 'format' (int8 or int4)")
-    try:
-        return KVCacheConfig(**raw)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{source}: {e}") from None
+    return _parse_section(raw, KVCacheConfig, "kv_cache", list(_KV_FIELDS), source, "a mapping like {format: int8}")
 
 
 def _parse_transforms(items) -> tuple:
