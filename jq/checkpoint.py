@@ -57,7 +57,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "CheckpointError", "SourceLe
 FORMAT = "jq-quantized-pytree"
 FORMAT_VERSION = "1.0"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
 _READS_MAJOR = 1
-_FIELDS = ("codes", "scale", "zero", "perm")
+_FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes, scale, zero, perm
 # QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
 # under their own names, so a field QTensor gains is stored without a format change (a reader fills absent ones in
 # with their defaults and ignores unknown ones)
