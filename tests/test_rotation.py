@@ -196,3 +196,9 @@ def test_llm_int8_outlier_channels_bypass_activation_quantization():
     assert np.abs(y - exact).max() < 0.2 * np.abs(np.asarray(ops.qdot(jnp.asarray(x), plain)) - exact).max()
     with pytest.raises(ValueError, match="act_outlier"):
         jq.Scheme("int8", act_outlier=6.0)  # needs activation quantization
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.5, -0.1])
+def test_act_clip_outside_zero_one_is_a_clear_error(clip):
+    with pytest.raises(ValueError, match=rf"scheme field 'act_clip' has value {clip!r}; use a ratio in \(0, 1\]"):
+        jq.Scheme("int8", act="int4", act_clip=clip)
