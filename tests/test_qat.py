@@ -379,7 +379,7 @@ def test_qat_recipes_load_and_quantize_as_ptq():
         qat.qat_options(r.rules[0])
     w3 = load_recipe(REPO / "configs" / "qat_w3_g128.yaml")
     q = jq.quantize_params({"mlp": {"kernel": jnp.ones((128, 8)) * jnp.arange(8.0)}}, w3)["mlp"]["kernel"]
-    assert q.fmt == "int3" and q.layout.group_size == 128 and not q.layout.flat and q.zero.dtype == jnp.float16
+    assert q.fmt == "int3" and q.layout.group_size == 128 and not q.layout.flat and q.zero.dtype == jnp.uint8
 
 
 # ----------------------------------------------------------------------------------------- mesh, multi-host
