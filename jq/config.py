@@ -183,7 +183,7 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
                     scheme=scheme,
                     method=r.get("method", "rtn"),
                     force=bool(r.get("force", False)),
-                    options=tuple(sorted((r.get("options") or {}).items())),
+                    options=_frozen_options(r.get("options") or {}),
                     transforms=_parse_transforms(r.get("transforms") or []),
                 )
             )
@@ -234,6 +234,19 @@ def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
     if isinstance(raw, dict) and not set(raw) - set(_KV_FIELDS) and "format" not in raw:
         raise ValueError(f"{source}: kv_cache: missing field 'format' (int8 or int4)")
     return _parse_section(raw, KVCacheConfig, "kv_cache", list(_KV_FIELDS), source, "a mapping like {format: int8}")
+
+
+def _frozen_options(opts: dict) -> tuple[tuple[str, Any], ...]:
+    """A rule's options as sorted (name, value) pairs, a nested mapping (e.g. gptq's `hqq: {iters: 10}`) as
+    sorted pairs too, so that rules stay hashable."""
+    if not isinstance(opts, dict):
+        raise ValueError(f"options must be a mapping of name: value, got {opts!r}")
+    return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in opts.items()))
+
+
+def _is_frozen_mapping(v) -> bool:
+    return isinstance(v, tuple) and len(v) > 0 and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                                      for p in v)
 
 
 def _parse_transforms(items) -> tuple:
@@ -291,7 +304,7 @@ def recipe_to_dict(cfg: QuantConfig) -> dict[str, Any]:
         if r.force:
             d["force"] = True
         if r.options:
-            d["options"] = dict(r.options)
+            d["options"] = {k: dict(v) if _is_frozen_mapping(v) else v for k, v in r.options}
         if r.transforms:
             d["transforms"] = [name if not opts else {name: dict(opts)} for name, opts in r.transforms]
         rules.append(d)

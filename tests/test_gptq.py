@@ -437,3 +437,36 @@ def test_refit_refuses_static_groups_and_channels():
         run(weight(32), sch, correlated_hessian(32), static_groups=True, refit=True)
     with pytest.raises(ValueError, match="refit"):
         run(weight(32), Scheme(format="int4", symmetric=False), correlated_hessian(32), refit=True)
+
+
+@pytest.mark.parametrize("zero_point,k", [("int", 96), ("float", 80)])  # 80 rows: the last group is padded
+def test_hqq_group_grids_equal_hqq_without_feedback(zero_point, k):
+    """With a diagonal Hessian no error is fed back, so GPTQ's `hqq` option gives exactly `hqq`'s codes and grids
+    (the padded rows of a partial group left out of HQQ's fit in both)."""
+    from jq.algorithms.hqq import hqq
+
+    sch = Scheme(format="int3", symmetric=False, group_size=32, pad=True, zero_point=zero_point)
+    w = weight(k, seed=6)
+    # (HQQ's early stop looks at the whole tensor, inside GPTQ at one group: compare without it)
+    q, info = run(w, sch, np.eye(k, dtype=np.float32), hqq=(("early_stop", False), ("iters", 10)))  # as a recipe
+    r = hqq(jnp.asarray(w), sch, sch.layout(w.shape, (0,)), iters=10, early_stop=False)
+    np.testing.assert_array_equal(np.asarray(q.unpacked_codes()), np.asarray(r.unpacked_codes()))
+    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(r.scale))
+    np.testing.assert_array_equal(np.asarray(q.zero), np.asarray(r.zero))
+    plain, _ = run(w, sch, np.eye(k, dtype=np.float32))
+    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in ((q.scale, plain.scale), (q.zero, plain.zero))]
+    assert any(moved)  # HQQ did move the grids (float zero points: the zero only)
+
+    # with correlations GPTQ + HQQ grids still compensate: far below RTN's objective
+    h = correlated_hessian(k, seed=3)
+    qh, _ = run(w, sch, h, hqq=True)
+    rt = _rtn(jnp.asarray(w), sch, sch.layout(w.shape, (0,)))
+    assert objective(w, qh.dequantize(), h) < 0.7 * objective(w, rt.dequantize(), h)
+
+
+def test_hqq_option_refuses_symmetric_and_static_grids():
+    with pytest.raises(ValueError, match="hqq"):
+        run(weight(32), Scheme(format="int4", group_size=16), correlated_hessian(32), hqq=True)
+    with pytest.raises(ValueError, match="hqq"):
+        run(weight(32), Scheme(format="int4", symmetric=False, group_size=16), correlated_hessian(32),
+            static_groups=True, hqq=True)

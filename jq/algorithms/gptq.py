@@ -28,7 +28,8 @@ the reference does. Groups: the scale / zero of a group are computed when its fi
 group's *current* weights — the original ones plus the paper's error feedback of every channel quantized so far
 (recovered from the Δ form by one unit-triangular [g, g] solve) — or, with `static_groups=True`, for all groups up
 front from the original weights. The range is the scheme's (minmax, absmax, percentile, or the MSE clip search of
-`jq.ranges.mse_clip`). Blocks are adjusted so that a group never starts inside a block it does not fit in:
+`jq.ranges.mse_clip`), or with the `hqq` option HQQ's half-quadratic fit of the group's zero (and scale) to those
+current rows (`jq.algorithms.hqq.hqq_params`, early stopping per group). Blocks are adjusted so that a group never starts inside a block it does not fit in:
 `block_size` is rounded down to a multiple of `group_size` (or to a divisor of it when groups are larger than
 blocks), and the result does not depend on `block_size` beyond float rounding. (The reference code takes a group
 starting mid-block from weights that lack the feedback of that block's earlier channels; with group_size a
@@ -144,10 +145,16 @@ def _upper_cholesky(h: jnp.ndarray) -> jnp.ndarray:
     return lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
 
 
-def _group_params(x: jnp.ndarray, scheme: Scheme):
-    """Grid parameters (scale [N], zero [N] or None) of one group of rows x [g, N], by the scheme's range."""
-    lo, hi = ranges.estimate(x[None], (1,), scheme)
-    s, z = scheme.scale_zero(lo, hi)
+def _group_params(x: jnp.ndarray, scheme: Scheme, hqq: dict | None = None, valid: jnp.ndarray | None = None):
+    """Grid parameters (scale [N], zero [N] or None) of one group of rows x [g, N], by the scheme's range, or by
+    HQQ (`jq.algorithms.hqq.hqq_params` with options `hqq`; `valid` [g] masks padding rows out)."""
+    if hqq is not None:
+        from jq.algorithms.hqq import hqq_params
+
+        s, z = hqq_params(x[None], scheme, (1,), weight=None if valid is None else valid[None, :, None], **hqq)
+    else:
+        lo, hi = ranges.estimate(x[None], (1,), scheme)
+        s, z = scheme.scale_zero(lo, hi)
     n = x.shape[-1]
     return s.reshape(n), None if z is None else z.reshape(n)
 
@@ -218,6 +225,7 @@ def gptq_with_info(
     static_groups: bool = False,
     max_damp_tries: int = 6,
     refit: bool = False,
+    hqq: bool | dict = False,
 ) -> tuple[QTensor, dict[str, jnp.ndarray]]:
     """GPTQ-quantize `w` and report how it went.
 
@@ -233,6 +241,9 @@ def gptq_with_info(
       max_damp_tries: how many times damping is raised ×10 when the Cholesky factorisation fails.
       refit: after the GPTQ pass, refit the group scales (and float zero points) to the final codes by least
         squares on the damped H (`refit_groups`); groups formed during the pass only (not channel / static).
+      hqq: form each group's grid by HQQ (`jq.algorithms.hqq.hqq_params`) from the group's current rows instead
+        of the scheme's range — True for HQQ's defaults, or a dict of its options (iters, p, beta, kappa,
+        optimize_scale). Asymmetric int groups formed during the pass only.
 
     Returns:
       (QTensor, info) with info = {"damp": f32 final relative damping, "fallback": bool (RTN was used),
@@ -245,6 +256,13 @@ def gptq_with_info(
         raise ValueError(f"gptq: refit applies to groups formed during the pass (granularity: group, "
                          f"static_groups: false); this layout is {layout.granularity!r} with static_groups="
                          f"{static_groups}. Drop the refit option")
+    hqq_opts = None
+    if hqq is not False and hqq is not None:
+        if p.level not in ("column", "block") or scheme.symmetric or not scheme.fmt.is_int:
+            raise ValueError(f"gptq: the hqq option fits the zero point of asymmetric int groups formed during the "
+                             f"pass; this is {scheme.describe()!r} with granularity {layout.granularity!r}, "
+                             f"static_groups={static_groups}. Drop hqq, or use symmetric: false with group_size")
+        hqq_opts = {} if hqq is True else dict(hqq)
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
     if stats is None or "hessian" not in stats:
         raise ValueError(
@@ -365,7 +383,8 @@ def gptq_with_info(
             lg, w0g, ag = rows()
             cur_g = w0g + lax.linalg.triangular_solve(ag, lg - w0g, left_side=True, lower=False, transpose_a=True,
                                                       unit_diagonal=True)
-            return _group_params(cur_g, scheme)
+            valid = None if hqq_opts is None else lax.dynamic_slice_in_dim(mask, start, g)
+            return _group_params(cur_g, scheme, hqq_opts, valid)
 
         cur = lax.cond(start % g == 0, params, lambda: cur)
         sc = lax.dynamic_update_slice_in_dim(sc, cur[0][None], start // g, 0)

@@ -42,7 +42,7 @@ from jq.algorithms import register
 from jq.qtensor import Layout, QTensor
 from jq.scheme import Scheme
 
-__all__ = ["hqq", "hqq_refine", "shrink_lp", "lp_error"]
+__all__ = ["hqq", "hqq_params", "hqq_refine", "shrink_lp", "lp_error"]
 
 
 def shrink_lp(x: jnp.ndarray, beta, p: float, weight=None) -> jnp.ndarray:
@@ -191,6 +191,7 @@ def hqq(
     beta: float = 10.0,
     kappa: float = 1.01,
     optimize_scale: bool | None = None,
+    early_stop: bool = True,
 ) -> QTensor:
     """HQQ-quantize `w` (logical shape `layout.shape`): start from `scheme.range` (min-max by default) and refine
     the zero point (and the scale with `optimize_scale`) per group by `hqq_refine`. Data-free: `stats` is ignored.
@@ -203,16 +204,23 @@ def hqq(
     Only asymmetric int schemes have a zero point to optimise; others raise ValueError. Padding of a padded
     group axis is left out of the error and the zero-point means.
     """
+    xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
+    scale, zero = hqq_params(xg, scheme, layout.reduce_axes, weight=_valid_mask(layout), iters=iters, p=p,
+                             beta=beta, kappa=kappa, optimize_scale=optimize_scale, early_stop=early_stop)
+    codes = scheme.encode(xg, scale, zero)
+    return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
+
+
+def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight=None,
+               optimize_scale: bool | None = None, **options) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """HQQ's grid for a grouped view `xg`: the scheme's range (min-max by default) refined by `hqq_refine`.
+
+    `optimize_scale=None` means True for int zero points and False for float ones (see `hqq`); `options` are
+    `hqq_refine`'s (iters, p, beta, kappa, early_stop). Returns keepdims (scale, zero) in stored precision.
+    GPTQ's `hqq` option calls this on each group's current rows when the group is formed."""
     _check_scheme(scheme)
     if optimize_scale is None:
         optimize_scale = scheme.zero_point == "int"
-    xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
-    axes = layout.reduce_axes
-    lo, hi = ranges.estimate(xg, axes, scheme)
+    lo, hi = ranges.estimate(xg, reduce_axes, scheme)
     scale, zero = scheme.scale_zero(lo, hi)
-    scale, zero = hqq_refine(
-        xg, scale, zero, scheme, axes, iters=iters, p=p, beta=beta, kappa=kappa,
-        optimize_scale=optimize_scale, weight=_valid_mask(layout),
-    )
-    codes = scheme.encode(xg, scale, zero)
-    return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
+    return hqq_refine(xg, scale, zero, scheme, reduce_axes, optimize_scale=optimize_scale, weight=weight, **options)
