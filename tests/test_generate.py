@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ from jq.models.generate import check_lengths, generate, generate_timed
 from jq.models.llama import cache_bytes_per_token, init_cache, init_params, make_decode, make_forward, qk_rotation
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
 
+REPO = Path(__file__).resolve().parents[1]
 CFG = LlamaConfig.tiny()  # 2 layers, 4 query heads over 2 kv heads, head_dim 8, vocab 64
 
 
@@ -257,6 +259,30 @@ def test_generation_length_errors():
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
+
+
+def test_generate_on_params_sharded_over_an_explicit_mesh(params, tokens):
+    """Params placed on a `jax.make_mesh` mesh (Explicit axes by default; `jq.checkpoint.load(mesh=...)` places
+    them so too) with column-parallel kernels generate the same tokens as unsharded ones (the model's reshapes
+    would otherwise demand an output sharding each)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jq.models.generate import explicit_mesh
+
+    q = jq.quantize_params(params, jq.load_recipe(REPO / "configs" / "rtn_w8.yaml"))
+    mesh = jax.make_mesh((4,), ("model",), devices=jax.devices()[:4])
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+
+    def place(path, x):  # a kernel's codes and scales split along the output axis, the rest replicated
+        split = "kernel" in jax.tree_util.keystr(path) and x.ndim == 2 and x.shape[-1] % 4 == 0
+        return jax.device_put(x, NamedSharding(mesh, P(None, "model") if split else P()))
+
+    placed = jax.tree_util.tree_map_with_path(place, q)
+    assert placed["layers_0"]["mlp"]["up_proj"]["kernel"].codes.sharding.spec == P(None, "model")
+    assert explicit_mesh(placed) is mesh and explicit_mesh(q) is None
+    want = np.asarray(generate(CFG, q, tokens[:, :6], 5))
+    np.testing.assert_array_equal(np.asarray(generate(CFG, placed, tokens[:, :6], 5)), want)
+    np.testing.assert_array_equal(generate_timed(CFG, placed, tokens[:, :6], 5).tokens, want)
 
 
 def test_kv_recipes_parse_and_stay_hashable():

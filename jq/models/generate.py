@@ -15,6 +15,7 @@ token rates), and `generate_text` runs it on a string with a tokenizer (the `jq 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -100,10 +101,27 @@ def check_lengths(cfg: LlamaConfig, prompt_len: int, max_new: int, max_len: int 
     return int(max_len)
 
 
+def explicit_mesh(tree: Any) -> jax.sharding.Mesh | None:
+    """The mesh of the first leaf of `tree` placed with a NamedSharding on a mesh that has an Explicit axis, else
+    None. Params restored that way (e.g. `jq.checkpoint.load(mesh=jax.make_mesh(...))`, whose axes default to
+    Explicit) carry their sharding in their types, and the model's reshapes would need an output sharding each."""
+    for x in jax.tree_util.tree_leaves(tree):
+        sh = getattr(x, "sharding", None)
+        mesh = getattr(sh, "mesh", None)
+        if isinstance(sh, jax.sharding.NamedSharding) and any(
+                t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+            return mesh
+    return None
+
+
 @functools.lru_cache(maxsize=32)
-def _functions(cfg: LlamaConfig, dtype_name: str, kv: KVCacheConfig | None, max_new: int):
+def _functions(cfg: LlamaConfig, dtype_name: str, kv: KVCacheConfig | None, max_new: int,
+               mesh: jax.sharding.Mesh | None = None):
     """Jitted (prefill, decode_loop) for one configuration (cached, so repeated calls reuse jit's cache).
-    Temperature and EOS id are traced arguments: changing them does not recompile."""
+    Temperature and EOS id are traced arguments: changing them does not recompile. With a `mesh` that has
+    Explicit axes (see `explicit_mesh`) both run with its axes treated as Auto (`jax.sharding.auto_axes`): XLA
+    propagates the weights' shardings through the model, and tokens and cache come out replicated. Call them
+    under `jax.set_mesh(mesh)`."""
     prefill, step = make_decode(cfg, jnp.dtype(dtype_name), kv)
 
     def sample(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
@@ -140,6 +158,10 @@ def _functions(cfg: LlamaConfig, dtype_name: str, kv: KVCacheConfig | None, max_
         i, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
         return out, i
 
+    if mesh is not None:
+        replicated = jax.sharding.PartitionSpec()
+        run_prefill = jax.sharding.auto_axes(run_prefill, out_sharding=replicated)
+        run_decode = jax.sharding.auto_axes(run_decode, out_sharding=replicated)
     return jax.jit(run_prefill), jax.jit(run_decode)
 
 
@@ -188,12 +210,18 @@ def generate(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv:
     Returns: int32 [B, n] new tokens, n <= max_new (n < max_new only when all rows hit `eos_id`).
     """
     tokens, max_len, temperature, key = _prepare(model_cfg, tokens, max_new, max_len, temperature, key)
-    prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new))
-    cache = init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype)
-    first, cache, key = prefill(params, cache, tokens, temperature, key)
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
-    out, n = decode(params, cache, first, jnp.int32(tokens.shape[1]), temperature, eos, key)
+    mesh = explicit_mesh(params)
+    prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
+    with _mesh_context(mesh):
+        cache = init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype)
+        first, cache, key = prefill(params, cache, tokens, temperature, key)
+        eos = jnp.int32(-1 if eos_id is None else eos_id)
+        out, n = decode(params, cache, first, jnp.int32(tokens.shape[1]), temperature, eos, key)
     return out[:, : int(n)]
+
+
+def _mesh_context(mesh):
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv: KVCacheConfig | None = None,
@@ -203,7 +231,15 @@ def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: in
     Arguments as for `generate`, plus `warmup` untimed runs before the timed one; returns a `GenerationResult`
     (tokens as numpy)."""
     tokens, max_len, temperature, key = _prepare(model_cfg, tokens, max_new, max_len, temperature, key)
-    prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new))
+    mesh = explicit_mesh(params)
+    with _mesh_context(mesh):
+        return _generate_timed(model_cfg, params, tokens, max_new, kv, temperature, key, eos_id, max_len, dtype,
+                               warmup, mesh)
+
+
+def _generate_timed(model_cfg, params, tokens, max_new, kv, temperature, key, eos_id, max_len, dtype, warmup,
+                    mesh) -> GenerationResult:
+    prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
     params = jax.block_until_ready(jax.device_put(params))
     cache = jax.block_until_ready(init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype))
     start, eos = jnp.int32(tokens.shape[1]), jnp.int32(-1 if eos_id is None else eos_id)
