@@ -220,6 +220,46 @@ def test_linen_mlp_fake_quant_forward_equals_converted_model():
     assert float(jnp.max(jnp.abs(y_weights_only - y_q))) > 1e-6  # the int8 activations are part of both
 
 
+@pytest.mark.parametrize("zero_point", ["float", "int"])
+def test_init_from_a_gptq_result_starts_at_the_ptq_model(zero_point):
+    """QAT started from GPTQ output: step 0's fake-quantized weights are GPTQ's dequantized ones, and converting
+    without training gives back GPTQ's codes, scales and zeros."""
+    k, n = 96, 40
+    w = jax.random.normal(jax.random.PRNGKey(3), (k, n)) * 0.05
+    x = jax.random.normal(jax.random.PRNGKey(4), (256, k)) * jnp.linspace(0.2, 3.0, k)
+    rule = dict(format="int3", symmetric=False, group_size=32, pad=True, zero_point=zero_point)
+    gptq_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "gptq", "options": {"refit": True},
+                                            **rule}]})
+    qat_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True}, **rule}]})
+    calib = {"mlp": {"kernel": {"hessian": x.T @ x / 256, "count": jnp.float32(256)}}}
+    ptq = jq.quantize_params({"mlp": {"kernel": w}, "norm": jnp.ones(k)}, gptq_cfg, calib)
+    qp = qat.init_from(ptq, qat_cfg)
+    g = ptq["mlp"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(qp["params"]["mlp"]["kernel"]), np.asarray(g.dequantize()))
+    assert qp["params"]["norm"] is ptq["norm"]
+    fq = qat.fake_quantize(qp, qat_cfg)["mlp"]["kernel"]
+    np.testing.assert_allclose(np.asarray(fq), np.asarray(g.dequantize()), rtol=0, atol=1e-6)
+    back = qat.convert(qp, qat_cfg)["mlp"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(back.unpacked_codes()), np.asarray(g.unpacked_codes()))
+    np.testing.assert_array_equal(np.asarray(back.scale), np.asarray(g.scale))
+    np.testing.assert_array_equal(np.asarray(back.zero), np.asarray(g.zero))
+
+
+def test_init_from_refuses_a_ptq_grid_the_recipe_cannot_learn():
+    k, n = 64, 16
+    w = {"mlp": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (k, n))}}
+    calib = {"mlp": {"kernel": {"hessian": jnp.diag(jnp.linspace(1.0, 2.0, k))}}}
+    qat_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True},
+                                           "format": "int4", "symmetric": False, "group_size": 32}]})
+    for extra, match in (({"group_size": 16}, "layout"), ({"zero_point": "float"}, "zero point"),
+                         ({"options": {"act_order": True}}, "perm")):
+        rule = {"pattern": ".*kernel", "method": "gptq", "format": "int4", "symmetric": False, "group_size": 32,
+                **extra}
+        ptq = jq.quantize_params(w, recipe_from_dict({"rules": [rule]}), calib)
+        with pytest.raises(ValueError, match=f"mlp/kernel.*{match}"):
+            qat.init_from(ptq, qat_cfg)
+
+
 def test_nnx_mlp_fake_quant_forward_equals_converted_model():
     x = jax.random.normal(jax.random.PRNGKey(1), (5, 24))
     graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
@@ -428,3 +468,31 @@ def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
     assert _is_q(tree["layers_0"]["attn"]["q_proj"]["kernel"])
     assert qat.Checkpointer(tmp_path / "ckpt").latest_step() == 2
     assert '"last_loss"' in capsys.readouterr().out
+
+
+def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
+    """--init-recipe: AWQ + GPTQ (act-order, static groups) on the corpus, then QAT on the same grid from it."""
+    import json
+
+    from jq.models import finetune as script
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Anne Elliot walked along the Cobb at Lyme, and Captain Wentworth followed her. " * 30)
+    recipe = tmp_path / "qat.yaml"
+    recipe.write_text("rules:\n  - pattern: '.*kernel'\n    method: qat\n    options: {lsq: true}\n"
+                      "    format: int4\n    symmetric: false\n    group_size: 16\n")
+    ptq = tmp_path / "ptq.yaml"
+    ptq.write_text("name: awq_gptq_tiny\nrules:\n  - pattern: '.*kernel'\n    transforms: [awq]\n    method: gptq\n"
+                   "    format: int4\n    symmetric: false\n    group_size: 16\n"
+                   "    options: {act_order: true, static_groups: true}\n")
+    rc = script.main(["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus",
+                      str(corpus), "--recipe", str(recipe), "--init-recipe", str(ptq), "--calib-samples", "4",
+                      "--calib-len", "32", "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["init_recipe"]["name"] == "awq_gptq_tiny" and out["steps"] == 1
+    bad = tmp_path / "bad.yaml"  # act-order with groups formed in the pass stores a permutation: refused by name
+    bad.write_text(ptq.read_text().replace("static_groups: true", "static_groups: false"))
+    with pytest.raises(ValueError, match="perm"):
+        script.main(["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus",
+                     str(corpus), "--recipe", str(recipe), "--init-recipe", str(bad), "--calib-samples", "4",
+                     "--calib-len", "32", "--no-progress"])

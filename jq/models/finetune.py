@@ -4,6 +4,8 @@ quantized tree `jq quantize` writes.
     jq qat --model smollm2-135m --recipe configs/qat_w4_g128.yaml --steps 300 \\
         --batch-size 8 --seq-len 512 --grad-accum 4 --lr 2e-5 --ckpt-dir out/qat_ckpt --out out/qat_w4_g128
     jq qat --float ...              # control: the same fine-tune in float, then PTQ by the recipe
+    jq qat --recipe configs/qat_w3_g128.yaml --init-recipe configs/awq_gptq_w3_g128_static.yaml
+                                    # start from AWQ + GPTQ (on the same grid) instead of RTN
     jq qat --model tiny --steps 2 --seq-len 64 --batch-size 2    # smoke test, no download
 
 The corpus defaults to the Austen books other than persuasion.txt (the evaluation text); `--eval-windows N` reports
@@ -43,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a .gguf file, a Hugging Face directory, smollm2-135m, or 'tiny' "
                         "(random one-block Llama, byte tokens)")
     p.add_argument("--recipe", default=str(REPO / "configs" / "qat_w4_g128.yaml"), help="QAT / PTQ recipe (YAML)")
+    p.add_argument("--init-recipe",
+                   help="start from this calibrated PTQ recipe's result (e.g. AWQ + GPTQ, same grid as --recipe, "
+                        "act_order: false) instead of RTN: masters = its dequantized weights, learned step sizes = "
+                        "its scales and zeros (jq.qat.init_from)")
+    p.add_argument("--calib-samples", type=int, default=128, help="--init-recipe calibration windows (default 128)")
+    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the calibration windows")
     p.add_argument("--float", action="store_true",
                    help="fine-tune without fake quantization (the control); --out still applies the recipe (PTQ)")
     p.add_argument("--corpus", nargs="+", help="training text files (default: the Austen books but persuasion.txt)")
@@ -116,6 +125,37 @@ def default_corpus() -> list[Path]:
     if excerpt.exists():
         return [excerpt]
     raise FileNotFoundError("no default corpus (shared Austen data absent): pass --corpus FILE [FILE ...]")
+
+
+def _evaluate(mcfg, params, tokenizer, args) -> dict:
+    """Perplexity of (float or quantized) `params` on the first `args.eval_windows` windows of persuasion.txt."""
+    import jax.numpy as jnp
+
+    from jq.models import pipeline
+    from jq.models.eval import perplexity
+
+    ids = np.asarray(tokenizer.encode(pipeline.default_eval_text().read_text(encoding="utf-8")), np.int32)
+    fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
+    return perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows)
+
+
+def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path]):
+    """Quantize `params` by `args.init_recipe` (calibrated on the training corpus `files`) → (quantized params,
+    {"name", "seconds"}). The recipe may not rotate the model (QAT trains the unrotated architecture)."""
+    import jq
+    from jq.models import pipeline
+
+    ptq = jq.load_recipe(args.init_recipe)
+    if ptq.rotation is not None:
+        raise ValueError(f"--init-recipe {args.init_recipe}: recipes with a rotation section change the model; "
+                         "pick one without it")
+    t0 = time.perf_counter()
+    calib = None
+    if ptq.needs_calibration:
+        calib = pipeline.calibration_tokens(tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed)
+    m = pipeline.LoadedModel(mcfg, params, tokenizer, source)
+    qparams, _ = pipeline.quantize(m, ptq, calib, progress=not args.no_progress)
+    return qparams, {"name": ptq.name, "seconds": time.perf_counter() - t0}
 
 
 # -- training pieces --------------------------------------------------------------------------------------------
@@ -222,7 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = qat.WindowBatches(windows, args.batch_size, args.grad_accum, seed=args.seed)
 
     mesh = qat.make_mesh(fsdp=args.fsdp) if args.fsdp else qat.make_mesh()
-    qp = {"params": params, "quant": {}} if args.float else qat.init(params, recipe)
+    ptq_log = None
+    if args.init_recipe:
+        if args.float:
+            raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
+        params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files)
+        if args.eval_windows:
+            ptq_log["eval"] = _evaluate(mcfg, params, tokenizer, args)
+        qp = qat.init_from(params, recipe)
+    else:
+        qp = {"params": params, "quant": {}} if args.float else qat.init(params, recipe)
     optimizer = make_optimizer(args, qp)
     state = qat.init_train_state(qp, optimizer, mesh)
     del params, qp
@@ -267,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "model": source, "recipe": recipe.name, "mode": "float" if args.float else "qat", "steps": args.steps,
+        **({"init_recipe": ptq_log} if ptq_log else {}),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "train_seconds": train_s,
         # steady state: the first step of a run includes compilation
@@ -285,16 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                     "qat": {k: v for k, v in result.items() if k != "model"}}
             result["out"] = str(checkpoint.save(args.out, qparams, recipe=recipe, meta=meta, overwrite=args.overwrite))
         if args.eval_windows:
-            from jq.models import pipeline
-            from jq.models.eval import perplexity
-
-            text = pipeline.default_eval_text().read_text(encoding="utf-8")
-            ids = np.asarray(tokenizer.encode(text), np.int32)
-            fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
-            result["eval"] = perplexity(fwd, qparams, ids, window=args.eval_window, windows=args.eval_windows)
+            result["eval"] = _evaluate(mcfg, qparams, tokenizer, args)
             if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
-                result["eval_float"] = perplexity(fwd, jax.device_get(trained["params"]), ids, window=args.eval_window,
-                                                  windows=args.eval_windows)
+                result["eval_float"] = _evaluate(mcfg, jax.device_get(trained["params"]), tokenizer, args)
     result["seconds"] = time.perf_counter() - t0
     if console_out:
         print(json.dumps(result))

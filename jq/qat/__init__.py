@@ -63,6 +63,7 @@ from jq.qat.tree import (
     decay_mask,
     fake_quantize,
     init,
+    init_from,
     nnx_merge,
     plan,
     qat_options,
@@ -70,7 +71,7 @@ from jq.qat.tree import (
 
 __all__ = [
     "QAT_OPTIONS", "Checkpointer", "LeafPlan", "WindowBatches", "act_interceptor", "apply", "batch_sharding",
-    "code_bounds", "convert", "decay_mask", "fake_quant", "fake_quant_act", "fake_quantize", "init",
+    "code_bounds", "convert", "decay_mask", "fake_quant", "fake_quant_act", "fake_quantize", "init", "init_from",
     "init_train_state", "lsq_fake_quant", "lsq_grad_scale", "make_mesh", "make_train_step",
     "maybe_initialize_distributed", "nnx_merge", "param_spec", "plan", "qat_options", "shard_batch", "ste",
     "tree_shardings",

@@ -31,6 +31,7 @@ __all__ = [
     "plan",
     "qat_options",
     "init",
+    "init_from",
     "fake_quantize",
     "convert",
     "decay_mask",
@@ -128,6 +129,47 @@ def init(params, cfg: QuantConfig) -> dict[str, Any]:
         p = plan(path, w, cfg)
         if p is not None and p.lsq:
             _set(quant, path, _lsq_init(jnp.asarray(w), p.scheme, p.layout, p.lsq_init))
+    return {"params": params, "quant": quant}
+
+
+def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
+    """QAT parameters that start from a PTQ result (e.g. GPTQ / AWQ output of `jq.quantize_params` or
+    `jq.sequential.quantize_sequential`): float masters = each QTensor's dequantized weight, learned step sizes
+    (and zero points) = its stored scales (and zeros), so that step 0 of QAT computes the PTQ model.
+
+    Every QTensor at a leaf that the QAT recipe learns (`lsq: true`) must be on the recipe's grid: same format,
+    symmetry, zero-point kind, layout (granularity, group size, padding), and stored in natural order (no
+    act-order `perm`, no rotation). Other QTensors are only dequantized. Raises ValueError naming the leaf, what
+    differs and the fix."""
+    quant: dict = {}
+
+    def visit(kp, x):
+        if not _is_q(x):
+            return x
+        path = path_str(kp)
+        w = x.dequantize()
+        p = plan(path, w, cfg)
+        if p is None or not p.lsq:
+            return w
+        sch, lay = p.scheme, p.layout
+        zkind = None if x.zero is None else ("int" if jnp.issubdtype(x.zero.dtype, jnp.integer) else "float")
+        want = None if sch.symmetric else sch.zero_point
+        problems = [f"{name} {got!r} (recipe {exp!r})" for name, got, exp in (
+            ("format", x.fmt, sch.format), ("symmetric", x.symmetric, sch.symmetric), ("zero point", zkind, want),
+            ("layout", x.layout, lay), ("perm", None if x.perm is None else "act-order", None),
+            ("rotation", getattr(x, "rotation", None), None)) if got != exp]
+        if problems:
+            raise ValueError(
+                f"{path}: the PTQ weight is not on the QAT recipe's grid: {'; '.join(problems)}. Quantize it with a "
+                "recipe of the same format / group size / zero point, act_order: false (or static_groups: true) "
+                "and no rotation, or start QAT from float params with jq.qat.init")
+        q = {"scale": jnp.asarray(x.scale, jnp.float32).reshape(lay.scale_shape)}
+        if x.zero is not None:
+            q["zero"] = jnp.asarray(x.zero, jnp.float32).reshape(lay.scale_shape)
+        _set(quant, path, q)
+        return w
+
+    params = jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=_is_q)
     return {"params": params, "quant": quant}
 
 
