@@ -127,8 +127,10 @@ def default_corpus() -> list[Path]:
     raise FileNotFoundError("no default corpus (shared Austen data absent): pass --corpus FILE [FILE ...]")
 
 
-def _evaluate(mcfg, params, tokenizer, args) -> dict:
-    """Perplexity of (float or quantized) `params` on the first `args.eval_windows` windows of persuasion.txt."""
+def evaluator(mcfg, tokenizer, args):
+    """`evaluate(params) -> perplexity dict` of float or quantized params on the first `args.eval_windows` windows
+    of persuasion.txt; the text is tokenized and the forward jitted once, so the PTQ start and the converted model
+    (same tree structure) share one compilation."""
     import jax.numpy as jnp
 
     from jq.models import pipeline
@@ -136,7 +138,7 @@ def _evaluate(mcfg, params, tokenizer, args) -> dict:
 
     ids = np.asarray(tokenizer.encode(pipeline.default_eval_text().read_text(encoding="utf-8")), np.int32)
     fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
-    return perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows)
+    return lambda params: perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows)
 
 
 def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path]):
@@ -262,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     batches = qat.WindowBatches(windows, args.batch_size, args.grad_accum, seed=args.seed)
 
     mesh = qat.make_mesh(fsdp=args.fsdp) if args.fsdp else qat.make_mesh()
+    evaluate = evaluator(mcfg, tokenizer, args) if args.eval_windows else None
     ptq_log = None
     if args.init_recipe:
         if args.float:
             raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
         params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files)
         if args.eval_windows:
-            ptq_log["eval"] = _evaluate(mcfg, params, tokenizer, args)
+            ptq_log["eval"] = evaluate(params)
         qp = qat.init_from(params, recipe)
     else:
         qp = {"params": params, "quant": {}} if args.float else qat.init(params, recipe)
@@ -335,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                     "qat": {k: v for k, v in result.items() if k != "model"}}
             result["out"] = str(checkpoint.save(args.out, qparams, recipe=recipe, meta=meta, overwrite=args.overwrite))
         if args.eval_windows:
-            result["eval"] = _evaluate(mcfg, qparams, tokenizer, args)
+            result["eval"] = evaluate(qparams)
             if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
-                result["eval_float"] = _evaluate(mcfg, jax.device_get(trained["params"]), tokenizer, args)
+                result["eval_float"] = evaluate(jax.device_get(trained["params"]))
     result["seconds"] = time.perf_counter() - t0
     if console_out:
         print(json.dumps(result))
