@@ -202,14 +202,18 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
     )
 
 
-def _parse_section(raw, cls, name: str, allowed: list[str], source: str, expected: str):
-    """A model-level recipe section (a mapping of `allowed` fields) → `cls(**raw)`; errors name the source, the
-    section and the field."""
+def _parse_section(raw, cls, name: str, allowed: list[str], source: str, expected: str,
+                   required: dict[str, str] | None = None):
+    """A model-level recipe section (a mapping of `allowed` fields, `required` ones named with a hint) →
+    `cls(**raw)`; errors name the source, the section and the field."""
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: '{name}' must be {expected}, got {raw!r}")
     unknown = set(raw) - set(allowed)
     if unknown:
         raise ValueError(f"{source}: {name}: unknown field(s) {sorted(unknown)}; allowed fields are {allowed}")
+    for field, hint in (required or {}).items():
+        if field not in raw:
+            raise ValueError(f"{source}: {name}: missing field '{field}' ({hint})")
     try:
         return cls(**raw)
     except (ValueError, TypeError) as e:
@@ -231,9 +235,8 @@ _KV_FIELDS = ("format", "group_size", "symmetric", "rotate", "scale_dtype")
 
 def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
     """The `kv_cache:` mapping → KVCacheConfig (`format` required)."""
-    if isinstance(raw, dict) and not set(raw) - set(_KV_FIELDS) and "format" not in raw:
-        raise ValueError(f"{source}: kv_cache: missing field 'format' (int8 or int4)")
-    return _parse_section(raw, KVCacheConfig, "kv_cache", list(_KV_FIELDS), source, "a mapping like {format: int8}")
+    return _parse_section(raw, KVCacheConfig, "kv_cache", list(_KV_FIELDS), source, "a mapping like {format: int8}",
+                          required={"format": "int8 or int4"})
 
 
 def _frozen_options(opts: dict) -> tuple[tuple[str, Any], ...]:
