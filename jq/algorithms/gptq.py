@@ -29,8 +29,8 @@ group's *current* weights — the original ones plus the paper's error feedback 
 (recovered from the Δ form by one unit-triangular [g, g] solve) — or, with `static_groups=True`, for all groups up
 front from the original weights. The range is the scheme's (minmax, absmax, percentile, or the MSE clip search of
 `jq.ranges.mse_clip`), or with the `hqq` option HQQ's half-quadratic fit of the group's zero (and scale) to those
-current rows (`jq.algorithms.hqq.hqq_params`, early stopping per group). Blocks are adjusted so that a group never starts inside a block it does not fit in:
-`block_size` is rounded down to a multiple of `group_size` (or to a divisor of it when groups are larger than
+current rows (`jq.algorithms.hqq.hqq_params`, early stopping per group). Blocks are adjusted so that a group never
+starts inside a block it does not fit in: `block_size` is rounded down to a multiple of `group_size` (or to a divisor of it when groups are larger than
 blocks), and the result does not depend on `block_size` beyond float rounding. (The reference code takes a group
 starting mid-block from weights that lack the feedback of that block's earlier channels; with group_size a
 multiple of block_size — 128 / 128, the usual setting — both agree.)

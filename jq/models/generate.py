@@ -233,35 +233,29 @@ def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: in
     tokens, max_len, temperature, key = _prepare(model_cfg, tokens, max_new, max_len, temperature, key)
     mesh = explicit_mesh(params)
     with _mesh_context(mesh):
-        return _generate_timed(model_cfg, params, tokens, max_new, kv, temperature, key, eos_id, max_len, dtype,
-                               warmup, mesh)
+        prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
+        params = jax.block_until_ready(jax.device_put(params))
+        cache = jax.block_until_ready(init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype))
+        start, eos = jnp.int32(tokens.shape[1]), jnp.int32(-1 if eos_id is None else eos_id)
 
+        prefill_c, compile_prefill = _compiled(prefill, params, cache, tokens, temperature, key)
+        first_s, cache_s, key_s = jax.eval_shape(prefill, params, cache, tokens, temperature, key)
+        decode_c, compile_decode = _compiled(decode, params, cache_s, first_s, start, temperature, eos, key_s)
+        compile_s = compile_prefill + compile_decode
 
-def _generate_timed(model_cfg, params, tokens, max_new, kv, temperature, key, eos_id, max_len, dtype, warmup,
-                    mesh) -> GenerationResult:
-    prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
-    params = jax.block_until_ready(jax.device_put(params))
-    cache = jax.block_until_ready(init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype))
-    start, eos = jnp.int32(tokens.shape[1]), jnp.int32(-1 if eos_id is None else eos_id)
-
-    prefill_c, compile_prefill = _compiled(prefill, params, cache, tokens, temperature, key)
-    first_s, cache_s, key_s = jax.eval_shape(prefill, params, cache, tokens, temperature, key)
-    decode_c, compile_decode = _compiled(decode, params, cache_s, first_s, start, temperature, eos, key_s)
-    compile_s = compile_prefill + compile_decode
-
-    for _ in range(warmup):
-        f, c, k = prefill_c(params, cache, tokens, temperature, key)
-        jax.block_until_ready(decode_c(params, c, f, start, temperature, eos, k))
-    t0 = time.perf_counter()
-    first, cache, key = jax.block_until_ready(prefill_c(params, cache, tokens, temperature, key))
-    t1 = time.perf_counter()
-    out, n = jax.block_until_ready(decode_c(params, cache, first, start, temperature, eos, key))
-    t2 = time.perf_counter()
-    return GenerationResult(
-        tokens=np.asarray(out)[:, : int(n)], prompt_len=int(tokens.shape[1]), max_len=max_len,
-        prefill_seconds=t1 - t0, decode_seconds=t2 - t1, compile_seconds=compile_s,
-        cache_bytes_per_token=cache_bytes_per_token(model_cfg, kv, dtype),
-    )
+        for _ in range(warmup):
+            f, c, k = prefill_c(params, cache, tokens, temperature, key)
+            jax.block_until_ready(decode_c(params, c, f, start, temperature, eos, k))
+        t0 = time.perf_counter()
+        first, cache, key = jax.block_until_ready(prefill_c(params, cache, tokens, temperature, key))
+        t1 = time.perf_counter()
+        out, n = jax.block_until_ready(decode_c(params, cache, first, start, temperature, eos, key))
+        t2 = time.perf_counter()
+        return GenerationResult(
+            tokens=np.asarray(out)[:, : int(n)], prompt_len=int(tokens.shape[1]), max_len=max_len,
+            prefill_seconds=t1 - t0, decode_seconds=t2 - t1, compile_seconds=compile_s,
+            cache_bytes_per_token=cache_bytes_per_token(model_cfg, kv, dtype),
+        )
 
 
 def generate_text(cfg: LlamaConfig, params: Any, tokenizer: Any, prompt: str, max_new: int,

@@ -163,9 +163,9 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
                 f"{path}: the PTQ weight is not on the QAT recipe's grid: {'; '.join(problems)}. Quantize it with a "
                 "recipe of the same format / group size / zero point, act_order: false (or static_groups: true) "
                 "and no rotation, or start QAT from float params with jq.qat.init")
-        q = {"scale": jnp.asarray(x.scale, jnp.float32).reshape(lay.scale_shape)}
+        q = {"scale": S._squeeze(x.scale, lay)}  # the stored shape and f32, as lsq_init gives them
         if x.zero is not None:
-            q["zero"] = jnp.asarray(x.zero, jnp.float32).reshape(lay.scale_shape)
+            q["zero"] = S._squeeze(x.zero, lay)
         _set(quant, path, q)
         return w
 
