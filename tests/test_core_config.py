@@ -143,6 +143,8 @@ def test_unknown_top_level_field():
         ({"rules": [{"pattern": ".*", "format": "nf4", "symmetric": False}]},
          r"^<dict>: rules\[0\]: scheme field 'symmetric' is False but format 'nf4'"),
         ({"rules": [{"pattern": ".*", "range": "max"}]}, r"rules\[0\]: scheme field 'range' has value 'max'"),
+        ({"rules": [{"pattern": ".*", "method": "gptq", "options": ["damp", 0.01]}]},
+         r"^<dict>: rules\[0\]: options must be a mapping of name: value, got \['damp', 0.01\]"),
     ],
 )
 def test_recipe_from_dict_errors(d, msg):

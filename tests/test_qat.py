@@ -492,7 +492,14 @@ def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
     assert out["init_recipe"]["name"] == "awq_gptq_tiny" and out["steps"] == 1
     bad = tmp_path / "bad.yaml"  # act-order with groups formed in the pass stores a permutation: refused by name
     bad.write_text(ptq.read_text().replace("static_groups: true", "static_groups: false"))
-    with pytest.raises(ValueError, match="perm"):
-        script.main(["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus",
-                     str(corpus), "--recipe", str(recipe), "--init-recipe", str(bad), "--calib-samples", "4",
-                     "--calib-len", "32", "--no-progress"])
+    common = ["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),
+              "--recipe", str(recipe), "--calib-samples", "4", "--calib-len", "32", "--no-progress"]
+    with pytest.raises(ValueError, match="layers_0/.*kernel: the PTQ weight is not on the QAT recipe's grid: perm"):
+        script.main(common + ["--init-recipe", str(bad)])
+    with pytest.raises(ValueError, match="--init-recipe starts QAT from a PTQ result; it has no meaning with --float"):
+        script.main(common + ["--init-recipe", str(ptq), "--float"])
+    rotated = tmp_path / "rotated.yaml"
+    rotated.write_text("rotation: true\nrules:\n  - pattern: '.*kernel'\n    format: int4\n")
+    with pytest.raises(ValueError, match=r"--init-recipe .*rotated\.yaml: recipes with a rotation section change "
+                                         r"the model; pick one without it"):
+        script.main(common + ["--init-recipe", str(rotated)])
