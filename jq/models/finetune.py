@@ -6,6 +6,7 @@ quantized tree `jq quantize` writes.
     jq qat --float ...              # control: the same fine-tune in float, then PTQ by the recipe
     jq qat --recipe configs/qat_w3_g128.yaml --init-recipe configs/awq_gptq_w3_g128_static.yaml
                                     # start from AWQ + GPTQ (on the same grid) instead of RTN
+    jq qat --distill 1 ...          # loss = KD from the float model's logits instead of next-token CE
     jq qat --model tiny --steps 2 --seq-len 64 --batch-size 2    # smoke test, no download
 
 The corpus defaults to the Austen books other than persuasion.txt (the evaluation text); `--eval-windows N` reports
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the calibration windows")
     p.add_argument("--float", action="store_true",
                    help="fine-tune without fake quantization (the control); --out still applies the recipe (PTQ)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
+                   help="weight of knowledge distillation from the float model in the loss: 0 = next-token "
+                        "cross-entropy only (default), 1 = pure KD (recovers the float model, no domain adaptation)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, help="softmax temperature of the KD term")
     p.add_argument("--corpus", nargs="+", help="training text files (default: the Austen books but persuasion.txt)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
@@ -189,17 +194,15 @@ def _tree_const(tree, value):
     return jax.tree_util.tree_map(lambda _: value, tree)
 
 
-def make_loss(model, act_cfg):
-    """loss(params, ids[B, T]) = mean next-token cross-entropy of the (fake-quantized) model."""
-    import jax.numpy as jnp
-    import optax
-
+def make_loss(model, act_cfg, alpha: float = 0.0, temperature: float = 1.0):
+    """loss(params, ids[B, T], [teacher_params]) = mean next-token cross-entropy of the (fake-quantized) model, or
+    with alpha > 0 the `jq.qat.distill_loss` mix with KD from the float teacher's logits on the same ids."""
     from jq import qat
 
-    def loss_fn(params, ids):
-        logits = qat.apply(model, {"params": params}, ids, cfg=act_cfg)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), ids[:, 1:])
-        return jnp.mean(ce)
+    def loss_fn(params, ids, teacher=None):
+        logits = qat.apply(model, {"params": params}, ids, cfg=act_cfg)[:, :-1]
+        target = None if teacher is None else model.apply({"params": teacher}, ids)[:, :-1]
+        return qat.distill_loss(logits, target, ids[:, 1:], alpha if teacher is not None else 0.0, temperature)
 
     return loss_fn
 
@@ -256,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("need --steps >= 0, --batch-size >= 1, --grad-accum >= 1, --seq-len >= 2")
     if args.resume and not args.ckpt_dir:
         raise ValueError("--resume needs --ckpt-dir")
+    if not 0.0 <= args.distill <= 1.0 or args.distill_temperature <= 0:
+        raise ValueError(f"--distill {args.distill} must lie in [0, 1] and --distill-temperature "
+                         f"{args.distill_temperature} must be > 0")
+    if args.distill and args.float:
+        raise ValueError("--distill pulls the model towards the float model; with --float it would distill the "
+                         "float model from itself (zero loss). Run the float control without --distill")
     t0 = time.perf_counter()
     recipe = jq.load_recipe(args.recipe)
     mcfg, params, tokenizer, source = load_model(args.model, args.seed)
@@ -266,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     mesh = qat.make_mesh(fsdp=args.fsdp) if args.fsdp else qat.make_mesh()
     evaluate = evaluator(mcfg, tokenizer, args) if args.eval_windows else None
     ptq_log = None
+    teacher = params if args.distill else None
     if args.init_recipe:
         if args.float:
             raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
@@ -279,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     state = qat.init_train_state(qp, optimizer, mesh)
     del params, qp
     model = Llama(mcfg, dtype=jnp.dtype(args.dtype))
-    step_fn = qat.make_train_step(make_loss(model, None if args.float else recipe), optimizer,
-                                  None if args.float else recipe, mesh=mesh)
+    step_fn = qat.make_train_step(make_loss(model, None if args.float else recipe, args.distill,
+                                            args.distill_temperature), optimizer, None if args.float else recipe,
+                                  mesh=mesh)
+    frozen = () if teacher is None else (qat.shard_tree(teacher, mesh),)
+    del teacher
 
     ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
     if args.resume and ckpt.latest_step() is not None:
@@ -289,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     start = int(jax.device_get(state["step"]))
     console_out = jax.process_index() == 0
     if console_out:
-        print(f"{source}: {'float control' if args.float else recipe.name}, {len(windows)} windows of "
+        print(f"{source}: {'float control' if args.float else recipe.name}"
+              f"{f', KD alpha {args.distill}' if args.distill else ''}, {len(windows)} windows of "
               f"{args.seq_len} tokens from {len(files)} file(s), mesh {dict(mesh.shape)}, steps {start}..{args.steps}, "
               f"batch {args.grad_accum}x{args.batch_size}", file=sys.stderr)
 
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for step in range(start, args.steps):
             ts = time.perf_counter()
-            state, metrics = step_fn(state, qat.shard_batch(next(batches), mesh))
+            state, metrics = step_fn(state, qat.shard_batch(next(batches), mesh), *frozen)
             loss = float(metrics["loss"])
             losses.append(loss)
             step_seconds.append(time.perf_counter() - ts)
@@ -319,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result: dict[str, Any] = {
         "model": source, "recipe": recipe.name, "mode": "float" if args.float else "qat", "steps": args.steps,
+        **({"distill": {"alpha": args.distill, "temperature": args.distill_temperature}} if args.distill else {}),
         **({"init_recipe": ptq_log} if ptq_log else {}),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "train_seconds": train_s,

@@ -36,11 +36,16 @@ Use (linen; NNX: `graphdef, state = nnx.split(model)` and `jq.qat.nnx_merge(grap
     qparams = jq.qat.convert(qp, cfg)                     # == jq.quantize_params(params, cfg) without LSQ
     logits = jq.flax.apply(model, {"params": qparams}, x)
 
+For QAT that recovers the float model rather than adapting to the training text, distill from it:
+`jq.qat.distill_loss(student_logits, teacher_logits, labels, alpha)` with the teacher's params passed to the step
+as a frozen argument (`step(state, batch, teacher_params)`).
+
 `make_train_step` packages that loop, sharded over a (data, fsdp) mesh with gradient accumulation; `Checkpointer`
 saves and resumes it with Orbax.
 """
 
 from jq.qat import ste
+from jq.qat.distill import distill_loss, kl_divergence
 from jq.qat.ste import code_bounds, fake_quant, fake_quant_act, lsq_fake_quant, lsq_grad_scale
 from jq.qat.train import (
     Checkpointer,
@@ -52,6 +57,7 @@ from jq.qat.train import (
     maybe_initialize_distributed,
     param_spec,
     shard_batch,
+    shard_tree,
     tree_shardings,
 )
 from jq.qat.tree import (
@@ -71,8 +77,8 @@ from jq.qat.tree import (
 
 __all__ = [
     "QAT_OPTIONS", "Checkpointer", "LeafPlan", "WindowBatches", "act_interceptor", "apply", "batch_sharding",
-    "code_bounds", "convert", "decay_mask", "fake_quant", "fake_quant_act", "fake_quantize", "init", "init_from",
-    "init_train_state", "lsq_fake_quant", "lsq_grad_scale", "make_mesh", "make_train_step",
-    "maybe_initialize_distributed", "nnx_merge", "param_spec", "plan", "qat_options", "shard_batch", "ste",
-    "tree_shardings",
+    "code_bounds", "convert", "decay_mask", "distill_loss", "fake_quant", "fake_quant_act", "fake_quantize", "init",
+    "init_from", "init_train_state", "kl_divergence", "lsq_fake_quant", "lsq_grad_scale", "make_mesh",
+    "make_train_step", "maybe_initialize_distributed", "nnx_merge", "param_spec", "plan", "qat_options",
+    "shard_batch", "shard_tree", "ste", "tree_shardings",
 ]

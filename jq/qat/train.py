@@ -34,6 +34,7 @@ __all__ = [
     "tree_shardings",
     "batch_sharding",
     "shard_batch",
+    "shard_tree",
     "init_train_state",
     "make_train_step",
     "WindowBatches",
@@ -88,6 +89,11 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], batch_axis: int = 1) -> N
     return NamedSharding(mesh, P(*spec))
 
 
+def shard_tree(tree, mesh: Mesh | None):
+    """Place a pytree of arrays (e.g. a frozen teacher) on `mesh` by `tree_shardings`; unchanged without a mesh."""
+    return tree if mesh is None else jax.device_put(tree, tree_shardings(tree, mesh))
+
+
 def shard_batch(batch: np.ndarray, mesh: Mesh | None, batch_axis: int = 1) -> jax.Array:
     """Put a host batch (the same global batch on every process) onto the mesh; each device takes its slice."""
     if mesh is None:
@@ -110,33 +116,35 @@ def init_train_state(qat_params, optimizer: optax.GradientTransformation, mesh: 
 
 
 def make_train_step(
-    loss_fn: Callable[[Any, Any], jax.Array],
+    loss_fn: Callable[..., jax.Array],
     optimizer: optax.GradientTransformation,
     cfg: QuantConfig | None = None,
     *,
     mesh: Mesh | None = None,
     donate: bool = True,
 ) -> Callable[[dict, Any], tuple[dict, dict]]:
-    """A jitted `step(state, batch) -> (state, {"loss", "grad_norm"})`.
+    """A jitted `step(state, batch, *frozen) -> (state, {"loss", "grad_norm"})`.
 
-    loss_fn(params, micro_batch) -> scalar: the ordinary loss of the float model; `params` is
+    loss_fn(params, micro_batch, *frozen) -> scalar: the ordinary loss of the float model; `params` is
       `fake_quantize(qat_params, cfg)` (or the float params when `cfg` is None: the float control run).
     batch: leaves [grad_accum, micro_batch, ...]; gradients are averaged over the leading axis (one update).
+    frozen: arrays the loss reads but nobody trains, e.g. a distillation teacher's params (shard them with
+      `shard_tree`); passed as arguments, not closed over, so they are not baked into the compiled step.
     mesh: keep the state sharded by `tree_shardings` (put the state there with `init_train_state(..., mesh)` and
       batches with `shard_batch`). `donate` reuses the old state's buffers.
     """
 
-    def loss_of(qp, mb):
-        return loss_fn(qp["params"] if cfg is None else fake_quantize(qp, cfg), mb)
+    def loss_of(qp, mb, frozen):
+        return loss_fn(qp["params"] if cfg is None else fake_quantize(qp, cfg), mb, *frozen)
 
     def constrain(tree):
         return tree if mesh is None else jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh))
 
-    def step(state, batch):
+    def step(state, batch, *frozen):
         qp = state["params"]
 
         def micro(acc, mb):
-            loss, g = jax.value_and_grad(loss_of)(qp, mb)
+            loss, g = jax.value_and_grad(loss_of)(qp, mb, frozen)
             return jax.tree_util.tree_map(jnp.add, acc, (loss, constrain(g))), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, qp))
