@@ -1,6 +1,7 @@
 """jq.qat: STE and LSQ gradients against NumPy, fake-quant forward = PTQ = convert for every format and granularity,
 linen / NNX / Llama models (BitNet ternary included), a sharded step against the single-device step, bit-identical
-resume from an Orbax checkpoint, and the fine-tuning script on a tiny model."""
+resume from an Orbax checkpoint, distillation from a frozen float teacher, and the fine-tuning script on a tiny
+model."""
 
 from __future__ import annotations
 
@@ -384,6 +385,68 @@ def test_llama_lsq_training_lowers_loss_and_converts_to_the_trained_forward(llam
                        jq.quantize_params(qp["params"], plain))
 
 
+def _np_kl(s, t, tau):
+    """KL(softmax(t/τ) ‖ softmax(s/τ)) · τ² per row, in float64 NumPy."""
+    def log_softmax(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+    lt, ls = log_softmax(np.float64(t) / tau), log_softmax(np.float64(s) / tau)
+    return tau**2 * (np.exp(lt) * (lt - ls)).sum(-1)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_distill_loss_against_numpy(tau):
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(2, 5, 11)).astype(np.float32) * 3, rng.normal(size=(2, 5, 11)).astype(np.float32) * 3
+    labels = rng.integers(0, 11, size=(2, 5))
+    np.testing.assert_allclose(np.asarray(qat.kl_divergence(s, t, tau)), _np_kl(s, t, tau), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(qat.kl_divergence(t, t, tau)))) < 1e-6
+    ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(s, labels))
+    for alpha in (0.0, 0.3, 1.0):
+        want = np.mean(alpha * _np_kl(s, t, tau) + (1 - alpha) * ce)
+        np.testing.assert_allclose(float(qat.distill_loss(s, t, labels, alpha, tau)), want, rtol=1e-5)
+    # the teacher gets no gradient; the student's is softmax(s/τ) − softmax(t/τ), times τ / positions
+    g_s, g_t = jax.grad(lambda a, b: qat.distill_loss(a, b, labels, 1.0, tau), argnums=(0, 1))(s, t)
+    assert float(jnp.max(jnp.abs(g_t))) == 0.0
+    want = tau * (jax.nn.softmax(s / tau) - jax.nn.softmax(t / tau)) / 10
+    np.testing.assert_allclose(np.asarray(g_s), np.asarray(want), rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match=r"alpha=1.5 must lie in \[0, 1\]"):
+        qat.distill_loss(s, t, labels, 1.5)
+
+
+def test_distillation_step_with_a_sharded_teacher(llama):
+    """KD from a frozen teacher passed to the step: the float model distilled from itself has zero loss and zero
+    gradient; the quantized student's sharded step equals the single-device step and lowers the KD loss."""
+    from jq.models.finetune import make_loss
+
+    model, recipe, mesh, params = llama["model"], llama["recipe"], llama["mesh"], llama["params"]
+    opt = optax.adam(3e-4)  # the student starts close to its teacher: a small step
+    kd = make_loss(model, None, alpha=1.0)
+    float_step = qat.make_train_step(kd, opt, None, donate=False)
+    s0 = qat.init_train_state({"params": params, "quant": {}}, opt)
+    _, m = float_step(s0, jnp.asarray(next(qat.WindowBatches(_windows(), MICRO, ACCUM))), params)
+    assert abs(float(m["loss"])) < 1e-6 and float(m["grad_norm"]) < 1e-6  # rounding only (Adam would amplify it)
+
+    qp = qat.init(params, recipe)
+    teacher = qat.shard_tree(params, mesh)
+    assert teacher["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P(None, "fsdp")
+    step_mesh = qat.make_train_step(kd, opt, recipe, mesh=mesh)
+    step_one = qat.make_train_step(kd, opt, recipe, donate=False)
+    s_mesh, s_one = qat.init_train_state(qp, opt, mesh), qat.init_train_state(qp, opt)
+    b_mesh, b_one = qat.WindowBatches(_windows(), MICRO, ACCUM), qat.WindowBatches(_windows(), MICRO, ACCUM)
+    held_out = jnp.asarray(_windows(8))
+    kd_of = jax.jit(lambda qp: kd(qat.fake_quantize(qp, recipe), held_out, params))
+    before = float(kd_of(s_one["params"]))
+    l_mesh, l_one = [], []
+    for _ in range(4):
+        s_mesh, m = step_mesh(s_mesh, qat.shard_batch(next(b_mesh), mesh), teacher)
+        l_mesh.append(float(m["loss"]))
+        s_one, m = step_one(s_one, jnp.asarray(next(b_one)), params)
+        l_one.append(float(m["loss"]))
+    np.testing.assert_allclose(l_mesh, l_one, rtol=1e-4, atol=1e-7)
+    assert 0 < float(kd_of(s_one["params"])) < 0.9 * before
+
+
 def test_bitnet_ternary_weights_and_int8_activations():
     recipe = load_recipe(REPO / "configs" / "qat_bitnet_b158.yaml")
     model = Llama(TINY)
@@ -468,6 +531,23 @@ def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
     assert _is_q(tree["layers_0"]["attn"]["q_proj"]["kernel"])
     assert qat.Checkpointer(tmp_path / "ckpt").latest_step() == 2
     assert '"last_loss"' in capsys.readouterr().out
+
+
+def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
+    import json
+
+    from jq.models import finetune as script
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition. " * 20)
+    common = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),
+              "--no-progress"]
+    assert script.main(common + ["--distill", "1", "--distill-temperature", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["distill"] == {"alpha": 1.0, "temperature": 2.0} and out["first_loss"] > 0
+    with pytest.raises(ValueError, match="with --float it would distill the float model from itself"):
+        script.main(common + ["--distill", "1", "--float"])
+    with pytest.raises(ValueError, match="--distill 2.0 must lie in"):
+        script.main(common + ["--distill", "2"])
 
 
 def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
