@@ -105,7 +105,8 @@ class LlamaConfig:
         """Build from a Hugging Face `config.json` dict of a `LlamaForCausalLM`."""
         model_type = hf.get("model_type")
         if model_type != "llama":
-            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}: only 'llama' is supported")
+            hint = " (a BERT encoder loads with jq.models.load_bert)" if model_type == "bert" else ""
+            raise ValueError(f"unsupported Hugging Face model_type {model_type!r}: only 'llama' is supported{hint}")
         if hf.get("rope_scaling"):
             raise ValueError(f"rope_scaling {hf['rope_scaling']!r} is not supported (only plain RoPE)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):

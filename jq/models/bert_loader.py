@@ -1,0 +1,176 @@
+"""Load a Hugging Face / sentence-transformers BERT directory (config.json, safetensors, tokenizer.json) into the
+fp32 parameter tree of `jq.models.bert.Bert`, and its WordPiece tokenizer as padded int32 batches."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+from safetensors import safe_open
+
+from jq.models.bert import BertConfig, expected_shapes
+from jq.models.hf_loader import _read_tensor, weight_files
+from jq.models.params import set_path
+
+__all__ = ["BertTokenizer", "hf_names", "load_bert", "load_bert_params"]
+
+# Parameter path under layers_N (of jq.models.bert.Bert) -> Hugging Face name under "encoder.layer.N."
+_LAYER = {
+    "attn/query": "attention.self.query", "attn/key": "attention.self.key", "attn/value": "attention.self.value",
+    "attn/out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "mlp/up": "intermediate.dense", "mlp/down": "output.dense", "mlp_norm": "output.LayerNorm",
+}
+_EMBED = {"embeddings/word": "embeddings.word_embeddings", "embeddings/position": "embeddings.position_embeddings",
+          "embeddings/token_type": "embeddings.token_type_embeddings", "embeddings/norm": "embeddings.LayerNorm"}
+_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Tensors a BERT checkpoint may carry that the encoder does not use: the position-id buffer, the pooler (unused by
+# sentence-transformers) and pre-training heads.
+_UNUSED = ("embeddings.position_ids", "pooler.", "cls.")
+_PREFIX = "bert."  # BertFor* checkpoints nest the encoder under "bert."
+
+
+def hf_names(cfg: BertConfig) -> dict[str, tuple[str, bool]]:
+    """Parameter path of `Bert(cfg)` -> (Hugging Face tensor name without a "bert." prefix, is a linear weight to
+    transpose from (out, in) to (in, out))."""
+    out = {}
+    for path in expected_shapes(cfg):
+        module, leaf = path.rsplit("/", 1)
+        if module.startswith("layers_"):
+            layer, rest = module.split("/", 1)
+            hf_module = f"encoder.layer.{layer.removeprefix('layers_')}.{_LAYER[rest]}"
+        else:
+            hf_module = _EMBED[module]
+        out[path] = (f"{hf_module}.{_LEAF[leaf]}", leaf == "kernel")
+    return out
+
+
+def _canonical(key: str) -> str:
+    """A file's tensor name without the "bert." prefix, old TF-converted LayerNorm gamma / beta as weight / bias."""
+    name = key.removeprefix(_PREFIX)
+    return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def load_bert_params(directory: str | os.PathLike[str], cfg: BertConfig) -> dict[str, Any]:
+    """The safetensors weights of `directory` -> nested dict of fp32 np.ndarray in `Bert(cfg)`'s layout.
+
+    Names are accepted with or without the "bert." prefix; linear weights are transposed to (in, out). Errors name
+    the file and the tensor: a missing one, one of the wrong shape, or one this encoder does not know.
+    """
+    directory = Path(directory)
+    files = weight_files(directory)
+    available: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in the file)
+    for file in files:
+        with safe_open(str(file), framework="np") as f:
+            for key in f.keys():
+                available[_canonical(key)] = (file, key)
+    names = hf_names(cfg)
+    known = {n for n, _ in names.values()}
+    for name, (file, key) in available.items():
+        if name not in known and not name.startswith(_UNUSED):
+            raise ValueError(f"{file}: unexpected tensor {key!r} for a BERT encoder of {cfg.num_hidden_layers} "
+                             f"layers; is this a BERT checkpoint, and does {directory / 'config.json'} match it?")
+    shapes = expected_shapes(cfg)
+    params: dict[str, Any] = {}
+    for path, (name, linear) in names.items():
+        if name not in available:
+            raise ValueError(f"{', '.join(map(str, files))}: missing tensor {name!r} (or {_PREFIX + name!r}), "
+                             f"needed for parameter {path}")
+        file, key = available[name]
+        w = np.asarray(_read_tensor(file, key), dtype=np.float32)
+        want = shapes[path][::-1] if linear else shapes[path]
+        if w.shape != want:
+            raise ValueError(f"{file}: tensor {key!r} has shape {w.shape}, expected {want} for the config in "
+                             f"{directory / 'config.json'}")
+        set_path(params, path, np.ascontiguousarray(w.T) if linear else w)
+    return params
+
+
+def _check_pooling(directory: Path) -> None:
+    """sentence-transformers' pooling must be the mean over tokens, which `jq.models.bert.encode` computes."""
+    pooling = directory / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        p = json.loads(pooling.read_text())
+        modes = sorted(k for k, v in p.items() if k.startswith("pooling_mode") and v)
+        if modes != ["pooling_mode_mean_tokens"]:
+            raise ValueError(f"{pooling}: pooling modes {modes} are not supported; jq.models.bert.encode computes "
+                             "only the mean over tokens (pooling_mode_mean_tokens)")
+
+
+class BertTokenizer:
+    """A WordPiece `tokenizer.json` -> padded batches: `tok(texts)` -> (ids, mask), int32 [B, T].
+
+    Each text gets [CLS] ... [SEP] (the file's post-processor) and is truncated to `max_length` tokens; the batch
+    is padded with the pad token to its longest text, rounded up to a multiple of `pad_to_multiple_of` (capped at
+    `max_length`), so batches of similar texts share a shape. The padding / truncation stored in the file (often
+    a fixed 128) is replaced by these settings.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, max_length: int = 128, pad_to_multiple_of: int = 16,
+                 source: str = "tokenizer") -> None:
+        if max_length < 2 or pad_to_multiple_of < 1:
+            raise ValueError(f"max_length must be >= 2 and pad_to_multiple_of >= 1, got {max_length}, "
+                             f"{pad_to_multiple_of}")
+        pad = backend.padding or {}
+        pad_token = pad.get("pad_token", "[PAD]")
+        pad_id = backend.token_to_id(pad_token)
+        if pad_id is None:
+            raise ValueError(f"{source}: no pad token {pad_token!r} in the vocabulary")
+        self.backend = backend
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_id = pad_id
+        backend.enable_truncation(max_length)
+        backend.no_padding()  # padding happens in __call__, where the batch's length is known
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], max_length: int = 128,
+                  pad_to_multiple_of: int = 16) -> BertTokenizer:
+        """Load a `tokenizer.json` (see the class docstring for the padding and truncation applied)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        return cls(tokenizers.Tokenizer.from_file(str(path)), max_length, pad_to_multiple_of, source=str(path))
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """texts -> (ids, mask) int32 [len(texts), T]; mask is 1 on real tokens (incl. [CLS]/[SEP]), 0 on padding."""
+        if isinstance(texts, str):
+            raise TypeError("BertTokenizer takes a list of texts, got one str; wrap it: tok([text])")
+        enc = self.backend.encode_batch(list(texts))
+        longest = max((len(e.ids) for e in enc), default=1)
+        m = self.pad_to_multiple_of
+        t = min(-(-longest // m) * m, self.max_length)
+        ids = np.full((len(enc), t), self.pad_id, np.int32)
+        mask = np.zeros((len(enc), t), np.int32)
+        for i, e in enumerate(enc):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask
+
+
+def load_bert(name_or_path: str | os.PathLike[str], max_length: int = 128
+              ) -> tuple[BertConfig, dict[str, Any], BertTokenizer | None]:
+    """A BERT directory or a known name (`minilm-l6`, see `jq.models.hub`) -> (config, fp32 params, tokenizer).
+
+    The tokenizer (from tokenizer.json, truncating to `max_length`) is None when the directory has none. A
+    sentence-transformers `1_Pooling/config.json`, when present, must ask for mean pooling.
+    """
+    from jq.models.hub import resolve_model
+
+    directory = resolve_model(name_or_path)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: a BERT model is a directory (config.json, model.safetensors, tokenizer.json)")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face model directory")
+    cfg = BertConfig.from_hf_config(json.loads(config_path.read_text()), source=str(config_path))
+    _check_pooling(directory)
+    params = load_bert_params(directory, cfg)
+    tok_path = directory / "tokenizer.json"
+    tok = BertTokenizer.from_file(tok_path, max_length=min(max_length, cfg.max_position_embeddings)) \
+        if tok_path.is_file() else None
+    return cfg, params, tok
