@@ -30,6 +30,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/quantize_speed.py --out out
 	$(PY) benchmarks/hadamard.py --out out
+	$(PY) benchmarks/minilm_fidelity.py --out out
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

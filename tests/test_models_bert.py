@@ -272,6 +272,20 @@ def test_nearest_neighbours_skip_self_and_metric_errors():
         embed_eval.spearman([1, 1, 1], [1, 2, 3])
 
 
+def test_paired_difference_sees_a_consistent_small_gain_and_not_noise():
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.9, 1.0, 500)
+    better = embed_eval.paired_difference(base + 0.001, base)  # tiny, but on every sentence
+    assert better["mean_diff"] == pytest.approx(0.001) and better["ci_low"] > 0 and better["a_better"] == 1.0
+    e = rng.normal(0, 0.01, 500)
+    noise = embed_eval.paired_difference(base + e, base + e[::-1])  # differences of mean 0, half each way
+    assert noise["ci_low"] < 0 < noise["ci_high"] and noise["a_better"] == noise["b_better"] == 0.5
+    flags = embed_eval.paired_difference(np.array([1, 1, 0, 1]), np.array([1, 0, 0, 0]))
+    assert flags["mean_diff"] == 0.5 and flags["a_better"] == 0.5 and flags["b_better"] == 0.0
+    with pytest.raises(ValueError, match="equal length"):
+        embed_eval.paired_difference(np.ones(3), np.ones(4))
+
+
 def test_split_sentences_keeps_sentences_of_the_asked_length():
     text = "Chapter 1\n\n\nIt was a truth universally\nacknowledged.  Short one!  \"Was it not, my dear Anne?\" " \
            "said he.\n\nOne two three four five six seven eight nine ten."

@@ -9,6 +9,7 @@ With E [N, D] the float embeddings and Q [N, D] the quantized ones (row i: sente
     top1_agreement    the fraction of sentences whose nearest other sentence (by cosine) is the same under Q
                       as under E
 
+`paired_difference` compares two quantized encoders sentence by sentence (a bootstrap interval over sentences),
 and `split_sentences` cuts a plain-text book into sentences for them.
 """
 
@@ -18,8 +19,8 @@ import re
 
 import numpy as np
 
-__all__ = ["row_cosine", "pairwise_cosine", "rankdata", "spearman", "nearest_neighbours", "top1_agreement",
-           "fidelity", "split_sentences"]
+__all__ = ["row_cosine", "pairwise_cosine", "rankdata", "spearman", "nearest_neighbours", "top1_matches",
+           "top1_agreement", "fidelity", "paired_difference", "split_sentences"]
 
 
 def _check(name: str, e: np.ndarray) -> np.ndarray:
@@ -88,9 +89,15 @@ def nearest_neighbours(sim: np.ndarray) -> np.ndarray:
     return np.argmax(sim, axis=1)
 
 
+def top1_matches(ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """Per sentence, whether its nearest other sentence under `test` [N, D] is the one under `ref` [N, D]
+    -> [N] bool."""
+    return nearest_neighbours(pairwise_cosine(ref)) == nearest_neighbours(pairwise_cosine(test))
+
+
 def top1_agreement(ref: np.ndarray, test: np.ndarray) -> float:
     """The fraction of sentences whose nearest other sentence under `test` [N, D] is the one under `ref` [N, D]."""
-    return float(np.mean(nearest_neighbours(pairwise_cosine(ref)) == nearest_neighbours(pairwise_cosine(test))))
+    return float(np.mean(top1_matches(ref, test)))
 
 
 def fidelity(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
@@ -107,6 +114,23 @@ def fidelity(ref: np.ndarray, test: np.ndarray) -> dict[str, float]:
         "top1_agreement": top1_agreement(ref, test),
         "sentences": int(cos.size),
     }
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict[str, float]:
+    """Compare per-sentence scores of two encoders on the same sentences (e.g. `row_cosine` of each against the
+    float one, or `top1_matches`). a, b: [N] -> {"mean_diff": mean(a - b), "ci_low", "ci_high": the 2.5 / 97.5
+    percentiles of the mean difference over `n_boot` resamplings of the sentences (seeded), "a_better",
+    "b_better": the fractions of sentences where a > b and where b > a}."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape or a.size < 2 or n_boot < 1:
+        raise ValueError(f"paired_difference needs two score arrays of equal length >= 2 and n_boot >= 1, got "
+                         f"{a.size}, {b.size} and n_boot={n_boot}")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, d.size, (n_boot, d.size))
+    boot = d[idx].mean(axis=1)
+    return {"mean_diff": float(d.mean()), "ci_low": float(np.percentile(boot, 2.5)),
+            "ci_high": float(np.percentile(boot, 97.5)), "a_better": float(np.mean(d > 0)),
+            "b_better": float(np.mean(d < 0))}
 
 
 _SENTENCE = re.compile(r"[^.!?]+[.!?]+[\"'\u2019\u201d)]*")
