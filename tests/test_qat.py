@@ -541,9 +541,14 @@ def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
     corpus.write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition. " * 20)
     common = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),
               "--no-progress"]
-    assert script.main(common + ["--distill", "1", "--distill-temperature", "2"]) == 0
+    assert script.main(common + ["--distill", "1", "--distill-temperature", "2", "--eval-windows", "2",
+                                 "--eval-window", "16", "--eval-every", "1"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["distill"] == {"alpha": 1.0, "temperature": 2.0} and out["first_loss"] > 0
+    assert [p["step"] for p in out["curve"]] == [1] and out["curve"][0]["perplexity"] > 1  # step 2 is "eval"
+    assert out["eval"]["windows"] == 2
+    with pytest.raises(ValueError, match="--eval-every 1 needs --eval-windows"):
+        script.main(common + ["--eval-every", "1"])
     with pytest.raises(ValueError, match="with --float it would distill the float model from itself"):
         script.main(common + ["--distill", "1", "--float"])
     with pytest.raises(ValueError, match="--distill 2.0 must lie in"):

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--eval-windows", type=int, default=0,
                    help="perplexity of the converted model on this many persuasion.txt windows (default 0: skip)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="with --eval-windows: also evaluate every N steps (result 'curve': the converted model's "
+                        "perplexity, the float model's with --float; points of this process only after --resume)")
     p.add_argument("--eval-window", type=int, default=512, help="tokens per evaluation window (default 512)")
     p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
@@ -259,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("need --steps >= 0, --batch-size >= 1, --grad-accum >= 1, --seq-len >= 2")
     if args.resume and not args.ckpt_dir:
         raise ValueError("--resume needs --ckpt-dir")
+    if args.eval_every < 0 or (args.eval_every and not args.eval_windows):
+        raise ValueError(f"--eval-every {args.eval_every} needs --eval-windows N > 0 and must be >= 0")
     if not 0.0 <= args.distill <= 1.0 or args.distill_temperature <= 0:
         raise ValueError(f"--distill {args.distill} must lie in [0, 1] and --distill-temperature "
                          f"{args.distill_temperature} must be > 0")
@@ -307,7 +312,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.seq_len} tokens from {len(files)} file(s), mesh {dict(mesh.shape)}, steps {start}..{args.steps}, "
               f"batch {args.grad_accum}x{args.batch_size}", file=sys.stderr)
 
+    def converted(st):
+        trained = st["params"]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            trained = multihost_utils.process_allgather(trained, tiled=True)
+        trained = jax.device_get(trained)
+        return trained, jax.block_until_ready(qat.convert(trained, recipe))
+
     bar = _Progress(args.steps, start, enabled=console_out and not args.no_progress)
+    curve: list[dict[str, float]] = []  # perplexity every --eval-every steps; eval time is not training time
+    eval_s = 0.0
     tokens_per_step = args.grad_accum * args.batch_size * args.seq_len
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -323,9 +339,15 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(step + 1, loss, tokens_per_step / step_seconds[-1])
             if ckpt is not None and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
                 ckpt.save(state, {"data": batches.state()})
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                te = time.perf_counter()
+                trained, qparams = converted(state)  # the float control's curve is the float model's own
+                curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s,
+                              "perplexity": evaluate(trained["params"] if args.float else qparams)["perplexity"]})
+                eval_s += time.perf_counter() - te
     finally:
         bar.close()
-    train_s = time.perf_counter() - train_t0
+    train_s = time.perf_counter() - train_t0 - eval_s
     if ckpt is not None:
         if args.steps > start:
             ckpt.save(state, {"data": batches.state()})
@@ -341,13 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         "tokens_per_second": tokens_per_step * (len(step_seconds) - 1) / sum(step_seconds[1:])
         if len(step_seconds) > 1 else None,
     }
+    if curve:
+        result["curve"] = curve
     if args.out or args.eval_windows:
-        trained = state["params"]
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            trained = multihost_utils.process_allgather(trained, tiled=True)
-        qparams = jax.block_until_ready(qat.convert(jax.device_get(trained), recipe))
+        trained, qparams = converted(state)
         if args.out and console_out:
             meta = {"model": source, "model_config": dataclasses.asdict(mcfg), "recipe_file": str(args.recipe),
                     "qat": {k: v for k, v in result.items() if k != "model"}}
