@@ -575,6 +575,18 @@ def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["init_recipe"]["name"] == "awq_gptq_tiny" and out["steps"] == 1
+    # resuming such a run restores the trained state and skips the PTQ (which would only be overwritten)
+    ckpt = ["--ckpt-dir", str(tmp_path / "ckpt")]
+    args = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus), "--recipe",
+            str(recipe), "--init-recipe", str(ptq), "--calib-samples", "4", "--calib-len", "32", "--no-progress"]
+    assert script.main(args + ckpt + ["--steps", "1"]) == 0
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(script, "ptq_start", lambda *a: pytest.fail("PTQ ran on resume"))
+        assert script.main(args + ckpt + ["--steps", "2", "--resume"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["init_recipe"] == {"name": "awq_gptq_tiny", "resumed_at_step": 1}
+    assert qat.Checkpointer(tmp_path / "ckpt").latest_step() == 2
     bad = tmp_path / "bad.yaml"  # act-order with groups formed in the pass stores a permutation: refused by name
     bad.write_text(ptq.read_text().replace("static_groups: true", "static_groups: false"))
     common = ["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),

@@ -281,9 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = evaluator(mcfg, tokenizer, args) if args.eval_windows else None
     ptq_log = None
     teacher = params if args.distill else None
-    if args.init_recipe:
-        if args.float:
-            raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
+    if args.init_recipe and args.float:
+        raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
+    ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
+    resuming = args.resume and ckpt.latest_step() is not None
+    if args.init_recipe and resuming:  # the checkpoint holds the trained state: no PTQ, init gives its structure
+        ptq_log = {"name": jq.load_recipe(args.init_recipe).name, "resumed_at_step": ckpt.latest_step()}
+        qp = qat.init(params, recipe)
+    elif args.init_recipe:
         params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files)
         if args.eval_windows:
             ptq_log["eval"] = evaluate(params)
@@ -300,8 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     frozen = () if teacher is None else (qat.shard_tree(teacher, mesh),)
     del teacher
 
-    ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
-    if args.resume and ckpt.latest_step() is not None:
+    if resuming:
         state, extra = ckpt.restore(state)
         batches.restore(extra["data"])
     start = int(jax.device_get(state["step"]))
