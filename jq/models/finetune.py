@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_recipe and args.float:
         raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
     ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
-    resuming = args.resume and ckpt.latest_step() is not None
-    if args.init_recipe and resuming:  # the checkpoint holds the trained state: no PTQ, init gives its structure
-        ptq_log = {"name": jq.load_recipe(args.init_recipe).name, "resumed_at_step": ckpt.latest_step()}
+    resume_step = ckpt.latest_step() if args.resume else None
+    if args.init_recipe and resume_step is not None:  # the checkpoint holds the trained state: no PTQ
+        ptq_log = {"name": jq.load_recipe(args.init_recipe).name, "resumed_at_step": resume_step}
         qp = qat.init(params, recipe)
     elif args.init_recipe:
         params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files)
@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     frozen = () if teacher is None else (qat.shard_tree(teacher, mesh),)
     del teacher
 
-    if resuming:
-        state, extra = ckpt.restore(state)
+    if resume_step is not None:
+        state, extra = ckpt.restore(state, resume_step)
         batches.restore(extra["data"])
     start = int(jax.device_get(state["step"]))
     console_out = jax.process_index() == 0
@@ -316,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.seq_len} tokens from {len(files)} file(s), mesh {dict(mesh.shape)}, steps {start}..{args.steps}, "
               f"batch {args.grad_accum}x{args.batch_size}", file=sys.stderr)
 
-    def converted(st):
+    def gathered(st):
+        """The trained {"params", "quant"} tree on the host (all-gathered across processes)."""
         trained = st["params"]
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             trained = multihost_utils.process_allgather(trained, tiled=True)
-        trained = jax.device_get(trained)
-        return trained, jax.block_until_ready(qat.convert(trained, recipe))
+        return jax.device_get(trained)
 
     bar = _Progress(args.steps, start, enabled=console_out and not args.no_progress)
     curve: list[dict[str, float]] = []  # perplexity every --eval-every steps; eval time is not training time
@@ -345,9 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.save(state, {"data": batches.state()})
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 te = time.perf_counter()
-                trained, qparams = converted(state)  # the float control's curve is the float model's own
-                curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s,
-                              "perplexity": evaluate(trained["params"] if args.float else qparams)["perplexity"]})
+                trained = gathered(state)  # the float control's curve is the float model's own
+                curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s, "perplexity": evaluate(
+                    trained["params"] if args.float else qat.convert(trained, recipe))["perplexity"]})
                 eval_s += time.perf_counter() - te
     finally:
         bar.close()
@@ -370,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if curve:
         result["curve"] = curve
     if args.out or args.eval_windows:
-        trained, qparams = converted(state)
+        trained = gathered(state)
+        qparams = jax.block_until_ready(qat.convert(trained, recipe))
         if args.out and console_out:
             meta = {"model": source, "model_config": dataclasses.asdict(mcfg), "recipe_file": str(args.recipe),
                     "qat": {k: v for k, v in result.items() if k != "model"}}
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_windows:
             result["eval"] = evaluate(qparams)
             if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
-                result["eval_float"] = evaluate(jax.device_get(trained["params"]))
+                result["eval_float"] = evaluate(trained["params"])
     result["seconds"] = time.perf_counter() - t0
     if console_out:
         print(json.dumps(result))

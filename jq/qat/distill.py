@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = ["kl_divergence", "distill_loss"]
 
@@ -23,8 +24,8 @@ def kl_divergence(student_logits: jax.Array, teacher_logits: jax.Array, temperat
     not depend on τ). logits [..., V] → [...], float32; the teacher gets no gradient."""
     t = jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature
     s = student_logits.astype(jnp.float32) / temperature
-    log_pt, log_ps = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
-    return temperature**2 * jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
+    kl = optax.losses.kl_divergence_with_log_targets(jax.nn.log_softmax(s, axis=-1), jax.nn.log_softmax(t, axis=-1))
+    return temperature**2 * kl
 
 
 def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, alpha: float = 1.0,
@@ -35,8 +36,7 @@ def distill_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: j
         raise ValueError(f"distillation weight alpha={alpha} must lie in [0, 1] (1 = pure KD, 0 = cross-entropy)")
     if temperature <= 0:
         raise ValueError(f"distillation temperature {temperature} must be > 0")
-    log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-    ce = -jnp.take_along_axis(log_ps, labels[..., None], axis=-1)[..., 0]
+    ce = optax.softmax_cross_entropy_with_integer_labels(student_logits.astype(jnp.float32), labels)
     if alpha == 0.0:
         return jnp.mean(ce)
     kd = kl_divergence(student_logits, teacher_logits, temperature)
