@@ -204,6 +204,34 @@ def test_misshaped_and_unexpected_tensors_and_bad_configs(tmp_path):
         BertConfig(vocab_size=5, hidden_size=10, num_hidden_layers=1, num_attention_heads=4, intermediate_size=8)
 
 
+def test_bad_directories_configs_and_inputs_name_the_problem(tmp_path, tiny):
+    from jq.models.bert_loader import BertTokenizer
+
+    cfg, params, _, _ = tiny
+    f = tmp_path / "llama.gguf"
+    f.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"llama\.gguf: a BERT model is a directory"):
+        load_bert(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json in .*empty: not a Hugging Face model directory"):
+        load_bert(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer file at .*missing\.json"):
+        BertTokenizer.from_file(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match=r"c\.json: model_type 'roberta' is not supported \(only 'bert'\)"):
+        BertConfig.from_hf_config({"model_type": "roberta"}, source="c.json")
+    with pytest.raises(ValueError, match=r"position_embedding_type 'relative_key' is not supported"):
+        BertConfig.from_hf_config({"position_embedding_type": "relative_key"})
+    with pytest.raises(ValueError, match=r"BertConfig\.num_hidden_layers must be positive, got 0"):
+        BertConfig(vocab_size=5, hidden_size=8, num_hidden_layers=0, num_attention_heads=2, intermediate_size=8)
+    with pytest.raises(ValueError, match=r"max_length must be >= 2 and pad_to_multiple_of >= 1, got 1, 16"):
+        BertTokenizer(Tokenizer(models.WordPiece({"[PAD]": 0, "[UNK]": 1}, unk_token="[UNK]")), max_length=1)
+    with pytest.raises(ValueError, match=r"src: no pad token '\[PAD\]' in the vocabulary"):
+        BertTokenizer(Tokenizer(models.WordPiece({"[UNK]": 0}, unk_token="[UNK]")), source="src")
+    too_long = np.zeros((1, cfg.max_position_embeddings + 1), np.int32)
+    with pytest.raises(ValueError, match=r"sequence length 17 exceeds max_position_embeddings=16; truncate"):
+        Bert(cfg).apply({"params": params}, too_long, np.ones_like(too_long))
+
+
 # ------------------------------------------------------------------------------------------------ quantized
 
 

