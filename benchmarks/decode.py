@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from jq.models.config import LlamaConfig
 from jq.models.generate import generate_timed
 from jq.models.llama import init_params
 from jq.models.pipeline import size_summary
+from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WEIGHTS = {"bf16": None, "W8A16": "rtn_w8.yaml", "W4A16": "rtn_w4_g128.yaml"}
@@ -103,10 +102,9 @@ def main() -> None:
                   f"{row['weight_bytes'] / 2**20:8.1f} MiB  KV {row['kv_cache_bytes_per_token']} B/token", flush=True)
             del qparams
         del params
-    meta = {"device": str(jax.devices()[0]), "backend": backend, "jax": jax.__version__, "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "batch": 1, "prompt_len": prompt_len, "new_tokens": new, "quick": args.quick,
-            "note": ("CPU: XLA fallback (quantized weights are dequantized inside each jitted step), not kernel figures"
-                     if backend == "cpu" else "")}
+    meta = environment(batch=1, prompt_len=prompt_len, new_tokens=new, quick=args.quick,
+                       note=("CPU: XLA fallback (quantized weights are dequantized inside each jitted step), "
+                             "not kernel figures" if backend == "cpu" else ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

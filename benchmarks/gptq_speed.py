@@ -30,6 +30,7 @@ import numpy as np
 from jq.algorithms.gptq import _upper_cholesky, gptq_with_info
 from jq.algorithms.rtn import rtn
 from jq.scheme import Scheme
+from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 SCHEME = Scheme("int4", symmetric=False, group_size=128)  # scales rounded to float16, integer zero points
 BLOCK = 128
@@ -204,9 +205,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "numpy": np.__version__,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
-            "tokens": args.tokens, "blas_threads": args.blas_threads, "blas_libs": blas_libs}
+    meta = environment(processor=platform.processor(), tokens=args.tokens, blas_threads=args.blas_threads,
+                       blas_libs=blas_libs)
     (out / "gptq_speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
     import matplotlib

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import jax
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq import hadamard as had
-from timing import timed  # benchmarks/ is on sys.path when a script here runs
+from timing import environment, timed  # benchmarks/ is on sys.path when a script here runs
 
 
 def main() -> None:
@@ -64,10 +62,8 @@ def main() -> None:
         del q
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "dtype": "float32",
-            "repeats": args.repeats, "dense_repeats": args.dense_repeats, "default_block": had._DEFAULT_BLOCK,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    meta = environment(dtype="float32", repeats=args.repeats, dense_repeats=args.dense_repeats,
+                       default_block=had._DEFAULT_BLOCK)
     (out / "hadamard.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
     import matplotlib

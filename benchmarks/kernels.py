@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
+from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 SCHEMES = {  # name: (scheme, which peak bounds its maths)
     "w4a16": (jq.Scheme("int4", symmetric=False, group_size=128), "bf16"),
@@ -177,10 +177,8 @@ def main() -> None:
                         print(f"{s:>11} M={M:<5} {name:<10} kernel not taken: {reason}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
-            "jax": jax.__version__, "quick": quick, "peaks": pk, "autotune": not args.no_tune,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "note": "kernels not timed in interpret mode (CPU)" if on_cpu else ""}
+    meta = environment(quick=quick, peaks=pk, autotune=not args.no_tune,
+                       note="kernels not timed in interpret mode (CPU)" if on_cpu else "")
     (out / "kernels.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     plot(results, args.schemes, shapes, meta, out / "kernels.png")
     print(f"wrote {out / 'kernels.json'}, {out / 'kernels.png'}")

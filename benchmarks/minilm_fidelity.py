@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from jq.models.bert import embed_texts, make_encoder
 from jq.models.bert_loader import load_bert
 from jq.models.pipeline import default_eval_text
 from jq.quantize import summarize
+from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ["rtn_w8", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64", "nf4_g64", "rtn_w3_g128"]
@@ -103,11 +102,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": str(args.model), "text": str(text_path), "sentences": len(sentences),
-            "max_length": args.max_length, "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "bits_note": "quantized_bits_per_weight: over the quantized kernels, scales and zero points included; "
-                         "bits_per_weight: over all parameters (fp32 embeddings and norms included)"}
+    meta = environment(model=str(args.model), text=str(text_path), sentences=len(sentences),
+                       max_length=args.max_length,
+                       bits_note="quantized_bits_per_weight: over the quantized kernels, scales and zero points "
+                                 "included; bits_per_weight: over all parameters (fp32 embeddings and norms included)")
     (out / "minilm_fidelity.json").write_text(json.dumps({"meta": meta, "results": results,
                                                                 "comparisons": comparisons}, indent=1))
     plot(results, meta, out / "minilm_fidelity.png")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import jax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from timing import timed  # benchmarks/ is on sys.path when a script here runs
+from timing import environment, timed  # benchmarks/ is on sys.path when a script here runs
 
 SCHEMES = {
     "int8 channel": jq.Scheme("int8"),
@@ -56,8 +55,7 @@ def main() -> None:
                   f"{qt.bits_per_weight:5.2f} b/w  err {err:.4f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": str(jax.devices()[0]), "jax": jax.__version__, "cpu_count": __import__("os").cpu_count(),
-            "machine": platform.machine()}
+    meta = environment()
     (out / "quantize_speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     import matplotlib
 

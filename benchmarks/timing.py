@@ -20,3 +20,17 @@ def timed(fn, *args, repeats: int):
         jax.block_until_ready(fn(*args))
         runs.append(time.perf_counter() - t0)
     return out, first, float(np.median(runs))
+
+
+def environment(**extra) -> dict:
+    """What a benchmark figure depends on besides its inputs — the device, the library versions, the host — merged
+    with the script's own `extra` settings, for the `meta` of every result JSON."""
+    import os
+    import platform
+
+    dev = jax.devices()[0]
+    meta = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
+            "jax": jax.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {**meta, **extra}
