@@ -776,7 +776,7 @@ def _plan(cfg: QuantConfig | None, leaves: Sequence[SourceLeaf], src: Path) -> l
 def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.PathLike | None,
             out: str | os.PathLike, *, dequantize: bool = False, progress: bool = True,
             calib: np.ndarray | Sequence[str | os.PathLike] | None = None, calib_samples: int = 128,
-            calib_len: int = 512, calib_seed: int = 0, overwrite: bool = False,
+            calib_len: int = 512, calib_seed: int = 0, calib_sampling: str = "windows", overwrite: bool = False,
             meta: Mapping[str, Any] | None = None) -> Path:
     """Convert `src` by `recipe` into a checkpoint at `out`, streaming one leaf at a time.
 
@@ -794,7 +794,8 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
         weights are quantized and dequantized (fake quantization), for runtimes that take float weights.
       progress: one line per leaf on stderr.
       calib: for recipes that need data (GPTQ, AWQ, ...): calibration token ids int32 [S, L], or text files
-        (default: `jq.models.pipeline.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed.
+        (default: `jq.models.pipeline.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
+        calib_sampling (`jq.models.pipeline.calibration_tokens`).
         Only a Llama GGUF / HF source can be run to collect statistics; that path loads the whole model.
       overwrite: replace an existing `out` (the old one stays until the new one is complete).
       meta: extra JSON metadata to store.
@@ -812,8 +813,8 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
             **dict(meta or {})}
     if cfg is not None and cfg.needs_calibration:
         return _convert_calibrated(src_path, kind, cfg, out, dequantize=dequantize, progress=progress, calib=calib,
-                                   samples=calib_samples, length=calib_len, seed=calib_seed, overwrite=overwrite,
-                                   meta=info)
+                                   samples=calib_samples, length=calib_len, seed=calib_seed,
+                                   sampling=calib_sampling, overwrite=overwrite, meta=info)
     if cfg is None and kind != "jq":
         raise ValueError(f"{src_path} holds float weights: dequantize without a recipe has nothing to do; pass a recipe")
     rules = _plan(cfg, leaves, src_path)
@@ -883,7 +884,8 @@ def _describe(entry: Mapping[str, Any]) -> str:
 
 
 def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequantize: bool, progress: bool, calib,
-                        samples: int, length: int, seed: int, overwrite: bool, meta: dict[str, Any]) -> Path:
+                        samples: int, length: int, seed: int, sampling: str, overwrite: bool,
+                        meta: dict[str, Any]) -> Path:
     """Data-aware recipes: load the whole Llama model, calibrate, quantize sequentially, then write."""
     methods = sorted({r.method for r in cfg.rules if r.scheme is not None and r.needs_calibration})
     if kind not in ("gguf", "hf"):
@@ -898,6 +900,7 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
     m = pipeline.load(str(src))
     if calib is not None and not isinstance(calib, (str, os.PathLike)) and np.asarray(calib).dtype.kind in "iu":
         tokens = np.asarray(calib, np.int32)
+        record = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]), "files": None}  # given as ids
     else:
         files = [Path(calib)] if isinstance(calib, (str, os.PathLike)) else \
             [Path(f) for f in calib] if calib is not None else pipeline.default_calib_files()
@@ -906,11 +909,10 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"calibration file {f}: no such file")
-        tokens = pipeline.calibration_tokens(m.tokenizer, files, samples, length, seed)
+        tokens, record = pipeline.calibration_draw(m.tokenizer, files, samples, length, seed, sampling)
     t0 = time.perf_counter()
     q, _ = pipeline.quantize(m, cfg, tokens, progress=progress)
     if dequantize:
         q = dequantize_params(q)
-    meta = {**meta, "calibration": {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1])},
-            "quantize_seconds": time.perf_counter() - t0}
+    meta = {**meta, "calibration": record, "quantize_seconds": time.perf_counter() - t0}
     return save(out, q, recipe=cfg, meta=meta, overwrite=overwrite)

@@ -22,9 +22,10 @@ def _recipe(path):
 
 
 def _calibration(args, m, recipe, eval_text=None):
-    """Calibration tokens when the recipe needs data (None otherwise)."""
+    """(calibration tokens, what was drawn: files / samples / length / seed) when the recipe needs data, else
+    (None, None). The record goes into the result so that a figure names its calibration draw."""
     if recipe is None or not recipe.needs_calibration:
-        return None
+        return None, None
     from jq.models import pipeline
 
     files = [Path(f) for f in args.calib] if args.calib else pipeline.default_calib_files(eval_text)
@@ -33,7 +34,8 @@ def _calibration(args, m, recipe, eval_text=None):
     for f in files:
         if not f.exists():
             raise FileNotFoundError(f"--calib {f}: no such file")
-    return pipeline.calibration_tokens(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed)
+    return pipeline.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
+                                     args.calib_sampling)
 
 
 def _add_calib_args(p) -> None:
@@ -41,6 +43,9 @@ def _add_calib_args(p) -> None:
     p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the windows")
+    p.add_argument("--calib-sampling", choices=("windows", "stream"), default="windows",
+                   help="windows: distinct aligned windows per file (default); stream: random starts anywhere in the "
+                        "concatenated text, with replacement (the published GPTQ code's draw)")
 
 
 def cmd_eval(args) -> int:
@@ -52,7 +57,7 @@ def cmd_eval(args) -> int:
         raise FileNotFoundError(f"--text {text_path}: no such file")
     recipe = _recipe(args.recipe)
     m = pipeline.load(args.model)
-    calib = _calibration(args, m, recipe, text_path)
+    calib, calib_info = _calibration(args, m, recipe, text_path)
     load_s = time.perf_counter() - t0
     also = {}
     for f in args.also_text or []:
@@ -61,7 +66,8 @@ def cmd_eval(args) -> int:
         also[str(f)] = Path(f).read_text(encoding="utf-8", errors="replace")
     r = pipeline.evaluate(m, text_path.read_text(encoding="utf-8"), recipe, window=args.window, windows=args.windows,
                           batch_size=args.batch_size, calib=calib, progress=True, also=also)
-    r.update(text=str(text_path), window=args.window, load_seconds=load_s, seconds=time.perf_counter() - t0)
+    r.update(text=str(text_path), window=args.window, calibration=calib_info, load_seconds=load_s,
+             seconds=time.perf_counter() - t0)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -85,7 +91,7 @@ def cmd_quantize(args) -> int:
 
     recipe = _recipe(args.recipe)
     m = pipeline.load(args.model)
-    calib = _calibration(args, m, recipe)
+    calib, calib_info = _calibration(args, m, recipe)
     t0 = time.perf_counter()
     q, qlog = pipeline.quantize(m, recipe, calib)
     secs = time.perf_counter() - t0
@@ -93,7 +99,7 @@ def cmd_quantize(args) -> int:
 
     cfg = qlog.get("model_config", m.cfg)  # a rotating recipe unties the LM head: store the config q needs
     meta = {"model": m.source, "model_config": dataclasses.asdict(cfg), "recipe_file": str(args.recipe),
-            "quantize_seconds": secs}
+            "calibration": calib_info, "quantize_seconds": secs}
     out = checkpoint.save(args.out, q, recipe=recipe, meta=meta, overwrite=args.overwrite)
     rows = jq.report(pipeline.rotated(m, recipe).params, q)  # errors against the float weights q was made from
     _console().print(jq.format_report(rows, only_quantized=not args.all, title=f"{recipe.name} → {out}"))
@@ -126,7 +132,8 @@ def cmd_convert(args) -> int:
     t0 = time.perf_counter()
     out = checkpoint.convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
                              calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
-                             calib_seed=args.calib_seed, overwrite=args.overwrite)
+                             calib_seed=args.calib_seed, calib_sampling=args.calib_sampling,
+                             overwrite=args.overwrite)
     s = checkpoint.verify(out, read_data=False)
     print(f"wrote {out}: {s['leaves']} leaves ({s['quantized']} quantized), {s['bytes'] / 2**20:.2f} MiB in "
           f"{time.perf_counter() - t0:.1f} s")
@@ -150,7 +157,7 @@ def cmd_generate(args) -> int:
     m = pipeline.load(args.model)
     params, kv, cfg = m.params, None, m.cfg
     if recipe is not None:
-        params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe), progress=False)
+        params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe)[0], progress=False)
         cfg = qlog.get("model_config", cfg)  # a rotating recipe unties the LM head
     elif args.quantized:
         params, meta, kv = pipeline.load_quantized(args.quantized)

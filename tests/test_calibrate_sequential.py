@@ -15,7 +15,7 @@ from jq.algorithms import METHODS, register
 from jq.models.config import LlamaConfig
 from jq.models.llama import Llama, init_params
 from jq.models.llama_blocks import FOLDS, block_spec
-from jq.models.pipeline import calibration_tokens
+from jq.models.pipeline import calibration_draw, calibration_tokens
 from jq.sequential import _get, apply_fold, quantize_sequential
 
 
@@ -170,6 +170,30 @@ def test_calibration_tokens_are_seeded_non_overlapping_windows(tmp_path):
     assert len({tuple(r) for r in t1}) == 6
     with pytest.raises(ValueError, match=r"calibration text too short: .* hold 700 tokens, 14 windows of 50; 20 were"):
         calibration_tokens(_Tok(), [a, b], samples=20, length=50)
+
+
+def test_stream_sampling_draws_any_start_in_the_concatenated_text(tmp_path):
+    """The published GPTQ code's draw: random starts anywhere, windows may overlap and straddle two files."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    rng = np.random.default_rng(0)  # aperiodic text, so each window has one place in the stream
+    a.write_text("".join(chr(c) for c in rng.integers(65, 91, 130)))
+    b.write_text("".join(chr(c) for c in rng.integers(97, 123, 70)))
+    stream = np.array([ord(c) for c in a.read_text() + b.read_text()], np.int32)
+    t = calibration_tokens(_Tok(), [a, b], samples=40, length=50, seed=1, sampling="stream")
+    assert t.shape == (40, 50) and t.dtype == np.int32
+    starts = [next(i for i in range(len(stream) - 49) if np.array_equal(stream[i : i + 50], row)) for row in t]
+    assert any(s % 50 for s in starts) and len(set(starts)) < 40  # unaligned starts, drawn with replacement
+    assert any(s < 130 < s + 50 for s in starts)  # some window straddles the two files
+    assert np.array_equal(t, calibration_tokens(_Tok(), [a, b], samples=40, length=50, seed=1, sampling="stream"))
+    # more samples than aligned windows is fine for a stream draw (with replacement)
+    assert calibration_tokens(_Tok(), [a, b], samples=9, length=50, sampling="stream").shape == (9, 50)
+    with pytest.raises(ValueError, match=r"hold 200 tokens, fewer than one window of 300"):
+        calibration_tokens(_Tok(), [a, b], samples=1, length=300, sampling="stream")
+    with pytest.raises(ValueError, match=r"calibration sampling 'random': expected one of windows, stream"):
+        calibration_tokens(_Tok(), [a, b], samples=1, length=50, sampling="random")
+    tokens, record = calibration_draw(_Tok(), [a, b], samples=3, length=50, seed=2, sampling="stream")
+    assert record == {"files": [str(a), str(b)], "samples": 3, "length": 50, "seed": 2, "sampling": "stream"}
+    assert np.array_equal(tokens, calibration_tokens(_Tok(), [a, b], 3, 50, 2, "stream"))
 
 
 def test_w8a8_int_path_matches_numpy_and_fake_path():

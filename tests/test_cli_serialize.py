@@ -44,6 +44,20 @@ def test_eval_json_float_and_quantized(tiny_model, capsys):
     assert q["linear_bits_per_weight"] == pytest.approx(5.5)
     assert q["model_bytes"] < f["model_bytes"]
     assert q["perplexity"] != f["perplexity"]
+    assert f["calibration"] is None and q["calibration"] is None  # data-free: nothing drawn
+
+
+def test_eval_json_names_the_calibration_draw(tiny_model, tmp_path, capsys):
+    model, text, _ = tiny_model
+    gptq = tmp_path / "gptq.yaml"
+    gptq.write_text("name: g\nrules:\n  - pattern: '.*kernel'\n    method: gptq\n    format: int4\n    group_size: 16\n")
+    args = ["eval", "--model", str(model), "--recipe", str(gptq), "--text", str(text), "--window", "32", "--windows",
+            "2", "--calib", str(text), "--calib-samples", "3", "--calib-len", "32", "--json"]
+    assert cli_main(args + ["--calib-seed", "4", "--calib-sampling", "stream"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["calibration"] == {"files": [str(text)], "samples": 3, "length": 32, "seed": 4, "sampling": "stream"}
+    assert cli_main(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibration"]["sampling"] == "windows"
 
 
 def test_eval_also_scores_other_texts_with_the_same_quantized_model(tiny_model, tmp_path, capsys):

@@ -575,10 +575,12 @@ def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
                    "    options: {act_order: true, static_groups: true}\n")
     rc = script.main(["--model", "tiny", "--steps", "1", "--seq-len", "32", "--batch-size", "4", "--corpus",
                       str(corpus), "--recipe", str(recipe), "--init-recipe", str(ptq), "--calib-samples", "4",
-                      "--calib-len", "32", "--no-progress"])
+                      "--calib-len", "32", "--calib-seed", "5", "--calib-sampling", "stream", "--no-progress"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["init_recipe"]["name"] == "awq_gptq_tiny" and out["steps"] == 1
+    assert out["init_recipe"]["calibration"] == {"files": [str(corpus)], "samples": 4, "length": 32, "seed": 5,
+                                                 "sampling": "stream"}
     # resuming such a run restores the trained state and skips the PTQ (which would only be overwritten)
     ckpt = ["--ckpt-dir", str(tmp_path / "ckpt")]
     args = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus), "--recipe",

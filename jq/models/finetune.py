@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=128, help="--init-recipe calibration windows (default 128)")
     p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the calibration windows")
+    p.add_argument("--calib-sampling", choices=("windows", "stream"), default="windows",
+                   help="how --init-recipe's calibration windows are drawn (see jq eval --help)")
     p.add_argument("--float", action="store_true",
                    help="fine-tune without fake quantization (the control); --out still applies the recipe (PTQ)")
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",
@@ -151,7 +153,8 @@ def evaluator(mcfg, tokenizer, args):
 
 def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path]):
     """Quantize `params` by `args.init_recipe` (calibrated on the training corpus `files`) → (quantized params,
-    {"name", "seconds"}). The recipe may not rotate the model (QAT trains the unrotated architecture)."""
+    {"name", "seconds", "calibration"}). The recipe may not rotate the model (QAT trains the unrotated
+    architecture)."""
     import jq
     from jq.models import pipeline
 
@@ -160,12 +163,13 @@ def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path]):
         raise ValueError(f"--init-recipe {args.init_recipe}: recipes with a rotation section change the model; "
                          "pick one without it")
     t0 = time.perf_counter()
-    calib = None
+    calib = calib_info = None
     if ptq.needs_calibration:
-        calib = pipeline.calibration_tokens(tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed)
+        calib, calib_info = pipeline.calibration_draw(tokenizer, files, args.calib_samples, args.calib_len,
+                                                      args.calib_seed, args.calib_sampling)
     m = pipeline.LoadedModel(mcfg, params, tokenizer, source)
     qparams, _ = pipeline.quantize(m, ptq, calib, progress=not args.no_progress)
-    return qparams, {"name": ptq.name, "seconds": time.perf_counter() - t0}
+    return qparams, {"name": ptq.name, "seconds": time.perf_counter() - t0, "calibration": calib_info}
 
 
 # -- training pieces --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from jq.models.llama import Llama
 from jq.qtensor import QTensor
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
-           "calibration_tokens", "default_calib_files", "quantize", "load_quantized"]
+           "calibration_tokens", "calibration_draw", "default_calib_files", "quantize", "load_quantized"]
 
 
 @dataclasses.dataclass
@@ -66,22 +66,48 @@ def size_summary(params) -> dict[str, float]:
     }
 
 
-def calibration_tokens(tokenizer, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0) -> np.ndarray:
-    """`samples` non-overlapping windows of `length` tokens drawn at random (seeded) from the files' token streams
-    → int32 [samples, length]. Errors name the files, the tokens they hold and what was asked."""
+CALIB_SAMPLINGS = ("windows", "stream")
+
+
+def calibration_tokens(tokenizer, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0,
+                       sampling: str = "windows") -> np.ndarray:
+    """`samples` windows of `length` tokens drawn at random (seeded) from the files' token streams → int32
+    [samples, length]. `sampling="windows"`: distinct non-overlapping windows aligned within each file;
+    `"stream"`: a uniformly random start anywhere in the files' concatenated stream, with replacement (windows may
+    overlap or straddle two files) — how the published GPTQ code draws its calibration set. Errors name the files,
+    the tokens they hold and what was asked."""
     if samples < 1 or length < 2:
         raise ValueError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
+    if sampling not in CALIB_SAMPLINGS:
+        raise ValueError(f"calibration sampling {sampling!r}: expected one of {', '.join(CALIB_SAMPLINGS)}")
     streams = [np.asarray(tokenizer.encode(Path(f).read_text(encoding="utf-8")), np.int32) for f in files]
+    total = sum(len(s_) for s_ in streams)
+    rng = np.random.default_rng(seed)
+    if sampling == "stream":
+        if total < length:
+            raise ValueError(f"calibration text too short: {', '.join(str(f) for f in files)} hold {total} tokens, "
+                             f"fewer than one window of {length}. Pass more text (--calib) or a shorter --calib-len")
+        stream = np.concatenate(streams)
+        starts = rng.integers(0, total - length + 1, size=samples)
+        return np.stack([stream[i : i + length] for i in starts])
     slots = [(i, j * length) for i, st in enumerate(streams) for j in range(len(st) // length)]
     if len(slots) < samples:
-        total = sum(len(s_) for s_ in streams)
         raise ValueError(
             f"calibration text too short: {', '.join(str(f) for f in files)} hold {total} tokens, {len(slots)} "
             f"windows of {length}; {samples} were asked. Pass more text (--calib) or fewer/shorter samples "
-            "(--calib-samples / --calib-len)"
+            "(--calib-samples / --calib-len), or --calib-sampling stream (windows may overlap)"
         )
-    pick = np.random.default_rng(seed).choice(len(slots), size=samples, replace=False)
+    pick = rng.choice(len(slots), size=samples, replace=False)
     return np.stack([streams[slots[k][0]][slots[k][1] : slots[k][1] + length] for k in sorted(pick)])
+
+
+def calibration_draw(tokenizer, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0,
+                     sampling: str = "windows") -> tuple[np.ndarray, dict]:
+    """`calibration_tokens(...)` and the record of the draw (files, samples, length, seed, sampling) that results
+    and checkpoints carry, so a figure names the calibration it came from."""
+    tokens = calibration_tokens(tokenizer, files, samples, length, seed, sampling)
+    return tokens, {"files": [str(f) for f in files], "samples": samples, "length": length, "seed": seed,
+                    "sampling": sampling}
 
 
 def default_calib_files(eval_text: Path | None = None) -> list[Path]:
