@@ -340,6 +340,20 @@ def test_sharded_step_equals_single_device_step(llama):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(llama):
+    """ACCUM micro-batches of MICRO windows = one batch of ACCUM·MICRO windows (same windows, same order): what lets
+    a user trade the [batch, seq, vocab] logits' memory for time without changing the run."""
+    qp = qat.init(llama["params"], llama["recipe"])
+    s_acc, l_acc = _run(llama["step_one"], qat.init_train_state(qp, llama["opt"]),
+                        qat.WindowBatches(_windows(), MICRO, ACCUM, seed=2), 2)
+    s_big, l_big = _run(llama["step_one"], qat.init_train_state(qp, llama["opt"]),
+                        qat.WindowBatches(_windows(), MICRO * ACCUM, 1, seed=2), 2)
+    assert ACCUM > 1
+    np.testing.assert_allclose(l_acc, l_big, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s_acc), jax.tree_util.tree_leaves(s_big)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def test_resume_from_checkpoint_is_bit_identical(llama, tmp_path):
     mesh, step, recipe, opt = llama["mesh"], llama["step_mesh"], llama["recipe"], llama["opt"]
 
