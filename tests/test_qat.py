@@ -559,9 +559,11 @@ def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
               "--no-progress"]
     assert script.main(common + ["--distill", "1", "--distill-temperature", "2", "--eval-windows", "2",
                                  "--eval-window", "16", "--eval-every", "1"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cap = capsys.readouterr()
+    out = json.loads(cap.out.strip().splitlines()[-1])
     assert out["distill"] == {"alpha": 1.0, "temperature": 2.0} and out["first_loss"] > 0
     assert [p["step"] for p in out["curve"]] == [1] and out["curve"][0]["perplexity"] > 1  # step 2 is "eval"
+    assert f"step 1: perplexity {out['curve'][0]['perplexity']:.3f} (2 × 16 tokens" in cap.err  # logged when measured
     assert out["eval"]["windows"] == 2
     with pytest.raises(ValueError, match="--eval-every 1 needs --eval-windows"):
         script.main(common + ["--eval-every", "1"])

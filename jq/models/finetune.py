@@ -241,6 +241,10 @@ class _Progress:
         else:
             self.console.print(f"step {step}: loss {loss:.4f}, {tps:,.0f} tok/s", highlight=False)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (or in the log), e.g. a perplexity of the curve as soon as it is measured."""
+        (self.bar.console if self.bar is not None else self.console).print(text, highlight=False)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -353,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                 curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s, "perplexity": evaluate(
                     trained["params"] if args.float else qat.convert(trained, recipe))["perplexity"]})
                 eval_s += time.perf_counter() - te
+                if console_out:
+                    bar.note(f"step {step + 1}: perplexity {curve[-1]['perplexity']:.3f} "
+                             f"({args.eval_windows} × {args.eval_window} tokens, {time.perf_counter() - te:.0f} s)")
     finally:
         bar.close()
     train_s = time.perf_counter() - train_t0 - eval_s
