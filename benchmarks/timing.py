@@ -1,8 +1,10 @@
-"""Shared timing helper of the benchmark scripts (run as `python benchmarks/X.py`, which puts this folder on
-sys.path)."""
+"""Shared helpers of the benchmark scripts — timing and the environment a figure was measured in (run as
+`python benchmarks/X.py`, which puts this folder on sys.path)."""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 
 import jax
@@ -25,9 +27,6 @@ def timed(fn, *args, repeats: int):
 def environment(**extra) -> dict:
     """What a benchmark figure depends on besides its inputs — the device, the library versions, the host — merged
     with the script's own `extra` settings, for the `meta` of every result JSON."""
-    import os
-    import platform
-
     dev = jax.devices()[0]
     meta = {"device": str(dev), "device_kind": dev.device_kind, "backend": jax.default_backend(),
             "jax": jax.__version__, "numpy": np.__version__, "cpu_count": os.cpu_count(),

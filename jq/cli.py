@@ -22,8 +22,8 @@ def _recipe(path):
 
 
 def _calibration(args, m, recipe, eval_text=None):
-    """(calibration tokens, what was drawn: files / samples / length / seed) when the recipe needs data, else
-    (None, None). The record goes into the result so that a figure names its calibration draw."""
+    """(calibration tokens, what was drawn: files / samples / length / seed / sampling) when the recipe needs data,
+    else (None, None). The record goes into the result so that a figure names its calibration draw."""
     if recipe is None or not recipe.needs_calibration:
         return None, None
     from jq.models import pipeline

@@ -356,10 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                 trained = gathered(state)  # the float control's curve is the float model's own
                 curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s, "perplexity": evaluate(
                     trained["params"] if args.float else qat.convert(trained, recipe))["perplexity"]})
-                eval_s += time.perf_counter() - te
+                took = time.perf_counter() - te
+                eval_s += took
                 if console_out:
                     bar.note(f"step {step + 1}: perplexity {curve[-1]['perplexity']:.3f} "
-                             f"({args.eval_windows} × {args.eval_window} tokens, {time.perf_counter() - te:.0f} s)")
+                             f"({args.eval_windows} × {args.eval_window} tokens, {took:.0f} s)")
     finally:
         bar.close()
     train_s = time.perf_counter() - train_t0 - eval_s
