@@ -132,18 +132,25 @@ def quantize_leaf(path: str, w, rule, stats=None):
     return _call_method(rule, jnp.asarray(w), layout, stats)
 
 
-def _rotate_input(path: str, w, axes: tuple[int, ...], stats):
-    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q (Hessian
-    Qᵀ H Q, and its diagonal as the mean square per channel; mean / max |x| do not rotate and are dropped)."""
-    from jq.hadamard import hadamard_transform, supported
+def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+    """Raise ValueError naming the leaf unless `rotate: hadamard` can apply: one contraction axis whose length has a
+    Hadamard construction."""
+    from jq.hadamard import supported
 
     if len(axes) != 1:
         raise ValueError(f"{path}: rotate: hadamard needs one contraction axis, the weight has axes {axes}; "
                          "drop rotate for this leaf")
-    k = w.shape[axes[0]]
-    if not supported(k):
-        raise ValueError(f"{path}: rotate: hadamard along axis {axes[0]} of length {k}, which has no Hadamard "
-                         "construction (see jq.hadamard.decompose); drop rotate for this leaf")
+    if not supported(shape[axes[0]]):
+        raise ValueError(f"{path}: rotate: hadamard along axis {axes[0]} of length {shape[axes[0]]}, which has no "
+                         "Hadamard construction (see jq.hadamard.decompose); drop rotate for this leaf")
+
+
+def _rotate_input(path: str, w, axes: tuple[int, ...], stats):
+    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q (Hessian
+    Qᵀ H Q, and its diagonal as the mean square per channel; mean / max |x| do not rotate and are dropped)."""
+    from jq.hadamard import hadamard_transform
+
+    check_rotatable(path, tuple(w.shape), axes)
     w = hadamard_transform(w, axis=axes[0])
     if isinstance(stats, dict) and "hessian" in stats:
         h = hadamard_transform(hadamard_transform(jnp.asarray(stats["hessian"], jnp.float32), axis=0), axis=1)

@@ -103,6 +103,36 @@ def test_lsq_gradients_match_the_paper(sch):
         np.testing.assert_allclose(np.asarray(gq["zero"]), dz.reshape(q["zero"].shape), rtol=1e-5, atol=1e-6)
 
 
+def test_rotated_lsq_gradient_is_the_clip_mask_seen_in_the_rotated_basis():
+    """`rotate: hadamard`: ŵ = Q fq(Qᵀ W), so dŵ/dW·c = Q (inside ⊙ Qᵀ c) with the clip mask of the rotated weight
+    (NumPy, with the dense Q of jq.hadamard), and the step-size gradients are those of fq at Qᵀ W."""
+    from jq.hadamard import rotation_matrix
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_t(4, size=(48, 8)).astype(np.float32)  # 48: a Hadamard basis that is not symmetric
+    sch = Scheme("int4", symmetric=False, group_size=16, zero_point="float", scale_dtype="float32", rotate="hadamard")
+    cfg = QuantConfig(rules=(Rule("l/kernel", sch, "qat", options=(("lsq", True),)),))
+    qp = qat.init({"l": {"kernel": jnp.asarray(w)}}, cfg)
+    qp["quant"]["l"]["kernel"]["scale"] = qp["quant"]["l"]["kernel"]["scale"] * 0.7  # some rotated weights clip
+    c = rng.normal(size=w.shape).astype(np.float32)
+    grads = jax.grad(lambda p: jnp.sum(qat.fake_quantize(p, cfg)["l"]["kernel"] * c))(qp)
+
+    r = np.asarray(rotation_matrix(48), np.float64)  # hadamard_transform(W, axis=0) = Qᵀ W
+    v = (r.T @ w).reshape(3, 16, 8)
+    s = np.asarray(qp["quant"]["l"]["kernel"]["scale"]).reshape(3, 1, 8)
+    z = np.asarray(qp["quant"]["l"]["kernel"]["zero"]).reshape(3, 1, 8)
+    inside = ((v / s + z >= 0) & (v / s + z <= 15)).reshape(48, 8)
+    assert 0 < (~inside).sum() < inside.size
+    np.testing.assert_allclose(np.asarray(grads["params"]["l"]["kernel"]), r @ (inside * (r.T @ c)), rtol=1e-4,
+                               atol=1e-5)
+    lay = sch.layout(w.shape, (0,))
+    _, gq = jax.grad(lambda v_, q_: jnp.sum(qat.lsq_fake_quant(v_, q_, sch, lay) * (r.T @ c).astype(np.float32)),
+                     argnums=(0, 1))(jnp.asarray((r.T @ w).astype(np.float32)), qp["quant"]["l"]["kernel"])
+    for k in ("scale", "zero"):
+        np.testing.assert_allclose(np.asarray(grads["quant"]["l"]["kernel"][k]), np.asarray(gq[k]), rtol=1e-4,
+                                   atol=1e-6)
+
+
 def test_lsq_paper_initialisation():
     w = np.random.default_rng(4).normal(size=(16, 4)).astype(np.float32)
     sch = Scheme("int4", group_size=8, scale_dtype="float32")
@@ -127,6 +157,8 @@ SCHEMES = [  # (scheme, weight shape): every format and granularity, symmetric a
     (Scheme("fp8_e5m2", granularity="tensor"), (48, 20)),
     (Scheme("fp4_e2m1", group_size=16), (48, 20)),
     (Scheme("nf4", group_size=16, scale_dtype="bfloat16"), (48, 20)),
+    (Scheme("int4", symmetric=False, group_size=16, rotate="hadamard"), (48, 20)),  # stored as Qᵀ W
+    (Scheme("int3", symmetric=False, group_size=20, pad=True, zero_point="float", rotate="hadamard"), (48, 20)),
 ]
 
 
@@ -173,7 +205,8 @@ def test_qat_options_are_validated():
 # ------------------------------------------------------------------------------------------ linen and NNX MLPs
 
 MLP_CFG = QuantConfig(rules=(
-    Rule(".*0/kernel", Scheme("int4", symmetric=False, group_size=8), "qat", options=(("lsq", True),)),
+    Rule(".*0/kernel", Scheme("int4", symmetric=False, group_size=8, rotate="hadamard"), "qat",  # x Q · Qᵀ W
+         options=(("lsq", True),)),
     Rule(".*1/kernel", Scheme("int8", restricted=True, act="int8"), "qat"),  # W8A8: activations too
 ))
 
@@ -221,14 +254,16 @@ def test_linen_mlp_fake_quant_forward_equals_converted_model():
     assert float(jnp.max(jnp.abs(y_weights_only - y_q))) > 1e-6  # the int8 activations are part of both
 
 
-@pytest.mark.parametrize("zero_point", ["float", "int"])
-def test_init_from_a_gptq_result_starts_at_the_ptq_model(zero_point):
+@pytest.mark.parametrize("zero_point,rotate", [("float", None), ("int", None), ("float", "hadamard")])
+def test_init_from_a_gptq_result_starts_at_the_ptq_model(zero_point, rotate):
     """QAT started from GPTQ output: step 0's fake-quantized weights are GPTQ's dequantized ones, and converting
-    without training gives back GPTQ's codes, scales and zeros."""
+    without training gives back GPTQ's codes, scales and zeros (and rotation: learned in the rotated basis)."""
     k, n = 96, 40
     w = jax.random.normal(jax.random.PRNGKey(3), (k, n)) * 0.05
     x = jax.random.normal(jax.random.PRNGKey(4), (256, k)) * jnp.linspace(0.2, 3.0, k)
     rule = dict(format="int3", symmetric=False, group_size=32, pad=True, zero_point=zero_point)
+    if rotate:
+        rule["rotate"] = rotate
     gptq_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "gptq", "options": {"refit": True},
                                             **rule}]})
     qat_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True}, **rule}]})
@@ -244,6 +279,7 @@ def test_init_from_a_gptq_result_starts_at_the_ptq_model(zero_point):
     np.testing.assert_array_equal(np.asarray(back.unpacked_codes()), np.asarray(g.unpacked_codes()))
     np.testing.assert_array_equal(np.asarray(back.scale), np.asarray(g.scale))
     np.testing.assert_array_equal(np.asarray(back.zero), np.asarray(g.zero))
+    assert back.rotation == g.rotation == rotate
 
 
 def test_init_from_refuses_a_ptq_grid_the_recipe_cannot_learn():
@@ -253,7 +289,7 @@ def test_init_from_refuses_a_ptq_grid_the_recipe_cannot_learn():
     qat_cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True},
                                            "format": "int4", "symmetric": False, "group_size": 32}]})
     for extra, match in (({"group_size": 16}, "layout"), ({"zero_point": "float"}, "zero point"),
-                         ({"options": {"act_order": True}}, "perm")):
+                         ({"options": {"act_order": True}}, "perm"), ({"rotate": "hadamard"}, "rotation")):
         rule = {"pattern": ".*kernel", "method": "gptq", "format": "int4", "symmetric": False, "group_size": 32,
                 **extra}
         ptq = jq.quantize_params(w, recipe_from_dict({"rules": [rule]}), calib)
@@ -618,7 +654,52 @@ def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
     with pytest.raises(ValueError, match="--init-recipe starts QAT from a PTQ result; it has no meaning with --float"):
         script.main(common + ["--init-recipe", str(ptq), "--float"])
     rotated = tmp_path / "rotated.yaml"
-    rotated.write_text("rotation: true\nrules:\n  - pattern: '.*kernel'\n    format: int4\n")
-    with pytest.raises(ValueError, match=r"--init-recipe .*rotated\.yaml: recipes with a rotation section change "
-                                         r"the model; pick one without it"):
+    rotated.write_text("rotation: {seed: 1}\nrules:\n  - pattern: '.*kernel'\n    format: int4\n")
+    with pytest.raises(ValueError, match=r"--init-recipe .*rotated\.yaml: its rotation section .* differs from the "
+                                         r"QAT recipe's \(None\)"):
         script.main(common + ["--init-recipe", str(rotated)])
+
+
+def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, capsys):
+    """A QAT recipe with a rotation section (QuaRot-style, down_proj in its online-Hadamard basis) trains the rotated
+    model from the rotated GPTQ result: step 0 is the PTQ model, and the saved checkpoint is a rotated quantized
+    model (its config, its rotated down_proj) that `jq eval` reads."""
+    import json
+
+    from jq import checkpoint
+    from jq.models import finetune as script
+    from jq.models import pipeline
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Captain Wentworth wrote the letter while Anne spoke with Captain Harville by the window. " * 30)
+    grid = "    format: int4\n    symmetric: false\n    group_size: 16\n    zero_point: float\n"
+    qat_rules = ("rotation: {seed: 1}\nrules:\n  - pattern: '.*down_proj/kernel'\n    method: qat\n    rotate: hadamard\n"
+                 f"    options: {{lsq: true}}\n{grid}  - pattern: '.*kernel'\n    method: qat\n    options: {{lsq: true}}\n{grid}")
+    recipe = tmp_path / "qat_rot.yaml"
+    recipe.write_text(qat_rules)
+    ptq = tmp_path / "ptq_rot.yaml"
+    ptq.write_text("name: quarot_gptq_tiny\n" + qat_rules.replace("method: qat", "method: gptq").replace(
+        "{lsq: true}", "{refit: true}"))
+    out_dir = tmp_path / "q"
+    common = ["--model", "tiny", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus), "--recipe",
+              str(recipe), "--calib-samples", "4", "--calib-len", "32", "--eval-windows", "2", "--eval-window", "16",
+              "--no-progress"]
+    assert script.main(common + ["--steps", "0", "--init-recipe", str(ptq), "--out", str(out_dir)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["eval"]["perplexity"] == pytest.approx(out["init_recipe"]["eval"]["perplexity"], rel=1e-5)
+    tree, meta = checkpoint.load(out_dir)
+    assert meta["meta"]["model_config"]["tie_embeddings"] is False  # the rotated model unties the head
+    assert tree["layers_0"]["mlp"]["down_proj"]["kernel"].rotation == "hadamard"
+    assert tree["layers_0"]["mlp"]["up_proj"]["kernel"].rotation is None
+    # the float model rotated by the same section computes the same function as the unrotated one
+    mcfg, params, tok, src = script.load_model("tiny", 0)
+    rot = pipeline.rotated(pipeline.LoadedModel(mcfg, params, tok, src), jq.load_recipe(recipe))
+    ids = jnp.arange(16, dtype=jnp.int32)[None] * 7 % 256
+    np.testing.assert_allclose(np.asarray(Llama(rot.cfg).apply({"params": rot.params}, ids)),
+                               np.asarray(Llama(mcfg).apply({"params": params}, ids)), rtol=1e-4, atol=1e-4)
+    assert script.main(common + ["--steps", "2", "--init-recipe", str(ptq)]) == 0  # and it trains
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["last_loss"] > 0
+    other = tmp_path / "ptq_rot2.yaml"
+    other.write_text(ptq.read_text().replace("seed: 1", "seed: 2"))
+    with pytest.raises(ValueError, match=r"ptq_rot2\.yaml: its rotation section .*seed=2.* differs from the QAT "
+                                         r"recipe's .*seed=1"):
+        script.main(common + ["--steps", "1", "--init-recipe", str(other)])

@@ -151,17 +151,19 @@ def evaluator(mcfg, tokenizer, args):
     return lambda params: perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows)
 
 
-def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path]):
+def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path], rotation=None):
     """Quantize `params` by `args.init_recipe` (calibrated on the training corpus `files`) → (quantized params,
-    {"name", "seconds", "calibration"}). The recipe may not rotate the model (QAT trains the unrotated
-    architecture)."""
+    {"name", "seconds", "calibration"}). `params` are already rotated by the QAT recipe's `rotation` section (or
+    not, when it is None); the PTQ recipe must rotate the same way or not at all, as QAT trains one architecture."""
     import jq
     from jq.models import pipeline
 
     ptq = jq.load_recipe(args.init_recipe)
-    if ptq.rotation is not None:
-        raise ValueError(f"--init-recipe {args.init_recipe}: recipes with a rotation section change the model; "
-                         "pick one without it")
+    if ptq.rotation is not None and ptq.rotation != rotation:
+        raise ValueError(f"--init-recipe {args.init_recipe}: its rotation section ({ptq.rotation}) differs from the "
+                         f"QAT recipe's ({rotation}); QAT trains the model the QAT recipe describes. Give the QAT "
+                         "recipe the same rotation section, or pick a PTQ recipe without one")
+    ptq = dataclasses.replace(ptq, rotation=None)  # the model arrives rotated
     t0 = time.perf_counter()
     calib = calib_info = None
     if ptq.needs_calibration:
@@ -281,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     recipe = jq.load_recipe(args.recipe)
     mcfg, params, tokenizer, source = load_model(args.model, args.seed)
+    if recipe.rotation is not None:  # QAT trains (and the teacher is) the rotated model: the same function
+        from jq.models import pipeline
+
+        rot = pipeline.rotated(pipeline.LoadedModel(mcfg, params, tokenizer, source), recipe)
+        mcfg, params = rot.cfg, rot.params
+        del rot
     files = [Path(f) for f in args.corpus] if args.corpus else default_corpus()
     windows = corpus_windows(tokenizer, files, args.seq_len)
     batches = qat.WindowBatches(windows, args.batch_size, args.grad_accum, seed=args.seed)
@@ -297,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         ptq_log = {"name": jq.load_recipe(args.init_recipe).name, "resumed_at_step": resume_step}
         qp = qat.init(params, recipe)
     elif args.init_recipe:
-        params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files)
+        params, ptq_log = ptq_start(mcfg, params, tokenizer, source, args, files, recipe.rotation)
         if args.eval_windows:
             ptq_log["eval"] = evaluate(params)
         qp = qat.init_from(params, recipe)

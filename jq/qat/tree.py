@@ -22,7 +22,8 @@ from jq.config import QuantConfig, Rule
 from jq.flax import module_path
 from jq.qat import ste as S
 from jq.qtensor import Layout, QTensor
-from jq.quantize import _default_axes, _stats_for, path_str, quantize_leaf, quantize_params
+from jq.hadamard import hadamard_transform
+from jq.quantize import _default_axes, _stats_for, check_rotatable, path_str, quantize_leaf, quantize_params
 from jq.scheme import Scheme
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "init_from",
     "fake_quantize",
     "convert",
+    "to_basis",
+    "from_basis",
     "decay_mask",
     "act_interceptor",
     "apply",
@@ -87,12 +90,25 @@ def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
     if rule is None or rule.scheme is None or _is_q(w) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         return None
     sch = rule.scheme
-    if getattr(sch, "rotate", None) is not None or getattr(sch, "act_outlier", None) is not None:
-        raise ValueError(f"{path}: QAT does not train schemes with rotate / act_outlier (scheme {sch.describe()}); "
-                         "use a recipe without them")
+    if getattr(sch, "act_outlier", None) is not None:
+        raise ValueError(f"{path}: QAT does not train schemes with act_outlier (scheme {sch.describe()}); "
+                         "use a recipe without it")
     axes = sch.axes if sch.axes is not None else _default_axes(path, ndim)
+    if sch.rotate is not None:
+        check_rotatable(path, tuple(w.shape), axes)
     o = qat_options(rule)
     return LeafPlan(path, sch, sch.layout(tuple(w.shape), axes, path), rule, o["lsq"], o["lsq_init"], o["ste"])
+
+
+def to_basis(w: jax.Array, p: LeafPlan) -> jax.Array:
+    """The weight in the basis its codes are stored in: Qᵀ W along the contraction axis for `rotate: hadamard`
+    (what `jq.quantize_params` encodes), `w` itself otherwise. Linear, so gradients pass through exactly."""
+    return w if p.scheme.rotate is None else hadamard_transform(w, axis=p.layout.axes[0])
+
+
+def from_basis(v: jax.Array, p: LeafPlan) -> jax.Array:
+    """Inverse of `to_basis`: W = Q (Qᵀ W)."""
+    return v if p.scheme.rotate is None else hadamard_transform(v, axis=p.layout.axes[0], transpose=True)
 
 
 # -- nested-dict access by "/" path ------------------------------------------------------------------------------
@@ -128,7 +144,7 @@ def init(params, cfg: QuantConfig) -> dict[str, Any]:
         path = path_str(kp)
         p = plan(path, w, cfg)
         if p is not None and p.lsq:
-            _set(quant, path, _lsq_init(jnp.asarray(w), p.scheme, p.layout, p.lsq_init))
+            _set(quant, path, _lsq_init(to_basis(jnp.asarray(w), p), p.scheme, p.layout, p.lsq_init))
     return {"params": params, "quant": quant}
 
 
@@ -139,7 +155,8 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
 
     Every QTensor at a leaf that the QAT recipe learns (`lsq: true`) must be on the recipe's grid: same format,
     symmetry, zero-point kind, layout (granularity, group size, padding), and stored in natural order (no
-    act-order `perm`, no rotation). Other QTensors are only dequantized. Raises ValueError naming the leaf, what
+    act-order `perm`, and rotated exactly when the recipe's rule says `rotate`). Other QTensors are only
+    dequantized. Raises ValueError naming the leaf, what
     differs and the fix."""
     quant: dict = {}
 
@@ -157,12 +174,12 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
         problems = [f"{name} {got!r} (recipe {exp!r})" for name, got, exp in (
             ("format", x.fmt, sch.format), ("symmetric", x.symmetric, sch.symmetric), ("zero point", zkind, want),
             ("layout", x.layout, lay), ("perm", None if x.perm is None else "act-order", None),
-            ("rotation", getattr(x, "rotation", None), None)) if got != exp]
+            ("rotation", getattr(x, "rotation", None), sch.rotate)) if got != exp]
         if problems:
             raise ValueError(
                 f"{path}: the PTQ weight is not on the QAT recipe's grid: {'; '.join(problems)}. Quantize it with a "
-                "recipe of the same format / group size / zero point, act_order: false (or static_groups: true) "
-                "and no rotation, or start QAT from float params with jq.qat.init")
+                "recipe of the same format / group size / zero point / rotate, act_order: false (or "
+                "static_groups: true), or start QAT from float params with jq.qat.init")
         q = {"scale": S._squeeze(x.scale, lay)}  # the stored shape and f32, as lsq_init gives them
         if x.zero is not None:
             q["zero"] = S._squeeze(x.zero, lay)
@@ -176,14 +193,18 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
 def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
     """The float tree the model runs on during QAT: every leaf the recipe quantizes replaced by its fake-quantized
     value (straight-through; learned step sizes where `quant` has them), everything else unchanged. Same tree
-    structure and dtypes as `qat_params["params"]`. Call it inside the loss function (it traces under jit)."""
+    structure and dtypes as `qat_params["params"]`. Call it inside the loss function (it traces under jit).
+
+    A `rotate: hadamard` leaf is quantized in the rotated basis, as PTQ stores it: Q fq(Qᵀ W), so its value is the
+    dequantized weight of `convert`'s QTensor."""
     def leaf(path, w, p, q):
-        if q is not None:
-            return S.lsq_fake_quant(w, q, p.scheme, p.layout)
-        if p.lsq:
+        if q is None and p.lsq:
             raise ValueError(f"{path}: the recipe learns this step size (lsq: true) but qat_params has no 'quant' "
                              "entry for it; build qat_params with jq.qat.init(params, cfg)")
-        return S.fake_quant(w, p.scheme, p.layout, p.ste)
+        v = to_basis(w, p)
+        v = S.lsq_fake_quant(v, q, p.scheme, p.layout) if q is not None else S.fake_quant(v, p.scheme, p.layout,
+                                                                                        p.ste)
+        return from_basis(v, p).astype(w.dtype)
 
     return _map_planned(leaf, qat_params, cfg)
 
@@ -212,7 +233,7 @@ def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
     def leaf(path, w, p, q):
         if q is None:
             return quantize_leaf(path, w, p.rule, _stats_for(calib, path))
-        return _lsq_qtensor(jnp.asarray(w), q, p.scheme, p.layout)
+        return _lsq_qtensor(to_basis(jnp.asarray(w), p), q, p.scheme, p.layout)  # rotation set by the scheme
 
     return _map_planned(leaf, qat_params, cfg)
 
