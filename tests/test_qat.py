@@ -535,6 +535,16 @@ def test_qat_recipes_load_and_quantize_as_ptq():
     w3 = load_recipe(REPO / "configs" / "qat_w3_g128.yaml")
     q = jq.quantize_params({"mlp": {"kernel": jnp.ones((128, 8)) * jnp.arange(8.0)}}, w3)["mlp"]["kernel"]
     assert q.fmt == "int3" and q.layout.group_size == 128 and not q.layout.flat and q.zero.dtype == jnp.uint8
+    # the rotated W3 pair: the PTQ start's QTensors are on the QAT recipe's grid, the rotation sections equal
+    rot_qat, rot_ptq = (load_recipe(REPO / "configs" / f"{n}.yaml") for n in ("qat_quarot_w3_g128",
+                                                                             "quarot_gptq_refit_w3_g128_natural"))
+    assert rot_qat.rotation == rot_ptq.rotation is not None
+    rng = np.random.default_rng(0)
+    mlp = {p: {"kernel": jnp.asarray(rng.normal(size=(128, 64)).astype(np.float32))} for p in ("down_proj", "up_proj")}
+    calib = {"mlp": {p: {"kernel": {"hessian": jnp.eye(128), "count": jnp.float32(64)}} for p in mlp}}
+    qp = qat.init_from(jq.quantize_params({"mlp": mlp}, rot_ptq, calib), rot_qat)
+    assert set(qp["quant"]["mlp"]) == {"down_proj", "up_proj"}
+    assert qat.convert(qp, rot_qat)["mlp"]["down_proj"]["kernel"].rotation == "hadamard"
 
 
 # ----------------------------------------------------------------------------------------- mesh, multi-host
