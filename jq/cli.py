@@ -39,13 +39,10 @@ def _calibration(args, m, recipe, eval_text=None):
 
 
 def _add_calib_args(p) -> None:
+    from jq.models.pipeline import add_calib_args
+
     p.add_argument("--calib", nargs="+", help="calibration text files (default: the Austen books but the eval text)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the windows")
-    p.add_argument("--calib-sampling", choices=("windows", "stream"), default="windows",
-                   help="windows: distinct aligned windows per file (default); stream: random starts anywhere in the "
-                        "concatenated text, with replacement (the published GPTQ code's draw)")
+    add_calib_args(p)
 
 
 def cmd_eval(args) -> int:

@@ -50,11 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this calibrated PTQ recipe's result (e.g. AWQ + GPTQ, same grid as --recipe, "
                         "act_order: false) instead of RTN: masters = its dequantized weights, learned step sizes = "
                         "its scales and zeros (jq.qat.init_from)")
-    p.add_argument("--calib-samples", type=int, default=128, help="--init-recipe calibration windows (default 128)")
-    p.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--calib-seed", type=int, default=0, help="seed for drawing the calibration windows")
-    p.add_argument("--calib-sampling", choices=("windows", "stream"), default="windows",
-                   help="how --init-recipe's calibration windows are drawn (see jq eval --help)")
+    from jq.models.pipeline import add_calib_args
+
+    add_calib_args(p, "--init-recipe calibration")
     p.add_argument("--float", action="store_true",
                    help="fine-tune without fake quantization (the control); --out still applies the recipe (PTQ)")
     p.add_argument("--distill", type=float, default=0.0, metavar="ALPHA",

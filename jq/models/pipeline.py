@@ -19,7 +19,7 @@ from jq.models.llama import Llama
 from jq.qtensor import QTensor
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
-           "calibration_tokens", "calibration_draw", "default_calib_files", "quantize", "load_quantized"]
+           "calibration_tokens", "calibration_draw", "add_calib_args", "default_calib_files", "quantize", "load_quantized"]
 
 
 @dataclasses.dataclass
@@ -67,6 +67,17 @@ def size_summary(params) -> dict[str, float]:
 
 
 CALIB_SAMPLINGS = ("windows", "stream")
+
+
+def add_calib_args(parser, what: str = "calibration") -> None:
+    """The flags of a calibration draw (`calibration_draw`'s arguments, with its defaults) on an argparse parser:
+    --calib-samples, --calib-len, --calib-seed, --calib-sampling. `what` names the windows in the help text."""
+    parser.add_argument("--calib-samples", type=int, default=128, help=f"{what} windows (default 128)")
+    parser.add_argument("--calib-len", type=int, default=512, help=f"tokens per {what} window (default 512)")
+    parser.add_argument("--calib-seed", type=int, default=0, help=f"seed for drawing the {what} windows")
+    parser.add_argument("--calib-sampling", choices=CALIB_SAMPLINGS, default=CALIB_SAMPLINGS[0],
+                        help="windows: distinct aligned windows per file (default); stream: random starts anywhere "
+                             "in the concatenated text, with replacement (the published GPTQ code's draw)")
 
 
 def calibration_tokens(tokenizer, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0,
