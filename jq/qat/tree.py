@@ -156,8 +156,7 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
     Every QTensor at a leaf that the QAT recipe learns (`lsq: true`) must be on the recipe's grid: same format,
     symmetry, zero-point kind, layout (granularity, group size, padding), and stored in natural order (no
     act-order `perm`, and rotated exactly when the recipe's rule says `rotate`). Other QTensors are only
-    dequantized. Raises ValueError naming the leaf, what
-    differs and the fix."""
+    dequantized. Raises ValueError naming the leaf, what differs and the fix."""
     quant: dict = {}
 
     def visit(kp, x):
@@ -202,8 +201,10 @@ def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
             raise ValueError(f"{path}: the recipe learns this step size (lsq: true) but qat_params has no 'quant' "
                              "entry for it; build qat_params with jq.qat.init(params, cfg)")
         v = to_basis(w, p)
-        v = S.lsq_fake_quant(v, q, p.scheme, p.layout) if q is not None else S.fake_quant(v, p.scheme, p.layout,
-                                                                                        p.ste)
+        if q is not None:
+            v = S.lsq_fake_quant(v, q, p.scheme, p.layout)
+        else:
+            v = S.fake_quant(v, p.scheme, p.layout, p.ste)
         return from_basis(v, p).astype(w.dtype)
 
     return _map_planned(leaf, qat_params, cfg)
