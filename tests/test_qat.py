@@ -200,6 +200,17 @@ def test_qat_options_are_validated():
                                        "format": "int4"}]})
     with pytest.raises(ValueError, match="jq.qat.init"):
         qat.fake_quantize({"params": {"d": {"kernel": jnp.ones((8, 8))}}, "quant": {}}, cfg)
+    # what QAT cannot train is refused by leaf, at init and inside the loss alike
+    rot = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "format": "int4",
+                                       "rotate": "hadamard"}]})
+    for fn in (lambda p: qat.init(p, rot), lambda p: qat.fake_quantize({"params": p, "quant": {}}, rot)):
+        with pytest.raises(ValueError, match=r"d/kernel: rotate: hadamard along axis 0 of length 6, which has no "
+                                             r"Hadamard construction"):
+            fn({"d": {"kernel": jnp.ones((6, 8))}})
+    outlier = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "format": "int8", "act": "int8",
+                                           "act_outlier": 6.0}]})
+    with pytest.raises(ValueError, match=r"d/kernel: QAT does not train schemes with act_outlier"):
+        qat.init({"d": {"kernel": jnp.ones((8, 8))}}, outlier)
 
 
 # ------------------------------------------------------------------------------------------ linen and NNX MLPs

@@ -286,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
 
         rot = pipeline.rotated(pipeline.LoadedModel(mcfg, params, tokenizer, source), recipe)
         mcfg, params = rot.cfg, rot.params
-        del rot
     files = [Path(f) for f in args.corpus] if args.corpus else default_corpus()
     windows = corpus_windows(tokenizer, files, args.seq_len)
     batches = qat.WindowBatches(windows, args.batch_size, args.grad_accum, seed=args.seed)
