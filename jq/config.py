@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -37,7 +38,7 @@ from jq.kvcache import KVCacheConfig
 from jq.scheme import Scheme
 
 __all__ = ["Rule", "QuantConfig", "KVCacheConfig", "DEFAULT_IGNORE", "load_recipe", "recipe_from_dict",
-           "recipe_to_dict"]
+           "recipe_to_dict", "find_recipe", "shipped_recipes"]
 
 DEFAULT_IGNORE: tuple[str, ...] = (
     r"(.*/)?(embed|embedding|embeddings|embed_tokens|wte|wpe|token_embd)(/.*)?",
@@ -270,21 +271,37 @@ def _parse_transforms(items) -> tuple:
     return tuple(out)
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes jq ships (package data `jq/recipes/*.yaml`, also at `configs/` in a source checkout): name ->
+    path."""
+    root = Path(__file__).resolve().parent / "recipes"
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def find_recipe(path: str | os.PathLike) -> Path:
+    """The recipe file `path` names: an existing file, else a shipped recipe by name — `rtn_w4_g128`,
+    `rtn_w4_g128.yaml`, or `configs/rtn_w4_g128.yaml` as the README writes it, so recipes resolve from any working
+    directory and from an installed wheel. FileNotFoundError names where it looked and the shipped names."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    if len(p.parts) == 1 or p.parent.name in ("configs", "recipes"):
+        name = p.name.removesuffix(".yaml").removesuffix(".yml")
+        if name in shipped:
+            return shipped[name]
+    raise FileNotFoundError(f"recipe {os.fspath(path)!r}: no such file ({p.absolute()}), and jq ships no recipe of "
+                            f"that name; pass a YAML path or a shipped name ({', '.join(shipped)})")
+
+
 def load_recipe(path: str | os.PathLike) -> QuantConfig:
-    """Load a YAML recipe file (see the module docstring for its form)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", path)
-        if os.path.exists(here):
-            path = here
-        else:
-            raise FileNotFoundError(f"recipe {path!r} not found; pass a YAML path, e.g. configs/rtn_w4_g128.yaml")
-    with open(path) as f:
-        try:
-            d = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return recipe_from_dict(d, source=path)
+    """Load a YAML recipe file, or a shipped recipe by name (`find_recipe`); see the module docstring for the form."""
+    p = find_recipe(path)
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    return recipe_from_dict(d, source=str(p))
 
 
 def recipe_to_dict(cfg: QuantConfig) -> dict[str, Any]:

@@ -207,8 +207,10 @@ ignore: [".*lm_head.*"]
 
 
 def test_load_recipe_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"recipe '.*nope\.yaml' not found"):
+    with pytest.raises(FileNotFoundError, match=r"recipe '.*nope\.yaml': no such file .*shipped name \(awq_"):
         load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(FileNotFoundError, match=r"recipe 'configs/rtn_w4_g12\.yaml': no such file"):
+        load_recipe("configs/rtn_w4_g12.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules: [\n  - pattern: x\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML"):
@@ -217,6 +219,24 @@ def test_load_recipe_errors(tmp_path):
     unk.write_text("rules:\n  - pattern: '.*'\n    bits: 4\n")
     with pytest.raises(ValueError, match=r"unk\.yaml: rules\[0\]: unknown field\(s\) \['bits'\]; allowed fields are"):
         load_recipe(unk)
+
+
+def test_shipped_recipes_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    """The README's `--recipe configs/X.yaml` works outside the repository (and from an installed wheel): a path
+    that does not exist falls back to the shipped recipe of that name; an existing file always wins."""
+    from jq.config import find_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_recipes()
+    assert "rtn_w4_g128" in shipped and shipped["rtn_w4_g128"].parent.name == "recipes"
+    for name in ("configs/rtn_w4_g128.yaml", "rtn_w4_g128.yaml", "rtn_w4_g128"):
+        assert find_recipe(name) == shipped["rtn_w4_g128"]
+        assert load_recipe(name).name == "rtn_w4_g128"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rtn_w4_g128.yaml").write_text("name: mine\nrules: [{pattern: x, format: int8}]\n")
+    assert load_recipe("configs/rtn_w4_g128.yaml").name == "mine"
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        find_recipe("elsewhere/rtn_w8.yaml")  # only a bare name or configs/NAME falls back
 
 
 # ----------------------------------------------------------------------------------------- ignore / rule choice
