@@ -28,7 +28,9 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -52,10 +54,11 @@ from jq.qtensor import Layout, QTensor
 from jq.quantize import leaf_paths, path_str, quantize_leaf
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "CheckpointError", "SourceLeaf", "save", "load", "read_meta",
-           "abstract_tree", "verify", "convert"]
+           "abstract_tree", "verify", "convert", "check_destination"]
 
 FORMAT = "jq-quantized-pytree"
-FORMAT_VERSION = "1.0"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
+FORMAT_VERSION = "1.1"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
+# 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
 _READS_MAJOR = 1
 _FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes, scale, zero, perm
 # QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
@@ -66,6 +69,7 @@ _TMP, _OLD, _LOCK = ".jq-tmp", ".jq-old", ".jq-lock"
 META_FILE = "jq_checkpoint.json"
 _ARRAYS = "arrays"
 _CHUNK_BYTES = 64 << 20  # storage chunks: partial and sharded reads touch only the chunks they need
+_HEADER_CRC = "header_crc32"
 
 
 class CheckpointError(ValueError):
@@ -175,6 +179,20 @@ def _check_paths(items: Sequence[tuple[str, Any]], keypaths: Sequence[tuple]) ->
             raise ValueError(f"{path}: key {bad[0]} contains '/', which the checkpoint uses to join paths; rename it")
 
 
+def _header_crc(m: Mapping[str, Any]) -> int:
+    """CRC-32 of the metadata without its own CRC field, over canonical JSON (sorted keys, no spaces), so that a
+    damaged byte anywhere in jq_checkpoint.json — a shape, a layout field, the recipe — is caught on load."""
+    body = {k: v for k, v in m.items() if k != _HEADER_CRC}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _sealed(m: dict[str, Any]) -> dict[str, Any]:
+    """`m` with its header CRC (computed on the JSON round trip of `m`, which is what a reader sees)."""
+    m = json.loads(json.dumps(m))
+    m[_HEADER_CRC] = _header_crc(m)
+    return m
+
+
 def _header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str]) -> dict[str, Any]:
     """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves)."""
     h = {"format": FORMAT, "format_version": FORMAT_VERSION, "jq_version": __version__,
@@ -197,18 +215,41 @@ def _as_recipe(recipe: QuantConfig | Mapping | str | os.PathLike | None) -> Quan
 # -------------------------------------------------------------------------------------------------- writing
 
 
+@contextlib.contextmanager
+def _quiet_storage():
+    """Silence the records Orbax and asyncio log (whole tracebacks, from worker threads and from failed tasks
+    when they are collected) for a failure that jq reports itself, as one message naming the leaf and the fix.
+    Yields a callable to mark the block as failed when the failure is a returned None rather than an exception."""
+    logs = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    levels = [log.level for log in logs]
+    failed = []
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield lambda: failed.append(True)
+    except BaseException:
+        failed.append(True)
+        raise
+    finally:
+        if failed:
+            gc.collect()  # failed asyncio tasks log when collected: collect them while silenced
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
 def _write_leaf(item: Path, arrays: dict[str, np.ndarray]) -> None:
     """One leaf's arrays as an Orbax checkpoint at `item` (Orbax commits it atomically). Tests replace this to
     interrupt or fail a write."""
     ctx = ocp.Context()
     ctx.array.saving.storage_options.chunk_byte_size = _CHUNK_BYTES
     ctx.memory.deepcopy_host_arrays = False  # the arrays are ours and never mutated: no second host copy
-    with ctx:
+    with ctx, _quiet_storage():
         ocp.save(item, arrays)
 
 
 def _no_space(e: BaseException) -> bool:
-    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+        s in str(e) for s in ("No space left on device", "RESOURCE_EXHAUSTED"))
 
 
 def _item_name(i: int, path: str) -> str:
@@ -235,24 +276,65 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
+def _is_checkpoint_dir(d: Path) -> bool:
+    """A directory jq wrote: its metadata file names the jq format (it need not be intact to be replaced)."""
+    try:
+        return d.is_dir() and json.loads((d / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output path a write would fail on or must not replace; returns it absolute.
+
+    Free: a path that does not exist, or an empty directory. Existing: refused unless `overwrite`, and then only a
+    jq checkpoint is replaced — never a file or another directory (whose contents would be lost). Raises
+    FileExistsError naming the path, what is there, and the fix.
+    """
+    out = Path(out).absolute()
+    if not out.exists() and not out.is_symlink():
+        if out.parent.exists() and not out.parent.is_dir():
+            raise NotADirectoryError(f"{out}: its parent {out.parent} is a file; choose an output directory "
+                                     "whose parent is a directory")
+        return out
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return out
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out} is a {'symbolic link' if out.is_symlink() else 'file'}, not a jq checkpoint; "
+                              "--overwrite (overwrite=True) replaces only a checkpoint directory. Choose another "
+                              "output path, or move it away yourself")
+    if not _is_checkpoint_dir(out):
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} is a directory that is not a jq checkpoint (it holds {', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); jq replaces only a checkpoint it wrote. Choose "
+                              "another output directory")
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (a jq checkpoint); choose another output directory or pass "
+                              "overwrite=True (--overwrite) to replace it")
+    return out
+
+
 class _Writer:
     """Streams leaves into `out`: one Orbax checkpoint per leaf in the hidden staging directory `.NAME.jq-tmp`,
     then `jq_checkpoint.json`, then a rename to `out`.
 
     Nothing appears at `out` before `commit()`; `abort()` (or a killed process, cleaned by the next writer)
-    leaves no directory at `out`. One writer per `out` at a time (an flock on `.NAME.jq-lock`).
+    leaves `out` as it was. One writer per `out` at a time (an flock on `.NAME.jq-lock`).
     """
 
     def __init__(self, out: str | os.PathLike, header: dict[str, Any], *, overwrite: bool = False):
         self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise FileExistsError(f"{self.out} already exists; choose another output directory or pass "
-                                  "overwrite=True (--overwrite) to replace it")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out.parent / f".{self.out.name}{_TMP}"
+        self.old = self.out.parent / f".{self.out.name}{_OLD}"
         self._lock = self._acquire_lock()
-        self._clean_stale()
-        (self.staging / _ARRAYS).mkdir(parents=True)
+        try:
+            self._clean_stale()
+            check_destination(self.out, overwrite)
+            (self.staging / _ARRAYS).mkdir(parents=True)
+        except BaseException:
+            self._release_lock()
+            raise
         self.header = header
         self.leaves: dict[str, dict[str, Any]] = {}
 
@@ -278,12 +360,23 @@ class _Writer:
             self._lock = None
 
     def _clean_stale(self) -> None:
-        """Remove what an interrupted earlier write to `out` left: the staging directory, a set-aside old `out`."""
-        for p in (self.staging, self.out.parent / f".{self.out.name}{_OLD}"):
+        """Undo what an interrupted earlier write to `out` left: its staging directory goes; an old checkpoint set
+        aside (`.NAME.jq-old`) is put back if the process died between the two renames of a commit, else goes."""
+        if self.old.is_dir() and not self.out.exists():
+            os.rename(self.old, self.out)
+            warnings.warn(f"{self.out}: an earlier write was interrupted while replacing this checkpoint; the old "
+                          "checkpoint was put back", stacklevel=4)
+        for p in (self.staging, self.old):
             if p.is_dir():
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+
+    def _left(self) -> str:
+        """What a failed write leaves at `out`, for messages."""
+        if self.out.exists():
+            return f"the existing checkpoint at {self.out} is unchanged"
+        return f"nothing was written at {self.out}"
 
     def add(self, path: str, value: Any) -> dict[str, Any]:
         """Write one leaf (an array or a QTensor); returns its metadata entry."""
@@ -297,41 +390,48 @@ class _Writer:
             if _no_space(e):
                 nbytes = sum(a.nbytes for a in arrays.values())
                 raise OSError(errno.ENOSPC, f"no space left on device while writing leaf {path!r} "
-                              f"({nbytes / 1e6:.1f} MB) of {self.out}; nothing was left at {self.out}. Free space "
-                              f"on {self.out.parent} and run again") from e
+                              f"({nbytes / 1e6:.1f} MB) of {self.out}; {self._left()}. Free space on "
+                              f"{self.out.parent} and run again") from None
             raise
         self.leaves[path] = entry
         return entry
 
     def commit(self) -> Path:
-        """Write jq_checkpoint.json and rename the staging directory to `out` (replacing an old `out` if allowed)."""
+        """Write jq_checkpoint.json and rename the staging directory to `out` (replacing an old checkpoint, which is
+        kept aside until the new one is in place)."""
         missing = [p for p in self.header["paths"] if p not in self.leaves]
         if missing or not self.leaves:
             raise ValueError(f"{self.out}: {len(missing)} planned leaves were not written (first: {missing[:1]}); "
                              "nothing was committed" if missing else f"nothing to write to {self.out}: no leaves")
         try:
-            _write_json(self.staging / META_FILE, {**self.header, "leaves": self.leaves})
+            _write_json(self.staging / META_FILE, _sealed({**self.header, "leaves": self.leaves}))
         except OSError as e:
             if _no_space(e):
-                raise OSError(errno.ENOSPC, f"no space left on device while committing {self.out}; nothing was "
-                              f"left at {self.out}. Free space on {self.out.parent} and run again") from e
+                raise OSError(errno.ENOSPC, f"no space left on device while committing {self.out}; {self._left()}. "
+                              f"Free space on {self.out.parent} and run again") from None
             raise
         _fsync_dir(self.staging)
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}{_OLD}"
-            os.rename(self.out, old)
-            os.rename(self.staging, self.out)
-            shutil.rmtree(old)
-        else:
-            os.rename(self.staging, self.out)
+        replaced = self.out.exists()
+        if replaced:
+            os.rename(self.out, self.old)
+        os.rename(self.staging, self.out)
         _fsync_dir(self.out.parent)
         self._release_lock()
+        if replaced:
+            try:
+                shutil.rmtree(self.old)
+            except OSError as e:  # the new checkpoint is in place: say what is left, do not fail the write
+                warnings.warn(f"wrote {self.out}, but the checkpoint it replaced could not be removed from "
+                              f"{self.old} ({e}); delete that directory yourself", stacklevel=3)
         return self.out
 
     def abort(self) -> None:
         """Remove everything this write created; `out` (if it existed before) is left as it was."""
         try:
-            self._clean_stale()
+            if self.old.is_dir() and not self.out.exists():  # failed between a commit's two renames
+                os.rename(self.old, self.out)
+            if self.staging.is_dir():
+                shutil.rmtree(self.staging)
         finally:
             self._release_lock()
 
@@ -341,12 +441,13 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
     """Write a parameter tree (arrays and QTensors) to `directory` in the documented format (docs/FORMAT.md).
 
     Args:
-      directory: the checkpoint directory to create (it must not exist unless `overwrite`).
+      directory: the checkpoint directory to create: a new path or an empty directory; with `overwrite`, also an
+        existing jq checkpoint (never a file or another directory: `check_destination`).
       qparams: a pytree (nested dicts, an NNX State, ...) of arrays / QTensors; sharded jax.Arrays are gathered
         to the host one leaf at a time.
       recipe: the recipe that produced it (a QuantConfig, a recipe dict or a YAML path), stored as a dict.
       meta: JSON-serializable extra metadata (model, source, timings, ...).
-      overwrite: replace an existing `directory` (atomically: the old one stays until the new one is complete).
+      overwrite: replace an existing checkpoint at `directory` (the old one stays until the new one is complete).
 
     Returns:
       The absolute path of the checkpoint.
@@ -370,7 +471,11 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
 
 def _orbax_metadata(d: Path, what: str = ""):
     try:
-        return ocp.metadata(d)
+        with _quiet_storage() as failed:
+            m = ocp.metadata(d)
+            if getattr(m, "metadata", None) is None:  # Orbax logs the error and returns None
+                failed()
+            return m
     except Exception as e:  # Orbax / tensorstore raise many types for a damaged or foreign directory
         raise CheckpointError(
             f"{d}{what} is not a readable Orbax checkpoint ({type(e).__name__}: {str(e)[:300]}); it is damaged, "
@@ -402,8 +507,9 @@ def _version_ok(d: Path, v: Any) -> None:
 
 
 def _read(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """(dir, validated jq metadata): format, version, and a complete, consistent leaf table."""
-    d = Path(directory)
+    """(absolute dir, validated jq metadata): format, version, the metadata's own CRC-32 (format 1.1 on), and a
+    complete, consistent leaf table. Absolute, because Orbax reads only absolute paths."""
+    d = Path(directory).absolute()
     _check_dir(d)
     mf = d / META_FILE
     if not mf.is_file():
@@ -420,6 +526,11 @@ def _read(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         got = jqm.get("format") if isinstance(jqm, dict) else type(jqm).__name__
         raise CheckpointError(f"{mf}: format {got!r} is not {FORMAT!r}; not a jq checkpoint")
     _version_ok(d, jqm.get("format_version"))
+    if _HEADER_CRC in jqm and _header_crc(jqm) != jqm[_HEADER_CRC]:
+        rec = jqm[_HEADER_CRC]
+        raise CheckpointError(f"{mf}: CRC-32 {_header_crc(jqm):#010x} of the metadata differs from the recorded "
+                              f"{rec:#010x}" if isinstance(rec, int) else f"{rec!r}"
+                              "; the metadata is damaged (or was edited), write the checkpoint again")
     paths, leaves = jqm.get("paths"), jqm.get("leaves")
     if not isinstance(paths, list) or not isinstance(leaves, dict):
         raise CheckpointError(f"{mf} lacks 'paths' or 'leaves'; the checkpoint is damaged, write it again")
@@ -450,6 +561,9 @@ def _check_leaf(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
     item = _item(d, path, entry)
     stored = _orbax_metadata(item, f" (leaf {path!r})").metadata
     specs = _stored(entry)
+    if stored is None:
+        raise CheckpointError(f"{d}: leaf {path!r}: Orbax cannot read the index of its arrays (files under {item} "
+                              "are damaged or missing); the checkpoint is damaged, write it again")
     if not isinstance(stored, Mapping) or set(stored) != set(specs):
         got = sorted(stored) if isinstance(stored, Mapping) else type(stored).__name__
         raise CheckpointError(f"{d}: leaf {path!r} stores {got} but its metadata describes {sorted(specs)}; a "
@@ -584,8 +698,10 @@ def _check_target(d: Path, jqm: dict[str, Any], target_leaves: Mapping[str, Any]
 
 
 def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, shardings: Any = None,
-         target: Any = None) -> tuple[Any, dict[str, Any]]:
-    """Read a checkpoint -> (tree, jq metadata). Arrays are restored by Orbax straight onto their devices.
+         target: Any = None, verify: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Read a checkpoint -> (tree, jq metadata). Arrays are restored by Orbax straight onto their devices and, by
+    default, checked against the CRC-32 the writer recorded as each leaf is read: a damaged checkpoint raises a
+    CheckpointError naming the leaf, never returns different numbers.
 
     Args:
       directory: a checkpoint written by `save` / `convert`.
@@ -598,6 +714,10 @@ def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
       target: optional tree (arrays, jax.ShapeDtypeStructs, QTensors of either — e.g. `jax.eval_shape` of the
         quantized params) the checkpoint must match leaf for leaf in kind, shape and dtype; the result takes its
         structure, and its leaves' shardings when `shardings` is None.
+      verify: compare every array's CRC-32 with the recorded one (default). The check reads each restored array
+        back to the host once (a device-to-host copy; free on CPU); arrays this process holds only part of are
+        checked from a host read of the stored leaf. `verify=False` skips it (shapes, dtypes and layouts are
+        always checked).
 
     Returns:
       The tree (nested dicts keyed by path component, or `target`'s structure) with QTensors at quantized leaves,
@@ -615,11 +735,11 @@ def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
         sh = _leaf_shardings(path, entry, lookup(path, _abstract_leaf(entry)), mesh)
         abstract = {f: jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]), sharding=sh[f])
                     for f, s in _stored(entry).items()}
-        try:
-            arrays = ocp.load(item, abstract)
-        except Exception as e:
-            raise CheckpointError(f"{d}: leaf {path!r} cannot be read ({type(e).__name__}: {str(e)[:300]}); the "
-                                  "checkpoint is damaged, write it again") from None
+        arrays = _restore(d, path, item, abstract)
+        if verify:
+            partial = [f for f, a in arrays.items() if not a.is_fully_addressable]
+            host = _restore(d, path, item, _host_abstract(item, entry)) if partial else {}
+            _check_crcs(d, path, entry, {f: host[f] if f in partial else a for f, a in arrays.items()})
         values.append((path, _value(entry, arrays)))
     if target is None:
         return _nest(values), jqm
@@ -628,24 +748,65 @@ def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
     return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p, _ in leaf_paths(target)]), jqm
 
 
-def _load_leaf_host(d: Path, path: str, entry: Mapping[str, Any]) -> Any:
-    """One leaf with host NumPy arrays (a QTensor of them, or the array), checked against its metadata."""
-    item = _check_leaf(d, path, entry)
-    stored = _orbax_metadata(item).metadata  # NumPy metadata: restores NumPy arrays on the host
+def _restore(d: Path, path: str, item: Path, abstract: Mapping[str, Any]) -> dict[str, Any]:
+    """Orbax restore of one leaf's arrays as `abstract` describes them (host NumPy or sharded jax arrays)."""
     try:
-        arrays = ocp.load(item, {f: stored[f] for f in _stored(entry)})
+        with _quiet_storage():
+            return dict(ocp.load(item, dict(abstract)))
     except Exception as e:
         raise CheckpointError(f"{d}: leaf {path!r} cannot be read ({type(e).__name__}: {str(e)[:300]}); the "
                               "checkpoint is damaged, write it again") from None
-    return _value(entry, {f: np.asarray(a) for f, a in arrays.items()})
+
+
+def _host_abstract(item: Path, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Orbax's NumPy metadata of a leaf's arrays: restoring with it gives host NumPy arrays."""
+    stored = _orbax_metadata(item).metadata
+    return {f: stored[f] for f in _stored(entry)}
+
+
+def _check_crcs(d: Path, path: str, entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+    """Every restored array has the recorded shape, dtype and CRC-32 (when recorded); else CheckpointError."""
+    for f, spec in _stored(entry).items():
+        a = np.asarray(arrays[f])
+        what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] == "qtensor" else "")
+        if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
+            raise CheckpointError(f"{d}: {what} reads as {a.dtype.name}{list(a.shape)}, the metadata says "
+                                  f"{spec['dtype']}{spec['shape']}; the checkpoint is damaged")
+        if "crc32" in spec and _crc32(a) != spec["crc32"]:
+            raise CheckpointError(f"{d}: {what}: CRC-32 {_crc32(a):#010x} differs from the recorded "
+                                  f"{spec['crc32']:#010x}; the data is damaged, write the checkpoint again (or "
+                                  "load(..., verify=False) to read it anyway)")
+
+
+def _load_leaf_host(d: Path, path: str, entry: Mapping[str, Any], verify: bool = True) -> Any:
+    """One leaf with host NumPy arrays (a QTensor of them, or the array), checked against its metadata (and its
+    CRC-32s with `verify`)."""
+    item = _check_leaf(d, path, entry)
+    arrays = {f: np.asarray(a) for f, a in _restore(d, path, item, _host_abstract(item, entry)).items()}
+    if verify:
+        _check_crcs(d, path, entry, arrays)
+    return _value(entry, arrays)
+
+
+def _check_finite_grid(d: Path, path: str, q: QTensor) -> None:
+    """Scales and zero points are finite: an overflowed scale (a checkpoint written before jq refused them)
+    dequantizes its group to NaN although every CRC matches."""
+    for f in ("scale", "zero"):
+        a = getattr(q, f)
+        if a is not None and not np.isfinite(np.asarray(a, np.float32)).all():
+            n = int((~np.isfinite(np.asarray(a, np.float32))).sum())
+            raise CheckpointError(f"{d}: leaf {path!r}: {n} of {a.size} {f} values are not finite ({f} dtype "
+                                  f"{a.dtype.name} overflowed when it was written), so they dequantize to NaN; "
+                                  "quantize it again with scale_dtype: float32 for this leaf")
 
 
 def verify(directory: str | os.PathLike, *, read_data: bool = True) -> dict[str, Any]:
     """Check a checkpoint's integrity; raise CheckpointError naming the directory and leaf on the first problem.
 
-    Checks: the format and version; every leaf in the metadata is stored, holding exactly the recorded arrays
-    with their shapes and dtypes, and nothing else is stored; every QTensor fits its layout (`QTensor.check`); with `read_data`, every array is
-    read (one leaf at a time, so memory stays at one leaf) and its CRC-32 compared with the recorded one.
+    Checks: the format and version (and the metadata's own CRC-32); every leaf in the metadata is stored, holding
+    exactly the recorded arrays with their shapes and dtypes, and nothing else is stored; every QTensor fits its
+    layout (`QTensor.check`); with `read_data`, every array is read (one leaf at a time, so memory stays at one
+    leaf), its CRC-32 compared with the recorded one, and every scale and zero point checked to be finite.
 
     Returns:
       {"leaves", "quantized", "arrays", "bytes", "params"} of the checkpoint.
@@ -667,18 +828,9 @@ def verify(directory: str | os.PathLike, *, read_data: bool = True) -> dict[str,
         if not read_data:
             _check_leaf(d, path, entry)
             continue
-        value = _load_leaf_host(d, path, entry)
-        arrays = {f: getattr(value, f) for f in specs} if entry["kind"] == "qtensor" else {"value": value}
-        for f, spec in specs.items():
-            a = arrays[f]
-            what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] == "qtensor" else "")
-            if list(a.shape) != spec["shape"] or a.dtype.name != spec["dtype"]:
-                raise CheckpointError(f"{d}: {what} reads as {a.dtype.name}{list(a.shape)}, the metadata says "
-                                      f"{spec['dtype']}{spec['shape']}; the checkpoint is damaged")
-            if "crc32" in spec and _crc32(a) != spec["crc32"]:
-                raise CheckpointError(f"{d}: {what}: CRC-32 {_crc32(a):#010x} differs from the recorded "
-                                      f"{spec['crc32']:#010x}; the data is damaged, write the checkpoint again")
-        del value, arrays
+        value = _load_leaf_host(d, path, entry, verify=True)
+        if isinstance(value, QTensor):
+            _check_finite_grid(d, path, value)
     return {"leaves": len(jqm["paths"]), "quantized": n_q, "arrays": n_arrays, "bytes": n_bytes, "params": n_params}
 
 
@@ -733,24 +885,31 @@ def _orbax_source(d: Path) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
 
 
 def _open_source(src: str | os.PathLike) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
-    """(kind, lazy leaves, metadata) of a GGUF file, a Hugging Face directory or an Orbax checkpoint."""
-    p = Path(src)
+    """(kind, lazy leaves, metadata incl. "path": the absolute source) of a GGUF file, a Hugging Face directory, an
+    Orbax checkpoint, or a known model name (`jq.models.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
+    p = Path(src).expanduser().absolute()  # Orbax reads only absolute paths
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory; pass a .gguf file, a Hugging Face directory "
-                                "(config.json + *.safetensors) or an Orbax checkpoint directory")
+        from jq.models.hub import KNOWN_MODELS, resolve_model  # layer 7: model names (see the module docstring)
+
+        if str(src) not in KNOWN_MODELS:
+            raise FileNotFoundError(f"{src}: no such file or directory; pass a .gguf file, a Hugging Face directory "
+                                    "(config.json + *.safetensors), an Orbax checkpoint directory or a known model "
+                                    f"name ({', '.join(KNOWN_MODELS)})")
+        p = resolve_model(str(src))
     if p.is_file() and p.suffix == ".gguf":
         from jq.models.gguf_loader import open_gguf  # layer 7: the Llama name mapping (see the module docstring)
 
         cfg, lazy, _ = open_gguf(p)
-        return "gguf", list(lazy), {"model_config": dataclasses.asdict(cfg)}
+        return "gguf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
     if p.is_dir() and (p / "config.json").is_file():
         from jq.models.hf_loader import open_hf
 
         cfg, lazy = open_hf(p)
-        return "hf", list(lazy), {"model_config": dataclasses.asdict(cfg)}
+        return "hf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
     if p.is_dir():
         _check_dir(p)
-        return _orbax_source(p)
+        kind, leaves, info = _orbax_source(p)
+        return kind, leaves, {"path": str(p), **info}
     raise ValueError(f"{p}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors) or an Orbax "
                      "checkpoint directory")
 
@@ -785,11 +944,12 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
     is handed back to the OS after each leaf.
 
     Args:
-      src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face Llama directory or a
-        llama GGUF file.
+      src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face Llama directory, a
+        llama GGUF file, or a known model name (`jq.models.hub.KNOWN_MODELS`); relative paths are fine.
       recipe: a QuantConfig, a recipe dict or a YAML path; None only with `dequantize` (a jq checkpoint back to
         float).
-      out: the checkpoint directory to create; nothing appears there until the conversion is complete.
+      out: the checkpoint directory to create; nothing appears there until the conversion is complete. It is
+        checked before any work (`check_destination`).
       dequantize: write float weights instead of QTensors: a jq checkpoint is dequantized; with a recipe the
         weights are quantized and dequantized (fake quantization), for runtimes that take float weights.
       progress: one line per leaf on stderr.
@@ -807,8 +967,9 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
     cfg = _as_recipe(recipe)
     if cfg is None and not dequantize:
         raise ValueError("convert needs a recipe (a YAML path such as configs/rtn_w4_g128.yaml) unless dequantize=True")
-    src_path = Path(src)
-    kind, leaves, info = _open_source(src_path)
+    check_destination(out, overwrite)  # before minutes of work, not after
+    kind, leaves, info = _open_source(src)
+    src_path = Path(info.pop("path"))
     info = {"source": str(src_path.absolute()), "source_format": kind, "dequantized": dequantize, **info,
             **dict(meta or {})}
     if cfg is not None and cfg.needs_calibration:

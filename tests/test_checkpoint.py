@@ -270,11 +270,12 @@ def test_existing_output_needs_overwrite_and_a_second_writer_is_refused(tmp_path
 # ---------------------------------------------------------------------------------------------------- bad input
 
 
-def _edit_meta(d: Path, fn) -> None:
+def _edit_meta(d: Path, fn, *, seal: bool = True) -> None:
+    """Edit a checkpoint's metadata as another writer would (re-sealed with its CRC), or as damage would."""
     f = d / ck.META_FILE
     m = json.loads(f.read_text())
     fn(m)
-    f.write_text(json.dumps(m))
+    f.write_text(json.dumps(ck._sealed(m) if seal else m))
 
 
 def test_missing_foreign_plain_and_unfinished_directories_are_refused(tmp_path):
@@ -329,13 +330,15 @@ def test_damaged_checkpoints_are_refused_naming_the_leaf(tmp_path):
         fh.write(b"\xff" * 16)
     with pytest.raises(ck.CheckpointError, match=r"q2: leaf 'big/kernel'.*(CRC-32|cannot be read)"):
         ck.verify(d2)
+    with pytest.raises(ck.CheckpointError, match=r"q2: leaf 'big/kernel'.*(CRC-32|cannot be read)"):
+        ck.load(d2)  # load checks what it reads, too
     # truncated: a leaf's arrays, a leaf's Orbax index, the metadata file
     import shutil
 
     shutil.rmtree(d2 / "arrays" / "00001-small.kernel" / "state")
     with pytest.raises(ck.CheckpointError, match=r"q2/arrays/00001-small.kernel \(leaf 'small/kernel'\) is not a "
                                                  r"readable Orbax checkpoint"):
-        ck.load(d2)
+        ck.load(d2, verify=False)
     shutil.rmtree(d2 / "arrays" / "00001-small.kernel")
     with pytest.raises(ck.CheckpointError, match=r"leaf 'small/kernel': its arrays directory .* is missing"):
         ck.abstract_tree(d2) and ck.verify(d2, read_data=False)
