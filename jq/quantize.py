@@ -100,10 +100,11 @@ def _stats_for(calib, path: str):
     return node
 
 
-def quantize_leaf(path: str, w, rule, stats=None):
+def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
     """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
     a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
-    `with_info` variant reports damping increases and fallbacks, which are warned about naming the layer."""
+    `with_info` variant reports damping increases, inputs that never fired and fallbacks, which are warned about
+    naming the layer. Outside jit, scales that do not fit the scheme's `scale_dtype` are refused (`check_scales`)."""
     if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
     _check_finite(path, w)
@@ -113,6 +114,8 @@ def quantize_leaf(path: str, w, rule, stats=None):
     method = get_method(rule.method)
     if rule.scheme.rotate is not None:
         w, stats = _rotate_input(path, jnp.asarray(w), axes, stats)
+    w = jnp.asarray(w)
+    q = None
     if getattr(method, "needs_calibration", False):
         if stats is None:
             raise ValueError(
@@ -120,16 +123,58 @@ def quantize_leaf(path: str, w, rule, stats=None):
                 "calibrate first (jq eval/quantize --calib, or jq.calibrate.capture) or choose method: rtn"
             )
         count = stats.get("count") if isinstance(stats, dict) else None
+        with_info = getattr(method, "with_info", None)
         if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
             warnings.warn(f"{path}: no calibration token reached this layer; quantized with RTN instead of "
                           f"{rule.method!r}", stacklevel=3)
-            return _jitted("rtn", ())(jnp.asarray(w), rule.scheme, layout, None)
-        with_info = getattr(method, "with_info", None)
-        if with_info is not None and not isinstance(w, jax.core.Tracer):
-            q, info = _jitted_info(rule.method, rule.options)(jnp.asarray(w), rule.scheme, layout, stats)
+            q = _jitted("rtn", ())(w, rule.scheme, layout, None)
+        elif with_info is not None and not isinstance(w, jax.core.Tracer):
+            q, info = _jitted_info(rule.method, rule.options)(w, rule.scheme, layout, stats)
             _warn_info(path, rule, info)
-            return q
-    return _call_method(rule, jnp.asarray(w), layout, stats)
+    if q is None:
+        q = _call_method(rule, w, layout, stats)
+    check_scales(path, w, q, rule.scheme)
+    return q
+
+
+def check_scales(path: str, w: jax.Array, q: QTensor, scheme) -> None:
+    """Refuse a QTensor whose scales or zero points overflowed the scheme's `scale_dtype` (they would dequantize to
+    NaN), naming the leaf, the range that needs the larger scale and the fix; warn when non-zero groups' scales
+    underflowed it (those groups dequantize to zero). No-op under a trace. w: the float weight q was made from
+    (in the basis q stores: rotated for `rotate: hadamard`)."""
+    if isinstance(q.scale, jax.core.Tracer):
+        return
+    scale = np.asarray(q.scale, np.float32)
+    bad = ~np.isfinite(scale)
+    if q.zero is not None:
+        bad |= ~np.isfinite(np.asarray(q.zero, np.float32))
+    flushed = scale == 1.0  # an all-zero group, or a scale rounded to zero (`Scheme.scale_zero` sets both to 1)
+    if not bad.any() and not flushed.any():
+        return
+    lay = q.layout
+    xg = np.asarray(lay.to_grouped(jnp.asarray(w, jnp.float32)))
+    lo, hi = xg.min(lay.reduce_axes, keepdims=True), xg.max(lay.reduce_axes, keepdims=True)
+    if lay.granularity == "group":
+        lo, hi = np.squeeze(lo, lay.inner_axis), np.squeeze(hi, lay.inner_axis)
+    span = (np.maximum(np.abs(lo), np.abs(hi)) if scheme.symmetric else np.maximum(hi, 0) - np.minimum(lo, 0))
+    span = span.reshape(scale.shape)
+    unit = {"group": f"group of {lay.group_size}", "channel": "output channel", "tensor": "tensor"}[lay.granularity]
+    article = "an" if unit[0] in "aeiou" else "a"
+    sdt = jnp.finfo(jnp.dtype(scheme.scale_dtype))
+    if bad.any():
+        worst = float(span[bad].max())
+        raise ValueError(
+            f"{path}: {int(bad.sum())} of {scale.size} scales overflow scale_dtype {scheme.scale_dtype} (largest "
+            f"finite value {float(sdt.max):.4g}): {article} {unit} spans {worst:.4g} ({'max |w|' if scheme.symmetric else 'max − min'}"
+            f"), so its {scheme.format} scale would be about {worst / scheme.code_span:.4g}. Set scale_dtype: float32 "
+            f"(or bfloat16) in the rule for this leaf, or keep it float with ignore: ['{path}']")
+    lost = flushed & (span > 0) & ((span / scheme.code_span).astype(jnp.dtype(scheme.scale_dtype)) == 0)
+    if lost.any():
+        warnings.warn(
+            f"{path}: {int(lost.sum())} of {scale.size} scales underflow scale_dtype {scheme.scale_dtype} (smallest "
+            f"positive value {float(sdt.smallest_subnormal):.3g}): those {unit}s span at most {float(span[lost].max()):.3g}"
+            f" and dequantize to zero. Set scale_dtype: float32 in the rule for this leaf if they matter",
+            stacklevel=3)
 
 
 def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
@@ -168,12 +213,22 @@ def _jitted_info(method_name: str, options: tuple):
 
 
 def _warn_info(path: str, rule, info: dict) -> None:
-    if "fallback" in info and bool(info["fallback"]):
+    if bool(info.get("no_data", False)):
+        warnings.warn(f"{path}: no calibration signal reached this layer (its inputs were zero on every calibration "
+                      f"token), so {rule.method} had nothing to fit and it was quantized with RTN. Check that the "
+                      "calibration data reaches it (a branch or expert that no token used)", stacklevel=4)
+    elif "fallback" in info and bool(info["fallback"]):
         warnings.warn(f"{path}: {rule.method} failed even after raising the damping (Hessian not positive "
                       "definite); this layer fell back to RTN", stacklevel=4)
     elif "damp" in info and float(info["damp"]) > float(dict(rule.options).get("damp", 0.01)) * 1.0001:
         warnings.warn(f"{path}: {rule.method} raised the relative damping to {float(info['damp']):.3g} for a "
                       "stable Cholesky factorisation", stacklevel=4)
+    dead = int(info.get("dead", 0))
+    if dead and not bool(info.get("no_data", False)):
+        warnings.warn(f"{path}: {dead} input channel(s) never fired on the calibration data (zero on every token); "
+                      f"{rule.method} cannot tell how they matter and rounded their weights without error feedback. "
+                      "Calibrate on more or other data (--calib FILES, --calib-samples) so that they fire, or quantize "
+                      "this layer with method: rtn", stacklevel=4)
 
 
 def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: bool = True):

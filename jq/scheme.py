@@ -176,17 +176,24 @@ class Scheme:
         return Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
 
     # -- arithmetic in the grouped view ---------------------------------------------------------------------
+    @property
+    def code_span(self) -> float:
+        """What a scale divides a range by: max |x| / scale = this (symmetric), (max − min) / scale = this
+        (asymmetric)."""
+        f = self.fmt
+        if not f.is_int:
+            return float(f.max)
+        if not self.symmetric:
+            return float(2**f.bits - 1)
+        return float(2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2)
+
     def scale_zero(self, lo: jnp.ndarray, hi: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
         """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi."""
         f = self.fmt
         sdt = jnp.dtype(self.scale_dtype)
         if self.symmetric:
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-            if f.is_int:
-                qmax = 2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2
-            else:
-                qmax = f.max
-            scale = _nonzero((amax / qmax).astype(sdt).astype(jnp.float32))
+            scale = _nonzero((amax / self.code_span).astype(sdt).astype(jnp.float32))
             return scale, None
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         qmax = 2**f.bits - 1

@@ -286,3 +286,54 @@ def test_requantizing_a_quantized_tree_passes_leaves_through_without_warning():
         _w.simplefilter("error")
         q2 = jq.quantize_params(q1, cfg)
     assert q2["dense"]["kernel"] is q1["dense"]["kernel"]
+
+
+# -- scales that do not fit their dtype ------------------------------------------------------------------------
+
+
+def test_scale_overflow_is_refused_naming_leaf_range_and_fix():
+    """float16 scales top out at 65504: an int4 asym group spanning ~1e6 would store an infinite scale and
+    dequantize to NaN. It is refused at quantization time; float32 / bfloat16 scales hold it."""
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    w[3, 2] = 1.0e6
+    params = {"blk": {"kernel": w}}
+    cfg = QuantConfig.simple(Scheme("int4", symmetric=False, group_size=32))
+    with pytest.raises(ValueError, match=r"blk/kernel: 1 of 16 scales overflow scale_dtype float16 \(largest finite "
+                                         r"value 6\.55e\+04\): a group of 32 spans 1e\+06 \(max − min\).*"
+                                         r"scale_dtype: float32 \(or bfloat16\).*ignore: \['blk/kernel'\]"):
+        jq.quantize_params(params, cfg)
+    for sdt in ("float32", "bfloat16"):
+        q = jq.quantize_params(params, QuantConfig.simple(Scheme("int4", symmetric=False, group_size=32,
+                                                                 scale_dtype=sdt)))
+        deq = np.asarray(q["blk"]["kernel"].dequantize())
+        assert np.isfinite(deq).all() and abs(deq[3, 2] - 1.0e6) < 0.1e6
+    w[3, 2] = 1.0e7  # int8 symmetric: scale = max |w| / 127.5
+    with pytest.raises(ValueError, match=r"blk/kernel: 1 of 8 scales overflow .* an output channel spans 1e\+07 "
+                                         r"\(max \|w\|\), so its int8 scale would be about 7\.843e\+04"):
+        jq.quantize_params(params, QuantConfig.simple(Scheme("int8", scale_dtype="float16")))
+
+
+def test_scale_underflow_warns_that_the_groups_dequantize_to_zero():
+    w = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    w[:32, 0] *= 1e-9  # one group far below float16's smallest subnormal scale
+    with pytest.warns(UserWarning, match=r"blk/kernel: 1 of 16 scales underflow scale_dtype float16 .* dequantize to "
+                                         r"zero"):
+        q = jq.quantize_params({"blk": {"kernel": w}}, QuantConfig.simple(Scheme("int4", group_size=32)))
+    assert np.all(np.asarray(q["blk"]["kernel"].dequantize())[:32, 0] == 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an all-zero group is exact, not lost
+        jq.quantize_params({"blk": {"kernel": np.zeros((64, 8), np.float32)}}, QuantConfig.simple(INT4))
+
+
+def test_verify_refuses_a_stored_overflowed_scale(tmp_path):
+    """A checkpoint written before the refusal (CRCs all fine) is caught by verify / jq inspect."""
+    import dataclasses
+
+    from jq import checkpoint
+
+    q = jq.quantize_params({"blk": {"kernel": np.ones((32, 8), np.float32)}}, QuantConfig.simple(INT4))
+    k = q["blk"]["kernel"]
+    bad = dataclasses.replace(k, scale=jnp.asarray(k.scale).at[0, 0].set(jnp.inf))
+    d = checkpoint.save(tmp_path / "q", {"blk": {"kernel": bad}})
+    with pytest.raises(checkpoint.CheckpointError, match=r"leaf 'blk/kernel': 1 of 16 scale values are not finite"):
+        checkpoint.verify(d)

@@ -23,7 +23,8 @@ from jq.flax import module_path
 from jq.qat import ste as S
 from jq.qtensor import Layout, QTensor
 from jq.hadamard import hadamard_transform
-from jq.quantize import _default_axes, _stats_for, check_rotatable, path_str, quantize_leaf, quantize_params
+from jq.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, path_str, quantize_leaf,
+                         quantize_params)
 from jq.scheme import Scheme
 
 __all__ = [
@@ -234,7 +235,10 @@ def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
     def leaf(path, w, p, q):
         if q is None:
             return quantize_leaf(path, w, p.rule, _stats_for(calib, path))
-        return _lsq_qtensor(to_basis(jnp.asarray(w), p), q, p.scheme, p.layout)  # rotation set by the scheme
+        wb = to_basis(jnp.asarray(w), p)
+        out = _lsq_qtensor(wb, q, p.scheme, p.layout)  # rotation set by the scheme
+        check_scales(path, wb, out, p.scheme)  # learned step sizes must fit scale_dtype too
+        return out
 
     return _map_planned(leaf, qat_params, cfg)
 
