@@ -58,11 +58,7 @@ def ref_gptq(ws, h, real, *, bits, sym, g=None, act_order=False, static_groups=F
     """
     ws, h = ws.astype(np.float64).copy(), h.astype(np.float64).copy()
     kp, k = ws.shape[0], h.shape[0]
-    d = np.diag(h).copy()
-    dead = d == 0
-    h[dead, dead] = 1.0
-    ws[real[dead]] = 0.0
-    d = np.diag(h).copy()
+    d = np.diag(h).copy()  # dead inputs (d = 0) are left to the damping: decoupled, rounded without feedback
     lam = damp * d.mean()
     pads = np.setdiff1d(np.arange(kp), real)
     hp = np.eye(kp) * d.mean()
@@ -279,16 +275,28 @@ def test_diagonal_hessian_equals_rtn(skw, opts):
 
 
 @pytest.mark.parametrize("name", ["g32 asym", "g32 act_order", "g32 act_order static"])
-def test_dead_inputs_give_zero_rows(name):
+def test_dead_inputs_are_rounded_not_zeroed_and_counted(name):
+    """An input no calibration token fired keeps its weights (rounded on its group's grid, with no feedback in
+    or out) instead of the published code's zero row, which is wrong wherever the input is live; the count is
+    reported. Live rows match the NumPy transcription of the algorithm."""
     k, scheme, opts = case(name)
     h = correlated_hessian(k)
     dead = np.array([3, 17, 40, 127])
     h[dead, :] = 0.0
     h[:, dead] = 0.0
-    q, info = run(weight(k), scheme, h, **opts)
+    w = weight(k)
+    q, info = run(w, scheme, h, **opts)
     deq = np.asarray(q.dequantize())
-    np.testing.assert_array_equal(deq[dead], 0.0)
-    assert np.all(np.abs(deq[np.setdiff1d(np.arange(k), dead)]).sum(1) > 0)
+    codes = np.asarray(q.unpacked_codes()).astype(np.float64)
+    scale = np.repeat(np.asarray(q.scale, np.float64), 32, axis=0)
+    zero = np.repeat(np.asarray(q.zero, np.float64), 32, axis=0)
+    rows = np.argsort(np.asarray(q.perm))[dead] if q.perm is not None else dead  # stored position of each dead row
+    np.testing.assert_array_equal(codes[rows], np.clip(np.round(w[dead] / scale[rows] + zero[rows]), 0, 15))
+    assert np.all(np.abs(deq[dead]).sum(1) > 0)
+    ref = ref_gptq(w, h, np.arange(k), bits=4, sym=False, g=32, act_order=opts.get("act_order", False),
+                   static_groups=opts.get("static_groups", False))
+    assert np.mean(stored_codes(q) != ref[0]) < 0.01
+    assert int(info["dead"]) == len(dead) and not bool(info["no_data"])
     assert np.isfinite(float(info["err"])) and not bool(info["fallback"])
 
 
@@ -369,6 +377,14 @@ def test_tree_level_gptq_warns_naming_the_layer_on_raised_damping_and_fallback()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jq.quantize.quantize_leaf("blk_0/ok/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
+    x[:, 40:60] = 0.0  # 20 of 64 inputs never fire on this calibration set
+    with pytest.warns(UserWarning, match=r"blk_3/mlp/kernel: 20 input channel\(s\) never fired on the calibration "
+                                         r"data.*Calibrate on more or other data"):
+        q = jq.quantize.quantize_leaf("blk_3/mlp/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
+    assert np.all(np.abs(np.asarray(q.dequantize())[40:60]).sum(1) > 0)  # kept, not zeroed
+    with pytest.warns(UserWarning, match=r"blk_4/mlp/kernel: no calibration signal reached this layer") as rec:
+        jq.quantize.quantize_leaf("blk_4/mlp/kernel", w, rule, {"hessian": jnp.zeros((64, 64)), "count": 512.0})
+    assert not any("not positive definite" in str(r.message) for r in rec)
 
 
 # -- refit of group parameters ---------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ formed in that order and the codes are stored permuted with `perm` (stored = W[p
 with static groups (or channel / tensor granularity) the codes are stored in the original order and no `perm` is
 needed.
 
-Conditioning. Inputs that never fire (diag H = 0) get H_jj = 1 and their weight rows are set to zero. If the
+Conditioning. Inputs that never fire (diag H = 0) are decoupled by the damping alone and rounded without error
+feedback (the published code zeroes their weight rows, which is wrong wherever they are live). If the
 Cholesky factorisation fails (NaN), damping is raised ×10 up to `max_damp_tries` times inside the jitted
 computation; if it still fails — or H carries no data at all (all zero, or `stats["count"] == 0`) — the layer
 falls back to round-to-nearest (V = I: no error feedback). `gptq_with_info` reports the final damping, whether
@@ -247,9 +248,10 @@ def gptq_with_info(
 
     Returns:
       (QTensor, info) with info = {"damp": f32 final relative damping, "fallback": bool (RTN was used),
-      "err": f32 GPTQ objective Σ_j ‖w'_j − q_j‖² / U_jj² over the real channels (w'_j: channel j when it was
-      quantized). It equals tr((W−Q)ᵀ(H + λI)(W−Q)) for the (dead-row-zeroed) input W, so it is in the units
-      of the given H: divide by tr(WᵀHW) for a relative figure}.
+      "no_data": bool (H carried no signal at all: the reason for a fallback), "dead": int32 inputs that never
+      fired (diag H = 0; rounded without feedback), "err": f32 GPTQ objective Σ_j ‖w'_j − q_j‖² / U_jj² over the
+      real channels (w'_j: channel j when it was quantized). It equals tr((W−Q)ᵀ(H + λI)(W−Q)), so it is in the
+      units of the given H: divide by tr(WᵀHW) for a relative figure}.
     """
     p = _plan(layout, block_size, act_order, static_groups)
     if refit and p.level not in ("column", "block"):
@@ -274,19 +276,18 @@ def gptq_with_info(
     f32 = jnp.float32
 
     # -- Hessian conditioning: dead inputs, no data ------------------------------------------------------
+    # A dead input (x_j = 0 on every calibration token) has a zero row and column in H; the damping alone makes
+    # its diagonal positive, so it is decoupled from the others and its weights are rounded without feedback.
+    # (The published code zeroes them instead, which breaks the layer wherever that input is live.)
     diag = jnp.diagonal(h)
     no_data = jnp.all(diag == 0)
     if "count" in stats:
         no_data = no_data | (jnp.asarray(stats["count"]) <= 0)
     dead = (diag == 0) & ~no_data
-    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(f32))
-    diag = jnp.diagonal(h)
     mdiag = jnp.mean(diag)
 
-    # the weight in the stored, flattened view [Kp, N] (group axis zero-padded), dead rows zeroed
+    # the weight in the stored, flattened view [Kp, N] (group axis zero-padded)
     ws = layout.to_grouped(jnp.asarray(w, f32)).reshape(Kp, N)
-    alive = (~dead).astype(f32)
-    ws = ws * (alive if p.real_idx is None else jnp.ones(Kp, f32).at[p.real_idx].set(alive))[:, None]
 
     # -- grid parameters fixed up front (channel / tensor / static groups) -----------------------------------
     scale_g = zero_g = None
@@ -507,7 +508,8 @@ def gptq_with_info(
         scale_g = jnp.expand_dims(sc[:gp].reshape(layout.scale_shape), layout.inner_axis)
         zero_g = None if zc is None else jnp.expand_dims(zc[:gp].reshape(layout.scale_shape), layout.inner_axis)
     q = scheme.make_qtensor(codes, scale_g, zero_g, layout, w.dtype, perm=perm)
-    info = {"damp": final_damp.astype(f32), "fallback": fallback, "err": loss}
+    info = {"damp": final_damp.astype(f32), "fallback": fallback, "err": loss, "no_data": no_data,
+            "dead": jnp.sum(dead).astype(jnp.int32)}
     return q, info
 
 
