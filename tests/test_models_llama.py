@@ -319,6 +319,27 @@ def test_unsupported_gguf_tensor_type_names_the_tensor(tmp_path):
         load_gguf(tmp_path / "m.gguf")
 
 
+def test_truncated_or_foreign_gguf_names_the_file_and_the_missing_bytes(tmp_path):
+    cfg = tiny_cfg(True)
+    full = tmp_path / "m.gguf"
+    write_gguf(full, cfg, tiny_checkpoint(cfg))
+    data = full.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 100])  # the tensor data ends early
+    with pytest.raises(ValueError, match=rf"cut\.gguf: truncated GGUF file: its tensor table needs {len(data):,} "
+                                         rf"bytes .*, found {len(data) - 100:,}"):
+        load_gguf(cut)
+    head = tmp_path / "head.gguf"
+    head.write_bytes(data[:600])  # cut inside the metadata
+    with pytest.raises(ValueError, match=r"head\.gguf: damaged or truncated GGUF file: its header .* does not parse "
+                                         r"within its 600 bytes"):
+        load_gguf(head)
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ValueError, match=r"other\.gguf: not a GGUF file \(it starts with b'PK"):
+        load_gguf(other)
+
+
 def test_unknown_gguf_architecture(tmp_path):
     cfg = tiny_cfg(True)
     write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg), arch="gpt2")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from jq.models.config import LlamaConfig
@@ -39,6 +39,48 @@ _GLOBAL_TENSORS = {
     "output_norm": ("final_norm/scale", False),
     "output": ("lm_head/kernel", True),
 }
+
+
+class _Truncated(Exception):
+    def __init__(self, need: int, tensor: str):
+        self.need, self.tensor = need, tensor
+
+
+class _CheckedReader(GGUFReader):
+    """GGUFReader that checks the tensor table against the file size before it maps any tensor (the plain reader
+    fails a truncated file with a reshape error naming neither the file nor the truncation)."""
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        need, last = 0, ""
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+            end = int(start_offs + offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > need:
+                need, last = end, bytes(name).decode("utf-8", "replace")
+        if need > len(self.data):
+            raise _Truncated(need, last)
+        super()._build_tensors(start_offs, fields)
+
+
+def open_reader(path: str | Path) -> GGUFReader:
+    """A GGUFReader of `path`, or a ValueError naming the file and what is wrong with it: truncated (expected N
+    bytes, found M), or a header that cannot be parsed."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        return _CheckedReader(str(path))
+    except _Truncated as e:
+        raise ValueError(f"{path}: truncated GGUF file: its tensor table needs {e.need:,} bytes (to the end of "
+                         f"{e.tensor!r}), found {size:,}; an interrupted download or copy — fetch it again") from None
+    except (IndexError, ValueError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')") from None
+        raise ValueError(f"{path}: damaged or truncated GGUF file: its header (metadata and tensor table) does not "
+                         f"parse within its {size:,} bytes ({type(e).__name__}: {str(e)[:120]}); fetch it "
+                         "again") from None
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -105,7 +147,7 @@ def open_gguf(path: str | Path) -> tuple[LlamaConfig, list[LazyParam], dict[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GGUF file at {path}")
-    reader = GGUFReader(str(path))
+    reader = open_reader(path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     tokens = meta.get("tokenizer.ggml.tokens")
