@@ -21,19 +21,30 @@ def _recipe(path):
     return load_recipe(path) if path else None
 
 
-def _calibration(args, m, recipe, eval_text=None):
-    """(calibration tokens, what was drawn: files / samples / length / seed / sampling) when the recipe needs data,
-    else (None, None). The record goes into the result so that a figure names its calibration draw."""
+def _calib_files(args, recipe, eval_text=None) -> list[Path] | None:
+    """The calibration files when the recipe needs data (--calib, or the Austen books but the evaluation text),
+    each checked to exist and to be UTF-8 text — before the model loads, so a bad file fails in a second, not
+    after minutes. None when the recipe needs no data."""
     if recipe is None or not recipe.needs_calibration:
-        return None, None
+        return None
     from jq.models import pipeline
 
     files = [Path(f) for f in args.calib] if args.calib else pipeline.default_calib_files(eval_text)
     if not files:
         raise ValueError(f"recipe {recipe.name!r} needs calibration text: pass --calib FILE [FILE ...]")
     for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"--calib {f}: no such file")
+        pipeline.read_text(f, "--calib")
+    return files
+
+
+def _calibration(args, m, recipe, files):
+    """(calibration tokens, what was drawn: files / samples / length / seed / sampling) from `files`
+    (`_calib_files`), or (None, None) when there are none. The record goes into the result so that a figure names
+    its calibration draw."""
+    if files is None:
+        return None, None
+    from jq.models import pipeline
+
     return pipeline.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
                                      args.calib_sampling)
 
@@ -50,18 +61,15 @@ def cmd_eval(args) -> int:
 
     t0 = time.perf_counter()
     text_path = Path(args.text) if args.text else pipeline.default_eval_text()
-    if not text_path.exists():
-        raise FileNotFoundError(f"--text {text_path}: no such file")
+    text = pipeline.read_text(text_path, "--text")  # every input is checked before the model loads
+    also = {str(f): pipeline.read_text(f, "--also-text") for f in args.also_text or []}
     recipe = _recipe(args.recipe)
+    files = _calib_files(args, recipe, text_path)
     m = pipeline.load(args.model)
-    calib, calib_info = _calibration(args, m, recipe, text_path)
+    pipeline.check_window(m.cfg, args.window, "--window")
+    calib, calib_info = _calibration(args, m, recipe, files)
     load_s = time.perf_counter() - t0
-    also = {}
-    for f in args.also_text or []:
-        if not Path(f).exists():
-            raise FileNotFoundError(f"--also-text {f}: no such file")
-        also[str(f)] = Path(f).read_text(encoding="utf-8", errors="replace")
-    r = pipeline.evaluate(m, text_path.read_text(encoding="utf-8"), recipe, window=args.window, windows=args.windows,
+    r = pipeline.evaluate(m, text, recipe, window=args.window, windows=args.windows,
                           batch_size=args.batch_size, calib=calib, progress=True, also=also)
     r.update(text=str(text_path), window=args.window, calibration=calib_info, load_seconds=load_s,
              seconds=time.perf_counter() - t0)
@@ -87,8 +95,10 @@ def cmd_quantize(args) -> int:
     from jq.models import pipeline
 
     recipe = _recipe(args.recipe)
+    checkpoint.check_destination(args.out, args.overwrite)  # before minutes of work, not after
+    files = _calib_files(args, recipe)
     m = pipeline.load(args.model)
-    calib, calib_info = _calibration(args, m, recipe)
+    calib, calib_info = _calibration(args, m, recipe, files)
     t0 = time.perf_counter()
     q, qlog = pipeline.quantize(m, recipe, calib)
     secs = time.perf_counter() - t0
@@ -126,6 +136,11 @@ def cmd_convert(args) -> int:
 
     if args.recipe is None and not args.dequantize:
         raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
+    if args.calib:
+        from jq.models import pipeline
+
+        for f in args.calib:
+            pipeline.read_text(f, "--calib")
     t0 = time.perf_counter()
     out = checkpoint.convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
                              calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
@@ -151,10 +166,11 @@ def cmd_generate(args) -> int:
     if (args.kv_group_size or args.kv_rotate) and not args.kv:
         raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
     recipe = _recipe(args.recipe)
+    files = _calib_files(args, recipe)
     m = pipeline.load(args.model)
     params, kv, cfg = m.params, None, m.cfg
     if recipe is not None:
-        params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe)[0], progress=False)
+        params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe, files)[0], progress=False)
         cfg = qlog.get("model_config", cfg)  # a rotating recipe unties the LM head
     elif args.quantized:
         params, meta, kv = pipeline.load_quantized(args.quantized)
@@ -184,12 +200,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+_MODEL_HELP = "a .gguf file, a Hugging Face directory, or a known model name (smollm2-135m)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jq", description="Quantize and evaluate JAX/Flax models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="perplexity of a model, float or quantized by a recipe")
-    e.add_argument("--model", required=True, help="a .gguf file, a Hugging Face directory, or smollm2-135m")
+    e.add_argument("--model", required=True, help=_MODEL_HELP)
     e.add_argument("--recipe", help="a YAML recipe (configs/…); omit for the float model")
     e.add_argument("--text", help="evaluation text file (default: persuasion.txt)")
     e.add_argument("--also-text", nargs="+", metavar="FILE",
@@ -202,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("quantize", help="quantize a model by a recipe and write the quantized tree")
-    q.add_argument("--model", required=True)
+    q.add_argument("--model", required=True, help=_MODEL_HELP)
     q.add_argument("--recipe", required=True)
     q.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -217,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="stream a checkpoint / GGUF / HF model through a recipe into a checkpoint")
     c.add_argument("--in", dest="input", required=True,
-                   help="a float Orbax checkpoint, a jq checkpoint, a Hugging Face directory or a .gguf file")
+                   help="a float Orbax checkpoint, a jq checkpoint, a Hugging Face directory, a .gguf file or a "
+                        "known model name (smollm2-135m)")
     c.add_argument("--recipe", help="a YAML recipe (configs/…); optional only with --dequantize")
     c.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
     c.add_argument("--dequantize", action="store_true",
@@ -227,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text with a (quantized) model and KV cache; prints tokens/s")
-    g.add_argument("--model", required=True, help="a .gguf file, a Hugging Face directory, or smollm2-135m")
+    g.add_argument("--model", required=True, help=_MODEL_HELP)
     g.add_argument("--recipe", help="a YAML recipe quantizing the weights and/or the KV cache (kv_cache:)")
     g.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
     g.add_argument("--prompt", required=True, help="the prompt text")
@@ -253,14 +273,33 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["qat"]:  # its own parser (jq.models.finetune), so `jq qat --help` shows its options
         from jq.models.finetune import main as finetune_main
 
-        return finetune_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        command, run = "qat", lambda: finetune_main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.fn(args)
     try:
-        return args.fn(args)
+        return run()
     except (ValueError, OSError, RuntimeError) as e:  # OSError: missing / existing paths, a full disk
-        print(f"jq {args.command}: error: {e}", file=sys.stderr)
+        print(f"jq {command}: error: {e}", file=sys.stderr)
         return 2
 
 
-if __name__ == "__main__":
+def _drop_closed_loop_noise(hook):
+    """An unraisable-exception hook that drops the "Event loop is closed" RuntimeErrors Orbax's storage callbacks
+    raise after a failed write or read (a full disk, a damaged file) — after jq has already said what failed."""
+
+    def filtered(u):
+        if not (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)):
+            hook(u)
+
+    return filtered
+
+
+def entry() -> None:
+    """The `jq` console script (and `python -m jq.cli`): `main` in a process of its own."""
+    sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

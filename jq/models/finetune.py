@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m",
                    help="a .gguf file, a Hugging Face directory, smollm2-135m, or 'tiny' "
                         "(random one-block Llama, byte tokens)")
-    p.add_argument("--recipe", default=str(REPO / "configs" / "qat_w4_g128.yaml"), help="QAT / PTQ recipe (YAML)")
+    p.add_argument("--recipe", default="qat_w4_g128", help="QAT / PTQ recipe: a YAML file or a shipped recipe's name "
+                                                               "(default qat_w4_g128)")
     p.add_argument("--init-recipe",
                    help="start from this calibrated PTQ recipe's result (e.g. AWQ + GPTQ, same grid as --recipe, "
                         "act_order: false) instead of RTN: masters = its dequantized weights, learned step sizes = "
@@ -112,9 +113,11 @@ def load_model(name: str, seed: int):
 
 def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
     """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len]."""
+    from jq.models import pipeline
+
     out = []
     for f in files:
-        ids = np.asarray(tokenizer.encode(Path(f).read_text(encoding="utf-8")), np.int32)
+        ids = np.asarray(tokenizer.encode(pipeline.read_text(f, "--corpus")), np.int32)
         n = len(ids) // seq_len
         out.append(ids[: n * seq_len].reshape(n, seq_len))
     windows = np.concatenate(out) if out else np.zeros((0, seq_len), np.int32)
@@ -280,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                          "float model from itself (zero loss). Run the float control without --distill")
     t0 = time.perf_counter()
     recipe = jq.load_recipe(args.recipe)
+    if args.out and jax.process_index() == 0:
+        checkpoint.check_destination(args.out, args.overwrite)  # before the training run, not after it
     mcfg, params, tokenizer, source = load_model(args.model, args.seed)
+    from jq.models.pipeline import check_window
+
+    check_window(mcfg, args.seq_len, "--seq-len")
+    if args.eval_windows:
+        check_window(mcfg, args.eval_window, "--eval-window")
     if recipe.rotation is not None:  # QAT trains (and the teacher is) the rotated model: the same function
         from jq.models import pipeline
 

@@ -19,7 +19,8 @@ from jq.models.llama import Llama
 from jq.qtensor import QTensor
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
-           "calibration_tokens", "calibration_draw", "add_calib_args", "default_calib_files", "quantize", "load_quantized"]
+           "calibration_tokens", "calibration_draw", "add_calib_args", "default_calib_files", "quantize", "load_quantized",
+           "read_text", "check_window"]
 
 
 @dataclasses.dataclass
@@ -69,6 +70,29 @@ def size_summary(params) -> dict[str, float]:
 CALIB_SAMPLINGS = ("windows", "stream")
 
 
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """The UTF-8 text of `path`; errors name `what` (e.g. "--calib"), the file, and the fix: a missing file, or
+    bytes that are not UTF-8 (with the first bad byte and its offset)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {p}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {p}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); convert it "
+                         "to UTF-8 (e.g. `iconv -f latin1 -t utf-8`) or pass another file") from None
+
+
+def check_window(cfg: Any, window: int, what: str = "window") -> None:
+    """Refuse a window longer than the model's context (`cfg.max_seq_len`): positions beyond it were never
+    trained, so a perplexity there means nothing."""
+    ctx = getattr(cfg, "max_seq_len", None)
+    if ctx is not None and window > ctx:
+        raise ValueError(f"{what} {window} is longer than the model's context of {ctx} tokens (max_seq_len); use "
+                         f"{what} {ctx} or less")
+
+
 def add_calib_args(parser, what: str = "calibration") -> None:
     """The flags of a calibration draw (`calibration_draw`'s arguments, with its defaults) on an argparse parser:
     --calib-samples, --calib-len, --calib-seed, --calib-sampling. `what` names the windows in the help text."""
@@ -91,7 +115,7 @@ def calibration_tokens(tokenizer, files: list[Path], samples: int = 128, length:
         raise ValueError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
     if sampling not in CALIB_SAMPLINGS:
         raise ValueError(f"calibration sampling {sampling!r}: expected one of {', '.join(CALIB_SAMPLINGS)}")
-    streams = [np.asarray(tokenizer.encode(Path(f).read_text(encoding="utf-8")), np.int32) for f in files]
+    streams = [np.asarray(tokenizer.encode(read_text(f, "calibration file")), np.int32) for f in files]
     total = sum(len(s_) for s_ in streams)
     rng = np.random.default_rng(seed)
     if sampling == "stream":
@@ -193,6 +217,7 @@ def evaluate(
     """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens when the recipe needs data) and
     measure perplexity on `text` (see `jq.models.eval`); `also` maps names to more texts scored by the same
     quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
+    check_window(m.cfg, window)
     t0 = time.perf_counter()
     ids = np.asarray(m.tokenizer.encode(text), np.int32)
     params, qlog = m.params, {}
