@@ -228,3 +228,30 @@ def test_a_real_full_disk_gives_one_clear_message_and_keeps_the_old_checkpoint(t
         _same(small, ck.load(mnt / "w8")[0])
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------------------------------------- old checkpoints
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def test_a_checkpoint_written_by_an_earlier_jq_still_loads_bit_for_bit():
+    """tests/data/checkpoint_v1_0 was written by jq at commit b4dc096 (format 1.0, before the metadata CRC and
+    before the package moved around); its arrays are kept beside it in checkpoint_v1_0.npz."""
+    d = DATA / "checkpoint_v1_0"
+    meta = ck.read_meta(d)
+    assert meta["format_version"] == "1.0" and "header_crc32" not in meta
+    tree, _ = ck.load(d)
+    ck.verify(d)
+    want = np.load(DATA / "checkpoint_v1_0.npz")
+    attn = tree["attn"]["kernel"]
+    assert isinstance(attn, jq.QTensor) and attn.fmt == "int4" and not attn.symmetric and attn.perm is not None
+    assert tree["mlp"]["kernel"].fmt == "fp8_e4m3" and tree["head"]["kernel"].layout.padded == 48
+    for key in want.files:
+        path, _, field = key.replace("|", "/").partition(":")
+        leaf = dict(jq.leaf_paths(tree))[path]
+        got = np.asarray(getattr(leaf, field) if field else leaf)
+        if got.dtype.kind not in "iuf" or got.dtype.name.startswith(("float8", "bfloat")):
+            got = got.view(np.uint8)
+        np.testing.assert_array_equal(got, want[key], err_msg=key)
+    assert np.isfinite(np.asarray(attn.dequantize())).all()
