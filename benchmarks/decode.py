@@ -1,6 +1,6 @@
 """Decode speed: tokens/s of bf16 vs W8A16 vs W4A16 weights (RTN recipes) with a KV cache, batch 1.
 
-Models: SmolLM2-135M (`jq.models.pipeline.load("smollm2-135m")`) and a randomly initialised Llama-7B-shaped
+Models: SmolLM2-135M (`jq.apps.pipeline.load("smollm2-135m")`) and a randomly initialised Llama-7B-shaped
 decoder cut to 2 layers (dim 4096, hidden 11008, 32 heads, vocab 32000, untied head). Weights: bf16 (float),
 W8A16 = configs/rtn_w8.yaml (int8 per channel), W4A16 = configs/rtn_w4_g128.yaml (int4 asym g128); activations
 and the KV cache in bf16 (or `--kv int8|int4`). Quantized kernels go through `jq.ops` (a registered kernel, or the
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from jq.kvcache import KVCacheConfig
-from jq.models.config import LlamaConfig
-from jq.models.generate import generate_timed
-from jq.models.llama import init_params
-from jq.models.pipeline import size_summary
+from jq.numbers.kvcache import KVCacheConfig
+from jq.models.llama.config import LlamaConfig
+from jq.apps.generate import generate_timed
+from jq.models.llama.model import init_params
+from jq.apps.pipeline import size_summary
 from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -54,7 +54,7 @@ def random_params(cfg: LlamaConfig, seed: int = 0, dtype=jnp.bfloat16) -> dict:
 
 def load_model(name: str) -> tuple[LlamaConfig, dict]:
     if name == "smollm2":
-        from jq.models import pipeline
+        from jq.apps import pipeline
 
         m = pipeline.load("smollm2-135m")
         return m.cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), m.params)

@@ -29,7 +29,7 @@ import numpy as np
 
 from jq.algorithms.gptq import _upper_cholesky, gptq_with_info
 from jq.algorithms.rtn import rtn
-from jq.scheme import Scheme
+from jq.numbers.scheme import Scheme
 from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 SCHEME = Scheme("int4", symmetric=False, group_size=128)  # scales rounded to float16, integer zero points

@@ -1,4 +1,4 @@
-"""Hadamard rotation speed: the fast transform (`jq.hadamard.hadamard_transform`) against a dense matmul
+"""Hadamard rotation speed: the fast transform (`jq.numbers.hadamard.hadamard_transform`) against a dense matmul
 by the same orthogonal matrix, on Llama-style hidden sizes (4096 = 2^12, 11008 = 64·172, 14336 = 512·28), f32,
 on the present backend. Compile time is excluded (reported separately); run times are medians. Writes
 OUT/hadamard.json and OUT/hadamard.png.
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq import hadamard as had
+from jq.numbers import hadamard as had
 from timing import environment, timed  # benchmarks/ is on sys.path when a script here runs
 
 

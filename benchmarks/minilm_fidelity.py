@@ -1,6 +1,6 @@
 """Embedding fidelity of weight-quantized all-MiniLM-L6-v2 (a BERT with real fp32 weights) to its float original:
 per recipe, mean / min cosine between float and quantized embeddings of the same sentence, Spearman correlation of
-the pairwise-similarity matrices, top-1 nearest-neighbour agreement (see `jq.models.embed_eval`), bits/weight and
+the pairwise-similarity matrices, top-1 nearest-neighbour agreement (see `jq.apps.embeddings`), bits/weight and
 quantize time; and, for HQQ against RTN at the same grid (w4 g64, w3 g64), paired differences per sentence with
 bootstrap intervals. Sentences: persuasion.txt, 5-60 words, the first N. Writes OUT/minilm_fidelity.json and .png.
 
@@ -18,12 +18,12 @@ import jax
 import numpy as np
 
 import jq
-from jq.config import QuantConfig, recipe_from_dict, recipe_to_dict
-from jq.models import embed_eval
-from jq.models.bert import embed_texts, make_encoder
-from jq.models.bert_loader import load_bert
-from jq.models.pipeline import default_eval_text
-from jq.quantize import summarize
+from jq.tree.recipe import QuantConfig, recipe_from_dict, recipe_to_dict
+from jq.apps import embeddings as embed_eval
+from jq.models.bert.model import embed_texts, make_encoder
+from jq.models.bert.weights import load_bert
+from jq.apps.pipeline import default_eval_text
+from jq.tree.quantize import summarize
 from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -114,7 +114,7 @@ def main() -> None:
 
 def compare(per_sentence: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """For each pair of COMPARE that was run: the paired per-sentence difference (a − b) of cosine to float and of
-    top-1 agreement, with a bootstrap 95% interval over sentences (`jq.models.embed_eval.paired_difference`)."""
+    top-1 agreement, with a bootstrap 95% interval over sentences (`jq.apps.embeddings.paired_difference`)."""
     rows = []
     for a, b in COMPARE:
         if a in per_sentence and b in per_sentence:

@@ -48,10 +48,10 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from jq import __version__
-from jq.config import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
-from jq.qtensor import Layout, QTensor
-from jq.quantize import leaf_paths, path_str, quantize_leaf
+from jq._version import __version__
+from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
+from jq.numbers.qtensor import Layout, QTensor
+from jq.tree.quantize import leaf_paths, path_str, quantize_leaf
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "CheckpointError", "SourceLeaf", "save", "load", "read_meta",
            "abstract_tree", "verify", "convert", "check_destination"]
@@ -886,10 +886,10 @@ def _orbax_source(d: Path) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
 
 def _open_source(src: str | os.PathLike) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
     """(kind, lazy leaves, metadata incl. "path": the absolute source) of a GGUF file, a Hugging Face directory, an
-    Orbax checkpoint, or a known model name (`jq.models.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
+    Orbax checkpoint, or a known model name (`jq.models.io.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
     p = Path(src).expanduser().absolute()  # Orbax reads only absolute paths
     if not p.exists():
-        from jq.models.hub import KNOWN_MODELS, resolve_model  # layer 7: model names (see the module docstring)
+        from jq.models.io.hub import KNOWN_MODELS, resolve_model  # layer 7: model names (see the module docstring)
 
         if str(src) not in KNOWN_MODELS:
             raise FileNotFoundError(f"{src}: no such file or directory; pass a .gguf file, a Hugging Face directory "
@@ -897,12 +897,12 @@ def _open_source(src: str | os.PathLike) -> tuple[str, list[SourceLeaf], dict[st
                                     f"name ({', '.join(KNOWN_MODELS)})")
         p = resolve_model(str(src))
     if p.is_file() and p.suffix == ".gguf":
-        from jq.models.gguf_loader import open_gguf  # layer 7: the Llama name mapping (see the module docstring)
+        from jq.models.io.gguf import open_gguf  # layer 7: the Llama name mapping (see the module docstring)
 
         cfg, lazy, _ = open_gguf(p)
         return "gguf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
     if p.is_dir() and (p / "config.json").is_file():
-        from jq.models.hf_loader import open_hf
+        from jq.models.io.safetensors import open_hf
 
         cfg, lazy = open_hf(p)
         return "hf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
@@ -945,7 +945,7 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
 
     Args:
       src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face Llama directory, a
-        llama GGUF file, or a known model name (`jq.models.hub.KNOWN_MODELS`); relative paths are fine.
+        llama GGUF file, or a known model name (`jq.models.io.hub.KNOWN_MODELS`); relative paths are fine.
       recipe: a QuantConfig, a recipe dict or a YAML path; None only with `dequantize` (a jq checkpoint back to
         float).
       out: the checkpoint directory to create; nothing appears there until the conversion is complete. It is
@@ -954,8 +954,8 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
         weights are quantized and dequantized (fake quantization), for runtimes that take float weights.
       progress: one line per leaf on stderr.
       calib: for recipes that need data (GPTQ, AWQ, ...): calibration token ids int32 [S, L], or text files
-        (default: `jq.models.pipeline.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
-        calib_sampling (`jq.models.pipeline.calibration_tokens`).
+        (default: `jq.apps.pipeline.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
+        calib_sampling (`jq.apps.pipeline.calibration_tokens`).
         Only a Llama GGUF / HF source can be run to collect statistics; that path loads the whole model.
       overwrite: replace an existing `out` (the old one stays until the new one is complete).
       meta: extra JSON metadata to store.
@@ -1055,8 +1055,8 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
             f"Llama model, which it can load from a GGUF file or a Hugging Face directory, but {src} is an Orbax "
             "checkpoint. Convert from the original GGUF / Hugging Face model, or use a data-free recipe (rtn, hqq)"
         )
-    from jq.models import pipeline  # layer 7 (see the module docstring)
-    from jq.quantize import dequantize_params
+    from jq.apps import pipeline  # layer 7 (see the module docstring)
+    from jq.tree.quantize import dequantize_params
 
     m = pipeline.load(str(src))
     if calib is not None and not isinstance(calib, (str, os.PathLike)) and np.asarray(calib).dtype.kind in "iu":

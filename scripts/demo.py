@@ -30,7 +30,7 @@ def main() -> None:
     from rich.table import Table
 
     import jq
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     console = Console(width=120)
     t_start = time.perf_counter()

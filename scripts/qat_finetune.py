@@ -1,8 +1,8 @@
-"""Quantization-aware fine-tuning (same as `jq qat`): see `jq.models.finetune`."""
+"""Quantization-aware fine-tuning (same as `jq qat`): see `jq.apps.finetune`."""
 
 import sys
 
-from jq.models.finetune import main
+from jq.apps.finetune import main
 
 if __name__ == "__main__":
     sys.exit(main())

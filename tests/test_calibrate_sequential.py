@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import jq
-from jq import calibrate
+from jq.calibration import capture as calibrate
 from jq.algorithms import METHODS, register
-from jq.models.config import LlamaConfig
-from jq.models.llama import Llama, init_params
-from jq.models.llama_blocks import FOLDS, block_spec
-from jq.models.pipeline import calibration_draw, calibration_tokens
-from jq.sequential import _get, apply_fold, quantize_sequential
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.model import Llama, init_params
+from jq.models.llama.blocks import FOLDS, block_spec
+from jq.apps.pipeline import calibration_draw, calibration_tokens
+from jq.calibration.sequential import _get, apply_fold, quantize_sequential
 
 
 class Net(nn.Module):
@@ -146,11 +146,11 @@ def test_layer_without_tokens_falls_back_to_rtn_with_a_warning():
         rule = jq.Rule(".*", jq.Scheme("int4", group_size=16), method="_record_h")
         stats = {"hessian": jnp.zeros((32, 32)), "count": jnp.asarray(0.0)}
         with pytest.warns(UserWarning, match="moe/expert_3/kernel: no calibration token reached this layer"):
-            q = jq.quantize.quantize_leaf("moe/expert_3/kernel", w, rule, stats)
+            q = jq.tree.quantize.quantize_leaf("moe/expert_3/kernel", w, rule, stats)
         ref = METHODS["rtn"](w, rule.scheme, rule.scheme.layout((32, 8), (0,)))
         np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(ref.dequantize()))
         with pytest.raises(ValueError, match="needs calibration statistics"):
-            jq.quantize.quantize_leaf("x/kernel", w, rule, None)
+            jq.tree.quantize.quantize_leaf("x/kernel", w, rule, None)
     finally:
         METHODS.pop("_record_h")
 
@@ -213,7 +213,7 @@ def test_w8a8_int_path_matches_numpy_and_fake_path():
 def _logit_error(cfg, params, q, toks):
     m = Llama(cfg)
     ref = m.apply({"params": params}, toks)
-    out = jax.jit(lambda p, t: jq.flax.apply(m, {"params": p}, t))(q, toks)
+    out = jax.jit(lambda p, t: jq.interop.apply(m, {"params": p}, t))(q, toks)
     return float(jnp.mean((out - ref) ** 2))
 
 

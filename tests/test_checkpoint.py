@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 import jq
 from jq import checkpoint as ck
-from jq.config import recipe_from_dict, recipe_to_dict
+from jq.tree.recipe import recipe_from_dict, recipe_to_dict
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf, write_hf
 
 W4 = {"name": "w4", "rules": [{"pattern": ".*kernel", "format": "int4", "symmetric": False, "group_size": 16}]}

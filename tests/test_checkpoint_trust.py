@@ -19,7 +19,7 @@ import pytest
 
 import jq
 from jq import checkpoint as ck
-from jq.cli import main as cli_main
+from jq.apps.cli import main as cli_main
 from test_checkpoint import _leftovers, _same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_load_verifies_crcs_by_default_and_says_how_to_opt_out(tmp_path):
     assert not np.array_equal(np.asarray(got), np.asarray(q["big"]["kernel"]))
     with pytest.raises(ck.CheckpointError, match=r"leaf 'big/kernel'.*(CRC-32 .* differs.*verify=False|cannot be read)"):
         ck.load(d)
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     with pytest.raises(ck.CheckpointError, match="leaf 'big/kernel'"):
         pipeline.load_quantized(d)
@@ -213,7 +213,7 @@ def test_a_real_full_disk_gives_one_clear_message_and_keeps_the_old_checkpoint(t
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path / "float")], check=True, env=env)
-        cmd = [sys.executable, "-m", "jq.cli", "convert", "--in", str(tmp_path / "float"), "--recipe", "rtn_w8",
+        cmd = [sys.executable, "-m", "jq.apps.cli", "convert", "--in", str(tmp_path / "float"), "--recipe", "rtn_w8",
                "--out", str(mnt / "w8")]
         first = subprocess.run(cmd, capture_output=True, text=True, env=env)
         assert first.returncode == 2

@@ -10,7 +10,7 @@ import pytest
 
 import jq
 from jq import checkpoint
-from jq.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
+from jq.apps.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
 
 TEXT = ("the cat sat on the mat and the hat, " * 60) + "12 cats at the hat. "
@@ -182,7 +182,7 @@ def test_non_utf8_texts_are_named_before_the_model_loads(tiny_model, tmp_path, c
         err = capsys.readouterr().err
         assert f"{flag} {latin}: not UTF-8 text (byte 0x" in err and "iconv" in err, err
         assert "never-loaded" not in err
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     with pytest.raises(ValueError, match=r"calibration file .*latin1.txt: not UTF-8 text"):
         pipeline.calibration_tokens(type("T", (), {"encode": staticmethod(list)}), [latin])
@@ -192,7 +192,7 @@ def test_window_beyond_the_context_is_refused(tiny_model, capsys):
     model, text, _ = tiny_model  # the tiny model's context is 64 tokens
     assert cli_main(["eval", "--model", str(model), "--text", str(text), "--window", "128"]) == 2
     assert "--window 128 is longer than the model's context of 64 tokens" in capsys.readouterr().err
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     with pytest.raises(ValueError, match="window 128 is longer than the model's context of 64 tokens"):
         pipeline.evaluate(pipeline.load(str(model)), TEXT, window=128)
@@ -202,7 +202,7 @@ def test_window_beyond_the_context_is_refused(tiny_model, capsys):
 
 def test_every_model_command_takes_the_known_names(tiny_model, tmp_path, monkeypatch, capsys):
     """`jq convert --in NAME` resolves a known model name like eval / quantize / generate do."""
-    from jq.models import hub
+    from jq.models.io import hub
 
     model, _, recipe = tiny_model
     monkeypatch.setitem(hub.KNOWN_MODELS, "tiny-test", hub.PypiModel("none", "0", "m.gguf", "m.gguf", "test"))

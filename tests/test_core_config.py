@@ -9,7 +9,7 @@ import pytest
 
 import jq
 from jq import QuantConfig, Rule, Scheme, load_recipe, recipe_from_dict
-from jq.config import DEFAULT_IGNORE
+from jq.tree.recipe import DEFAULT_IGNORE
 
 # ----------------------------------------------------------------------------------------------- Scheme errors
 
@@ -224,7 +224,7 @@ def test_load_recipe_errors(tmp_path):
 def test_shipped_recipes_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
     """The README's `--recipe configs/X.yaml` works outside the repository (and from an installed wheel): a path
     that does not exist falls back to the shipped recipe of that name; an existing file always wins."""
-    from jq.config import find_recipe, shipped_recipes
+    from jq.tree.recipe import find_recipe, shipped_recipes
 
     monkeypatch.chdir(tmp_path)
     shipped = shipped_recipes()

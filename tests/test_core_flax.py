@@ -11,7 +11,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jq
-import jq.flax
+import jq.interop
 from jq import QTensor, QuantConfig, Rule, Scheme
 from jq.algorithms import get_method
 
@@ -171,20 +171,20 @@ def test_linen_quantized_leaves(linen_setup):
 
 def test_linen_apply_equals_dequantized_model(linen_setup):
     model, x, params, qparams = linen_setup
-    y = jax.jit(lambda p, x: jq.flax.apply(model, {"params": p}, x))(qparams, x)
+    y = jax.jit(lambda p, x: jq.interop.apply(model, {"params": p}, x))(qparams, x)
     ref = model.apply({"params": jq.dequantize_params(qparams)}, x)
     assert y.shape == ref.shape == (2, 3, 16)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # not trivially equal to the float model (so the comparison above is about the quantized weights)
     assert np.abs(np.asarray(y) - np.asarray(model.apply({"params": params}, x))).max() > 1e-3
-    # without QTensors jq.flax.apply is model.apply
-    np.testing.assert_array_equal(np.asarray(jq.flax.apply(model, {"params": params}, x)),
+    # without QTensors jq.interop.apply is model.apply
+    np.testing.assert_array_equal(np.asarray(jq.interop.apply(model, {"params": params}, x)),
                                   np.asarray(model.apply({"params": params}, x)))
 
 
 def test_linen_routed_paths(linen_setup):
     model, x, _, qparams = linen_setup
-    assert jq.flax.routed_paths(model, {"params": qparams}, x) == ROUTED
+    assert jq.interop.routed_paths(model, {"params": qparams}, x) == ROUTED
 
 
 def test_linen_dense_reaches_registered_kernel(linen_setup):
@@ -202,7 +202,7 @@ def test_linen_dense_reaches_registered_kernel(linen_setup):
 
     jq.ops.register_kernel("test_fake_dense", supports, fake)
     try:
-        y = jax.jit(lambda p, x: jq.flax.apply(model, {"params": p}, x))(qparams, x)
+        y = jax.jit(lambda p, x: jq.interop.apply(model, {"params": p}, x))(qparams, x)
     finally:
         jq.ops.KERNELS.remove(next(k for k in jq.ops.KERNELS if k.name == "test_fake_dense"))
     assert all(k.name != "test_fake_dense" for k in jq.ops.KERNELS)
@@ -223,8 +223,8 @@ def test_linen_bias_einsum_is_dequantized_not_routed():
     p = m.init(jax.random.key(1), x)["params"]
     q = jq.quantize_params(p, QuantConfig.simple(Scheme("int8")))
     assert isinstance(q["Einsum_0"]["kernel"], QTensor)
-    assert jq.flax.routed_paths(m, {"params": q}, x) == set()
-    y = jq.flax.apply(m, {"params": q}, x)
+    assert jq.interop.routed_paths(m, {"params": q}, x) == set()
+    y = jq.interop.apply(m, {"params": q}, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(m.apply({"params": jq.dequantize_params(q)}, x)), rtol=1e-6)
 
 
@@ -263,7 +263,7 @@ def test_nnx_merge_equals_dequantized_model():
 
     @jax.jit
     def run(qs, x):
-        return jq.flax.nnx_merge(graphdef, qs)(x)
+        return jq.interop.nnx_merge(graphdef, qs)(x)
 
     jq.ops.register_kernel("test_fake_nnx", supports, fake)
     try:
@@ -292,8 +292,8 @@ def test_linen_dense_general_unsorted_axis(axis):
     p = m.init(jax.random.key(2), x)["params"]
     assert p["DenseGeneral_0"]["kernel"].shape == (6, 6, 5)
     q = jq.quantize_params(p, QuantConfig.simple(Scheme("int8", axes=(0, 1))))
-    assert jq.flax.routed_paths(m, {"params": q}, x) == {"DenseGeneral_0/kernel"}
-    y = jax.jit(lambda q, x: jq.flax.apply(m, {"params": q}, x))(q, x)
+    assert jq.interop.routed_paths(m, {"params": q}, x) == {"DenseGeneral_0/kernel"}
+    y = jax.jit(lambda q, x: jq.interop.apply(m, {"params": q}, x))(q, x)
     d = np.asarray(q["DenseGeneral_0"]["kernel"].dequantize(), np.float64)
     b = np.asarray(p["DenseGeneral_0"]["bias"], np.float64)
     np.testing.assert_allclose(np.asarray(y), np.einsum("bij,ijo->bo", np.asarray(x, np.float64), d) + b,

@@ -1,4 +1,4 @@
-"""jq.formats: exact sub-byte packing against a Python-integer bit-stream reference, format tables against the
+"""jq.numbers.formats: exact sub-byte packing against a Python-integer bit-stream reference, format tables against the
 published values, and rounding (int / fp8 / codebook) against NumPy and ml_dtypes."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jq import formats
+from jq.numbers import formats
 from test_core_npref import FP4_E2M1, FP8_MAX, NF4_QLORA, np_fp8_saturating, np_nearest_index, np_pack, sign_extend
 
 # ------------------------------------------------------------------------------------------------------ packing

@@ -1,4 +1,4 @@
-"""jq.ranges: min-max / abs-max / percentile against NumPy, and the MSE clip search against a brute-force NumPy
+"""jq.numbers.ranges: min-max / abs-max / percentile against NumPy, and the MSE clip search against a brute-force NumPy
 search over the same shrink grid."""
 
 from __future__ import annotations

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import jq
-from jq import formats, kvcache
-from jq.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
-from jq.kvcache import KVCacheConfig
-from jq.models import pipeline
-from jq.models.config import LlamaConfig
-from jq.models.generate import check_lengths, generate, generate_timed
-from jq.models.llama import cache_bytes_per_token, init_cache, init_params, make_decode, make_forward, qk_rotation
+from jq.numbers import formats
+from jq.numbers import kvcache
+from jq.apps.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
+from jq.numbers.kvcache import KVCacheConfig
+from jq.apps import pipeline
+from jq.models.llama.config import LlamaConfig
+from jq.apps.generate import check_lengths, generate, generate_timed
+from jq.models.llama.model import cache_bytes_per_token, init_cache, init_params, make_decode, make_forward, qk_rotation
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def test_qk_rotation_leaves_float_attention_unchanged(params, tokens):
     full = np.asarray(forward()(params, tokens))
     for kv in (KVCacheConfig(None, rotate=True, rotation=lambda x: x @ h),   # a dense Hadamard matrix
                KVCacheConfig(None, rotate=True, rotation=lambda x: x @ qm),  # any orthogonal matrix
-               KVCacheConfig(None, rotate=True)):  # jq.hadamard's fast transform
+               KVCacheConfig(None, rotate=True)):  # jq.numbers.hadamard's fast transform
         np.testing.assert_allclose(np.asarray(forward(kv)(params, tokens)), full, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(decode_logits(params, tokens, 6, kv, chunks=2), full, rtol=1e-4, atol=1e-4)
     assert np.abs(np.asarray(forward(KVCacheConfig(None, rotate=True, rotation=lambda x: x * 1.5))(params, tokens))
@@ -267,7 +268,7 @@ def test_generate_on_params_sharded_over_an_explicit_mesh(params, tokens):
     would otherwise demand an output sharding each)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jq.models.generate import explicit_mesh
+    from jq.apps.generate import explicit_mesh
 
     q = jq.quantize_params(params, jq.load_recipe(REPO / "configs" / "rtn_w8.yaml"))
     mesh = jax.make_mesh((4,), ("model",), devices=jax.devices()[:4])

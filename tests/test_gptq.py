@@ -15,7 +15,7 @@ import pytest
 from jq.algorithms import METHODS
 from jq.algorithms.gptq import gptq, gptq_with_info
 from jq.algorithms.rtn import rtn
-from jq.scheme import Scheme
+from jq.numbers.scheme import Scheme
 
 N = 48  # output columns of the test kernels
 
@@ -368,22 +368,22 @@ def test_tree_level_gptq_warns_naming_the_layer_on_raised_damping_and_fallback()
     rule = jq.Rule(".*", jq.Scheme("int4", symmetric=False, group_size=32), method="gptq")
     bad = -np.eye(64, dtype=np.float32)  # negative definite: no damping makes it factorable
     with pytest.warns(UserWarning, match=r"blk_7/mlp/kernel: gptq failed .* fell back to RTN"):
-        jq.quantize.quantize_leaf("blk_7/mlp/kernel", w, rule, {"hessian": jnp.asarray(bad)})
+        jq.tree.quantize.quantize_leaf("blk_7/mlp/kernel", w, rule, {"hessian": jnp.asarray(bad)})
     x = rng.normal(size=(256, 64)).astype(np.float32)
     h = x.T @ x / 256
     h[5, 5] = -1.0  # indefinite until damped harder than the default
     with pytest.warns(UserWarning, match=r"blk_2/attn/kernel: gptq raised the relative damping"):
-        jq.quantize.quantize_leaf("blk_2/attn/kernel", w, rule, {"hessian": jnp.asarray(h)})
+        jq.tree.quantize.quantize_leaf("blk_2/attn/kernel", w, rule, {"hessian": jnp.asarray(h)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        jq.quantize.quantize_leaf("blk_0/ok/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
+        jq.tree.quantize.quantize_leaf("blk_0/ok/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
     x[:, 40:60] = 0.0  # 20 of 64 inputs never fire on this calibration set
     with pytest.warns(UserWarning, match=r"blk_3/mlp/kernel: 20 input channel\(s\) never fired on the calibration "
                                          r"data.*Calibrate on more or other data"):
-        q = jq.quantize.quantize_leaf("blk_3/mlp/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
+        q = jq.tree.quantize.quantize_leaf("blk_3/mlp/kernel", w, rule, {"hessian": jnp.asarray(x.T @ x / 256)})
     assert np.all(np.abs(np.asarray(q.dequantize())[40:60]).sum(1) > 0)  # kept, not zeroed
     with pytest.warns(UserWarning, match=r"blk_4/mlp/kernel: no calibration signal reached this layer") as rec:
-        jq.quantize.quantize_leaf("blk_4/mlp/kernel", w, rule, {"hessian": jnp.zeros((64, 64)), "count": 512.0})
+        jq.tree.quantize.quantize_leaf("blk_4/mlp/kernel", w, rule, {"hessian": jnp.zeros((64, 64)), "count": 512.0})
     assert not any("not positive definite" in str(r.message) for r in rec)
 
 

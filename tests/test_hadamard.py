@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jq import hadamard as had
-from jq.hadamard import (
+from jq.numbers import hadamard as had
+from jq.numbers.hadamard import (
     HadamardRotation,
     decompose,
     hadamard_matrix,

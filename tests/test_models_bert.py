@@ -14,10 +14,10 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 import jq
-from jq.models import embed_eval
-from jq.models.bert import Bert, BertConfig, encode, expected_shapes, make_encoder
-from jq.models.bert_loader import load_bert
-from jq.models.config import LlamaConfig
+from jq.apps import embeddings as embed_eval
+from jq.models.bert.model import Bert, BertConfig, encode, expected_shapes, make_encoder
+from jq.models.bert.weights import load_bert
+from jq.models.llama.config import LlamaConfig
 
 CFG = BertConfig.tiny(vocab_size=20)
 WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "far", "a", "big", "red", "##s"]
@@ -205,7 +205,7 @@ def test_misshaped_and_unexpected_tensors_and_bad_configs(tmp_path):
 
 
 def test_bad_directories_configs_and_inputs_name_the_problem(tmp_path, tiny):
-    from jq.models.bert_loader import BertTokenizer
+    from jq.models.bert.weights import BertTokenizer
 
     cfg, params, _, _ = tiny
     f = tmp_path / "llama.gguf"
@@ -330,8 +330,8 @@ def test_split_sentences_keeps_sentences_of_the_asked_length():
 
 @pytest.mark.slow
 def test_minilm_paraphrases_unit_norm_and_int8_fidelity():
-    from jq.models.bert import embed_texts
-    from jq.models.hub import resolve_model
+    from jq.models.bert.model import embed_texts
+    from jq.models.io.hub import resolve_model
 
     directory = resolve_model("minilm-l6")
     cfg, params, tok = load_bert(directory)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq.models.eval import perplexity
+from jq.apps.perplexity import perplexity
 
 
 def uniform_forward(vocab: int):

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from jq.models import hub
-from jq.models.eval import perplexity
-from jq.models.llama import make_forward
+from jq.models.io import hub
+from jq.apps.perplexity import perplexity
+from jq.models.llama.model import make_forward
 
 PERSUASION = Path("/work/shared/data/austen/persuasion.txt")
 

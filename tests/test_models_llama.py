@@ -13,12 +13,12 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
-from jq.models.config import LlamaConfig
-from jq.models.gguf_loader import load_gguf
-from jq.models.hf_loader import load_hf
-from jq.models.hub import load_model, resolve_model
-from jq.models.llama import init_params, make_forward
-from jq.models.tokenizer import Tokenizer
+from jq.models.llama.config import LlamaConfig
+from jq.models.io.gguf import load_gguf
+from jq.models.io.safetensors import load_hf
+from jq.models.io.hub import load_model, resolve_model
+from jq.models.llama.model import init_params, make_forward
+from jq.models.io.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------- NumPy reference
 
@@ -223,8 +223,8 @@ def test_flax_forward_matches_numpy_reference(tie):
     ckpt = tiny_checkpoint(cfg, seed=1)
     hf = {h: w for _, h, _, w in ckpt}
     params = {}
-    from jq.models.hf_loader import _target
-    from jq.models.params import set_path
+    from jq.models.io.safetensors import _target
+    from jq.models.llama.weights import set_path
     for name, w in hf.items():
         path, linear = _target(name, cfg.n_layers)
         set_path(params, path, w.T if linear else w)

@@ -56,7 +56,7 @@ def acts(M, K, dtype, seed=1):
 
 
 def np_dequant(q) -> np.ndarray:
-    """A QTensor of shape (K, *features) → float64 (K, N), decoded with NumPy only (independent of jq.formats)."""
+    """A QTensor of shape (K, *features) → float64 (K, N), decoded with NumPy only (independent of jq.numbers.formats)."""
     lay = q.layout
     K, Ks = lay.shape[0], lay.stored_shape[0]
     c = np.asarray(q.codes)

@@ -18,13 +18,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jq
-import jq.flax
+import jq.interop
 from jq import qat
-from jq.config import QuantConfig, Rule, load_recipe, recipe_from_dict
-from jq.models.config import LlamaConfig
-from jq.models.llama import Llama, init_params
-from jq.qtensor import QTensor
-from jq.scheme import Scheme
+from jq.tree.recipe import QuantConfig, Rule, load_recipe, recipe_from_dict
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.model import Llama, init_params
+from jq.numbers.qtensor import QTensor
+from jq.numbers.scheme import Scheme
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def test_lsq_gradients_match_the_paper(sch):
 
 def test_rotated_lsq_gradient_is_the_clip_mask_seen_in_the_rotated_basis():
     """`rotate: hadamard`: ŵ = Q fq(Qᵀ W), so dŵ/dW·c = Q (inside ⊙ Qᵀ c) with the clip mask of the rotated weight
-    (NumPy, with the dense Q of jq.hadamard), and the step-size gradients are those of fq at Qᵀ W."""
-    from jq.hadamard import rotation_matrix
+    (NumPy, with the dense Q of jq.numbers.hadamard), and the step-size gradients are those of fq at Qᵀ W."""
+    from jq.numbers.hadamard import rotation_matrix
 
     rng = np.random.default_rng(6)
     w = rng.standard_t(4, size=(48, 8)).astype(np.float32)  # 48: a Hadamard basis that is not symmetric
@@ -259,7 +259,7 @@ def test_linen_mlp_fake_quant_forward_equals_converted_model():
 
     qp, grads = _one_adam_step(qp, lambda p: jnp.sum(forward(p) ** 2))
     assert float(jnp.abs(grads["quant"]["Dense_0"]["kernel"]["scale"]).sum()) > 0
-    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, x))(qat.convert(qp, MLP_CFG))
+    y_q = jax.jit(lambda q: jq.interop.apply(model, {"params": q}, x))(qat.convert(qp, MLP_CFG))
     np.testing.assert_allclose(np.asarray(jax.jit(forward)(qp)), np.asarray(y_q), rtol=1e-5, atol=1e-5)
     y_weights_only = jax.jit(lambda p: model.apply({"params": qat.fake_quantize(p, MLP_CFG)}, x))(qp)
     assert float(jnp.max(jnp.abs(y_weights_only - y_q))) > 1e-6  # the int8 activations are part of both
@@ -318,7 +318,7 @@ def test_nnx_mlp_fake_quant_forward_equals_converted_model():
         return qat.nnx_merge(graphdef, qat.fake_quantize(qp, MLP_CFG), cfg=MLP_CFG)(x)
 
     qp, _ = _one_adam_step(qp, lambda p: jnp.sum(forward(p) ** 2))
-    y_q = jax.jit(lambda q: jq.flax.nnx_merge(graphdef, q)(x))(qat.convert(qp, MLP_CFG))
+    y_q = jax.jit(lambda q: jq.interop.nnx_merge(graphdef, q)(x))(qat.convert(qp, MLP_CFG))
     np.testing.assert_allclose(np.asarray(jax.jit(forward)(qp)), np.asarray(y_q), rtol=1e-5, atol=1e-5)
 
 
@@ -436,7 +436,7 @@ def test_llama_lsq_training_lowers_loss_and_converts_to_the_trained_forward(llam
     fq = jax.jit(qat.fake_quantize, static_argnums=1)(qp, recipe)
     assert_trees_equal(jq.dequantize_params(conv), fq)  # the trained forward is the converted model's
     ids = jnp.asarray(_windows(4))
-    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, ids))(conv)
+    y_q = jax.jit(lambda q: jq.interop.apply(model, {"params": q}, ids))(conv)
     np.testing.assert_allclose(np.asarray(y_q), np.asarray(jax.jit(model.apply)({"params": fq}, ids)),
                                rtol=1e-5, atol=1e-5)
     # without learned step sizes, convert is quantize_params on the master weights, bit for bit
@@ -480,7 +480,7 @@ def test_distill_loss_against_numpy(tau):
 def test_distillation_step_with_a_sharded_teacher(llama):
     """KD from a frozen teacher passed to the step: the float model distilled from itself has zero loss and zero
     gradient; the quantized student's sharded step equals the single-device step and lowers the KD loss."""
-    from jq.models.finetune import make_loss
+    from jq.apps.finetune import make_loss
 
     model, recipe, mesh, params = llama["model"], llama["recipe"], llama["mesh"], llama["params"]
     opt = optax.adam(3e-4)  # the student starts close to its teacher: a small step
@@ -524,7 +524,7 @@ def test_bitnet_ternary_weights_and_int8_activations():
         w = np.asarray(dict(jq.leaf_paths(params))[path])
         np.testing.assert_allclose(float(x.scale.reshape(())), np.abs(w).mean(), rtol=1e-5)  # abs-mean scale
     ids = jnp.asarray(_windows(2))
-    y_q = jax.jit(lambda q: jq.flax.apply(model, {"params": q}, ids))(conv)
+    y_q = jax.jit(lambda q: jq.interop.apply(model, {"params": q}, ids))(conv)
     loss = _lm_loss(model, recipe)
 
     @jax.jit
@@ -589,7 +589,7 @@ def test_distributed_initialize_only_when_launched_multi_host(monkeypatch):
 
 
 def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
-    from jq.models import finetune as script
+    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                       "must be in want of a wife. " * 20)
@@ -609,7 +609,7 @@ def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
 def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
     import json
 
-    from jq.models import finetune as script
+    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition. " * 20)
     common = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),
@@ -636,7 +636,7 @@ def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
     """--init-recipe: AWQ + GPTQ (act-order, static groups) on the corpus, then QAT on the same grid from it."""
     import json
 
-    from jq.models import finetune as script
+    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Anne Elliot walked along the Cobb at Lyme, and Captain Wentworth followed her. " * 30)
     recipe = tmp_path / "qat.yaml"
@@ -688,8 +688,8 @@ def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, c
     import json
 
     from jq import checkpoint
-    from jq.models import finetune as script
-    from jq.models import pipeline
+    from jq.apps import finetune as script
+    from jq.apps import pipeline
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Captain Wentworth wrote the letter while Anne spoke with Captain Harville by the window. " * 30)
     grid = "    format: int4\n    symmetric: false\n    group_size: 16\n    zero_point: float\n"

@@ -13,11 +13,11 @@ import pytest
 
 import jq
 from jq import ops
-from jq.config import RotationConfig, recipe_from_dict
-from jq.hadamard import rotation_matrix
-from jq.models.config import LlamaConfig
-from jq.models.llama import init_params, make_forward
-from jq.models.rotate import rotate
+from jq.tree.recipe import RotationConfig, recipe_from_dict
+from jq.numbers.hadamard import rotation_matrix
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.model import init_params, make_forward
+from jq.models.llama.rotate import rotate
 
 
 def _with_norm_scales(params, seed=3):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import jq
-from jq.models import pipeline
+from jq.apps import pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Protocol
 
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 
 class Method(Protocol):

@@ -25,10 +25,10 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jq import ranges
+from jq.numbers import ranges
 from jq.algorithms import register
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 __all__ = ["search_scales", "clip_search", "awq_clip", "weight_absmean", "output_error", "rtn_fake_quant"]
 
@@ -214,7 +214,7 @@ def clip_search(
       scheme, layout: how `w` will be quantized.
 
     Returns:
-      keepdims `(lo, hi)` in `layout`'s grouped view (as the functions of `jq.ranges`), for `scheme.scale_zero`.
+      keepdims `(lo, hi)` in `layout`'s grouped view (as the functions of `jq.numbers.ranges`), for `scheme.scale_zero`.
     """
     if not 0.0 <= max_shrink < 1.0 or grid < 1:
         raise ValueError(
@@ -287,7 +287,7 @@ def awq_clip(
     """RTN with AWQ's output-aware clip search (`stats["hessian"]`, mean xᵀx [K, K]). The per-leaf step that follows
     the model-level scale folding of `search_scales`."""
     if stats is None or "hessian" not in stats:
-        raise ValueError("awq_clip needs calibration statistics with a 'hessian' (mean x^T x); run jq.calibrate first")
+        raise ValueError("awq_clip needs calibration statistics with a 'hessian' (mean x^T x); run jq.calibration.capture first")
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     lo, hi = clip_search(w, stats["hessian"], scheme, layout, grid=grid, max_shrink=max_shrink)
     scale, zero = scheme.scale_zero(lo, hi)

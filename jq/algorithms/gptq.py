@@ -28,7 +28,7 @@ the reference does. Groups: the scale / zero of a group are computed when its fi
 group's *current* weights — the original ones plus the paper's error feedback of every channel quantized so far
 (recovered from the Δ form by one unit-triangular [g, g] solve) — or, with `static_groups=True`, for all groups up
 front from the original weights. The range is the scheme's (minmax, absmax, percentile, or the MSE clip search of
-`jq.ranges.mse_clip`), or with the `hqq` option HQQ's half-quadratic fit of the group's zero (and scale) to those
+`jq.numbers.ranges.mse_clip`), or with the `hqq` option HQQ's half-quadratic fit of the group's zero (and scale) to those
 current rows (`jq.algorithms.hqq.hqq_params`, early stopping per group). Blocks are adjusted so that a group never
 starts inside a block it does not fit in: `block_size` is rounded down to a multiple of `group_size` (or to a divisor of it when groups are larger than
 blocks), and the result does not depend on `block_size` beyond float rounding. (The reference code takes a group
@@ -59,10 +59,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jq import ranges
+from jq.numbers import ranges
 from jq.algorithms import register
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 __all__ = ["gptq", "gptq_with_info", "refit_groups"]
 
@@ -268,7 +268,7 @@ def gptq_with_info(
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
     if stats is None or "hessian" not in stats:
         raise ValueError(
-            "gptq: needs stats['hessian'] ([K, K] mean of xᵀx); run jq.calibrate first or use method: rtn")
+            "gptq: needs stats['hessian'] ([K, K] mean of xᵀx); run jq.calibration.capture first or use method: rtn")
     h = jnp.asarray(stats["hessian"], jnp.float32)
     if h.shape != (K, K):
         raise ValueError(f"gptq: stats['hessian'] has shape {h.shape}; a kernel of shape {layout.shape} "

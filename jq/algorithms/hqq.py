@@ -37,10 +37,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jq import ranges
+from jq.numbers import ranges
 from jq.algorithms import register
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 __all__ = ["hqq", "hqq_params", "hqq_refine", "shrink_lp", "lp_error"]
 

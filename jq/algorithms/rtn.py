@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jq import ranges
+from jq.numbers import ranges
 from jq.algorithms import register
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 
 @register("rtn")

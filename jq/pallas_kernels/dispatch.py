@@ -47,7 +47,7 @@ from jq.pallas_kernels import autotune, w4a16, w8a8, w8a16
 from jq.pallas_kernels.common import Mode, kernel_mode
 from jq.pallas_kernels.fp8 import fp8_matmul
 from jq.pallas_kernels.w8a8 import w8a8_int8_matmul
-from jq.qtensor import QTensor
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["register", "KERNEL_NAMES"]
 

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jq.formats import get_format
+from jq.numbers.formats import get_format
 from jq.pallas_kernels import autotune
 from jq.pallas_kernels.common import Blocks, Mode, default_mode, fit_blocks, pad_to
 from jq.pallas_kernels.driver import Operand, tiled_matmul

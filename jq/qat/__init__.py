@@ -34,7 +34,7 @@ Use (linen; NNX: `graphdef, state = nnx.split(model)` and `jq.qat.nnx_merge(grap
     opt_state = optimizer.init(qp)                        # any optax optimizer
     ...
     qparams = jq.qat.convert(qp, cfg)                     # == jq.quantize_params(params, cfg) without LSQ
-    logits = jq.flax.apply(model, {"params": qparams}, x)
+    logits = jq.interop.apply(model, {"params": qparams}, x)
 
 For QAT that recovers the float model rather than adapting to the training text, distill from it:
 `jq.qat.distill_loss(student_logits, teacher_logits, labels, alpha)` with the teacher's params passed to the step

@@ -14,9 +14,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jq import ops, ranges
-from jq.qtensor import Layout, QTensor
-from jq.scheme import Scheme
+from jq import ops
+from jq.numbers import ranges
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.scheme import Scheme
 
 __all__ = [
     "ste",

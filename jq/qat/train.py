@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jq.config import QuantConfig
+from jq.tree.recipe import QuantConfig
 from jq.qat.tree import fake_quantize
 
 __all__ = [

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from jq.config import QuantConfig, Rule
-from jq.flax import module_path
+from jq.tree.recipe import QuantConfig, Rule
+from jq.interop import module_path
 from jq.qat import ste as S
-from jq.qtensor import Layout, QTensor
-from jq.hadamard import hadamard_transform
-from jq.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, path_str, quantize_leaf,
+from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.hadamard import hadamard_transform
+from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, path_str, quantize_leaf,
                          quantize_params)
-from jq.scheme import Scheme
+from jq.numbers.scheme import Scheme
 
 __all__ = [
     "QAT_OPTIONS",
@@ -151,7 +151,7 @@ def init(params, cfg: QuantConfig) -> dict[str, Any]:
 
 def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
     """QAT parameters that start from a PTQ result (e.g. GPTQ / AWQ output of `jq.quantize_params` or
-    `jq.sequential.quantize_sequential`): float masters = each QTensor's dequantized weight, learned step sizes
+    `jq.calibration.sequential.quantize_sequential`): float masters = each QTensor's dequantized weight, learned step sizes
     (and zero points) = its stored scales (and zeros), so that step 0 of QAT computes the PTQ model.
 
     Every QTensor at a leaf that the QAT recipe learns (`lsq: true`) must be on the recipe's grid: same format,

@@ -17,7 +17,7 @@ YAML form::
         symmetric: false
         group_size: 128
     ignore: [".*lm_head.*"]      # optional; replaces the defaults
-    kv_cache:                    # optional: quantize the KV cache (see jq.kvcache); `rules` may then be []
+    kv_cache:                    # optional: quantize the KV cache (see jq.numbers.kvcache); `rules` may then be []
       format: int4               # int8 | int4
       group_size: 64             # along head_dim; omit for one group per head
       symmetric: false           # default false (asymmetric, integer zero point)
@@ -34,8 +34,8 @@ from typing import Any
 
 import yaml
 
-from jq.kvcache import KVCacheConfig
-from jq.scheme import Scheme
+from jq.numbers.kvcache import KVCacheConfig
+from jq.numbers.scheme import Scheme
 
 __all__ = ["Rule", "QuantConfig", "KVCacheConfig", "DEFAULT_IGNORE", "load_recipe", "recipe_from_dict",
            "recipe_to_dict", "find_recipe", "shipped_recipes"]
@@ -49,7 +49,7 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 
 _SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
 _RULE_FIELDS = ("pattern", "method", "skip", "force", "options", "transforms")
-# Model-level transforms that run before quantization on the weights sharing an input (see jq.sequential).
+# Model-level transforms that run before quantization on the weights sharing an input (see jq.calibration.sequential).
 TRANSFORMS = ("awq", "smoothquant")
 
 
@@ -90,7 +90,7 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class RotationConfig:
     """A model-level rotation before quantization (QuaRot-style; applied by the model adapter, e.g.
-    `jq.models.rotate.rotate`): fold norms and rotate the residual stream by a randomized Hadamard matrix
+    `jq.models.llama.rotate.rotate`): fold norms and rotate the residual stream by a randomized Hadamard matrix
     (`residual`), rotate v / o per head (`heads`); `seed` draws the random signs."""
 
     residual: bool = True
@@ -274,7 +274,7 @@ def _parse_transforms(items) -> tuple:
 def shipped_recipes() -> dict[str, Path]:
     """The recipes jq ships (package data `jq/recipes/*.yaml`, also at `configs/` in a source checkout): name ->
     path."""
-    root = Path(__file__).resolve().parent / "recipes"
+    root = Path(__file__).resolve().parents[1] / "recipes"
     return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 

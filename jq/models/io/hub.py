@@ -21,8 +21,8 @@ from typing import Any
 
 import platformdirs
 
-from jq.models.config import LlamaConfig
-from jq.models.tokenizer import Tokenizer
+from jq.models.llama.config import LlamaConfig
+from jq.models.io.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,10 +80,10 @@ def load_model(name_or_path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[
     """resolve_model, then load_gguf for a .gguf file or load_hf for a directory -> (config, params, tokenizer)."""
     path = resolve_model(name_or_path)
     if path.is_dir():
-        from jq.models.hf_loader import load_hf
+        from jq.models.io.safetensors import load_hf
 
         return load_hf(path)
-    from jq.models.gguf_loader import load_gguf
+    from jq.models.io.gguf import load_gguf
 
     return load_gguf(path)
 

@@ -3,10 +3,10 @@
 One jitted prefill (per prompt length) fills the cache and samples the first new token; one jitted decode loop
 (`lax.while_loop` over `decode_step`, per `max_new`) samples the rest, stopping early when every row has
 produced `eos_id`. The start position is a traced argument, so prompts of different lengths reuse the decode
-loop as long as the cache length is the same. Params may hold QTensors: the model runs through `jq.flax.apply`,
+loop as long as the cache length is the same. Params may hold QTensors: the model runs through `jq.interop.apply`,
 so quantized kernels reach `jq.ops` (and a registered kernel).
 
-    from jq.models.generate import generate
+    from jq.apps.generate import generate
     new = generate(cfg, params, prompt_ids[None], max_new=32, kv=KVCacheConfig("int8"))   # [1, <= 32] int32
 
 `generate_timed` returns the same tokens with prefill / decode / compile times (compile excluded from the
@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.kvcache import KVCacheConfig
-from jq.models.config import LlamaConfig
-from jq.models.llama import cache_bytes_per_token, init_cache, make_decode
+from jq.numbers.kvcache import KVCacheConfig
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.model import cache_bytes_per_token, init_cache, make_decode
 
 __all__ = ["generate", "generate_timed", "generate_text", "GenerationResult", "check_lengths"]
 
@@ -202,7 +202,7 @@ def generate(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv:
 
     Args:
       model_cfg: the decoder's `LlamaConfig`.
-      params: float or quantized (QTensor) parameter tree of `jq.models.llama.Llama`.
+      params: float or quantized (QTensor) parameter tree of `jq.models.llama.model.Llama`.
       kv: KV-cache quantization (None: float cache in `dtype`).
       temperature: 0 = greedy argmax, else sampling from softmax(logits / temperature) with `key`.
       eos_id: stop when every row has produced it (rows that finished are padded with it).

@@ -2,7 +2,7 @@
 
 Post-LN layers as in the original BERT: x = LN(x + Attn(x)); x = LN(x + MLP(x)), with exact (erf) GELU. Every
 projection is a plain `nn.Dense` with bias and an (in, out) kernel, so `jq.quantize_params` with a `.*kernel` rule
-quantizes them and `jq.flax.apply` runs them unmodified. Parameter paths (inside the `params` collection):
+quantizes them and `jq.interop.apply` runs them unmodified. Parameter paths (inside the `params` collection):
 
     embeddings/word/embedding                         (vocab, dim)
     embeddings/position/embedding                     (max_positions, dim)
@@ -15,7 +15,7 @@ quantizes them and `jq.flax.apply` runs them unmodified. Parameter paths (inside
     layers_{i}/mlp/down/kernel, bias                  (hidden, dim), (dim,)
     layers_{i}/mlp_norm/{scale,bias}                  (dim,)
 
-Embeddings and norms fall under `jq.config.DEFAULT_IGNORE`, so recipes quantize exactly the 6 kernels per layer.
+Embeddings and norms fall under `jq.tree.recipe.DEFAULT_IGNORE`, so recipes quantize exactly the 6 kernels per layer.
 The Hugging Face pooler (`pooler.dense`) is not part of the model: sentence-transformers pools the last hidden
 states itself.
 """
@@ -190,9 +190,9 @@ def mean_pool(hidden: jax.Array, mask: jax.Array, normalize: bool = True) -> jax
 
 
 def encode(model: Bert, params: Any, ids: jax.Array, mask: jax.Array, normalize: bool = True) -> jax.Array:
-    """Sentence embeddings [B, D] of ids, mask [B, T]; `params` may hold QTensors (run through `jq.flax.apply`)."""
+    """Sentence embeddings [B, D] of ids, mask [B, T]; `params` may hold QTensors (run through `jq.interop.apply`)."""
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    return mean_pool(jq.flax.apply(model, {"params": params}, ids, mask), mask, normalize)
+    return mean_pool(jq.interop.apply(model, {"params": params}, ids, mask), mask, normalize)
 
 
 def make_encoder(cfg: BertConfig, normalize: bool = True) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
@@ -206,7 +206,7 @@ def embed_texts(encoder: Callable[[Any, jax.Array, jax.Array], jax.Array], param
                 batch_size: int = 64) -> np.ndarray:
     """Embeddings [N, D] of `texts` in their order, `batch_size` at a time.
 
-    `tokenize(texts) -> (ids, mask)` int32 [n, T] (e.g. a `jq.models.bert_loader.BertTokenizer`, which pads to
+    `tokenize(texts) -> (ids, mask)` int32 [n, T] (e.g. a `jq.models.bert.weights.BertTokenizer`, which pads to
     the longest text of the batch rounded up to a multiple, so few distinct shapes compile). Texts are batched in
     order of token count, so a batch pads little.
     """

@@ -25,8 +25,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jq import flax as jqflax
-from jq.qtensor import QTensor
+from jq import interop as jqflax
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["capture", "capture_fns", "accumulate", "finalize", "layer_inputs_stats", "STAT_KEYS"]
 
@@ -117,7 +117,7 @@ def capture(
 
     Args:
       module, variables: an unmodified linen module and its variables (params may hold QTensors: quantized
-        layers run through jq.ops, as in `jq.flax.apply`, and are not recorded).
+        layers run through jq.ops, as in `jq.interop.apply`, and are not recorded).
       batches: an iterable of positional-argument tuples (or single arrays) for `module.apply`.
       paths: kernel paths to record (default: every routable layer with a float kernel).
       method: the module method to run (default `__call__`).

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms import get_method
-from jq.config import QuantConfig
-from jq.qtensor import QTensor
+from jq.tree.recipe import QuantConfig
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["quantize_params", "dequantize_params", "leaf_paths", "path_str", "report", "format_report", "LeafReport"]
 
@@ -120,7 +120,7 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
         if stats is None:
             raise ValueError(
                 f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
-                "calibrate first (jq eval/quantize --calib, or jq.calibrate.capture) or choose method: rtn"
+                "calibrate first (jq eval/quantize --calib, or jq.calibration.capture.capture) or choose method: rtn"
             )
         count = stats.get("count") if isinstance(stats, dict) else None
         with_info = getattr(method, "with_info", None)
@@ -180,20 +180,20 @@ def check_scales(path: str, w: jax.Array, q: QTensor, scheme) -> None:
 def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
     """Raise ValueError naming the leaf unless `rotate: hadamard` can apply: one contraction axis whose length has a
     Hadamard construction."""
-    from jq.hadamard import supported
+    from jq.numbers.hadamard import supported
 
     if len(axes) != 1:
         raise ValueError(f"{path}: rotate: hadamard needs one contraction axis, the weight has axes {axes}; "
                          "drop rotate for this leaf")
     if not supported(shape[axes[0]]):
         raise ValueError(f"{path}: rotate: hadamard along axis {axes[0]} of length {shape[axes[0]]}, which has no "
-                         "Hadamard construction (see jq.hadamard.decompose); drop rotate for this leaf")
+                         "Hadamard construction (see jq.numbers.hadamard.decompose); drop rotate for this leaf")
 
 
 def _rotate_input(path: str, w, axes: tuple[int, ...], stats):
     """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q (Hessian
     Qᵀ H Q, and its diagonal as the mean square per channel; mean / max |x| do not rotate and are dropped)."""
-    from jq.hadamard import hadamard_transform
+    from jq.numbers.hadamard import hadamard_transform
 
     check_rotatable(path, tuple(w.shape), axes)
     w = hadamard_transform(w, axis=axes[0])
@@ -236,7 +236,7 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
 
     Args:
       params: a pytree of float arrays (linen `variables["params"]`, an NNX `State`, or any nesting of dicts).
-      cfg: a `QuantConfig` (see `jq.config`, `jq.load_recipe`).
+      cfg: a `QuantConfig` (see `jq.tree.recipe`, `jq.load_recipe`).
       calib: optional statistics mirroring the parameter paths (a nested dict, or a flat dict keyed by path),
         as produced by calibration; methods that need data raise if their leaf has none.
       warn_unmatched: warn about rules that match no leaf (usually a typo in the regex).

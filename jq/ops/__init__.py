@@ -16,8 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jq.formats import get_format
-from jq.qtensor import QTensor
+from jq.numbers.formats import get_format
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "KERNELS", "quantize_activations",
            "fake_quantize_activations", "outlier_channels"]
@@ -149,7 +149,7 @@ def qdot_general(
 
 def _rotated(lhs, rhs: QTensor, dimension_numbers, precision, preferred_element_type):
     """A weight stored as Qᵀ W (rotation "hadamard"): x W = (x Q)(Qᵀ W), the input rotated online in O(K log K)."""
-    from jq.hadamard import hadamard_transform
+    from jq.numbers.hadamard import hadamard_transform
 
     (lc, rc), _ = dimension_numbers
     if len(lc) != 1:

@@ -2,7 +2,7 @@
 
 Weights are dequantized to fp32 with `gguf.quants.dequantize`. llama.cpp's converter interleaves the rows of
 attn_q / attn_k for its RoPE kernel; they are un-permuted here back to the Hugging Face rotate-half layout used by
-`jq.models.llama`, so a GGUF and the safetensors it came from give the same logits.
+`jq.models.llama.model`, so a GGUF and the safetensors it came from give the same logits.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
-from jq.models.config import LlamaConfig
-from jq.models.params import LazyParam, check_shapes, set_path
-from jq.models.tokenizer import Tokenizer
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.weights import LazyParam, check_shapes, set_path
+from jq.models.io.tokenizer import Tokenizer
 
 _T = GGMLQuantizationType
 SUPPORTED_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
@@ -142,7 +142,7 @@ def open_gguf(path: str | Path) -> tuple[LlamaConfig, list[LazyParam], dict[str,
 
     Only the header is read and checked (architecture, tensor types, every parameter present with its shape);
     the file is memory-mapped and each `LazyParam.load()` dequantizes one tensor to fp32 in the layout of
-    `jq.models.llama.Llama` (kernels (in, out), q/k rows un-permuted).
+    `jq.models.llama.model.Llama` (kernels (in, out), q/k rows un-permuted).
     """
     path = Path(path)
     if not path.is_file():
@@ -177,7 +177,7 @@ def _load_tensor(t: Any, heads: int | None, linear: bool) -> np.ndarray:
 def load_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer]:
     """Read a llama GGUF file -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
 
-    Parameter paths and kernel layouts are those of `jq.models.llama.Llama` (kernels are (in, out)).
+    Parameter paths and kernel layouts are those of `jq.models.llama.model.Llama` (kernels are (in, out)).
     """
     cfg, lazy, meta = open_gguf(path)
     params: dict[str, Any] = {}

@@ -2,13 +2,13 @@
 
 Mechanism (see README, "Running a model on quantized params"):
 
-- Linen: `jq.flax.apply(module, variables, *args)` intercepts the standard layers (`nn.Dense`, `nn.DenseGeneral`,
+- Linen: `jq.interop.apply(module, variables, *args)` intercepts the standard layers (`nn.Dense`, `nn.DenseGeneral`,
   bias-free `nn.Einsum`) with `nn.intercept_methods`: when a layer's kernel is a QTensor, the layer's own maths
   runs with `jq.ops.qdot_general` / `jq.ops.qeinsum`, so the packed weight reaches the matmul (and a kernel,
   when one is registered). QTensors anywhere else — a custom `self.param` in user code — are dequantized inside
   the traced function before `apply`, which is always correct. Which kernels are routed is found by one abstract
   trace (`jax.eval_shape`) of the model, so nothing about the model needs declaring.
-- NNX: `jq.flax.nnx_merge(graphdef, qstate)` builds the module; every `nnx.Linear` whose kernel is a QTensor gets
+- NNX: `jq.interop.nnx_merge(graphdef, qstate)` builds the module; every `nnx.Linear` whose kernel is a QTensor gets
   jq's `dot_general` / `promote_dtype` hooks (constructor arguments NNX itself offers), other QTensors are
   dequantized.
 
@@ -23,8 +23,8 @@ from flax import linen as nn
 from flax import nnx
 
 from jq import ops
-from jq.quantize import path_str
-from jq.qtensor import QTensor
+from jq.tree.quantize import path_str
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["apply", "prepare", "nnx_merge", "routed_paths", "quantized_interceptor", "module_path", "is_routable"]
 

@@ -17,7 +17,7 @@ quantize with a much smaller range. Steps, all exact in float arithmetic:
 
 Online rotations — the Hadamard transform of the down_proj input, and of q / k after RoPE for a quantized KV cache
 — cannot be folded into weights; they are carried by the quantized pytree (a rule with `rotate: hadamard`, see
-`jq.scheme.Scheme.rotate`, stores Hᵀ W and the tag `rotation="hadamard"` on the QTensor, and `jq.ops` rotates the
+`jq.numbers.scheme.Scheme.rotate`, stores Hᵀ W and the tag `rotation="hadamard"` on the QTensor, and `jq.ops` rotates the
 input) and by the recipe's `kv_cache: {rotate: true}`.
 
 `rotate(params, cfg, seed)` is a pure function (params, model config) → (params, model config); the config only
@@ -32,10 +32,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jq.config import RotationConfig
-from jq.hadamard import rotation_matrix
-from jq.models.config import LlamaConfig
-from jq.qtensor import QTensor
+from jq.tree.recipe import RotationConfig
+from jq.numbers.hadamard import rotation_matrix
+from jq.models.llama.config import LlamaConfig
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["rotate"]
 
@@ -49,7 +49,7 @@ def _copy(tree):
 
 
 def rotate(params: dict, cfg: LlamaConfig, spec: RotationConfig = RotationConfig()) -> tuple[dict, LlamaConfig]:
-    """Rotate a float Llama parameter tree (linen `params`, paths as in `jq.models.llama`).
+    """Rotate a float Llama parameter tree (linen `params`, paths as in `jq.models.llama.model`).
 
     Args:
       params: float parameters; not modified.

@@ -22,7 +22,7 @@ Decoding with a KV cache (explicit pytree in, pytree out; the parameters and the
     logits, cache = decode_step(params, cache, token, pos)        # token [B] at position pos -> logits [B, V]
 
 An entry is a float array [B, max_len, n_kv_heads, head_dim] or, with a quantized `KVCacheConfig`, a dict of
-codes / scales / zero points (see `jq.kvcache`). `Llama(cfg, dtype, kv_cache)` applies the same quantization
+codes / scales / zero points (see `jq.numbers.kvcache`). `Llama(cfg, dtype, kv_cache)` applies the same quantization
 in the full-sequence forward (k and v are quantize-dequantized before attention), so perplexity measures the
 quantized cache; with `kv_cache.rotate`, q and k are rotated by one orthogonal matrix after RoPE (QuaRot).
 """
@@ -37,9 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jq import kvcache
-from jq.kvcache import KVCacheConfig
-from jq.models.config import LlamaConfig
+from jq.numbers import kvcache
+from jq.numbers.kvcache import KVCacheConfig
+from jq.models.llama.config import LlamaConfig
 
 __all__ = ["LlamaConfig", "KVCacheConfig", "Llama", "RMSNorm", "Attention", "MLP", "Block", "rope", "init_params",
            "make_forward", "init_cache", "make_decode", "cache_bytes_per_token", "qk_rotation"]
@@ -77,13 +77,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def qk_rotation(kv: KVCacheConfig | None, head_dim: int) -> Callable[[jax.Array], jax.Array] | None:
     """The orthogonal map applied to q and k after RoPE, or None: `kv.rotation` if given, else the normalized
-    Hadamard transform of `jq.hadamard` (any head_dim it supports). x: [..., head_dim] -> same shape and dtype
+    Hadamard transform of `jq.numbers.hadamard` (any head_dim it supports). x: [..., head_dim] -> same shape and dtype
     (computed in fp32)."""
     if kv is None or not kv.rotate:
         return None
     fn = kv.rotation
     if fn is None:
-        from jq.hadamard import decompose, hadamard_transform
+        from jq.numbers.hadamard import decompose, hadamard_transform
 
         decompose(head_dim)  # a clear error for a head_dim with no Hadamard construction
 
@@ -184,7 +184,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """Llama-family decoder. `dtype` is the activation compute dtype; parameters are created in fp32.
-    `kv_cache` optionally quantizes keys/values (cache and full-sequence forward alike; see `jq.kvcache`)."""
+    `kv_cache` optionally quantizes keys/values (cache and full-sequence forward alike; see `jq.numbers.kvcache`)."""
 
     cfg: LlamaConfig
     dtype: Any = jnp.float32
@@ -245,7 +245,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, kv_cache: KVCacheConf
     """An empty KV cache {"layers_i": {"k": entry, "v": entry}} of `max_len` rows per sequence.
 
     Entries are float arrays [batch, max_len, n_kv_heads, head_dim] in `dtype` (the compute dtype), or the
-    quantized dicts of `jq.kvcache` when `kv_cache` quantizes. Errors when max_len exceeds the model context."""
+    quantized dicts of `jq.numbers.kvcache` when `kv_cache` quantizes. Errors when max_len exceeds the model context."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
     if max_len > cfg.max_seq_len:
@@ -268,9 +268,9 @@ def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheCon
       start .. start + T - 1 (start may be traced; start + T <= max_len is the caller's to check).
     decode_step(params, cache, token[B], pos) -> (logits [B, vocab] f32, cache): one token at position `pos`.
 
-    `params` may hold QTensors: the model runs through `jq.flax.apply`, so quantized kernels go to `jq.ops`.
+    `params` may hold QTensors: the model runs through `jq.interop.apply`, so quantized kernels go to `jq.ops`.
     """
-    from jq import flax as jqflax
+    from jq import interop as jqflax
 
     model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
 

@@ -6,12 +6,12 @@ a quantized entry is a dict of arrays with the same leading `[B, T, H]`:
 
     codes  uint8 [B, T, H, D]      int8 asymmetric: 0..255 (int8 symmetric: int8 -128..127)
            uint8 [B, T, H, D/2]    int4: two codes per byte, low nibble first (code 2i in bits 0-3, 2i+1 in
-                                   bits 4-7: the layout of `jq.formats.pack(codes, 4)`); symmetric codes are
+                                   bits 4-7: the layout of `jq.numbers.formats.pack(codes, 4)`); symmetric codes are
                                    signed nibbles (two's complement)
     scale  scale_dtype [B, T, H, D/group_size]   (float16 by default)
     zero   uint8 [B, T, H, D/group_size]         asymmetric only: integer zero point in code units
 
-The arithmetic is the library's weight convention (`jq.scheme`): asymmetric widens the range to contain 0,
+The arithmetic is the library's weight convention (`jq.numbers.scheme`): asymmetric widens the range to contain 0,
 scale = (max − min) / (2^b − 1), zero = round(−min / scale), code = clip(round(x / scale) + zero, 0, 2^b − 1),
 x̂ = (code − zero) · scale; symmetric scale = absmax / ((2^b − 1) / 2), code in [−2^(b−1), 2^(b−1) − 1].
 The scale is rounded to `scale_dtype` before the codes are computed, so the stored scale and codes agree.
@@ -21,7 +21,7 @@ Bytes per token (one layer, keys + values): `2 · H · (code bytes + groups · (
 int4 g64 6 300.
 
 This module knows only arrays (layer 2): rotation (`rotate`) is applied by the model, which resolves it to a
-callable (`KVCacheConfig.rotation`, else the Hadamard transform of `jq.hadamard`).
+callable (`KVCacheConfig.rotation`, else the Hadamard transform of `jq.numbers.hadamard`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jq.scheme import Scheme
+from jq.numbers.scheme import Scheme
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
            "read_kv", "kv_bytes_per_token"]

@@ -1,5 +1,5 @@
 """Load a Hugging Face / sentence-transformers BERT directory (config.json, safetensors, tokenizer.json) into the
-fp32 parameter tree of `jq.models.bert.Bert`, and its WordPiece tokenizer as padded int32 batches."""
+fp32 parameter tree of `jq.models.bert.model.Bert`, and its WordPiece tokenizer as padded int32 batches."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ import numpy as np
 import tokenizers
 from safetensors import safe_open
 
-from jq.models.bert import BertConfig, expected_shapes
-from jq.models.hf_loader import _read_tensor, weight_files
-from jq.models.params import set_path
+from jq.models.bert.model import BertConfig, expected_shapes
+from jq.models.io.safetensors import _read_tensor, weight_files
+from jq.models.llama.weights import set_path
 
 __all__ = ["BertTokenizer", "hf_names", "load_bert", "load_bert_params"]
 
-# Parameter path under layers_N (of jq.models.bert.Bert) -> Hugging Face name under "encoder.layer.N."
+# Parameter path under layers_N (of jq.models.bert.model.Bert) -> Hugging Face name under "encoder.layer.N."
 _LAYER = {
     "attn/query": "attention.self.query", "attn/key": "attention.self.key", "attn/value": "attention.self.value",
     "attn/out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
@@ -91,13 +91,13 @@ def load_bert_params(directory: str | os.PathLike[str], cfg: BertConfig) -> dict
 
 
 def _check_pooling(directory: Path) -> None:
-    """sentence-transformers' pooling must be the mean over tokens, which `jq.models.bert.encode` computes."""
+    """sentence-transformers' pooling must be the mean over tokens, which `jq.models.bert.model.encode` computes."""
     pooling = directory / "1_Pooling" / "config.json"
     if pooling.is_file():
         p = json.loads(pooling.read_text())
         modes = sorted(k for k, v in p.items() if k.startswith("pooling_mode") and v)
         if modes != ["pooling_mode_mean_tokens"]:
-            raise ValueError(f"{pooling}: pooling modes {modes} are not supported; jq.models.bert.encode computes "
+            raise ValueError(f"{pooling}: pooling modes {modes} are not supported; jq.models.bert.model.encode computes "
                              "only the mean over tokens (pooling_mode_mean_tokens)")
 
 
@@ -154,12 +154,12 @@ class BertTokenizer:
 
 def load_bert(name_or_path: str | os.PathLike[str], max_length: int = 128
               ) -> tuple[BertConfig, dict[str, Any], BertTokenizer | None]:
-    """A BERT directory or a known name (`minilm-l6`, see `jq.models.hub`) -> (config, fp32 params, tokenizer).
+    """A BERT directory or a known name (`minilm-l6`, see `jq.models.io.hub`) -> (config, fp32 params, tokenizer).
 
     The tokenizer (from tokenizer.json, truncating to `max_length`) is None when the directory has none. A
     sentence-transformers `1_Pooling/config.json`, when present, must ask for mean pooling.
     """
-    from jq.models.hub import resolve_model
+    from jq.models.io.hub import resolve_model
 
     directory = resolve_model(name_or_path)
     if not directory.is_dir():

@@ -16,7 +16,7 @@ def _console():
 
 
 def _recipe(path):
-    from jq.config import load_recipe
+    from jq.tree.recipe import load_recipe
 
     return load_recipe(path) if path else None
 
@@ -27,7 +27,7 @@ def _calib_files(args, recipe, eval_text=None) -> list[Path] | None:
     after minutes. None when the recipe needs no data."""
     if recipe is None or not recipe.needs_calibration:
         return None
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     files = [Path(f) for f in args.calib] if args.calib else pipeline.default_calib_files(eval_text)
     if not files:
@@ -43,21 +43,21 @@ def _calibration(args, m, recipe, files):
     its calibration draw."""
     if files is None:
         return None, None
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     return pipeline.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
                                      args.calib_sampling)
 
 
 def _add_calib_args(p) -> None:
-    from jq.models.pipeline import add_calib_args
+    from jq.apps.pipeline import add_calib_args
 
     p.add_argument("--calib", nargs="+", help="calibration text files (default: the Austen books but the eval text)")
     add_calib_args(p)
 
 
 def cmd_eval(args) -> int:
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     t0 = time.perf_counter()
     text_path = Path(args.text) if args.text else pipeline.default_eval_text()
@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
 def cmd_quantize(args) -> int:
     import jq
     from jq import checkpoint
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     recipe = _recipe(args.recipe)
     checkpoint.check_destination(args.out, args.overwrite)  # before minutes of work, not after
@@ -137,7 +137,7 @@ def cmd_convert(args) -> int:
     if args.recipe is None and not args.dequantize:
         raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
     if args.calib:
-        from jq.models import pipeline
+        from jq.apps import pipeline
 
         for f in args.calib:
             pipeline.read_text(f, "--calib")
@@ -155,8 +155,9 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     import dataclasses
 
-    from jq.kvcache import KVCacheConfig
-    from jq.models import generate, pipeline
+    from jq.numbers.kvcache import KVCacheConfig
+    from jq.apps import generate
+    from jq.apps import pipeline
 
     if args.recipe and args.quantized:
         raise ValueError("--recipe and --quantized cannot be combined: --quantized DIR already holds weights "
@@ -270,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["qat"]:  # its own parser (jq.models.finetune), so `jq qat --help` shows its options
-        from jq.models.finetune import main as finetune_main
+    if argv[:1] == ["qat"]:  # its own parser (jq.apps.finetune), so `jq qat --help` shows its options
+        from jq.apps.finetune import main as finetune_main
 
         command, run = "qat", lambda: finetune_main(argv[1:])
     else:
@@ -296,7 +297,7 @@ def _drop_closed_loop_noise(hook):
 
 
 def entry() -> None:
-    """The `jq` console script (and `python -m jq.cli`): `main` in a process of its own."""
+    """The `jq` console script (and `python -m jq.apps.cli`): `main` in a process of its own."""
     sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
     sys.exit(main())
 

@@ -1,4 +1,4 @@
-"""The Llama decoder described for sequential calibration (`jq.sequential.BlockSpec`)."""
+"""The Llama decoder described for sequential calibration (`jq.calibration.sequential.BlockSpec`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jq import flax as jqflax
+from jq import interop as jqflax
 from jq import ops
-from jq.models.config import LlamaConfig
-from jq.models.llama import MLP, Attention, Block, RMSNorm
-from jq.sequential import BlockSpec, Fold
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.model import MLP, Attention, Block, RMSNorm
+from jq.calibration.sequential import BlockSpec, Fold
 
 ATTN_IN = ("attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel")
 MLP_IN = ("mlp/gate_proj/kernel", "mlp/up_proj/kernel")
@@ -30,7 +30,7 @@ FOLDS = (
 
 
 def block_spec(cfg: LlamaConfig, dtype=jnp.float32) -> BlockSpec:
-    """BlockSpec for `jq.models.llama.Llama(cfg)` params."""
+    """BlockSpec for `jq.models.llama.model.Llama(cfg)` params."""
 
     def embed(params, tokens):
         return jnp.take(jnp.asarray(params["embed"]["embedding"]), tokens, axis=0).astype(dtype)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jq.scheme import Scheme
+from jq.numbers.scheme import Scheme
 
 __all__ = ["minmax", "absmax", "absmean", "percentile", "mse_clip", "estimate"]
 

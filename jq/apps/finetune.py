@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from this calibrated PTQ recipe's result (e.g. AWQ + GPTQ, same grid as --recipe, "
                         "act_order: false) instead of RTN: masters = its dequantized weights, learned step sizes = "
                         "its scales and zeros (jq.qat.init_from)")
-    from jq.models.pipeline import add_calib_args
+    from jq.apps.pipeline import add_calib_args
 
     add_calib_args(p, "--init-recipe calibration")
     p.add_argument("--float", action="store_true",
@@ -100,12 +100,12 @@ def load_model(name: str, seed: int):
     import jax
 
     if name == "tiny":
-        from jq.models.config import LlamaConfig
-        from jq.models.llama import init_params
+        from jq.models.llama.config import LlamaConfig
+        from jq.models.llama.model import init_params
 
         cfg = dataclasses.replace(LlamaConfig.tiny(vocab_size=ByteTokenizer.vocab_size), n_layers=1)
         return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed)), ByteTokenizer(), "tiny"
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     m = pipeline.load(name)
     return m.cfg, m.params, m.tokenizer, m.source
@@ -113,7 +113,7 @@ def load_model(name: str, seed: int):
 
 def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
     """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len]."""
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     out = []
     for f in files:
@@ -127,7 +127,7 @@ def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
 
 
 def default_corpus() -> list[Path]:
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     files = pipeline.default_calib_files()
     if files:
@@ -144,8 +144,8 @@ def evaluator(mcfg, tokenizer, args):
     (same tree structure) share one compilation."""
     import jax.numpy as jnp
 
-    from jq.models import pipeline
-    from jq.models.eval import perplexity
+    from jq.apps import pipeline
+    from jq.apps.perplexity import perplexity
 
     ids = np.asarray(tokenizer.encode(pipeline.default_eval_text().read_text(encoding="utf-8")), np.int32)
     fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
@@ -157,7 +157,7 @@ def ptq_start(mcfg, params, tokenizer, source: str, args, files: list[Path], rot
     {"name", "seconds", "calibration"}). `params` are already rotated by the QAT recipe's `rotation` section (or
     not, when it is None); the PTQ recipe must rotate the same way or not at all, as QAT trains one architecture."""
     import jq
-    from jq.models import pipeline
+    from jq.apps import pipeline
 
     ptq = jq.load_recipe(args.init_recipe)
     if ptq.rotation is not None and ptq.rotation != rotation:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jq
     from jq import checkpoint
-    from jq.models.llama import Llama
+    from jq.models.llama.model import Llama
 
     if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1 or args.seq_len < 2:
         raise ValueError("need --steps >= 0, --batch-size >= 1, --grad-accum >= 1, --seq-len >= 2")
@@ -286,13 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and jax.process_index() == 0:
         checkpoint.check_destination(args.out, args.overwrite)  # before the training run, not after it
     mcfg, params, tokenizer, source = load_model(args.model, args.seed)
-    from jq.models.pipeline import check_window
+    from jq.apps.pipeline import check_window
 
     check_window(mcfg, args.seq_len, "--seq-len")
     if args.eval_windows:
         check_window(mcfg, args.eval_window, "--eval-window")
     if recipe.rotation is not None:  # QAT trains (and the teacher is) the rotated model: the same function
-        from jq.models import pipeline
+        from jq.apps import pipeline
 
         rot = pipeline.rotated(pipeline.LoadedModel(mcfg, params, tokenizer, source), recipe)
         mcfg, params = rot.cfg, rot.params

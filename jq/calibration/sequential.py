@@ -1,7 +1,7 @@
 """Sequential calibrated quantization: block i is calibrated on the outputs of the already quantized blocks
 before it, and inside a block stage by stage ("true sequential": q/k/v, then o, then gate/up, then down).
 
-A model takes part by describing its blocks with a `BlockSpec` (see `jq.models.llama_blocks` for the Llama one):
+A model takes part by describing its blocks with a `BlockSpec` (see `jq.models.llama.blocks` for the Llama one):
 
     BlockSpec(module=Block(cfg),                 # one block: module.apply({"params": p}, h, *extra) -> h
               names=("layers_0", ...),           # the params keys of the blocks, in order
@@ -32,11 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jq import calibrate
-from jq import flax as jqflax
-from jq import qtensor as jq_qtensor
-from jq.config import QuantConfig
-from jq.quantize import leaf_paths, quantize_leaf, quantize_params
+from jq.calibration import capture as calibrate
+from jq import interop as jqflax
+from jq.numbers import qtensor as jq_qtensor
+from jq.tree.recipe import QuantConfig
+from jq.tree.quantize import leaf_paths, quantize_leaf, quantize_params
 
 __all__ = ["Fold", "BlockSpec", "quantize_sequential", "apply_fold"]
 

@@ -1,4 +1,4 @@
-"""The parameter tree of `jq.models.llama.Llama`: its paths and shapes, and building / checking it from loaders."""
+"""The parameter tree of `jq.models.llama.model.Llama`: its paths and shapes, and building / checking it from loaders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jq.models.config import LlamaConfig
+from jq.models.llama.config import LlamaConfig
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

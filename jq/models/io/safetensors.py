@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from jq.models.config import LlamaConfig
-from jq.models.params import LazyParam, check_shapes, set_path
-from jq.models.tokenizer import Tokenizer
+from jq.models.llama.config import LlamaConfig
+from jq.models.llama.weights import LazyParam, check_shapes, set_path
+from jq.models.io.tokenizer import Tokenizer
 
 # HF per-layer name (after "model.layers.N.") -> (path under layers_N, is a linear weight to transpose)
 _LAYER_TENSORS = {
@@ -110,7 +110,7 @@ def open_hf(directory: str | Path) -> tuple[LlamaConfig, list[LazyParam]]:
     """Open a Hugging Face Llama directory lazily -> (config, one `LazyParam` per parameter).
 
     Only config.json and the safetensors headers are read and checked; each `LazyParam.load()` reads one tensor
-    as fp32 in the layout of `jq.models.llama.Llama` (kernels transposed to (in, out)). A tied checkpoint that
+    as fp32 in the layout of `jq.models.llama.model.Llama` (kernels transposed to (in, out)). A tied checkpoint that
     still ships `lm_head.weight` drops it (the model reads `embed/embedding`).
     """
     directory = Path(directory)

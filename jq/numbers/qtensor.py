@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq import formats
+from jq.numbers import formats
 
 __all__ = ["Layout", "QTensor"]
 
@@ -151,7 +151,7 @@ class QTensor:
       symmetric / restricted: the integer code range used.
       dtype: name of the logical (dequantized) dtype.
       rotation: None, or "hadamard": the codes hold Qᵀ W along the (single) contraction axis, Q the normalised
-        Hadamard matrix (`jq.hadamard`); `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight.
+        Hadamard matrix (`jq.numbers.hadamard`); `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight.
       act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3", "int4"), or None.
       act_clip: per-token activation scale = act_clip · max |x| / qmax.
       act_outlier: LLM.int8 threshold: input channels with |x| above it skip activation quantization, or None.
@@ -222,7 +222,7 @@ class QTensor:
         v = v * lay.expand_scale(self.scale.astype(jnp.float32))
         w = lay.from_grouped(v, self.perm)
         if self.rotation == "hadamard":  # stored Qᵀ W → W = Q (Qᵀ W)
-            from jq.hadamard import hadamard_transform
+            from jq.numbers.hadamard import hadamard_transform
 
             w = hadamard_transform(w, axis=lay.axes[0], transpose=True)
         return w.astype(dtype)

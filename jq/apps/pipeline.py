@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jq
-from jq.config import QuantConfig
-from jq.models.config import LlamaConfig
-from jq.models.eval import perplexity
-from jq.models.llama import Llama
-from jq.qtensor import QTensor
+from jq.tree.recipe import QuantConfig
+from jq.models.llama.config import LlamaConfig
+from jq.apps.perplexity import perplexity
+from jq.models.llama.model import Llama
+from jq.numbers.qtensor import QTensor
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "size_summary", "evaluate", "default_eval_text",
            "calibration_tokens", "calibration_draw", "add_calib_args", "default_calib_files", "quantize", "load_quantized",
@@ -33,7 +33,7 @@ class LoadedModel:
 
 def load(model: str) -> LoadedModel:
     """Load a GGUF file, a Hugging Face directory or a known name (`smollm2-135m`)."""
-    from jq.models.hub import load_model, resolve_model
+    from jq.models.io.hub import load_model, resolve_model
 
     cfg, params, tok = load_model(model)
     if tok is None:
@@ -43,9 +43,9 @@ def load(model: str) -> LoadedModel:
 
 def quantized_forward(cfg: LlamaConfig, dtype=jnp.float32, kv_cache=None):
     """A jitted `forward(params, ids[B, T]) -> logits[B, T, V]` that accepts float or quantized params;
-    `kv_cache` (a `jq.kvcache.KVCacheConfig`, e.g. `recipe.kv_cache`) quantizes k/v before attention."""
+    `kv_cache` (a `jq.numbers.kvcache.KVCacheConfig`, e.g. `recipe.kv_cache`) quantizes k/v before attention."""
     model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
-    return jax.jit(lambda params, ids: jq.flax.apply(model, {"params": params}, ids))
+    return jax.jit(lambda params, ids: jq.interop.apply(model, {"params": params}, ids))
 
 
 def size_summary(params) -> dict[str, float]:
@@ -155,11 +155,11 @@ def default_calib_files(eval_text: Path | None = None) -> list[Path]:
 
 
 def rotated(m: LoadedModel, recipe: QuantConfig | None) -> LoadedModel:
-    """`m` with the recipe's model-level rotation applied (`jq.models.rotate`), or `m` itself when it has none.
+    """`m` with the recipe's model-level rotation applied (`jq.models.llama.rotate`), or `m` itself when it has none.
     The rotated model computes the same function; its config unties the LM head."""
     if recipe is None or recipe.rotation is None:
         return m
-    from jq.models.rotate import rotate
+    from jq.models.llama.rotate import rotate
 
     params, cfg = rotate(m.params, m.cfg, recipe.rotation)
     return dataclasses.replace(m, cfg=cfg, params=params)
@@ -175,8 +175,8 @@ def quantize(m: LoadedModel, recipe: QuantConfig, calib: np.ndarray | None = Non
         return jax.block_until_ready(jq.quantize_params(r.params, recipe)), extra
     if calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration data: pass calibration text (--calib FILE ...)")
-    from jq.models.llama_blocks import block_spec
-    from jq.sequential import quantize_sequential
+    from jq.models.llama.blocks import block_spec
+    from jq.calibration.sequential import quantize_sequential
 
     params, log = quantize_sequential(block_spec(r.cfg), r.params, recipe, calib, progress=progress)
     return params, {**log, **extra}
@@ -186,8 +186,8 @@ def outlier_fractions(m: LoadedModel, recipe: QuantConfig, tokens: np.ndarray) -
     """For rules with an LLM.int8 threshold (`act_outlier`): per layer, the fraction of input channels whose
     |x| exceeds it for some token of `tokens` [B, T] in the float (rotated, if the recipe rotates) model — the
     channels the decomposition keeps in float for such a batch."""
-    from jq.calibrate import capture
-    from jq.quantize import leaf_paths
+    from jq.calibration.capture import capture
+    from jq.tree.quantize import leaf_paths
 
     r = rotated(m, recipe)
     thr = {}
@@ -215,7 +215,7 @@ def evaluate(
     also: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens when the recipe needs data) and
-    measure perplexity on `text` (see `jq.models.eval`); `also` maps names to more texts scored by the same
+    measure perplexity on `text` (see `jq.apps.perplexity`); `also` maps names to more texts scored by the same
     quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
     check_window(m.cfg, window)
     t0 = time.perf_counter()
@@ -270,7 +270,7 @@ def load_quantized(directory: str | Path):
     """(params, meta, kv_cache) of a jq checkpoint (`jq quantize --out DIR`, `jq convert`): `meta` is the writer's
     metadata dict (empty when none is recorded); `kv_cache` is the `KVCacheConfig` of the stored recipe, or None."""
     from jq import checkpoint
-    from jq.kvcache import KVCacheConfig
+    from jq.numbers.kvcache import KVCacheConfig
 
     directory = Path(directory)
     if not directory.exists():

@@ -17,8 +17,8 @@ import math
 
 import jax.numpy as jnp
 
-from jq import formats
-from jq.qtensor import GRANULARITIES, Layout, QTensor
+from jq.numbers import formats
+from jq.numbers.qtensor import GRANULARITIES, Layout, QTensor
 
 __all__ = ["Scheme", "RANGE_METHODS"]
 
@@ -62,7 +62,7 @@ class Scheme:
       act_outlier: LLM.int8 decomposition: input channels whose |x| exceeds this threshold for some token of the
         batch (6.0 in the paper) bypass activation quantization and multiply the dequantized weight in float.
       rotate: "hadamard" stores Qᵀ W (Q the normalised Hadamard matrix of the contraction length, any size
-        `jq.hadamard` supports) and the matmul rotates its input by Q online: x Q · Qᵀ W = x W, with the input's
+        `jq.numbers.hadamard` supports) and the matmul rotates its input by Q online: x Q · Qᵀ W = x W, with the input's
         outliers spread over all channels before activation quantization (QuaRot's online down_proj rotation).
         Needs a single contraction axis; calibration Hessians are rotated to match (Qᵀ H Q).
     """
