@@ -1,4 +1,4 @@
-"""Peak host memory of streaming conversion (`jq.checkpoint.convert`) on a synthetic ~1.5 B-parameter checkpoint.
+"""Peak host memory of streaming conversion (`jq.apps.convert`) on a synthetic ~1.5 B-parameter checkpoint.
 
     python benchmarks/convert_memory.py [--params 1.5e9] [--dir /tmp] [--recipe configs/rtn_w4_g128_pad.yaml]
 
@@ -84,22 +84,22 @@ def du(path: Path) -> int:
 # the parent's RSS, which would count this process.
 _CHILD = """
 import json, sys
-from jq import checkpoint as ck
+from jq.apps import convert as conv
 
 def status():
     return {l.split(':')[0]: int(l.split()[1]) * 1024 for l in open('/proc/self/status')
             if l.startswith(('VmRSS', 'VmHWM'))}
 
-trace, trim = [], ck._trim_heap
+trace, trim = [], conv._trim_heap
 
 def traced_trim():
     trim()
     s = status()
     trace.append((s['VmRSS'], s['VmHWM']))
 
-ck._trim_heap = traced_trim
+conv._trim_heap = traced_trim
 if len(sys.argv) > 1:
-    ck.convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+    conv.convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 else:
     import jax, orbax.checkpoint
 print(json.dumps({'trace': trace, 'hwm': status()['VmHWM']}))

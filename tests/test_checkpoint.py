@@ -24,6 +24,9 @@ from jax.sharding import PartitionSpec as P
 
 import jq
 from jq import checkpoint as ck
+from jq.apps.convert import convert
+from jq.checkpoint import writer
+from jq.checkpoint.format import sealed
 from jq.tree.recipe import recipe_from_dict, recipe_to_dict
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf, write_hf
 
@@ -117,19 +120,19 @@ def test_float_orbax_checkpoint_converts_to_what_quantize_params_gives(tmp_path)
                                     {"kernel": jax.random.normal(jax.random.key(3), (32, 64))}],
                          "norm": {"scale": jnp.ones((32,), jnp.bfloat16)}}}
     ocp.save(tmp_path / "float", params)  # a plain float Orbax checkpoint, as training writes it
-    out = ck.convert(tmp_path / "float", W4, tmp_path / "q", progress=False)
+    out = convert(tmp_path / "float", W4, tmp_path / "q", progress=False)
     got, meta = ck.load(out, target=jq.quantize_params(params, recipe_from_dict(W4)))
     _same(jq.quantize_params(params, recipe_from_dict(W4)), got)  # the target's structure (the list) comes back
     assert meta["meta"]["source_format"] == "orbax" and meta["recipe"]["name"] == "w4"
     # back to float: a plain Orbax checkpoint equal to dequantize_params, readable without jq
-    fl = ck.convert(out, None, tmp_path / "deq", dequantize=True, progress=False)
+    fl = convert(out, None, tmp_path / "deq", dequantize=True, progress=False)
     want = jq.dequantize_params(got)
     item = ck.read_meta(fl)["leaves"]["params/layers/1/kernel"]["item"]
     raw = ocp.load(fl / "arrays" / item)["value"]
     np.testing.assert_array_equal(raw, np.asarray(want["params"]["layers"][1]["kernel"]))
     assert ck.verify(fl)["quantized"] == 0
     # fake quantization from the float source gives the same floats
-    fake, _ = ck.load(ck.convert(tmp_path / "float", W4, tmp_path / "fake", dequantize=True, progress=False))
+    fake, _ = ck.load(convert(tmp_path / "float", W4, tmp_path / "fake", dequantize=True, progress=False))
     np.testing.assert_array_equal(np.asarray(fake["params"]["layers"]["0"]["kernel"]),
                                   np.asarray(want["params"]["layers"][0]["kernel"]))
 
@@ -140,7 +143,7 @@ def test_gguf_and_hf_sources_stream_to_the_loader_result(tmp_path, kind):
     ckpt = tiny_checkpoint(cfg, seed=3)
     src = tmp_path / ("m.gguf" if kind == "gguf" else "hf")
     write_gguf(src, cfg, ckpt) if kind == "gguf" else write_hf(src, cfg, ckpt, shards=2)
-    out = ck.convert(src, W4, tmp_path / "q", progress=False)
+    out = convert(src, W4, tmp_path / "q", progress=False)
     from jq.models import load_model
 
     _, params, _ = load_model(src)
@@ -183,16 +186,17 @@ def test_sharded_restore_equals_unsharded_and_carries_the_shardings(tmp_path):
 
 _KILLED_CONVERT = """
 import sys, time
-from jq import checkpoint as ck
-real, n = ck._write_leaf, [0]
+from jq.apps.convert import convert
+from jq.checkpoint import writer
+real, n = writer._write_leaf, [0]
 def slow(*a, **k):
     real(*a, **k)
     n[0] += 1
     if n[0] == 3:
         print("WROTE3", flush=True)
         time.sleep(600)
-ck._write_leaf = slow
-ck.convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+writer._write_leaf = slow
+convert(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
 """
 
 
@@ -218,7 +222,7 @@ def test_killed_conversion_leaves_nothing_valid_and_a_rerun_completes(tmp_path):
     for p in [staging, *staging.iterdir()]:
         with pytest.raises((ck.CheckpointError, FileNotFoundError)):
             ck.load(p)
-    done = ck.convert(tmp_path / "m.gguf", tmp_path / "w4.yaml", out, progress=False)
+    done = convert(tmp_path / "m.gguf", tmp_path / "w4.yaml", out, progress=False)
     assert _leftovers(tmp_path, "q") == ["q"]
     ck.verify(done)
     from jq.models import load_model
@@ -228,7 +232,7 @@ def test_killed_conversion_leaves_nothing_valid_and_a_rerun_completes(tmp_path):
 
 def test_out_of_space_leaves_no_output_and_names_the_leaf(tmp_path, monkeypatch):
     _, q = _quantized()
-    real, calls = ck._write_leaf, []
+    real, calls = writer._write_leaf, []
 
     def full(*a, **k):
         calls.append(1)
@@ -236,16 +240,16 @@ def test_out_of_space_leaves_no_output_and_names_the_leaf(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
 
-    monkeypatch.setattr(ck, "_write_leaf", full)
+    monkeypatch.setattr(writer, "_write_leaf", full)
     with pytest.raises(OSError, match=r"no space left on device while writing leaf 'b/kernel'.*q") as e:
         ck.save(tmp_path / "q", q)
     assert e.value.errno == errno.ENOSPC
     assert _leftovers(tmp_path, "q") == []
     # an existing checkpoint survives a failed overwrite untouched
-    monkeypatch.setattr(ck, "_write_leaf", real)
+    monkeypatch.setattr(writer, "_write_leaf", real)
     ck.save(tmp_path / "q", q)
     calls.clear()
-    monkeypatch.setattr(ck, "_write_leaf", full)
+    monkeypatch.setattr(writer, "_write_leaf", full)
     with pytest.raises(OSError):
         ck.save(tmp_path / "q", {"z": {"kernel": jnp.ones((2, 2))}, **q}, overwrite=True)
     _same(q, ck.load(tmp_path / "q")[0])
@@ -275,7 +279,7 @@ def _edit_meta(d: Path, fn, *, seal: bool = True) -> None:
     f = d / ck.META_FILE
     m = json.loads(f.read_text())
     fn(m)
-    f.write_text(json.dumps(ck._sealed(m) if seal else m))
+    f.write_text(json.dumps(sealed(m) if seal else m))
 
 
 def test_missing_foreign_plain_and_unfinished_directories_are_refused(tmp_path):
@@ -369,14 +373,14 @@ def test_recipe_errors_leave_no_output(tmp_path):
     ocp.save(tmp_path / "float", {"layer": {"kernel": np.ones((32, 32), np.float32)}})
     nothing = {"name": "typo", "rules": [{"pattern": "layers/.*/kernal", "format": "int4", "group_size": 16}]}
     with pytest.raises(ValueError, match=r"recipe 'typo': no rule matches a quantizable leaf of .*float.*layer/kernel"):
-        ck.convert(tmp_path / "float", nothing, tmp_path / "q", progress=False)
+        convert(tmp_path / "float", nothing, tmp_path / "q", progress=False)
     gptq = {"name": "g", "rules": [{"pattern": ".*kernel", "method": "gptq", "format": "int4", "group_size": 16}]}
     with pytest.raises(ValueError, match=r"needs calibration data.*\['gptq'\].*is an Orbax checkpoint"):
-        ck.convert(tmp_path / "float", gptq, tmp_path / "q", progress=False)
+        convert(tmp_path / "float", gptq, tmp_path / "q", progress=False)
     with pytest.raises(ValueError, match="needs a recipe"):
-        ck.convert(tmp_path / "float", None, tmp_path / "q")
+        convert(tmp_path / "float", None, tmp_path / "q")
     with pytest.raises(FileNotFoundError, match="nope: no such file"):
-        ck.convert(tmp_path / "nope", W4, tmp_path / "q")
+        convert(tmp_path / "nope", W4, tmp_path / "q")
     assert _leftovers(tmp_path, "q") == []
 
 
@@ -385,7 +389,7 @@ def test_calibrated_recipe_runs_the_llama_model_first(tmp_path):
     write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg))
     gptq = {"name": "gptq", "rules": [{"pattern": ".*kernel", "method": "gptq", "format": "int4", "group_size": 16}]}
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16), dtype=np.int32)
-    out = ck.convert(tmp_path / "m.gguf", gptq, tmp_path / "q", calib=tokens, progress=False)
+    out = convert(tmp_path / "m.gguf", gptq, tmp_path / "q", calib=tokens, progress=False)
     got, meta = ck.load(out)
     assert isinstance(got["layers_1"]["mlp"]["down_proj"]["kernel"], jq.QTensor)
     assert meta["meta"]["calibration"] == {"samples": 2, "length": 16, "files": None}

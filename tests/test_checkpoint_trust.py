@@ -19,6 +19,7 @@ import pytest
 
 import jq
 from jq import checkpoint as ck
+from jq.apps.convert import convert
 from jq.apps.cli import main as cli_main
 from test_checkpoint import _leftovers, _same
 
@@ -46,7 +47,7 @@ def test_relative_paths_work_for_every_read_and_write(tmp_path, monkeypatch):
     _same(q, ck.load("out/w4")[0])
     assert ck.verify("out/w4")["leaves"] == 4 and "a" in ck.abstract_tree("out/w4")
     ocp.save(tmp_path / "float_dir", params)
-    out = ck.convert("float_dir", cfg, "out/conv", progress=False)
+    out = convert("float_dir", cfg, "out/conv", progress=False)
     _same(q, ck.load(out)[0])
     monkeypatch.chdir(tmp_path / "out")
     assert cli_main(["inspect", "w4"]) == 0

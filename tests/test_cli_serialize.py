@@ -10,6 +10,7 @@ import pytest
 
 import jq
 from jq import checkpoint
+from jq.checkpoint.format import sealed
 from jq.apps.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
 from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
 
@@ -131,7 +132,7 @@ def test_convert_then_inspect_and_inspect_refuses_a_damaged_checkpoint(tiny_mode
     meta = out / checkpoint.META_FILE
     m = json.loads(meta.read_text())
     m["leaves"]["layers_0/attn/q_proj/kernel"]["arrays"]["codes"]["crc32"] ^= 1
-    meta.write_text(json.dumps(checkpoint._sealed(m)))  # the recorded CRC no longer fits the stored codes
+    meta.write_text(json.dumps(sealed(m)))  # the recorded CRC no longer fits the stored codes
     assert cli_main(["inspect", str(out)]) == 2
     err = capsys.readouterr().err
     assert "jq inspect: error:" in err and "layers_0/attn/q_proj/kernel" in err and "CRC-32" in err

@@ -60,7 +60,7 @@ import numpy as np
 from jax import lax
 
 from jq.numbers import ranges
-from jq.algorithms import register
+from jq.algorithms.registry import register
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 

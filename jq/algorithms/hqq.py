@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jq.numbers import ranges
-from jq.algorithms import register
+from jq.algorithms.registry import register
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 

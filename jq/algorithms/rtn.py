@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jq.numbers import ranges
-from jq.algorithms import register
+from jq.algorithms.registry import register
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 

@@ -133,6 +133,7 @@ def cmd_inspect(args) -> int:
 def cmd_convert(args) -> int:
     """Stream a float checkpoint / GGUF / HF model through a recipe into a checkpoint (docs/FORMAT.md)."""
     from jq import checkpoint
+    from jq.apps.convert import convert
 
     if args.recipe is None and not args.dequantize:
         raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
@@ -142,7 +143,7 @@ def cmd_convert(args) -> int:
         for f in args.calib:
             pipeline.read_text(f, "--calib")
     t0 = time.perf_counter()
-    out = checkpoint.convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
+    out = convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
                              calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
                              calib_seed=args.calib_seed, calib_sampling=args.calib_sampling,
                              overwrite=args.overwrite)
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    t = sub.add_parser("qat", add_help=False,
+    sub.add_parser("qat", add_help=False,
                        help="quantization-aware fine-tuning, then conversion (jq qat --help for its options)")
     return p
 

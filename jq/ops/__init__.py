@@ -11,36 +11,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jq.numbers.formats import get_format
 from jq.numbers.qtensor import QTensor
+from jq.ops.activations import fake_quantize_activations, outlier_channels, quantize_activations
+from jq.ops.registry import KERNELS, Kernel, register_kernel
 
-__all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "KERNELS", "quantize_activations",
+__all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "Kernel", "KERNELS", "quantize_activations",
            "fake_quantize_activations", "outlier_channels"]
 
 log = logging.getLogger("jq.ops")
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-    """A matmul implementation: `supports(lhs, rhs, dimension_numbers)` returns None if it can run the call,
-    else a short reason; `fn(lhs, rhs, dimension_numbers, preferred_element_type)` computes it."""
-
-    name: str
-    supports: Callable[..., str | None]
-    fn: Callable[..., jax.Array]
-
-
-KERNELS: list[Kernel] = []
-
-
-def register_kernel(name: str, supports: Callable[..., str | None], fn: Callable[..., jax.Array]) -> None:
-    """Add a kernel to the dispatch list (later registrations are asked first)."""
-    KERNELS.insert(0, Kernel(name, supports, fn))
 
 
 _kernels_unavailable = False
@@ -53,41 +35,16 @@ def _load_kernels() -> None:
     if _kernels_unavailable or (jax.default_backend() == "cpu" and not os.environ.get("JQ_KERNELS")):
         return
     try:
-        from jq.pallas_kernels import dispatch
+        import jq.pallas_kernels as pallas_kernels  # registers itself on import
     except Exception as e:  # no usable Pallas in this install: the XLA fallback still serves every call
         _kernels_unavailable = True
         log.warning("Pallas kernels unavailable, using the XLA fallback: %s", e)
         return
-    dispatch.register()  # idempotent; re-adds them if someone reset KERNELS
+    pallas_kernels.register()  # idempotent; re-adds them if someone reset KERNELS
 
 
 def _operand(x, dtype):
     return x.dequantize(dtype) if isinstance(x, QTensor) else x
-
-
-def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0
-                         ) -> tuple[jax.Array, jax.Array]:
-    """Dynamic per-token quantization: codes of x (int8, int4 (unpacked, in int8) or fp8 e4m3) and f32 scales with
-    one value per token: clip · abs-max over the contracted `axes` / qmax, kept as size-1 dims. Integer grids are
-    symmetric restricted (±127, ±7); values beyond a clipped range saturate."""
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True) * clip
-    f = get_format(fmt)
-    qmax = float(2 ** (f.bits - 1) - 1) if f.is_int else f.max
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
-    return f.encode(x.astype(jnp.float32) / scale, symmetric=True, restricted=True), scale
-
-
-def fake_quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0) -> jax.Array:
-    """x through `quantize_activations` and back, in x's dtype."""
-    xq, xs = quantize_activations(x, fmt, axes, clip)
-    return (get_format(fmt).decode(xq, jnp.float32) * xs).astype(x.dtype)
-
-
-def outlier_channels(x: jax.Array, axes: tuple[int, ...], threshold: float) -> jax.Array:
-    """LLM.int8's outlier mask: 1.0 for the contracted channels (`axes`) where some token of x has |x| > threshold,
-    as a float array broadcastable against x."""
-    other = tuple(a for a in range(x.ndim) if a not in axes)
-    return (jnp.max(jnp.abs(x.astype(jnp.float32)), axis=other, keepdims=True) > threshold).astype(x.dtype)
 
 
 def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):

@@ -3,11 +3,12 @@ TPU (Mosaic), run interpreted on CPU.
 
 Layout of the package (a kernel knows tiles, dtypes and scales — never algorithms, configs or models):
 
-- `common`   where and how kernels run (`kernel_mode`, `force_interpret`), block fitting, tile dequantization;
+- `common`   where and how kernels run (`kernel_mode`), block fitting, tile dequantization;
 - `driver`   the two grid skeletons (GPU: K loop inside the kernel; TPU: K as the last grid axis);
 - `w4a16`, `w8a16`, `w8a8` (+ `quantize_rows`), `fp8`   one kernel each: a tile function and a wrapper;
 - `autotune` block sizes: defaults, timing candidates on the device, the JSON cache;
-- `dispatch` which QTensor calls go to which kernel; registers them with `jq.ops` on import.
+- `dispatch` which QTensor calls go to which kernel; registers them into `jq.ops.registry` on import;
+  `force_interpret`.
 
 Weights are used in jq's stored layout (no prepacking step): the wrappers do the cheap rearrangements in XLA
 before the call (splitting x into even / odd columns for int4, act-order permutation of x, scale reshapes,
@@ -16,15 +17,16 @@ padding of M). `jq.ops.qdot_general` uses the kernels by default on GPU and TPU;
 """
 
 from jq.pallas_kernels import autotune, dispatch
-from jq.pallas_kernels.common import Blocks, Mode, force_interpret, kernel_mode
+from jq.pallas_kernels.common import Blocks, Mode, kernel_mode
+from jq.pallas_kernels.dispatch import force_interpret, register
 from jq.pallas_kernels.fp8 import fp8_matmul
 from jq.pallas_kernels.w4a16 import w4a16_matmul
 from jq.pallas_kernels.w8a8 import quantize_rows, w8a8_int8_matmul
 from jq.pallas_kernels.w8a16 import w8a16_matmul
 
 __all__ = [
-    "Blocks", "Mode", "autotune", "dispatch", "force_interpret", "fp8_matmul", "kernel_mode", "quantize_rows",
+    "Blocks", "Mode", "autotune", "dispatch", "force_interpret", "register", "fp8_matmul", "kernel_mode", "quantize_rows",
     "w4a16_matmul", "w8a16_matmul", "w8a8_int8_matmul",
 ]
 
-dispatch.register()
+register()  # the kernels register themselves into jq.ops.registry

@@ -33,7 +33,7 @@ __all__ = [
     "Mode",
     "Blocks",
     "kernel_mode",
-    "force_interpret",
+    "forced",
     "platform",
     "round_up",
     "pad_to",
@@ -107,16 +107,8 @@ def default_mode() -> Mode:
 
 
 @contextlib.contextmanager
-def force_interpret(style: str = "gpu") -> Iterator[Mode]:
-    """Within the block, `jq.ops` dispatch uses the kernels in interpret mode, on any backend.
-
-    `style` picks which kernel structure is interpreted: "gpu" (Triton-shaped) or "tpu" (Mosaic-shaped).
-    Functions jitted outside the block keep what they were traced with.
-    """
-    from jq.pallas_kernels import dispatch  # (lazy: dispatch imports this module)
-
-    dispatch.register()
-    m = Mode(style, interpret=True)
+def forced(m: Mode) -> Iterator[Mode]:
+    """Within the block, `kernel_mode` and `default_mode` answer `m` (see `dispatch.force_interpret`)."""
     _FORCED.append(m)
     try:
         yield m

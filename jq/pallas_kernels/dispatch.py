@@ -38,18 +38,22 @@ Gradients: the forward pass is the kernel; the backward pass is XLA's x-gradient
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from jq.pallas_kernels import autotune, w4a16, w8a8, w8a16
-from jq.pallas_kernels.common import Mode, kernel_mode
+from jq.pallas_kernels.common import Mode, forced, kernel_mode
 from jq.pallas_kernels.fp8 import fp8_matmul
 from jq.pallas_kernels.w8a8 import w8a8_int8_matmul
 from jq.numbers.qtensor import QTensor
+from jq.ops.activations import quantize_activations
+from jq.ops.registry import KERNELS, Kernel
 
-__all__ = ["register", "KERNEL_NAMES"]
+__all__ = ["register", "force_interpret", "KERNEL_NAMES"]
 
 FLOAT_ACTS = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
 FP8_WEIGHTS = ("fp8_e4m3", "fp8_e5m2")
@@ -268,8 +272,6 @@ def supports_w8a8_fp8(lhs, rhs, dimension_numbers) -> str | None:
 
 
 def _run_w8a8(lhs, rhs, preferred_element_type, fmt: str, kernel) -> jax.Array:
-    from jq.ops import quantize_activations  # jq.ops imports this package lazily; never at import time here
-
     mode, _ = kernel_mode()
     out_dtype = preferred_element_type or lhs.dtype
 
@@ -308,9 +310,20 @@ def register() -> None:
     """Add the kernels to `jq.ops.KERNELS` if they are not there (cheap and idempotent; `jq.ops` calls it before
     each dispatch on GPU/TPU). They go *behind* the kernels registered with `jq.ops.register_kernel`, so a
     user's own kernel is asked first whenever these were loaded."""
-    from jq import ops
-
-    have = {k.name for k in ops.KERNELS}
+    have = {k.name for k in KERNELS}
     for name, supports, fn in _TABLE:
         if name not in have:
-            ops.KERNELS.append(ops.Kernel(name, supports, fn))
+            KERNELS.append(Kernel(name, supports, fn))
+
+
+@contextlib.contextmanager
+def force_interpret(style: str = "gpu") -> Iterator[Mode]:
+    """Within the block, `jq.ops` dispatch uses the kernels in interpret mode, on any backend.
+
+    `style` picks which kernel structure is interpreted: "gpu" (Triton-shaped) or "tpu" (Mosaic-shaped).
+    Functions jitted outside the block keep what they were traced with.
+    """
+    register()
+    m = Mode(style, interpret=True)
+    with forced(m):
+        yield m

@@ -10,44 +10,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms import get_method
-from jq.tree.recipe import QuantConfig
 from jq.numbers.qtensor import QTensor
+from jq.numbers.qtensor import is_qtensor as _is_q
+from jq.tree.paths import leaf_paths, path_str
+from jq.tree.recipe import QuantConfig
 
 __all__ = ["quantize_params", "dequantize_params", "leaf_paths", "path_str", "report", "format_report", "LeafReport"]
-
-
-def path_str(keypath) -> str:
-    """'/'-joined path of a jax key path; NNX's trailing `.value` is dropped."""
-    parts = []
-    for k in keypath:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        else:
-            parts.append(str(getattr(k, "key", k)))
-    if len(parts) > 1 and parts[-1] == "value":
-        parts.pop()
-    return "/".join(parts)
-
-
-def leaf_paths(tree) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs, QTensors kept whole."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_q)
-    return [(path_str(p), v) for p, v in flat]
-
-
-def _is_q(x) -> bool:
-    return isinstance(x, QTensor)
 
 
 def _default_axes(path: str, ndim: int) -> tuple[int, ...]:

@@ -27,7 +27,6 @@ changes `tie_embeddings` to False.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

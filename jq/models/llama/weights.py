@@ -35,7 +35,7 @@ class LazyParam:
     """One parameter of a model file, not yet read: `load()` reads and converts it (fp32, Flax layout).
 
     `shape` is the shape `load()` returns (kernels already transposed to (in, out)), known from the file header.
-    Streaming conversion (`jq.checkpoint.convert`) reads one at a time, so peak memory is one tensor, not the model.
+    Streaming conversion (`jq.apps.convert`) reads one at a time, so peak memory is one tensor, not the model.
     """
 
     path: str

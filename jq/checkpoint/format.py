@@ -1,0 +1,219 @@
+"""The jq checkpoint format (docs/FORMAT.md): constants, per-leaf metadata records, the header and its CRC-32, and
+the Orbax calls every reader and writer shares. In short:
+
+    NAME/jq_checkpoint.json    {"format": "jq-quantized-pytree", "format_version": "1.1", "header_crc32", "jq_version",
+                               "recipe" (the recipe dict), "meta", "paths" (every leaf, in order), "leaves": {path:
+                               per-leaf metadata: kind, fmt, layout, dtype, ..., array specs with CRC-32, "item"}}
+    NAME/arrays/ITEM/          one Orbax checkpoint per leaf: {"value": array} for a float leaf, {"codes", "scale"
+                               [, "zero"][, "perm"]} for a QTensor
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from jax.sharding import Sharding
+
+from jq._version import __version__
+from jq.numbers.qtensor import Layout, QTensor
+from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
+
+FORMAT = "jq-quantized-pytree"
+
+FORMAT_VERSION = "1.1"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
+
+# 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
+READS_MAJOR = 1
+
+FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes, scale, zero, perm
+
+# QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
+# under their own names, so a field QTensor gains is stored without a format change (a reader fills absent ones in
+# with their defaults and ignores unknown ones)
+STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if f.metadata.get("static") and f.name != "layout")
+
+TMP, OLD, LOCK = ".jq-tmp", ".jq-old", ".jq-lock"
+
+META_FILE = "jq_checkpoint.json"
+
+ARRAYS = "arrays"
+
+CHUNK_BYTES = 64 << 20  # storage chunks: partial and sharded reads touch only the chunks they need
+
+HEADER_CRC = "header_crc32"
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, is damaged, or does not match what was asked. The message names the
+    directory (and leaf), what was found, and what to do."""
+
+def array_spec(a: np.ndarray) -> dict[str, Any]:
+    """{"shape", "dtype", "crc32"} of one stored array (crc32 of its C-order bytes)."""
+    return {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": crc32(a)}
+
+def crc32(a: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+def layout_dict(lay: Layout) -> dict[str, Any]:
+    """Every Layout field (shape, axes, granularity, group_size, padded, flat, ...) under its own name."""
+    return {f.name: jsonable(getattr(lay, f.name)) for f in dataclasses.fields(Layout)}
+
+def layout_from_dict(d: Mapping[str, Any]) -> Layout:
+    names = {f.name for f in dataclasses.fields(Layout)}
+    return Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+def to_numpy(path: str, x: Any) -> np.ndarray:
+    """A leaf value as a host array (gathers a sharded jax.Array); errors name the path."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise ValueError(f"{path}: leaf {x!r} is not an array; checkpoints hold arrays (and QTensors) only")
+    a = np.asarray(jax.device_get(x))
+    if a.dtype == object:
+        raise ValueError(f"{path}: leaf of type {type(x).__name__} is not an array; checkpoints hold arrays only")
+    return a
+
+def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(per-leaf metadata, the leaf's stored arrays by field: {"value": a} for an array, codes/scale/... for a
+    QTensor)."""
+    if isinstance(x, QTensor):
+        arrays = {f: to_numpy(f"{path}/{f}", getattr(x, f)) for f in FIELDS if getattr(x, f) is not None}
+        entry = {"kind": "qtensor", **{k: jsonable(getattr(x, k)) for k in STATIC_FIELDS}, "layout": layout_dict(x.layout),
+                 "arrays": {f: array_spec(a) for f, a in arrays.items()}}
+        return entry, arrays
+    a = to_numpy(path, x)
+    return {"kind": "array", "arrays": {"value": array_spec(a)}}, {"value": a}
+
+def stored_specs(entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The arrays a leaf's metadata describes: {field: {"shape", "dtype", "crc32"}}."""
+    return entry["arrays"]
+
+def logical_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    return tuple(entry["layout"]["shape"] if entry["kind"] == "qtensor" else entry["arrays"]["value"]["shape"])
+
+def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]):
+    """A leaf from its stored arrays: the QTensor, or the array."""
+    return qtensor_from(entry, arrays) if entry["kind"] == "qtensor" else arrays["value"]
+
+def jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    return v
+
+def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
+    static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
+    return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
+                   layout=layout_from_dict(entry["layout"]), **static)
+
+def abstract_leaf(entry: Mapping[str, Any], shardings: Mapping[str, Sharding | None] | None = None):
+    """The leaf as jax.ShapeDtypeStructs (a QTensor of them for a quantized leaf), optionally with shardings."""
+    shardings = shardings or {}
+    return leaf_value(entry, {f: jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]), sharding=shardings.get(f))
+                          for f, s in stored_specs(entry).items()})
+
+def nest(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """[("a/b", x), ...] -> {"a": {"b": x}}; errors on a path that is both a leaf and a prefix."""
+    tree: dict[str, Any] = {}
+    for path, v in items:
+        *heads, last = path.split("/")
+        node = tree
+        for h in heads:
+            node = node.setdefault(h, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{path}: {h!r} is both a leaf and a subtree; leaf paths must be unique")
+        node[last] = v
+    return tree
+
+def check_paths(items: Sequence[tuple[str, Any]], keypaths: Sequence[tuple]) -> None:
+    for (path, _), kp in zip(items, keypaths):
+        if not path:
+            raise ValueError("a checkpoint holds a tree of named leaves (e.g. {'params': ...}), not a bare array")
+        bad = [k for k in kp if "/" in str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", ""))))]
+        if bad:
+            raise ValueError(f"{path}: key {bad[0]} contains '/', which the checkpoint uses to join paths; rename it")
+
+def header_crc(m: Mapping[str, Any]) -> int:
+    """CRC-32 of the metadata without its own CRC field, over canonical JSON (sorted keys, no spaces), so that a
+    damaged byte anywhere in jq_checkpoint.json — a shape, a layout field, the recipe — is caught on load."""
+    body = {k: v for k, v in m.items() if k != HEADER_CRC}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+def sealed(m: dict[str, Any]) -> dict[str, Any]:
+    """`m` with its header CRC (computed on the JSON round trip of `m`, which is what a reader sees)."""
+    m = json.loads(json.dumps(m))
+    m[HEADER_CRC] = header_crc(m)
+    return m
+
+def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str]) -> dict[str, Any]:
+    """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves)."""
+    h = {"format": FORMAT, "format_version": FORMAT_VERSION, "jq_version": __version__,
+         "recipe": recipe_to_dict(recipe) if recipe is not None else None, "meta": dict(meta or {}), "paths": paths}
+    try:
+        json.dumps(h)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint meta must be JSON-serializable ({e}); pass strings, numbers, lists and dicts") from None
+    return h
+
+def as_recipe(recipe: QuantConfig | Mapping | str | os.PathLike | None) -> QuantConfig | None:
+    if recipe is None or isinstance(recipe, QuantConfig):
+        return recipe
+    if isinstance(recipe, Mapping):
+        return recipe_from_dict(dict(recipe))
+    return load_recipe(recipe)
+
+@contextlib.contextmanager
+def quiet_storage():
+    """Silence the records Orbax and asyncio log (whole tracebacks, from worker threads and from failed tasks
+    when they are collected) for a failure that jq reports itself, as one message naming the leaf and the fix.
+    Yields a callable to mark the block as failed when the failure is a returned None rather than an exception."""
+    logs = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    levels = [log.level for log in logs]
+    failed = []
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield lambda: failed.append(True)
+    except BaseException:
+        failed.append(True)
+        raise
+    finally:
+        if failed:
+            gc.collect()  # failed asyncio tasks log when collected: collect them while silenced
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+def check_version(d: Path, v: Any) -> None:
+    try:
+        major, _minor = (int(x) for x in str(v).split("."))
+    except ValueError:
+        raise CheckpointError(f"{d}: format_version {v!r} is not of the form 'major.minor'; the metadata is damaged") from None
+    if major > READS_MAJOR:
+        raise CheckpointError(
+            f"{d}: format version {v} is newer than this jq reads ({READS_MAJOR}.x, jq {__version__}); upgrade jq "
+            "to read this checkpoint"
+        )
+
+def orbax_metadata(d: Path, what: str = ""):
+    try:
+        with quiet_storage() as failed:
+            m = ocp.metadata(d)
+            if getattr(m, "metadata", None) is None:  # Orbax logs the error and returns None
+                failed()
+            return m
+    except Exception as e:  # Orbax / tensorstore raise many types for a damaged or foreign directory
+        raise CheckpointError(
+            f"{d}{what} is not a readable Orbax checkpoint ({type(e).__name__}: {str(e)[:300]}); it is damaged, "
+            "unfinished or not a checkpoint. Write it again (jq convert / jq quantize --out)"
+        ) from None

@@ -1,0 +1,266 @@
+"""Writing a checkpoint: leaves stream into a hidden staging directory (one Orbax checkpoint each, committed by
+Orbax), `jq_checkpoint.json` is written last and the directory renamed into place, so a directory at NAME is always
+complete; an interrupted write leaves only `.NAME.jq-tmp/`, which the next write removes. (One Orbax checkpoint per
+leaf rather than one Orbax *partial save* session: Orbax 0.12's partial saves re-read and merge every earlier save's
+metadata on each save, which is cubic in the number of leaves — minutes for a few hundred.) `--overwrite` replaces
+only a jq checkpoint and keeps the old one until the new one is in place (`check_destination`)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+
+from jq.checkpoint.format import (
+    ARRAYS,
+    CHUNK_BYTES,
+    FORMAT,
+    LOCK,
+    META_FILE,
+    OLD,
+    TMP,
+    as_recipe,
+    check_paths,
+    header,
+    leaf_record,
+    nest,
+    quiet_storage,
+    sealed,
+)
+from jq.numbers.qtensor import QTensor
+from jq.tree.paths import leaf_paths
+from jq.tree.recipe import QuantConfig
+
+__all__ = ["save", "check_destination", "Writer"]
+
+
+def _write_leaf(item: Path, arrays: dict[str, np.ndarray]) -> None:
+    """One leaf's arrays as an Orbax checkpoint at `item` (Orbax commits it atomically). Tests replace this to
+    interrupt or fail a write."""
+    ctx = ocp.Context()
+    ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    ctx.memory.deepcopy_host_arrays = False  # the arrays are ours and never mutated: no second host copy
+    with ctx, quiet_storage():
+        ocp.save(item, arrays)
+
+def _no_space(e: BaseException) -> bool:
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
+        s in str(e) for s in ("No space left on device", "RESOURCE_EXHAUSTED"))
+
+def _item_name(i: int, path: str) -> str:
+    """The directory name of leaf `i`: its index and a readable, file-name-safe form of its path."""
+    return f"{i:05d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", path.replace("/", "."))[:96]
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON durably: to a sibling temporary file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def _fsync_dir(d: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+def _is_checkpoint_dir(d: Path) -> bool:
+    """A directory jq wrote: its metadata file names the jq format (it need not be intact to be replaced)."""
+    try:
+        return d.is_dir() and json.loads((d / META_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output path a write would fail on or must not replace; returns it absolute.
+
+    Free: a path that does not exist, or an empty directory. Existing: refused unless `overwrite`, and then only a
+    jq checkpoint is replaced — never a file or another directory (whose contents would be lost). Raises
+    FileExistsError naming the path, what is there, and the fix.
+    """
+    out = Path(out).absolute()
+    if not out.exists() and not out.is_symlink():
+        if out.parent.exists() and not out.parent.is_dir():
+            raise NotADirectoryError(f"{out}: its parent {out.parent} is a file; choose an output directory "
+                                     "whose parent is a directory")
+        return out
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return out
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out} is a {'symbolic link' if out.is_symlink() else 'file'}, not a jq checkpoint; "
+                              "--overwrite (overwrite=True) replaces only a checkpoint directory. Choose another "
+                              "output path, or move it away yourself")
+    if not _is_checkpoint_dir(out):
+        held = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(f"{out} is a directory that is not a jq checkpoint (it holds {', '.join(held[:3])}"
+                              f"{', ...' if len(held) > 3 else ''}); jq replaces only a checkpoint it wrote. Choose "
+                              "another output directory")
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists (a jq checkpoint); choose another output directory or pass "
+                              "overwrite=True (--overwrite) to replace it")
+    return out
+
+class Writer:
+    """Streams leaves into `out`: one Orbax checkpoint per leaf in the hidden staging directory `.NAME.jq-tmp`,
+    then `jq_checkpoint.json`, then a rename to `out`.
+
+    Nothing appears at `out` before `commit()`; `abort()` (or a killed process, cleaned by the next writer)
+    leaves `out` as it was. One writer per `out` at a time (an flock on `.NAME.jq-lock`).
+    """
+
+    def __init__(self, out: str | os.PathLike, header: dict[str, Any], *, overwrite: bool = False):
+        self.out = Path(out).absolute()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.out.parent / f".{self.out.name}{TMP}"
+        self.old = self.out.parent / f".{self.out.name}{OLD}"
+        self._lock = self._acquire_lock()
+        try:
+            self._clean_stale()
+            check_destination(self.out, overwrite)
+            (self.staging / ARRAYS).mkdir(parents=True)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.header = header
+        self.leaves: dict[str, dict[str, Any]] = {}
+
+    def _acquire_lock(self):
+        lock_path = self.out.parent / f".{self.out.name}{LOCK}"
+        fh = open(lock_path, "w")
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): single writer assumed
+            pass
+        except OSError:
+            fh.close()
+            raise RuntimeError(f"another process is writing {self.out} (it holds {lock_path}); wait for it to "
+                               "finish or stop it, then run again") from None
+        return fh
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            Path(self._lock.name).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
+
+    def _clean_stale(self) -> None:
+        """Undo what an interrupted earlier write to `out` left: its staging directory goes; an old checkpoint set
+        aside (`.NAME.jq-old`) is put back if the process died between the two renames of a commit, else goes."""
+        if self.old.is_dir() and not self.out.exists():
+            os.rename(self.old, self.out)
+            warnings.warn(f"{self.out}: an earlier write was interrupted while replacing this checkpoint; the old "
+                          "checkpoint was put back", stacklevel=4)
+        for p in (self.staging, self.old):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def _left(self) -> str:
+        """What a failed write leaves at `out`, for messages."""
+        if self.out.exists():
+            return f"the existing checkpoint at {self.out} is unchanged"
+        return f"nothing was written at {self.out}"
+
+    def add(self, path: str, value: Any) -> dict[str, Any]:
+        """Write one leaf (an array or a QTensor); returns its metadata entry."""
+        if path in self.leaves:
+            raise ValueError(f"{path}: written twice to {self.out}")
+        entry, arrays = leaf_record(path, value)
+        entry["item"] = _item_name(len(self.leaves), path)
+        try:
+            _write_leaf(self.staging / ARRAYS / entry["item"], arrays)
+        except Exception as e:
+            if _no_space(e):
+                nbytes = sum(a.nbytes for a in arrays.values())
+                raise OSError(errno.ENOSPC, f"no space left on device while writing leaf {path!r} "
+                              f"({nbytes / 1e6:.1f} MB) of {self.out}; {self._left()}. Free space on "
+                              f"{self.out.parent} and run again") from None
+            raise
+        self.leaves[path] = entry
+        return entry
+
+    def commit(self) -> Path:
+        """Write jq_checkpoint.json and rename the staging directory to `out` (replacing an old checkpoint, which is
+        kept aside until the new one is in place)."""
+        missing = [p for p in self.header["paths"] if p not in self.leaves]
+        if missing or not self.leaves:
+            raise ValueError(f"{self.out}: {len(missing)} planned leaves were not written (first: {missing[:1]}); "
+                             "nothing was committed" if missing else f"nothing to write to {self.out}: no leaves")
+        try:
+            _write_json(self.staging / META_FILE, sealed({**self.header, "leaves": self.leaves}))
+        except OSError as e:
+            if _no_space(e):
+                raise OSError(errno.ENOSPC, f"no space left on device while committing {self.out}; {self._left()}. "
+                              f"Free space on {self.out.parent} and run again") from None
+            raise
+        _fsync_dir(self.staging)
+        replaced = self.out.exists()
+        if replaced:
+            os.rename(self.out, self.old)
+        os.rename(self.staging, self.out)
+        _fsync_dir(self.out.parent)
+        self._release_lock()
+        if replaced:
+            try:
+                shutil.rmtree(self.old)
+            except OSError as e:  # the new checkpoint is in place: say what is left, do not fail the write
+                warnings.warn(f"wrote {self.out}, but the checkpoint it replaced could not be removed from "
+                              f"{self.old} ({e}); delete that directory yourself", stacklevel=3)
+        return self.out
+
+    def abort(self) -> None:
+        """Remove everything this write created; `out` (if it existed before) is left as it was."""
+        try:
+            if self.old.is_dir() and not self.out.exists():  # failed between a commit's two renames
+                os.rename(self.old, self.out)
+            if self.staging.is_dir():
+                shutil.rmtree(self.staging)
+        finally:
+            self._release_lock()
+
+def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Mapping | str | None = None,
+         meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a parameter tree (arrays and QTensors) to `directory` in the documented format (docs/FORMAT.md).
+
+    Args:
+      directory: the checkpoint directory to create: a new path or an empty directory; with `overwrite`, also an
+        existing jq checkpoint (never a file or another directory: `check_destination`).
+      qparams: a pytree (nested dicts, an NNX State, ...) of arrays / QTensors; sharded jax.Arrays are gathered
+        to the host one leaf at a time.
+      recipe: the recipe that produced it (a QuantConfig, a recipe dict or a YAML path), stored as a dict.
+      meta: JSON-serializable extra metadata (model, source, timings, ...).
+      overwrite: replace an existing checkpoint at `directory` (the old one stays until the new one is complete).
+
+    Returns:
+      The absolute path of the checkpoint.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QTensor))
+    items = leaf_paths(qparams)
+    check_paths(items, [kp for kp, _ in flat])
+    nest([(p, None) for p, _ in items])  # fail on ambiguous paths before anything is written
+    w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items]), overwrite=overwrite)
+    try:
+        for path, x in items:
+            w.add(path, x)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise

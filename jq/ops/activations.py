@@ -1,0 +1,36 @@
+"""Dynamic per-token activation quantization (W8A8 / W4A8 / W4A4) and the LLM.int8 outlier mask: the numbers
+both the XLA fallback and the kernels use, so that they see the same codes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jq.numbers.formats import get_format
+
+__all__ = ["quantize_activations", "fake_quantize_activations", "outlier_channels"]
+
+
+def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Dynamic per-token quantization: codes of x (int8, int4 (unpacked, in int8) or fp8 e4m3) and f32 scales with
+    one value per token: clip · abs-max over the contracted `axes` / qmax, kept as size-1 dims. Integer grids are
+    symmetric restricted (±127, ±7); values beyond a clipped range saturate."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True) * clip
+    f = get_format(fmt)
+    qmax = float(2 ** (f.bits - 1) - 1) if f.is_int else f.max
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    return f.encode(x.astype(jnp.float32) / scale, symmetric=True, restricted=True), scale
+
+
+def fake_quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0) -> jax.Array:
+    """x through `quantize_activations` and back, in x's dtype."""
+    xq, xs = quantize_activations(x, fmt, axes, clip)
+    return (get_format(fmt).decode(xq, jnp.float32) * xs).astype(x.dtype)
+
+
+def outlier_channels(x: jax.Array, axes: tuple[int, ...], threshold: float) -> jax.Array:
+    """LLM.int8's outlier mask: 1.0 for the contracted channels (`axes`) where some token of x has |x| > threshold,
+    as a float array broadcastable against x."""
+    other = tuple(a for a in range(x.ndim) if a not in axes)
+    return (jnp.max(jnp.abs(x.astype(jnp.float32)), axis=other, keepdims=True) > threshold).astype(x.dtype)
