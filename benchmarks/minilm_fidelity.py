@@ -23,7 +23,7 @@ from jq.apps import embeddings as embed_eval
 from jq.models.bert.model import embed_texts, make_encoder
 from jq.models.bert.weights import load_bert
 from jq.apps.pipeline import default_eval_text
-from jq.tree.quantize import summarize
+from jq.tree.report import summarize
 from timing import environment  # benchmarks/ is on sys.path when a script here runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

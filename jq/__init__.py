@@ -1,33 +1,42 @@
 """jq: quantization for JAX/Flax — pure functions over parameter pytrees.
 
     import jq
-    cfg = jq.load_recipe("configs/rtn_w4_g128.yaml")
-    qparams = jq.quantize_params(params, cfg)          # same tree, QTensors at quantized leaves
-    logits = jq.interop.apply(model, {"params": qparams}, tokens)
+    cfg = jq.load_recipe("rtn_w4_g128")                 # a shipped recipe, or any YAML path
+    qparams = jq.quantize_params(params, cfg)           # same tree, QTensors at quantized leaves
+    logits = jq.apply(model, {"params": qparams}, tokens)   # the unmodified linen model (NNX: jq.nnx_merge)
+
+Where things live (each layer imports only the ones above it in this list):
+
+    jq.numbers      formats, packing, QTensor and its Layout, schemes, range estimators, Hadamard, KV-cache arrays
+    jq.algorithms   one file per method (rtn, gptq, hqq, awq, smoothquant), their registry and statistics
+    jq.tree         recipes (YAML rules), quantize_params / dequantize_params, leaf paths, reports
+    jq.ops          qdot_general / qeinsum with the kernel registry; jq.pallas_kernels register into it
+    jq.interop      unmodified linen / NNX models on quantized trees; jq.calibration, jq.qat, jq.checkpoint
+    jq.models       the ModelFamily record and registry, one package per family, file readers
+    jq.apps         pipeline, convert, generate, fine-tuning, the CLI
 """
 
 from jq import algorithms, ops
-from jq.numbers import formats
-from jq.numbers import ranges
-from jq.tree.recipe import DEFAULT_IGNORE, QuantConfig, Rule, load_recipe, recipe_from_dict
+from jq._version import __version__
+from jq.numbers import formats, ranges
 from jq.numbers.formats import FORMATS, get_format
 from jq.numbers.qtensor import Layout, QTensor
-from jq.tree.quantize import dequantize_params, format_report, leaf_paths, quantize_params, report
 from jq.numbers.scheme import Scheme
-
-from jq._version import __version__
+from jq.tree.paths import leaf_paths
+from jq.tree.quantize import dequantize_params, quantize_params
+from jq.tree.recipe import DEFAULT_IGNORE, QuantConfig, Rule, load_recipe, recipe_from_dict
+from jq.tree.report import format_report, report, size_summary
 
 __all__ = [
-    "DEFAULT_IGNORE", "FORMATS", "Layout", "QTensor", "QuantConfig", "Rule", "Scheme", "algorithms",
-    "dequantize_params", "format_report", "formats", "get_format", "leaf_paths", "load_recipe", "ops",
-    "quantize_params", "ranges", "recipe_from_dict", "report",
+    "DEFAULT_IGNORE", "FORMATS", "Layout", "QTensor", "QuantConfig", "Rule", "Scheme", "__version__", "algorithms",
+    "apply", "dequantize_params", "format_report", "formats", "get_format", "interop", "leaf_paths", "load_recipe",
+    "nnx_merge", "ops", "quantize_params", "ranges", "recipe_from_dict", "report", "size_summary",
 ]
-
 
 _INTEROP = ("interop", "apply", "nnx_merge")
 
 
-def __getattr__(name):
+def __getattr__(name: str):
     # jq.interop imports Flax; keep `import jq` light for users of the array-level API only.
     if name in _INTEROP:
         import importlib

@@ -30,11 +30,11 @@ def main() -> None:
     from rich.table import Table
 
     import jq
-    from jq.apps import pipeline
+    from jq.apps import data, pipeline
 
     console = Console(width=120)
     t_start = time.perf_counter()
-    text_path = Path(args.text) if args.text else pipeline.default_eval_text()
+    text_path = Path(args.text) if args.text else data.default_eval_text()
     console.print(f"loading {args.model}; evaluating on {text_path} ({args.windows} × {args.window} tokens)")
     m = pipeline.load(args.model)
     text = text_path.read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ from jq.algorithms import METHODS, register
 from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import Llama, init_params
 from jq.models.llama.blocks import FOLDS, block_spec
-from jq.apps.pipeline import calibration_draw, calibration_tokens
+from jq.apps.data import calibration_draw, calibration_tokens
 from jq.calibration.sequential import _get, apply_fold, quantize_sequential
 
 

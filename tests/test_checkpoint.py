@@ -146,7 +146,7 @@ def test_gguf_and_hf_sources_stream_to_the_loader_result(tmp_path, kind):
     out = convert(src, W4, tmp_path / "q", progress=False)
     from jq.models import load_model
 
-    _, params, _ = load_model(src)
+    params = load_model(src).params
     got, meta = ck.load(out)
     _same(jq.quantize_params(params, recipe_from_dict(W4)), got)
     assert meta["meta"]["model_config"]["n_layers"] == 2 and meta["meta"]["source_format"] == kind
@@ -227,7 +227,7 @@ def test_killed_conversion_leaves_nothing_valid_and_a_rerun_completes(tmp_path):
     ck.verify(done)
     from jq.models import load_model
 
-    _same(jq.quantize_params(load_model(tmp_path / "m.gguf")[1], recipe_from_dict(W4)), ck.load(done)[0])
+    _same(jq.quantize_params(load_model(tmp_path / "m.gguf").params, recipe_from_dict(W4)), ck.load(done)[0])
 
 
 def test_out_of_space_leaves_no_output_and_names_the_leaf(tmp_path, monkeypatch):

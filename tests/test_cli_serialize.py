@@ -4,7 +4,6 @@ tested in test_checkpoint.py)."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,7 +106,7 @@ def test_quantize_writes_a_tree_that_inspect_reads_and_that_dequantizes_equal(ti
     assert meta["meta"]["model_config"]["n_layers"] == 2
     from jq.models import load_model
 
-    _, params, _ = load_model(model)
+    params = load_model(model).params
     expect = jq.quantize_params(params, jq.load_recipe(recipe))
     a = jq.dequantize_params(tree)
     b = jq.dequantize_params(expect)
@@ -183,10 +182,10 @@ def test_non_utf8_texts_are_named_before_the_model_loads(tiny_model, tmp_path, c
         err = capsys.readouterr().err
         assert f"{flag} {latin}: not UTF-8 text (byte 0x" in err and "iconv" in err, err
         assert "never-loaded" not in err
-    from jq.apps import pipeline
+    from jq.apps import data
 
     with pytest.raises(ValueError, match=r"calibration file .*latin1.txt: not UTF-8 text"):
-        pipeline.calibration_tokens(type("T", (), {"encode": staticmethod(list)}), [latin])
+        data.calibration_tokens(type("T", (), {"encode": staticmethod(list)}), [latin])
 
 
 def test_window_beyond_the_context_is_refused(tiny_model, capsys):

@@ -13,7 +13,7 @@ from flax import nnx
 
 import jq
 from jq import QTensor, QuantConfig, Rule, Scheme
-from jq.tree.quantize import summarize
+from jq.tree.report import summarize
 from test_core_npref import NF4_QLORA, check_quantized
 
 INT8 = Scheme("int8")

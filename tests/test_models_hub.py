@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from jq.models import load_model
 from jq.models.io import hub
 from jq.apps.perplexity import perplexity
 from jq.models.llama.model import make_forward
@@ -123,7 +124,8 @@ def test_pip_failure_says_what_to_download(monkeypatch, tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_loads_tokenizes_and_scores():
-    cfg, params, tok = hub.load_model("smollm2-135m")
+    m = load_model("smollm2-135m")
+    cfg, params, tok = m.cfg, m.params, m.tokenizer
     assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.tie_embeddings) == (30, 9, 3, True)
     for text in ["Hello world 12345", "Captain Wentworth's", "<|im_start|>user\nHi<|im_end|>"]:
         assert tok.decode(tok.encode(text)) == text

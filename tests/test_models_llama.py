@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 from jq.models.llama.config import LlamaConfig
 from jq.models.io.gguf import load_gguf
 from jq.models.io.safetensors import load_hf
-from jq.models.io.hub import load_model, resolve_model
+from jq.models import load_model, resolve_model
 from jq.models.llama.model import init_params, make_forward
 from jq.models.io.tokenizer import Tokenizer
 
@@ -223,11 +223,12 @@ def test_flax_forward_matches_numpy_reference(tie):
     ckpt = tiny_checkpoint(cfg, seed=1)
     hf = {h: w for _, h, _, w in ckpt}
     params = {}
-    from jq.models.io.safetensors import _target
-    from jq.models.llama.weights import set_path
+    from jq.models.llama.weights import hf_tensor
+    from jq.tree.paths import set_path
+
     for name, w in hf.items():
-        path, linear = _target(name, cfg.n_layers)
-        set_path(params, path, w.T if linear else w)
+        m = hf_tensor(name, cfg)
+        set_path(params, m.path, m.apply(w))
     logits = np.asarray(jax.jit(make_forward(cfg))(params, jnp.asarray(TOKENS_IN[None])))[0]
     ref = np_forward(cfg, {k: v.astype(np.float64) for k, v in hf.items()}, TOKENS_IN)
     assert logits.shape == (len(TOKENS_IN), cfg.vocab_size) and logits.dtype == np.float32
@@ -270,9 +271,9 @@ def test_gguf_and_hf_loaders_agree_and_match_reference(tmp_path, tie):
     ckpt = tiny_checkpoint(cfg, seed=2)
     write_gguf(tmp_path / "m.gguf", cfg, ckpt)
     write_hf(tmp_path / "hf", cfg, ckpt)
-    gcfg, gparams, gtok = load_gguf(tmp_path / "m.gguf")
-    hcfg, hparams, htok = load_hf(tmp_path / "hf")
-    assert gcfg == hcfg == cfg and htok is None
+    g, h = load_gguf(tmp_path / "m.gguf"), load_hf(tmp_path / "hf")
+    gcfg, gparams, hcfg, hparams = g.cfg, g.params, h.cfg, h.params
+    assert gcfg == hcfg == cfg and h.tokenizer is None and g.family.name == h.family.name == "llama"
     gflat, hflat = flat(gparams), flat(hparams)
     assert gflat.keys() == hflat.keys()
     for k in gflat:
@@ -295,7 +296,7 @@ def test_hf_loader_bf16_sharded(tmp_path):
     cfg = tiny_cfg(False)
     ckpt = tiny_checkpoint(cfg, seed=5)
     write_hf(tmp_path / "a", cfg, ckpt, shards=3, dtype=ml_dtypes.bfloat16)
-    _, params, _ = load_hf(tmp_path / "a")
+    params = load_hf(tmp_path / "a").params
     got = flat(params)
     assert got["layers_1/attn/q_proj/kernel"].dtype == np.float32
     w = dict((h, w) for _, h, _, w in ckpt)["model.layers.1.self_attn.q_proj.weight"]
@@ -353,7 +354,7 @@ def test_load_model_dispatches_on_file_or_directory(tmp_path):
     write_gguf(tmp_path / "m.gguf", cfg, ckpt)
     write_hf(tmp_path / "hf", cfg, ckpt)
     assert resolve_model(tmp_path / "m.gguf") == tmp_path / "m.gguf"
-    assert load_model(str(tmp_path / "m.gguf"))[0] == load_model(tmp_path / "hf")[0] == cfg
+    assert load_model(str(tmp_path / "m.gguf")).cfg == load_model(tmp_path / "hf").cfg == cfg
     with pytest.raises(ValueError, match="smollm2-135m"):
         resolve_model("no-such-model")
 
@@ -364,7 +365,7 @@ def test_load_model_dispatches_on_file_or_directory(tmp_path):
 def gguf_tokenizer(tmp_path, **kw) -> Tokenizer:
     cfg = tiny_cfg(True)
     write_gguf(tmp_path / "t.gguf", cfg, tiny_checkpoint(cfg), **kw)
-    return load_gguf(tmp_path / "t.gguf")[2]
+    return load_gguf(tmp_path / "t.gguf").tokenizer
 
 
 def pieces(tok: Tokenizer, text: str) -> list[str]:

@@ -712,8 +712,11 @@ def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, c
     assert tree["layers_0"]["mlp"]["down_proj"]["kernel"].rotation == "hadamard"
     assert tree["layers_0"]["mlp"]["up_proj"]["kernel"].rotation is None
     # the float model rotated by the same section computes the same function as the unrotated one
-    mcfg, params, tok, src = script.load_model("tiny", 0)
-    rot = pipeline.rotated(pipeline.LoadedModel(mcfg, params, tok, src), jq.load_recipe(recipe))
+    from jq.apps.finetune_setup import training_model
+
+    m = training_model("tiny", 0)
+    mcfg, params = m.cfg, m.params
+    rot = pipeline.rotated(m, jq.load_recipe(recipe))
     ids = jnp.arange(16, dtype=jnp.int32)[None] * 7 % 256
     np.testing.assert_allclose(np.asarray(Llama(rot.cfg).apply({"params": rot.params}, ids)),
                                np.asarray(Llama(mcfg).apply({"params": params}, ids)), rtol=1e-4, atol=1e-4)

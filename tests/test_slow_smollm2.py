@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import jq
-from jq.apps import pipeline
+from jq.apps import data, pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,7 +23,7 @@ def smollm2():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,expected", REFERENCE)
 def test_perplexity_matches_reference_within_one_percent(smollm2, recipe, expected):
-    text = pipeline.default_eval_text().read_text(encoding="utf-8")
+    text = data.default_eval_text().read_text(encoding="utf-8")
     r = pipeline.evaluate(smollm2, text, jq.load_recipe(CONFIGS / recipe) if recipe else None, window=512, windows=16)
     assert r["windows"] == 16
     assert r["perplexity"] == pytest.approx(expected, rel=0.01)

@@ -27,13 +27,13 @@ def _calib_files(args, recipe, eval_text=None) -> list[Path] | None:
     after minutes. None when the recipe needs no data."""
     if recipe is None or not recipe.needs_calibration:
         return None
-    from jq.apps import pipeline
+    from jq.apps import data
 
-    files = [Path(f) for f in args.calib] if args.calib else pipeline.default_calib_files(eval_text)
+    files = [Path(f) for f in args.calib] if args.calib else data.default_calib_files(eval_text)
     if not files:
         raise ValueError(f"recipe {recipe.name!r} needs calibration text: pass --calib FILE [FILE ...]")
     for f in files:
-        pipeline.read_text(f, "--calib")
+        data.read_text(f, "--calib")
     return files
 
 
@@ -43,30 +43,30 @@ def _calibration(args, m, recipe, files):
     its calibration draw."""
     if files is None:
         return None, None
-    from jq.apps import pipeline
+    from jq.apps import data
 
-    return pipeline.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
+    return data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
                                      args.calib_sampling)
 
 
 def _add_calib_args(p) -> None:
-    from jq.apps.pipeline import add_calib_args
+    from jq.apps.data import add_calib_args
 
     p.add_argument("--calib", nargs="+", help="calibration text files (default: the Austen books but the eval text)")
     add_calib_args(p)
 
 
 def cmd_eval(args) -> int:
-    from jq.apps import pipeline
+    from jq.apps import data, pipeline
 
     t0 = time.perf_counter()
-    text_path = Path(args.text) if args.text else pipeline.default_eval_text()
-    text = pipeline.read_text(text_path, "--text")  # every input is checked before the model loads
-    also = {str(f): pipeline.read_text(f, "--also-text") for f in args.also_text or []}
+    text_path = Path(args.text) if args.text else data.default_eval_text()
+    text = data.read_text(text_path, "--text")  # every input is checked before the model loads
+    also = {str(f): data.read_text(f, "--also-text") for f in args.also_text or []}
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe, text_path)
     m = pipeline.load(args.model)
-    pipeline.check_window(m.cfg, args.window, "--window")
+    data.check_window(m.cfg, args.window, "--window")
     calib, calib_info = _calibration(args, m, recipe, files)
     load_s = time.perf_counter() - t0
     r = pipeline.evaluate(m, text, recipe, window=args.window, windows=args.windows,
@@ -102,11 +102,11 @@ def cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     q, qlog = pipeline.quantize(m, recipe, calib)
     secs = time.perf_counter() - t0
-    import dataclasses
+    from jq.models.family import config_dict
 
-    cfg = qlog.get("model_config", m.cfg)  # a rotating recipe unties the LM head: store the config q needs
-    meta = {"model": m.source, "model_config": dataclasses.asdict(cfg), "recipe_file": str(args.recipe),
-            "calibration": calib_info, "quantize_seconds": secs}
+    cfg = qlog.get("model_config", m.cfg)  # a rotating recipe may change the config (Llama: an untied LM head)
+    meta = {"model": m.source, "model_family": m.family.name, "model_config": config_dict(cfg),
+            "recipe_file": str(args.recipe), "calibration": calib_info, "quantize_seconds": secs}
     out = checkpoint.save(args.out, q, recipe=recipe, meta=meta, overwrite=args.overwrite)
     rows = jq.report(pipeline.rotated(m, recipe).params, q)  # errors against the float weights q was made from
     _console().print(jq.format_report(rows, only_quantized=not args.all, title=f"{recipe.name} → {out}"))
@@ -138,10 +138,10 @@ def cmd_convert(args) -> int:
     if args.recipe is None and not args.dequantize:
         raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
     if args.calib:
-        from jq.apps import pipeline
+        from jq.apps import data
 
         for f in args.calib:
-            pipeline.read_text(f, "--calib")
+            data.read_text(f, "--calib")
     t0 = time.perf_counter()
     out = convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
                              calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
@@ -154,8 +154,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import dataclasses
-
     from jq.numbers.kvcache import KVCacheConfig
     from jq.apps import generate
     from jq.apps import pipeline
@@ -176,13 +174,7 @@ def cmd_generate(args) -> int:
         cfg = qlog.get("model_config", cfg)  # a rotating recipe unties the LM head
     elif args.quantized:
         params, meta, kv = pipeline.load_quantized(args.quantized)
-        saved, cur = meta.get("model_config") or {}, dataclasses.asdict(m.cfg)
-        diff = sorted(k for k in saved if k in cur and saved[k] != cur[k] and k != "tie_embeddings")
-        if diff:
-            raise ValueError(f"--quantized {args.quantized} was written for another model ({', '.join(diff)} differ "
-                             f"from --model {args.model}); pass the model it was quantized from")
-        if "tie_embeddings" in saved:  # a rotated model's LM head is untied
-            cfg = dataclasses.replace(cfg, tie_embeddings=bool(saved["tie_embeddings"]))
+        cfg = pipeline.checkpoint_config(m, meta, f"--quantized {args.quantized}")
     kv = recipe.kv_cache if recipe is not None else kv  # --quantized: the KV cache of the checkpoint's recipe
     if args.kv:
         kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size, rotate=args.kv_rotate)

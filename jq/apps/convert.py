@@ -6,13 +6,12 @@ model, calibrate, then write. The `jq convert` command."""
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +21,24 @@ import numpy as np
 import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import SingleDeviceSharding
 
-from jq.checkpoint.format import META_FILE, CheckpointError, as_recipe, header, logical_shape, orbax_metadata
+from jq.checkpoint.format import (META_FILE, CheckpointError, abstract_leaf, as_recipe, header, logical_shape,
+                                  orbax_metadata)
 from jq.checkpoint.reader import check_dir, load_leaf_host, read_checked
 from jq.checkpoint.writer import Writer, check_destination, save
+from jq.models.family import config_dict
+from jq.models.io.gguf import open_gguf
+from jq.models.io.hub import KNOWN_MODELS, resolve_model
+from jq.models.io.lazy import LazyParam
+from jq.models.io.safetensors import open_hf
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import path_str
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig
 
-__all__ = ["convert", "SourceLeaf"]
+__all__ = ["convert"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SourceLeaf:
-    """One leaf of a conversion source, not yet read: `load()` returns it (an array, or a QTensor for a jq
-    checkpoint). `jq.models` loaders' `LazyParam`s have the same fields."""
-
-    path: str
-    shape: tuple[int, ...]
-    load: Callable[[], Any]
-    dtype: str = "float32"
-
-def _orbax_source(d: Path) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
+def _orbax_source(d: Path) -> tuple[str, list[LazyParam], dict[str, Any]]:
     """Leaves of a jq checkpoint (QTensors rebuilt) or of any plain Orbax PyTree checkpoint."""
     if (d / META_FILE).is_file():
         d, jqm = read_checked(d)
@@ -51,7 +46,7 @@ def _orbax_source(d: Path) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
         for p in jqm["paths"]:
             e = jqm["leaves"][p]
             dtype = e["dtype"] if e["kind"] == "qtensor" else e["arrays"]["value"]["dtype"]
-            leaves.append(SourceLeaf(p, logical_shape(e), functools.partial(load_leaf_host, d, p, e), dtype))
+            leaves.append(LazyParam(p, logical_shape(e), functools.partial(load_leaf_host, d, p, e), dtype))
         return "jq", leaves, {"source_meta": jqm.get("meta", {}), "source_recipe": jqm.get("recipe")}
     m = orbax_metadata(d)
     flat, _ = jax.tree_util.tree_flatten_with_path(m.metadata)
@@ -74,32 +69,27 @@ def _orbax_source(d: Path) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
                                   f"{str(e)[:300]})") from None
         return np.asarray(jax.tree_util.tree_leaves(got, is_leaf=lambda x: x is ocp.PLACEHOLDER)[i])
 
-    leaves = [SourceLeaf(path_str(kp), tuple(v.shape), lambda i=i: load_one(i), np.dtype(v.dtype).name)
+    leaves = [LazyParam(path_str(kp), tuple(v.shape), lambda i=i: load_one(i), np.dtype(v.dtype).name)
               for i, (kp, v) in enumerate(flat)]
     return "orbax", leaves, {}
 
-def _open_source(src: str | os.PathLike) -> tuple[str, list[SourceLeaf], dict[str, Any]]:
+
+def _open_source(src: str | os.PathLike) -> tuple[str, list[LazyParam], dict[str, Any]]:
     """(kind, lazy leaves, metadata incl. "path": the absolute source) of a GGUF file, a Hugging Face directory, an
     Orbax checkpoint, or a known model name (`jq.models.io.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
     p = Path(src).expanduser().absolute()  # Orbax reads only absolute paths
     if not p.exists():
-        from jq.models.io.hub import KNOWN_MODELS, resolve_model  # layer 7: model names (see the module docstring)
-
         if str(src) not in KNOWN_MODELS:
             raise FileNotFoundError(f"{src}: no such file or directory; pass a .gguf file, a Hugging Face directory "
                                     "(config.json + *.safetensors), an Orbax checkpoint directory or a known model "
                                     f"name ({', '.join(KNOWN_MODELS)})")
         p = resolve_model(str(src))
     if p.is_file() and p.suffix == ".gguf":
-        from jq.models.io.gguf import open_gguf  # layer 7: the Llama name mapping (see the module docstring)
-
-        cfg, lazy, _ = open_gguf(p)
-        return "gguf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
+        family, cfg, lazy, _ = open_gguf(p)
+        return "gguf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg)}
     if p.is_dir() and (p / "config.json").is_file():
-        from jq.models.io.safetensors import open_hf
-
-        cfg, lazy = open_hf(p)
-        return "hf", list(lazy), {"path": str(p), "model_config": dataclasses.asdict(cfg)}
+        family, cfg, lazy = open_hf(p)
+        return "hf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg)}
     if p.is_dir():
         check_dir(p)
         kind, leaves, info = _orbax_source(p)
@@ -107,7 +97,8 @@ def _open_source(src: str | os.PathLike) -> tuple[str, list[SourceLeaf], dict[st
     raise ValueError(f"{p}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors) or an Orbax "
                      "checkpoint directory")
 
-def _plan(cfg: QuantConfig | None, leaves: Sequence[SourceLeaf], src: Path) -> list:
+
+def _plan(cfg: QuantConfig | None, leaves: Sequence[LazyParam], src: Path) -> list:
     """The rule for each leaf; refuses a recipe that quantizes nothing and warns about rules that match nothing."""
     if cfg is None:
         return [None] * len(leaves)
@@ -124,6 +115,7 @@ def _plan(cfg: QuantConfig | None, leaves: Sequence[SourceLeaf], src: Path) -> l
                           stacklevel=3)
     return rules
 
+
 def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.PathLike | None,
             out: str | os.PathLike, *, dequantize: bool = False, progress: bool = True,
             calib: np.ndarray | Sequence[str | os.PathLike] | None = None, calib_samples: int = 128,
@@ -136,8 +128,8 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
     is handed back to the OS after each leaf.
 
     Args:
-      src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face Llama directory, a
-        llama GGUF file, or a known model name (`jq.models.io.hub.KNOWN_MODELS`); relative paths are fine.
+      src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face directory or a GGUF file of
+        a registered model family, or a known model name (`jq.models.io.hub.KNOWN_MODELS`); relative paths are fine.
       recipe: a QuantConfig, a recipe dict or a YAML path; None only with `dequantize` (a jq checkpoint back to
         float).
       out: the checkpoint directory to create; nothing appears there until the conversion is complete. It is
@@ -146,9 +138,10 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
         weights are quantized and dequantized (fake quantization), for runtimes that take float weights.
       progress: one line per leaf on stderr.
       calib: for recipes that need data (GPTQ, AWQ, ...): calibration token ids int32 [S, L], or text files
-        (default: `jq.apps.pipeline.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
-        calib_sampling (`jq.apps.pipeline.calibration_tokens`).
-        Only a Llama GGUF / HF source can be run to collect statistics; that path loads the whole model.
+        (default: `jq.apps.data.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
+        calib_sampling (`jq.apps.data.calibration_tokens`).
+        Only a GGUF / HF source (whose family has calibration blocks) can be run to collect statistics; that path
+        loads the whole model.
       overwrite: replace an existing `out` (the old one stays until the new one is complete).
       meta: extra JSON metadata to store.
 
@@ -201,12 +194,14 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
         print(f"wrote {path} ({len(leaves)} leaves) in {time.perf_counter() - t_all:.1f} s", file=sys.stderr)
     return path
 
+
 @functools.lru_cache(maxsize=1)
 def _libc():
     try:
         return ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return None
+
 
 def _limit_arenas() -> None:
     """At most 2 glibc malloc arenas from now on (unless MALLOC_ARENA_MAX is set): the threads Orbax, tensorstore and
@@ -216,6 +211,7 @@ def _limit_arenas() -> None:
     if libc is not None and hasattr(libc, "mallopt") and "MALLOC_ARENA_MAX" not in os.environ:
         libc.mallopt(-8, 2)  # M_ARENA_MAX
 
+
 def _trim_heap() -> None:
     """Give the memory the last leaf freed back to the OS. glibc keeps freed blocks in per-thread arenas (Orbax
     and XLA free from many threads), so without this a long conversion's RSS creeps up leaf by leaf."""
@@ -223,25 +219,25 @@ def _trim_heap() -> None:
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
+
 def _describe(entry: Mapping[str, Any]) -> str:
     if entry["kind"] == "array":
         return f"{entry['arrays']['value']['dtype']} (kept)"
-    lay = entry["layout"]
-    g = f"g{lay['group_size']}" if lay["granularity"] == "group" else lay["granularity"]
-    return f"{entry['fmt']} {'sym' if entry['symmetric'] else 'asym'} {g}"
+    return abstract_leaf(entry).describe()
+
 
 def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequantize: bool, progress: bool, calib,
                         samples: int, length: int, seed: int, sampling: str, overwrite: bool,
                         meta: dict[str, Any]) -> Path:
-    """Data-aware recipes: load the whole Llama model, calibrate, quantize sequentially, then write."""
+    """Data-aware recipes: load the whole model, calibrate, quantize sequentially (its family's blocks), then write."""
     methods = sorted({r.method for r in cfg.rules if r.scheme is not None and r.needs_calibration})
     if kind not in ("gguf", "hf"):
         raise ValueError(
-            f"recipe {cfg.name!r} needs calibration data (methods/transforms {methods}): jq collects it by running a "
-            f"Llama model, which it can load from a GGUF file or a Hugging Face directory, but {src} is an Orbax "
+            f"recipe {cfg.name!r} needs calibration data (methods/transforms {methods}): jq collects it by running the "
+            f"model, which it can load from a GGUF file or a Hugging Face directory, but {src} is an Orbax "
             "checkpoint. Convert from the original GGUF / Hugging Face model, or use a data-free recipe (rtn, hqq)"
         )
-    from jq.apps import pipeline  # layer 7 (see the module docstring)
+    from jq.apps import data, pipeline
     from jq.tree.quantize import dequantize_params
 
     m = pipeline.load(str(src))
@@ -250,13 +246,13 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
         record = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]), "files": None}  # given as ids
     else:
         files = [Path(calib)] if isinstance(calib, (str, os.PathLike)) else \
-            [Path(f) for f in calib] if calib is not None else pipeline.default_calib_files()
+            [Path(f) for f in calib] if calib is not None else data.default_calib_files()
         if not files:
             raise ValueError(f"recipe {cfg.name!r} needs calibration text: pass calib=[FILE, ...] (--calib FILE ...)")
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"calibration file {f}: no such file")
-        tokens, record = pipeline.calibration_draw(m.tokenizer, files, samples, length, seed, sampling)
+        tokens, record = data.calibration_draw(m.tokenizer, files, samples, length, seed, sampling)
     t0 = time.perf_counter()
     q, _ = pipeline.quantize(m, cfg, tokens, progress=progress)
     if dequantize:

@@ -1,4 +1,5 @@
-"""Autoregressive generation for the Llama decoder with a (quantized) KV cache.
+"""Autoregressive generation with a (quantized) KV cache, for any model family that can decode (its record's
+`init_cache` / `make_decode` / `cache_bytes_per_token`; the Llama family does).
 
 One jitted prefill (per prompt length) fills the cache and samples the first new token; one jitted decode loop
 (`lax.while_loop` over `decode_step`, per `max_new`) samples the rest, stopping early when every row has
@@ -26,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.numbers.kvcache import KVCacheConfig
-from jq.models.llama.config import LlamaConfig
-from jq.models.llama.model import cache_bytes_per_token, init_cache, make_decode
+from jq.models import ModelFamily, family_of
 
 __all__ = ["generate", "generate_timed", "generate_text", "GenerationResult", "check_lengths"]
 
@@ -77,7 +77,7 @@ class GenerationResult:
                 "kv_cache_bytes_per_token": self.cache_bytes_per_token}
 
 
-def check_lengths(cfg: LlamaConfig, prompt_len: int, max_new: int, max_len: int | None = None) -> int:
+def check_lengths(cfg: Any, prompt_len: int, max_new: int, max_len: int | None = None) -> int:
     """Validate lengths and return the cache length (default: prompt_len + max_new - 1, the rows written).
 
     Errors name the values and the fix: max_new < 1, an empty prompt, a prompt that does not fit max_len, or a
@@ -114,15 +114,21 @@ def explicit_mesh(tree: Any) -> jax.sharding.Mesh | None:
     return None
 
 
+def _decoder(cfg: Any, capability: str):
+    """The decoding function `capability` of the family of `cfg`, or a ValueError naming what is missing."""
+    family: ModelFamily = family_of(cfg)
+    return family.needs(capability, "generation with a KV cache")
+
+
 @functools.lru_cache(maxsize=32)
-def _functions(cfg: LlamaConfig, dtype_name: str, kv: KVCacheConfig | None, max_new: int,
+def _functions(cfg: Any, dtype_name: str, kv: KVCacheConfig | None, max_new: int,
                mesh: jax.sharding.Mesh | None = None):
     """Jitted (prefill, decode_loop) for one configuration (cached, so repeated calls reuse jit's cache).
     Temperature and EOS id are traced arguments: changing them does not recompile. With a `mesh` that has
     Explicit axes (see `explicit_mesh`) both run with its axes treated as Auto (`jax.sharding.auto_axes`): XLA
     propagates the weights' shardings through the model, and tokens and cache come out replicated. Call them
     under `jax.set_mesh(mesh)`."""
-    prefill, step = make_decode(cfg, jnp.dtype(dtype_name), kv)
+    prefill, step = _decoder(cfg, "make_decode")(cfg, jnp.dtype(dtype_name), kv)
 
     def sample(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
         """logits [B, V] -> tokens [B] int32: argmax at temperature 0, else softmax(logits / temperature)."""
@@ -195,14 +201,14 @@ def _prepare(cfg, tokens, max_new, max_len, temperature, key):
     return tokens, max_len, jnp.float32(temperature), key
 
 
-def generate(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv: KVCacheConfig | None = None,
+def generate(model_cfg: Any, params: Any, tokens: Any, max_new: int, kv: KVCacheConfig | None = None,
              temperature: float = 0.0, key: jax.Array | None = None, *, eos_id: int | None = None,
              max_len: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
     """Generate up to `max_new` tokens after `tokens` ([T] or [B, T] int, every row the same length).
 
     Args:
-      model_cfg: the decoder's `LlamaConfig`.
-      params: float or quantized (QTensor) parameter tree of `jq.models.llama.model.Llama`.
+      model_cfg: the decoder's config (its family, e.g. `LlamaConfig` for Llama, decodes).
+      params: float or quantized (QTensor) parameter tree of the family's module.
       kv: KV-cache quantization (None: float cache in `dtype`).
       temperature: 0 = greedy argmax, else sampling from softmax(logits / temperature) with `key`.
       eos_id: stop when every row has produced it (rows that finished are padded with it).
@@ -213,7 +219,7 @@ def generate(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv:
     mesh = explicit_mesh(params)
     prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
     with _mesh_context(mesh):
-        cache = init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype)
+        cache = _decoder(model_cfg, "init_cache")(model_cfg, tokens.shape[0], max_len, kv, dtype)
         first, cache, key = prefill(params, cache, tokens, temperature, key)
         eos = jnp.int32(-1 if eos_id is None else eos_id)
         out, n = decode(params, cache, first, jnp.int32(tokens.shape[1]), temperature, eos, key)
@@ -224,7 +230,7 @@ def _mesh_context(mesh):
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
-def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: int, kv: KVCacheConfig | None = None,
+def generate_timed(model_cfg: Any, params: Any, tokens: Any, max_new: int, kv: KVCacheConfig | None = None,
                    temperature: float = 0.0, key: jax.Array | None = None, *, eos_id: int | None = None,
                    max_len: int | None = None, dtype: Any = jnp.float32, warmup: int = 0) -> GenerationResult:
     """`generate` with the prefill and the decode loop compiled ahead of time and timed separately.
@@ -235,7 +241,7 @@ def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: in
     with _mesh_context(mesh):
         prefill, decode = _functions(model_cfg, jnp.dtype(dtype).name, kv, int(max_new), mesh)
         params = jax.block_until_ready(jax.device_put(params))
-        cache = jax.block_until_ready(init_cache(model_cfg, tokens.shape[0], max_len, kv, dtype))
+        cache = jax.block_until_ready(_decoder(model_cfg, "init_cache")(model_cfg, tokens.shape[0], max_len, kv, dtype))
         start, eos = jnp.int32(tokens.shape[1]), jnp.int32(-1 if eos_id is None else eos_id)
 
         prefill_c, compile_prefill = _compiled(prefill, params, cache, tokens, temperature, key)
@@ -254,11 +260,11 @@ def generate_timed(model_cfg: LlamaConfig, params: Any, tokens: Any, max_new: in
         return GenerationResult(
             tokens=np.asarray(out)[:, : int(n)], prompt_len=int(tokens.shape[1]), max_len=max_len,
             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, compile_seconds=compile_s,
-            cache_bytes_per_token=cache_bytes_per_token(model_cfg, kv, dtype),
+            cache_bytes_per_token=_decoder(model_cfg, "cache_bytes_per_token")(model_cfg, kv, dtype),
         )
 
 
-def generate_text(cfg: LlamaConfig, params: Any, tokenizer: Any, prompt: str, max_new: int,
+def generate_text(cfg: Any, params: Any, tokenizer: Any, prompt: str, max_new: int,
                   kv: KVCacheConfig | None = None, temperature: float = 0.0, seed: int = 0,
                   max_len: int | None = None, dtype: Any = jnp.float32) -> tuple[str, GenerationResult]:
     """Encode `prompt`, generate (stopping at the tokenizer's EOS), and decode the new tokens up to the EOS.

@@ -36,7 +36,8 @@ from jq.calibration import capture as calibrate
 from jq import interop as jqflax
 from jq.numbers import qtensor as jq_qtensor
 from jq.tree.recipe import QuantConfig
-from jq.tree.quantize import leaf_paths, quantize_leaf, quantize_params
+from jq.tree.paths import leaf_paths
+from jq.tree.quantize import quantize_leaf, quantize_params
 
 __all__ = ["Fold", "BlockSpec", "quantize_sequential", "apply_fold"]
 

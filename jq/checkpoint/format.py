@@ -55,24 +55,30 @@ CHUNK_BYTES = 64 << 20  # storage chunks: partial and sharded reads touch only t
 
 HEADER_CRC = "header_crc32"
 
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read, is damaged, or does not match what was asked. The message names the
     directory (and leaf), what was found, and what to do."""
+
 
 def array_spec(a: np.ndarray) -> dict[str, Any]:
     """{"shape", "dtype", "crc32"} of one stored array (crc32 of its C-order bytes)."""
     return {"shape": list(a.shape), "dtype": a.dtype.name, "crc32": crc32(a)}
 
+
 def crc32(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
 
 def layout_dict(lay: Layout) -> dict[str, Any]:
     """Every Layout field (shape, axes, granularity, group_size, padded, flat, ...) under its own name."""
     return {f.name: jsonable(getattr(lay, f.name)) for f in dataclasses.fields(Layout)}
 
+
 def layout_from_dict(d: Mapping[str, Any]) -> Layout:
     names = {f.name for f in dataclasses.fields(Layout)}
     return Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
 
 def to_numpy(path: str, x: Any) -> np.ndarray:
     """A leaf value as a host array (gathers a sharded jax.Array); errors name the path."""
@@ -82,6 +88,7 @@ def to_numpy(path: str, x: Any) -> np.ndarray:
     if a.dtype == object:
         raise ValueError(f"{path}: leaf of type {type(x).__name__} is not an array; checkpoints hold arrays only")
     return a
+
 
 def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(per-leaf metadata, the leaf's stored arrays by field: {"value": a} for an array, codes/scale/... for a
@@ -94,16 +101,20 @@ def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray
     a = to_numpy(path, x)
     return {"kind": "array", "arrays": {"value": array_spec(a)}}, {"value": a}
 
+
 def stored_specs(entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The arrays a leaf's metadata describes: {field: {"shape", "dtype", "crc32"}}."""
     return entry["arrays"]
 
+
 def logical_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(entry["layout"]["shape"] if entry["kind"] == "qtensor" else entry["arrays"]["value"]["shape"])
+
 
 def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]):
     """A leaf from its stored arrays: the QTensor, or the array."""
     return qtensor_from(entry, arrays) if entry["kind"] == "qtensor" else arrays["value"]
+
 
 def jsonable(v: Any) -> Any:
     if isinstance(v, tuple):
@@ -112,16 +123,19 @@ def jsonable(v: Any) -> Any:
         return v.item()
     return v
 
+
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
                    layout=layout_from_dict(entry["layout"]), **static)
+
 
 def abstract_leaf(entry: Mapping[str, Any], shardings: Mapping[str, Sharding | None] | None = None):
     """The leaf as jax.ShapeDtypeStructs (a QTensor of them for a quantized leaf), optionally with shardings."""
     shardings = shardings or {}
     return leaf_value(entry, {f: jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]), sharding=shardings.get(f))
                           for f, s in stored_specs(entry).items()})
+
 
 def nest(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
     """[("a/b", x), ...] -> {"a": {"b": x}}; errors on a path that is both a leaf and a prefix."""
@@ -136,6 +150,7 @@ def nest(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
         node[last] = v
     return tree
 
+
 def check_paths(items: Sequence[tuple[str, Any]], keypaths: Sequence[tuple]) -> None:
     for (path, _), kp in zip(items, keypaths):
         if not path:
@@ -144,17 +159,20 @@ def check_paths(items: Sequence[tuple[str, Any]], keypaths: Sequence[tuple]) -> 
         if bad:
             raise ValueError(f"{path}: key {bad[0]} contains '/', which the checkpoint uses to join paths; rename it")
 
+
 def header_crc(m: Mapping[str, Any]) -> int:
     """CRC-32 of the metadata without its own CRC field, over canonical JSON (sorted keys, no spaces), so that a
     damaged byte anywhere in jq_checkpoint.json — a shape, a layout field, the recipe — is caught on load."""
     body = {k: v for k, v in m.items() if k != HEADER_CRC}
     return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
+
 def sealed(m: dict[str, Any]) -> dict[str, Any]:
     """`m` with its header CRC (computed on the JSON round trip of `m`, which is what a reader sees)."""
     m = json.loads(json.dumps(m))
     m[HEADER_CRC] = header_crc(m)
     return m
+
 
 def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str]) -> dict[str, Any]:
     """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves)."""
@@ -166,12 +184,14 @@ def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: li
         raise ValueError(f"checkpoint meta must be JSON-serializable ({e}); pass strings, numbers, lists and dicts") from None
     return h
 
+
 def as_recipe(recipe: QuantConfig | Mapping | str | os.PathLike | None) -> QuantConfig | None:
     if recipe is None or isinstance(recipe, QuantConfig):
         return recipe
     if isinstance(recipe, Mapping):
         return recipe_from_dict(dict(recipe))
     return load_recipe(recipe)
+
 
 @contextlib.contextmanager
 def quiet_storage():
@@ -194,6 +214,7 @@ def quiet_storage():
         for log, level in zip(logs, levels):
             log.setLevel(level)
 
+
 def check_version(d: Path, v: Any) -> None:
     try:
         major, _minor = (int(x) for x in str(v).split("."))
@@ -204,6 +225,7 @@ def check_version(d: Path, v: Any) -> None:
             f"{d}: format version {v} is newer than this jq reads ({READS_MAJOR}.x, jq {__version__}); upgrade jq "
             "to read this checkpoint"
         )
+
 
 def orbax_metadata(d: Path, what: str = ""):
     try:

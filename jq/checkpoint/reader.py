@@ -52,6 +52,7 @@ def check_dir(d: Path) -> None:
         raise CheckpointError(f"{d} is (inside) the temporary directory of an unfinished write, not a checkpoint; "
                               "run the write again (it removes this directory)")
 
+
 def read_checked(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """(absolute dir, validated jq metadata): format, version, the metadata's own CRC-32 (format 1.1 on), and a
     complete, consistent leaf table. Absolute, because Orbax reads only absolute paths."""
@@ -86,10 +87,12 @@ def read_checked(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                               "the checkpoint is incomplete, write it again")
     return d, jqm
 
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """The jq metadata of a checkpoint, validated: {"format", "format_version", "jq_version", "recipe", "meta",
     "paths", "leaves"} (see docs/FORMAT.md). Refuses a newer major format version."""
     return read_checked(directory)[1]
+
 
 def _item(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
     item = d / ARRAYS / str(entry.get("item", ""))
@@ -97,6 +100,7 @@ def _item(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
         raise CheckpointError(f"{d}: leaf {path!r}: its arrays directory {item} is missing; the checkpoint is "
                               "truncated or damaged, write it again")
     return item
+
 
 def _check_leaf(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
     """The leaf's Orbax checkpoint holds exactly the arrays its metadata describes, with their shapes and dtypes,
@@ -124,12 +128,14 @@ def _check_leaf(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
             raise CheckpointError(str(e)) from None
     return item
 
+
 def abstract_tree(directory: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's tree without reading arrays (metadata only): nested dicts of jax.ShapeDtypeStruct leaves and
     QTensors of them (what `jax.eval_shape` of the quantized tree gives). Feed it to `jq.report`, or use it as a
     `target`."""
     d, jqm = read_checked(directory)
     return nest([(p, abstract_leaf(jqm["leaves"][p])) for p in jqm["paths"]])
+
 
 def _check_target(d: Path, jqm: dict[str, Any], target_leaves: Mapping[str, Any]) -> None:
     """The checkpoint has exactly the target's leaves, each of the same kind, shapes and dtypes."""
@@ -164,6 +170,7 @@ def _check_target(d: Path, jqm: dict[str, Any], target_leaves: Mapping[str, Any]
                 raise CheckpointError(f"{d}: {what} is {adt.name}{list(ashape)} in the checkpoint but {bdt.name}"
                                       f"{list(bshape)} in the target; the checkpoint was written for another model or "
                                       "dtype")
+
 
 def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None, shardings: Any = None,
          target: Any = None, verify: bool = True) -> tuple[Any, dict[str, Any]]:
@@ -215,6 +222,7 @@ def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
     by_path = dict(values)
     return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p, _ in leaf_paths(target)]), jqm
 
+
 def _restore(d: Path, path: str, item: Path, abstract: Mapping[str, Any]) -> dict[str, Any]:
     """Orbax restore of one leaf's arrays as `abstract` describes them (host NumPy or sharded jax arrays)."""
     try:
@@ -224,10 +232,12 @@ def _restore(d: Path, path: str, item: Path, abstract: Mapping[str, Any]) -> dic
         raise CheckpointError(f"{d}: leaf {path!r} cannot be read ({type(e).__name__}: {str(e)[:300]}); the "
                               "checkpoint is damaged, write it again") from None
 
+
 def _host_abstract(item: Path, entry: Mapping[str, Any]) -> dict[str, Any]:
     """Orbax's NumPy metadata of a leaf's arrays: restoring with it gives host NumPy arrays."""
     stored = orbax_metadata(item).metadata
     return {f: stored[f] for f in stored_specs(entry)}
+
 
 def _check_crcs(d: Path, path: str, entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
     """Every restored array has the recorded shape, dtype and CRC-32 (when recorded); else CheckpointError."""
@@ -242,6 +252,7 @@ def _check_crcs(d: Path, path: str, entry: Mapping[str, Any], arrays: Mapping[st
                                   f"{spec['crc32']:#010x}; the data is damaged, write the checkpoint again (or "
                                   "load(..., verify=False) to read it anyway)")
 
+
 def load_leaf_host(d: Path, path: str, entry: Mapping[str, Any], verify: bool = True) -> Any:
     """One leaf with host NumPy arrays (a QTensor of them, or the array), checked against its metadata (and its
     CRC-32s with `verify`)."""
@@ -250,6 +261,7 @@ def load_leaf_host(d: Path, path: str, entry: Mapping[str, Any], verify: bool = 
     if verify:
         _check_crcs(d, path, entry, arrays)
     return leaf_value(entry, arrays)
+
 
 def _check_finite_grid(d: Path, path: str, q: QTensor) -> None:
     """Scales and zero points are finite: an overflowed scale (a checkpoint written before jq refused them)
@@ -261,6 +273,7 @@ def _check_finite_grid(d: Path, path: str, q: QTensor) -> None:
             raise CheckpointError(f"{d}: leaf {path!r}: {n} of {a.size} {f} values are not finite ({f} dtype "
                                   f"{a.dtype.name} overflowed when it was written), so they dequantize to NaN; "
                                   "quantize it again with scale_dtype: float32 for this leaf")
+
 
 def verify(directory: str | os.PathLike, *, read_data: bool = True) -> dict[str, Any]:
     """Check a checkpoint's integrity; raise CheckpointError naming the directory and leaf on the first problem.

@@ -22,6 +22,7 @@ def is_spec(x: Any) -> bool:
     return x is None or isinstance(x, (PartitionSpec, Sharding, QTensor)) or (
         isinstance(x, Mapping) and "codes" in x and set(x) <= set(FIELDS))
 
+
 def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
     """`spec` for an array of `shape`: entries for dims the mesh axes do not divide (or that it lacks) dropped."""
     out = []
@@ -34,6 +35,7 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
                 e = None
         out.append(e)
     return PartitionSpec(*out)
+
 
 def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any, mesh) -> dict[str, Sharding]:
     """Per stored array of one leaf: the sharding to restore it with.
@@ -68,6 +70,7 @@ def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any, mesh) -> dict
         else:
             out[field] = NamedSharding(sp.mesh, _fit(sp.spec, tuple(s["shape"]), sp.mesh))
     return out
+
 
 def spec_lookup(shardings: Any, target_leaves: Mapping[str, Any] | None) -> Callable[[str, Any], Any]:
     """path, abstract leaf -> the spec `load` was given for it (from a callable, a tree / flat dict, or the

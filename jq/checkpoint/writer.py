@@ -54,13 +54,16 @@ def _write_leaf(item: Path, arrays: dict[str, np.ndarray]) -> None:
     with ctx, quiet_storage():
         ocp.save(item, arrays)
 
+
 def _no_space(e: BaseException) -> bool:
     return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or any(
         s in str(e) for s in ("No space left on device", "RESOURCE_EXHAUSTED"))
 
+
 def _item_name(i: int, path: str) -> str:
     """The directory name of leaf `i`: its index and a readable, file-name-safe form of its path."""
     return f"{i:05d}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", path.replace("/", "."))[:96]
+
 
 def _write_json(path: Path, obj: Any) -> None:
     """Write JSON durably: to a sibling temporary file, fsync, rename."""
@@ -71,6 +74,7 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -79,12 +83,14 @@ def _fsync_dir(d: Path) -> None:
         finally:
             os.close(fd)
 
+
 def _is_checkpoint_dir(d: Path) -> bool:
     """A directory jq wrote: its metadata file names the jq format (it need not be intact to be replaced)."""
     try:
         return d.is_dir() and json.loads((d / META_FILE).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
 
 def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse, before any work, an output path a write would fail on or must not replace; returns it absolute.
@@ -114,6 +120,7 @@ def check_destination(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise FileExistsError(f"{out} already exists (a jq checkpoint); choose another output directory or pass "
                               "overwrite=True (--overwrite) to replace it")
     return out
+
 
 class Writer:
     """Streams leaves into `out`: one Orbax checkpoint per leaf in the hidden staging directory `.NAME.jq-tmp`,
@@ -235,6 +242,7 @@ class Writer:
                 shutil.rmtree(self.staging)
         finally:
             self._release_lock()
+
 
 def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Mapping | str | None = None,
          meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:

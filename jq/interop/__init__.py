@@ -23,7 +23,7 @@ from flax import linen as nn
 from flax import nnx
 
 from jq import ops
-from jq.tree.quantize import path_str
+from jq.tree.paths import path_str
 from jq.numbers.qtensor import QTensor
 
 __all__ = ["apply", "prepare", "nnx_merge", "routed_paths", "quantized_interceptor", "module_path", "is_routable"]

@@ -1,16 +1,14 @@
-"""Models for jq: a Flax linen Llama decoder and BERT sentence encoder, GGUF / Hugging Face loaders, tokenizers,
-perplexity, embedding fidelity, model resolution."""
+"""Models for jq (layer 6): the `ModelFamily` record and its registry (`family`), one package per family
+(`llama`, `bert`), generic readers apart from any family (`io`: GGUF, safetensors, tokenizers, the PyPI hub) and
+`load_model`. Adding a family: a package like `llama/` that ends with `register_family(ModelFamily(...))`, and
+one import line below."""
 
-from jq.models.bert.model import Bert, BertConfig
-from jq.models.bert.weights import load_bert
-from jq.models.llama.config import LlamaConfig
-from jq.models.io.gguf import load_gguf
-from jq.models.io.safetensors import load_hf
-from jq.models.io.hub import load_model, resolve_model
-from jq.models.llama.model import Llama, init_params, make_forward
+from jq.models import bert, llama  # noqa: F401  (each registers its family)
+from jq.models.family import (LoadedModel, ModelFamily, TensorMap, families, family_for_gguf, family_for_hf, family_of,
+                              get_family, register_family)
+from jq.models.io.hub import resolve_model
 from jq.models.io.tokenizer import Tokenizer
+from jq.models.load import load_model
 
-__all__ = [
-    "LlamaConfig", "Llama", "init_params", "make_forward", "load_gguf", "load_hf", "load_model", "resolve_model",
-    "Tokenizer", "Bert", "BertConfig", "load_bert",
-]
+__all__ = ["LoadedModel", "ModelFamily", "TensorMap", "families", "family_for_gguf", "family_for_hf", "family_of",
+           "get_family", "register_family", "load_model", "resolve_model", "Tokenizer"]

@@ -26,7 +26,7 @@ import numpy as np
 
 from jq.numbers import formats
 
-__all__ = ["Layout", "QTensor"]
+__all__ = ["Layout", "QTensor", "grid_label", "is_qtensor"]
 
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -47,6 +47,13 @@ class Layout:
     group_size: int | None = None
     padded: int | None = None  # stored length of the group axis (>= shape[group_axis])
     flat: bool = False
+
+    @property
+    def granularity_label(self) -> str:
+        """'g128' (with ' flat' for flat groups), 'channel' or 'tensor'."""
+        if self.granularity != "group":
+            return self.granularity
+        return f"g{self.group_size}" + (" flat" if self.flat else "")
 
     @property
     def group_axis(self) -> int:
@@ -136,6 +143,11 @@ class Layout:
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
+def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
+    """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report."""
+    return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class QTensor:
@@ -188,12 +200,15 @@ class QTensor:
     def format(self) -> formats.Format:
         return formats.get_format(self.fmt)
 
+    def describe(self) -> str:
+        """The grid in a few words, as reports and logs print it: 'int4 asym g128', 'int8 sym channel perm'."""
+        return grid_label(self.fmt, self.symmetric, self.layout.granularity_label) + (
+            " perm" if self.perm is not None else "")
+
     def __repr__(self) -> str:
         lay = self.layout
-        g = f"g{lay.group_size}{' flat' if lay.flat else ''}" if lay.granularity == "group" else lay.granularity
-        kind = "sym" if self.symmetric else "asym"
-        extra = (" perm" if self.perm is not None else "") + (f" act={self.act}" if self.act else "")
-        return f"QTensor({self.fmt} {kind} {g}, shape={lay.shape}, axes={lay.axes}{extra})"
+        extra = f" act={self.act}" if self.act else ""
+        return f"QTensor({self.describe()}, shape={lay.shape}, axes={lay.axes}{extra})"
 
     def __getitem__(self, key):
         """Only `q[...]` (how NNX reads a variable's value) is supported: it returns the QTensor itself."""

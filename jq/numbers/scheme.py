@@ -18,7 +18,7 @@ import math
 import jax.numpy as jnp
 
 from jq.numbers import formats
-from jq.numbers.qtensor import GRANULARITIES, Layout, QTensor
+from jq.numbers.qtensor import GRANULARITIES, Layout, QTensor, grid_label
 
 __all__ = ["Scheme", "RANGE_METHODS"]
 
@@ -138,14 +138,14 @@ class Scheme:
         return self.fmt.bits
 
     def describe(self) -> str:
+        """The scheme in a few words: its grid ('int4 asym g128'), then range search, activations and rotation."""
         g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
-        s = "sym" if self.symmetric else "asym"
         r = "" if self.range == "minmax" else f" {self.range}"
         a = f" a:{self.act}" if self.act else ""
         a += f"@{self.act_clip:g}" if self.act and self.act_clip != 1.0 else ""
         a += f" outlier>{self.act_outlier:g}" if self.act_outlier is not None else ""
         rot = f" rot:{self.rotate}" if self.rotate else ""
-        return f"{self.format} {s} {g}{r}{a}{rot}"
+        return f"{grid_label(self.format, self.symmetric, g)}{r}{a}{rot}"
 
     # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:

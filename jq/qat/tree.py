@@ -23,8 +23,9 @@ from jq.interop import module_path
 from jq.qat import ste as S
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.hadamard import hadamard_transform
-from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, path_str, quantize_leaf,
-                         quantize_params)
+from jq.tree.paths import path_str
+from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, quantize_leaf,
+                              quantize_params)
 from jq.numbers.scheme import Scheme
 
 __all__ = [

@@ -7,7 +7,6 @@ jit-able (the config is static; bad-input checks that need concrete values run o
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 
@@ -18,10 +17,10 @@ import numpy as np
 from jq.algorithms import get_method
 from jq.numbers.qtensor import QTensor
 from jq.numbers.qtensor import is_qtensor as _is_q
-from jq.tree.paths import leaf_paths, path_str
+from jq.tree.paths import path_str
 from jq.tree.recipe import QuantConfig
 
-__all__ = ["quantize_params", "dequantize_params", "leaf_paths", "path_str", "report", "format_report", "LeafReport"]
+__all__ = ["quantize_params", "dequantize_params", "quantize_leaf", "check_scales", "check_rotatable"]
 
 
 def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
@@ -246,73 +245,3 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
 def dequantize_params(qparams, dtype=None):
     """Replace every QTensor by its dense dequantized array (in its recorded dtype, or `dtype`)."""
     return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if _is_q(x) else x, qparams, is_leaf=_is_q)
-
-
-# -- reports ------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafReport:
-    path: str
-    shape: tuple[int, ...]
-    scheme: str
-    bits_per_weight: float
-    nbytes: int
-    rel_error: float | None
-
-
-def report(params, qparams) -> list[LeafReport]:
-    """Per-leaf rows: path, shape, scheme, honest bits/weight, stored bytes and relative Frobenius error.
-    `qparams` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `jq.checkpoint.abstract_tree`): sizes need
-    only shapes and dtypes."""
-    orig = dict(leaf_paths(params))
-    rows = []
-    for path, q in leaf_paths(qparams):
-        shape = tuple(getattr(q, "shape", ()))
-        if _is_q(q):
-            err = None
-            if path in orig and not _is_q(orig[path]):
-                w = jnp.asarray(orig[path], jnp.float32)
-                err = float(jnp.linalg.norm(q.dequantize(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
-            lay = q.layout
-            g = f"g{lay.group_size}{' flat' if lay.flat else ''}" if lay.granularity == "group" else lay.granularity
-            desc = f"{q.fmt} {'sym' if q.symmetric else 'asym'} {g}" + (" perm" if q.perm is not None else "")
-            rows.append(LeafReport(path, shape, desc, q.bits_per_weight, q.nbytes, err))
-        else:
-            dt = jnp.dtype(q.dtype if hasattr(q, "dtype") else np.asarray(q).dtype)  # arrays and abstract leaves
-            nbytes = int(np.prod(shape)) * dt.itemsize
-            rows.append(LeafReport(path, shape, f"float ({dt.name})", 8.0 * dt.itemsize, nbytes, None))
-    return rows
-
-
-def summarize(rows: list[LeafReport]) -> dict:
-    """Totals over a report: parameters, bytes, bits/weight over all leaves and over quantized leaves only."""
-    n_all = sum(int(np.prod(r.shape)) for r in rows)
-    b_all = sum(r.nbytes for r in rows)
-    q = [r for r in rows if r.rel_error is not None or not r.scheme.startswith("float")]
-    n_q = sum(int(np.prod(r.shape)) for r in q)
-    b_q = sum(r.nbytes for r in q)
-    return {
-        "params": n_all,
-        "model_bytes": b_all,
-        "bits_per_weight": 8.0 * b_all / max(n_all, 1),
-        "quantized_params": n_q,
-        "quantized_bits_per_weight": 8.0 * b_q / max(n_q, 1),
-    }
-
-
-def format_report(rows: list[LeafReport], *, only_quantized: bool = False, title: str | None = None):
-    """A `rich.table.Table` of the report (print it with `rich.print` or a Console)."""
-    from rich.table import Table
-
-    t = Table(title=title)
-    for c, j in (("path", "left"), ("shape", "left"), ("scheme", "left"), ("bits/w", "right"), ("KiB", "right"), ("rel err", "right")):
-        t.add_column(c, justify=j)
-    for r in rows:
-        if only_quantized and r.rel_error is None:
-            continue
-        err = "" if r.rel_error is None else f"{r.rel_error:.4f}"
-        t.add_row(r.path, "×".join(map(str, r.shape)), r.scheme, f"{r.bits_per_weight:.3f}", f"{r.nbytes / 1024:.1f}", err)
-    s = summarize(rows)
-    t.caption = f"{s['params']:,} params, {s['model_bytes'] / 2**20:.2f} MiB, {s['bits_per_weight']:.3f} bits/weight overall"
-    return t

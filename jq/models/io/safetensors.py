@@ -1,4 +1,6 @@
-"""Load a Hugging Face Llama directory (config.json + safetensors, single or sharded) into fp32 NumPy params."""
+"""Hugging Face model directories (config.json + safetensors, single or sharded), for any model family: the
+safetensors headers and tensors (bf16 included, without torch), and the lazy parameters a family's name map
+(`ModelFamily.hf_tensor`) places."""
 
 from __future__ import annotations
 
@@ -10,30 +12,9 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from jq.models.llama.config import LlamaConfig
-from jq.models.llama.weights import LazyParam, check_shapes, set_path
+from jq.models.family import LoadedModel, ModelFamily, family_for_hf
+from jq.models.io.lazy import LazyParam, StoredTensor, lazy_params, materialize
 from jq.models.io.tokenizer import Tokenizer
-
-# HF per-layer name (after "model.layers.N.") -> (path under layers_N, is a linear weight to transpose)
-_LAYER_TENSORS = {
-    "input_layernorm.weight": ("input_norm/scale", False),
-    "self_attn.q_proj.weight": ("attn/q_proj/kernel", True),
-    "self_attn.k_proj.weight": ("attn/k_proj/kernel", True),
-    "self_attn.v_proj.weight": ("attn/v_proj/kernel", True),
-    "self_attn.o_proj.weight": ("attn/o_proj/kernel", True),
-    "post_attention_layernorm.weight": ("post_attn_norm/scale", False),
-    "mlp.gate_proj.weight": ("mlp/gate_proj/kernel", True),
-    "mlp.up_proj.weight": ("mlp/up_proj/kernel", True),
-    "mlp.down_proj.weight": ("mlp/down_proj/kernel", True),
-}
-_GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": ("embed/embedding", False),
-    "model.norm.weight": ("final_norm/scale", False),
-    "lm_head.weight": ("lm_head/kernel", True),
-}
-# Buffers some exports carry that hold no weights.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
 
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, or the shards listed in the index."""
@@ -62,7 +43,7 @@ def _header(file: Path) -> dict[str, Any]:
             raise ValueError(f"{file}: not a safetensors file (unreadable header: {e})") from None
 
 
-def _read_tensor(file: Path, name: str) -> np.ndarray:
+def read_tensor(file: Path, name: str) -> np.ndarray:
     """One tensor; bf16 arrives as ml_dtypes.bfloat16 (read by hand if safetensors can't)."""
     with safe_open(str(file), framework="np") as f:
         try:
@@ -87,62 +68,52 @@ def _read_raw(file: Path, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtypes[info["dtype"]]).reshape(info["shape"])
 
 
-def _load_param(file: Path, name: str, linear: bool) -> np.ndarray:
-    w = np.asarray(_read_tensor(file, name), dtype=np.float32)
-    return np.ascontiguousarray(w.T) if linear else w
+def _fp32(file: Path, name: str) -> np.ndarray:
+    return np.asarray(read_tensor(file, name), dtype=np.float32)
 
 
-def _target(name: str, n_layers: int) -> tuple[str, bool] | None:
-    """HF tensor name -> (parameter path, transpose?), None for ignorable buffers."""
-    if name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[name]
-    if name.endswith(_IGNORED_SUFFIXES):
-        return None
-    parts = name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) < n_layers \
-            and parts[3] in _LAYER_TENSORS:
-        path, linear = _LAYER_TENSORS[parts[3]]
-        return f"layers_{parts[2]}/{path}", linear
-    raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
-
-
-def open_hf(directory: str | Path) -> tuple[LlamaConfig, list[LazyParam]]:
-    """Open a Hugging Face Llama directory lazily -> (config, one `LazyParam` per parameter).
-
-    Only config.json and the safetensors headers are read and checked; each `LazyParam.load()` reads one tensor
-    as fp32 in the layout of `jq.models.llama.model.Llama` (kernels transposed to (in, out)). A tied checkpoint that
-    still ships `lm_head.weight` drops it (the model reads `embed/embedding`).
-    """
+def read_config(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    """(the directory, its config.json) of a Hugging Face model directory; FileNotFoundError without one."""
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}: not a Hugging Face model directory")
-    cfg = LlamaConfig.from_hf_config(json.loads(config_path.read_text()))
-    lazy = []
+    try:
+        return directory, json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+
+
+def stored_tensors(directory: Path) -> list[StoredTensor]:
+    """Every tensor of the directory's safetensors files (headers only)."""
+    out = []
     for file in weight_files(directory):
         for name, info in _header(file).items():
-            if name == "__metadata__":
-                continue
-            target = _target(name, cfg.n_layers)
-            if target is None or (cfg.tie_embeddings and name == "lm_head.weight"):
-                continue
-            path, linear = target
-            shape = tuple(int(d) for d in info["shape"])
-            lazy.append(LazyParam(path, shape[::-1] if linear else shape, functools.partial(_load_param, file, name, linear)))
-    check_shapes({p.path: p.shape for p in lazy}, cfg, directory)
-    return cfg, lazy
+            if name != "__metadata__":
+                out.append(StoredTensor(name, tuple(int(d) for d in info["shape"]), file,
+                                        functools.partial(_fp32, file, name)))
+    return out
 
 
-def load_hf(directory: str | Path) -> tuple[LlamaConfig, dict[str, Any], Tokenizer | None]:
-    """Read a Hugging Face Llama directory -> (config, params as a nested dict of fp32 np.ndarray, tokenizer).
+def open_hf(directory: str | Path) -> tuple[ModelFamily, Any, list[LazyParam]]:
+    """Open a Hugging Face model directory lazily -> (its family, config, one `LazyParam` per parameter).
 
-    The tokenizer comes from `tokenizer.json` and is None when the directory has none. A tied checkpoint that
-    still ships `lm_head.weight` drops it (the model reads `embed/embedding`).
+    The family comes from config.json's `model_type`; only config.json and the safetensors headers are read and
+    checked; each `LazyParam.load()` reads one tensor as fp32 in the family's layout (linear weights transposed to
+    (in, out)).
     """
-    cfg, lazy = open_hf(directory)
-    params: dict[str, Any] = {}
-    for p in lazy:
-        set_path(params, p.path, p.load())
+    directory, hf = read_config(directory)
+    family = family_for_hf(hf.get("model_type"), str(directory / "config.json"))
+    if family.config_from_hf is None or family.hf_tensor is None:
+        raise ValueError(f"{directory}: model family {family.name!r} has no Hugging Face reader")
+    cfg = family.config_from_hf(hf, str(directory / "config.json"))
+    return family, cfg, lazy_params(family, cfg, stored_tensors(directory), family.hf_tensor, directory)
+
+
+def load_hf(directory: str | Path) -> LoadedModel:
+    """Read a Hugging Face model directory -> its family, config, params (nested dict of fp32 np.ndarray) and the
+    tokenizer of its `tokenizer.json` (None when it has none)."""
+    family, cfg, lazy = open_hf(directory)
     tok_path = Path(directory) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tok_path) if tok_path.is_file() else None
-    return cfg, params, tokenizer
+    return LoadedModel(family, cfg, materialize(lazy), tokenizer, str(directory))

@@ -1,15 +1,41 @@
-"""The parameter tree of `jq.models.llama.model.Llama`: its paths and shapes, and building / checking it from loaders."""
+"""The Llama family's parameter tree: every path with its shape, and where each GGUF / Hugging Face tensor goes.
+
+llama.cpp's converter interleaves the rows of attn_q / attn_k for its RoPE kernel; `unpermute_qk` puts them back
+in the Hugging Face rotate-half layout that `jq.models.llama.model` uses, so a GGUF and the safetensors it came
+from give the same logits.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import functools
 
 import numpy as np
 
+from jq.models.family import TensorMap
 from jq.models.llama.config import LlamaConfig
+
+__all__ = ["expected_shapes", "gguf_tensor", "hf_tensor", "unpermute_qk", "permute_qk"]
+
+# per block: parameter path under layers_{i} -> (GGUF name under blk.{i}., Hugging Face name under model.layers.{i}.)
+_BLOCK = {
+    "input_norm/scale": ("attn_norm", "input_layernorm"),
+    "attn/q_proj/kernel": ("attn_q", "self_attn.q_proj"),
+    "attn/k_proj/kernel": ("attn_k", "self_attn.k_proj"),
+    "attn/v_proj/kernel": ("attn_v", "self_attn.v_proj"),
+    "attn/o_proj/kernel": ("attn_output", "self_attn.o_proj"),
+    "post_attn_norm/scale": ("ffn_norm", "post_attention_layernorm"),
+    "mlp/gate_proj/kernel": ("ffn_gate", "mlp.gate_proj"),
+    "mlp/up_proj/kernel": ("ffn_up", "mlp.up_proj"),
+    "mlp/down_proj/kernel": ("ffn_down", "mlp.down_proj"),
+}
+_GLOBAL = {  # parameter path -> (GGUF name, Hugging Face name)
+    "embed/embedding": ("token_embd", "model.embed_tokens"),
+    "final_norm/scale": ("output_norm", "model.norm"),
+    "lm_head/kernel": ("output", "lm_head"),
+}
+_GGUF = {g: p for p, (g, _) in _BLOCK.items()}
+_HF = {h: p for p, (_, h) in _BLOCK.items()}
+_IGNORED_HF = ("rotary_emb.inv_freq",)  # buffers some exports carry that hold no weights
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -30,34 +56,54 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@dataclasses.dataclass(frozen=True)
-class LazyParam:
-    """One parameter of a model file, not yet read: `load()` reads and converts it (fp32, Flax layout).
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation. w: [n_heads*head_dim, in] (GGUF order) -> same shape, HF order.
 
-    `shape` is the shape `load()` returns (kernels already transposed to (in, out)), known from the file header.
-    Streaming conversion (`jq.apps.convert`) reads one at a time, so peak memory is one tensor, not the model.
+    llama.cpp stores, within each head, rows (0, D/2, 1, D/2+1, ...) so that RoPE pairs are adjacent;
+    HF keeps the halves apart (rotate-half). Inverse of `reshape(H, 2, D/2, in).swapaxes(1, 2)`.
     """
-
-    path: str
-    shape: tuple[int, ...]
-    load: Callable[[], np.ndarray]
-    dtype: str = "float32"
+    out, cols = w.shape
+    return w.reshape(n_heads, out // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(out, cols)
 
 
-def set_path(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
-    """tree["a"]["b"]["c"] = value for path "a/b/c", creating the intermediate dicts."""
-    *heads, leaf = path.split("/")
-    for h in heads:
-        tree = tree.setdefault(h, {})
-    tree[leaf] = value
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation (HF order -> GGUF order). w: [n_heads*head_dim, in]."""
+    out, cols = w.shape
+    return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
 
 
-def check_shapes(shapes: dict[str, tuple[int, ...]], cfg: LlamaConfig, source: str | Path) -> None:
-    """Raise ValueError naming `source` if a parameter is missing from `shapes` ({path: shape}) or has the wrong
-    shape for `cfg`."""
-    for path, shape in expected_shapes(cfg).items():
-        if path not in shapes:
-            raise ValueError(f"{source}: missing weight for parameter {path}")
-        if tuple(shapes[path]) != shape:
-            raise ValueError(f"{source}: parameter {path} has shape {tuple(shapes[path])}, expected {shape}")
+def _map(path: str) -> TensorMap:
+    return TensorMap(path, transpose=path.endswith("kernel"))
 
+
+def gguf_tensor(name: str, cfg: LlamaConfig) -> TensorMap:
+    """A GGUF tensor name (`blk.3.attn_q.weight`) -> where it goes; ValueError for a tensor this family lacks."""
+    parts = name.split(".")
+    if len(parts) == 2 and parts[1] == "weight":
+        for path, (g, _) in _GLOBAL.items():
+            if parts[0] == g:
+                return _map(path)
+    if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers
+            and parts[2] in _GGUF and parts[3] == "weight"):
+        path = f"layers_{parts[1]}/{_GGUF[parts[2]]}"
+        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(parts[2])
+        convert = None if heads is None else functools.partial(unpermute_qk, n_heads=heads)
+        return TensorMap(path, transpose=True if path.endswith("kernel") else False, convert=convert)
+    raise ValueError(f"unexpected GGUF tensor {name!r} for a plain llama model (RoPE scaling via rope_freqs, biases "
+                     "and MoE experts are not supported)")
+
+
+def hf_tensor(name: str, cfg: LlamaConfig) -> TensorMap | None:
+    """A Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`) -> where it goes; None for buffers
+    and for the `lm_head.weight` a tied checkpoint may still ship (the model reads `embed/embedding`)."""
+    if name.endswith(_IGNORED_HF) or (cfg.tie_embeddings and name == "lm_head.weight"):
+        return None
+    for path, (_, h) in _GLOBAL.items():
+        if name == h + ".weight":
+            return _map(path)
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) < cfg.n_layers:
+        module = parts[3].removesuffix(".weight")
+        if parts[3].endswith(".weight") and module in _HF:
+            return _map(f"layers_{parts[2]}/{_HF[module]}")
+    raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
