@@ -16,7 +16,8 @@ from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import Llama, init_params
 from jq.models.llama.blocks import FOLDS, block_spec
 from jq.apps.data import calibration_draw, calibration_tokens
-from jq.calibration.sequential import _get, apply_fold, quantize_sequential
+from jq.calibration.sequential import apply_fold, quantize_sequential
+from jq.tree.paths import get_path as _get
 
 
 class Net(nn.Module):

@@ -130,16 +130,22 @@ def test_kv_quantization_error_within_half_a_step_and_codes_in_range(fmt, sym, g
     step = np.repeat(np.asarray(q["scale"]), 8 // n, axis=-1)
     err = np.abs(np.asarray(jax.jit(lambda q: kvcache.dequantize_kv(q, kv))(q)) - np.asarray(x))
     assert np.all(err <= step / 2 * (1 + 1e-5) + 1e-6)
-    codes = np.asarray(kvcache._unpack4(q["codes"], sym) if fmt == "int4" else q["codes"]).astype(int)
+    codes = np.asarray(formats.unpack(q["codes"], 4, 8, signed=sym) if fmt == "int4" else q["codes"]).astype(int)
     bits = int(fmt[3:])
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sym else (0, 2**bits - 1)
     assert codes.min() >= lo and codes.max() <= hi and codes.max() - codes.min() >= (2**bits) // 2
 
 
-def test_int4_packing_is_jq_formats_layout():
-    c = jax.random.randint(jax.random.key(4), (3, 16), 0, 16).astype(jnp.uint8)
-    np.testing.assert_array_equal(np.asarray(kvcache._pack4(c)), np.asarray(formats.pack(c, 4)))
-    np.testing.assert_array_equal(np.asarray(kvcache._unpack4(kvcache._pack4(c), False)), np.asarray(c))
+def test_int4_cache_packs_with_jq_formats_and_needs_a_head_dim_divisible_by_8():
+    """One packing in the library: the cache's int4 codes are `formats.pack(codes, 4)`, low nibble first."""
+    kv = KVCacheConfig("int4", symmetric=False, scale_dtype="float32")
+    x = jax.random.normal(jax.random.key(4), (1, 3, 2, 16))
+    q = kvcache.quantize_kv(x, kv)
+    codes = formats.unpack(q["codes"], 4, 16)
+    np.testing.assert_array_equal(np.asarray(formats.pack(codes, 4)), np.asarray(q["codes"]))
+    np.testing.assert_array_equal(np.asarray(q["codes"][..., 0]), np.asarray(codes[..., 0] | (codes[..., 1] << 4)))
+    with pytest.raises(ValueError, match="needs a head_dim divisible by 8, got 12; use int8"):
+        kvcache.quantize_kv(jnp.ones((1, 1, 1, 12)), kv)
 
 
 def test_int4_and_int8_logit_error_is_bounded(params, tokens):

@@ -25,8 +25,9 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jq import interop as jqflax
-from jq.numbers.qtensor import QTensor
+from jq.interop.layers import LayerCall, layer_interceptor
+from jq.interop.linen import apply
+from jq.numbers.qtensor import is_qtensor
 
 __all__ = ["capture", "capture_fns", "accumulate", "finalize", "layer_inputs_stats", "STAT_KEYS"]
 
@@ -74,33 +75,20 @@ def finalize(sums: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def _contracted(m: nn.Module, x: jax.Array) -> tuple[jax.Array, int]:
-    """The layer input with its contracted axes moved last and flattened, and K."""
-    if isinstance(m, nn.DenseGeneral):
-        axis = m.axis if isinstance(m.axis, tuple) else (m.axis,)
-        axis = tuple(sorted(a % x.ndim for a in axis))
-        x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-        k = int(np.prod([x.shape[i] for i in range(x.ndim - len(axis), x.ndim)]))
-        return x, k
-    return x, x.shape[-1]
-
-
 def recorder(paths: set[str] | None, found: dict) -> Callable:
-    """An interceptor that stores the input sums of routable layers (whose kernel path is in `paths`, or all)."""
+    """An interceptor that stores the input sums of Dense / DenseGeneral layers with a float kernel (whose kernel
+    path is in `paths`, or all), their contracted axes moved last and flattened."""
 
-    def intercept(next_fun, args, kwargs, context):
-        m = context.module
-        if context.method_name == "__call__" and jqflax.is_routable(m) and not isinstance(m, nn.Einsum):
-            path = jqflax.module_path(m) + "/kernel"
-            quantized = m.has_variable("params", "kernel") and isinstance(m.get_variable("params", "kernel"), QTensor)
-            if (paths is None or path in paths) and not quantized:
-                x = args[0] if args else kwargs["inputs"]
-                xc, k = _contracted(m, jnp.asarray(x))
-                s = layer_inputs_stats(xc, k)
-                found[path] = _merge(found[path], s) if path in found else s
-        return next_fun(*args, **kwargs)
+    def record(c: LayerCall):
+        if not c.is_einsum and (paths is None or c.path in paths) and not is_qtensor(c.kernel):
+            x = jnp.asarray(c.x)
+            lead = x.ndim - len(c.axes)
+            xc = jnp.moveaxis(x, c.axes, tuple(range(lead, x.ndim)))
+            s = layer_inputs_stats(xc, int(np.prod(xc.shape[lead:])))
+            found[c.path] = _merge(found[c.path], s) if c.path in found else s
+        return c.proceed()
 
-    return intercept
+    return layer_interceptor(record)
 
 
 def capture(
@@ -143,7 +131,7 @@ def capture_fns(module: nn.Module, paths: Iterable[str] | None = None, method: s
 
     def run(variables, args):
         found: dict = {}
-        jqflax.apply(module, variables, *args, method=method, interceptor=recorder(wanted, found))
+        apply(module, variables, *args, method=method, interceptor=recorder(wanted, found))
         return found
 
     return jax.jit(run), jax.jit(lambda acc, v, a: _merge_all(acc, run(v, a)), donate_argnums=(0,))

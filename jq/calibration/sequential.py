@@ -33,10 +33,10 @@ import numpy as np
 from flax import linen as nn
 
 from jq.calibration import capture as calibrate
-from jq import interop as jqflax
-from jq.numbers import qtensor as jq_qtensor
+from jq.interop.linen import apply
+from jq.numbers.qtensor import is_qtensor
 from jq.tree.recipe import QuantConfig
-from jq.tree.paths import leaf_paths
+from jq.tree.paths import get_path, leaf_paths, set_path
 from jq.tree.quantize import quantize_leaf, quantize_params
 
 __all__ = ["Fold", "BlockSpec", "quantize_sequential", "apply_fold"]
@@ -64,30 +64,17 @@ class BlockSpec:
     staged: Callable | None = None
 
 
-def _get(tree: dict, path: str):
-    for p in path.split("/"):
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, last = path.split("/")
-    for p in parents:
-        tree = tree[p]
-    tree[last] = value
-
-
 def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
     """In place: divide the producer's output channels by s and multiply the consumers' input rows by s, so the
     block's float function is unchanged. s: [K]."""
     s = jnp.asarray(s, jnp.float32)
-    prev = jnp.asarray(_get(block, fold.prev), jnp.float32)
+    prev = jnp.asarray(get_path(block, fold.prev), jnp.float32)
     if prev.shape[-1] != s.shape[0]:
         raise ValueError(f"fold {fold.prev} -> {fold.consumers}: producer has {prev.shape[-1]} outputs, scales {s.shape}")
-    _set(block, fold.prev, prev / s)
+    set_path(block, fold.prev, prev / s)
     for c in fold.consumers:
-        w = jnp.asarray(_get(block, c), jnp.float32)
-        _set(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
+        w = jnp.asarray(get_path(block, c), jnp.float32)
+        set_path(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
 
 
 @jax.jit
@@ -129,7 +116,7 @@ class _Compiled:
     def __init__(self, spec: BlockSpec):
         self.spec = spec
         self._capture: dict = {}
-        self.forward = jax.jit(lambda p, h, extra: jqflax.apply(spec.module, {"params": p}, h, *extra))
+        self.forward = jax.jit(lambda p, h, extra: apply(spec.module, {"params": p}, h, *extra))
 
     def capture(self, params: dict, inputs: Sequence[tuple], paths: Sequence[str]) -> dict:
         key = tuple(sorted(paths))
@@ -180,13 +167,13 @@ def quantize_sequential(
                 if len(others) != 1:
                     raise ValueError(f"{name}: layers {fold.consumers} share an input but their rules ask for "
                                      f"different transforms {sorted(others)}; give them the same transforms")
-                prev = jnp.asarray(_get(block, fold.prev))
-                k = jnp.asarray(_get(block, fold.consumers[0])).shape[0]
+                prev = jnp.asarray(get_path(block, fold.prev))
+                k = jnp.asarray(get_path(block, fold.consumers[0])).shape[0]
                 if prev.shape[-1] != k:
                     continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
                 st = stats[fold.consumers[0]]
                 for tname, topts in rule.transforms:
-                    weights = [jnp.asarray(_get(block, c), jnp.float32) for c in fold.consumers]
+                    weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
                     s = _transform_scales(tname, dict(topts), weights, st, rule)
                     apply_fold(block, fold, s)
                     st = _scale_stats(st, s)
@@ -204,12 +191,12 @@ def quantize_sequential(
                     acc = st if acc is None else calibrate._merge(acc, st)
                 stats = calibrate.finalize({"x": acc})["x"]
             for p in todo:
-                _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats))
+                set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats))
             return block
 
         if spec.staged is not None and true_sequential:
             block, hs = spec.staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
-            leftover = [p for p in rules if not isinstance(_get(block, p), jq_qtensor.QTensor)]
+            leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
             if leftover:
                 raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")
         else:
@@ -221,7 +208,7 @@ def quantize_sequential(
                 need = [p for p in todo if rules[p].needs_calibration]
                 stats = comp.capture(block, inputs, need) if need else {}
                 for p in todo:
-                    _set(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(_get(block, p)), rules[p], stats.get(p)))
+                    set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats.get(p)))
             hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
         out[name] = block
         secs = time.perf_counter() - t0

@@ -137,24 +137,24 @@ def get_family(name: str) -> ModelFamily:
         raise ValueError(f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}") from None
 
 
-def family_for_gguf(arch: Any) -> ModelFamily:
-    """The family of a GGUF file's `general.architecture`."""
+def _claimed(field: str, key: Any, what: str) -> ModelFamily:
+    """The family whose `field` (a tuple of names) holds `key`; else a ValueError naming `what` and the known names."""
     for f in _FAMILIES.values():
-        if arch in f.gguf_architectures:
+        if key in getattr(f, field):
             return f
-    known = sorted(a for f in _FAMILIES.values() for a in f.gguf_architectures)
-    raise ValueError(f"unsupported GGUF architecture {arch!r}: jq reads {known} (a family registers more with "
+    known = sorted(k for f in _FAMILIES.values() for k in getattr(f, field))
+    raise ValueError(f"unsupported {what} {key!r}: jq reads {known} (a family registers more with "
                      "jq.models.register_family)")
 
 
+def family_for_gguf(arch: Any) -> ModelFamily:
+    """The family of a GGUF file's `general.architecture`."""
+    return _claimed("gguf_architectures", arch, "GGUF architecture")
+
+
 def family_for_hf(model_type: Any, source: str = "config.json") -> ModelFamily:
-    """The family of a Hugging Face config's `model_type`."""
-    for f in _FAMILIES.values():
-        if model_type in f.hf_model_types:
-            return f
-    known = sorted(t for f in _FAMILIES.values() for t in f.hf_model_types)
-    raise ValueError(f"{source}: unsupported Hugging Face model_type {model_type!r}: jq reads {known} (a family "
-                     "registers more with jq.models.register_family)")
+    """The family of a Hugging Face config's `model_type` (`source` names the file in the error)."""
+    return _claimed("hf_model_types", model_type, f"Hugging Face model_type (in {source})")
 
 
 def family_of(cfg: Any) -> ModelFamily:

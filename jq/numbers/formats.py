@@ -179,6 +179,9 @@ def pack(codes: jnp.ndarray, bits: int, axis: int = -1) -> jnp.ndarray:
     n = c.shape[-1]
     pad = -n % 8
     c = jnp.pad(c.astype(jnp.uint8), [(0, 0)] * (c.ndim - 1) + [(0, pad)])
+    if bits == 4:  # the same bit stream, two codes a byte (low nibble first): fewer ops for the common width
+        c = (c & jnp.uint8(0xF)).reshape(c.shape[:-1] + (-1, 2))
+        return jnp.moveaxis(c[..., 0] | (c[..., 1] << jnp.uint8(4)), -1, axis)
     c = c.reshape(c.shape[:-1] + ((n + pad) // 8, 8))
     bit = (c[..., None] >> jnp.arange(bits, dtype=jnp.uint8)) & 1  # [..., n/8, 8, bits]
     bit = bit.reshape(c.shape[:-1] + (bits, 8))  # the 8*bits stream cut into bytes
@@ -196,11 +199,14 @@ def unpack(packed: jnp.ndarray, bits: int, n: int, axis: int = -1, signed: bool 
     if bits == 8:
         out = p.astype(jnp.int8 if signed else jnp.uint8)
         return jnp.moveaxis(out, -1, axis)
-    p = p.reshape(p.shape[:-1] + (-1, bits))  # [..., n/8, bits bytes]
-    bit = (p[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., n/8, bits, 8]
-    bit = bit.reshape(p.shape[:-1] + (8, bits))
-    c = jnp.sum(bit << jnp.arange(bits, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
-    c = c.reshape(c.shape[:-2] + (-1,))[..., :n]
+    if bits == 4:
+        c = jnp.stack([p & jnp.uint8(0xF), p >> jnp.uint8(4)], axis=-1).reshape(p.shape[:-1] + (-1,))[..., :n]
+    else:
+        p = p.reshape(p.shape[:-1] + (-1, bits))  # [..., n/8, bits bytes]
+        bit = (p[..., None] >> jnp.arange(8, dtype=jnp.uint8)) & 1  # [..., n/8, bits, 8]
+        bit = bit.reshape(p.shape[:-1] + (8, bits))
+        c = jnp.sum(bit << jnp.arange(bits, dtype=jnp.uint8), axis=-1, dtype=jnp.uint8)
+        c = c.reshape(c.shape[:-2] + (-1,))[..., :n]
     if signed:
         sign = jnp.uint8(1 << (bits - 1))
         c = ((c ^ sign).astype(jnp.int16) - sign.astype(jnp.int16)).astype(jnp.int8)

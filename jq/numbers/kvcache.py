@@ -5,9 +5,8 @@ Keys and values are quantized per token, per kv head, in groups of `group_size` 
 a quantized entry is a dict of arrays with the same leading `[B, T, H]`:
 
     codes  uint8 [B, T, H, D]      int8 asymmetric: 0..255 (int8 symmetric: int8 -128..127)
-           uint8 [B, T, H, D/2]    int4: two codes per byte, low nibble first (code 2i in bits 0-3, 2i+1 in
-                                   bits 4-7: the layout of `jq.numbers.formats.pack(codes, 4)`); symmetric codes are
-                                   signed nibbles (two's complement)
+           uint8 [B, T, H, D/2]    int4 (head_dim % 8 == 0): `jq.numbers.formats.pack(codes, 4)`, two codes per
+                                   byte, low nibble first; symmetric codes are signed nibbles (two's complement)
     scale  scale_dtype [B, T, H, D/group_size]   (float16 by default)
     zero   uint8 [B, T, H, D/group_size]         asymmetric only: integer zero point in code units
 
@@ -33,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jq.numbers.formats import pack, packed_length, unpack
 from jq.numbers.scheme import Scheme
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
@@ -113,22 +113,6 @@ def _grouped(x: jax.Array, n_groups: int) -> jax.Array:
     return x.reshape(x.shape[:-1] + (n_groups, x.shape[-1] // n_groups))
 
 
-def _pack4(codes: jax.Array) -> jax.Array:
-    """uint8/int8 codes [..., D] (D even) -> uint8 [..., D/2], low nibble first."""
-    c = codes.astype(jnp.uint8) & jnp.uint8(0xF)
-    c = c.reshape(c.shape[:-1] + (c.shape[-1] // 2, 2))
-    return c[..., 0] | (c[..., 1] << jnp.uint8(4))
-
-
-def _unpack4(packed: jax.Array, signed: bool) -> jax.Array:
-    """uint8 [..., D/2] -> codes [..., D] (int8 sign-extended when `signed`, else uint8)."""
-    lo, hi = packed & jnp.uint8(0xF), packed >> jnp.uint8(4)
-    c = jnp.stack([lo, hi], axis=-1).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
-    if signed:
-        return ((c.astype(jnp.int8) ^ jnp.int8(8)) - jnp.int8(8)).astype(jnp.int8)
-    return c
-
-
 def _scheme(kv: KVCacheConfig) -> Scheme:
     """The library's weight grid for this cache (min-max range, integer zero point, scale in `scale_dtype`)."""
     return Scheme(format=kv.format, symmetric=kv.symmetric, scale_dtype=kv.scale_dtype)
@@ -139,14 +123,15 @@ def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
     the module docstring (codes [..., D] or [..., D/2] for int4; scale/zero [..., D/group_size])."""
     d = x.shape[-1]
     n = kv.groups(d)
-    if kv.bits == 4 and d % 2:
-        raise ValueError(f"int4 kv cache packs two codes per byte and needs an even head_dim, got {d}")
+    if kv.bits == 4 and d % 8:
+        raise ValueError(f"an int4 kv cache packs codes eight at a time (`jq.numbers.formats.pack`) and needs a "
+                         f"head_dim divisible by 8, got {d}; use int8")
     sch = _scheme(kv)
     xg = _grouped(x.astype(jnp.float32), n)                                              # [..., n, g]
     scale, zero = sch.scale_zero(jnp.min(xg, axis=-1, keepdims=True), jnp.max(xg, axis=-1, keepdims=True))
     codes = sch.encode(xg, scale, zero).reshape(x.shape)
     out = {} if zero is None else {"zero": zero[..., 0].astype(jnp.uint8)}
-    out["codes"] = _pack4(codes) if kv.bits == 4 else codes
+    out["codes"] = pack(codes, 4) if kv.bits == 4 else codes
     out["scale"] = scale[..., 0].astype(kv.scale_dtype)
     return out
 
@@ -154,9 +139,9 @@ def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
 def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.float32) -> jax.Array:
     """Inverse of `quantize_kv`: {"codes", "scale"[, "zero"]} -> [..., D] in `dtype`."""
     codes = q["codes"]
-    if kv.bits == 4:
-        codes = _unpack4(codes, signed=kv.symmetric)
     n = q["scale"].shape[-1]
+    if kv.bits == 4:
+        codes = unpack(codes, 4, 2 * codes.shape[-1], signed=kv.symmetric)  # head_dim % 8 == 0: no padding
     zero = None if kv.symmetric else q["zero"][..., None].astype(jnp.float32)
     x = _scheme(kv).decode(_grouped(codes, n), q["scale"][..., None].astype(jnp.float32), zero)
     return x.reshape(codes.shape).astype(dtype)
@@ -176,7 +161,7 @@ def empty_kv(shape: tuple[int, ...], kv: KVCacheConfig | None, dtype: Any = jnp.
         return jnp.zeros(shape, dtype)
     *lead, d = shape
     n = kv.groups(d)
-    code_d = d // 2 if kv.bits == 4 else d
+    code_d = packed_length(d, kv.bits)
     out = {"codes": jnp.zeros((*lead, code_d), jnp.int8 if kv.symmetric and kv.bits == 8 else jnp.uint8),
            "scale": jnp.ones((*lead, n), jnp.dtype(kv.scale_dtype))}
     if not kv.symmetric:
@@ -191,7 +176,7 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, kv: KVCach
         per_head = head_dim * jnp.dtype(dtype).itemsize
     else:
         n = kv.groups(head_dim)
-        code = head_dim // 2 if kv.bits == 4 else head_dim
+        code = packed_length(head_dim, kv.bits)
         per_head = code + n * (jnp.dtype(kv.scale_dtype).itemsize + (0 if kv.symmetric else 1))
     return 2 * n_layers * n_kv_heads * per_head
 

@@ -60,20 +60,8 @@ from jq.qat.train import (
     shard_tree,
     tree_shardings,
 )
-from jq.qat.tree import (
-    QAT_OPTIONS,
-    LeafPlan,
-    act_interceptor,
-    apply,
-    convert,
-    decay_mask,
-    fake_quantize,
-    init,
-    init_from,
-    nnx_merge,
-    plan,
-    qat_options,
-)
+from jq.qat.activations import act_interceptor, apply, nnx_merge
+from jq.qat.tree import QAT_OPTIONS, LeafPlan, convert, decay_mask, fake_quantize, init, init_from, plan, qat_options
 
 __all__ = [
     "QAT_OPTIONS", "Checkpointer", "LeafPlan", "WindowBatches", "act_interceptor", "apply", "batch_sharding",

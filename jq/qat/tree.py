@@ -10,20 +10,16 @@ e.g. `quant["layers_0"]["attn"]["q_proj"]["kernel"]["scale"]`; it is `{}` when n
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
-from flax import nnx
 
 from jq.tree.recipe import QuantConfig, Rule
-from jq.interop import module_path
 from jq.qat import ste as S
-from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.qtensor import Layout, is_qtensor
 from jq.numbers.hadamard import hadamard_transform
-from jq.tree.paths import path_str
+from jq.tree.paths import get_path, path_str, set_path
 from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, quantize_leaf,
                               quantize_params)
 from jq.numbers.scheme import Scheme
@@ -40,17 +36,10 @@ __all__ = [
     "to_basis",
     "from_basis",
     "decay_mask",
-    "act_interceptor",
-    "apply",
-    "nnx_merge",
 ]
 
 # Options a `method: qat` rule may carry (see jq.algorithms.rtn.qat), with their defaults.
 QAT_OPTIONS: dict[str, Any] = {"lsq": False, "lsq_init": "range", "ste": "identity"}
-
-
-def _is_q(x) -> bool:
-    return isinstance(x, QTensor)
 
 
 def qat_options(rule: Rule) -> dict[str, Any]:
@@ -89,7 +78,7 @@ def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
     """The plan for leaf `w` at `path`, or None when the recipe keeps it float (no rule, `skip`, not a float array)."""
     ndim = getattr(w, "ndim", 0)
     rule = cfg.rule_for(path, ndim)
-    if rule is None or rule.scheme is None or _is_q(w) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+    if rule is None or rule.scheme is None or is_qtensor(w) or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         return None
     sch = rule.scheme
     if getattr(sch, "act_outlier", None) is not None:
@@ -113,25 +102,6 @@ def from_basis(v: jax.Array, p: LeafPlan) -> jax.Array:
     return v if p.scheme.rotate is None else hadamard_transform(v, axis=p.layout.axes[0], transpose=True)
 
 
-# -- nested-dict access by "/" path ------------------------------------------------------------------------------
-
-
-def _get(tree: dict, path: str):
-    node = tree
-    for part in path.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, last = path.split("/")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
 # -- the three tree functions -------------------------------------------------------------------------------------
 
 _lsq_init = jax.jit(S.lsq_init, static_argnums=(1, 2, 3))
@@ -142,11 +112,11 @@ def init(params, cfg: QuantConfig) -> dict[str, Any]:
     """QAT parameters from float `params` (a linen params dict or an NNX State): `{"params": params, "quant": q}`
     with learned step sizes (and zero points) initialised for every leaf whose rule has `lsq: true`."""
     quant: dict = {}
-    for kp, w in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_q)[0]:
+    for kp, w in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]:
         path = path_str(kp)
         p = plan(path, w, cfg)
         if p is not None and p.lsq:
-            _set(quant, path, _lsq_init(to_basis(jnp.asarray(w), p), p.scheme, p.layout, p.lsq_init))
+            set_path(quant, path, _lsq_init(to_basis(jnp.asarray(w), p), p.scheme, p.layout, p.lsq_init))
     return {"params": params, "quant": quant}
 
 
@@ -162,7 +132,7 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
     quant: dict = {}
 
     def visit(kp, x):
-        if not _is_q(x):
+        if not is_qtensor(x):
             return x
         path = path_str(kp)
         w = x.dequantize()
@@ -184,10 +154,10 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
         q = {"scale": S._squeeze(x.scale, lay)}  # the stored shape and f32, as lsq_init gives them
         if x.zero is not None:
             q["zero"] = S._squeeze(x.zero, lay)
-        _set(quant, path, q)
+        set_path(quant, path, q)
         return w
 
-    params = jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=_is_q)
+    params = jax.tree_util.tree_map_with_path(visit, qparams, is_leaf=is_qtensor)
     return {"params": params, "quant": quant}
 
 
@@ -220,9 +190,9 @@ def _map_planned(leaf, qat_params: dict[str, Any], cfg: QuantConfig):
     def visit(kp, w):
         path = path_str(kp)
         p = plan(path, w, cfg)
-        return w if p is None else leaf(path, w, p, _get(quant, path))
+        return w if p is None else leaf(path, w, p, get_path(quant, path, None))
 
-    return jax.tree_util.tree_map_with_path(visit, qat_params["params"], is_leaf=_is_q)
+    return jax.tree_util.tree_map_with_path(visit, qat_params["params"], is_leaf=is_qtensor)
 
 
 def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
@@ -251,82 +221,3 @@ def decay_mask(qat_params: dict[str, Any]):
         "params": jax.tree_util.tree_map(lambda x: getattr(x, "ndim", 0) >= 2, qat_params["params"]),
         "quant": jax.tree_util.tree_map(lambda x: False, qat_params.get("quant") or {}),
     }
-
-
-# -- activations: linen --------------------------------------------------------------------------------------------
-
-
-def _act_scheme(cfg: QuantConfig, path: str, ndim: int) -> Scheme | None:
-    """The scheme of the kernel at `path` when it quantizes its layer's input activations, else None."""
-    rule = cfg.rule_for(path, ndim)
-    return rule.scheme if rule is not None and rule.scheme is not None and rule.scheme.act else None
-
-
-def _fq_act(x: jax.Array, sch: Scheme, axes: tuple[int, ...]) -> jax.Array:
-    """x [..., K...] fake-quantized per token over `axes` as the scheme's `act` (and `act_clip`) asks."""
-    return S.fake_quant_act(x, sch.act, axes, getattr(sch, "act_clip", 1.0))
-
-
-def act_interceptor(cfg: QuantConfig):
-    """A linen interceptor (`with nn.intercept_methods(...)`) fake-quantizing the inputs of every `nn.Dense` /
-    `nn.DenseGeneral` whose kernel's rule sets `act` ("int8", "int4", "fp8_e4m3"), per token over the contracted
-    axes — the numbers `jq.ops` uses when the converted model runs."""
-
-    def intercept(next_fun, args, kwargs, context):
-        m = context.module
-        if context.method_name != "__call__" or not isinstance(m, (nn.Dense, nn.DenseGeneral)):
-            return next_fun(*args, **kwargs)
-        if not m.has_variable("params", "kernel") or (isinstance(m, nn.DenseGeneral) and m.batch_dims):
-            return next_fun(*args, **kwargs)
-        sch = _act_scheme(cfg, module_path(m) + "/kernel", m.get_variable("params", "kernel").ndim)
-        if sch is None:
-            return next_fun(*args, **kwargs)
-        args, kwargs = list(args), dict(kwargs)
-        x = args[0] if args else kwargs["inputs"]
-        axis = (-1,) if isinstance(m, nn.Dense) else (m.axis if isinstance(m.axis, tuple) else (m.axis,))
-        xq = _fq_act(x, sch, tuple(sorted(a % x.ndim for a in axis)))
-        if args:
-            args[0] = xq
-        else:
-            kwargs["inputs"] = xq
-        return next_fun(*args, **kwargs)
-
-    return intercept
-
-
-def _has_act(cfg: QuantConfig | None) -> bool:
-    return cfg is not None and any(r.scheme is not None and r.scheme.act for r in cfg.rules)
-
-
-def apply(module: nn.Module, variables, *args, cfg: QuantConfig | None = None, **kwargs):
-    """`module.apply(variables, *args, **kwargs)` with activations fake-quantized where `cfg`'s rules set `act`.
-    Pass `{"params": jq.qat.fake_quantize(qat_params, cfg)}` as variables. Without `act` rules it is plain apply."""
-    if not _has_act(cfg):
-        return module.apply(variables, *args, **kwargs)
-    with nn.intercept_methods(act_interceptor(cfg)):
-        return module.apply(variables, *args, **kwargs)
-
-
-# -- activations: NNX ----------------------------------------------------------------------------------------------
-
-
-def _act_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None,
-                     *, scheme: Scheme):
-    (lc, _), _ = dimension_numbers
-    lhs = _fq_act(lhs, scheme, tuple(lc))
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-
-
-def nnx_merge(graphdef, state, *states, cfg: QuantConfig | None = None) -> nnx.Module:
-    """`nnx.merge(graphdef, state, *states)`, and every `nnx.Linear` whose kernel's rule sets `act` fake-quantizes
-    its inputs per token. `state` is the fake-quantized State (`fake_quantize({"params": state, ...}, cfg)`)."""
-    model = nnx.merge(graphdef, state, *states)
-    if not _has_act(cfg):
-        return model
-    for path, node in nnx.iter_graph(model):
-        if type(node) is nnx.Linear:
-            kpath = "/".join(str(p) for p in path) + "/kernel"
-            sch = _act_scheme(cfg, kpath, node.kernel[...].ndim)
-            if sch is not None:
-                node.dot_general = functools.partial(_act_dot_general, scheme=sch)
-    return model

@@ -16,7 +16,7 @@ import numpy as np
 
 from jq.algorithms import get_method
 from jq.numbers.qtensor import QTensor
-from jq.numbers.qtensor import is_qtensor as _is_q
+from jq.numbers.qtensor import is_qtensor as is_qtensor
 from jq.tree.paths import path_str
 from jq.tree.recipe import QuantConfig
 
@@ -226,11 +226,11 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
         if rule is None:
             return w
         used[cfg.rules.index(rule)] = True
-        if rule.scheme is None or _is_q(w):  # already quantized leaves pass through
+        if rule.scheme is None or is_qtensor(w):  # already quantized leaves pass through
             return w
         return quantize_leaf(path, w, rule, _stats_for(calib, path))
 
-    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=_is_q)
+    out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qtensor)
     if warn_unmatched:
         for r, u in zip(cfg.rules, used):
             if not u:
@@ -244,4 +244,4 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
 
 def dequantize_params(qparams, dtype=None):
     """Replace every QTensor by its dense dequantized array (in its recorded dtype, or `dtype`)."""
-    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if _is_q(x) else x, qparams, is_leaf=_is_q)
+    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_qtensor(x) else x, qparams, is_leaf=is_qtensor)

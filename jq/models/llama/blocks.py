@@ -7,7 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jq import interop as jqflax
+from jq.interop.layers import LayerCall, layer_interceptor
+from jq.interop.linen import apply
 from jq import ops
 from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import MLP, Attention, Block, RMSNorm
@@ -50,14 +51,14 @@ def block_spec(cfg: LlamaConfig, dtype=jnp.float32) -> BlockSpec:
 
 
 def _grab(target: str, box: dict):
-    """An interceptor keeping the input of the layer at module path `target`."""
+    """An interceptor keeping the input of the layer whose kernel is at `target` (path inside the module)."""
 
-    def intercept(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and jqflax.module_path(context.module) == target:
-            box["x"] = args[0]
-        return next_fun(*args, **kwargs)
+    def keep(c: LayerCall):
+        if c.path == target:
+            box["x"] = c.x
+        return c.proceed()
 
-    return intercept
+    return layer_interceptor(keep)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,12 +68,12 @@ def _stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
 
     def attn_core(p, x, positions):  # -> o_proj's input; XLA drops the float o_proj itself
         box: dict = {}
-        jqflax.apply(attn, {"params": p}, x, positions, interceptor=_grab("o_proj", box))
+        apply(attn, {"params": p}, x, positions, interceptor=_grab("o_proj/kernel", box))
         return box["x"]
 
     def mlp_core(p, x):  # -> down_proj's input
         box: dict = {}
-        jqflax.apply(mlp, {"params": p}, x, interceptor=_grab("down_proj", box))
+        apply(mlp, {"params": p}, x, interceptor=_grab("down_proj/kernel", box))
         return box["x"]
 
     def attn_out(block, h, a):  # residual after o_proj, and the MLP input

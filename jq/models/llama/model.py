@@ -270,17 +270,17 @@ def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheCon
 
     `params` may hold QTensors: the model runs through `jq.interop.apply`, so quantized kernels go to `jq.ops`.
     """
-    from jq import interop as jqflax
+    from jq.interop.linen import apply
 
     model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
 
     def prefill(params: Any, cache: dict, tokens: jax.Array, start: jax.Array | int = 0):
         positions = jnp.asarray(start, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        return jqflax.apply(model, {"params": params}, tokens, positions, cache)
+        return apply(model, {"params": params}, tokens, positions, cache)
 
     def decode_step(params: Any, cache: dict, token: jax.Array, pos: jax.Array | int):
         positions = jnp.full((1,), pos, jnp.int32)
-        logits, cache = jqflax.apply(model, {"params": params}, token[:, None], positions, cache)
+        logits, cache = apply(model, {"params": params}, token[:, None], positions, cache)
         return logits[:, 0], cache
 
     return prefill, decode_step

@@ -1,0 +1,110 @@
+"""Unmodified linen models on quantized trees: `apply` runs `model.apply` with the layer interceptor routing every
+routable layer whose kernel is a QTensor through `jq.ops` (where kernels plug in); any other QTensor — a custom
+`self.param` used with `@` — is dequantized inside the traced function first, which is always correct. Which layers
+are routed is found by one abstract trace (`jax.eval_shape`), so nothing about the model needs declaring."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jq import ops
+from jq.interop.layers import LayerCall, layer_interceptor
+from jq.numbers.qtensor import is_qtensor
+from jq.tree.paths import path_str
+
+__all__ = ["apply", "prepare", "routed_paths", "quantized_interceptor", "dense_like", "dequantize_except"]
+
+
+def _dense_general(m: nn.Module, x, kernel, axis: tuple[int, ...], n_feature_dims: int) -> jax.Array:
+    bias = m.get_variable("params", "bias") if m.use_bias else None
+    dtype = m.dtype or jnp.result_type(x, jnp.dtype(kernel.dtype), *(() if bias is None else (bias,)))
+    x = jnp.asarray(x, dtype)
+    axis = tuple(sorted(a % x.ndim for a in axis))  # as Flax's DenseGeneral: the kernel follows sorted axes
+    y = ops.qdot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())), precision=m.precision)
+    y = y.astype(dtype)
+    if bias is not None:
+        y = y + jnp.reshape(jnp.asarray(bias, dtype), (1,) * (y.ndim - n_feature_dims) + tuple(bias.shape))
+    return y
+
+
+def _run_quantized(c: LayerCall) -> jax.Array:
+    """The layer's maths with its QTensor kernel going to `jq.ops`."""
+    m, kernel, x = c.module, c.kernel, c.x
+    if isinstance(m, nn.Dense):
+        return _dense_general(m, x, kernel, (-1,), 1)
+    if isinstance(m, nn.DenseGeneral):
+        axis = m.axis if isinstance(m.axis, tuple) else (m.axis,)
+        feats = m.features if isinstance(m.features, tuple) else (m.features,)
+        return _dense_general(m, x, kernel, axis, len(feats))
+    eq = (c.args[1] if len(c.args) > 1 else c.kwargs.get("einsum_str")) or m.einsum_str
+    dtype = m.dtype or jnp.result_type(x, jnp.dtype(kernel.dtype))
+    return ops.qeinsum(eq, jnp.asarray(x, dtype), kernel, precision=m.precision).astype(dtype)
+
+
+quantized_interceptor = layer_interceptor(lambda c: _run_quantized(c) if is_qtensor(c.kernel) else c.proceed())
+quantized_interceptor.__doc__ = "Runs routable layers whose kernel is a QTensor through `jq.ops`; the rest as usual."
+
+
+def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> set[str]:
+    """Kernel paths (relative to `params`) that belong to layers jq routes to `jq.ops`, found by one abstract
+    trace of the model on dequantized parameters."""
+    found: set[str] = set()
+
+    def record(c: LayerCall):
+        found.add(c.path)
+        return c.proceed()
+
+    def run(v):
+        with nn.intercept_methods(layer_interceptor(record)):
+            return module.apply(v, *args, method=method, **kwargs)
+
+    jax.eval_shape(run, dense_like(variables))
+    return found
+
+
+def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> dict:
+    """The variables `apply` runs on: QTensors of routed layers kept, every other QTensor dequantized."""
+    params = variables.get("params", {})
+    if not any(is_qtensor(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_qtensor)):
+        return variables
+    routed = routed_paths(module, variables, *args, method=method, **kwargs)
+    return {**variables, "params": dequantize_except(params, routed)}
+
+
+def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable: Any = False,
+          interceptor: Callable[..., Any] | None = None, **kwargs) -> Any:
+    """`module.apply(variables, *args, ...)` where `variables["params"]` may hold QTensors.
+
+    Args:
+      module: an unmodified linen module.
+      variables: `{"params": qparams, ...}` as returned by `jq.quantize_params` (on the params collection).
+      *args, method, mutable, **kwargs: as for `module.apply`.
+      interceptor: an extra `nn.intercept_methods` interceptor that sees every method call first (calibration
+        uses one to record layer inputs, QAT to fake-quantize them); it must call `next_fun` to run the call.
+    Returns: what `module.apply` returns.
+    """
+    variables = prepare(module, variables, *args, method=method, **kwargs)
+    with nn.intercept_methods(quantized_interceptor):
+        if interceptor is None:
+            return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+        with nn.intercept_methods(interceptor):
+            return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+
+
+def dense_like(tree: Any) -> Any:
+    """QTensors replaced by the ShapeDtypeStruct of their dequantized array (for abstract traces)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if is_qtensor(x) else x, tree, is_leaf=is_qtensor
+    )
+
+
+def dequantize_except(tree: Any, keep: set[str]) -> Any:
+    """Dequantize every QTensor whose path is not in `keep` (the kernels routed to jq.ops)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: x.dequantize() if is_qtensor(x) and path_str(kp) not in keep else x, tree, is_leaf=is_qtensor
+    )
