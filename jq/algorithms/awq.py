@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jq.numbers import ranges
 from jq.algorithms.registry import register
+from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
@@ -284,12 +285,13 @@ def awq_clip(
     grid: int = 20,
     max_shrink: float = 0.5,
 ) -> QTensor:
-    """RTN with AWQ's output-aware clip search (`stats["hessian"]`, mean xᵀx [K, K]). The per-leaf step that follows
+    """RTN with AWQ's output-aware clip search (`stats.hessian`, mean xᵀx [K, K]). The per-leaf step that follows
     the model-level scale folding of `search_scales`."""
-    if stats is None or "hessian" not in stats:
+    stats = LayerStats.coerce(stats)
+    if stats is None or stats.hessian is None:
         raise ValueError("awq_clip needs calibration statistics with a 'hessian' (mean x^T x); run jq.calibration.capture first")
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
-    lo, hi = clip_search(w, stats["hessian"], scheme, layout, grid=grid, max_shrink=max_shrink)
+    lo, hi = clip_search(w, stats.hessian, scheme, layout, grid=grid, max_shrink=max_shrink)
     scale, zero = scheme.scale_zero(lo, hi)
     codes = scheme.encode(xg, scale, zero)
     return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)

@@ -43,7 +43,7 @@ needed.
 Conditioning. Inputs that never fire (diag H = 0) are decoupled by the damping alone and rounded without error
 feedback (the published code zeroes their weight rows, which is wrong wherever they are live). If the
 Cholesky factorisation fails (NaN), damping is raised ×10 up to `max_damp_tries` times inside the jitted
-computation; if it still fails — or H carries no data at all (all zero, or `stats["count"] == 0`) — the layer
+computation; if it still fails — or H carries no data at all (all zero, or `stats.count == 0`) — the layer
 falls back to round-to-nearest (V = I: no error feedback). `gptq_with_info` reports the final damping, whether
 that fallback happened and the GPTQ objective, so the caller can warn per layer.
 """
@@ -61,6 +61,7 @@ from jax import lax
 
 from jq.numbers import ranges
 from jq.algorithms.registry import register
+from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
@@ -233,8 +234,9 @@ def gptq_with_info(
     Args:
       w: kernel in its logical shape `layout.shape`, contraction axes leading (Dense (K, N), axes (0,)).
       scheme, layout: the grid and the validated layout (channel, tensor or per-axis groups, optionally padded).
-      stats: dict with "hessian" [K, K] (mean xᵀx over calibration tokens, K = contraction axes flattened; any
-        positive multiple works) and optionally "count" (tokens seen; 0 means no data → RTN fallback).
+      stats: `LayerStats` (or a mapping of its fields) with `hessian` [K, K] (mean xᵀx over calibration tokens, K =
+        contraction axes flattened; any positive multiple works) and optionally `count` (tokens seen; 0 means no
+        data → RTN fallback).
       block_size: channels per lazy batch update (a speed knob; rounded to fit the groups, see the module doc).
       damp: relative damping λ / mean(diag H).
       act_order: process channels by descending diag H.
@@ -266,12 +268,13 @@ def gptq_with_info(
                              f"static_groups={static_groups}. Drop hqq, or use symmetric: false with group_size")
         hqq_opts = {} if hqq is True else dict(hqq)
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
-    if stats is None or "hessian" not in stats:
+    stats = LayerStats.coerce(stats)
+    if stats is None or stats.hessian is None:
         raise ValueError(
-            "gptq: needs stats['hessian'] ([K, K] mean of xᵀx); run jq.calibration.capture first or use method: rtn")
-    h = jnp.asarray(stats["hessian"], jnp.float32)
+            "gptq: needs stats.hessian ([K, K] mean of xᵀx); run jq.calibration.capture first or use method: rtn")
+    h = jnp.asarray(stats.hessian, jnp.float32)
     if h.shape != (K, K):
-        raise ValueError(f"gptq: stats['hessian'] has shape {h.shape}; a kernel of shape {layout.shape} "
+        raise ValueError(f"gptq: stats.hessian has shape {h.shape}; a kernel of shape {layout.shape} "
                          f"with contraction axes {layout.axes} needs ({K}, {K})")
     f32 = jnp.float32
 
@@ -281,8 +284,8 @@ def gptq_with_info(
     # (The published code zeroes them instead, which breaks the layer wherever that input is live.)
     diag = jnp.diagonal(h)
     no_data = jnp.all(diag == 0)
-    if "count" in stats:
-        no_data = no_data | (jnp.asarray(stats["count"]) <= 0)
+    if stats.count is not None:
+        no_data = no_data | (jnp.asarray(stats.count) <= 0)
     dead = (diag == 0) & ~no_data
     mdiag = jnp.mean(diag)
 
@@ -515,7 +518,7 @@ def gptq_with_info(
 
 @register("gptq", needs_calibration=True)
 def gptq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats, **options) -> QTensor:
-    """GPTQ quantization of a kernel against calibration `stats["hessian"]`; options and behaviour as
+    """GPTQ quantization of a kernel against calibration `stats.hessian`; options and behaviour as
     `gptq_with_info`, which also reports the final damping, whether the layer fell back to RTN, and the
     objective. `quantize_leaf` uses that variant (outside jit) to warn about damping increases and fallbacks."""
     return gptq_with_info(w, scheme, layout, stats, **options)[0]

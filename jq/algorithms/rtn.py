@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from jq.numbers import ranges
 from jq.algorithms.registry import register
+from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
@@ -14,13 +15,14 @@ from jq.numbers.scheme import Scheme
 def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
     """Quantize `w` (logical shape `layout.shape`) by round-to-nearest on `scheme`'s grid.
 
-    `stats` is accepted for a uniform signature; with range "mse" a per-input-channel `stats["act_sq"]`
+    `stats` is accepted for a uniform signature; with range "mse" a per-input-channel `stats.act_sq`
     (mean x², shape [K] along the group axis) weights the clip search by activation energy.
     """
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
+    stats = LayerStats.coerce(stats)
     weight = None
-    if stats is not None and scheme.range == "mse" and "act_sq" in stats:
-        weight = _channel_weight(jnp.asarray(stats["act_sq"], jnp.float32), layout)
+    if stats is not None and scheme.range == "mse" and stats.act_sq is not None:
+        weight = _channel_weight(jnp.asarray(stats.act_sq, jnp.float32), layout)
     lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme, weight)
     scale, zero = scheme.scale_zero(lo, hi)
     codes = scheme.encode(xg, scale, zero)

@@ -91,7 +91,7 @@ def outlier_fractions(m: LoadedModel, recipe: QuantConfig, tokens: np.ndarray) -
     if not thr:
         return {}
     stats = capture(r.family.module(r.cfg), {"params": r.params}, [jnp.asarray(tokens)], paths=list(thr))
-    return {p: float(np.mean(np.asarray(stats[p]["act_absmax"]) > t)) for p, t in thr.items()}
+    return {p: float(np.mean(np.asarray(stats[p].act_absmax) > t)) for p, t in thr.items()}
 
 
 def evaluate(

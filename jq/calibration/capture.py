@@ -1,18 +1,10 @@
 """Calibration statistics from running an unmodified linen model: per routable layer (Dense, DenseGeneral), the
-input's second moment and per-channel magnitudes, accumulated by streaming over batches.
+input's second moment and per-channel magnitudes (`jq.algorithms.stats.LayerStats`, keyed by the kernel's path —
+the path `quantize_params` sees), accumulated by streaming over batches.
 
-Statistics of a kernel at path `P` (the same path `quantize_params` sees), with x the layer input flattened to
-[tokens, K] (K = the contracted features):
-
-    hessian      [K, K] float32   Σ xᵀx / n        (GPTQ, AWQ's output-error objective)
-    act_absmean  [K]    float32   Σ |x| / n        (AWQ scales)
-    act_sq       [K]    float32   Σ x² / n         (data-aware clip search)
-    act_absmax   [K]    float32   max |x|          (SmoothQuant, LLM.int8 outliers)
-    count        []     float32   n                (tokens seen; 0 marks a layer no token reached)
-
-Streaming: one jitted step adds a batch's sums to the running sums (donated), so memory is the size of the
-statistics, not of the data. Data parallel: pass a `mesh`; batches are sharded over its first axis and XLA reduces
-the sums with a collective, giving the single-device result.
+Streaming: one jitted step adds a batch's sums (`StatSums`) to the running sums (donated), so memory is the size of
+the statistics, not of the data. Data parallel: pass a `mesh`; batches are sharded over its first axis and XLA
+reduces the sums with a collective, giving the single-device result.
 """
 
 from __future__ import annotations
@@ -25,54 +17,20 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jq.algorithms.stats import Stats, StatSums
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
 from jq.numbers.qtensor import is_qtensor
 
-__all__ = ["capture", "capture_fns", "accumulate", "finalize", "layer_inputs_stats", "STAT_KEYS"]
+__all__ = ["capture", "capture_fns", "accumulate", "finalize"]
 
-STAT_KEYS = ("hessian", "abs_sum", "sq_sum", "act_absmax", "count")
-
-
-def layer_inputs_stats(x: jax.Array, k: int) -> dict[str, jax.Array]:
-    """Sums for one batch of layer inputs x [..., K] (contracted features last)."""
-    x = x.reshape(-1, k).astype(jnp.float32)
-    return {
-        "hessian": jnp.einsum("tk,tl->kl", x, x, precision=jax.lax.Precision.HIGHEST),
-        "abs_sum": jnp.sum(jnp.abs(x), axis=0),
-        "sq_sum": jnp.sum(x * x, axis=0),
-        "act_absmax": jnp.max(jnp.abs(x), axis=0),
-        "count": jnp.asarray(x.shape[0], jnp.float32),
-    }
+def _merge_all(acc: dict[str, StatSums], new: dict[str, StatSums]) -> dict[str, StatSums]:
+    return {p: acc[p].merge(new[p]) if p in acc else new[p] for p in {**acc, **new}}
 
 
-def _merge(a: dict, b: dict) -> dict:
-    return {
-        "hessian": a["hessian"] + b["hessian"],
-        "abs_sum": a["abs_sum"] + b["abs_sum"],
-        "sq_sum": a["sq_sum"] + b["sq_sum"],
-        "act_absmax": jnp.maximum(a["act_absmax"], b["act_absmax"]),
-        "count": a["count"] + b["count"],
-    }
-
-
-def _merge_all(acc: dict, new: dict) -> dict:
-    return {p: _merge(acc[p], new[p]) if p in acc else new[p] for p in {**acc, **new}}
-
-
-def finalize(sums: dict[str, dict]) -> dict[str, dict]:
-    """Running sums → the documented statistics (means). Layers with no tokens keep count 0 and zero stats."""
-    out = {}
-    for path, s in sums.items():
-        n = jnp.maximum(s["count"], 1.0)
-        out[path] = {
-            "hessian": s["hessian"] / n,
-            "act_absmean": s["abs_sum"] / n,
-            "act_sq": s["sq_sum"] / n,
-            "act_absmax": s["act_absmax"],
-            "count": s["count"],
-        }
-    return out
+def finalize(sums: dict[str, StatSums]) -> Stats:
+    """Running sums → the statistics methods read (`LayerStats`, means), by kernel path."""
+    return {path: s.finalize() for path, s in sums.items()}
 
 
 def recorder(paths: set[str] | None, found: dict) -> Callable:
@@ -84,8 +42,8 @@ def recorder(paths: set[str] | None, found: dict) -> Callable:
             x = jnp.asarray(c.x)
             lead = x.ndim - len(c.axes)
             xc = jnp.moveaxis(x, c.axes, tuple(range(lead, x.ndim)))
-            s = layer_inputs_stats(xc, int(np.prod(xc.shape[lead:])))
-            found[c.path] = _merge(found[c.path], s) if c.path in found else s
+            s = StatSums.of(xc, int(np.prod(xc.shape[lead:])))
+            found[c.path] = found[c.path].merge(s) if c.path in found else s
         return c.proceed()
 
     return layer_interceptor(record)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jq.algorithms.stats import StatSums
 from jq.calibration import capture as calibrate
 from jq.interop.linen import apply
 from jq.numbers.qtensor import is_qtensor
@@ -77,23 +78,15 @@ def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
         set_path(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
 
 
-@jax.jit
-def _input_stats(x):
-    return calibrate.layer_inputs_stats(x, x.shape[-1])
-
-
-def _scale_stats(st: dict, s: jax.Array) -> dict:
-    """Statistics of x / s from those of x."""
-    return {**st, "hessian": st["hessian"] / jnp.outer(s, s), "act_absmean": st["act_absmean"] / s,
-            "act_sq": st["act_sq"] / (s * s), "act_absmax": st["act_absmax"] / s}
+_batch_sums = jax.jit(StatSums.of)
 
 
 def _transform_scales(name: str, opts: dict, weights: list, stats: dict, rule) -> jax.Array:
     if name == "smoothquant":
         from jq.algorithms.smoothquant import smooth_scales
 
-        return smooth_scales(stats["act_absmax"], weights, **opts)
-    s, _ = _awq_search(tuple(sorted(opts.items())))(weights, stats["hessian"], stats["act_absmean"], rule.scheme,
+        return smooth_scales(stats.act_absmax, weights, **opts)
+    s, _ = _awq_search(tuple(sorted(opts.items())))(weights, stats.hessian, stats.act_absmean, rule.scheme,
                                                      _layout_fn(rule.scheme))
     return s
 
@@ -176,7 +169,7 @@ def quantize_sequential(
                     weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
                     s = _transform_scales(tname, dict(topts), weights, st, rule)
                     apply_fold(block, fold, s)
-                    st = _scale_stats(st, s)
+                    st = st.scaled(s)
                     log["transforms"].append({"block": name, "transform": tname, "prev": fold.prev,
                                               "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
 
@@ -187,9 +180,9 @@ def quantize_sequential(
             if any(rules[p].needs_calibration for p in todo):
                 acc = None
                 for x in stage_inputs:
-                    st = _input_stats(x)
-                    acc = st if acc is None else calibrate._merge(acc, st)
-                stats = calibrate.finalize({"x": acc})["x"]
+                    st = _batch_sums(x)
+                    acc = st if acc is None else acc.merge(st)
+                stats = acc.finalize()
             for p in todo:
                 set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats))
             return block

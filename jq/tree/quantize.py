@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms import get_method
+from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import QTensor
 from jq.numbers.qtensor import is_qtensor as is_qtensor
 from jq.tree.paths import path_str
@@ -85,6 +86,7 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
     axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
     method = get_method(rule.method)
+    stats = LayerStats.coerce(stats)
     if rule.scheme.rotate is not None:
         w, stats = _rotate_input(path, jnp.asarray(w), axes, stats)
     w = jnp.asarray(w)
@@ -95,7 +97,7 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
                 f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
                 "calibrate first (jq eval/quantize --calib, or jq.calibration.capture.capture) or choose method: rtn"
             )
-        count = stats.get("count") if isinstance(stats, dict) else None
+        count = stats.count
         with_info = getattr(method, "with_info", None)
         if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
             warnings.warn(f"{path}: no calibration token reached this layer; quantized with RTN instead of "
@@ -163,20 +165,13 @@ def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) ->
                          "Hadamard construction (see jq.numbers.hadamard.decompose); drop rotate for this leaf")
 
 
-def _rotate_input(path: str, w, axes: tuple[int, ...], stats):
-    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q (Hessian
-    Qᵀ H Q, and its diagonal as the mean square per channel; mean / max |x| do not rotate and are dropped)."""
+def _rotate_input(path: str, w, axes: tuple[int, ...], stats: LayerStats | None):
+    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q."""
     from jq.numbers.hadamard import hadamard_transform
 
     check_rotatable(path, tuple(w.shape), axes)
     w = hadamard_transform(w, axis=axes[0])
-    if isinstance(stats, dict) and "hessian" in stats:
-        h = hadamard_transform(hadamard_transform(jnp.asarray(stats["hessian"], jnp.float32), axis=0), axis=1)
-        stats = {k_: v for k_, v in stats.items() if k_ not in ("act_absmean", "act_absmax")}
-        stats.update(hessian=h, act_sq=jnp.diagonal(h))
-    elif isinstance(stats, dict):
-        stats = {k_: v for k_, v in stats.items() if k_ in ("count",)}
-    return w, stats
+    return w, None if stats is None else stats.rotated(lambda a, axis: hadamard_transform(a, axis=axis))
 
 
 @functools.lru_cache(maxsize=None)
