@@ -160,7 +160,7 @@ def test_recipe_from_dict_builds_rules_in_order():
             "defaults": {"format": "int4", "group_size": 64, "symmetric": False},
             "rules": [
                 {"pattern": ".*attn.*kernel", "format": "int8", "group_size": None, "granularity": "channel"},
-                {"pattern": ".*kernel", "options": {"a": 1}},
+                {"pattern": ".*kernel", "method": "hqq", "options": {"p": 1.0}},
                 {"pattern": ".*wo.*", "skip": True, "force": True},
             ],
         }
@@ -169,8 +169,15 @@ def test_recipe_from_dict_builds_rules_in_order():
     assert [r.pattern for r in cfg.rules] == [".*attn.*kernel", ".*kernel", ".*wo.*"]
     r0, r1, r2 = cfg.rules
     assert r0.scheme == Scheme("int8", symmetric=False, granularity="channel")
-    assert r1.scheme == Scheme("int4", symmetric=False, group_size=64) and r1.options == (("a", 1),)
+    assert r1.scheme == Scheme("int4", symmetric=False, group_size=64) and r1.options == (("p", 1.0),)
+    assert r1.record == jq.algorithms.RTN(grid=jq.algorithms.HQQFit(p=1.0))  # the options build the method record
     assert r2.scheme is None and r2.force
+    with pytest.raises(ValueError, match=r"rules\[0\]: rule '.\*kernel': method 'rtn' does not take these options "
+                                         r"\(\{'a': 1\}\)"):
+        recipe_from_dict({"rules": [{"pattern": ".*kernel", "format": "int8", "options": {"a": 1}}]})
+    with pytest.raises(ValueError, match=r"method 'awq_clip': unknown option\(s\) \['grd'\]; allowed: \['grid', "):
+        recipe_from_dict({"rules": [{"pattern": ".*kernel", "format": "int8", "method": "awq_clip",
+                                     "options": {"grd": 5}}]})
     assert cfg.ignore == DEFAULT_IGNORE
     assert hash(cfg)  # usable as a static jit argument
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jq.algorithms import METHODS
+from jq.algorithms import GPTQ, HQQFit, LeastSquaresRefit
 from jq.algorithms.gptq import gptq, gptq_with_info
 from jq.algorithms.rtn import rtn
 from jq.numbers.scheme import Scheme
@@ -126,8 +127,8 @@ def weight(k: int, n: int = N, seed: int = 1):
 
 @functools.lru_cache(maxsize=None)
 def jitted(**options):
-    """One jitted gptq_with_info per option set (jax then caches per scheme, layout and shapes)."""
-    return jax.jit(functools.partial(gptq_with_info, **options), static_argnums=(1, 2))
+    """One jitted GPTQ (with info) per recipe option set (jax then caches per scheme, layout and shapes)."""
+    return jax.jit(GPTQ.from_options(**options).quantize_with_info, static_argnums=(1, 2))
 
 
 def run(w, scheme, h, axes=(0,), **options):
@@ -330,7 +331,8 @@ def test_hopeless_hessian_falls_back_to_rtn(h_kind):
 
 
 def test_compiles_at_two_sizes_keeps_dtype_and_registers():
-    assert METHODS["gptq"] is gptq and gptq.needs_calibration
+    assert METHODS["gptq"].needs_calibration and METHODS["gptq"].reports_info
+    assert METHODS["gptq"].build(hqq={"p": 1.0}, refit=True) == GPTQ(grid=HQQFit(p=1.0), refit=LeastSquaresRefit())
     _, scheme, opts = case("g64 groups larger than blocks")
     for k, dt in ((192, jnp.float32), (64, jnp.bfloat16)):
         w = jnp.asarray(weight(k), dt)
@@ -418,7 +420,7 @@ def np_refit(w, vals, h, g, fit_zero):
 
 @pytest.mark.parametrize("zero_point,sym", [("float", False), ("int", False), ("int", True)])
 def test_refit_is_the_least_squares_optimum_and_lowers_the_objective(zero_point, sym):
-    from jq.algorithms.gptq import refit_groups
+    from jq.algorithms.refit import refit_groups
 
     k, g = 64, 16
     h = correlated_hessian(k, seed=3)

@@ -218,7 +218,9 @@ def test_qtensor_and_jit():
 
 
 def test_registered_and_through_quantize_params():
-    assert get_method("hqq") is hqq and not getattr(hqq, "needs_calibration", True)
+    from jq.algorithms import RTN, HQQFit
+
+    assert get_method("hqq").build(p=1.0) == RTN(grid=HQQFit(p=1.0)) and not get_method("hqq").needs_calibration
     w = student_t((64, 48))
     scheme = Scheme("int4", symmetric=False, group_size=32, zero_point="float")
     cfg = QuantConfig(rules=(Rule(r".*kernel", scheme, "hqq", options=(("iters", 8),)),))

@@ -192,9 +192,12 @@ def test_fake_quant_and_convert_equal_ptq_for_every_format_and_granularity():
 
 
 def test_qat_options_are_validated():
-    cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True, "lsqq": 1},
+    with pytest.raises(ValueError, match="lsqq"):  # refused with the recipe, before any training
+        recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True, "lsqq": 1},
+                                     "format": "int4"}]})
+    cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"ste": "wiggly"},
                                        "format": "int4"}]})
-    with pytest.raises(ValueError, match="lsqq"):
+    with pytest.raises(ValueError, match="option ste='wiggly'; choose one of"):
         qat.init({"d": {"kernel": jnp.ones((8, 8))}}, cfg)
     cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", "options": {"lsq": True},
                                        "format": "int4"}]})

@@ -1,12 +1,26 @@
-"""Quantization algorithms: one file per method, each a pure function of arrays (and statistics) → QTensor.
+"""Quantization algorithms (layer 2): functions of arrays and statistics → QTensor, and the records that compose them.
 
-A method has the signature `method(w, scheme, layout, stats=None, **options) -> QTensor`, where `w` is the float
-weight in its logical shape, `layout` the validated `Layout` (contraction axes, groups), and `stats` the
-calibration statistics for this weight (None for data-free methods). `register` puts it in `METHODS`, which is
-what recipes name. Methods never import Flax, Optax, Orbax or models.
+- methods, one file each, registered by the name recipes give: `rtn` (and `qat`), `hqq`, `gptq`, `awq_clip`; a
+  method record has `quantize(w, scheme, layout, stats=None) -> QTensor` (`registry`);
+- grid fitters any method can take (`grids.RangeFit`, `hqq.HQQFit`), GPTQ's `refit.LeastSquaresRefit`;
+- transforms (`transforms`: AWQ and SmoothQuant scales) folded into the model before quantization;
+- `stats.LayerStats`: the calibration statistics methods read.
+
+"GPTQ with HQQ grids and a least-squares refit" is `GPTQ(grid=HQQFit(p=1), refit=LeastSquaresRefit())` — a recipe
+writes it `method: gptq, options: {hqq: {p: 1}, refit: true}`. Algorithms never import Flax, Optax, Orbax or models.
 """
 
-from jq.algorithms import awq, gptq, hqq, rtn, smoothquant  # noqa: F401  (each registers its methods)
-from jq.algorithms.registry import METHODS, Method, get_method, register
+from jq.algorithms import awq, gptq, hqq, rtn, smoothquant, transforms  # noqa: F401  (each registers itself)
+from jq.algorithms.grids import GridFitter, RangeFit
+from jq.algorithms.gptq import GPTQ
+from jq.algorithms.hqq import HQQFit
+from jq.algorithms.refit import LeastSquaresRefit
+from jq.algorithms.registry import (METHODS, TRANSFORMS, Method, MethodSpec, Transform, get_method, get_transform,
+                                    register, register_method, register_transform)
+from jq.algorithms.rtn import QAT, RTN
+from jq.algorithms.stats import LayerStats, StatSums
+from jq.algorithms.transforms import AWQScales, SmoothQuantScales
 
-__all__ = ["METHODS", "Method", "get_method", "register", "awq", "gptq", "hqq", "rtn", "smoothquant"]
+__all__ = ["METHODS", "TRANSFORMS", "Method", "MethodSpec", "get_method", "get_transform", "register",
+           "register_method", "register_transform", "Transform", "GridFitter", "RangeFit", "HQQFit", "GPTQ", "RTN", "QAT",
+           "LeastSquaresRefit", "AWQScales", "SmoothQuantScales", "LayerStats", "StatSums"]

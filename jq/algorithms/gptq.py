@@ -52,92 +52,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jq.numbers import ranges
-from jq.algorithms.registry import register
+from jq.algorithms.gptq_plan import plan
+from jq.algorithms.grids import GridFitter, RangeFit
+from jq.algorithms.hqq import HQQFit
+from jq.algorithms.refit import LeastSquaresRefit
+from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["gptq", "gptq_with_info", "refit_groups"]
+__all__ = ["GPTQ", "gptq", "gptq_with_info"]
 
-
-_SUB = 16  # channels per sub-block
 _SEGMENTS = 4  # block loops per run (see the trailing update)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Static sizes of one GPTQ run (all Python ints / NumPy arrays, known at trace time)."""
-
-    K: int  # real input channels (contraction axes flattened)
-    Kp: int  # stored input channels (group axis zero-padded per leading index)
-    Kt: int  # processed length: Kp rounded up to a multiple of the block
-    N: int  # outputs (non-contraction axes flattened)
-    B: int  # effective block size
-    S: int  # sub-block size
-    g: int | None  # group size (None for channel / tensor)
-    level: str  # where grid params come from: "fixed", "static", "column" (in-block) or "block"
-    store_perm: bool  # act-order groups: codes stored permuted, QTensor.perm set
-    real_idx: np.ndarray | None  # [K] stored-flat position of each real channel; None when it is arange(K)
-
-
-def _plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) -> _Plan:
-    if layout.flat:
-        raise ValueError(
-            f"gptq: flat groups are not meaningful for GPTQ (layout {layout}); use per-axis groups with "
-            "pad: true (flat_groups: false) for a group size that does not divide the input axis"
-        )
-    shape, axes = tuple(layout.shape), tuple(layout.axes)
-    a = len(axes)
-    if a == 0 or axes != tuple(range(a)) or a >= len(shape):
-        raise ValueError(
-            f"gptq: needs a kernel whose contraction axes lead and outputs follow (a Dense kernel (in, out) with "
-            f"axes (0,), or DenseGeneral (in..., out...)); got layout shape={shape} axes={axes}. "
-            "Quantize this weight with method: rtn"
-        )
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"gptq: block_size must be a positive int, got {block_size!r}")
-    ka = shape[a - 1]
-    ka_p = layout.padded if layout.padded is not None else ka
-    lead = math.prod(shape[: a - 1])
-    K, Kp, N = lead * ka, lead * ka_p, math.prod(shape[a:])
-    group = layout.granularity == "group"
-    store_perm = bool(act_order and group and not static_groups)
-    if store_perm and a > 1:
-        raise ValueError(
-            f"gptq: act_order with groups stores a permutation of the group axis, which cannot express the order "
-            f"of {K} flattened inputs of a kernel with contraction axes {axes} (shape {shape}); "
-            "set static_groups: true (codes stay in the original order), or act_order: false"
-        )
-    real_idx = None
-    if Kp != K:
-        real_idx = (np.arange(lead)[:, None] * ka_p + np.arange(ka)[None, :]).reshape(-1)
-    B = min(block_size, Kp)
-    g = layout.group_size if group else None
-    if not group:
-        level = "fixed"
-    elif static_groups:
-        level = "static"
-    elif g <= B:
-        B, level = (B // g) * g, "column"
-    else:
-        d = max(x for x in range(1, B + 1) if g % x == 0)
-        B, level = (d, "block") if 2 * d >= B else (g, "column")
-    Kt = -(-Kp // B) * B
-    # sub-blocks of S channels inside a block (S divides B, and g for in-block groups): channel-by-channel
-    # updates touch only S rows, the rest of the block is updated by a matmul per sub-block
-    m = g if level == "column" else B
-    S = max(x for x in range(1, min(_SUB, m) + 1) if m % x == 0)
-    if S < 4:
-        S = B if level != "column" else S
-    return _Plan(K, Kp, Kt, N, B, S, g, level, store_perm, real_idx)
 
 
 def _upper_cholesky(h: jnp.ndarray) -> jnp.ndarray:
@@ -147,72 +79,12 @@ def _upper_cholesky(h: jnp.ndarray) -> jnp.ndarray:
     return lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
 
 
-def _group_params(x: jnp.ndarray, scheme: Scheme, hqq: dict | None = None, valid: jnp.ndarray | None = None):
-    """Grid parameters (scale [N], zero [N] or None) of one group of rows x [g, N], by the scheme's range, or by
-    HQQ (`jq.algorithms.hqq.hqq_params` with options `hqq`; `valid` [g] masks padding rows out)."""
-    if hqq is not None:
-        from jq.algorithms.hqq import hqq_params
-
-        s, z = hqq_params(x[None], scheme, (1,), weight=None if valid is None else valid[None, :, None], **hqq)
-    else:
-        lo, hi = ranges.estimate(x[None], (1,), scheme)
-        s, z = scheme.scale_zero(lo, hi)
+def _group_params(x: jnp.ndarray, scheme: Scheme, grid: GridFitter, valid: jnp.ndarray | None = None):
+    """Grid parameters (scale [N], zero [N] or None) of one group of rows x [g, N] by the grid fitter (`valid` [g]
+    masks padding rows out)."""
+    s, z = grid.fit(x[None], scheme, (1,), valid=None if valid is None else valid[None, :, None])
     n = x.shape[-1]
     return s.reshape(n), None if z is None else z.reshape(n)
-
-
-def refit_groups(w0: jnp.ndarray, vals: jnp.ndarray, h: jnp.ndarray, mask: jnp.ndarray, g: int,
-                 scale: jnp.ndarray, zero: jnp.ndarray | None, fit_zero: bool, ridge: float = 1e-4):
-    """Least-squares refit of group scales (and float zero points) with the codes held fixed.
-
-    With codes fixed, a dequantized group column is a·v + b·1 (v: the codes' grid values minus a fixed zero point,
-    or the raw grid values when the zero point is refitted, b = −a·zero), linear in (a, b). The group parameters
-    of one output column that minimise the layer objective tr((W − Ŵ)ᵀ H (W − Ŵ)) solve a [2G, 2G] system
-    (G groups); all columns are solved at once. Across groups the parameters are coupled through H, which is
-    what lets them absorb part of the rounding that GPTQ's feedback could not.
-
-    Args (processing order, K rows = groups of g consecutive rows):
-      w0: [K, N] original weights (padding rows zero); vals: [K, N] grid values of the codes (see above);
-      h: [K, K] damped Hessian; mask: [K] 1 for real rows, 0 for padding; scale, zero: [G, N] current values;
-      fit_zero: also fit b (float zero points); ridge: Levenberg–Marquardt pull toward the current values,
-        relative to the system's diagonal (keeps near-singular groups where they were).
-    Returns: (scale, zero) [G, N], zero None when `zero` is None; non-positive scales keep their old values.
-    """
-    K, N = vals.shape
-    G = K // g
-    f32 = jnp.float32
-    v = vals * mask[:, None]
-    seg = lambda x: x.reshape(G, g, *x.shape[1:]).sum(1)  # noqa: E731  per-group sums over rows
-    hp = lambda a, b: jnp.matmul(a, b, precision=lax.Precision.HIGHEST)  # noqa: E731
-
-    def one(j):  # the columns of the system for group j: H restricted to its rows, against every group
-        hj = lax.dynamic_slice_in_dim(h, j * g, g, 1)  # [K, g]
-        t = hp(hj, lax.dynamic_slice_in_dim(v, j * g, g, 0))  # [K, N]
-        u = hj @ lax.dynamic_slice_in_dim(mask, j * g, g)  # [K]
-        return seg(v * t), seg(t * mask[:, None]), seg(v * u[:, None]), seg(u * mask)
-
-    maa, mba, mab, mbb = lax.map(one, jnp.arange(G))  # [G(j), G(i), N] ×3, [G(j), G(i)]
-    hw = hp(h, w0)
-    ra, rb = seg(v * hw), seg(hw * mask[:, None])  # [G, N]
-    a0 = scale.astype(f32)
-    if fit_zero:
-        b0 = -a0 * zero
-        m = jnp.concatenate([jnp.concatenate([maa, mab], 0),
-                             jnp.concatenate([mba, jnp.broadcast_to(mbb[..., None], mba.shape)], 0)], 1)  # [2G, 2G, N]
-        r, t0 = jnp.concatenate([ra, rb], 0), jnp.concatenate([a0, b0], 0)
-    else:
-        m, r, t0 = maa, ra, a0
-    m = jnp.moveaxis(m, -1, 0).swapaxes(1, 2)  # [N, rows i, cols j]
-    d = jnp.diagonal(m, axis1=1, axis2=2)  # [N, P]
-    eps = ridge * jnp.maximum(d, 1e-30)
-    theta = jnp.linalg.solve(m + eps[:, :, None] * jnp.eye(m.shape[-1], dtype=f32),
-                             (r.T + eps * t0.T)[..., None])[..., 0].T  # [P, N]
-    a = theta[:G]
-    ok = jnp.isfinite(theta).all(0) & (a > 0).all(0)  # per column
-    a_new = jnp.where(ok, a, a0)
-    if not fit_zero:
-        return a_new, zero
-    return a_new, jnp.where(ok, -theta[G:] / jnp.where(ok, a, 1.0), zero)
 
 
 def gptq_with_info(
@@ -226,8 +98,8 @@ def gptq_with_info(
     act_order: bool = False,
     static_groups: bool = False,
     max_damp_tries: int = 6,
-    refit: bool = False,
-    hqq: bool | dict = False,
+    grid: GridFitter = RangeFit(),
+    refit: LeastSquaresRefit | None = None,
 ) -> tuple[QTensor, dict[str, jnp.ndarray]]:
     """GPTQ-quantize `w` and report how it went.
 
@@ -242,11 +114,11 @@ def gptq_with_info(
       act_order: process channels by descending diag H.
       static_groups: compute all group grids up front from the original weights.
       max_damp_tries: how many times damping is raised ×10 when the Cholesky factorisation fails.
-      refit: after the GPTQ pass, refit the group scales (and float zero points) to the final codes by least
-        squares on the damped H (`refit_groups`); groups formed during the pass only (not channel / static).
-      hqq: form each group's grid by HQQ (`jq.algorithms.hqq.hqq_params`) from the group's current rows instead
-        of the scheme's range — True for HQQ's defaults, or a dict of its options (iters, p, beta, kappa,
-        optimize_scale). Asymmetric int groups formed during the pass only.
+      grid: how a group's grid is fitted from its current rows when the group is formed: the scheme's range
+        (`RangeFit`, default) or HQQ (`jq.algorithms.hqq.HQQFit`; asymmetric int groups formed during the pass
+        only). Channel / tensor / static grids use the scheme's range.
+      refit: a `LeastSquaresRefit` to refit the group scales (and float zero points) to the final codes by least
+        squares on the damped H after the pass; groups formed during the pass only (not channel / static).
 
     Returns:
       (QTensor, info) with info = {"damp": f32 final relative damping, "fallback": bool (RTN was used),
@@ -255,18 +127,17 @@ def gptq_with_info(
       real channels (w'_j: channel j when it was quantized). It equals tr((W−Q)ᵀ(H + λI)(W−Q)), so it is in the
       units of the given H: divide by tr(WᵀHW) for a relative figure}.
     """
-    p = _plan(layout, block_size, act_order, static_groups)
-    if refit and p.level not in ("column", "block"):
+    p = plan(layout, block_size, act_order, static_groups)
+    if refit is not None and p.level not in ("column", "block"):
         raise ValueError(f"gptq: refit applies to groups formed during the pass (granularity: group, "
                          f"static_groups: false); this layout is {layout.granularity!r} with static_groups="
                          f"{static_groups}. Drop the refit option")
-    hqq_opts = None
-    if hqq is not False and hqq is not None:
-        if p.level not in ("column", "block") or scheme.symmetric or not scheme.fmt.is_int:
-            raise ValueError(f"gptq: the hqq option fits the zero point of asymmetric int groups formed during the "
-                             f"pass; this is {scheme.describe()!r} with granularity {layout.granularity!r}, "
-                             f"static_groups={static_groups}. Drop hqq, or use symmetric: false with group_size")
-        hqq_opts = {} if hqq is True else dict(hqq)
+    fitted = not isinstance(grid, RangeFit)  # a fitter that needs the group's valid rows (HQQ)
+    if fitted and (p.level not in ("column", "block") or scheme.symmetric or not scheme.fmt.is_int):
+        raise ValueError(f"gptq: the hqq option ({type(grid).__name__} grids) fits the zero point of asymmetric int "
+                         f"groups formed during the pass; this is {scheme.describe()!r} with granularity "
+                         f"{layout.granularity!r}, static_groups={static_groups}. Drop hqq, or use symmetric: false "
+                         "with group_size")
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
     stats = LayerStats.coerce(stats)
     if stats is None or stats.hessian is None:
@@ -295,9 +166,7 @@ def gptq_with_info(
     # -- grid parameters fixed up front (channel / tensor / static groups) -----------------------------------
     scale_g = zero_g = None
     if p.level in ("fixed", "static"):
-        xg = ws.reshape(layout.grouped_shape)
-        lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme)
-        scale_g, zero_g = scheme.scale_zero(lo, hi)
+        scale_g, zero_g = RangeFit().fit(ws.reshape(layout.grouped_shape), scheme, layout.reduce_axes)
 
     # -- processing order ----------------------------------------------------------------------------------
     pos_real = np.arange(K) if p.real_idx is None else p.real_idx  # stored-flat positions of the real inputs
@@ -387,8 +256,8 @@ def gptq_with_info(
             lg, w0g, ag = rows()
             cur_g = w0g + lax.linalg.triangular_solve(ag, lg - w0g, left_side=True, lower=False, transpose_a=True,
                                                       unit_diagonal=True)
-            valid = None if hqq_opts is None else lax.dynamic_slice_in_dim(mask, start, g)
-            return _group_params(cur_g, scheme, hqq_opts, valid)
+            valid = lax.dynamic_slice_in_dim(mask, start, g) if fitted else None
+            return _group_params(cur_g, scheme, grid, valid)
 
         cur = lax.cond(start % g == 0, params, lambda: cur)
         sc = lax.dynamic_update_slice_in_dim(sc, cur[0][None], start // g, 0)
@@ -483,12 +352,12 @@ def gptq_with_info(
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         carry = lax.fori_loop(lo, hi, functools.partial(block, start=lo * B), carry)
     _, codes, _, sc, zc, loss = carry
-    if refit:
+    if refit is not None:
         fit_zero = not sym and scheme.zero_point == "float"
         zrow = None if sym or fit_zero else jnp.repeat(zc, g, axis=0)
         vals = scheme.decode(codes, jnp.ones((1, N), f32), zrow)
         h_d = hp + jnp.diag(pad_diag + final_damp * mdiag)
-        sc2, zc2 = refit_groups(w0, vals, h_d, mask, g, sc, zc, fit_zero)
+        sc2, zc2 = refit.refine(w0, vals, h_d, mask, g, sc, zc, fit_zero)
         sdt = jnp.dtype(scheme.scale_dtype)
         sc2 = sc2.astype(sdt).astype(f32)
         zc2 = zc2 if zc2 is None or not fit_zero else zc2.astype(sdt).astype(f32)
@@ -516,12 +385,38 @@ def gptq_with_info(
     return q, info
 
 
-@register("gptq", needs_calibration=True)
+@dataclasses.dataclass(frozen=True)
+class GPTQ:
+    """GPTQ as a method record: the options of `gptq_with_info`, with its grid fitter and refit as records.
+    `method: gptq` in a recipe builds it from options (`from_options`: `hqq: true | {p: 1}` → an `HQQFit` grid,
+    `refit: true` → `LeastSquaresRefit`)."""
+
+    grid: GridFitter = RangeFit()
+    refit: LeastSquaresRefit | None = None
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    max_damp_tries: int = 6
+
+    @classmethod
+    def from_options(cls, *, hqq: bool | dict | tuple = False, refit: bool = False, **options) -> GPTQ:
+        grid = RangeFit() if hqq in (False, None) else HQQFit(**({} if hqq is True else dict(hqq)))
+        return cls(grid=grid, refit=LeastSquaresRefit() if refit else None, **options)
+
+    def quantize_with_info(self, w, scheme: Scheme, layout: Layout, stats) -> tuple[QTensor, dict[str, jnp.ndarray]]:
+        return gptq_with_info(w, scheme, layout, stats, **{f.name: getattr(self, f.name)
+                                                           for f in dataclasses.fields(self)})
+
+    def quantize(self, w, scheme: Scheme, layout: Layout, stats) -> QTensor:
+        return self.quantize_with_info(w, scheme, layout, stats)[0]
+
+
 def gptq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats, **options) -> QTensor:
-    """GPTQ quantization of a kernel against calibration `stats.hessian`; options and behaviour as
-    `gptq_with_info`, which also reports the final damping, whether the layer fell back to RTN, and the
-    objective. `quantize_leaf` uses that variant (outside jit) to warn about damping increases and fallbacks."""
-    return gptq_with_info(w, scheme, layout, stats, **options)[0]
+    """GPTQ quantization of a kernel against calibration `stats.hessian`, with a recipe's options
+    (`GPTQ.from_options`); `gptq_with_info` also reports the final damping, whether the layer fell back to RTN,
+    its dead inputs and the objective. `quantize_leaf` uses that variant (outside jit) to warn per layer."""
+    return GPTQ.from_options(**options).quantize(w, scheme, layout, stats)
 
 
-gptq.with_info = gptq_with_info
+register_method("gptq", GPTQ.from_options, needs_calibration=True, reports_info=True)

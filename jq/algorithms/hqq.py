@@ -34,15 +34,18 @@ Integer zero points: with the scale fixed, an integer zero point only slides the
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jq.numbers import ranges
-from jq.algorithms.registry import register
+from jq.algorithms.registry import register_method
+from jq.algorithms.rtn import RTN, rtn
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["hqq", "hqq_params", "hqq_refine", "shrink_lp", "lp_error"]
+__all__ = ["HQQFit", "hqq", "hqq_params", "hqq_refine", "shrink_lp", "lp_error"]
 
 
 def shrink_lp(x: jnp.ndarray, beta, p: float, weight=None) -> jnp.ndarray:
@@ -172,45 +175,6 @@ def _keep_shape(shape, reduce_axes):
     return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
 
 
-def _valid_mask(layout: Layout) -> jnp.ndarray | None:
-    """1 for real weights, 0 for the zero padding of a padded group axis (None when nothing is padded)."""
-    if layout.padded is None or layout.padded == layout.shape[layout.group_axis]:
-        return None
-    return layout.to_grouped(jnp.ones(layout.shape, jnp.float32))
-
-
-@register("hqq")
-def hqq(
-    w: jnp.ndarray,
-    scheme: Scheme,
-    layout: Layout,
-    stats=None,
-    *,
-    iters: int = 20,
-    p: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    optimize_scale: bool | None = None,
-    early_stop: bool = True,
-) -> QTensor:
-    """HQQ-quantize `w` (logical shape `layout.shape`): start from `scheme.range` (min-max by default) and refine
-    the zero point (and the scale with `optimize_scale`) per group by `hqq_refine`. Data-free: `stats` is ignored.
-
-    `optimize_scale=None` (the default) means False for float zero points (the paper's zero-only HQQ) and True for
-    int zero points: moving an integer zero point by whole codes only slides the window over the same lattice
-    {k·scale}, so with the scale fixed it can do nothing but clip the group's extremes, and zero-only HQQ would
-    return RTN's result. An explicit False keeps zero-only for int zero points too.
-
-    Only asymmetric int schemes have a zero point to optimise; others raise ValueError. Padding of a padded
-    group axis is left out of the error and the zero-point means.
-    """
-    xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
-    scale, zero = hqq_params(xg, scheme, layout.reduce_axes, weight=_valid_mask(layout), iters=iters, p=p,
-                             beta=beta, kappa=kappa, optimize_scale=optimize_scale, early_stop=early_stop)
-    codes = scheme.encode(xg, scale, zero)
-    return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
-
-
 def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight=None,
                optimize_scale: bool | None = None, **options) -> tuple[jnp.ndarray, jnp.ndarray]:
     """HQQ's grid for a grouped view `xg`: the scheme's range (min-max by default) refined by `hqq_refine`.
@@ -224,3 +188,41 @@ def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *,
     lo, hi = ranges.estimate(xg, reduce_axes, scheme)
     scale, zero = scheme.scale_zero(lo, hi)
     return hqq_refine(xg, scale, zero, scheme, reduce_axes, optimize_scale=optimize_scale, weight=weight, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class HQQFit:
+    """HQQ's grid (`hqq_params`) as a grid fitter: the scheme's range refined by half-quadratic iterations that
+    minimise Σ |W − Ŵ|^p over each group (padding masked out by `valid`). `optimize_scale=None` also fits the
+    scale for integer zero points (see `hqq`)."""
+
+    iters: int = 20
+    p: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    optimize_scale: bool | None = None
+    early_stop: bool = True
+
+    def fit(self, xg, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight=None, valid=None):
+        return hqq_params(xg, scheme, reduce_axes, weight=valid, iters=self.iters, p=self.p, beta=self.beta,
+                          kappa=self.kappa, optimize_scale=self.optimize_scale, early_stop=self.early_stop)
+
+
+def hqq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None, **options) -> QTensor:
+    """HQQ-quantize `w` (logical shape `layout.shape`): round to nearest on grids `HQQFit(**options)` fits — the
+    scheme's range (min-max by default) with the zero point (and the scale, `optimize_scale`) refined per group by
+    `hqq_refine`. Data-free: `stats` is ignored.
+
+    `optimize_scale=None` (the default) means False for float zero points (the paper's zero-only HQQ) and True for
+    int zero points: moving an integer zero point by whole codes only slides the window over the same lattice
+    {k·scale}, so with the scale fixed it can do nothing but clip the group's extremes, and zero-only HQQ would
+    return RTN's result. An explicit False keeps zero-only for int zero points too.
+
+    Only asymmetric int schemes have a zero point to optimise; others raise ValueError. Padding of a padded
+    group axis is left out of the error and the zero-point means.
+    """
+    _check_scheme(scheme)
+    return rtn(w, scheme, layout, None, grid=HQQFit(**options))
+
+
+register_method("hqq", lambda **options: RTN(grid=HQQFit(**options)))

@@ -1,30 +1,35 @@
-"""Round-to-nearest: estimate a range per tensor / channel / group, round every weight to the nearest code."""
+"""Round-to-nearest: fit a grid per tensor / channel / group (the scheme's range, or any grid fitter such as
+HQQ's), round every weight to the nearest code. `RTN` is its method record; `QAT` the method QAT recipes name."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
-from jq.numbers import ranges
-from jq.algorithms.registry import register
+from jq.algorithms.grids import GridFitter, RangeFit
+from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
+__all__ = ["RTN", "QAT", "rtn"]
 
-@register("rtn")
-def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
-    """Quantize `w` (logical shape `layout.shape`) by round-to-nearest on `scheme`'s grid.
 
-    `stats` is accepted for a uniform signature; with range "mse" a per-input-channel `stats.act_sq`
-    (mean x², shape [K] along the group axis) weights the clip search by activation energy.
+def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None, *, grid: GridFitter = RangeFit()) -> QTensor:
+    """Quantize `w` (logical shape `layout.shape`) by round-to-nearest on the grids `grid` fits (default: the
+    scheme's range).
+
+    `stats` is accepted for a uniform signature; with range "mse" a per-input-channel `stats.act_sq` (mean x²,
+    shape [K] along the group axis) weights the clip search by activation energy.
     """
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     stats = LayerStats.coerce(stats)
     weight = None
     if stats is not None and scheme.range == "mse" and stats.act_sq is not None:
         weight = _channel_weight(jnp.asarray(stats.act_sq, jnp.float32), layout)
-    lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme, weight)
-    scale, zero = scheme.scale_zero(lo, hi)
+    valid = None if isinstance(grid, RangeFit) else layout.valid_mask()
+    scale, zero = grid.fit(xg, scheme, layout.reduce_axes, weight=weight, valid=valid)
     codes = scheme.encode(xg, scale, zero)
     return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
 
@@ -36,17 +41,19 @@ def _channel_weight(act_sq: jnp.ndarray, layout: Layout) -> jnp.ndarray:
     return layout.to_grouped(jnp.broadcast_to(act_sq.reshape(shape), layout.shape))
 
 
-@register("qat")
-def qat(
-    w: jnp.ndarray,
-    scheme: Scheme,
-    layout: Layout,
-    stats=None,
-    *,
-    lsq: bool = False,
-    lsq_init: str = "range",
-    ste: str = "identity",
-) -> QTensor:
+@dataclasses.dataclass(frozen=True)
+class RTN:
+    """Round-to-nearest as a method record, on the grids of `grid` (`method: rtn`; `method: hqq` is RTN with
+    `jq.algorithms.hqq.HQQFit`)."""
+
+    grid: GridFitter = RangeFit()
+
+    def quantize(self, w, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
+        return rtn(w, scheme, layout, stats, grid=self.grid)
+
+
+@dataclasses.dataclass(frozen=True)
+class QAT:
     """The method quantization-aware-training recipes name (trained by `jq.qat`).
 
     The options steer training only — `lsq` learns the step sizes (LSQ), `lsq_init` ("range" or "paper") picks
@@ -54,4 +61,14 @@ def qat(
     quantization, without learned step sizes, the method is round-to-nearest on the scheme's grid, so a QAT
     recipe also quantizes an untrained model; `jq.qat.convert` uses learned step sizes where they exist.
     """
-    return rtn(w, scheme, layout, stats)
+
+    lsq: bool = False
+    lsq_init: str = "range"
+    ste: str = "identity"
+
+    def quantize(self, w, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
+        return rtn(w, scheme, layout, stats)
+
+
+register_method("rtn", RTN)
+register_method("qat", QAT)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -79,28 +78,6 @@ def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
 
 
 _batch_sums = jax.jit(StatSums.of)
-
-
-def _transform_scales(name: str, opts: dict, weights: list, stats: dict, rule) -> jax.Array:
-    if name == "smoothquant":
-        from jq.algorithms.smoothquant import smooth_scales
-
-        return smooth_scales(stats.act_absmax, weights, **opts)
-    s, _ = _awq_search(tuple(sorted(opts.items())))(weights, stats.hessian, stats.act_absmean, rule.scheme,
-                                                     _layout_fn(rule.scheme))
-    return s
-
-
-@functools.lru_cache(maxsize=None)
-def _layout_fn(scheme):
-    return lambda shape: scheme.layout(shape, (0,))
-
-
-@functools.lru_cache(maxsize=None)
-def _awq_search(opts: tuple):
-    from jq.algorithms.awq import search_scales
-
-    return jax.jit(functools.partial(search_scales, **dict(opts)), static_argnums=(3, 4))
 
 
 class _Compiled:
@@ -165,12 +142,12 @@ def quantize_sequential(
                 if prev.shape[-1] != k:
                     continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
                 st = stats[fold.consumers[0]]
-                for tname, topts in rule.transforms:
+                for transform in rule.transform_records:
                     weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
-                    s = _transform_scales(tname, dict(topts), weights, st, rule)
+                    s = transform.scales(weights, st, rule.scheme)
                     apply_fold(block, fold, s)
                     st = st.scaled(s)
-                    log["transforms"].append({"block": name, "transform": tname, "prev": fold.prev,
+                    log["transforms"].append({"block": name, "transform": transform.name, "prev": fold.prev,
                                               "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
 
         # (2) stages, each calibrated with the earlier ones quantized; (3) on to the next block

@@ -138,6 +138,13 @@ class Layout:
             x = jax.lax.slice_in_dim(x, 0, self.shape[self.group_axis], axis=self.group_axis)
         return x
 
+    def valid_mask(self) -> jnp.ndarray | None:
+        """1.0 for real weights, 0.0 for the zero padding of a padded group axis, in the grouped view; None when
+        nothing is padded."""
+        if self.padded is None or self.padded == self.shape[self.group_axis]:
+            return None
+        return self.to_grouped(jnp.ones(self.shape, jnp.float32))
+
     def expand_scale(self, s: jnp.ndarray) -> jnp.ndarray:
         """Stored scale → broadcastable against the grouped view."""
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s

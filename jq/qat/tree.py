@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jq.algorithms.rtn import QAT
 from jq.tree.recipe import QuantConfig, Rule
 from jq.qat import ste as S
 from jq.numbers.qtensor import Layout, is_qtensor
@@ -38,27 +39,20 @@ __all__ = [
     "decay_mask",
 ]
 
-# Options a `method: qat` rule may carry (see jq.algorithms.rtn.qat), with their defaults.
-QAT_OPTIONS: dict[str, Any] = {"lsq": False, "lsq_init": "range", "ste": "identity"}
+# Options a `method: qat` rule may carry (the fields of jq.algorithms.rtn.QAT), with their defaults.
+QAT_OPTIONS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(QAT)}
 
 
 def qat_options(rule: Rule) -> dict[str, Any]:
-    """The QAT options of a rule: those of a `method: qat` rule (validated), the defaults for any other method."""
-    if rule.method != "qat":
-        return dict(QAT_OPTIONS)
-    opts = dict(rule.options)
-    unknown = set(opts) - set(QAT_OPTIONS)
-    if unknown:
-        raise ValueError(f"rule {rule.pattern!r}: unknown QAT option(s) {sorted(unknown)}; "
-                         f"allowed: {sorted(QAT_OPTIONS)}")
-    out = {**QAT_OPTIONS, **opts}
-    if out["ste"] not in S.STE_MODES:
-        raise ValueError(f"rule {rule.pattern!r}: option ste={out['ste']!r}; choose one of {list(S.STE_MODES)}")
-    if out["lsq_init"] not in S.LSQ_INITS:
-        raise ValueError(f"rule {rule.pattern!r}: option lsq_init={out['lsq_init']!r}; "
+    """The QAT options of a rule: those of a `method: qat` rule's record (validated), the defaults for any other
+    method."""
+    rec = rule.record if isinstance(rule.record, QAT) else QAT()
+    if rec.ste not in S.STE_MODES:
+        raise ValueError(f"rule {rule.pattern!r}: option ste={rec.ste!r}; choose one of {list(S.STE_MODES)}")
+    if rec.lsq_init not in S.LSQ_INITS:
+        raise ValueError(f"rule {rule.pattern!r}: option lsq_init={rec.lsq_init!r}; "
                          f"choose one of {list(S.LSQ_INITS)}")
-    out["lsq"] = bool(out["lsq"])
-    return out
+    return {"lsq": bool(rec.lsq), "lsq_init": rec.lsq_init, "ste": rec.ste}
 
 
 @dataclasses.dataclass(frozen=True)

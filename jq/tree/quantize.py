@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.algorithms import get_method
+from jq.algorithms import Method, get_method
+from jq.algorithms.rtn import RTN
 from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import QTensor
 from jq.numbers.qtensor import is_qtensor as is_qtensor
@@ -33,15 +34,10 @@ def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(method_name: str, options: tuple):
-    """One compiled function per (method, options); scheme and layout are static, so each distinct weight
-    shape / scheme compiles once and is reused across layers."""
-    fn = functools.partial(get_method(method_name), **dict(options))
-    return jax.jit(fn, static_argnums=(1, 2))
-
-
-def _call_method(rule, w, layout, stats):
-    return _jitted(rule.method, rule.options)(w, rule.scheme, layout, stats)
+def _jitted(record: Method, info: bool = False):
+    """One compiled function per method record (and per its `quantize_with_info`); scheme and layout are static, so
+    each distinct weight shape / scheme compiles once and is reused across layers."""
+    return jax.jit(record.quantize_with_info if info else record.quantize, static_argnums=(1, 2))
 
 
 def _check_finite(path: str, w) -> None:
@@ -85,29 +81,28 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
     ndim = w.ndim
     axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
-    method = get_method(rule.method)
+    spec = get_method(rule.method)
     stats = LayerStats.coerce(stats)
     if rule.scheme.rotate is not None:
         w, stats = _rotate_input(path, jnp.asarray(w), axes, stats)
     w = jnp.asarray(w)
     q = None
-    if getattr(method, "needs_calibration", False):
+    if spec.needs_calibration:
         if stats is None:
             raise ValueError(
                 f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
                 "calibrate first (jq eval/quantize --calib, or jq.calibration.capture.capture) or choose method: rtn"
             )
         count = stats.count
-        with_info = getattr(method, "with_info", None)
         if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
             warnings.warn(f"{path}: no calibration token reached this layer; quantized with RTN instead of "
                           f"{rule.method!r}", stacklevel=3)
-            q = _jitted("rtn", ())(w, rule.scheme, layout, None)
-        elif with_info is not None and not isinstance(w, jax.core.Tracer):
-            q, info = _jitted_info(rule.method, rule.options)(w, rule.scheme, layout, stats)
+            q = _jitted(RTN())(w, rule.scheme, layout, None)
+        elif spec.reports_info and not isinstance(w, jax.core.Tracer):
+            q, info = _jitted(rule.record, True)(w, rule.scheme, layout, stats)
             _warn_info(path, rule, info)
     if q is None:
-        q = _call_method(rule, w, layout, stats)
+        q = _jitted(rule.record)(w, rule.scheme, layout, stats)
     check_scales(path, w, q, rule.scheme)
     return q
 
@@ -172,12 +167,6 @@ def _rotate_input(path: str, w, axes: tuple[int, ...], stats: LayerStats | None)
     check_rotatable(path, tuple(w.shape), axes)
     w = hadamard_transform(w, axis=axes[0])
     return w, None if stats is None else stats.rotated(lambda a, axis: hadamard_transform(a, axis=axis))
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_info(method_name: str, options: tuple):
-    fn = functools.partial(get_method(method_name).with_info, **dict(options))
-    return jax.jit(fn, static_argnums=(1, 2))
 
 
 def _warn_info(path: str, rule, info: dict) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from jq.algorithms import Method, Transform, get_method, get_transform
 from jq.numbers.kvcache import KVCacheConfig
 from jq.numbers.scheme import Scheme
 
@@ -49,14 +50,14 @@ DEFAULT_IGNORE: tuple[str, ...] = (
 
 _SCHEME_FIELDS = tuple(f.name for f in dataclasses.fields(Scheme))
 _RULE_FIELDS = ("pattern", "method", "skip", "force", "options", "transforms")
-# Model-level transforms that run before quantization on the weights sharing an input (see jq.calibration.sequential).
-TRANSFORMS = ("awq", "smoothquant")
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Leaves whose path fully matches `pattern` are quantized with `scheme` by `method` (or kept float if
-    `scheme` is None). `options` are passed to the method; `force` lets the rule reach ignored leaves."""
+    `scheme` is None). `options` build the method's record (`record`); `force` lets the rule reach ignored leaves;
+    `transforms` (names and options of registered transforms, `jq.algorithms.registry`) run on the float model
+    first. Errors name the rule, the method or transform, and what is allowed."""
 
     pattern: str
     scheme: Scheme | None
@@ -66,22 +67,31 @@ class Rule:
     transforms: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
     def __post_init__(self):
-        for name, _ in self.transforms:
-            if name not in TRANSFORMS:
-                raise ValueError(f"unknown transform {name!r}; choose from {list(TRANSFORMS)}")
         try:
             object.__setattr__(self, "_regex", re.compile(self.pattern))
         except re.error as e:
             raise ValueError(f"rule pattern {self.pattern!r} is not a valid regular expression: {e}") from None
-        from jq.algorithms import get_method  # validates the name against the registry
+        spec = get_method(self.method)  # validates the name against the registry
+        try:
+            object.__setattr__(self, "_record", spec.build(**dict(self.options)))
+        except TypeError as e:
+            raise ValueError(f"rule {self.pattern!r}: method {self.method!r} does not take these options "
+                             f"({dict(self.options)}): {e}") from None
+        object.__setattr__(self, "_transforms", tuple(get_transform(n, **dict(o)) for n, o in self.transforms))
 
-        get_method(self.method)
+    @property
+    def record(self) -> Method:
+        """The method record this rule's method name and options build (what `quantize_leaf` runs)."""
+        return self._record
+
+    @property
+    def transform_records(self) -> tuple[Transform, ...]:
+        """The transform records, in order."""
+        return self._transforms
 
     @property
     def needs_calibration(self) -> bool:
-        from jq.algorithms import get_method
-
-        return bool(self.transforms) or getattr(get_method(self.method), "needs_calibration", False)
+        return bool(self.transforms) or get_method(self.method).needs_calibration
 
     def matches(self, path: str) -> bool:
         return self._regex.fullmatch(path) is not None

@@ -1,0 +1,83 @@
+"""The static plan of one GPTQ run: sizes, block and sub-block lengths, and where group grids come from — all
+Python ints and NumPy arrays known at trace time (see `jq.algorithms.gptq`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jq.numbers.qtensor import Layout
+
+__all__ = ["Plan", "plan"]
+
+_SUB = 16  # channels per sub-block
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static sizes of one GPTQ run (all Python ints / NumPy arrays, known at trace time)."""
+
+    K: int  # real input channels (contraction axes flattened)
+    Kp: int  # stored input channels (group axis zero-padded per leading index)
+    Kt: int  # processed length: Kp rounded up to a multiple of the block
+    N: int  # outputs (non-contraction axes flattened)
+    B: int  # effective block size
+    S: int  # sub-block size
+    g: int | None  # group size (None for channel / tensor)
+    level: str  # where grid params come from: "fixed", "static", "column" (in-block) or "block"
+    store_perm: bool  # act-order groups: codes stored permuted, QTensor.perm set
+    real_idx: np.ndarray | None  # [K] stored-flat position of each real channel; None when it is arange(K)
+
+
+def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) -> Plan:
+    if layout.flat:
+        raise ValueError(
+            f"gptq: flat groups are not meaningful for GPTQ (layout {layout}); use per-axis groups with "
+            "pad: true (flat_groups: false) for a group size that does not divide the input axis"
+        )
+    shape, axes = tuple(layout.shape), tuple(layout.axes)
+    a = len(axes)
+    if a == 0 or axes != tuple(range(a)) or a >= len(shape):
+        raise ValueError(
+            f"gptq: needs a kernel whose contraction axes lead and outputs follow (a Dense kernel (in, out) with "
+            f"axes (0,), or DenseGeneral (in..., out...)); got layout shape={shape} axes={axes}. "
+            "Quantize this weight with method: rtn"
+        )
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"gptq: block_size must be a positive int, got {block_size!r}")
+    ka = shape[a - 1]
+    ka_p = layout.padded if layout.padded is not None else ka
+    lead = math.prod(shape[: a - 1])
+    K, Kp, N = lead * ka, lead * ka_p, math.prod(shape[a:])
+    group = layout.granularity == "group"
+    store_perm = bool(act_order and group and not static_groups)
+    if store_perm and a > 1:
+        raise ValueError(
+            f"gptq: act_order with groups stores a permutation of the group axis, which cannot express the order "
+            f"of {K} flattened inputs of a kernel with contraction axes {axes} (shape {shape}); "
+            "set static_groups: true (codes stay in the original order), or act_order: false"
+        )
+    real_idx = None
+    if Kp != K:
+        real_idx = (np.arange(lead)[:, None] * ka_p + np.arange(ka)[None, :]).reshape(-1)
+    B = min(block_size, Kp)
+    g = layout.group_size if group else None
+    if not group:
+        level = "fixed"
+    elif static_groups:
+        level = "static"
+    elif g <= B:
+        B, level = (B // g) * g, "column"
+    else:
+        d = max(x for x in range(1, B + 1) if g % x == 0)
+        B, level = (d, "block") if 2 * d >= B else (g, "column")
+    Kt = -(-Kp // B) * B
+    # sub-blocks of S channels inside a block (S divides B, and g for in-block groups): channel-by-channel
+    # updates touch only S rows, the rest of the block is updated by a matmul per sub-block
+    m = g if level == "column" else B
+    S = max(x for x in range(1, min(_SUB, m) + 1) if m % x == 0)
+    if S < 4:
+        S = B if level != "column" else S
+    return Plan(K, Kp, Kt, N, B, S, g, level, store_perm, real_idx)
