@@ -44,7 +44,7 @@ class HalfRange:
 
     def fit(self, xg, scheme, reduce_axes, *, weight=None, valid=None):
         lo, hi = jnp.min(xg, reduce_axes, keepdims=True), jnp.max(xg, reduce_axes, keepdims=True)
-        return scheme.scale_zero(lo / 2, hi / 2)
+        return scheme.grid.scale_zero(lo / 2, hi / 2)
 
 
 def test_a_grid_fitter_is_one_record_that_rtn_and_gptq_both_take():

@@ -255,7 +255,7 @@ def test_smoothquant_w8a8_recipe_runs_the_int8_path_and_beats_plain_w8a8():
     sq = jq.recipe_from_dict({"rules": [{**base, "transforms": [{"smoothquant": {"alpha": 0.5}}]}]})
     plain = jq.recipe_from_dict({"rules": [base]})
     qs, _ = quantize_sequential(block_spec(cfg), params, sq, calib, progress=False)
-    assert qs["layers_0"]["attn"]["q_proj"]["kernel"].act == "int8"
+    assert qs["layers_0"]["attn"]["q_proj"]["kernel"].policy.act == "int8"
     assert _logit_error(cfg, params, qs, held) < _logit_error(cfg, params, jq.quantize_params(params, plain), held)
 
 

@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -59,8 +57,8 @@ def _quantized():
     q = jq.quantize_params(params, _cfg())
     # every optional field: an act-order permutation and a rotation name
     f = q["f"]["kernel"]
-    q["f"]["kernel"] = dataclasses.replace(f, perm=jnp.arange(f.shape[0], dtype=jnp.int32)[::-1], rotation="had64",
-                                           act="int8", act_clip=0.9, act_outlier=6.0)
+    q["f"]["kernel"] = dataclasses.replace(f, perm=jnp.arange(f.shape[0], dtype=jnp.int32)[::-1],
+                                           policy=jq.numbers.qtensor.ExecPolicy("hadamard(seed=3)", "int8", 0.9, 6.0))
     return params, q
 
 

@@ -82,7 +82,7 @@ MSE_SCHEMES = [
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _mse_clip(x, axes, scheme, weight=None):
-    return ranges.mse_clip(x, axes, scheme, weight)
+    return ranges.mse_clip(x, axes, scheme.range_search, scheme.grid, weight)
 
 
 @pytest.mark.parametrize("scheme", MSE_SCHEMES, ids=lambda s: s.describe() + f" grid{s.mse_grid}")
@@ -128,7 +128,7 @@ def test_mse_clip_weight_makes_it_data_aware():
 def test_mse_clip_single_step_grid_is_minmax():
     x = data(seed=4)
     scheme = Scheme("int4", range="mse", mse_grid=10, mse_max_shrink=0.0)
-    lo, hi = ranges.mse_clip(jnp.asarray(x), (0, 1), scheme)
+    lo, hi = ranges.mse_clip(jnp.asarray(x), (0, 1), scheme.range_search, scheme.grid)
     np.testing.assert_array_equal(np.asarray(lo), x.min(axis=(0, 1), keepdims=True))
     np.testing.assert_array_equal(np.asarray(hi), x.max(axis=(0, 1), keepdims=True))
 

@@ -17,6 +17,7 @@ import jq
 from jq.numbers import formats
 from jq.numbers import kvcache
 from jq.apps.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
+from jq.numbers.hadamard import Rotation
 from jq.numbers.kvcache import KVCacheConfig
 from jq.apps import pipeline
 from jq.models.llama.config import LlamaConfig
@@ -181,16 +182,17 @@ def test_kv_config_errors_name_the_value():
 
 
 def test_qk_rotation_leaves_float_attention_unchanged(params, tokens):
-    h = jnp.asarray(hadamard_np(CFG.head_dim))
-    qm = jnp.asarray(np.linalg.qr(np.random.default_rng(0).standard_normal((8, 8)))[0].astype(np.float32))
     full = np.asarray(forward()(params, tokens))
-    for kv in (KVCacheConfig(None, rotate=True, rotation=lambda x: x @ h),   # a dense Hadamard matrix
-               KVCacheConfig(None, rotate=True, rotation=lambda x: x @ qm),  # any orthogonal matrix
-               KVCacheConfig(None, rotate=True)):  # jq.numbers.hadamard's fast transform
+    for kv in (KVCacheConfig(None, rotate=True),                       # the plain Hadamard rotation
+               KVCacheConfig(None, rotate="hadamard(seed=3)")):        # a randomized one (signs from a seed)
         np.testing.assert_allclose(np.asarray(forward(kv)(params, tokens)), full, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(decode_logits(params, tokens, 6, kv, chunks=2), full, rtol=1e-4, atol=1e-4)
-    assert np.abs(np.asarray(forward(KVCacheConfig(None, rotate=True, rotation=lambda x: x * 1.5))(params, tokens))
-                  - full).max() > 1e-2  # a non-orthogonal map does change attention (the hook is live)
+    assert KVCacheConfig(None, rotate="hadamard(seed=3)").rotation == Rotation(seed=3)
+    q4 = np.asarray(forward(KVCacheConfig("int4"))(params, tokens))
+    q4r = np.asarray(forward(KVCacheConfig("int4", rotate=True))(params, tokens))
+    assert np.abs(q4r - q4).max() > 1e-4  # with a quantized cache the rotation changes what is rounded (it is live)
+    with pytest.raises(ValueError, match="kv_cache rotate"):
+        KVCacheConfig("int8", rotate="had")
 
 
 def test_hadamard_rotation_spreads_an_outlier_channel_of_the_keys():
@@ -305,7 +307,7 @@ def test_kv_recipes_parse_and_stay_hashable():
     ({"format": "int8", "bits": 8}, r"kv_cache: unknown field\(s\) \['bits'\]"),
     ({"group_size": 32}, "missing field 'format'"),
     ({"format": "fp8"}, "'fp8' is not supported"),
-    ({"format": "int4", "rotate": "yes"}, "rotate must be true or false"),
+    ({"format": "int4", "rotate": "yes"}, "rotate must be true, false, 'hadamard' or 'hadamard\\(seed=N\\)', got 'yes'"),
     ("int8", "'kv_cache' must be a mapping"),
 ])
 def test_bad_kv_cache_recipe_errors(kv, match):

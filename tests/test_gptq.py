@@ -14,7 +14,7 @@ import pytest
 
 from jq.algorithms import METHODS
 from jq.algorithms import GPTQ, HQQFit, LeastSquaresRefit
-from jq.algorithms.gptq import gptq, gptq_with_info
+from jq.algorithms.gptq import gptq
 from jq.algorithms.rtn import rtn
 from jq.numbers.scheme import Scheme
 
@@ -438,7 +438,7 @@ def test_refit_is_the_least_squares_optimum_and_lowers_the_objective(zero_point,
     zrow = None if sym or fit_zero else np.repeat(np.asarray(q0.zero, np.float64).reshape(-1, N), g, 0)
     vals = codes - (0 if zrow is None else zrow)
     if sym:
-        vals = np.asarray(sch.decode(jnp.asarray(codes), jnp.ones((1, N)), None), np.float64)
+        vals = np.asarray(sch.grid.decode(jnp.asarray(codes), jnp.ones((1, N)), None), np.float64)
     s0 = np.asarray(q0.scale, np.float32).reshape(-1, N)
     z0 = None if sym else np.asarray(q0.zero, np.float32).reshape(-1, N)
     a, z = refit_groups(jnp.asarray(w), jnp.asarray(vals, jnp.float32), jnp.asarray(h), jnp.ones(k), g,

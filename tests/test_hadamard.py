@@ -16,15 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jq.numbers import hadamard as had
-from jq.numbers.hadamard import (
-    HadamardRotation,
-    decompose,
-    hadamard_matrix,
-    hadamard_transform,
-    random_hadamard,
-    rotation_matrix,
-    supported,
-)
+from jq.numbers.hadamard import Rotation, decompose, hadamard_matrix, hadamard_transform, rotation_matrix, supported
 
 # (order, expected construction prefix); the orders real models need plus a few the general rules give
 SMALL = {
@@ -172,15 +164,14 @@ def test_rotation_matrix_orthogonal():
             assert np.allclose(np.abs(qr), 1 / math.sqrt(n))
 
 
-def test_random_hadamard_apply_inverse_matrix():
+def test_a_seeded_rotation_applies_inverts_and_matches_its_matrix():
     n = 172
-    rot = random_hadamard(n, jax.random.key(3))
-    signs = np.asarray(rot.signs)
+    rot = Rotation(seed=3)
+    signs = np.asarray(rot.signs(n))
     assert signs.shape == (n,) and set(np.unique(signs)) == {-1.0, 1.0}
-    q = np.asarray(rot.matrix(), np.float64)
+    q = np.asarray(rot.matrix(n), np.float64)
     np.testing.assert_allclose(q, signs[:, None] * hadamard_matrix(n, np.float64) / math.sqrt(n), atol=1e-7)
-    np.testing.assert_array_equal(np.asarray(rot.matrix()), np.asarray(rotation_matrix(n, jax.random.key(3))))
-    np.testing.assert_array_equal(np.asarray(rot.matrix()), np.asarray(rotation_matrix(n, signs=rot.signs)))
+    np.testing.assert_array_equal(np.asarray(rot.matrix(n)), np.asarray(rotation_matrix(n, jax.random.key(3))))
     x = rng_x((4, 5, n), seed=4)
     y = rot.apply(jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(y), x @ q, atol=2e-5)
@@ -189,20 +180,31 @@ def test_random_hadamard_apply_inverse_matrix():
     # along another axis
     xa = rng_x((n, 3), seed=5)
     np.testing.assert_allclose(np.asarray(rot.apply(jnp.asarray(xa), axis=0)), q.T @ xa, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(rot(jnp.asarray(xa), axis=0)), q.T @ xa, atol=2e-5)
-    with pytest.raises(ValueError, match="does not have size 172"):
-        rot.apply(jnp.zeros((3, 4)))
+    with pytest.raises(ValueError, match="n=6 = 2"):
+        rot.apply(jnp.zeros((3, 6)))
 
 
-def test_rotation_is_a_pytree_through_jit():
-    rot = random_hadamard(768, jax.random.key(0))
-    leaves, treedef = jax.tree_util.tree_flatten(rot)
-    assert len(leaves) == 1 and leaves[0].shape == (768,)
+def test_one_rotation_type_with_a_string_form_recipes_and_checkpoints_write():
+    assert Rotation.parse("hadamard") == Rotation() and Rotation.parse(True) == Rotation()
+    assert Rotation.parse("hadamard(seed=3)") == Rotation(seed=3) == Rotation.parse({"seed": 3})
+    assert Rotation.parse(None) is None and Rotation.parse(False) is None
+    assert str(Rotation()) == "hadamard" and str(Rotation(seed=-2)) == "hadamard(seed=-2)"
+    assert Rotation.parse(str(Rotation(seed=7))) == Rotation(seed=7)
+    with pytest.raises(ValueError, match="rotation 'had64': expected 'hadamard'"):
+        Rotation.parse("had64")
     x = jnp.asarray(rng_x((2, 768), seed=6))
-    f = jax.jit(lambda r, x: r.inverse(r.apply(x)))
-    np.testing.assert_allclose(np.asarray(f(rot, x)), np.asarray(x), atol=2e-5)
-    plain = HadamardRotation(None, 768)
-    np.testing.assert_allclose(np.asarray(plain.apply(x)), np.asarray(hadamard_transform(x)), atol=1e-6)
+    f = jax.jit(lambda x: Rotation(seed=0).inverse(Rotation(seed=0).apply(x)))  # static, hashable: jit-friendly
+    np.testing.assert_allclose(np.asarray(f(x)), np.asarray(x), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(Rotation().apply(x)), np.asarray(hadamard_transform(x)))
+    # the places that rotate all hold this type
+    from jq.numbers.kvcache import KVCacheConfig
+    from jq.tree.recipe import RotationConfig
+
+    assert KVCacheConfig("int4", rotate=True).rotation == Rotation()
+    assert RotationConfig(seed=5).residual_rotation == Rotation(seed=5) and RotationConfig().head_rotation == Rotation()
+    import jq
+
+    assert jq.Scheme("int4", rotate="hadamard").policy.rotation == Rotation()
 
 
 # -- errors ------------------------------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ def test_rotation_is_a_pytree_through_jit():
 def test_unsupported_sizes_raise_helpful_error(n, parts):
     assert not supported(n)
     for call in (lambda: hadamard_matrix(n), lambda: hadamard_transform(jnp.zeros((2, n))),
-                 lambda: random_hadamard(n, jax.random.key(0)), lambda: rotation_matrix(n)):
+                 lambda: Rotation(seed=0).apply(jnp.zeros((2, n))), lambda: rotation_matrix(n)):
         with pytest.raises(ValueError) as e:
             call()
         msg = str(e.value)
@@ -273,8 +275,9 @@ def test_bfloat16_and_integer_inputs():
     yi = hadamard_transform(xi)
     assert yi.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(yi), dense_ref(np.asarray(xi, np.float64), 12), atol=1e-4)
-    signs = jnp.asarray(np.random.default_rng(1).choice([-1.0, 1.0], 12), jnp.float32)
-    yr = HadamardRotation(signs, 12).apply(xi.astype(jnp.bfloat16))
+    rot = Rotation(seed=1)
+    signs = rot.signs(12)
+    yr = rot.apply(xi.astype(jnp.bfloat16))
     assert yr.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(yr.astype(jnp.float32)),
                                np.asarray(xi, np.float64) @ np.asarray(rotation_matrix(12, signs=signs)),
@@ -293,15 +296,14 @@ def test_property_any_batch_shape_and_axis(n, batch, data):
     shape = list(batch)
     shape.insert(axis % ndim, n)
     x = rng_x(tuple(shape), seed=len(shape) * 1000 + n)
-    signs = jnp.asarray(np.random.default_rng(n).choice([-1.0, 1.0], n), jnp.float32)
-    rot = HadamardRotation(signs, n)
+    rot = Rotation(seed=n)
 
     @jax.jit
-    def run(x, rot):
+    def run(x):
         y = hadamard_transform(x, axis=axis)
         return y, hadamard_transform(y, axis=axis, transpose=True), rot.inverse(rot.apply(x, axis=axis), axis=axis)
 
-    y, back, rt = (np.asarray(a) for a in run(jnp.asarray(x), rot))
+    y, back, rt = (np.asarray(a) for a in run(jnp.asarray(x)))
     ref = np.moveaxis(dense_ref(np.moveaxis(x, axis, -1), n), -1, axis)
     assert y.shape == x.shape
     np.testing.assert_allclose(y, ref, atol=2e-5)

@@ -155,7 +155,7 @@ def test_matches_numpy_iterations(zp, opt_scale):
 
     @jax.jit
     def refine(x):
-        s, z = scheme.scale_zero(jnp.min(x, 1, keepdims=True), jnp.max(x, 1, keepdims=True))
+        s, z = scheme.grid.scale_zero(jnp.min(x, 1, keepdims=True), jnp.max(x, 1, keepdims=True))
         return (s, z), hqq_refine(x, s, z, scheme, (1,), optimize_scale=opt_scale)
 
     (s0, z0), (s_j, z_j) = refine(jnp.asarray(xg))

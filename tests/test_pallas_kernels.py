@@ -283,8 +283,8 @@ def _grouped(w, scheme, axes):
     xg = lay.to_grouped(w)
     lo = jnp.min(xg, axis=lay.reduce_axes, keepdims=True)
     hi = jnp.max(xg, axis=lay.reduce_axes, keepdims=True)
-    s, z = scheme.scale_zero(lo, hi)
-    return scheme.encode(xg, s, z), s, z, lay, jnp.float32
+    s, z = scheme.grid.scale_zero(lo, hi)
+    return scheme.grid.encode(xg, s, z), s, z, lay, jnp.float32
 
 
 @pytest.mark.parametrize("what,build,lhs_shape,dn,reason", FALLBACKS, ids=[f[0] for f in FALLBACKS])
@@ -299,7 +299,7 @@ def test_unsupported_falls_back_with_reason(monkeypatch, caplog, what, build, lh
     assert any(reason in m for m in msgs) or (what == "w8a8 groups"), msgs
     if what == "w8a8 groups":  # not the XLA int path either (it takes per-channel only): the generic fallback
         assert any(reason in m for m in _fallback_messages(caplog)), msgs
-    if q.act is None:
+    if q.policy.act is None:
         ref = jax.jit(lambda x, q: jax.lax.dot_general(x, q.dequantize(jnp.float32), dn))(x, q)
         assert rel_err(y, ref) < 1e-5
 

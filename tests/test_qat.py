@@ -293,7 +293,7 @@ def test_init_from_a_gptq_result_starts_at_the_ptq_model(zero_point, rotate):
     np.testing.assert_array_equal(np.asarray(back.unpacked_codes()), np.asarray(g.unpacked_codes()))
     np.testing.assert_array_equal(np.asarray(back.scale), np.asarray(g.scale))
     np.testing.assert_array_equal(np.asarray(back.zero), np.asarray(g.zero))
-    assert back.rotation == g.rotation == rotate
+    assert back.policy.rotation == g.policy.rotation == jq.numbers.hadamard.Rotation.parse(rotate)
 
 
 def test_init_from_refuses_a_ptq_grid_the_recipe_cannot_learn():
@@ -522,7 +522,7 @@ def test_bitnet_ternary_weights_and_int8_activations():
     kernels = [(p, x) for p, x in jq.leaf_paths(conv) if _is_q(x)]
     assert len(kernels) == 7 * TINY.n_layers
     for path, x in kernels:
-        assert x.fmt == "int2" and x.restricted and x.act == "int8"
+        assert x.fmt == "int2" and x.restricted and x.policy.act == "int8"
         assert set(np.unique(np.asarray(x.unpacked_codes()))) <= {-1, 0, 1}
         w = np.asarray(dict(jq.leaf_paths(params))[path])
         np.testing.assert_allclose(float(x.scale.reshape(())), np.abs(w).mean(), rtol=1e-5)  # abs-mean scale
@@ -558,7 +558,7 @@ def test_qat_recipes_load_and_quantize_as_ptq():
     calib = {"mlp": {p: {"kernel": {"hessian": jnp.eye(128), "count": jnp.float32(64)}} for p in mlp}}
     qp = qat.init_from(jq.quantize_params({"mlp": mlp}, rot_ptq, calib), rot_qat)
     assert set(qp["quant"]["mlp"]) == {"down_proj", "up_proj"}
-    assert qat.convert(qp, rot_qat)["mlp"]["down_proj"]["kernel"].rotation == "hadamard"
+    assert str(qat.convert(qp, rot_qat)["mlp"]["down_proj"]["kernel"].policy.rotation) == "hadamard"
 
 
 # ----------------------------------------------------------------------------------------- mesh, multi-host
@@ -712,8 +712,8 @@ def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, c
     assert out["eval"]["perplexity"] == pytest.approx(out["init_recipe"]["eval"]["perplexity"], rel=1e-5)
     tree, meta = checkpoint.load(out_dir)
     assert meta["meta"]["model_config"]["tie_embeddings"] is False  # the rotated model unties the head
-    assert tree["layers_0"]["mlp"]["down_proj"]["kernel"].rotation == "hadamard"
-    assert tree["layers_0"]["mlp"]["up_proj"]["kernel"].rotation is None
+    assert str(tree["layers_0"]["mlp"]["down_proj"]["kernel"].policy.rotation) == "hadamard"
+    assert tree["layers_0"]["mlp"]["up_proj"]["kernel"].policy.rotation is None
     # the float model rotated by the same section computes the same function as the unrotated one
     from jq.apps.finetune_setup import training_model
 

@@ -94,7 +94,7 @@ def test_rotated_qtensor_dequantizes_to_the_weight_and_multiplies_rotated_inputs
     cfg = lambda s: jq.QuantConfig.simple(s)  # noqa: E731
     qp = jq.quantize_params({"d": {"kernel": w}}, cfg(plain))["d"]["kernel"]
     qr = jq.quantize_params({"d": {"kernel": w}}, cfg(rot))["d"]["kernel"]
-    assert qr.rotation == "hadamard" and qp.rotation is None
+    assert str(qr.policy.rotation) == "hadamard" and qp.policy.rotation is None
     q = np.asarray(rotation_matrix(k), np.float64)
     # stored weight = Qᵀ W quantized by the plain scheme
     ws = q.T @ w

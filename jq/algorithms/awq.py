@@ -43,8 +43,8 @@ def rtn_fake_quant(w: jnp.ndarray, scheme: Scheme, layout: Layout) -> jnp.ndarra
     """RTN quantize-dequantize of `w` (logical shape) under `scheme` / `layout`; same shape, float32."""
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme)
-    scale, zero = scheme.scale_zero(lo, hi)
-    return layout.from_grouped(scheme.fake_quant(xg, scale, zero))
+    scale, zero = scheme.grid.scale_zero(lo, hi)
+    return layout.from_grouped(scheme.grid.fake_quant(xg, scale, zero))
 
 
 def output_error(delta: jnp.ndarray, hessian: jnp.ndarray) -> jnp.ndarray:
@@ -215,7 +215,7 @@ def clip_search(
       scheme, layout: how `w` will be quantized.
 
     Returns:
-      keepdims `(lo, hi)` in `layout`'s grouped view (as the functions of `jq.numbers.ranges`), for `scheme.scale_zero`.
+      keepdims `(lo, hi)` in `layout`'s grouped view (as the functions of `jq.numbers.ranges`), for `scheme.grid.scale_zero`.
     """
     if not 0.0 <= max_shrink < 1.0 or grid < 1:
         raise ValueError(
@@ -258,8 +258,8 @@ def clip_search(
     shrinks = 1.0 - jnp.arange(steps, dtype=jnp.float32) / grid
 
     def err_at(f):
-        scale, zero = scheme.scale_zero(lo0 * f, hi0 * f)
-        return objective(scheme.fake_quant(xg, scale, zero) - xg)
+        scale, zero = scheme.grid.scale_zero(lo0 * f, hi0 * f)
+        return objective(scheme.grid.fake_quant(xg, scale, zero) - xg)
 
     def step(carry, f):
         best_err, best_f = carry
@@ -292,6 +292,6 @@ def awq_clip(
         raise ValueError("awq_clip needs calibration statistics with a 'hessian' (mean x^T x); run jq.calibration.capture first")
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     lo, hi = clip_search(w, stats.hessian, scheme, layout, grid=grid, max_shrink=max_shrink)
-    scale, zero = scheme.scale_zero(lo, hi)
-    codes = scheme.encode(xg, scale, zero)
+    scale, zero = scheme.grid.scale_zero(lo, hi)
+    codes = scheme.grid.encode(xg, scale, zero)
     return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)

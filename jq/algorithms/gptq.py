@@ -229,7 +229,7 @@ def gptq_with_info(
     mask = jnp.asarray(mask_s) if order is None else jnp.asarray(mask_s)[order]
 
     sym = scheme.symmetric  # no zero points
-    code_dtype = jax.eval_shape(lambda x: scheme.encode(x, jnp.ones_like(x), None if sym else jnp.zeros_like(x)),
+    code_dtype = jax.eval_shape(lambda x: scheme.grid.encode(x, jnp.ones_like(x), None if sym else jnp.zeros_like(x)),
                                 jax.ShapeDtypeStruct((N,), f32)).dtype
 
     if p.level == "fixed":  # channel: [N] values; tensor: one
@@ -290,13 +290,13 @@ def gptq_with_info(
             s = s_all if s_all.ndim == 1 else s_all[i]
             z = z_all if z_all is None or z_all.ndim == 1 else z_all[i]
             row = ws[i]
-            code = scheme.encode(row, s, z)
-            d = w0s[i] - scheme.decode(code, s, z)
+            code = scheme.grid.encode(row, s, z)
+            d = w0s[i] - scheme.grid.decode(code, s, z)
             ws = ws + strict[i][:, None] * d[None, :]
             return ws, lax.dynamic_update_slice_in_dim(cs, code[None], i, 0)
 
         ws, cs = lax.fori_loop(0, n, body, (ws, jnp.zeros((n, N), code_dtype)))
-        q = scheme.decode(cs, s_all, z_all)
+        q = scheme.grid.decode(cs, s_all, z_all)
         e = (ws - q) * (lax.dynamic_slice_in_dim(vd, r0, n) * lax.dynamic_slice_in_dim(mask, r0, n))[:, None]
         return w0s - q, cs, loss + jnp.sum(e * e)
 
@@ -355,7 +355,7 @@ def gptq_with_info(
     if refit is not None:
         fit_zero = not sym and scheme.zero_point == "float"
         zrow = None if sym or fit_zero else jnp.repeat(zc, g, axis=0)
-        vals = scheme.decode(codes, jnp.ones((1, N), f32), zrow)
+        vals = scheme.grid.decode(codes, jnp.ones((1, N), f32), zrow)
         h_d = hp + jnp.diag(pad_diag + final_damp * mdiag)
         sc2, zc2 = refit.refine(w0, vals, h_d, mask, g, sc, zc, fit_zero)
         sdt = jnp.dtype(scheme.scale_dtype)
@@ -364,7 +364,7 @@ def gptq_with_info(
         keep = fallback | no_data
         sc = jnp.where(keep, sc, sc2)
         zc = zc if zc is None else jnp.where(keep, zc, zc2)
-        err_m = (w0 - scheme.decode(codes, jnp.repeat(sc, g, axis=0),
+        err_m = (w0 - scheme.grid.decode(codes, jnp.repeat(sc, g, axis=0),
                                     None if zc is None else jnp.repeat(zc, g, axis=0))) * mask[:, None]
         loss = jnp.where(keep, loss, jnp.sum(err_m * jnp.matmul(h_d, err_m, precision=lax.Precision.HIGHEST)))
 

@@ -31,4 +31,4 @@ class RangeFit:
 
     def fit(self, xg, scheme, reduce_axes, *, weight=None, valid=None):
         lo, hi = ranges.estimate(xg, reduce_axes, scheme, weight)
-        return scheme.scale_zero(lo, hi)
+        return scheme.grid.scale_zero(lo, hi)

@@ -186,7 +186,7 @@ def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *,
     if optimize_scale is None:
         optimize_scale = scheme.zero_point == "int"
     lo, hi = ranges.estimate(xg, reduce_axes, scheme)
-    scale, zero = scheme.scale_zero(lo, hi)
+    scale, zero = scheme.grid.scale_zero(lo, hi)
     return hqq_refine(xg, scale, zero, scheme, reduce_axes, optimize_scale=optimize_scale, weight=weight, **options)
 
 

@@ -30,7 +30,7 @@ def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None, *, grid: Gri
         weight = _channel_weight(jnp.asarray(stats.act_sq, jnp.float32), layout)
     valid = None if isinstance(grid, RangeFit) else layout.valid_mask()
     scale, zero = grid.fit(xg, scheme, layout.reduce_axes, weight=weight, valid=valid)
-    codes = scheme.encode(xg, scale, zero)
+    codes = scheme.grid.encode(xg, scale, zero)
     return scheme.make_qtensor(codes, scale, zero, layout, w.dtype)
 
 

@@ -28,7 +28,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import Sharding
 
 from jq._version import __version__
-from jq.numbers.qtensor import Layout, QTensor
+from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
 FORMAT = "jq-quantized-pytree"
@@ -43,7 +43,12 @@ FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get
 # QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
 # under their own names, so a field QTensor gains is stored without a format change (a reader fills absent ones in
 # with their defaults and ignores unknown ones)
-STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if f.metadata.get("static") and f.name != "layout")
+# QTensor's static fields but the layout and the policy (fmt, symmetric, restricted, dtype), and the execution policy's
+# fields (rotation, act, act_clip, act_outlier): stored flat under their own names, so a field either gains is
+# stored without a format change (a reader fills absent ones in with their defaults and ignores unknown ones)
+STATIC_FIELDS = tuple(f.name for f in dataclasses.fields(QTensor)
+                      if f.metadata.get("static") and f.name not in ("layout", "policy"))
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(ExecPolicy))
 
 TMP, OLD, LOCK = ".jq-tmp", ".jq-old", ".jq-lock"
 
@@ -95,8 +100,10 @@ def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray
     QTensor)."""
     if isinstance(x, QTensor):
         arrays = {f: to_numpy(f"{path}/{f}", getattr(x, f)) for f in FIELDS if getattr(x, f) is not None}
-        entry = {"kind": "qtensor", **{k: jsonable(getattr(x, k)) for k in STATIC_FIELDS}, "layout": layout_dict(x.layout),
-                 "arrays": {f: array_spec(a) for f, a in arrays.items()}}
+        policy = {k: getattr(x.policy, k) for k in POLICY_FIELDS}
+        policy["rotation"] = None if x.policy.rotation is None else str(x.policy.rotation)  # "hadamard(seed=3)"
+        entry = {"kind": "qtensor", **{k: jsonable(getattr(x, k)) for k in STATIC_FIELDS}, **policy,
+                 "layout": layout_dict(x.layout), "arrays": {f: array_spec(a) for f, a in arrays.items()}}
         return entry, arrays
     a = to_numpy(path, x)
     return {"kind": "array", "arrays": {"value": array_spec(a)}}, {"value": a}
@@ -126,8 +133,9 @@ def jsonable(v: Any) -> Any:
 
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
+    policy = ExecPolicy(**{k: entry[k] for k in POLICY_FIELDS if k in entry})  # parses the rotation's string form
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
-                   layout=layout_from_dict(entry["layout"]), **static)
+                   layout=layout_from_dict(entry["layout"]), policy=policy, **static)
 
 
 def abstract_leaf(entry: Mapping[str, Any], shardings: Mapping[str, Sharding | None] | None = None):

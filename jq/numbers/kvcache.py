@@ -19,21 +19,20 @@ Bytes per token (one layer, keys + values): `2 · H · (code bytes + groups · (
 `kv_bytes_per_token`. SmolLM2-135M (30 layers, 3 kv heads, head_dim 64): bf16 23 040 B/token, int8 12 060,
 int4 g64 6 300.
 
-This module knows only arrays (layer 2): rotation (`rotate`) is applied by the model, which resolves it to a
-callable (`KVCacheConfig.rotation`, else the Hadamard transform of `jq.numbers.hadamard`).
+This module knows only arrays: the rotation (`rotate`, as `KVCacheConfig.rotation`) is applied by the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jq.numbers.formats import pack, packed_length, unpack
-from jq.numbers.scheme import Scheme
+from jq.numbers.grid import Grid
+from jq.numbers.hadamard import Rotation
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
            "read_kv", "kv_bytes_per_token"]
@@ -50,19 +49,17 @@ class KVCacheConfig:
       format: "int8" | "int4", or None for a float cache (useful with `rotate` alone).
       group_size: elements of head_dim sharing one scale (must divide head_dim); None = head_dim (one per head).
       symmetric: signed codes and no zero point (default False: asymmetric, integer zero point).
-      rotate: rotate q and k after RoPE by the same orthogonal matrix (a normalized Hadamard transform unless
-        `rotation` is given): q·k is unchanged, outlier channels of k are spread before k is quantized.
+      rotate: rotate q and k after RoPE by the same orthogonal matrix (`rotation`: true for the normalized
+        Hadamard transform, "hadamard(seed=N)" for a randomized one): q·k is unchanged, outlier channels of k are
+        spread before k is quantized.
       scale_dtype: "float16" (default) | "bfloat16" | "float32", the stored scale's dtype.
-      rotation: optional callable x[..., D] -> x[..., D] (orthogonal along the last axis) used when `rotate`;
-        not settable from YAML.
     """
 
     format: str | None = "int8"
     group_size: int | None = None
     symmetric: bool = False
-    rotate: bool = False
+    rotate: bool | str = False
     scale_dtype: str = "float16"
-    rotation: Callable[[jax.Array], jax.Array] | None = None
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in KV_FORMATS:
@@ -71,14 +68,23 @@ class KVCacheConfig:
                                             or self.group_size <= 0):
             raise ValueError(f"kv_cache group_size must be a positive integer dividing head_dim (or null for one "
                              f"group per head), got {self.group_size!r}")
-        for name in ("symmetric", "rotate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"kv_cache {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"kv_cache symmetric must be true or false, got {self.symmetric!r}")
+        if not isinstance(self.rotate, bool):  # a rotation's string form ("hadamard(seed=3)") or a Rotation
+            try:
+                rot = Rotation.parse(self.rotate)
+            except ValueError:
+                raise ValueError(f"kv_cache rotate must be true, false, 'hadamard' or 'hadamard(seed=N)', got "
+                                 f"{self.rotate!r}") from None
+            object.__setattr__(self, "rotate", False if rot is None else str(rot))
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"kv_cache scale_dtype {self.scale_dtype!r} is not supported; choose one of "
                              f"{list(_SCALE_DTYPES)}")
-        if self.rotation is not None and not callable(self.rotation):
-            raise ValueError(f"kv_cache rotation must be a callable x[..., D] -> x[..., D], got {self.rotation!r}")
+
+    @property
+    def rotation(self) -> Rotation | None:
+        """The rotation of q and k (`rotate`), as the one `Rotation` type jq uses everywhere."""
+        return Rotation.parse(self.rotate)
 
     @property
     def quantized(self) -> bool:
@@ -113,9 +119,9 @@ def _grouped(x: jax.Array, n_groups: int) -> jax.Array:
     return x.reshape(x.shape[:-1] + (n_groups, x.shape[-1] // n_groups))
 
 
-def _scheme(kv: KVCacheConfig) -> Scheme:
-    """The library's weight grid for this cache (min-max range, integer zero point, scale in `scale_dtype`)."""
-    return Scheme(format=kv.format, symmetric=kv.symmetric, scale_dtype=kv.scale_dtype)
+def _grid(kv: KVCacheConfig) -> Grid:
+    """The library's weight grid for this cache (integer zero point, scale in `scale_dtype`)."""
+    return Grid(format=kv.format, symmetric=kv.symmetric, scale_dtype=kv.scale_dtype)
 
 
 def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
@@ -126,7 +132,7 @@ def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
     if kv.bits == 4 and d % 8:
         raise ValueError(f"an int4 kv cache packs codes eight at a time (`jq.numbers.formats.pack`) and needs a "
                          f"head_dim divisible by 8, got {d}; use int8")
-    sch = _scheme(kv)
+    sch = _grid(kv)
     xg = _grouped(x.astype(jnp.float32), n)                                              # [..., n, g]
     scale, zero = sch.scale_zero(jnp.min(xg, axis=-1, keepdims=True), jnp.max(xg, axis=-1, keepdims=True))
     codes = sch.encode(xg, scale, zero).reshape(x.shape)
@@ -143,7 +149,7 @@ def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.f
     if kv.bits == 4:
         codes = unpack(codes, 4, 2 * codes.shape[-1], signed=kv.symmetric)  # head_dim % 8 == 0: no padding
     zero = None if kv.symmetric else q["zero"][..., None].astype(jnp.float32)
-    x = _scheme(kv).decode(_grouped(codes, n), q["scale"][..., None].astype(jnp.float32), zero)
+    x = _grid(kv).decode(_grouped(codes, n), q["scale"][..., None].astype(jnp.float32), zero)
     return x.reshape(codes.shape).astype(dtype)
 
 

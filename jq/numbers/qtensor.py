@@ -25,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.numbers import formats
+from jq.numbers.hadamard import Rotation
 
-__all__ = ["Layout", "QTensor", "grid_label", "is_qtensor"]
+__all__ = ["Layout", "QTensor", "ExecPolicy", "grid_label", "is_qtensor", "ACT_FORMATS"]
 
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -150,6 +151,40 @@ class Layout:
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
+ACT_FORMATS = ("int8", "fp8_e4m3", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecPolicy:
+    """How a QTensor executes in a matmul — not what it stores.
+
+    Attributes:
+      rotation: None, or a `jq.numbers.hadamard.Rotation` Q: the codes hold Qᵀ W along the (single) contraction
+        axis, `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight (QuaRot's online rotation).
+      act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3", "int4"), or None.
+      act_clip: per-token activation scale = act_clip · max |x| / qmax.
+      act_outlier: LLM.int8 threshold: input channels with |x| above it skip activation quantization, or None.
+    """
+
+    rotation: Rotation | None = None
+    act: str | None = None
+    act_clip: float = 1.0
+    act_outlier: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "rotation", Rotation.parse(self.rotation))
+        if self.act is not None and self.act not in ACT_FORMATS:
+            raise ValueError(f"scheme field 'act' has value {self.act!r}; allowed values are {list(ACT_FORMATS)}")
+        if not (isinstance(self.act_clip, (int, float)) and 0.0 < self.act_clip <= 1.0):
+            raise ValueError(f"scheme field 'act_clip' has value {self.act_clip!r}; use a ratio in (0, 1]")
+        object.__setattr__(self, "act_clip", float(self.act_clip))
+        if self.act_outlier is not None:
+            if self.act is None or not isinstance(self.act_outlier, (int, float)) or self.act_outlier <= 0:
+                raise ValueError(f"scheme field 'act_outlier' has value {self.act_outlier!r} with act={self.act!r}; "
+                                 "it is a positive threshold (e.g. 6.0) and needs activation quantization (act: int8)")
+            object.__setattr__(self, "act_outlier", float(self.act_outlier))
+
+
 def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
     """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report."""
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
@@ -169,11 +204,8 @@ class QTensor:
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
       dtype: name of the logical (dequantized) dtype.
-      rotation: None, or "hadamard": the codes hold Qᵀ W along the (single) contraction axis, Q the normalised
-        Hadamard matrix (`jq.numbers.hadamard`); `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight.
-      act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3", "int4"), or None.
-      act_clip: per-token activation scale = act_clip · max |x| / qmax.
-      act_outlier: LLM.int8 threshold: input channels with |x| above it skip activation quantization, or None.
+      policy: how it executes (`ExecPolicy`: online rotation, activation quantization, outlier split) — the one
+        static field that is not about what is stored.
     """
 
     codes: jax.Array
@@ -185,10 +217,7 @@ class QTensor:
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
     restricted: bool = dataclasses.field(default=False, metadata=dict(static=True))
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
-    rotation: str | None = dataclasses.field(default=None, metadata=dict(static=True))
-    act: str | None = dataclasses.field(default=None, metadata=dict(static=True))
-    act_clip: float = dataclasses.field(default=1.0, metadata=dict(static=True))
-    act_outlier: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    policy: ExecPolicy = dataclasses.field(default=ExecPolicy(), metadata=dict(static=True))
 
     # -- array-like metadata --------------------------------------------------------------------------------
     @property
@@ -214,7 +243,7 @@ class QTensor:
 
     def __repr__(self) -> str:
         lay = self.layout
-        extra = f" act={self.act}" if self.act else ""
+        extra = f" act={self.policy.act}" if self.policy.act else ""
         return f"QTensor({self.describe()}, shape={lay.shape}, axes={lay.axes}{extra})"
 
     def __getitem__(self, key):
@@ -243,15 +272,13 @@ class QTensor:
             v = v - lay.expand_scale(self.zero.astype(jnp.float32))
         v = v * lay.expand_scale(self.scale.astype(jnp.float32))
         w = lay.from_grouped(v, self.perm)
-        if self.rotation == "hadamard":  # stored Qᵀ W → W = Q (Qᵀ W)
-            from jq.numbers.hadamard import hadamard_transform
-
-            w = hadamard_transform(w, axis=lay.axes[0], transpose=True)
+        if self.policy.rotation is not None:  # stored Qᵀ W → W = Q (Qᵀ W)
+            w = self.policy.rotation.inverse(w, axis=lay.axes[0])
         return w.astype(dtype)
 
     def unrotated(self) -> "QTensor":
         """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""
-        return dataclasses.replace(self, rotation=None)
+        return dataclasses.replace(self, policy=dataclasses.replace(self.policy, rotation=None))
 
     def check(self, where: str = "QTensor") -> None:
         """Raise ValueError if the arrays do not fit the static layout (a damaged or foreign file)."""

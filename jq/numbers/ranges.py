@@ -9,9 +9,35 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jq.numbers.scheme import Scheme
+import dataclasses
 
-__all__ = ["minmax", "absmax", "absmean", "percentile", "mse_clip", "estimate"]
+from jq.numbers.grid import Grid, choice
+
+__all__ = ["Range", "RANGE_METHODS", "minmax", "absmax", "absmean", "percentile", "mse_clip", "estimate"]
+
+RANGE_METHODS = ("minmax", "absmax", "percentile", "mse", "absmean")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """How a grid's range is searched: the scheme's `range` (as `method`), `percentile`, and the MSE clip search's
+    `mse_grid`, `mse_max_shrink`, `mse_norm` (see `jq.numbers.scheme.Scheme`)."""
+
+    method: str = "minmax"
+    percentile: float = 99.99
+    mse_grid: int = 100
+    mse_max_shrink: float = 0.8
+    mse_norm: float = 2.4
+
+    def __post_init__(self):
+        choice("range", self.method, RANGE_METHODS)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"scheme field 'percentile' has value {self.percentile!r}; use a value in (50, 100]")
+        if not 0.0 <= self.mse_max_shrink < 1.0 or self.mse_grid < 1 or self.mse_norm <= 0:
+            raise ValueError(
+                f"scheme MSE search fields mse_grid={self.mse_grid}, mse_max_shrink={self.mse_max_shrink}, "
+                f"mse_norm={self.mse_norm}; need grid >= 1, 0 <= max_shrink < 1, norm > 0"
+            )
 
 
 def minmax(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -42,7 +68,8 @@ def percentile(xg: jnp.ndarray, axes: tuple[int, ...], p: float) -> tuple[jnp.nd
 def mse_clip(
     xg: jnp.ndarray,
     axes: tuple[int, ...],
-    scheme: Scheme,
+    rng: Range,
+    grid: Grid,
     weight: jnp.ndarray | None = None,
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Shrink the min-max range by the factor in {1, 1 − 1/grid, …, 1 − max_shrink} that minimises, per group,
@@ -51,13 +78,13 @@ def mse_clip(
     `weight` (broadcastable to `xg`, e.g. per-input-channel activation energy) makes the error data-aware.
     """
     lo0, hi0 = minmax(xg, axes)
-    steps = max(1, int(round(scheme.mse_max_shrink * scheme.mse_grid)) + 1)
-    shrinks = 1.0 - jnp.arange(steps, dtype=jnp.float32) / scheme.mse_grid
+    steps = max(1, int(round(rng.mse_max_shrink * rng.mse_grid)) + 1)
+    shrinks = 1.0 - jnp.arange(steps, dtype=jnp.float32) / rng.mse_grid
 
     def err_at(s):
         lo, hi = lo0 * s, hi0 * s
-        scale, zero = scheme.scale_zero(lo, hi)
-        e = jnp.abs(scheme.fake_quant(xg, scale, zero) - xg) ** scheme.mse_norm
+        scale, zero = grid.scale_zero(lo, hi)
+        e = jnp.abs(grid.fake_quant(xg, scale, zero) - xg) ** rng.mse_norm
         if weight is not None:
             e = e * weight
         return jnp.sum(e, axis=axes, keepdims=True)
@@ -73,15 +100,16 @@ def mse_clip(
     return lo0 * best, hi0 * best
 
 
-def estimate(xg: jnp.ndarray, axes: tuple[int, ...], scheme: Scheme, weight=None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The range `scheme.range` asks for."""
+def estimate(xg: jnp.ndarray, axes: tuple[int, ...], scheme, weight=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The range a scheme asks for (`scheme.range_search`, on `scheme.grid`; any object with those two)."""
+    rng, grid = scheme.range_search, scheme.grid
     xg = xg.astype(jnp.float32)
-    if scheme.range == "minmax":
+    if rng.method == "minmax":
         return minmax(xg, axes)
-    if scheme.range == "absmax":
+    if rng.method == "absmax":
         return absmax(xg, axes)
-    if scheme.range == "absmean":
+    if rng.method == "absmean":
         return absmean(xg, axes)
-    if scheme.range == "percentile":
-        return percentile(xg, axes, scheme.percentile)
-    return mse_clip(xg, axes, scheme, weight)
+    if rng.method == "percentile":
+        return percentile(xg, axes, rng.percentile)
+    return mse_clip(xg, axes, rng, grid, weight)

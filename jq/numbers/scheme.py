@@ -1,37 +1,30 @@
-"""Scheme: what grid a weight is rounded to (format, symmetry, granularity, range method, scale dtype), the
-scale / zero-point arithmetic for a range, fake quantization, and packing the result into a QTensor.
+"""Scheme: how one weight is quantized, as recipes write it — the flat record a YAML rule maps onto, composed of
+three records with one concern each:
 
-Conventions (those of GPTQ, AutoGPTQ, llm-compressor and torchao, so results compare):
-- symmetric int: scale = absmax / ((2^b − 1) / 2), codes in [−2^(b−1), 2^(b−1) − 1] (int4: absmax/7.5, −8..7);
-  `restricted=True` gives absmax / (2^(b−1) − 1) and codes −7..7.
-- asymmetric int: the range is widened to contain 0, scale = (max − min) / (2^b − 1),
-  zero = round(−min / scale) in code units (or unrounded with `zero_point="float"`), codes in [0, 2^b − 1].
-- fp8 / fp4 / NF4 (symmetric only): scale = absmax / format max.
-Scales are rounded to `scale_dtype` *before* the codes are computed, so stored scales and codes agree exactly.
+- `grid` (`jq.numbers.grid.Grid`): the values the weight is rounded to and the arithmetic on them;
+- `range_search` (`jq.numbers.ranges.Range`): how a grid's range is found from the weights;
+- `policy` (`jq.numbers.qtensor.ExecPolicy`): how the quantized weight executes — online rotation, activation
+  quantization, the LLM.int8 outlier split — carried by the QTensor it produces.
+
+Validated on construction (by those records); errors name the field and the allowed values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 import jax.numpy as jnp
 
-from jq.numbers import formats
-from jq.numbers.qtensor import GRANULARITIES, Layout, QTensor, grid_label
+from jq.numbers.grid import SCALE_DTYPES, ZERO_POINTS, Grid
+from jq.numbers.hadamard import Rotation
+from jq.numbers.qtensor import ACT_FORMATS, ExecPolicy, Layout, QTensor
+from jq.numbers.ranges import RANGE_METHODS, Range
 
-__all__ = ["Scheme", "RANGE_METHODS"]
+__all__ = ["Scheme", "RANGE_METHODS", "ZERO_POINTS", "SCALE_DTYPES", "ACT_FORMATS", "ROTATIONS"]
 
-RANGE_METHODS = ("minmax", "absmax", "percentile", "mse", "absmean")
-ZERO_POINTS = ("int", "float")
-SCALE_DTYPES = ("float32", "float16", "bfloat16")
-ACT_FORMATS = ("int8", "fp8_e4m3", "int4")
 ROTATIONS = ("hadamard",)
-
-
-def _choice(field: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"scheme field {field!r} has value {value!r}; allowed values are {list(allowed)}")
+_GRID = tuple(f.name for f in dataclasses.fields(Grid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,178 +81,57 @@ class Scheme:
     rotate: str | None = None
 
     def __post_init__(self):
-        if self.act is not None:
-            _choice("act", self.act, ACT_FORMATS)
-        if not (isinstance(self.act_clip, (int, float)) and 0.0 < self.act_clip <= 1.0):
-            raise ValueError(f"scheme field 'act_clip' has value {self.act_clip!r}; use a ratio in (0, 1]")
-        if self.act_outlier is not None:
-            if self.act is None or not isinstance(self.act_outlier, (int, float)) or self.act_outlier <= 0:
-                raise ValueError(f"scheme field 'act_outlier' has value {self.act_outlier!r} with act={self.act!r}; "
-                                 "it is a positive threshold (e.g. 6.0) and needs activation quantization (act: int8)")
-        if self.rotate is not None:
-            _choice("rotate", self.rotate, ROTATIONS)
-        _choice("format", self.format, formats.FORMATS)
-        if self.group_size is not None:
-            if not isinstance(self.group_size, int) or self.group_size < 1:
-                raise ValueError(f"scheme field 'group_size' has value {self.group_size!r}; use a positive int")
-            object.__setattr__(self, "granularity", "group")
-        _choice("granularity", self.granularity, GRANULARITIES)
-        if self.granularity == "group" and self.group_size is None:
-            raise ValueError("scheme field 'group_size' is missing; granularity 'group' needs e.g. group_size: 128")
-        if self.flat_groups and (self.granularity != "group" or self.pad):
-            raise ValueError(
-                "scheme field 'flat_groups' needs granularity 'group' (a group_size) and pad: false; "
-                f"got granularity {self.granularity!r}, pad {self.pad!r}"
-            )
-        _choice("range", self.range, RANGE_METHODS)
-        _choice("zero_point", self.zero_point, ZERO_POINTS)
-        _choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
-        if not self.fmt.is_int and not self.symmetric:
-            raise ValueError(
-                f"scheme field 'symmetric' is False but format {self.format!r} has no zero point; "
-                "use symmetric: true, or an int format for asymmetric quantization"
-            )
-        if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"scheme field 'percentile' has value {self.percentile!r}; use a value in (50, 100]")
-        if not 0.0 <= self.mse_max_shrink < 1.0 or self.mse_grid < 1 or self.mse_norm <= 0:
-            raise ValueError(
-                f"scheme MSE search fields mse_grid={self.mse_grid}, mse_max_shrink={self.mse_max_shrink}, "
-                f"mse_norm={self.mse_norm}; need grid >= 1, 0 <= max_shrink < 1, norm > 0"
-            )
         if self.axes is not None:
             object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+        grid = Grid(**{f: getattr(self, f) for f in _GRID})
+        object.__setattr__(self, "granularity", grid.granularity)  # a group_size implies "group"
+        object.__setattr__(self, "_grid", grid)
+        object.__setattr__(self, "_range", Range(self.range, self.percentile, self.mse_grid, self.mse_max_shrink,
+                                                 self.mse_norm))
+        try:
+            rotation = Rotation.parse(self.rotate)
+        except ValueError:
+            raise ValueError(f"scheme field 'rotate' has value {self.rotate!r}; allowed values are {list(ROTATIONS)} "
+                             "(or 'hadamard(seed=N)')") from None
+        object.__setattr__(self, "_policy", ExecPolicy(rotation, self.act, self.act_clip, self.act_outlier))
 
     @property
-    def fmt(self) -> formats.Format:
-        return formats.get_format(self.format)
+    def grid(self) -> Grid:
+        """The values the weight is rounded to, and the arithmetic on them."""
+        return self._grid
+
+    @property
+    def range_search(self) -> Range:
+        """How the grid's range is searched."""
+        return self._range
+
+    @property
+    def policy(self) -> ExecPolicy:
+        """How the quantized weight executes (what the QTensor carries)."""
+        return self._policy
+
+    @property
+    def fmt(self) -> Any:
+        return self._grid.fmt
 
     @property
     def bits(self) -> int:
-        return self.fmt.bits
+        return self._grid.bits
 
     def describe(self) -> str:
         """The scheme in a few words: its grid ('int4 asym g128'), then range search, activations and rotation."""
-        g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
         r = "" if self.range == "minmax" else f" {self.range}"
         a = f" a:{self.act}" if self.act else ""
         a += f"@{self.act_clip:g}" if self.act and self.act_clip != 1.0 else ""
         a += f" outlier>{self.act_outlier:g}" if self.act_outlier is not None else ""
         rot = f" rot:{self.rotate}" if self.rotate else ""
-        return f"{grid_label(self.format, self.symmetric, g)}{r}{a}{rot}"
+        return f"{self._grid.describe()}{r}{a}{rot}"
 
-    # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
-        """The layout of a weight of `shape` contracted over `axes`; errors name `path`."""
-        nd = len(shape)
-        axes = tuple(sorted(a % nd for a in axes)) if nd else ()
-        if any(not -nd <= a < nd for a in (self.axes or ())):
-            raise ValueError(f"{path}: axes {self.axes} out of range for shape {shape}")
-        padded = None
-        if self.flat_groups:
-            n = math.prod(shape)
-            if n % self.group_size:
-                raise ValueError(
-                    f"{path}: group_size {self.group_size} does not divide the {n} elements of shape {shape}; "
-                    "flat groups need that — choose another group size, or flat_groups: false with pad: true"
-                )
-            return Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
-        if self.granularity == "group":
-            ga = max(axes) if axes else nd - 1
-            k = shape[ga]
-            if k % self.group_size:
-                if not self.pad:
-                    raise ValueError(
-                        f"{path}: group_size {self.group_size} does not divide axis {ga} of length {k} "
-                        f"(shape {shape}); choose a group size that divides {k}, or set pad: true"
-                    )
-                padded = -(-k // self.group_size) * self.group_size
-        return Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
+        """The layout of a weight of `shape` contracted over `axes` on this scheme's grid; errors name `path`."""
+        return self._grid.layout(shape, axes, path)
 
-    # -- arithmetic in the grouped view ---------------------------------------------------------------------
-    @property
-    def code_span(self) -> float:
-        """What a scale divides a range by: max |x| / scale = this (symmetric), (max − min) / scale = this
-        (asymmetric)."""
-        f = self.fmt
-        if not f.is_int:
-            return float(f.max)
-        if not self.symmetric:
-            return float(2**f.bits - 1)
-        return float(2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2)
-
-    def scale_zero(self, lo: jnp.ndarray, hi: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi."""
-        f = self.fmt
-        sdt = jnp.dtype(self.scale_dtype)
-        if self.symmetric:
-            amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-            scale = _nonzero((amax / self.code_span).astype(sdt).astype(jnp.float32))
-            return scale, None
-        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
-        qmax = 2**f.bits - 1
-        scale = _nonzero(((hi - lo) / qmax).astype(sdt).astype(jnp.float32))
-        zero = -lo / scale
-        if self.zero_point == "int":
-            zero = jnp.clip(jnp.round(zero), 0, qmax)
-        else:
-            zero = zero.astype(sdt).astype(jnp.float32)
-        return scale, zero
-
-    def encode(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
-        """Codes (unpacked) for the grouped view `xg` under broadcastable `scale` / `zero`."""
-        y = xg / scale
-        if zero is not None:
-            y = y + zero
-        return self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
-
-    def decode(self, codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
-        v = self.fmt.decode(codes, jnp.float32)
-        if zero is not None:
-            v = v - zero
-        return v * scale
-
-    def fake_quant(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
-        """Quantize then dequantize (float in, float out), same shape."""
-        return self.decode(self.encode(xg, scale, zero), scale, zero)
-
-    # -- the quantized tensor -------------------------------------------------------------------------------
-    def make_qtensor(
-        self,
-        codes_g: jnp.ndarray,
-        scale_g: jnp.ndarray,
-        zero_g: jnp.ndarray | None,
-        layout: Layout,
-        dtype,
-        perm: jnp.ndarray | None = None,
-    ) -> QTensor:
-        """Assemble a QTensor from unpacked codes / keepdims scales in the grouped view of `layout`."""
-        f = self.fmt
-        codes = codes_g.reshape(layout.stored_shape)
-        if f.packs:
-            codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
-        squeeze = (layout.inner_axis,) if layout.granularity == "group" else ()
-        scale = jnp.squeeze(scale_g, squeeze).astype(self.scale_dtype)
-        zero = None
-        if zero_g is not None:
-            zdt = jnp.uint8 if self.zero_point == "int" else jnp.dtype(self.scale_dtype)
-            zero = jnp.squeeze(zero_g, squeeze).astype(zdt)
-        return QTensor(
-            codes=codes,
-            scale=scale.reshape(layout.scale_shape),
-            zero=None if zero is None else zero.reshape(layout.scale_shape),
-            perm=perm,
-            fmt=self.format,
-            layout=layout,
-            symmetric=self.symmetric,
-            restricted=self.restricted,
-            dtype=jnp.dtype(dtype).name,
-            act=self.act,
-            act_clip=float(self.act_clip),
-            act_outlier=None if self.act_outlier is None else float(self.act_outlier),
-            rotation=self.rotate,
-        )
-
-
-def _nonzero(scale: jnp.ndarray) -> jnp.ndarray:
-    """An all-zero group gets scale 1: its codes are the zero point and it dequantizes to exact zeros."""
-    return jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    def make_qtensor(self, codes_g: jnp.ndarray, scale_g: jnp.ndarray, zero_g: jnp.ndarray | None, layout: Layout,
+                     dtype: Any, perm: jnp.ndarray | None = None) -> QTensor:
+        """`Grid.make_qtensor` with this scheme's execution policy."""
+        return self._grid.make_qtensor(codes_g, scale_g, zero_g, layout, dtype, perm, self._policy)

@@ -50,7 +50,7 @@ def _operand(x, dtype):
 def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):
     """int8 x int8 -> int32 dot, scales applied after: activations per token, weights per output channel."""
     (lc, rc), (lb, rb) = dimension_numbers
-    xq, xs = quantize_activations(lhs, "int8", tuple(lc), rhs.act_clip)
+    xq, xs = quantize_activations(lhs, "int8", tuple(lc), rhs.policy.act_clip)
     acc = jax.lax.dot_general(xq, rhs.codes, dimension_numbers, preferred_element_type=jnp.int32)
     xs = jnp.squeeze(xs, tuple(lc))  # [batch..., lhs free...]
     ws = jnp.squeeze(rhs.scale.astype(jnp.float32), tuple(rc))  # [rhs free...]
@@ -61,7 +61,7 @@ def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):
 def _int_path_ok(lhs, rhs, dimension_numbers) -> bool:
     (_, rc), (lb, rb) = dimension_numbers
     lay = rhs.layout
-    return (rhs.act == "int8" and rhs.fmt == "int8" and rhs.symmetric and lay.granularity == "channel"
+    return (rhs.policy.act == "int8" and rhs.fmt == "int8" and rhs.symmetric and lay.granularity == "channel"
             and rhs.perm is None and not lb and not rb and tuple(rc) == tuple(lay.axes) and not isinstance(lhs, QTensor))
 
 
@@ -79,9 +79,9 @@ def qdot_general(
     """
     if not isinstance(lhs, QTensor) and not isinstance(rhs, QTensor):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-    if isinstance(rhs, QTensor) and rhs.rotation is not None and not isinstance(lhs, QTensor):
+    if isinstance(rhs, QTensor) and rhs.policy.rotation is not None and not isinstance(lhs, QTensor):
         return _rotated(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-    if isinstance(rhs, QTensor) and rhs.act_outlier is not None and not isinstance(lhs, QTensor):
+    if isinstance(rhs, QTensor) and rhs.policy.act_outlier is not None and not isinstance(lhs, QTensor):
         return _outlier_split(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     _load_kernels()
     reasons = []
@@ -90,12 +90,12 @@ def qdot_general(
         if why is None:
             return k.fn(lhs, rhs, dimension_numbers, preferred_element_type)
         reasons.append(f"{k.name}: {why}")
-    if isinstance(rhs, QTensor) and rhs.act is not None:
+    if isinstance(rhs, QTensor) and rhs.policy.act is not None:
         if _int_path_ok(lhs, rhs, dimension_numbers):
             log.debug("qdot_general: W8A8 int8 x int8 -> int32 XLA dot")
             return _w8a8_int(lhs, rhs, dimension_numbers).astype(lhs.dtype)
         (lc, _), _ = dimension_numbers
-        lhs = fake_quantize_activations(lhs, rhs.act, tuple(lc), rhs.act_clip)  # same numbers as integer codes
+        lhs = fake_quantize_activations(lhs, rhs.policy.act, tuple(lc), rhs.policy.act_clip)  # same numbers as integer codes
     act = rhs if isinstance(lhs, QTensor) else lhs
     dtype = act.dtype if not isinstance(act, QTensor) else jnp.float32
     log.debug("qdot_general falls back to dequantize + XLA dot (%s)", "; ".join(reasons) or "no kernel registered")
@@ -106,12 +106,10 @@ def qdot_general(
 
 def _rotated(lhs, rhs: QTensor, dimension_numbers, precision, preferred_element_type):
     """A weight stored as Qᵀ W (rotation "hadamard"): x W = (x Q)(Qᵀ W), the input rotated online in O(K log K)."""
-    from jq.numbers.hadamard import hadamard_transform
-
     (lc, rc), _ = dimension_numbers
     if len(lc) != 1:
         raise ValueError(f"qdot_general: a Hadamard-rotated weight needs one contraction axis, got lhs axes {lc}")
-    return qdot_general(hadamard_transform(lhs, axis=lc[0]), rhs.unrotated(), dimension_numbers, precision,
+    return qdot_general(rhs.policy.rotation.apply(lhs, axis=lc[0]), rhs.unrotated(), dimension_numbers, precision,
                         preferred_element_type)
 
 
@@ -120,8 +118,8 @@ def _outlier_split(lhs, rhs: QTensor, dimension_numbers, precision, preferred_el
     dequantized weight in float; the others go through the quantized-activation path. Shapes stay static: the
     two parts are the input masked both ways (the zeroed channels add nothing to either product)."""
     (lc, _), _ = dimension_numbers
-    m = outlier_channels(lhs, tuple(lc), rhs.act_outlier)
-    inner = qdot_general(lhs * (1 - m), dataclasses.replace(rhs, act_outlier=None), dimension_numbers, precision,
+    m = outlier_channels(lhs, tuple(lc), rhs.policy.act_outlier)
+    inner = qdot_general(lhs * (1 - m), dataclasses.replace(rhs, policy=dataclasses.replace(rhs.policy, act_outlier=None)), dimension_numbers, precision,
                          preferred_element_type)
     outer = jax.lax.dot_general(lhs * m, rhs.dequantize(lhs.dtype), dimension_numbers, precision,
                                 preferred_element_type)

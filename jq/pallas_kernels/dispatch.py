@@ -80,7 +80,7 @@ def _common(lhs, rhs, dimension_numbers) -> tuple[Mode | None, str | None]:
         return None, "a 1-D weight"
     if lay.flat:
         return None, "flat groups"
-    if rhs.rotation is not None or getattr(rhs, "act_outlier", None) is not None:
+    if rhs.policy.rotation is not None or rhs.policy.act_outlier is not None:
         return None, "rotation / outlier split pending (jq.ops resolves those before asking the kernels)"
     if jnp.dtype(lhs.dtype) not in FLOAT_ACTS:
         return None, f"activation dtype {jnp.dtype(lhs.dtype).name}"
@@ -179,8 +179,8 @@ def supports_w4a16(lhs, rhs, dimension_numbers) -> str | None:
         return why
     if rhs.fmt != "int4":
         return f"format {rhs.fmt} is not int4"
-    if rhs.act is not None:
-        return f"activations quantized to {rhs.act}"
+    if rhs.policy.act is not None:
+        return f"activations quantized to {rhs.policy.act}"
     g = _group(rhs)
     if why := w4a16.unsupported(mode.style, g):
         return why
@@ -211,8 +211,8 @@ def supports_w8a16(lhs, rhs, dimension_numbers) -> str | None:
         return why
     if rhs.fmt not in ("int8",) + FP8_WEIGHTS:
         return f"format {rhs.fmt} is not int8 / fp8"
-    if rhs.act is not None:
-        return f"activations quantized to {rhs.act}"
+    if rhs.policy.act is not None:
+        return f"activations quantized to {rhs.policy.act}"
     if rhs.fmt in FP8_WEIGHTS:
         if mode.style == "tpu" and not mode.interpret:
             return "fp8 weights are not enabled in the TPU style"
@@ -246,8 +246,8 @@ def _supports_w8a8(lhs, rhs, dimension_numbers, fmt: str) -> str | None:
     mode, why = _common(lhs, rhs, dimension_numbers)
     if why:
         return why
-    if rhs.act != fmt or rhs.fmt != fmt:
-        return f"weight {rhs.fmt} with activations {rhs.act}, not {fmt} x {fmt}"
+    if rhs.policy.act != fmt or rhs.fmt != fmt:
+        return f"weight {rhs.fmt} with activations {rhs.policy.act}, not {fmt} x {fmt}"
     if not rhs.symmetric:
         return "asymmetric weights"
     if rhs.layout.granularity not in ("channel", "tensor"):
@@ -275,7 +275,7 @@ def _run_w8a8(lhs, rhs, preferred_element_type, fmt: str, kernel) -> jax.Array:
     mode, _ = kernel_mode()
     out_dtype = preferred_element_type or lhs.dtype
 
-    clip = getattr(rhs, "act_clip", 1.0)
+    clip = rhs.policy.act_clip
     extra = () if clip == 1.0 else (clip,)  # the per-token range covers clip · max |x|
 
     def k(x, w):

@@ -87,7 +87,7 @@ def lsq_grad_scale(scheme: Scheme, layout: Layout) -> float:
 def _range_scale_zero(xg: jax.Array, scheme: Scheme, layout: Layout):
     """Scale / zero (keepdims, grouped view) from the data by the scheme's range, as RTN computes them."""
     lo, hi = ranges.estimate(xg, layout.reduce_axes, scheme)
-    return scheme.scale_zero(lo, hi)
+    return scheme.grid.scale_zero(lo, hi)
 
 
 def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identity") -> jax.Array:
@@ -100,7 +100,7 @@ def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identi
     xg = layout.to_grouped(w.astype(jnp.float32))
     scale, zero = _range_scale_zero(sg(xg), scheme, layout)
     scale, zero = sg(scale), None if zero is None else sg(zero)
-    fq = scheme.fake_quant(sg(xg), scale, zero)
+    fq = scheme.grid.fake_quant(sg(xg), scale, zero)
     if mode == "clipped":
         fq = fq + _inside(xg, scale, zero, scheme) * _d(xg)
     else:
@@ -172,8 +172,8 @@ def lsq_fake_quant(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout
     g = lsq_grad_scale(scheme, layout)
     xg = layout.to_grouped(w.astype(jnp.float32))
     s, z = lsq_scale_zero(q, scheme, layout, g)
-    codes = sg(scheme.encode(xg, s, z))
-    deq = scheme.decode(codes, s, z)  # (code − z)·s: gives dŵ/ds = code − z and dŵ/dz = −s
+    codes = sg(scheme.grid.encode(xg, s, z))
+    deq = scheme.grid.decode(codes, s, z)  # (code − z)·s: gives dŵ/ds = code − z and dŵ/dz = −s
     inner = _d(xg) - sg(xg / s) * _d(s)  # inside the range: dŵ/dw = 1, and −w/s added to dŵ/ds
     if z is not None:
         inner = inner + sg(s) * _d(z)  # inside the range: dŵ/dz = −s + s = 0
@@ -185,7 +185,7 @@ def lsq_qtensor(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout: L
     """The QTensor of `w` under learned parameters `q`: the codes and scales `lsq_fake_quant` rounds to."""
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     s, z = lsq_scale_zero(q, scheme, layout)
-    return scheme.make_qtensor(scheme.encode(xg, s, z), s, z, layout, w.dtype)
+    return scheme.make_qtensor(scheme.grid.encode(xg, s, z), s, z, layout, w.dtype)
 
 
 # -- activations ------------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from jq.algorithms.rtn import QAT
 from jq.tree.recipe import QuantConfig, Rule
 from jq.qat import ste as S
 from jq.numbers.qtensor import Layout, is_qtensor
-from jq.numbers.hadamard import hadamard_transform
 from jq.tree.paths import get_path, path_str, set_path
 from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, quantize_leaf,
                               quantize_params)
@@ -79,7 +78,7 @@ def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
         raise ValueError(f"{path}: QAT does not train schemes with act_outlier (scheme {sch.describe()}); "
                          "use a recipe without it")
     axes = sch.axes if sch.axes is not None else _default_axes(path, ndim)
-    if sch.rotate is not None:
+    if sch.policy.rotation is not None:
         check_rotatable(path, tuple(w.shape), axes)
     o = qat_options(rule)
     return LeafPlan(path, sch, sch.layout(tuple(w.shape), axes, path), rule, o["lsq"], o["lsq_init"], o["ste"])
@@ -88,12 +87,14 @@ def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
 def to_basis(w: jax.Array, p: LeafPlan) -> jax.Array:
     """The weight in the basis its codes are stored in: Qᵀ W along the contraction axis for `rotate: hadamard`
     (what `jq.quantize_params` encodes), `w` itself otherwise. Linear, so gradients pass through exactly."""
-    return w if p.scheme.rotate is None else hadamard_transform(w, axis=p.layout.axes[0])
+    rot = p.scheme.policy.rotation
+    return w if rot is None else rot.apply(w, axis=p.layout.axes[0])
 
 
 def from_basis(v: jax.Array, p: LeafPlan) -> jax.Array:
     """Inverse of `to_basis`: W = Q (Qᵀ W)."""
-    return v if p.scheme.rotate is None else hadamard_transform(v, axis=p.layout.axes[0], transpose=True)
+    rot = p.scheme.policy.rotation
+    return v if rot is None else rot.inverse(v, axis=p.layout.axes[0])
 
 
 # -- the three tree functions -------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
         problems = [f"{name} {got!r} (recipe {exp!r})" for name, got, exp in (
             ("format", x.fmt, sch.format), ("symmetric", x.symmetric, sch.symmetric), ("zero point", zkind, want),
             ("layout", x.layout, lay), ("perm", None if x.perm is None else "act-order", None),
-            ("rotation", getattr(x, "rotation", None), sch.rotate)) if got != exp]
+            ("rotation", x.policy.rotation, sch.policy.rotation)) if got != exp]
         if problems:
             raise ValueError(
                 f"{path}: the PTQ weight is not on the QAT recipe's grid: {'; '.join(problems)}. Quantize it with a "

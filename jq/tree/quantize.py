@@ -17,8 +17,8 @@ import numpy as np
 from jq.algorithms import Method, get_method
 from jq.algorithms.rtn import RTN
 from jq.algorithms.stats import LayerStats
-from jq.numbers.qtensor import QTensor
-from jq.numbers.qtensor import is_qtensor as is_qtensor
+from jq.numbers.hadamard import Rotation
+from jq.numbers.qtensor import QTensor, is_qtensor
 from jq.tree.paths import path_str
 from jq.tree.recipe import QuantConfig
 
@@ -83,8 +83,8 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
     spec = get_method(rule.method)
     stats = LayerStats.coerce(stats)
-    if rule.scheme.rotate is not None:
-        w, stats = _rotate_input(path, jnp.asarray(w), axes, stats)
+    if rule.scheme.policy.rotation is not None:
+        w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
     w = jnp.asarray(w)
     q = None
     if spec.needs_calibration:
@@ -136,9 +136,9 @@ def check_scales(path: str, w: jax.Array, q: QTensor, scheme) -> None:
         raise ValueError(
             f"{path}: {int(bad.sum())} of {scale.size} scales overflow scale_dtype {scheme.scale_dtype} (largest "
             f"finite value {float(sdt.max):.4g}): {article} {unit} spans {worst:.4g} ({'max |w|' if scheme.symmetric else 'max − min'}"
-            f"), so its {scheme.format} scale would be about {worst / scheme.code_span:.4g}. Set scale_dtype: float32 "
+            f"), so its {scheme.format} scale would be about {worst / scheme.grid.code_span:.4g}. Set scale_dtype: float32 "
             f"(or bfloat16) in the rule for this leaf, or keep it float with ignore: ['{path}']")
-    lost = flushed & (span > 0) & ((span / scheme.code_span).astype(jnp.dtype(scheme.scale_dtype)) == 0)
+    lost = flushed & (span > 0) & ((span / scheme.grid.code_span).astype(jnp.dtype(scheme.scale_dtype)) == 0)
     if lost.any():
         warnings.warn(
             f"{path}: {int(lost.sum())} of {scale.size} scales underflow scale_dtype {scheme.scale_dtype} (smallest "
@@ -160,13 +160,10 @@ def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) ->
                          "Hadamard construction (see jq.numbers.hadamard.decompose); drop rotate for this leaf")
 
 
-def _rotate_input(path: str, w, axes: tuple[int, ...], stats: LayerStats | None):
-    """For `rotate: hadamard`: the stored weight Qᵀ W and the statistics of the rotated input x Q."""
-    from jq.numbers.hadamard import hadamard_transform
-
+def _rotate_input(path: str, w, axes: tuple[int, ...], stats: LayerStats | None, rotation: Rotation):
+    """For a rotated scheme: the stored weight Qᵀ W and the statistics of the rotated input x Q."""
     check_rotatable(path, tuple(w.shape), axes)
-    w = hadamard_transform(w, axis=axes[0])
-    return w, None if stats is None else stats.rotated(lambda a, axis: hadamard_transform(a, axis=axis))
+    return rotation.apply(w, axis=axes[0]), None if stats is None else stats.rotated(rotation.apply)
 
 
 def _warn_info(path: str, rule, info: dict) -> None:

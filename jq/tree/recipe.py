@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from jq.algorithms import Method, Transform, get_method, get_transform
+from jq.numbers.hadamard import Rotation
 from jq.numbers.kvcache import KVCacheConfig
 from jq.numbers.scheme import Scheme
 
@@ -113,6 +114,16 @@ class RotationConfig:
                 raise ValueError(f"rotation: '{k}' must be true or false, got {getattr(self, k)!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"rotation: 'seed' must be an int, got {self.seed!r}")
+
+    @property
+    def residual_rotation(self) -> Rotation | None:
+        """The residual stream's rotation: a randomized Hadamard matrix (signs from `seed`), or None."""
+        return Rotation(seed=self.seed) if self.residual else None
+
+    @property
+    def head_rotation(self) -> Rotation | None:
+        """The per-head rotation of v / o: the plain Hadamard matrix, or None."""
+        return Rotation() if self.heads else None
 
 
 @dataclasses.dataclass(frozen=True)

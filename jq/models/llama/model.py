@@ -76,20 +76,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def qk_rotation(kv: KVCacheConfig | None, head_dim: int) -> Callable[[jax.Array], jax.Array] | None:
-    """The orthogonal map applied to q and k after RoPE, or None: `kv.rotation` if given, else the normalized
-    Hadamard transform of `jq.numbers.hadamard` (any head_dim it supports). x: [..., head_dim] -> same shape and dtype
-    (computed in fp32)."""
-    if kv is None or not kv.rotate:
+    """The orthogonal map applied to q and k after RoPE (`kv.rotation`, any head_dim `jq.numbers.hadamard`
+    supports), or None. x: [..., head_dim] -> same shape and dtype (computed in fp32)."""
+    rot = None if kv is None else kv.rotation
+    if rot is None:
         return None
-    fn = kv.rotation
-    if fn is None:
-        from jq.numbers.hadamard import decompose, hadamard_transform
+    from jq.numbers.hadamard import decompose
 
-        decompose(head_dim)  # a clear error for a head_dim with no Hadamard construction
-
-        def fn(x):
-            return hadamard_transform(x, axis=-1, normalize=True)
-    return lambda x: fn(x.astype(jnp.float32)).astype(x.dtype)
+    decompose(head_dim)  # a clear error for a head_dim with no Hadamard construction
+    return lambda x: rot.apply(x.astype(jnp.float32), axis=-1).astype(x.dtype)
 
 
 class Attention(nn.Module):

@@ -17,7 +17,7 @@ quantize with a much smaller range. Steps, all exact in float arithmetic:
 
 Online rotations — the Hadamard transform of the down_proj input, and of q / k after RoPE for a quantized KV cache
 — cannot be folded into weights; they are carried by the quantized pytree (a rule with `rotate: hadamard`, see
-`jq.numbers.scheme.Scheme.rotate`, stores Hᵀ W and the tag `rotation="hadamard"` on the QTensor, and `jq.ops` rotates the
+`jq.numbers.scheme.Scheme.rotate`, stores Hᵀ W with the `Rotation` in the QTensor's policy, and `jq.ops` rotates the
 input) and by the recipe's `kv_cache: {rotate: true}`.
 
 `rotate(params, cfg, seed)` is a pure function (params, model config) → (params, model config); the config only
@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 
 from jq.tree.recipe import RotationConfig
-from jq.numbers.hadamard import rotation_matrix
 from jq.models.llama.config import LlamaConfig
 from jq.numbers.qtensor import QTensor
 
@@ -74,7 +73,7 @@ def rotate(params: dict, cfg: LlamaConfig, spec: RotationConfig = RotationConfig
         p["lm_head"] = {"kernel": head * jnp.asarray(p["final_norm"]["scale"], f32)[:, None]}
         p["final_norm"]["scale"] = jnp.ones_like(p["final_norm"]["scale"])
         cfg = dataclasses.replace(cfg, tie_embeddings=False)
-        q = rotation_matrix(cfg.dim, jax.random.key(spec.seed))
+        q = spec.residual_rotation.matrix(cfg.dim)
         p["embed"]["embedding"] = _mm(emb, q)
         p["lm_head"]["kernel"] = _mm(q.T, p["lm_head"]["kernel"])
         for name in layers:
@@ -89,7 +88,7 @@ def rotate(params: dict, cfg: LlamaConfig, spec: RotationConfig = RotationConfig
                 blk[mod][pr]["kernel"] = _mm(jnp.asarray(blk[mod][pr]["kernel"], f32), q)
     if spec.heads:
         hd = cfg.head_dim
-        h = rotation_matrix(hd)  # plain (deterministic) Hadamard per head
+        h = spec.head_rotation.matrix(hd)  # plain (deterministic) Hadamard per head
         for name in layers:
             attn = p[name]["attn"]
             wv = jnp.asarray(attn["v_proj"]["kernel"], f32)

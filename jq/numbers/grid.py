@@ -1,0 +1,204 @@
+"""Grid: what values a weight is rounded to — format, symmetry, granularity (tensor / channel / group, padding),
+zero-point kind and scale dtype — and the arithmetic on it: the scale / zero point for a range, encoding, decoding,
+fake quantization, and packing the result into a QTensor. A `Scheme` (jq.numbers.scheme) holds a Grid with a range
+search and an execution policy; the KV cache uses a Grid alone.
+
+Conventions (those of GPTQ, AutoGPTQ, llm-compressor and torchao, so results compare):
+- symmetric int: scale = absmax / ((2^b − 1) / 2), codes in [−2^(b−1), 2^(b−1) − 1] (int4: absmax/7.5, −8..7);
+  `restricted=True` gives absmax / (2^(b−1) − 1) and codes −7..7.
+- asymmetric int: the range is widened to contain 0, scale = (max − min) / (2^b − 1),
+  zero = round(−min / scale) in code units (or unrounded with `zero_point="float"`), codes in [0, 2^b − 1].
+- fp8 / fp4 / NF4 (symmetric only): scale = absmax / format max.
+Scales are rounded to `scale_dtype` *before* the codes are computed, so stored scales and codes agree exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from jq.numbers import formats
+from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
+
+__all__ = ["Grid", "ZERO_POINTS", "SCALE_DTYPES", "choice"]
+
+ZERO_POINTS = ("int", "float")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def choice(field: str, value, allowed) -> None:
+    """ValueError naming the scheme field, its value and the allowed values unless `value` is allowed."""
+    if value not in allowed:
+        raise ValueError(f"scheme field {field!r} has value {value!r}; allowed values are {list(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The grid one weight is rounded to. Validated on construction; errors name the field and the allowed values.
+    Fields as the same names of `jq.numbers.scheme.Scheme` (which documents them)."""
+
+    format: str = "int8"
+    symmetric: bool = True
+    restricted: bool = False
+    granularity: str = "channel"
+    group_size: int | None = None
+    pad: bool = False
+    flat_groups: bool = False
+    zero_point: str = "int"
+    scale_dtype: str = "float16"
+    axes: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        choice("format", self.format, formats.FORMATS)
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or self.group_size < 1:
+                raise ValueError(f"scheme field 'group_size' has value {self.group_size!r}; use a positive int")
+            object.__setattr__(self, "granularity", "group")
+        choice("granularity", self.granularity, GRANULARITIES)
+        if self.granularity == "group" and self.group_size is None:
+            raise ValueError("scheme field 'group_size' is missing; granularity 'group' needs e.g. group_size: 128")
+        if self.flat_groups and (self.granularity != "group" or self.pad):
+            raise ValueError(
+                "scheme field 'flat_groups' needs granularity 'group' (a group_size) and pad: false; "
+                f"got granularity {self.granularity!r}, pad {self.pad!r}"
+            )
+        choice("zero_point", self.zero_point, ZERO_POINTS)
+        choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        if not self.fmt.is_int and not self.symmetric:
+            raise ValueError(
+                f"scheme field 'symmetric' is False but format {self.format!r} has no zero point; "
+                "use symmetric: true, or an int format for asymmetric quantization"
+            )
+        if self.axes is not None:
+            object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.get_format(self.format)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+    def describe(self) -> str:
+        """'int4 asym g128': the grid in a few words (`jq.numbers.qtensor.grid_label`)."""
+        g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
+        return grid_label(self.format, self.symmetric, g)
+
+    # -- layout ---------------------------------------------------------------------------------------------
+    def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
+        """The layout of a weight of `shape` contracted over `axes`; errors name `path`."""
+        nd = len(shape)
+        axes = tuple(sorted(a % nd for a in axes)) if nd else ()
+        if any(not -nd <= a < nd for a in (self.axes or ())):
+            raise ValueError(f"{path}: axes {self.axes} out of range for shape {shape}")
+        padded = None
+        if self.flat_groups:
+            n = math.prod(shape)
+            if n % self.group_size:
+                raise ValueError(
+                    f"{path}: group_size {self.group_size} does not divide the {n} elements of shape {shape}; "
+                    "flat groups need that — choose another group size, or flat_groups: false with pad: true"
+                )
+            return Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
+        if self.granularity == "group":
+            ga = max(axes) if axes else nd - 1
+            k = shape[ga]
+            if k % self.group_size:
+                if not self.pad:
+                    raise ValueError(
+                        f"{path}: group_size {self.group_size} does not divide axis {ga} of length {k} "
+                        f"(shape {shape}); choose a group size that divides {k}, or set pad: true"
+                    )
+                padded = -(-k // self.group_size) * self.group_size
+        return Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
+
+    @property
+    def code_span(self) -> float:
+        """What a scale divides a range by: max |x| / scale = this (symmetric), (max − min) / scale = this
+        (asymmetric)."""
+        f = self.fmt
+        if not f.is_int:
+            return float(f.max)
+        if not self.symmetric:
+            return float(2**f.bits - 1)
+        return float(2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2)
+
+    def scale_zero(self, lo: jnp.ndarray, hi: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi."""
+        f = self.fmt
+        sdt = jnp.dtype(self.scale_dtype)
+        if self.symmetric:
+            amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+            scale = _nonzero((amax / self.code_span).astype(sdt).astype(jnp.float32))
+            return scale, None
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+        qmax = 2**f.bits - 1
+        scale = _nonzero(((hi - lo) / qmax).astype(sdt).astype(jnp.float32))
+        zero = -lo / scale
+        if self.zero_point == "int":
+            zero = jnp.clip(jnp.round(zero), 0, qmax)
+        else:
+            zero = zero.astype(sdt).astype(jnp.float32)
+        return scale, zero
+
+    def encode(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
+        """Codes (unpacked) for the grouped view `xg` under broadcastable `scale` / `zero`."""
+        y = xg / scale
+        if zero is not None:
+            y = y + zero
+        return self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
+
+    def decode(self, codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
+        v = self.fmt.decode(codes, jnp.float32)
+        if zero is not None:
+            v = v - zero
+        return v * scale
+
+    def fake_quant(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
+        """Quantize then dequantize (float in, float out), same shape."""
+        return self.decode(self.encode(xg, scale, zero), scale, zero)
+
+    # -- the quantized tensor -------------------------------------------------------------------------------
+    def make_qtensor(
+        self,
+        codes_g: jnp.ndarray,
+        scale_g: jnp.ndarray,
+        zero_g: jnp.ndarray | None,
+        layout: Layout,
+        dtype,
+        perm: jnp.ndarray | None = None,
+        policy: ExecPolicy = ExecPolicy(),
+    ) -> QTensor:
+        """Assemble a QTensor from unpacked codes / keepdims scales in the grouped view of `layout`, executing by
+        `policy` (online rotation, activation quantization)."""
+        f = self.fmt
+        codes = codes_g.reshape(layout.stored_shape)
+        if f.packs:
+            codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+        squeeze = (layout.inner_axis,) if layout.granularity == "group" else ()
+        scale = jnp.squeeze(scale_g, squeeze).astype(self.scale_dtype)
+        zero = None
+        if zero_g is not None:
+            zdt = jnp.uint8 if self.zero_point == "int" else jnp.dtype(self.scale_dtype)
+            zero = jnp.squeeze(zero_g, squeeze).astype(zdt)
+        return QTensor(
+            codes=codes,
+            scale=scale.reshape(layout.scale_shape),
+            zero=None if zero is None else zero.reshape(layout.scale_shape),
+            perm=perm,
+            fmt=self.format,
+            layout=layout,
+            symmetric=self.symmetric,
+            restricted=self.restricted,
+            dtype=jnp.dtype(dtype).name,
+            policy=policy,
+        )
+
+
+
+def _nonzero(scale: jnp.ndarray) -> jnp.ndarray:
+    """An all-zero group gets scale 1: its codes are the zero point and it dequantizes to exact zeros."""
+    return jnp.where(scale > 0, scale, jnp.ones_like(scale))
