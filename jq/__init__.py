@@ -22,13 +22,16 @@ from jq.numbers import formats, ranges
 from jq.numbers.formats import FORMATS, get_format
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
+from jq.algorithms.stats import LayerStats, Stats
 from jq.tree.paths import leaf_paths
+from jq.types import Params
 from jq.tree.quantize import dequantize_params, quantize_params
 from jq.tree.recipe import DEFAULT_IGNORE, QuantConfig, Rule, load_recipe, recipe_from_dict
 from jq.tree.report import format_report, report, size_summary
 
 __all__ = [
-    "DEFAULT_IGNORE", "FORMATS", "Layout", "QTensor", "QuantConfig", "Rule", "Scheme", "__version__", "algorithms",
+    "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "Params", "QTensor", "QuantConfig", "Rule", "Scheme", "Stats",
+    "__version__", "algorithms",
     "apply", "dequantize_params", "format_report", "formats", "get_format", "interop", "leaf_paths", "load_recipe",
     "nnx_merge", "ops", "quantize_params", "ranges", "recipe_from_dict", "report", "size_summary",
 ]
