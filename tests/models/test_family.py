@@ -19,7 +19,7 @@ from jq.apps.cli import main as cli_main
 from jq.calibration.sequential import BlockSpec
 from jq.models import family as registry
 from jq.models.family import ModelFamily, TensorMap, register_family
-from test_models_llama import MERGES, SPECIALS, TOKENS
+from jqtest.llama import MERGES, SPECIALS, TOKENS
 
 # ------------------------------------------------------------------------------- the toy family, complete
 

@@ -26,7 +26,8 @@ from jq.apps.convert import convert
 from jq.checkpoint import writer
 from jq.checkpoint.format import sealed
 from jq.tree.recipe import recipe_from_dict, recipe_to_dict
-from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf, write_hf
+from jqtest.checkpoints import _leftovers, _same
+from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf, write_hf
 
 W4 = {"name": "w4", "rules": [{"pattern": ".*kernel", "format": "int4", "symmetric": False, "group_size": 16}]}
 
@@ -60,30 +61,6 @@ def _quantized():
     q["f"]["kernel"] = dataclasses.replace(f, perm=jnp.arange(f.shape[0], dtype=jnp.int32)[::-1],
                                            policy=jq.numbers.qtensor.ExecPolicy("hadamard(seed=3)", "int8", 0.9, 6.0))
     return params, q
-
-
-def _same(x, y) -> None:
-    """Bit-for-bit equality of two trees of arrays / QTensors: values, dtypes and static fields."""
-    lx, ly = jq.leaf_paths(x), jq.leaf_paths(y)
-    assert [p for p, _ in lx] == [p for p, _ in ly]
-    for (p, a), (_, b) in zip(lx, ly):
-        if isinstance(a, jq.QTensor):
-            assert isinstance(b, jq.QTensor), p
-            static = [f.name for f in dataclasses.fields(jq.QTensor) if f.metadata.get("static")]
-            assert [getattr(a, f) for f in static] == [getattr(b, f) for f in static], p
-            for f in ("codes", "scale", "zero", "perm"):
-                u, v = getattr(a, f), getattr(b, f)
-                assert (u is None) == (v is None), (p, f)
-                if u is not None:
-                    assert u.dtype == v.dtype, (p, f)
-                    np.testing.assert_array_equal(np.asarray(u), np.asarray(v), err_msg=f"{p} {f}")
-        else:
-            assert jnp.dtype(a.dtype) == jnp.dtype(b.dtype), p
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
-
-
-def _leftovers(parent: Path, name: str) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if name in p.name)
 
 
 # ----------------------------------------------------------------------------------------------- round trips
@@ -203,7 +180,7 @@ def test_killed_conversion_leaves_nothing_valid_and_a_rerun_completes(tmp_path):
     write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg))
     (tmp_path / "w4.yaml").write_text(json.dumps(W4))
     out = tmp_path / "q"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_CONVERT, str(tmp_path / "m.gguf"), str(tmp_path / "w4.yaml"),
                              str(out)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -395,7 +372,7 @@ def test_calibrated_recipe_runs_the_llama_model_first(tmp_path):
 
 
 def test_recipe_dict_round_trips_every_shipped_recipe():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     for f in sorted(root.glob("*.yaml")):
         c = jq.load_recipe(f)
         assert recipe_from_dict(json.loads(json.dumps(recipe_to_dict(c))), str(f)) == c, f.name

@@ -21,9 +21,9 @@ import jq
 from jq import checkpoint as ck
 from jq.apps.convert import convert
 from jq.apps.cli import main as cli_main
-from test_checkpoint import _leftovers, _same
+from jqtest.checkpoints import _leftovers, _same
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _small():
@@ -237,7 +237,7 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 def test_a_checkpoint_written_by_an_earlier_jq_still_loads_bit_for_bit():
-    """tests/data/checkpoint_v1_0 was written by jq at commit b4dc096 (format 1.0, before the metadata CRC and
+    """tests/checkpoint/data/checkpoint_v1_0 was written by jq at commit b4dc096 (format 1.0, before the metadata CRC and
     before the package moved around); its arrays are kept beside it in checkpoint_v1_0.npz."""
     d = DATA / "checkpoint_v1_0"
     meta = ck.read_meta(d)

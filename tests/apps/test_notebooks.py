@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
 EXPECTED = ["01_quickstart", "02_gptq_awq_hqq", "03_qat", "04_kernels_and_checkpoints"]
 KERNEL = "jq-test-python"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jq.numbers import formats
-from test_core_npref import FP4_E2M1, FP8_MAX, NF4_QLORA, np_fp8_saturating, np_nearest_index, np_pack, sign_extend
+from jqtest.npref import FP4_E2M1, FP8_MAX, NF4_QLORA, np_fp8_saturating, np_nearest_index, np_pack, sign_extend
 
 # ------------------------------------------------------------------------------------------------------ packing
 

@@ -8,7 +8,7 @@ import pytest
 import jq
 from jq.apps import data, pipeline
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (recipe, perplexity measured by the reference framework)
 REFERENCE = [(None, 36.62), ("rtn_w8_g128.yaml", 36.63), ("rtn_w4_g128.yaml", 46.53), ("rtn_w4_g128_sym.yaml", 54.17),

@@ -1,5 +1,5 @@
 """The CLI end to end on a tiny GGUF model: eval, quantize --out, inspect, convert (the checkpoint format itself is
-tested in test_checkpoint.py)."""
+tested in tests/checkpoint/)."""
 
 import json
 
@@ -11,7 +11,7 @@ import jq
 from jq import checkpoint
 from jq.checkpoint.format import sealed
 from jq.apps.cli import main as cli_main  # the test drives the CLI like a user; nothing in jq imports it
-from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
+from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
 
 TEXT = ("the cat sat on the mat and the hat, " * 60) + "12 cats at the hat. "
 

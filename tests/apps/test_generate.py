@@ -23,9 +23,9 @@ from jq.apps import pipeline
 from jq.models.llama.config import LlamaConfig
 from jq.apps.generate import check_lengths, generate, generate_timed
 from jq.models.llama.model import cache_bytes_per_token, init_cache, init_params, make_decode, make_forward, qk_rotation
-from test_models_llama import tiny_cfg, tiny_checkpoint, write_gguf
+from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig.tiny()  # 2 layers, 4 query heads over 2 kv heads, head_dim 8, vocab 64
 
 

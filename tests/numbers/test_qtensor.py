@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jq import QTensor, Scheme
 from jq.algorithms import get_method
-from test_core_npref import FP4_E2M1, NF4_QLORA, check_quantized, np_rtn
+from jqtest.npref import FP4_E2M1, NF4_QLORA, check_quantized, np_rtn
 
 rtn = get_method("rtn")
 

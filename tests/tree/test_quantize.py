@@ -14,7 +14,7 @@ from flax import nnx
 import jq
 from jq import QTensor, QuantConfig, Rule, Scheme
 from jq.tree.report import summarize
-from test_core_npref import NF4_QLORA, check_quantized
+from jqtest.npref import NF4_QLORA, check_quantized
 
 INT8 = Scheme("int8")
 INT4 = Scheme("int4", symmetric=False, group_size=16)

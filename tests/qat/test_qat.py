@@ -26,7 +26,7 @@ from jq.models.llama.model import Llama, init_params
 from jq.numbers.qtensor import QTensor
 from jq.numbers.scheme import Scheme
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _is_q(x) -> bool:

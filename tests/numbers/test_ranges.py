@@ -12,7 +12,7 @@ import pytest
 
 from jq import Scheme, ranges
 from jq.algorithms import get_method
-from test_core_npref import check_quantized, np_encode, np_scale_zero
+from jqtest.npref import check_quantized, np_encode, np_scale_zero
 
 AXES = [(0,), (1,), (2,), (0, 1), (1, 2), (0, 2), (0, 1, 2)]
 
