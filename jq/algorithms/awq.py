@@ -57,7 +57,7 @@ def _default_layout_fn(scheme: Scheme) -> Callable[[tuple[int, ...]], Layout]:
     return lambda shape: scheme.layout(tuple(shape), (0,))
 
 
-def _as_list(weights) -> list[jnp.ndarray]:
+def _as_list(weights: jnp.ndarray | Sequence[jnp.ndarray]) -> list[jnp.ndarray]:
     if isinstance(weights, (list, tuple)):
         return [jnp.asarray(w, jnp.float32) for w in weights]
     return [jnp.asarray(weights, jnp.float32)]
@@ -67,7 +67,7 @@ def _along_input(s: jnp.ndarray, ndim: int) -> jnp.ndarray:
     return s.reshape(s.shape + (1,) * (ndim - 1))
 
 
-def weight_absmean(weights, layouts: Sequence[Layout]) -> jnp.ndarray:
+def weight_absmean(weights: jnp.ndarray | Sequence[jnp.ndarray], layouts: Sequence[Layout]) -> jnp.ndarray:
     """Duo AWQ's per-input-channel weight magnitude [K]: |w| divided by its group's (or channel's) max |w|, so every
     group is on a 0..1 scale, then averaged over all output columns of all kernels sharing the input."""
     cols = []
@@ -83,7 +83,7 @@ def weight_absmean(weights, layouts: Sequence[Layout]) -> jnp.ndarray:
 
 
 def search_scales(
-    weights,
+    weights: jnp.ndarray | Sequence[jnp.ndarray],
     hessian: jnp.ndarray,
     act_absmean: jnp.ndarray,
     scheme: Scheme,
@@ -280,7 +280,7 @@ def awq_clip(
     w: jnp.ndarray,
     scheme: Scheme,
     layout: Layout,
-    stats,
+    stats: LayerStats | dict | None,
     *,
     grid: int = 20,
     max_shrink: float = 0.5,

@@ -1,51 +1,35 @@
 """GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
 
 Quantizes the input channels of a kernel one at a time and feeds each one's rounding error back into the channels
-not yet quantized, weighted by the inverse Hessian of the layer's output error ‖X W − X Q‖², H = XᵀX.
-The paper:
+not yet quantized, weighted by the inverse Hessian of the layer's output error ‖X W − X Q‖², H = XᵀX:
 
     U = upper Cholesky factor of (H + λI)⁻¹            (UᵀU = (H + λI)⁻¹, λ = damp · mean diag H)
     for each input channel j (a row of the Flax kernel, a column of the paper's PyTorch weight), in order:
         q_j = quant(w_j);   e_j = (w_j − q_j) / U_jj;   w_k −= U_jk · e_j  for k > j
 
-with lazy batch updates: the channels of a block of `block_size` are processed one by one against the block, the
-rest of the weight is updated once per block with one matmul.
+No inverse is formed: with H + λI = V Vᵀ (V upper triangular, U = V⁻¹) the updates, written against the errors
+Δ_j = w_j − q_j of the *original* weights, are w_k = w_k⁰ + Σ_{j<k} (V_jk / V_kk) Δ_j (the unit-triangular form of
+Chee et al. 2023, "QuIP"): one Cholesky instead of Cholesky, inverse and Cholesky, and no inversion of an
+ill-conditioned matrix in float32. The objective e_j = (w_j − q_j)·V_jj is accumulated as it goes.
 
-This implementation computes the same thing without forming an inverse. With H + λI = V Vᵀ, V upper triangular
-(a Cholesky factor of the reversed matrix), U = V⁻¹, and the updates above, rewritten against the errors
-Δ_j = w_j − q_j of the *original* weights, become w_k = w_k⁰ + Σ_{j<k} (V_jk / V_kk) Δ_j (the unit-triangular
-form of Chee et al. 2023, "QuIP", which shows it equals GPTQ). That is one Cholesky (K³/3 flops) instead of
-Cholesky, inverse and a second Cholesky, and it avoids inverting an ill-conditioned matrix in float32. The
-paper's objective e_j = (w_j − q_j)·V_jj is accumulated as it goes.
+Loops (lazy batch updates): a `lax.fori_loop` over blocks of `block_size`, inside it sub-blocks of 16 channels,
+inside those single channels; each level updates the rest of its parent with one matmul. The blocks run in 4
+segments whose trailing updates skip rows already done (≈40% fewer flops). No Python loop runs over K.
 
-Loops: a `lax.fori_loop` over blocks (dynamic slices of arrays padded to a multiple of the block), inside it a
-loop over sub-blocks of 16 channels, inside that a loop over channels; each level updates the rest of its parent
-with one matmul. The blocks run in 4 segments whose trailing updates skip rows already done (≈40% fewer flops
-than one masked loop). All counts are static and no Python loop runs over K, so compile time does not depend on K.
+Grids. Channel / tensor granularity: one range from the whole weight up front, as the reference does. Groups: a
+group's scale / zero come from its *current* weights when its first channel is reached (the originals plus the
+error feedback so far, recovered by one unit-triangular [g, g] solve), or for all groups up front with
+`static_groups=True`; the range is the scheme's or, with `hqq`, HQQ's fit to those rows. `block_size` is rounded
+so a group never starts inside a block it does not fit in, so the result does not depend on it beyond rounding
+(the reference takes a mid-block group from weights lacking that block's feedback; at 128 / 128 both agree).
 
-Grid parameters. Channel and tensor granularity: one range from the whole (dead-row-zeroed) weight up front, as
-the reference does. Groups: the scale / zero of a group are computed when its first channel is reached, from the
-group's *current* weights — the original ones plus the paper's error feedback of every channel quantized so far
-(recovered from the Δ form by one unit-triangular [g, g] solve) — or, with `static_groups=True`, for all groups up
-front from the original weights. The range is the scheme's (minmax, absmax, percentile, or the MSE clip search of
-`jq.numbers.ranges.mse_clip`), or with the `hqq` option HQQ's half-quadratic fit of the group's zero (and scale) to those
-current rows (`jq.algorithms.hqq.hqq_params`, early stopping per group). Blocks are adjusted so that a group never
-starts inside a block it does not fit in: `block_size` is rounded down to a multiple of `group_size` (or to a divisor of it when groups are larger than
-blocks), and the result does not depend on `block_size` beyond float rounding. (The reference code takes a group
-starting mid-block from weights that lack the feedback of that block's earlier channels; with group_size a
-multiple of block_size — 128 / 128, the usual setting — both agree.)
+Act-order (`act_order=True`): channels by descending diag H. Groups are formed in that order and codes stored
+permuted (`perm`, stored = W[perm] along K) unless groups are static or absent (then no `perm` is needed).
 
-Act-order (`act_order=True`): channels are processed by descending diag H. Without static groups, groups are
-formed in that order and the codes are stored permuted with `perm` (stored = W[perm] along K, see `QTensor`);
-with static groups (or channel / tensor granularity) the codes are stored in the original order and no `perm` is
-needed.
-
-Conditioning. Inputs that never fire (diag H = 0) are decoupled by the damping alone and rounded without error
-feedback (the published code zeroes their weight rows, which is wrong wherever they are live). If the
-Cholesky factorisation fails (NaN), damping is raised ×10 up to `max_damp_tries` times inside the jitted
-computation; if it still fails — or H carries no data at all (all zero, or `stats.count == 0`) — the layer
-falls back to round-to-nearest (V = I: no error feedback). `gptq_with_info` reports the final damping, whether
-that fallback happened and the GPTQ objective, so the caller can warn per layer.
+Conditioning. Inputs that never fire (diag H = 0) are decoupled by the damping and rounded without feedback (the
+published code zeroes their rows, wrong wherever they are live). A failed Cholesky (NaN) raises the damping ×10 up
+to `max_damp_tries` times inside the jitted computation; if it still fails, or H carries no data, the layer falls
+back to round-to-nearest (V = I). `gptq_with_info` reports the damping, the fallback and the objective.
 """
 
 from __future__ import annotations
@@ -58,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jq.algorithms.gptq_plan import plan
+from jq.algorithms.gptq_plan import check_options, plan
 from jq.algorithms.grids import GridFitter, RangeFit
 from jq.algorithms.hqq import HQQFit
 from jq.algorithms.refit import LeastSquaresRefit
@@ -73,9 +57,8 @@ _SEGMENTS = 4  # block loops per run (see the trailing update)
 
 
 def _upper_cholesky(h: jnp.ndarray) -> jnp.ndarray:
-    """Upper-triangular V with h = V Vᵀ (NaN if h is not positive definite): the Cholesky factor of the
-    reversed matrix, reversed (J h J = L Lᵀ ⇒ h = (J L J)(J L J)ᵀ). Reads one triangle of h (no symmetrising
-    pass over a K×K array)."""
+    """Upper-triangular V with h = V Vᵀ (NaN if h is not positive definite): the reversed matrix's Cholesky factor,
+    reversed (J h J = L Lᵀ ⇒ h = (J L J)(J L J)ᵀ). Reads one triangle of h (no symmetrising pass)."""
     return lax.linalg.cholesky(h[::-1, ::-1], symmetrize_input=False)[::-1, ::-1]
 
 
@@ -91,7 +74,7 @@ def gptq_with_info(
     w: jnp.ndarray,
     scheme: Scheme,
     layout: Layout,
-    stats,
+    stats: LayerStats | dict,
     *,
     block_size: int = 128,
     damp: float = 0.01,
@@ -128,16 +111,7 @@ def gptq_with_info(
       units of the given H: divide by tr(WᵀHW) for a relative figure}.
     """
     p = plan(layout, block_size, act_order, static_groups)
-    if refit is not None and p.level not in ("column", "block"):
-        raise ValueError(f"gptq: refit applies to groups formed during the pass (granularity: group, "
-                         f"static_groups: false); this layout is {layout.granularity!r} with static_groups="
-                         f"{static_groups}. Drop the refit option")
-    fitted = not isinstance(grid, RangeFit)  # a fitter that needs the group's valid rows (HQQ)
-    if fitted and (p.level not in ("column", "block") or scheme.symmetric or not scheme.fmt.is_int):
-        raise ValueError(f"gptq: the hqq option ({type(grid).__name__} grids) fits the zero point of asymmetric int "
-                         f"groups formed during the pass; this is {scheme.describe()!r} with granularity "
-                         f"{layout.granularity!r}, static_groups={static_groups}. Drop hqq, or use symmetric: false "
-                         "with group_size")
+    fitted = check_options(p, layout, scheme, grid, refit, static_groups)
     K, Kp, Kt, N, B, S, g = p.K, p.Kp, p.Kt, p.N, p.B, p.S, p.g
     stats = LayerStats.coerce(stats)
     if stats is None or stats.hessian is None:
@@ -401,21 +375,25 @@ class GPTQ:
 
     @classmethod
     def from_options(cls, *, hqq: bool | dict | tuple = False, refit: bool = False, **options) -> GPTQ:
+        """The record a recipe rule's options describe (the other options are fields)."""
         grid = RangeFit() if hqq in (False, None) else HQQFit(**({} if hqq is True else dict(hqq)))
         return cls(grid=grid, refit=LeastSquaresRefit() if refit else None, **options)
 
-    def quantize_with_info(self, w, scheme: Scheme, layout: Layout, stats) -> tuple[QTensor, dict[str, jnp.ndarray]]:
+    def quantize_with_info(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
+                           stats: LayerStats | dict) -> tuple[QTensor, dict[str, jnp.ndarray]]:
+        """`gptq_with_info` with this record's options: (QTensor of w [K, N], info)."""
         return gptq_with_info(w, scheme, layout, stats, **{f.name: getattr(self, f.name)
                                                            for f in dataclasses.fields(self)})
 
-    def quantize(self, w, scheme: Scheme, layout: Layout, stats) -> QTensor:
+    def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict) -> QTensor:
+        """The QTensor of w [K, N] alone."""
         return self.quantize_with_info(w, scheme, layout, stats)[0]
 
 
-def gptq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats, **options) -> QTensor:
-    """GPTQ quantization of a kernel against calibration `stats.hessian`, with a recipe's options
-    (`GPTQ.from_options`); `gptq_with_info` also reports the final damping, whether the layer fell back to RTN,
-    its dead inputs and the objective. `quantize_leaf` uses that variant (outside jit) to warn per layer."""
+def gptq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict, **options) -> QTensor:
+    """GPTQ quantization of a kernel w [K, N] against calibration `stats.hessian` [K, K], with a recipe's options
+    (`GPTQ.from_options`); `gptq_with_info` also reports the final damping, whether the layer fell back to RTN, its
+    dead inputs and the objective. `quantize_leaf` uses that variant (outside jit) to warn per layer."""
     return GPTQ.from_options(**options).quantize(w, scheme, layout, stats)
 
 

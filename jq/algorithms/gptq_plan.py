@@ -8,9 +8,12 @@ import math
 
 import numpy as np
 
+from jq.algorithms.grids import GridFitter, RangeFit
+from jq.algorithms.refit import LeastSquaresRefit
 from jq.numbers.qtensor import Layout
+from jq.numbers.scheme import Scheme
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "check_options", "plan"]
 
 _SUB = 16  # channels per sub-block
 
@@ -32,6 +35,8 @@ class Plan:
 
 
 def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) -> Plan:
+    """The static `Plan` of GPTQ on a kernel of logical shape `layout.shape` (contraction axes leading, [K..., N...]);
+    raises ValueError for layouts GPTQ cannot run on (flat groups, trailing contraction axes, ...)."""
     if layout.flat:
         raise ValueError(
             f"gptq: flat groups are not meaningful for GPTQ (layout {layout}); use per-axis groups with "
@@ -81,3 +86,21 @@ def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) 
     if S < 4:
         S = B if level != "column" else S
     return Plan(K, Kp, Kt, N, B, S, g, level, store_perm, real_idx)
+
+
+def check_options(p: Plan, layout: Layout, scheme: Scheme, grid: GridFitter,
+                  refit: LeastSquaresRefit | None,
+                  static_groups: bool) -> bool:
+    """Refuse a refit or a fitted (non-`RangeFit`) grid where groups are not formed during the pass, naming the
+    layout and the fix; returns whether the grid is fitted (it then needs each group's valid rows)."""
+    if refit is not None and p.level not in ("column", "block"):
+        raise ValueError(f"gptq: refit applies to groups formed during the pass (granularity: group, "
+                         f"static_groups: false); this layout is {layout.granularity!r} with static_groups="
+                         f"{static_groups}. Drop the refit option")
+    fitted = not isinstance(grid, RangeFit)  # a fitter that needs the group's valid rows (HQQ)
+    if fitted and (p.level not in ("column", "block") or scheme.symmetric or not scheme.fmt.is_int):
+        raise ValueError(f"gptq: the hqq option ({type(grid).__name__} grids) fits the zero point of asymmetric int "
+                         f"groups formed during the pass; this is {scheme.describe()!r} with granularity "
+                         f"{layout.granularity!r}, static_groups={static_groups}. Drop hqq, or use symmetric: false "
+                         "with group_size")
+    return fitted

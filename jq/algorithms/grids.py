@@ -29,6 +29,9 @@ class GridFitter(Protocol):
 class RangeFit:
     """The scheme's range (`scheme.range`), then its scale and zero point (`Scheme.scale_zero`)."""
 
-    def fit(self, xg, scheme, reduce_axes, *, weight=None, valid=None):
+    def fit(self, xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight: jnp.ndarray | None = None,
+            valid: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """Keepdims (scale, zero) of the grouped view `xg` (`Layout.grouped_shape`, e.g. [G, g, N] → [G, 1, N]) from
+        the scheme's range; `weight` broadcasts against `xg`; `valid` is unused (padding is zero)."""
         lo, hi = ranges.estimate(xg, reduce_axes, scheme, weight)
         return scheme.grid.scale_zero(lo, hi)

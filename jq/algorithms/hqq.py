@@ -35,6 +35,7 @@ Integer zero points: with the scale fixed, an integer zero point only slides the
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +43,19 @@ import jax.numpy as jnp
 from jq.numbers import ranges
 from jq.algorithms.registry import register_method
 from jq.algorithms.rtn import RTN, rtn
+from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
 __all__ = ["HQQFit", "hqq", "hqq_params", "hqq_refine", "shrink_lp", "lp_error"]
 
 
-def shrink_lp(x: jnp.ndarray, beta, p: float, weight=None) -> jnp.ndarray:
+def shrink_lp(x: jnp.ndarray, beta: float | jnp.ndarray, p: float,
+              weight: jnp.ndarray | None = None) -> jnp.ndarray:
     """Generalized soft-thresholding: the proximal operator of (weight/β)·|x|^p (the lp "norm", p ≤ 1).
 
-    sign(x)·max(|x| − (weight/β)·|x|^(p−1), 0); exact soft-thresholding for p = 1, 0 at x = 0.
+    sign(x)·max(|x| − (weight/β)·|x|^(p−1), 0); exact soft-thresholding for p = 1, 0 at x = 0. `x` any shape, `beta`
+    and `weight` broadcast against it; returns x's shape.
     """
     ax = jnp.abs(x)
     thr = jnp.where(ax > 0, ax ** (p - 1.0), 0.0) / beta if p != 1.0 else jnp.ones_like(ax) / beta
@@ -60,8 +64,9 @@ def shrink_lp(x: jnp.ndarray, beta, p: float, weight=None) -> jnp.ndarray:
     return jnp.sign(x) * jnp.maximum(ax - thr, 0.0)
 
 
-def lp_error(xg, xr, p: float, reduce_axes, weight=None) -> jnp.ndarray:
-    """Σ weight·|xg − xr|^p over `reduce_axes` (keepdims)."""
+def lp_error(xg: jnp.ndarray, xr: jnp.ndarray, p: float, reduce_axes: tuple[int, ...],
+             weight: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Σ weight·|xg − xr|^p over `reduce_axes` (keepdims): xg, xr the grouped view, e.g. [G, g, N] → [G, 1, N]."""
     e = jnp.abs(xg - xr) ** p
     if weight is not None:
         e = e * weight
@@ -171,11 +176,11 @@ def hqq_refine(
     return out[4], out[5]
 
 
-def _keep_shape(shape, reduce_axes):
+def _keep_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if a in reduce_axes else n for a, n in enumerate(shape))
 
 
-def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight=None,
+def hqq_params(xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight: jnp.ndarray | None = None,
                optimize_scale: bool | None = None, **options) -> tuple[jnp.ndarray, jnp.ndarray]:
     """HQQ's grid for a grouped view `xg`: the scheme's range (min-max by default) refined by `hqq_refine`.
 
@@ -203,12 +208,16 @@ class HQQFit:
     optimize_scale: bool | None = None
     early_stop: bool = True
 
-    def fit(self, xg, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight=None, valid=None):
+    def fit(self, xg: jnp.ndarray, scheme: Scheme, reduce_axes: tuple[int, ...], *, weight: jnp.ndarray | None = None,
+            valid: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Keepdims (scale, zero) of the grouped view `xg` (e.g. [G, g, N] → [G, 1, N]) by `hqq_params`; `valid`
+        (broadcasting against `xg`, 0 on padding) weights the error; `weight` is unused."""
         return hqq_params(xg, scheme, reduce_axes, weight=valid, iters=self.iters, p=self.p, beta=self.beta,
                           kappa=self.kappa, optimize_scale=self.optimize_scale, early_stop=self.early_stop)
 
 
-def hqq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None, **options) -> QTensor:
+def hqq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None,
+        **options: Any) -> QTensor:
     """HQQ-quantize `w` (logical shape `layout.shape`): round to nearest on grids `HQQFit(**options)` fits — the
     scheme's range (min-max by default) with the zero point (and the scale, `optimize_scale`) refined per group by
     `hqq_refine`. Data-free: `stats` is ignored.

@@ -13,7 +13,8 @@ __all__ = ["refit_groups", "LeastSquaresRefit"]
 
 
 def refit_groups(w0: jnp.ndarray, vals: jnp.ndarray, h: jnp.ndarray, mask: jnp.ndarray, g: int,
-                 scale: jnp.ndarray, zero: jnp.ndarray | None, fit_zero: bool, ridge: float = 1e-4):
+                 scale: jnp.ndarray, zero: jnp.ndarray | None, fit_zero: bool,
+                 ridge: float = 1e-4) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """Least-squares refit of group scales (and float zero points) with the codes held fixed.
 
     With codes fixed, a dequantized group column is a·v + b·1 (v: the codes' grid values minus a fixed zero point,
@@ -73,6 +74,8 @@ class LeastSquaresRefit:
 
     ridge: float = 1e-4
 
-    def refine(self, w0, vals, h, mask, g: int, scale, zero, fit_zero: bool):
-        """(scale, zero) [G, N] refitted; arguments as `refit_groups`."""
+    def refine(self, w0: jnp.ndarray, vals: jnp.ndarray, h: jnp.ndarray, mask: jnp.ndarray, g: int, scale: jnp.ndarray,
+               zero: jnp.ndarray | None, fit_zero: bool) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+        """(scale, zero) [G, N] refitted; arguments as `refit_groups` (w0, vals [K, N], h [K, K], mask [K], scale,
+        zero [G, N])."""
         return refit_groups(w0, vals, h, mask, g, scale, zero, fit_zero, self.ridge)

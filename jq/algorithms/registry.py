@@ -28,7 +28,9 @@ __all__ = ["Method", "MethodSpec", "METHODS", "register", "register_method", "ge
 class Method(Protocol):
     """A quantization method record: frozen and hashable (it is a static argument of jit)."""
 
-    def quantize(self, w: Any, scheme: Scheme, layout: Layout, stats: Any = None) -> QTensor: ...
+    def quantize(self, w: Any, scheme: Scheme, layout: Layout, stats: Any = None) -> QTensor:
+        """Quantize `w` (logical shape `layout.shape`, e.g. a Dense kernel [K, N]) with optional calibration `stats`
+        (`LayerStats`, e.g. `hessian` [K, K])."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,7 @@ class MethodSpec:
     reports_info: bool = False  # its records have quantize_with_info (damping, fallbacks, dead inputs)
 
     def __call__(self, w: Any, scheme: Scheme, layout: Layout, stats: Any = None, **options: Any) -> QTensor:
+        """`build(**options).quantize(w, scheme, layout, stats)`: w in its logical shape `layout.shape`."""
         return self.build(**options).quantize(w, scheme, layout, stats)
 
 
@@ -53,6 +56,7 @@ class FunctionMethod:
     options: tuple[tuple[str, Any], ...] = ()
 
     def quantize(self, w: Any, scheme: Scheme, layout: Layout, stats: Any = None) -> QTensor:
+        """`fn(w, scheme, layout, stats, **options)`: w in its logical shape `layout.shape`."""
         return self.fn(w, scheme, layout, stats, **dict(self.options))
 
 
@@ -87,6 +91,7 @@ def register(name: str, *, needs_calibration: bool = False) -> Callable[[Callabl
 
 
 def get_method(name: str) -> MethodSpec:
+    """The registered spec of `method: name`; ValueError naming the known methods otherwise."""
     try:
         return METHODS[name]
     except KeyError:
@@ -98,7 +103,8 @@ class Transform(Protocol):
 
     name: str
 
-    def scales(self, weights: list, stats: Any, scheme: Scheme) -> Any: ...
+    def scales(self, weights: list, stats: Any, scheme: Scheme) -> Any:
+        """Per-input-channel scales s [K] for `weights`, kernels [K, N_i] (input axis first) sharing one input."""
 
 
 TRANSFORMS: dict[str, Callable[..., Transform]] = {}

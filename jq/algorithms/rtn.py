@@ -16,7 +16,8 @@ from jq.numbers.scheme import Scheme
 __all__ = ["RTN", "QAT", "rtn"]
 
 
-def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats=None, *, grid: GridFitter = RangeFit()) -> QTensor:
+def rtn(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
+        grid: GridFitter = RangeFit()) -> QTensor:
     """Quantize `w` (logical shape `layout.shape`) by round-to-nearest on the grids `grid` fits (default: the
     scheme's range).
 
@@ -48,7 +49,9 @@ class RTN:
 
     grid: GridFitter = RangeFit()
 
-    def quantize(self, w, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
+    def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
+                 stats: LayerStats | dict | None = None) -> QTensor:
+        """`rtn` of `w` (logical shape `layout.shape`, e.g. a Dense kernel [K, N]) on `self.grid`'s grids."""
         return rtn(w, scheme, layout, stats, grid=self.grid)
 
 
@@ -66,7 +69,9 @@ class QAT:
     lsq_init: str = "range"
     ste: str = "identity"
 
-    def quantize(self, w, scheme: Scheme, layout: Layout, stats=None) -> QTensor:
+    def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
+                 stats: LayerStats | dict | None = None) -> QTensor:
+        """Plain `rtn` of `w` (logical shape `layout.shape`, e.g. a Dense kernel [K, N]) on the scheme's range."""
         return rtn(w, scheme, layout, stats)
 
 

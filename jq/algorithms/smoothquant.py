@@ -10,19 +10,22 @@ only; folding X/s into the preceding norm and diag(s)·W into the kernels is the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax.numpy as jnp
 
 __all__ = ["smooth_scales", "weight_absmax"]
 
 
-def weight_absmax(weights) -> jnp.ndarray:
+def weight_absmax(weights: jnp.ndarray | Sequence[jnp.ndarray]) -> jnp.ndarray:
     """max |W_j| per input channel [K] over all output columns of all kernels (input axis first, [K, ...])."""
     ws = weights if isinstance(weights, (list, tuple)) else [weights]
     cols = [jnp.abs(jnp.asarray(w, jnp.float32)).reshape(jnp.shape(w)[0], -1) for w in ws]
     return jnp.max(jnp.concatenate(cols, axis=1), axis=1)
 
 
-def smooth_scales(act_absmax: jnp.ndarray, weights, alpha: float = 0.5, eps: float = 1e-5) -> jnp.ndarray:
+def smooth_scales(act_absmax: jnp.ndarray, weights: jnp.ndarray | Sequence[jnp.ndarray], alpha: float = 0.5,
+                  eps: float = 1e-5) -> jnp.ndarray:
     """SmoothQuant's per-input-channel scales s [K] (float32).
 
     Args:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,18 +15,19 @@ from jq.algorithms.awq import search_scales
 from jq.algorithms.registry import register_transform
 from jq.algorithms.smoothquant import smooth_scales
 from jq.algorithms.stats import LayerStats
+from jq.numbers.qtensor import Layout
 from jq.numbers.scheme import Scheme
 
 __all__ = ["AWQScales", "SmoothQuantScales"]
 
 
 @functools.lru_cache(maxsize=None)
-def _layout_fn(scheme: Scheme):
+def _layout_fn(scheme: Scheme) -> Callable[[tuple[int, ...]], Layout]:
     return lambda shape: scheme.layout(shape, (0,))
 
 
 @functools.lru_cache(maxsize=None)
-def _awq_search(grid: int, duo: bool):
+def _awq_search(grid: int, duo: bool) -> Callable[..., tuple[jax.Array, dict]]:
     return jax.jit(functools.partial(search_scales, grid=grid, duo=duo), static_argnums=(3, 4))
 
 
@@ -39,6 +41,7 @@ class AWQScales:
     duo: bool = False
 
     def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme) -> jax.Array:
+        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.hessian` [K, K] and `act_absmean` [K]."""
         s, _ = _awq_search(self.grid, self.duo)(weights, stats.hessian, stats.act_absmean, scheme, _layout_fn(scheme))
         return s
 
@@ -52,6 +55,7 @@ class SmoothQuantScales:
     eps: float = 1e-5
 
     def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme) -> jax.Array:
+        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.act_absmax` [K]; `scheme` is unused."""
         return smooth_scales(stats.act_absmax, weights, alpha=self.alpha, eps=self.eps)
 
 

@@ -56,7 +56,8 @@ def _add_calib_args(p) -> None:
     add_calib_args(p)
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`jq eval`: perplexity of the float or recipe-quantized model on a text, as a table or JSON."""
     from jq.apps import data, pipeline
 
     t0 = time.perf_counter()
@@ -89,7 +90,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_quantize(args) -> int:
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """`jq quantize`: quantize a model by a recipe, write the checkpoint and print the per-leaf report."""
     import jq
     from jq import checkpoint
     from jq.apps import pipeline
@@ -114,7 +116,7 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     """Per-leaf table from the checkpoint's metadata, then the integrity check (exit 2 naming the problem)."""
     import jq
     from jq import checkpoint
@@ -130,7 +132,7 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     """Stream a float checkpoint / GGUF / HF model through a recipe into a checkpoint (docs/FORMAT.md)."""
     from jq import checkpoint
     from jq.apps.convert import convert
@@ -153,7 +155,8 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`jq generate`: generate text with the (quantized) model and KV cache; prints the text and tokens/s."""
     from jq.numbers.kvcache import KVCacheConfig
     from jq.apps import generate
     from jq.apps import pipeline
@@ -198,6 +201,7 @@ _MODEL_HELP = "a .gguf file, a Hugging Face directory, or a known model name (sm
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `jq` subcommands (eval, quantize, inspect, convert, generate; `qat` has its own)."""
     p = argparse.ArgumentParser(prog="jq", description="Quantize and evaluate JAX/Flax models.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -263,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `jq` command on `argv` (default `sys.argv[1:]`); 0 on success, 2 on a user-facing error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["qat"]:  # its own parser (jq.apps.finetune), so `jq qat --help` shows its options
         from jq.apps.finetune import main as finetune_main

@@ -92,8 +92,8 @@ def calibration_tokens(tokenizer: Any, files: list[Path], samples: int = 128, le
 
 def calibration_draw(tokenizer: Any, files: list[Path], samples: int = 128, length: int = 512, seed: int = 0,
                      sampling: str = "windows") -> tuple[np.ndarray, dict]:
-    """`calibration_tokens(...)` and the record of the draw (files, samples, length, seed, sampling) that results
-    and checkpoints carry, so a figure names the calibration it came from."""
+    """`calibration_tokens(...)` (int32 [samples, length]) and the record of the draw (files, samples, length, seed,
+    sampling) that results and checkpoints carry, so a figure names the calibration it came from."""
     tokens = calibration_tokens(tokenizer, files, samples, length, seed, sampling)
     return tokens, {"files": [str(f) for f in files], "samples": samples, "length": length, "seed": seed,
                     "sampling": sampling}

@@ -32,6 +32,7 @@ __all__ = ["main", "build_parser"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `jq qat` on `argv` (default `sys.argv[1:]`): fine-tune, convert, optionally evaluate; returns 0."""
     args = build_parser().parse_args(argv)
     from jq import qat
 

@@ -8,11 +8,18 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from jq.models import LoadedModel
+
+if TYPE_CHECKING:
+    import jax
+    import optax
+    from flax import linen as nn
+
+    from jq.tree.recipe import QuantConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,10 +31,12 @@ class ByteTokenizer:
     bos_id = eos_id = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The UTF-8 bytes of `text` as ids (no special tokens: there are none)."""
         return list(text.encode("utf-8"))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of `jq qat`'s flags."""
     p = argparse.ArgumentParser(prog="jq qat", description="Quantization-aware fine-tuning, then conversion.")
     p.add_argument("--model", default="smollm2-135m",
                    help="a .gguf file, a Hugging Face directory, smollm2-135m, or 'tiny' "
@@ -99,7 +108,7 @@ def training_model(name: str, seed: int) -> LoadedModel:
     return pipeline.load(name)
 
 
-def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
+def corpus_windows(tokenizer: Any, files: list[Path], seq_len: int) -> np.ndarray:
     """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len]."""
     from jq.apps import data
 
@@ -115,6 +124,7 @@ def corpus_windows(tokenizer, files: list[Path], seq_len: int) -> np.ndarray:
 
 
 def default_corpus() -> list[Path]:
+    """The training text files: the Austen books but the evaluation text, else the bundled excerpt."""
     from jq.apps import data
 
     files = data.default_calib_files()
@@ -166,8 +176,9 @@ def ptq_start(m: LoadedModel, args: argparse.Namespace, files: list[Path],
 # -- training pieces --------------------------------------------------------------------------------------------
 
 
-def make_optimizer(args, qat_params):
-    """AdamW on the weights (decay on ≥2-D weights only), Adam on learned step sizes, warm-up + cosine, clipped."""
+def make_optimizer(args: argparse.Namespace, qat_params: dict[str, Any]) -> optax.GradientTransformation:
+    """AdamW on the weights (decay on ≥2-D weights only), Adam on learned step sizes, warm-up + cosine, clipped.
+    `qat_params` is the `{"params": ..., "quant": ...}` tree of `jq.qat.init`."""
     import jax
     import optax
 
@@ -186,13 +197,14 @@ def make_optimizer(args, qat_params):
     return optax.chain(optax.clip_by_global_norm(args.clip), optax.multi_transform({"w": weights, "q": steps}, labels))
 
 
-def _tree_const(tree, value):
+def _tree_const(tree: Any, value: str) -> Any:
     import jax
 
     return jax.tree_util.tree_map(lambda _: value, tree)
 
 
-def make_loss(model, act_cfg, alpha: float = 0.0, temperature: float = 1.0):
+def make_loss(model: nn.Module, act_cfg: QuantConfig | None, alpha: float = 0.0,
+              temperature: float = 1.0) -> Callable[..., jax.Array]:
     """loss(params, ids[B, T], [teacher_params]) = mean next-token cross-entropy of the (fake-quantized) model, or
     with alpha > 0 the `jq.qat.distill_loss` mix with KD from the float teacher's logits on the same ids."""
     from jq import qat

@@ -56,10 +56,12 @@ class GenerationResult:
 
     @property
     def n_new(self) -> int:
+        """New tokens per row (`tokens` is [B, n_new])."""
         return int(self.tokens.shape[1])
 
     @property
     def prefill_tokens_per_s(self) -> float:
+        """Prompt tokens per second of the prefill (batch rows × prompt_len / time)."""
         return self.tokens.shape[0] * self.prompt_len / max(self.prefill_seconds, 1e-12)
 
     @property
@@ -234,8 +236,8 @@ def generate_timed(model_cfg: Any, params: Any, tokens: Any, max_new: int, kv: K
                    temperature: float = 0.0, key: jax.Array | None = None, *, eos_id: int | None = None,
                    max_len: int | None = None, dtype: Any = jnp.float32, warmup: int = 0) -> GenerationResult:
     """`generate` with the prefill and the decode loop compiled ahead of time and timed separately.
-    Arguments as for `generate`, plus `warmup` untimed runs before the timed one; returns a `GenerationResult`
-    (tokens as numpy)."""
+    Arguments as for `generate` (tokens [T] or [B, T] int), plus `warmup` untimed runs before the timed one; returns
+    a `GenerationResult` (tokens as numpy, int32 [B, n_new])."""
     tokens, max_len, temperature, key = _prepare(model_cfg, tokens, max_new, max_len, temperature, key)
     mesh = explicit_mesh(params)
     with _mesh_context(mesh):

@@ -107,7 +107,7 @@ def evaluate(
     progress: bool = False,
     also: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens when the recipe needs data) and
+    """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens, int [N, T], when the recipe needs data) and
     measure perplexity on `text` (see `jq.apps.perplexity`); `also` maps names to more texts scored by the same
     quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
     check_window(m.cfg, window)

@@ -24,6 +24,9 @@ from jq.numbers.qtensor import is_qtensor
 
 __all__ = ["capture", "capture_fns", "accumulate", "finalize"]
 
+_SumsFn = Callable[..., dict[str, StatSums]]  # a jitted capture function returning running sums by kernel path
+
+
 def _merge_all(acc: dict[str, StatSums], new: dict[str, StatSums]) -> dict[str, StatSums]:
     return {p: acc[p].merge(new[p]) if p in acc else new[p] for p in {**acc, **new}}
 
@@ -58,13 +61,15 @@ def capture(
     method: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, dict]:
-    """Run `module` over `batches` and return finalized statistics keyed by kernel path.
+) -> Stats:
+    """Run `module` over `batches` and return finalized statistics keyed by kernel path (`LayerStats`: hessian
+    [K, K], act_absmean / act_sq / act_absmax [K], K = the layer's contracted features).
 
     Args:
       module, variables: an unmodified linen module and its variables (params may hold QTensors: quantized
         layers run through jq.ops, as in `jq.interop.apply`, and are not recorded).
-      batches: an iterable of positional-argument tuples (or single arrays) for `module.apply`.
+      batches: an iterable of positional-argument tuples (or single arrays, e.g. token ids [B, T]) for
+        `module.apply`.
       paths: kernel paths to record (default: every routable layer with a float kernel).
       method: the module method to run (default `__call__`).
       mesh: shard each batch's leading axis over the mesh's first axis (data parallel).
@@ -78,11 +83,12 @@ def capture(
     return accumulate(capture_fns(module, paths, method), variables, batches, paths=paths, progress=progress)
 
 
-def _as_args(batch) -> tuple:
+def _as_args(batch: Any) -> tuple:
     return batch if isinstance(batch, tuple) else (batch,)
 
 
-def capture_fns(module: nn.Module, paths: Iterable[str] | None = None, method: str | None = None):
+def capture_fns(module: nn.Module, paths: Iterable[str] | None = None,
+                method: str | None = None) -> tuple[_SumsFn, _SumsFn]:
     """The jitted (first, step) pair of a capture: `first(variables, args)` returns one batch's sums, `step(acc,
     variables, args)` adds a batch to donated running sums. Build once and reuse across calls of `accumulate`."""
     wanted = None if paths is None else set(paths)
@@ -95,10 +101,10 @@ def capture_fns(module: nn.Module, paths: Iterable[str] | None = None, method: s
     return jax.jit(run), jax.jit(lambda acc, v, a: _merge_all(acc, run(v, a)), donate_argnums=(0,))
 
 
-def accumulate(fns, variables: dict, batches: Iterable[Any], *, paths: Iterable[str] | None = None,
-               progress: Callable[[int], None] | None = None) -> dict[str, dict]:
-    """Stream `batches` through the `capture_fns` pair and return finalized statistics; every path in `paths`
-    must have been recorded."""
+def accumulate(fns: tuple[_SumsFn, _SumsFn], variables: dict, batches: Iterable[Any], *,
+               paths: Iterable[str] | None = None, progress: Callable[[int], None] | None = None) -> Stats:
+    """Stream `batches` through the `capture_fns` pair and return finalized statistics (`LayerStats` by kernel
+    path: hessian [K, K], act_absmean / act_sq / act_absmax [K]); every path in `paths` must have been recorded."""
     first, step = fns
     acc = None
     for i, batch in enumerate(batches):

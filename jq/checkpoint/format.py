@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ def array_spec(a: np.ndarray) -> dict[str, Any]:
 
 
 def crc32(a: np.ndarray) -> int:
+    """CRC-32 of the C-order bytes of `a` (any shape and dtype)."""
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
 
@@ -81,12 +82,13 @@ def layout_dict(lay: Layout) -> dict[str, Any]:
 
 
 def layout_from_dict(d: Mapping[str, Any]) -> Layout:
+    """The Layout `layout_dict` stored (lists back to tuples; unknown fields ignored)."""
     names = {f.name for f in dataclasses.fields(Layout)}
     return Layout(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
 
 def to_numpy(path: str, x: Any) -> np.ndarray:
-    """A leaf value as a host array (gathers a sharded jax.Array); errors name the path."""
+    """A leaf value as a host array of the same shape (gathers a sharded jax.Array); errors name the path."""
     if isinstance(x, (str, bytes)) or x is None:
         raise ValueError(f"{path}: leaf {x!r} is not an array; checkpoints hold arrays (and QTensors) only")
     a = np.asarray(jax.device_get(x))
@@ -115,15 +117,17 @@ def stored_specs(entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def logical_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
+    """The shape of the leaf a metadata entry describes (a QTensor's layout shape, not its stored codes')."""
     return tuple(entry["layout"]["shape"] if entry["kind"] == "qtensor" else entry["arrays"]["value"]["shape"])
 
 
-def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]):
-    """A leaf from its stored arrays: the QTensor, or the array."""
+def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor | Any:
+    """A leaf from its stored arrays (shapes as `stored_specs(entry)`): the QTensor, or the array."""
     return qtensor_from(entry, arrays) if entry["kind"] == "qtensor" else arrays["value"]
 
 
 def jsonable(v: Any) -> Any:
+    """`v` as JSON can hold it: tuples → lists (recursively), NumPy scalars → Python scalars."""
     if isinstance(v, tuple):
         return [jsonable(x) for x in v]
     if isinstance(v, (np.generic,)):
@@ -132,13 +136,16 @@ def jsonable(v: Any) -> Any:
 
 
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
+    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm]: arrays or
+    ShapeDtypeStructs of the stored shapes)."""
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
     policy = ExecPolicy(**{k: entry[k] for k in POLICY_FIELDS if k in entry})  # parses the rotation's string form
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
                    layout=layout_from_dict(entry["layout"]), policy=policy, **static)
 
 
-def abstract_leaf(entry: Mapping[str, Any], shardings: Mapping[str, Sharding | None] | None = None):
+def abstract_leaf(entry: Mapping[str, Any],
+                  shardings: Mapping[str, Sharding | None] | None = None) -> QTensor | jax.ShapeDtypeStruct:
     """The leaf as jax.ShapeDtypeStructs (a QTensor of them for a quantized leaf), optionally with shardings."""
     shardings = shardings or {}
     return leaf_value(entry, {f: jax.ShapeDtypeStruct(tuple(s["shape"]), jnp.dtype(s["dtype"]), sharding=shardings.get(f))
@@ -160,6 +167,7 @@ def nest(items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def check_paths(items: Sequence[tuple[str, Any]], keypaths: Sequence[tuple]) -> None:
+    """ValueError for a bare array (empty path) or a key containing "/" (the path separator)."""
     for (path, _), kp in zip(items, keypaths):
         if not path:
             raise ValueError("a checkpoint holds a tree of named leaves (e.g. {'params': ...}), not a bare array")
@@ -194,6 +202,7 @@ def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: li
 
 
 def as_recipe(recipe: QuantConfig | Mapping | str | os.PathLike | None) -> QuantConfig | None:
+    """`recipe` as a QuantConfig: itself, None, from a recipe dict, or loaded from a name / YAML path."""
     if recipe is None or isinstance(recipe, QuantConfig):
         return recipe
     if isinstance(recipe, Mapping):
@@ -202,7 +211,7 @@ def as_recipe(recipe: QuantConfig | Mapping | str | os.PathLike | None) -> Quant
 
 
 @contextlib.contextmanager
-def quiet_storage():
+def quiet_storage() -> Iterator[Callable[[], None]]:
     """Silence the records Orbax and asyncio log (whole tracebacks, from worker threads and from failed tasks
     when they are collected) for a failure that jq reports itself, as one message naming the leaf and the fix.
     Yields a callable to mark the block as failed when the failure is a returned None rather than an exception."""
@@ -224,6 +233,7 @@ def quiet_storage():
 
 
 def check_version(d: Path, v: Any) -> None:
+    """CheckpointError unless `v` is a "major.minor" format version this jq reads."""
     try:
         major, _minor = (int(x) for x in str(v).split("."))
     except ValueError:
@@ -235,7 +245,9 @@ def check_version(d: Path, v: Any) -> None:
         )
 
 
-def orbax_metadata(d: Path, what: str = ""):
+def orbax_metadata(d: Path, what: str = "") -> Any:
+    """Orbax's metadata of the checkpoint `d`, with its logs silenced; CheckpointError naming `d` (and `what`) when
+    it is damaged, unfinished or not an Orbax checkpoint."""
     try:
         with quiet_storage() as failed:
             m = ocp.metadata(d)

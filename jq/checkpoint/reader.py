@@ -43,6 +43,7 @@ __all__ = ["load", "read_meta", "abstract_tree", "verify", "load_leaf_host", "re
 
 
 def check_dir(d: Path) -> None:
+    """FileNotFoundError / CheckpointError unless `d` is an existing directory."""
     if not d.exists():
         raise FileNotFoundError(f"{d}: no such checkpoint directory; pass a directory written by `jq convert`, "
                                 "`jq quantize --out` or jq.checkpoint.save")

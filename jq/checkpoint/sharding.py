@@ -23,7 +23,7 @@ def is_spec(x: Any) -> bool:
         isinstance(x, Mapping) and "codes" in x and set(x) <= set(FIELDS))
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
+def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
     """`spec` for an array of `shape`: entries for dims the mesh axes do not divide (or that it lacks) dropped."""
     out = []
     for i, dim in enumerate(shape):
@@ -37,7 +37,8 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh) -> PartitionSpec:
     return PartitionSpec(*out)
 
 
-def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any, mesh) -> dict[str, Sharding]:
+def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any,
+                   mesh: jax.sharding.Mesh | None) -> dict[str, Sharding]:
     """Per stored array of one leaf: the sharding to restore it with.
 
     `spec` is for the logical weight: a PartitionSpec (needs `mesh`) or a Sharding; for a QTensor a

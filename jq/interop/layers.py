@@ -57,6 +57,7 @@ class LayerCall:
 
     @property
     def is_einsum(self) -> bool:
+        """Whether the layer is an `nn.Einsum` (its contracted axes follow its equation)."""
         return isinstance(self.module, nn.Einsum)
 
     @property

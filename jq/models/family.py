@@ -131,6 +131,7 @@ def families() -> dict[str, ModelFamily]:
 
 
 def get_family(name: str) -> ModelFamily:
+    """The registered family `name`; ValueError naming the registered ones otherwise."""
     try:
         return _FAMILIES[name]
     except KeyError:

@@ -19,6 +19,7 @@ import statistics
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from jax.typing import DTypeLike
 
 __all__ = [
     "Format",
@@ -49,10 +50,12 @@ class Format:
 
     @property
     def is_int(self) -> bool:
+        """Whether this is an integer format."""
         return self.kind == "int"
 
     @property
     def max(self) -> float:
+        """The largest magnitude of a code's value (int: 2^(bits-1)-1; float: the dtype's max; codebook: max |v|)."""
         if self.kind == "int":
             return float(2 ** (self.bits - 1) - 1)
         if self.kind == "float":
@@ -60,7 +63,8 @@ class Format:
         return float(max(abs(v) for v in self.table))
 
     @property
-    def dtype(self):
+    def dtype(self) -> type[np.generic] | None:
+        """The fp8 storage dtype (an ml_dtypes scalar type), None for other formats."""
         return getattr(ml_dtypes, self.dtype_name) if self.dtype_name else None
 
     @property
@@ -94,14 +98,14 @@ class Format:
         idx = jnp.searchsorted(jnp.asarray(mids), y.astype(jnp.float32), side="left")
         return jnp.asarray(order)[idx]
 
-    def decode(self, codes: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
-        """Code → value of the format (before scale / zero point)."""
+    def decode(self, codes: jnp.ndarray, dtype: DTypeLike = jnp.float32) -> jnp.ndarray:
+        """Code → value of the format (before scale / zero point), in `dtype`. Shape preserved."""
         if self.kind == "codebook":
             return jnp.asarray(np.asarray(self.table, np.float32))[codes.astype(jnp.int32)].astype(dtype)
         return codes.astype(dtype)
 
     def values(self, symmetric: bool = True, restricted: bool = False) -> np.ndarray:
-        """All finite values the format can produce, sorted (for tests and MSE searches)."""
+        """All finite values the format can produce, sorted, float32 [n] (for tests and MSE searches)."""
         if self.kind == "int":
             lo, hi = self.int_range(symmetric, restricted)
             return np.arange(lo, hi + 1, dtype=np.float32)

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
+from typing import Any
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jq.numbers import formats
 from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
@@ -28,7 +31,7 @@ ZERO_POINTS = ("int", "float")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def choice(field: str, value, allowed) -> None:
+def choice(field: str, value: Any, allowed: Collection[Any]) -> None:
     """ValueError naming the scheme field, its value and the allowed values unless `value` is allowed."""
     if value not in allowed:
         raise ValueError(f"scheme field {field!r} has value {value!r}; allowed values are {list(allowed)}")
@@ -76,10 +79,12 @@ class Grid:
 
     @property
     def fmt(self) -> formats.Format:
+        """The `Format` named by `format`."""
         return formats.get_format(self.format)
 
     @property
     def bits(self) -> int:
+        """Storage bits per code of the format (before packing)."""
         return self.fmt.bits
 
     def describe(self) -> str:
@@ -127,7 +132,8 @@ class Grid:
         return float(2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2)
 
     def scale_zero(self, lo: jnp.ndarray, hi: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi."""
+        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi; all of
+        the ranges' shape (keepdims over the grouped view, e.g. [G, 1, N]), zero None when symmetric."""
         f = self.fmt
         sdt = jnp.dtype(self.scale_dtype)
         if self.symmetric:
@@ -145,13 +151,14 @@ class Grid:
         return scale, zero
 
     def encode(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
-        """Codes (unpacked) for the grouped view `xg` under broadcastable `scale` / `zero`."""
+        """Codes (unpacked, xg's shape) for the grouped view `xg` under broadcastable `scale` / `zero`."""
         y = xg / scale
         if zero is not None:
             y = y + zero
         return self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
 
     def decode(self, codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
+        """Float32 values of unpacked `codes` (the grouped view) under broadcastable `scale` / `zero`; same shape."""
         v = self.fmt.decode(codes, jnp.float32)
         if zero is not None:
             v = v - zero
@@ -168,12 +175,13 @@ class Grid:
         scale_g: jnp.ndarray,
         zero_g: jnp.ndarray | None,
         layout: Layout,
-        dtype,
+        dtype: DTypeLike,
         perm: jnp.ndarray | None = None,
         policy: ExecPolicy = ExecPolicy(),
     ) -> QTensor:
         """Assemble a QTensor from unpacked codes / keepdims scales in the grouped view of `layout`, executing by
-        `policy` (online rotation, activation quantization)."""
+        `policy` (online rotation, activation quantization). codes_g: `layout.grouped_shape` (e.g. [G, g, N]);
+        scale_g, zero_g: keepdims (e.g. [G, 1, N]); `dtype`: the dtype the QTensor dequantizes to."""
         f = self.fmt
         codes = codes_g.reshape(layout.stored_shape)
         if f.packs:

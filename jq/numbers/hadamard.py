@@ -156,7 +156,7 @@ class Rotation:
         return _apply(x, self.signs(n), axis=axis, normalize=True, transpose=False, block=self.block)
 
     def inverse(self, x: jax.Array, axis: int = -1) -> jax.Array:
-        """x @ Qᵀ along `axis`: undoes `apply`."""
+        """x @ Qᵀ along `axis` (same shape and dtype as x): undoes `apply`."""
         x = jnp.asarray(x)
         n = x.shape[axis]
         decompose(n)

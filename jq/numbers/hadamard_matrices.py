@@ -51,6 +51,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = ["Decomposition", "decompose", "supported", "hadamard_matrix", "base_matrix", "sylvester", "SMALL_ORDERS"]
 
@@ -294,7 +295,8 @@ def _goethals_seidel(rows: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def base_matrix(b: int) -> np.ndarray:
-    """The ±1 Hadamard matrix of base order b (int8, read-only), built by `_base_construction(b)` and checked."""
+    """The ±1 Hadamard matrix [b, b] of base order b (int8, read-only), built by `_base_construction(b)` and
+    checked."""
     c = _base_construction(b)
     if c is None:
         raise ValueError(f"hadamard: no construction for base order {b}")
@@ -328,7 +330,7 @@ def sylvester(n: int) -> np.ndarray:
     return h
 
 
-def hadamard_matrix(n: int, dtype=np.float32) -> np.ndarray:
+def hadamard_matrix(n: int, dtype: DTypeLike = np.float32) -> np.ndarray:
     """The unnormalised Hadamard matrix H_n = H_{2^k} ⊗ H_b [n, n] (entries ±1, H Hᵀ = n I) in `dtype`.
 
     The same matrix `hadamard_transform` applies (x @ H_n / √n). Raises ValueError when n has no construction.

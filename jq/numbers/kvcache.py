@@ -93,6 +93,7 @@ class KVCacheConfig:
 
     @property
     def bits(self) -> int:
+        """Code width of the quantized cache (8 or 4); ValueError for a float cache."""
         if self.format is None:
             raise ValueError("a float kv cache (format None) has no code width")
         return int(self.format[3:])

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jq.numbers import formats
 from jq.numbers.hadamard import Rotation
@@ -140,14 +142,14 @@ class Layout:
         return x
 
     def valid_mask(self) -> jnp.ndarray | None:
-        """1.0 for real weights, 0.0 for the zero padding of a padded group axis, in the grouped view; None when
-        nothing is padded."""
+        """1.0 for real weights, 0.0 for the zero padding of a padded group axis, in the grouped view (float32
+        `grouped_shape`); None when nothing is padded."""
         if self.padded is None or self.padded == self.shape[self.group_axis]:
             return None
         return self.to_grouped(jnp.ones(self.shape, jnp.float32))
 
     def expand_scale(self, s: jnp.ndarray) -> jnp.ndarray:
-        """Stored scale → broadcastable against the grouped view."""
+        """Stored scale (`scale_shape`, e.g. [G, N]) → broadcastable against the grouped view ([G, 1, N])."""
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
@@ -222,18 +224,22 @@ class QTensor:
     # -- array-like metadata --------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
+        """The logical shape of the weight (`layout.shape`), not of the stored codes."""
         return self.layout.shape
 
     @property
     def ndim(self) -> int:
+        """The number of logical dimensions."""
         return len(self.layout.shape)
 
     @property
     def size(self) -> int:
+        """The number of logical weights."""
         return math.prod(self.layout.shape)
 
     @property
     def format(self) -> formats.Format:
+        """The `Format` named by `fmt`."""
         return formats.get_format(self.fmt)
 
     def describe(self) -> str:
@@ -262,8 +268,8 @@ class QTensor:
         n = lay.stored_shape[lay.pack_axis]
         return formats.unpack(self.codes, f.bits, n, axis=lay.pack_axis, signed=f.is_int and self.symmetric)
 
-    def dequantize(self, dtype=None) -> jax.Array:
-        """Back to a dense array of the logical shape and dtype (or `dtype`)."""
+    def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
+        """Back to a dense array of the logical shape `self.shape` (e.g. [K, N]) and dtype (or `dtype`)."""
         dtype = jnp.dtype(dtype or self.dtype)
         lay = self.layout
         v = self.format.decode(self.unpacked_codes(), jnp.float32)
@@ -310,9 +316,10 @@ class QTensor:
         """Stored bits divided by the number of logical weights (scales and zeros included)."""
         return 8.0 * self.nbytes / self.size
 
-    def _arrays(self):
+    def _arrays(self) -> list[jax.Array]:
         return [a for a in (self.codes, self.scale, self.zero, self.perm) if a is not None]
 
 
-def is_qtensor(x) -> bool:
+def is_qtensor(x: Any) -> bool:
+    """Whether `x` is a QTensor (e.g. as `is_leaf` of a tree map)."""
     return isinstance(x, QTensor)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import dataclasses
+from typing import Any
 
 from jq.numbers.grid import Grid, choice
 
@@ -41,25 +42,26 @@ class Range:
 
 
 def minmax(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Smallest and largest element per scale group."""
+    """Smallest and largest element per scale group: keepdims over `axes` of `xg` (e.g. [G, g, N] → [G, 1, N])."""
     return jnp.min(xg, axis=axes, keepdims=True), jnp.max(xg, axis=axes, keepdims=True)
 
 
 def absmax(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(−a, a) with a the largest magnitude per scale group."""
+    """(−a, a) with a the largest magnitude per scale group, keepdims over `axes` (e.g. [G, g, N] → [G, 1, N])."""
     a = jnp.max(jnp.abs(xg), axis=axes, keepdims=True)
     return -a, a
 
 
 def absmean(xg: jnp.ndarray, axes: tuple[int, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(−m, m) with m the mean magnitude per scale group: BitNet b1.58's weight scale γ = mean |W| (Ma et al. 2024),
-    which on the int2 symmetric restricted grid gives W ≈ γ · clip(round(W / γ), −1, 1)."""
+    which on the int2 symmetric restricted grid gives W ≈ γ · clip(round(W / γ), −1, 1). Keepdims over `axes`."""
     m = jnp.mean(jnp.abs(xg), axis=axes, keepdims=True)
     return -m, m
 
 
 def percentile(xg: jnp.ndarray, axes: tuple[int, ...], p: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The (100 − p)th and pth percentiles per scale group (linear interpolation), clipping rare outliers."""
+    """The (100 − p)th and pth percentiles per scale group (linear interpolation), clipping rare outliers;
+    keepdims over `axes` (e.g. [G, g, N] → [G, 1, N])."""
     q = jnp.asarray([1.0 - p / 100.0, p / 100.0], jnp.float32)
     lo_hi = jnp.quantile(xg, q, axis=axes, keepdims=True)
     return lo_hi[0], lo_hi[1]
@@ -76,6 +78,7 @@ def mse_clip(
     Σ weight·|fake_quant(x) − x|^norm (the search of the GPTQ reference quantizer, vectorised with `lax.scan`).
 
     `weight` (broadcastable to `xg`, e.g. per-input-channel activation energy) makes the error data-aware.
+    Returns keepdims (lo, hi) over `axes` (e.g. [G, g, N] → [G, 1, N]).
     """
     lo0, hi0 = minmax(xg, axes)
     steps = max(1, int(round(rng.mse_max_shrink * rng.mse_grid)) + 1)
@@ -100,8 +103,11 @@ def mse_clip(
     return lo0 * best, hi0 * best
 
 
-def estimate(xg: jnp.ndarray, axes: tuple[int, ...], scheme, weight=None) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The range a scheme asks for (`scheme.range_search`, on `scheme.grid`; any object with those two)."""
+def estimate(xg: jnp.ndarray, axes: tuple[int, ...], scheme: Any,
+             weight: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The range a scheme asks for (`scheme.range_search`, on `scheme.grid`; any object with those two): keepdims
+    (lo, hi) float32 over `axes` of the grouped view `xg` (e.g. [G, g, N] → [G, 1, N]); `weight` broadcasts against
+    `xg` (the "mse" search's per-element error weight)."""
     rng, grid = scheme.range_search, scheme.grid
     xg = xg.astype(jnp.float32)
     if rng.method == "minmax":

@@ -112,10 +112,12 @@ class Scheme:
 
     @property
     def fmt(self) -> Any:
+        """The grid's `Format` (`jq.numbers.formats`)."""
         return self._grid.fmt
 
     @property
     def bits(self) -> int:
+        """Storage bits per code of the grid's format."""
         return self._grid.bits
 
     def describe(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,10 @@ import jax.numpy as jnp
 from jq.numbers.qtensor import QTensor
 from jq.ops.activations import fake_quantize_activations, outlier_channels, quantize_activations
 from jq.ops.registry import KERNELS, Kernel, register_kernel
+
+if TYPE_CHECKING:
+    from jax.lax import DotDimensionNumbers, PrecisionLike
+    from jax.typing import DTypeLike
 
 __all__ = ["qdot_general", "qeinsum", "qdot", "register_kernel", "Kernel", "KERNELS", "quantize_activations",
            "fake_quantize_activations", "outlier_channels"]
@@ -43,11 +48,11 @@ def _load_kernels() -> None:
     pallas_kernels.register()  # idempotent; re-adds them if someone reset KERNELS
 
 
-def _operand(x, dtype):
+def _operand(x: jax.Array | QTensor, dtype: DTypeLike) -> jax.Array:
     return x.dequantize(dtype) if isinstance(x, QTensor) else x
 
 
-def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):
+def _w8a8_int(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers) -> jax.Array:
     """int8 x int8 -> int32 dot, scales applied after: activations per token, weights per output channel."""
     (lc, rc), (lb, rb) = dimension_numbers
     xq, xs = quantize_activations(lhs, "int8", tuple(lc), rhs.policy.act_clip)
@@ -58,7 +63,7 @@ def _w8a8_int(lhs, rhs: QTensor, dimension_numbers):
     return acc.astype(jnp.float32) * xs * ws
 
 
-def _int_path_ok(lhs, rhs, dimension_numbers) -> bool:
+def _int_path_ok(lhs: jax.Array | QTensor, rhs: QTensor, dimension_numbers: DotDimensionNumbers) -> bool:
     (_, rc), (lb, rb) = dimension_numbers
     lay = rhs.layout
     return (rhs.policy.act == "int8" and rhs.fmt == "int8" and rhs.symmetric and lay.granularity == "channel"
@@ -66,16 +71,16 @@ def _int_path_ok(lhs, rhs, dimension_numbers) -> bool:
 
 
 def qdot_general(
-    lhs,
-    rhs,
-    dimension_numbers,
-    precision=None,
-    preferred_element_type=None,
+    lhs: jax.Array | QTensor,
+    rhs: jax.Array | QTensor,
+    dimension_numbers: DotDimensionNumbers,
+    precision: PrecisionLike = None,
+    preferred_element_type: DTypeLike | None = None,
 ) -> jax.Array:
     """`lax.dot_general` where either operand may be a QTensor (usually `rhs`, the weight).
 
-    Shapes follow `lax.dot_general`; a QTensor takes part with its logical shape. The result dtype is the
-    activation dtype (or `preferred_element_type`).
+    Shapes follow `lax.dot_general` (e.g. x [B, T, K] · w [K, N] over ((2,), (0,)) → [B, T, N]); a QTensor takes
+    part with its logical shape. The result dtype is the activation dtype (or `preferred_element_type`).
     """
     if not isinstance(lhs, QTensor) and not isinstance(rhs, QTensor):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
@@ -104,7 +109,8 @@ def qdot_general(
     )
 
 
-def _rotated(lhs, rhs: QTensor, dimension_numbers, precision, preferred_element_type):
+def _rotated(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers, precision: PrecisionLike,
+             preferred_element_type: DTypeLike | None) -> jax.Array:
     """A weight stored as Qᵀ W (rotation "hadamard"): x W = (x Q)(Qᵀ W), the input rotated online in O(K log K)."""
     (lc, rc), _ = dimension_numbers
     if len(lc) != 1:
@@ -113,7 +119,8 @@ def _rotated(lhs, rhs: QTensor, dimension_numbers, precision, preferred_element_
                         preferred_element_type)
 
 
-def _outlier_split(lhs, rhs: QTensor, dimension_numbers, precision, preferred_element_type):
+def _outlier_split(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers, precision: PrecisionLike,
+                   preferred_element_type: DTypeLike | None) -> jax.Array:
     """LLM.int8 decomposition: the outlier input channels (some |x| > threshold in this batch) multiply the
     dequantized weight in float; the others go through the quantized-activation path. Shapes stay static: the
     two parts are the input masked both ways (the zeroed channels add nothing to either product)."""
@@ -126,13 +133,16 @@ def _outlier_split(lhs, rhs: QTensor, dimension_numbers, precision, preferred_el
     return inner + outer
 
 
-def qdot(x: jax.Array, w, precision=None) -> jax.Array:
+def qdot(x: jax.Array, w: jax.Array | QTensor, precision: PrecisionLike = None) -> jax.Array:
     """`x @ w` for x [..., K] and a weight w [K, N] (array or QTensor) → [..., N]."""
     return qdot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision)
 
 
-def qeinsum(subscripts: str, x: jax.Array, w, precision=None, preferred_element_type=None) -> jax.Array:
-    """`jnp.einsum(subscripts, x, w)` with `w` a QTensor or array (falls back to dequantize + einsum)."""
+def qeinsum(subscripts: str, x: jax.Array, w: jax.Array | QTensor, precision: PrecisionLike = None,
+            preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """`jnp.einsum(subscripts, x, w)` with `w` a QTensor or array (falls back to dequantize + einsum); shapes as
+    the subscripts say, a QTensor taking part with its logical shape (e.g. "btk,kn->btn": [B, T, K], [K, N] →
+    [B, T, N])."""
     if isinstance(w, QTensor):
         log.debug("qeinsum %s falls back to dequantize + XLA einsum", subscripts)
         w = w.dequantize(x.dtype)

@@ -24,7 +24,7 @@ def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: fl
 
 
 def fake_quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0) -> jax.Array:
-    """x through `quantize_activations` and back, in x's dtype."""
+    """x through `quantize_activations` and back, in x's shape and dtype."""
     xq, xs = quantize_activations(x, fmt, axes, clip)
     return (get_format(fmt).decode(xq, jnp.float32) * xs).astype(x.dtype)
 

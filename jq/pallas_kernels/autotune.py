@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+from jax.typing import DTypeLike
 
 from jq.pallas_kernels.common import Blocks, Fit, Mode, next_pow2
 
@@ -101,6 +102,7 @@ def tuning_enabled(mode: Mode) -> bool:
 
 
 def cache_path() -> Path:
+    """The tuning cache file: $JQ_AUTOTUNE_CACHE, else autotune.json in the user cache directory."""
     env = os.environ.get(ENV_CACHE)
     if env:
         return Path(env)
@@ -120,7 +122,8 @@ def _device_kind() -> str:
         return "unknown"
 
 
-def cache_key(kernel: str, M: int, K: int, N: int, dtype) -> str:
+def cache_key(kernel: str, M: int, K: int, N: int, dtype: DTypeLike) -> str:
+    """The cache key of `kernel` on an (M, K) x (K, N) problem: backend, device kind, kernel, M bucket, K, N, dtype."""
     return "|".join([jax.default_backend(), _device_kind(), kernel, f"m{m_bucket(M)}", f"k{K}", f"n{N}",
                      jax.numpy.dtype(dtype).name])
 
@@ -168,7 +171,7 @@ def choose(
     M: int,
     K: int,
     N: int,
-    dtype,
+    dtype: DTypeLike,
     fit: Callable[[Blocks], Fit],
     make_runner: Callable[..., Callable[[Blocks], Callable[[], object]]],
     *,

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -120,18 +120,21 @@ def forced(m: Mode) -> Iterator[Mode]:
 
 
 def round_up(n: int, m: int) -> int:
+    """`n` rounded up to a multiple of `m`."""
     return -(-n // m) * m
 
 
 def is_pow2(n: int) -> bool:
+    """Whether `n` is a positive power of two."""
     return n > 0 and n & (n - 1) == 0
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= `n` (1 for n <= 1)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pad_to(x: jax.Array, shape: tuple[int, ...], value=0) -> jax.Array:
+def pad_to(x: jax.Array, shape: tuple[int, ...], value: float = 0) -> jax.Array:
     """Pad `x` at the end of each axis up to `shape` (a no-op when it already has it)."""
     if tuple(x.shape) == tuple(shape):
         return x
@@ -149,6 +152,7 @@ class Fit:
 
     @property
     def nk(self) -> int:
+        """The number of K steps (Kp / bk)."""
         return self.Kp // self.blocks.bk
 
 
@@ -250,7 +254,7 @@ def dequant_rows(q: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.
 # -- compiler parameters across jax releases --------------------------------------------------------------------
 
 
-def compiler_params(style: str, blocks: Blocks):
+def compiler_params(style: str, blocks: Blocks) -> Any:
     """Backend compiler parameters: Triton's (num_warps, num_stages) or Mosaic's dimension semantics.
 
     The classes were renamed between releases (TritonCompilerParams → triton.CompilerParams in jax 0.7,

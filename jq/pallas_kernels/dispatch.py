@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,10 @@ from jq.numbers.qtensor import QTensor
 from jq.ops.activations import quantize_activations
 from jq.ops.registry import KERNELS, Kernel
 
+if TYPE_CHECKING:
+    from jax.lax import DotDimensionNumbers
+    from jax.typing import DTypeLike
+
 __all__ = ["register", "force_interpret", "KERNEL_NAMES"]
 
 FLOAT_ACTS = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
@@ -62,7 +67,8 @@ FP8_WEIGHTS = ("fp8_e4m3", "fp8_e5m2")
 # -- what every kernel needs ------------------------------------------------------------------------------------
 
 
-def _common(lhs, rhs, dimension_numbers) -> tuple[Mode | None, str | None]:
+def _common(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+            dimension_numbers: DotDimensionNumbers) -> tuple[Mode | None, str | None]:
     mode, why = kernel_mode()
     if mode is None:
         return None, why
@@ -91,7 +97,7 @@ def _common(lhs, rhs, dimension_numbers) -> tuple[Mode | None, str | None]:
     return mode, None
 
 
-def _probe(select) -> str | None:
+def _probe(select: Callable[[], object]) -> str | None:
     """Run the block selection now (on a device with tuning on, this compiles and times candidates), so that a
     kernel that cannot compile here falls back to XLA instead of failing the user's jit."""
     try:
@@ -101,7 +107,7 @@ def _probe(select) -> str | None:
     return None
 
 
-def _mkn(lhs, rhs: QTensor, k_rows: int) -> tuple[int, int, int]:
+def _mkn(lhs: jax.Array, rhs: QTensor, k_rows: int) -> tuple[int, int, int]:
     return math.prod(jnp.shape(lhs)[:-1]), k_rows, math.prod(rhs.shape[1:])
 
 
@@ -146,7 +152,7 @@ def _codes2d(rhs: QTensor) -> jax.Array:
     return rhs.codes.reshape(rhs.codes.shape[0], -1)
 
 
-def _with_xla_grad(kernel_fn, lhs, rhs: QTensor):
+def _with_xla_grad(kernel_fn: Callable[[jax.Array, QTensor], jax.Array], lhs: jax.Array, rhs: QTensor) -> jax.Array:
     """kernel_fn(lhs, rhs) in the forward pass; the XLA dot's gradient for lhs in the backward pass."""
 
     @jax.custom_vjp
@@ -166,14 +172,16 @@ def _with_xla_grad(kernel_fn, lhs, rhs: QTensor):
     return f(lhs, rhs)
 
 
-def _out_shape(lhs, rhs: QTensor) -> tuple[int, ...]:
+def _out_shape(lhs: jax.Array, rhs: QTensor) -> tuple[int, ...]:
     return tuple(jnp.shape(lhs)[:-1]) + tuple(rhs.shape[1:])
 
 
 # -- W4A16 ------------------------------------------------------------------------------------------------------
 
 
-def supports_w4a16(lhs, rhs, dimension_numbers) -> str | None:
+def supports_w4a16(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+                   dimension_numbers: DotDimensionNumbers) -> str | None:
+    """None if `run_w4a16` takes x [..., K] · an int4 QTensor [K, N...], else the reason it does not."""
     mode, why = _common(lhs, rhs, dimension_numbers)
     if why:
         return why
@@ -189,7 +197,9 @@ def supports_w4a16(lhs, rhs, dimension_numbers) -> str | None:
                                               mode=mode))
 
 
-def run_w4a16(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.Array:
+def run_w4a16(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers,
+              preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """x [..., K] · int4 QTensor [K, N...] → [..., N...] by the W4A16 kernel (in x's dtype by default)."""
     mode, _ = kernel_mode()
     out_dtype = preferred_element_type or lhs.dtype
 
@@ -205,7 +215,9 @@ def run_w4a16(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.A
 # -- W8A16 ------------------------------------------------------------------------------------------------------
 
 
-def supports_w8a16(lhs, rhs, dimension_numbers) -> str | None:
+def supports_w8a16(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+                   dimension_numbers: DotDimensionNumbers) -> str | None:
+    """None if `run_w8a16` takes x [..., K] · an int8 / fp8 QTensor [K, N...], else the reason it does not."""
     mode, why = _common(lhs, rhs, dimension_numbers)
     if why:
         return why
@@ -226,7 +238,9 @@ def supports_w8a16(lhs, rhs, dimension_numbers) -> str | None:
                                               asym=rhs.zero is not None, dtype=lhs.dtype, mode=mode))
 
 
-def run_w8a16(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.Array:
+def run_w8a16(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers,
+              preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """x [..., K] · int8 / fp8 QTensor [K, N...] → [..., N...] by the W8A16 kernel (in x's dtype by default)."""
     mode, _ = kernel_mode()
     out_dtype = preferred_element_type or lhs.dtype
 
@@ -242,7 +256,8 @@ def run_w8a16(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.A
 # -- W8A8 int8 and fp8 ----------------------------------------------------------------------------------------
 
 
-def _supports_w8a8(lhs, rhs, dimension_numbers, fmt: str) -> str | None:
+def _supports_w8a8(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor, dimension_numbers: DotDimensionNumbers,
+                   fmt: str) -> str | None:
     mode, why = _common(lhs, rhs, dimension_numbers)
     if why:
         return why
@@ -263,15 +278,20 @@ def _supports_w8a8(lhs, rhs, dimension_numbers, fmt: str) -> str | None:
                                              mode=mode))
 
 
-def supports_w8a8_int8(lhs, rhs, dimension_numbers) -> str | None:
+def supports_w8a8_int8(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+                       dimension_numbers: DotDimensionNumbers) -> str | None:
+    """None if `run_w8a8_int8` takes x [..., K] · an int8 QTensor [K, N...] with int8 activations, else why not."""
     return _supports_w8a8(lhs, rhs, dimension_numbers, "int8")
 
 
-def supports_w8a8_fp8(lhs, rhs, dimension_numbers) -> str | None:
+def supports_w8a8_fp8(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+                      dimension_numbers: DotDimensionNumbers) -> str | None:
+    """None if `run_w8a8_fp8` takes x [..., K] · an fp8_e4m3 QTensor [K, N...] with e4m3 activations, else why not."""
     return _supports_w8a8(lhs, rhs, dimension_numbers, "fp8_e4m3")
 
 
-def _run_w8a8(lhs, rhs, preferred_element_type, fmt: str, kernel) -> jax.Array:
+def _run_w8a8(lhs: jax.Array, rhs: QTensor, preferred_element_type: DTypeLike | None, fmt: str,
+              kernel: Callable[..., jax.Array]) -> jax.Array:
     mode, _ = kernel_mode()
     out_dtype = preferred_element_type or lhs.dtype
 
@@ -287,11 +307,15 @@ def _run_w8a8(lhs, rhs, preferred_element_type, fmt: str, kernel) -> jax.Array:
     return _with_xla_grad(k, lhs, rhs)
 
 
-def run_w8a8_int8(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.Array:
+def run_w8a8_int8(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers,
+                  preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """x [..., K] · int8 QTensor [K, N...] → [..., N...]: x quantized per token to int8, int32 accumulation."""
     return _run_w8a8(lhs, rhs, preferred_element_type, "int8", w8a8_int8_matmul)
 
 
-def run_w8a8_fp8(lhs, rhs, dimension_numbers, preferred_element_type=None) -> jax.Array:
+def run_w8a8_fp8(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers,
+                 preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """x [..., K] · fp8_e4m3 QTensor [K, N...] → [..., N...]: x quantized per token to e4m3, f32 accumulation."""
     return _run_w8a8(lhs, rhs, preferred_element_type, "fp8_e4m3", fp8_matmul)
 
 

@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 from jax.experimental import pallas as pl
 
 from jq.pallas_kernels.common import Fit, Mode, compiler_params
@@ -49,6 +50,7 @@ class Operand:
 
     @property
     def in_tile(self) -> bool:
+        """Whether the tile function sees this operand at each K step (lhs, rhs, kcol; not the epilogue's)."""
         return self.kind in ("lhs", "rhs", "kcol")
 
 
@@ -59,8 +61,8 @@ def tiled_matmul(
     specs: Sequence[Operand],
     *,
     fit: Fit,
-    out_dtype,
-    acc_dtype,
+    out_dtype: DTypeLike,
+    acc_dtype: DTypeLike,
     mode: Mode,
     name: str,
 ) -> jax.Array:
@@ -175,5 +177,5 @@ def _tpu_call(tile, epilogue, arrays, specs, fit: Fit, out_dtype, acc_dtype, mod
 
 
 def identity_epilogue(acc: jax.Array) -> jax.Array:
-    """The epilogue of weight-only kernels: the accumulator is the result."""
+    """The epilogue of weight-only kernels: the accumulator (bm, bn) is the result."""
     return acc

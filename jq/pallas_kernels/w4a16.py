@@ -27,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jq.pallas_kernels import autotune
 from jq.pallas_kernels.common import Blocks, Fit, Mode, default_mode, dequant_rows, fit_blocks, pad_to, tpu_k_align
@@ -80,7 +81,7 @@ def w4a16_matmul(
     *,
     group_size: int | None = None,
     symmetric: bool | None = None,
-    out_dtype=None,
+    out_dtype: DTypeLike | None = None,
     blocks: Blocks | None = None,
     mode: Mode | None = None,
 ) -> jax.Array:
@@ -138,12 +139,13 @@ def _name(group_size: int | None, symmetric: bool) -> str:
     return f"w4a16_{'sym' if symmetric else 'asym'}_{'g%d' % group_size if group_size else 'ch'}"
 
 
-def fit(blocks: Blocks, style: str, M: int, K: int, N: int, group_size: int | None, dtype) -> Fit:
+def fit(blocks: Blocks, style: str, M: int, K: int, N: int, group_size: int | None, dtype: DTypeLike) -> Fit:
     """Blocks adapted to this kernel and problem: whole groups per K step, half a byte per weight."""
     return fit_blocks(blocks, style, M, K, N, k_align(style, group_size), jnp.dtype(dtype).itemsize, 0.5)
 
 
-def select_blocks(M: int, K: int, N: int, *, group_size: int | None, symmetric: bool, dtype, mode: Mode) -> Blocks:
+def select_blocks(M: int, K: int, N: int, *, group_size: int | None, symmetric: bool, dtype: DTypeLike,
+                  mode: Mode) -> Blocks:
     """Blocks for x (M, K) @ W (K, N) (K: stored rows): the defaults, the tuning cache, or tuning now."""
     return autotune.choose(
         _name(group_size, symmetric), mode, M, K, N, dtype,

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jq.pallas_kernels import autotune
 from jq.pallas_kernels.common import Blocks, Fit, Mode, default_mode, dequant_rows, fit_blocks, pad_to, tpu_k_align
@@ -27,6 +28,7 @@ __all__ = ["w8a16_matmul", "select_blocks", "fit", "k_align", "unsupported"]
 
 
 def k_align(style: str, group_size: int | None) -> int:
+    """The K step the blocks must be a multiple of: whole groups, at least 16 rows on GPU; Mosaic's on TPU."""
     if style == "gpu":
         return max(16, group_size or 1)
     return tpu_k_align(1, group_size)
@@ -56,7 +58,7 @@ def w8a16_matmul(
     zero: jax.Array | None = None,
     *,
     group_size: int | None = None,
-    out_dtype=None,
+    out_dtype: DTypeLike | None = None,
     blocks: Blocks | None = None,
     mode: Mode | None = None,
 ) -> jax.Array:
@@ -99,19 +101,19 @@ def w8a16_matmul(
     return out[:M, :N]
 
 
-def _name(group_size: int | None, codes_dtype) -> str:
+def _name(group_size: int | None, codes_dtype: DTypeLike) -> str:
     dt = jnp.dtype(codes_dtype)
     kind = {"uint8": "u8", "int8": "i8"}.get(dt.name, dt.name)
     return f"w8a16_{kind}_{'g%d' % group_size if group_size else 'ch'}"
 
 
-def fit(blocks: Blocks, style: str, M: int, K: int, N: int, group_size: int | None, dtype) -> Fit:
+def fit(blocks: Blocks, style: str, M: int, K: int, N: int, group_size: int | None, dtype: DTypeLike) -> Fit:
     """Blocks adapted to this kernel and problem: whole groups per K step, one byte per weight."""
     return fit_blocks(blocks, style, M, K, N, k_align(style, group_size), jnp.dtype(dtype).itemsize, 1)
 
 
-def select_blocks(M: int, K: int, N: int, *, group_size: int | None, codes_dtype, asym: bool, dtype,
-                  mode: Mode) -> Blocks:
+def select_blocks(M: int, K: int, N: int, *, group_size: int | None, codes_dtype: DTypeLike, asym: bool,
+                  dtype: DTypeLike, mode: Mode) -> Blocks:
     """Blocks for x (M, K) @ W (K, N): the defaults, the tuning cache, or tuning now."""
     return autotune.choose(
         _name(group_size, codes_dtype), mode, M, K, N, dtype,

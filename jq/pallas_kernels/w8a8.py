@@ -19,6 +19,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jq.numbers.formats import get_format
 from jq.pallas_kernels import autotune
@@ -61,9 +62,9 @@ def scaled_matmul(
     wq: jax.Array,
     ws: jax.Array,
     *,
-    acc_dtype,
+    acc_dtype: DTypeLike,
     name: str,
-    out_dtype=jnp.float32,
+    out_dtype: DTypeLike = jnp.float32,
     blocks: Blocks | None = None,
     mode: Mode | None = None,
 ) -> jax.Array:
@@ -92,13 +93,16 @@ def scaled_matmul(
     return out[:M, :N]
 
 
-def w8a8_int8_matmul(xq, xs, wq, ws, *, out_dtype=jnp.float32, blocks: Blocks | None = None, mode: Mode | None = None):
-    """int8 codes (M, K) × int8 codes (K, N) → int32, then · xs (M, 1) · ws (1, N). See `scaled_matmul`."""
+def w8a8_int8_matmul(xq: jax.Array, xs: jax.Array, wq: jax.Array, ws: jax.Array, *, out_dtype: DTypeLike = jnp.float32,
+                     blocks: Blocks | None = None, mode: Mode | None = None) -> jax.Array:
+    """int8 codes (M, K) × int8 codes (K, N) → int32, then · xs (M, 1) · ws (1, N) → (M, N) in out_dtype. See
+    `scaled_matmul`."""
     return scaled_matmul(xq, xs, wq, ws, acc_dtype=jnp.int32, name="w8a8_int8", out_dtype=out_dtype,
                          blocks=blocks, mode=mode)
 
 
-def select_blocks(M: int, K: int, N: int, *, codes_dtype, acc_dtype, name: str, mode: Mode) -> Blocks:
+def select_blocks(M: int, K: int, N: int, *, codes_dtype: DTypeLike, acc_dtype: DTypeLike, name: str,
+                  mode: Mode) -> Blocks:
     """Blocks for codes (M, K) @ (K, N): the defaults, the tuning cache, or tuning now."""
     return autotune.choose(
         name, mode, M, K, N, codes_dtype,

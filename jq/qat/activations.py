@@ -4,6 +4,7 @@ when the converted model runs — through the same layer interceptor (`jq.intero
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,11 +32,11 @@ def _fq_act(x: jax.Array, sch: Scheme, axes: tuple[int, ...]) -> jax.Array:
     return S.fake_quant_act(x, sch.act, axes, getattr(sch, "act_clip", 1.0))
 
 
-def act_interceptor(cfg: QuantConfig):
+def act_interceptor(cfg: QuantConfig) -> Callable[..., Any]:
     """A linen interceptor fake-quantizing the inputs of every `nn.Dense` / `nn.DenseGeneral` whose kernel's rule
     sets `act`, per token over the contracted axes."""
 
-    def fake_quantize_input(c: LayerCall):
+    def fake_quantize_input(c: LayerCall) -> Any:
         sch = None if c.is_einsum else _act_scheme(cfg, c.path, c.kernel.ndim)
         return c.proceed() if sch is None else c.proceed(_fq_act(c.x, sch, c.axes))
 

@@ -142,11 +142,13 @@ _SCALE_FLOOR = {n: max(float(jnp.finfo(n).smallest_subnormal), float(jnp.finfo(j
                 for n in ("float32", "float16", "bfloat16")}
 
 
-def lsq_scale_zero(q: dict[str, jax.Array], scheme: Scheme, layout: Layout, g: float = 1.0):
+def lsq_scale_zero(q: dict[str, jax.Array], scheme: Scheme, layout: Layout,
+                   g: float = 1.0) -> tuple[jax.Array, jax.Array | None]:
     """The scale and zero the forward pass (and `convert`) uses from learned `q`, broadcastable to the grouped view.
 
     scale = round_to(scale_dtype, max(s, floor)); int zero = clip(round(z), 0, 2^b − 1), float zero rounded to
     scale_dtype — the values a QTensor stores. Rounding is straight through and gradients are scaled by `g`.
+    q["scale"] / q["zero"]: `layout.scale_shape`; returns f32 keepdims (e.g. [G, 1, N]), zero None when q has none.
     """
     sdt = jnp.dtype(scheme.scale_dtype)
     s = scale_grad(layout.expand_scale(q["scale"]), g)
@@ -182,7 +184,8 @@ def lsq_fake_quant(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout
 
 
 def lsq_qtensor(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout: Layout) -> QTensor:
-    """The QTensor of `w` under learned parameters `q`: the codes and scales `lsq_fake_quant` rounds to."""
+    """The QTensor of `w` (logical shape) under learned parameters `q` (`layout.scale_shape`): the codes and scales
+    `lsq_fake_quant` rounds to."""
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     s, z = lsq_scale_zero(q, scheme, layout)
     return scheme.make_qtensor(scheme.grid.encode(xg, s, z), s, z, layout, w.dtype)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ DATA, FSDP = "data", "fsdp"
 # -- mesh and shardings ---------------------------------------------------------------------------------------------
 
 
-def make_mesh(data: int | None = None, fsdp: int | None = None, devices=None) -> Mesh:
+def make_mesh(data: int | None = None, fsdp: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 2-D mesh ("data", "fsdp") over `devices` (default: all). Defaults: one data row per process (host), fsdp
     over each host's devices; give one of the two sizes and the other is inferred."""
     devices = list(jax.devices() if devices is None else devices)
@@ -73,7 +73,7 @@ def param_spec(shape: tuple[int, ...], n_fsdp: int) -> P:
     return P()
 
 
-def tree_shardings(tree, mesh: Mesh):
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
     """A NamedSharding per array leaf of `tree` (params, optimizer state, ...) by `param_spec`."""
     n = mesh.shape[FSDP]
     return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(tuple(np.shape(x)), n)), tree)
@@ -89,13 +89,14 @@ def batch_sharding(mesh: Mesh, shape: tuple[int, ...], batch_axis: int = 1) -> N
     return NamedSharding(mesh, P(*spec))
 
 
-def shard_tree(tree, mesh: Mesh | None):
+def shard_tree(tree: Any, mesh: Mesh | None) -> Any:
     """Place a pytree of arrays (e.g. a frozen teacher) on `mesh` by `tree_shardings`; unchanged without a mesh."""
     return tree if mesh is None else jax.device_put(tree, tree_shardings(tree, mesh))
 
 
 def shard_batch(batch: np.ndarray, mesh: Mesh | None, batch_axis: int = 1) -> jax.Array:
-    """Put a host batch (the same global batch on every process) onto the mesh; each device takes its slice."""
+    """Put a host batch (the same global batch on every process, e.g. [grad_accum, micro_batch, T]) onto the mesh,
+    same shape; each device takes its slice."""
     if mesh is None:
         return jnp.asarray(batch)
     sharding = batch_sharding(mesh, batch.shape, batch_axis)
@@ -105,7 +106,8 @@ def shard_batch(batch: np.ndarray, mesh: Mesh | None, batch_axis: int = 1) -> ja
 # -- train state and step -------------------------------------------------------------------------------------------
 
 
-def init_train_state(qat_params, optimizer: optax.GradientTransformation, mesh: Mesh | None = None) -> dict:
+def init_train_state(qat_params: dict[str, Any], optimizer: optax.GradientTransformation,
+                     mesh: Mesh | None = None) -> dict:
     """{"params": qat_params, "opt_state": optimizer.init(qat_params), "step": int32 0}, sharded on `mesh`."""
     def make(p):
         return {"params": p, "opt_state": optimizer.init(p), "step": jnp.zeros((), jnp.int32)}
@@ -184,9 +186,11 @@ class WindowBatches:
         return self._cached[1]
 
     def state(self) -> dict[str, int]:
+        """The iterator's position {"epoch", "index"} (JSON-able, for a checkpoint)."""
         return {"epoch": self.epoch, "index": self.index}
 
     def restore(self, state: dict[str, int]) -> None:
+        """Continue from a position `state()` returned."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -221,9 +225,11 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The newest saved step, or None when the directory holds none."""
         return self.manager.latest_step()
 
     def save(self, state: dict, extra: dict | None = None, *, wait: bool = True) -> int:
+        """Save `state` (at its `state["step"]`, replacing one there) and the JSON-able `extra`; returns the step."""
         ocp = self._ocp
         step = int(jax.device_get(state["step"]))
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -246,13 +252,14 @@ class Checkpointer:
         return out["state"], dict(out["extra"] or {})
 
     def close(self) -> None:
+        """Wait for pending saves, then release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Checkpointer:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -10,12 +10,14 @@ e.g. `quant["layers_0"]["attn"]["q_proj"]["kernel"]["scale"]`; it is `{}` when n
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jq.algorithms.rtn import QAT
+from jq.algorithms.stats import Stats
 from jq.tree.recipe import QuantConfig, Rule
 from jq.qat import ste as S
 from jq.numbers.qtensor import Layout, is_qtensor
@@ -23,6 +25,7 @@ from jq.tree.paths import get_path, path_str, set_path
 from jq.tree.quantize import (_default_axes, _stats_for, check_rotatable, check_scales, quantize_leaf,
                               quantize_params)
 from jq.numbers.scheme import Scheme
+from jq.types import Params
 
 __all__ = [
     "QAT_OPTIONS",
@@ -67,7 +70,7 @@ class LeafPlan:
     ste: str
 
 
-def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
+def plan(path: str, w: Any, cfg: QuantConfig) -> LeafPlan | None:
     """The plan for leaf `w` at `path`, or None when the recipe keeps it float (no rule, `skip`, not a float array)."""
     ndim = getattr(w, "ndim", 0)
     rule = cfg.rule_for(path, ndim)
@@ -86,13 +89,14 @@ def plan(path: str, w, cfg: QuantConfig) -> LeafPlan | None:
 
 def to_basis(w: jax.Array, p: LeafPlan) -> jax.Array:
     """The weight in the basis its codes are stored in: Qᵀ W along the contraction axis for `rotate: hadamard`
-    (what `jq.quantize_params` encodes), `w` itself otherwise. Linear, so gradients pass through exactly."""
+    (what `jq.quantize_params` encodes), `w` itself otherwise; same shape. Linear, so gradients pass through
+    exactly."""
     rot = p.scheme.policy.rotation
     return w if rot is None else rot.apply(w, axis=p.layout.axes[0])
 
 
 def from_basis(v: jax.Array, p: LeafPlan) -> jax.Array:
-    """Inverse of `to_basis`: W = Q (Qᵀ W)."""
+    """Inverse of `to_basis`: W = Q (Qᵀ W), same shape."""
     rot = p.scheme.policy.rotation
     return v if rot is None else rot.inverse(v, axis=p.layout.axes[0])
 
@@ -103,9 +107,10 @@ _lsq_init = jax.jit(S.lsq_init, static_argnums=(1, 2, 3))
 _lsq_qtensor = jax.jit(S.lsq_qtensor, static_argnums=(2, 3))
 
 
-def init(params, cfg: QuantConfig) -> dict[str, Any]:
+def init(params: Params, cfg: QuantConfig) -> dict[str, Any]:
     """QAT parameters from float `params` (a linen params dict or an NNX State): `{"params": params, "quant": q}`
-    with learned step sizes (and zero points) initialised for every leaf whose rule has `lsq: true`."""
+    with learned step sizes (and zero points) initialised for every leaf whose rule has `lsq: true` (each
+    f32 [`layout.scale_shape`], e.g. [K/g, N] for groups of a kernel [K, N])."""
     quant: dict = {}
     for kp, w in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]:
         path = path_str(kp)
@@ -115,7 +120,7 @@ def init(params, cfg: QuantConfig) -> dict[str, Any]:
     return {"params": params, "quant": quant}
 
 
-def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
+def init_from(qparams: Params, cfg: QuantConfig) -> dict[str, Any]:
     """QAT parameters that start from a PTQ result (e.g. GPTQ / AWQ output of `jq.quantize_params` or
     `jq.calibration.sequential.quantize_sequential`): float masters = each QTensor's dequantized weight, learned step sizes
     (and zero points) = its stored scales (and zeros), so that step 0 of QAT computes the PTQ model.
@@ -156,7 +161,7 @@ def init_from(qparams, cfg: QuantConfig) -> dict[str, Any]:
     return {"params": params, "quant": quant}
 
 
-def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
+def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig) -> Params:
     """The float tree the model runs on during QAT: every leaf the recipe quantizes replaced by its fake-quantized
     value (straight-through; learned step sizes where `quant` has them), everything else unchanged. Same tree
     structure and dtypes as `qat_params["params"]`. Call it inside the loss function (it traces under jit).
@@ -177,7 +182,8 @@ def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig):
     return _map_planned(leaf, qat_params, cfg)
 
 
-def _map_planned(leaf, qat_params: dict[str, Any], cfg: QuantConfig):
+def _map_planned(leaf: Callable[[str, Any, LeafPlan, dict | None], Any], qat_params: dict[str, Any],
+                 cfg: QuantConfig) -> Params:
     """Map `leaf(path, w, plan, learned quant params or None)` over the leaves the recipe quantizes; the others
     pass through."""
     quant = qat_params.get("quant") or {}
@@ -190,7 +196,7 @@ def _map_planned(leaf, qat_params: dict[str, Any], cfg: QuantConfig):
     return jax.tree_util.tree_map_with_path(visit, qat_params["params"], is_leaf=is_qtensor)
 
 
-def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
+def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib: Stats | dict | None = None) -> Params:
     """The quantized tree, as `jq.quantize_params` returns it: QTensors at the quantized leaves.
 
     Without learned step sizes this *is* `quantize_params(qat_params["params"], cfg, calib)`; leaves with learned
@@ -209,7 +215,7 @@ def convert(qat_params: dict[str, Any], cfg: QuantConfig, calib=None):
     return _map_planned(leaf, qat_params, cfg)
 
 
-def decay_mask(qat_params: dict[str, Any]):
+def decay_mask(qat_params: dict[str, Any]) -> dict[str, Any]:
     """A weight-decay mask for `optax.adamw(mask=...)`: True on float weights with ≥ 2 dims, False on vectors
     (norms, biases) and on every learned quantization parameter."""
     return {

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jq.algorithms import Method, get_method
 from jq.algorithms.rtn import RTN
-from jq.algorithms.stats import LayerStats
+from jq.algorithms.stats import LayerStats, Stats
 from jq.numbers.hadamard import Rotation
 from jq.numbers.qtensor import QTensor, is_qtensor
 from jq.tree.paths import path_str
-from jq.tree.recipe import QuantConfig
+from jq.numbers.scheme import Scheme
+from jq.tree.recipe import QuantConfig, Rule
+from jq.types import Params
 
 __all__ = ["quantize_params", "dequantize_params", "quantize_leaf", "check_scales", "check_rotatable"]
 
@@ -34,13 +39,13 @@ def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(record: Method, info: bool = False):
+def _jitted(record: Method, info: bool = False) -> Callable[..., Any]:
     """One compiled function per method record (and per its `quantize_with_info`); scheme and layout are static, so
     each distinct weight shape / scheme compiles once and is reused across layers."""
     return jax.jit(record.quantize_with_info if info else record.quantize, static_argnums=(1, 2))
 
 
-def _check_finite(path: str, w) -> None:
+def _check_finite(path: str, w: Any) -> None:
     if isinstance(w, jax.core.Tracer):
         return
     a = np.asarray(w)
@@ -56,7 +61,7 @@ def _check_finite(path: str, w) -> None:
         )
 
 
-def _stats_for(calib, path: str):
+def _stats_for(calib: Stats | dict | None, path: str) -> LayerStats | dict | None:
     if calib is None:
         return None
     if isinstance(calib, dict) and path in calib:
@@ -70,11 +75,12 @@ def _stats_for(calib, path: str):
     return node
 
 
-def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
+def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None) -> QTensor:
     """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
     a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
     `with_info` variant reports damping increases, inputs that never fired and fallbacks, which are warned about
-    naming the layer. Outside jit, scales that do not fit the scheme's `scale_dtype` are refused (`check_scales`)."""
+    naming the layer. Outside jit, scales that do not fit the scheme's `scale_dtype` are refused (`check_scales`).
+    w: the float weight in its logical shape (a Dense kernel [K, N]); stats: its input's, e.g. `hessian` [K, K]."""
     if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
     _check_finite(path, w)
@@ -107,7 +113,7 @@ def quantize_leaf(path: str, w: jax.Array, rule, stats=None) -> QTensor:
     return q
 
 
-def check_scales(path: str, w: jax.Array, q: QTensor, scheme) -> None:
+def check_scales(path: str, w: jax.Array, q: QTensor, scheme: Scheme) -> None:
     """Refuse a QTensor whose scales or zero points overflowed the scheme's `scale_dtype` (they would dequantize to
     NaN), naming the leaf, the range that needs the larger scale and the fix; warn when non-zero groups' scales
     underflowed it (those groups dequantize to zero). No-op under a trace. w: the float weight q was made from
@@ -160,13 +166,14 @@ def check_rotatable(path: str, shape: tuple[int, ...], axes: tuple[int, ...]) ->
                          "Hadamard construction (see jq.numbers.hadamard.decompose); drop rotate for this leaf")
 
 
-def _rotate_input(path: str, w, axes: tuple[int, ...], stats: LayerStats | None, rotation: Rotation):
+def _rotate_input(path: str, w: jax.Array, axes: tuple[int, ...], stats: LayerStats | None,
+                  rotation: Rotation) -> tuple[jax.Array, LayerStats | None]:
     """For a rotated scheme: the stored weight Qᵀ W and the statistics of the rotated input x Q."""
     check_rotatable(path, tuple(w.shape), axes)
     return rotation.apply(w, axis=axes[0]), None if stats is None else stats.rotated(rotation.apply)
 
 
-def _warn_info(path: str, rule, info: dict) -> None:
+def _warn_info(path: str, rule: Rule, info: dict) -> None:
     if bool(info.get("no_data", False)):
         warnings.warn(f"{path}: no calibration signal reached this layer (its inputs were zero on every calibration "
                       f"token), so {rule.method} had nothing to fit and it was quantized with RTN. Check that the "
@@ -185,7 +192,8 @@ def _warn_info(path: str, rule, info: dict) -> None:
                       "this layer with method: rtn", stacklevel=4)
 
 
-def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: bool = True):
+def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None = None, *,
+                    warn_unmatched: bool = True) -> Params:
     """Quantize a parameter pytree by the rules of `cfg`.
 
     Args:
@@ -223,6 +231,7 @@ def quantize_params(params, cfg: QuantConfig, calib=None, *, warn_unmatched: boo
     return out
 
 
-def dequantize_params(qparams, dtype=None):
-    """Replace every QTensor by its dense dequantized array (in its recorded dtype, or `dtype`)."""
+def dequantize_params(qparams: Params, dtype: DTypeLike | None = None) -> Params:
+    """Replace every QTensor by its dense dequantized array of its logical shape (in its recorded dtype, or
+    `dtype`)."""
     return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_qtensor(x) else x, qparams, is_leaf=is_qtensor)

@@ -92,9 +92,11 @@ class Rule:
 
     @property
     def needs_calibration(self) -> bool:
+        """Whether the rule's transforms or method need calibration statistics."""
         return bool(self.transforms) or get_method(self.method).needs_calibration
 
     def matches(self, path: str) -> bool:
+        """Whether the rule's pattern matches the whole leaf path."""
         return self._regex.fullmatch(path) is not None
 
 
@@ -146,6 +148,7 @@ class QuantConfig:
                 raise ValueError(f"ignore pattern {p!r} is not a valid regular expression: {e}") from None
 
     def ignored(self, path: str, ndim: int) -> bool:
+        """Whether the leaf stays float regardless of rules: fewer than 2 dims, or an `ignore` pattern matches."""
         return ndim < 2 or any(re.fullmatch(p, path) for p in self.ignore)
 
     def rule_for(self, path: str, ndim: int) -> Rule | None:

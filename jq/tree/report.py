@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["LeafReport", "report", "summarize", "size_summary", "format_report", "is_linear_kernel"]
 
@@ -89,7 +92,7 @@ def size_summary(tree: Any) -> dict[str, float]:
     return _totals((p, *_stored_bytes(x), isinstance(x, QTensor)) for p, x in leaf_paths(tree))
 
 
-def format_report(rows: list[LeafReport], *, only_quantized: bool = False, title: str | None = None):
+def format_report(rows: list[LeafReport], *, only_quantized: bool = False, title: str | None = None) -> Table:
     """A `rich.table.Table` of the report (print it with `rich.print` or a Console)."""
     from rich.table import Table
 

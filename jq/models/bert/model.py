@@ -2,7 +2,7 @@
 
 Post-LN layers as in the original BERT: x = LN(x + Attn(x)); x = LN(x + MLP(x)), with exact (erf) GELU. Every
 projection is a plain `nn.Dense` with bias and an (in, out) kernel, so `jq.quantize_params` with a `.*kernel` rule
-quantizes them and `jq.interop.apply` runs them unmodified. Parameter paths (inside the `params` collection):
+quantizes them and `jq.interop.linen.apply` runs them unmodified. Parameter paths (inside the `params` collection):
 
     embeddings/word/embedding                         (vocab, dim)
     embeddings/position/embedding                     (max_positions, dim)
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jq
+from jq.interop.linen import apply
 
 __all__ = ["BertConfig", "Bert", "encode", "make_encoder", "mean_pool", "expected_shapes", "embed_texts"]
 
@@ -59,6 +59,7 @@ class BertConfig:
 
     @property
     def head_dim(self) -> int:
+        """hidden_size / num_attention_heads."""
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
@@ -130,6 +131,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, dim] -> [B, T, dim]."""
         h = jax.nn.gelu(nn.Dense(self.cfg.intermediate_size, name="up")(x), approximate=False)
         return nn.Dense(self.cfg.hidden_size, name="down")(h)
 
@@ -141,6 +143,7 @@ class Embeddings(nn.Module):
 
     @nn.compact
     def __call__(self, ids: jax.Array, types: jax.Array) -> jax.Array:
+        """ids, types: [B, T] int -> [B, T, dim]."""
         c = self.cfg
         x = nn.Embed(c.vocab_size, c.hidden_size, name="word")(ids)
         x = x + nn.Embed(c.max_position_embeddings, c.hidden_size, name="position")(jnp.arange(ids.shape[1]))[None]
@@ -155,6 +158,7 @@ class Layer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [B, T, dim]; mask: [B, T] (1 for real tokens) -> [B, T, dim]."""
         eps = self.cfg.layer_norm_eps
         x = nn.LayerNorm(eps, name="attn_norm")(x + Attention(self.cfg, name="attn")(x, mask))
         return nn.LayerNorm(eps, name="mlp_norm")(x + MLP(self.cfg, name="mlp")(x))
@@ -192,7 +196,7 @@ def mean_pool(hidden: jax.Array, mask: jax.Array, normalize: bool = True) -> jax
 def encode(model: Bert, params: Any, ids: jax.Array, mask: jax.Array, normalize: bool = True) -> jax.Array:
     """Sentence embeddings [B, D] of ids, mask [B, T]; `params` may hold QTensors (run through `jq.interop.apply`)."""
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
-    return mean_pool(jq.interop.apply(model, {"params": params}, ids, mask), mask, normalize)
+    return mean_pool(apply(model, {"params": params}, ids, mask), mask, normalize)
 
 
 def make_encoder(cfg: BertConfig, normalize: bool = True) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:

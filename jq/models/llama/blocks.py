@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
@@ -30,8 +33,8 @@ FOLDS = (
 )
 
 
-def block_spec(cfg: LlamaConfig, dtype=jnp.float32) -> BlockSpec:
-    """BlockSpec for `jq.models.llama.model.Llama(cfg)` params."""
+def block_spec(cfg: LlamaConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
+    """BlockSpec for `jq.models.llama.model.Llama(cfg)` params: embeds tokens [B, T] int32 → hidden [B, T, D]."""
 
     def embed(params, tokens):
         return jnp.take(jnp.asarray(params["embed"]["embedding"]), tokens, axis=0).astype(dtype)
@@ -50,7 +53,7 @@ def block_spec(cfg: LlamaConfig, dtype=jnp.float32) -> BlockSpec:
     )
 
 
-def _grab(target: str, box: dict):
+def _grab(target: str, box: dict) -> Callable[..., Any]:
     """An interceptor keeping the input of the layer whose kernel is at `target` (path inside the module)."""
 
     def keep(c: LayerCall):
@@ -89,9 +92,12 @@ def _stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
     }
 
 
-def staged_block(fns: dict, block: dict, hs: list, extras: list, quantize_stage):
+def staged_block(fns: dict, block: dict, hs: list[jax.Array], extras: list[tuple],
+                 quantize_stage: Callable[[tuple[str, ...], Sequence[jax.Array]], dict],
+                 ) -> tuple[dict, list[jax.Array]]:
     """One pass through a block, quantizing each stage on the inputs computed with the earlier stages quantized
-    (the `BlockSpec.staged` protocol). hs: per-batch hidden states [B, T, D]; returns (block, outputs)."""
+    (the `BlockSpec.staged` protocol). hs: per-batch hidden states [B, T, D]; extras: per-batch (positions [B, T],);
+    returns (block, outputs [B, T, D] per batch)."""
     x0 = [fns["norm_in"](block, h) for h in hs]
     block = quantize_stage(ATTN_IN, x0)
     a = [fns["attn_core"](block, x, *e) for x, e in zip(x0, extras)]

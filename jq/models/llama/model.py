@@ -53,6 +53,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., dim] -> [..., dim] in `dtype`."""
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -149,6 +150,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, T, dim] -> [B, T, dim]."""
         dense = lambda f, n: nn.Dense(f, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, name=n)  # noqa: E731
         h = nn.silu(dense(self.cfg.hidden_dim, "gate_proj")(x)) * dense(self.cfg.hidden_dim, "up_proj")(x)
         return dense(self.cfg.dim, "down_proj")(h)
@@ -165,6 +167,8 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
                  cache: dict | None = None) -> jax.Array | tuple[jax.Array, dict]:
+        """x: [B, T, dim]; positions: [B, T] int -> [B, T, dim], or ([B, T, dim], updated cache) with a layer
+        `cache` (see `Attention.__call__`)."""
         eps = self.cfg.norm_eps
         attn = Attention(self.cfg, self.dtype, self.kv_cache, name="attn")
         h = RMSNorm(eps, self.dtype, name="input_norm")(x)
@@ -256,7 +260,8 @@ def cache_bytes_per_token(cfg: LlamaConfig, kv_cache: KVCacheConfig | None = Non
     return kvcache.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_cache, dtype)
 
 
-def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheConfig | None = None):
+def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheConfig | None = None,
+                ) -> tuple[Callable[..., tuple[jax.Array, dict]], Callable[..., tuple[jax.Array, dict]]]:
     """(prefill, decode_step), pure functions of (params, cache, ...) -> (logits, cache); not jitted.
 
     prefill(params, cache, tokens[B, T], start=0) -> (logits [B, T, vocab] f32, cache): tokens at positions
@@ -269,11 +274,11 @@ def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheCon
 
     model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
 
-    def prefill(params: Any, cache: dict, tokens: jax.Array, start: jax.Array | int = 0):
+    def prefill(params: Any, cache: dict, tokens: jax.Array, start: jax.Array | int = 0) -> tuple[jax.Array, dict]:
         positions = jnp.asarray(start, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         return apply(model, {"params": params}, tokens, positions, cache)
 
-    def decode_step(params: Any, cache: dict, token: jax.Array, pos: jax.Array | int):
+    def decode_step(params: Any, cache: dict, token: jax.Array, pos: jax.Array | int) -> tuple[jax.Array, dict]:
         positions = jnp.full((1,), pos, jnp.int32)
         logits, cache = apply(model, {"params": params}, token[:, None], positions, cache)
         return logits[:, 0], cache
