@@ -150,7 +150,6 @@ def np_hqq(xg, scale, zero, bits, zero_point, axis, iters=20, p=P, beta=10.0, ka
 def test_matches_numpy_iterations(zp, opt_scale):
     w = student_t((128, 64), seed=1)
     scheme = Scheme("int3", symmetric=False, group_size=32, zero_point=zp)
-    layout = scheme.layout(w.shape, (0,))
     xg = w.reshape(4, 32, 64)  # the grouped view of a [128, 64] kernel in groups of 32
 
     @jax.jit

@@ -5,20 +5,11 @@ from __future__ import annotations
 import json
 
 import gguf
-import jax
-import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
-import pytest
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
 from jq.models.llama.config import LlamaConfig
-from jq.models.io.gguf import load_gguf
-from jq.models.io.safetensors import load_hf
-from jq.models import load_model, resolve_model
-from jq.models.llama.model import init_params, make_forward
-from jq.models.io.tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------- NumPy reference
 

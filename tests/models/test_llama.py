@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from safetensors.numpy import save_file
 
 from jq.models.llama.config import LlamaConfig
 from jq.models.io.gguf import load_gguf
@@ -20,7 +18,7 @@ from jq.models import load_model, resolve_model
 from jq.models.llama.model import init_params, make_forward
 from jq.models.io.tokenizer import Tokenizer
 
-from jqtest.llama import (np_rope, np_forward, bytes_to_unicode, SPECIALS, MERGES, TOKENS, tiny_cfg, llama_cpp_permute, LAYOUT, tiny_checkpoint, write_gguf, write_hf, flat, TOKENS_IN)
+from jqtest.llama import (np_forward, TOKENS, tiny_cfg, llama_cpp_permute, tiny_checkpoint, write_gguf, write_hf, flat, TOKENS_IN)
 
 # --------------------------------------------------------------------------------------------------------- model
 

@@ -9,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jqtest.npref import (NF4_QLORA, FP4_E2M1, FP8_DTYPES, FP8_MAX, SCALE_DTYPES, fmt_bits, np_pack, sign_extend, np_nearest_index, np_fp8_saturating, grouped_view, np_scale_zero, format_grid, np_encode, np_rtn, SCALE_EPS, check_quantized, _ga)
+from jqtest.npref import (SCALE_DTYPES, np_pack, sign_extend, np_nearest_index, np_fp8_saturating, np_scale_zero, np_encode, np_rtn)
 
 
 def test_np_pack_hand_cases():
