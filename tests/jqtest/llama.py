@@ -153,8 +153,8 @@ def write_gguf(path, cfg: LlamaConfig, ckpt, *, pre: str = "default", add_bos: b
             weight = llama_cpp_permute(weight, cfg.n_heads)
         elif gname.endswith("attn_k.weight"):
             weight = llama_cpp_permute(weight, cfg.n_kv_heads)
-        if qtype in (Q.F32, Q.F16):
-            w.add_tensor(gname, weight.astype(np.float32 if qtype == Q.F32 else np.float16))
+        if qtype in (Q.F32, Q.F16, Q.F64):
+            w.add_tensor(gname, weight.astype({Q.F32: np.float32, Q.F16: np.float16, Q.F64: np.float64}[qtype]))
         else:
             w.add_tensor(gname, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
     w.write_header_to_file()

@@ -132,8 +132,9 @@ def test_hf_loader_errors_name_the_path(tmp_path):
 
 def test_unsupported_gguf_tensor_type_names_the_tensor(tmp_path):
     cfg = tiny_cfg(True)
-    write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg), override={"blk.1.ffn_up.weight": Q.Q5_0})
-    with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight.*Q5_0.*Q8_0"):
+    # F64 is a GGUF type the gguf package cannot dequantize (K-quants, i-quants and legacy quants it can)
+    write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg), override={"blk.1.ffn_up.weight": Q.F64})
+    with pytest.raises(ValueError, match=r"blk\.1\.ffn_up\.weight.*F64.*Q8_0.*Q4_K"):
         load_gguf(tmp_path / "m.gguf")
 
 

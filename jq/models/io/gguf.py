@@ -17,8 +17,24 @@ from jq.models.family import LoadedModel, ModelFamily, family_for_gguf
 from jq.models.io.lazy import LazyParam, StoredTensor, lazy_params, materialize
 from jq.models.io.tokenizer import Tokenizer
 
-_T = GGMLQuantizationType
-SUPPORTED_TYPES = (_T.F32, _T.F16, _T.BF16, _T.Q8_0, _T.Q4_0, _T.Q4_1)
+
+
+@functools.cache
+def supported_types() -> tuple[GGMLQuantizationType, ...]:
+    """Every tensor type the installed `gguf` package dequantizes (F32/F16/BF16, legacy Q4_0…Q8_0, the K-quants
+    Q2_K…Q6_K, i-quants, ...), found by dequantizing one all-zero block of each."""
+    ok = []
+    for t in GGMLQuantizationType:
+        if t not in GGML_QUANT_SIZES:
+            continue
+        block, type_size = GGML_QUANT_SIZES[t]
+        try:
+            out = dequantize(np.zeros(type_size, np.uint8), t)
+        except Exception:  # noqa: BLE001  (not implemented, or needs what one zero block cannot give)
+            continue
+        if np.asarray(out).size == block:
+            ok.append(t)
+    return tuple(ok)
 
 class _Truncated(Exception):
     def __init__(self, need: int, tensor: str):
@@ -68,13 +84,14 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
 
 
 def _check_types(reader: GGUFReader) -> None:
-    bad = [t for t in reader.tensors if t.tensor_type not in SUPPORTED_TYPES]
+    supported = supported_types()
+    bad = [t for t in reader.tensors if t.tensor_type not in supported]
     if bad:
         t = bad[0]
         more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
         raise ValueError(
             f"GGUF tensor {t.name!r} has type {t.tensor_type.name}{more}, which jq cannot dequantize; supported types: "
-            f"{', '.join(s.name for s in SUPPORTED_TYPES)}. Re-export the model with llama.cpp as Q8_0, F16 or F32 "
+            f"{', '.join(s.name for s in supported)}. Re-export the model with llama.cpp as Q8_0, F16 or F32 "
             "(e.g. `llama-quantize --allow-requantize in.gguf out.gguf Q8_0`), or load the Hugging Face safetensors."
         )
 
