@@ -37,9 +37,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jq.numbers import kvcache
-from jq.numbers.kvcache import KVCacheConfig
+from jq.models.decoder import attend, decode_fns, init_kv_cache, kv_bytes_per_token
 from jq.models.llama.config import LlamaConfig
+from jq.numbers.kvcache import KVCacheConfig
 
 __all__ = ["LlamaConfig", "KVCacheConfig", "Llama", "RMSNorm", "Attention", "MLP", "Block", "rope", "init_params",
            "make_forward", "init_cache", "make_decode", "cache_bytes_per_token", "qk_rotation"]
@@ -112,7 +112,6 @@ class Attention(nn.Module):
         """
         c = self.cfg
         b, t, _ = x.shape
-        g = c.group_size
         kv = self.kv_cache
         q = self._dense(c.n_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.n_heads, c.head_dim)
         k = self._dense(c.n_kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
@@ -122,22 +121,7 @@ class Attention(nn.Module):
         rotate = qk_rotation(kv, c.head_dim)
         if rotate is not None:
             q, k = rotate(q), rotate(k)
-        q = q.reshape(b, t, c.n_kv_heads, g, c.head_dim)
-        if cache is None:
-            k, v = kvcache.fake_quant_kv(k, kv), kvcache.fake_quant_kv(v, kv)
-            key_pos = positions                                                             # [B, Tk]
-        else:
-            start = positions[0, 0]
-            cache = {"k": kvcache.write_kv(cache["k"], k, start, kv), "v": kvcache.write_kv(cache["v"], v, start, kv)}
-            k, v = kvcache.read_kv(cache["k"], kv, self.dtype), kvcache.read_kv(cache["v"], kv, self.dtype)
-            key_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), (b, k.shape[1]))
-
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (1.0 / jnp.sqrt(jnp.float32(c.head_dim)))
-        causal = positions[:, :, None] >= key_pos[:, None, :]                               # [B, Tq, Tk]
-        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, c.n_heads * c.head_dim)
+        out, cache = attend(q, k, v, positions, cache, kv, self.dtype, 1.0 / jnp.sqrt(jnp.float32(c.head_dim)))
         out = self._dense(c.dim, "o_proj")(out)
         return out if cache is None else (out, cache)
 
@@ -241,46 +225,23 @@ def make_forward(cfg: LlamaConfig, dtype: Any = jnp.float32,
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, kv_cache: KVCacheConfig | None = None,
                dtype: Any = jnp.float32) -> dict[str, dict[str, Any]]:
-    """An empty KV cache {"layers_i": {"k": entry, "v": entry}} of `max_len` rows per sequence.
-
-    Entries are float arrays [batch, max_len, n_kv_heads, head_dim] in `dtype` (the compute dtype), or the
-    quantized dicts of `jq.numbers.kvcache` when `kv_cache` quantizes. Errors when max_len exceeds the model context."""
-    if batch < 1 or max_len < 1:
-        raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
-    if max_len > cfg.max_seq_len:
-        raise ValueError(f"max_len {max_len} exceeds the model context max_seq_len={cfg.max_seq_len}; use a "
-                         "shorter prompt or fewer new tokens")
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {f"layers_{i}": {"k": kvcache.empty_kv(shape, kv_cache, dtype),
-                            "v": kvcache.empty_kv(shape, kv_cache, dtype)} for i in range(cfg.n_layers)}
+    """An empty KV cache {"layers_i": {"k": entry, "v": entry}} of `max_len` rows per sequence (see
+    `jq.models.decoder.init_kv_cache`)."""
+    return init_kv_cache(cfg, batch, max_len, kv_cache, dtype)
 
 
 def cache_bytes_per_token(cfg: LlamaConfig, kv_cache: KVCacheConfig | None = None, dtype: Any = jnp.float32) -> int:
     """Bytes one token occupies in the cache over all layers (keys and values; float cache in `dtype`)."""
-    return kvcache.kv_bytes_per_token(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, kv_cache, dtype)
+    return kv_bytes_per_token(cfg, kv_cache, dtype)
 
 
 def make_decode(cfg: LlamaConfig, dtype: Any = jnp.float32, kv_cache: KVCacheConfig | None = None,
                 ) -> tuple[Callable[..., tuple[jax.Array, dict]], Callable[..., tuple[jax.Array, dict]]]:
-    """(prefill, decode_step), pure functions of (params, cache, ...) -> (logits, cache); not jitted.
+    """(prefill, decode_step), pure functions of (params, cache, ...) -> (logits, cache); not jitted (see
+    `jq.models.decoder.decode_fns`).
 
     prefill(params, cache, tokens[B, T], start=0) -> (logits [B, T, vocab] f32, cache): tokens at positions
       start .. start + T - 1 (start may be traced; start + T <= max_len is the caller's to check).
     decode_step(params, cache, token[B], pos) -> (logits [B, vocab] f32, cache): one token at position `pos`.
-
-    `params` may hold QTensors: the model runs through `jq.interop.apply`, so quantized kernels go to `jq.ops`.
     """
-    from jq.interop.linen import apply
-
-    model = Llama(cfg, dtype=dtype, kv_cache=kv_cache)
-
-    def prefill(params: Any, cache: dict, tokens: jax.Array, start: jax.Array | int = 0) -> tuple[jax.Array, dict]:
-        positions = jnp.asarray(start, jnp.int32) + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        return apply(model, {"params": params}, tokens, positions, cache)
-
-    def decode_step(params: Any, cache: dict, token: jax.Array, pos: jax.Array | int) -> tuple[jax.Array, dict]:
-        positions = jnp.full((1,), pos, jnp.int32)
-        logits, cache = apply(model, {"params": params}, token[:, None], positions, cache)
-        return logits[:, 0], cache
-
-    return prefill, decode_step
+    return decode_fns(Llama(cfg, dtype=dtype, kv_cache=kv_cache))

@@ -35,7 +35,7 @@ from jq.tree.recipe import RotationConfig
 from jq.models.llama.config import LlamaConfig
 from jq.numbers.qtensor import QTensor
 
-__all__ = ["rotate"]
+__all__ = ["rotate", "rotate_heads"]
 
 
 def _mm(a, b):
@@ -44,6 +44,17 @@ def _mm(a, b):
 
 def _copy(tree):
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def rotate_heads(attn: dict, h: jax.Array, head_dim: int) -> None:
+    """In place on one layer's attention params: v's output columns of every kv head W <- W H, o's input rows of
+    every query head W <- Hᵀ W (kernels (in, out); h [head_dim, head_dim] orthogonal). Exact: attention mixes
+    positions, not channels, within a head."""
+    wv = jnp.asarray(attn["v_proj"]["kernel"], jnp.float32)
+    attn["v_proj"]["kernel"] = _mm(wv.reshape(wv.shape[0], -1, head_dim), h).reshape(wv.shape)
+    wo = jnp.asarray(attn["o_proj"]["kernel"], jnp.float32)
+    attn["o_proj"]["kernel"] = jnp.einsum("hij,ik->hkj", wo.reshape(-1, head_dim, wo.shape[1]), h,
+                                          precision=jax.lax.Precision.HIGHEST).reshape(wo.shape)
 
 
 def rotate(params: dict, cfg: LlamaConfig, spec: RotationConfig = RotationConfig()) -> tuple[dict, LlamaConfig]:
@@ -87,13 +98,6 @@ def rotate(params: dict, cfg: LlamaConfig, spec: RotationConfig = RotationConfig
             for mod, pr in (("attn", "o_proj"), ("mlp", "down_proj")):
                 blk[mod][pr]["kernel"] = _mm(jnp.asarray(blk[mod][pr]["kernel"], f32), q)
     if spec.heads:
-        hd = cfg.head_dim
-        h = spec.head_rotation.matrix(hd)  # plain (deterministic) Hadamard per head
         for name in layers:
-            attn = p[name]["attn"]
-            wv = jnp.asarray(attn["v_proj"]["kernel"], f32)
-            attn["v_proj"]["kernel"] = _mm(wv.reshape(wv.shape[0], -1, hd), h).reshape(wv.shape)
-            wo = jnp.asarray(attn["o_proj"]["kernel"], f32)
-            attn["o_proj"]["kernel"] = jnp.einsum("hij,ik->hkj", wo.reshape(-1, hd, wo.shape[1]), h,
-                                                  precision=jax.lax.Precision.HIGHEST).reshape(wo.shape)
+            rotate_heads(p[name]["attn"], spec.head_rotation.matrix(cfg.head_dim), cfg.head_dim)
     return p, cfg

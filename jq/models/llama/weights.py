@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 
+from jq.models.decoder import gguf_path, hf_path
 from jq.models.family import TensorMap
 from jq.models.llama.config import LlamaConfig
 
@@ -72,25 +73,15 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out // n_heads // 2, cols).swapaxes(1, 2).reshape(out, cols)
 
 
-def _map(path: str) -> TensorMap:
-    return TensorMap(path, transpose=path.endswith("kernel"))
-
-
 def gguf_tensor(name: str, cfg: LlamaConfig) -> TensorMap:
     """A GGUF tensor name (`blk.3.attn_q.weight`) -> where it goes; ValueError for a tensor this family lacks."""
-    parts = name.split(".")
-    if len(parts) == 2 and parts[1] == "weight":
-        for path, (g, _) in _GLOBAL.items():
-            if parts[0] == g:
-                return _map(path)
-    if (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < cfg.n_layers
-            and parts[2] in _GGUF and parts[3] == "weight"):
-        path = f"layers_{parts[1]}/{_GGUF[parts[2]]}"
-        heads = {"attn_q": cfg.n_heads, "attn_k": cfg.n_kv_heads}.get(parts[2])
-        convert = None if heads is None else functools.partial(unpermute_qk, n_heads=heads)
-        return TensorMap(path, transpose=True if path.endswith("kernel") else False, convert=convert)
-    raise ValueError(f"unexpected GGUF tensor {name!r} for a plain llama model (RoPE scaling via rope_freqs, biases "
-                     "and MoE experts are not supported)")
+    path = gguf_path(name, cfg.n_layers, _GGUF, {g: p for p, (g, _) in _GLOBAL.items()})
+    if path is None:
+        raise ValueError(f"unexpected GGUF tensor {name!r} for a plain llama model (RoPE scaling via rope_freqs, "
+                         "biases and MoE experts are not supported)")
+    heads = {"attn/q_proj/kernel": cfg.n_heads, "attn/k_proj/kernel": cfg.n_kv_heads}.get(path.split("/", 1)[-1])
+    convert = None if heads is None else functools.partial(unpermute_qk, n_heads=heads)
+    return TensorMap(path, transpose=path.endswith("kernel"), convert=convert)
 
 
 def hf_tensor(name: str, cfg: LlamaConfig) -> TensorMap | None:
@@ -98,12 +89,7 @@ def hf_tensor(name: str, cfg: LlamaConfig) -> TensorMap | None:
     and for the `lm_head.weight` a tied checkpoint may still ship (the model reads `embed/embedding`)."""
     if name.endswith(_IGNORED_HF) or (cfg.tie_embeddings and name == "lm_head.weight"):
         return None
-    for path, (_, h) in _GLOBAL.items():
-        if name == h + ".weight":
-            return _map(path)
-    parts = name.split(".", 3)
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) < cfg.n_layers:
-        module = parts[3].removesuffix(".weight")
-        if parts[3].endswith(".weight") and module in _HF:
-            return _map(f"layers_{parts[2]}/{_HF[module]}")
-    raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
+    path = hf_path(name, cfg.n_layers, _HF, {h: p for p, (_, h) in _GLOBAL.items()})
+    if path is None:
+        raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
+    return TensorMap(path, transpose=path.endswith("kernel"))
