@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CALIB_SAMPLINGS", "read_text", "check_window", "add_calib_args", "calibration_tokens", "calibration_draw",
+__all__ = ["CALIB_SAMPLINGS", "read_text", "check_window", "bos_of", "text_ids", "add_calib_args", "calibration_tokens",
+           "calibration_draw",
            "data_dir", "default_eval_text", "default_calib_files"]
 
 _REPO = Path(__file__).resolve().parents[2]
@@ -47,6 +48,23 @@ def check_window(cfg: Any, window: int, what: str = "window") -> None:
                          f"{what} {ctx} or less")
 
 
+def bos_of(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer puts one before every text (Gemma), else None (SmolLM2). Such a model saw
+    BOS at the start of every training sequence, so each evaluation and calibration window starts with it."""
+    bos = getattr(tokenizer, "bos_id", None)
+    if bos is None:
+        return None
+    return bos if list(tokenizer.encode("a"))[:1] == [bos] else None
+
+
+def text_ids(tokenizer: Any, text: str) -> tuple[np.ndarray, int | None]:
+    """(token ids int32 [N] of `text`, BOS id or None): without special tokens when the model wants BOS per window
+    (`bos_of`); the caller puts BOS at the start of each window (`jq.apps.perplexity.make_windows(bos=...)`)."""
+    bos = bos_of(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False) if bos is not None else tokenizer.encode(text)
+    return np.asarray(ids, np.int32), bos
+
+
 def add_calib_args(parser: argparse.ArgumentParser, what: str = "calibration") -> None:
     """The flags of a calibration draw (`calibration_draw`'s arguments, with its defaults) on an argparse parser:
     --calib-samples, --calib-len, --calib-seed, --calib-sampling. `what` names the windows in the help text."""
@@ -69,7 +87,11 @@ def calibration_tokens(tokenizer: Any, files: list[Path], samples: int = 128, le
         raise ValueError(f"calibration needs samples >= 1 and length >= 2, got {samples} x {length}")
     if sampling not in CALIB_SAMPLINGS:
         raise ValueError(f"calibration sampling {sampling!r}: expected one of {', '.join(CALIB_SAMPLINGS)}")
-    streams = [np.asarray(tokenizer.encode(read_text(f, "calibration file")), np.int32) for f in files]
+    streams = [text_ids(tokenizer, read_text(f, "calibration file"))[0] for f in files]
+    bos = bos_of(tokenizer)
+    if bos is not None:  # each window is BOS + length - 1 text tokens, as the model was trained and is evaluated
+        return np.concatenate([np.full((samples, 1), bos, np.int32),
+                               calibration_tokens(_NoBos(tokenizer), files, samples, length - 1, seed, sampling)], 1)
     total = sum(len(s_) for s_ in streams)
     rng = np.random.default_rng(seed)
     if sampling == "stream":
@@ -125,3 +147,16 @@ def default_calib_files(eval_text: Path | None = None, directory: Path | None = 
         return []
     name = Path(eval_text).name if eval_text else EVAL_NAME
     return sorted(p for p in directory.glob("*.txt") if p.name != name)
+
+
+class _NoBos:
+    """A tokenizer's view that adds no special tokens (the BOS is placed per window instead)."""
+
+    bos_id = None
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of `text` without special tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False)

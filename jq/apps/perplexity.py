@@ -23,8 +23,10 @@ def window_nll_sum(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return -jnp.sum(target)
 
 
-def make_windows(token_ids: Sequence[int] | np.ndarray, window: int, windows: int) -> np.ndarray:
-    """The first `windows` non-overlapping windows of `window` tokens -> int32 [n, window] (n <= windows).
+def make_windows(token_ids: Sequence[int] | np.ndarray, window: int, windows: int,
+                 bos: int | None = None) -> np.ndarray:
+    """The first `windows` non-overlapping windows of `window` tokens -> int32 [n, window] (n <= windows). With a
+    `bos` id, each window is BOS + the next `window - 1` text tokens (the loss then covers window - 1 text tokens).
 
     Raises ValueError when the text is shorter than one window; warns when fewer than `windows` exist.
     """
@@ -33,6 +35,9 @@ def make_windows(token_ids: Sequence[int] | np.ndarray, window: int, windows: in
     if windows < 1:
         raise ValueError(f"windows must be at least 1, got {windows}")
     ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
+    if bos is not None:
+        text = make_windows(ids, window - 1, windows)
+        return np.concatenate([np.full((len(text), 1), bos, np.int32), text], axis=1)
     available = ids.size // window
     if available == 0:
         raise ValueError(
@@ -54,16 +59,17 @@ def perplexity(
     window: int = 512,
     windows: int = 16,
     batch_size: int = 4,
+    bos: int | None = None,
 ) -> dict[str, float | int]:
     """exp(mean next-token NLL) over the first `windows` non-overlapping `window`-token windows.
 
     forward(params, ids[B, window] int32) -> logits[B, window, V]; params are passed through untouched (they may be
-    quantized containers). Returns {"perplexity", "nll" (mean, nats), "tokens" (predicted positions),
+    quantized containers). `bos`: start each window with it (`make_windows`). Returns {"perplexity", "nll" (mean, nats), "tokens" (predicted positions),
     "windows" (windows used)}.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    batches = make_windows(token_ids, window, windows)
+    batches = make_windows(token_ids, window, windows, bos)
     total = 0.0
     for start in range(0, len(batches), batch_size):
         ids = jnp.asarray(batches[start: start + batch_size])

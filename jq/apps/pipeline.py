@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.apps.data import check_window
-from jq.apps.perplexity import perplexity
+from jq.apps.data import check_window, text_ids
+from jq.apps.perplexity import make_windows, perplexity
 from jq.calibration.capture import capture
 from jq.calibration.sequential import quantize_sequential
 from jq.interop import apply
@@ -112,26 +112,26 @@ def evaluate(
     quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
     check_window(m.cfg, window)
     t0 = time.perf_counter()
-    ids = np.asarray(m.tokenizer.encode(text), np.int32)
+    ids, bos = text_ids(m.tokenizer, text)
     params, qlog = m.params, {}
     if recipe is not None:
         params, qlog = quantize(m, recipe, calib, progress=progress)
     t1 = time.perf_counter()
     kv = recipe.kv_cache if recipe is not None else None
     fwd = quantized_forward(qlog.get("model_config", m.cfg), dtype, kv)
-    result = perplexity(fwd, params, ids, window=window, windows=windows, batch_size=batch_size)
+    result = perplexity(fwd, params, ids, window=window, windows=windows, batch_size=batch_size, bos=bos)
     extra = {}
     for name, t in (also or {}).items():
-        other = np.asarray(m.tokenizer.encode(t), np.int32)
+        other = text_ids(m.tokenizer, t)[0]
         if len(other) <= window:
             raise ValueError(f"evaluation text {name!r} has {len(other)} tokens, not more than one window of {window}")
         extra[name] = perplexity(fwd, params, other, window=window, windows=min(windows, (len(other) - 1) // window),
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, bos=bos)
     t2 = time.perf_counter()
     outliers = {}
     if recipe is not None and any(r.scheme is not None and r.scheme.act_outlier is not None for r in recipe.rules):
         n = min(batch_size, len(ids) // window)
-        outliers = outlier_fractions(m, recipe, ids[: n * window].reshape(n, window))
+        outliers = outlier_fractions(m, recipe, make_windows(ids, window, n, bos))
     sizes = size_summary(params)
     return {
         "model": m.source,

@@ -62,6 +62,14 @@ class BlockSpec:
     # Optional fast path: staged(block, hs, extras, quantize_stage) -> (block, outputs) runs the block's dataflow
     # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers.
     staged: Callable | None = None
+    # Optional: blocks that differ (Gemma's local / global attention) give one module per name; `module` is the
+    # default for the names this tuple does not cover (None entries).
+    modules: tuple[nn.Module | None, ...] = ()
+
+    def module_for(self, index: int) -> nn.Module:
+        """The module of block `index`."""
+        m = self.modules[index] if index < len(self.modules) else None
+        return self.module if m is None else m
 
 
 def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
@@ -112,7 +120,7 @@ def quantize_sequential(
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or len(tokens) == 0:
         raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
-    comp = _Compiled(spec)
+    compiled: dict[int, _Compiled] = {}
     embed = jax.jit(spec.embed)
     batches = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
     extras = [tuple(spec.extra(b)) for b in batches]
@@ -122,6 +130,10 @@ def quantize_sequential(
     bar = _progress(len(spec.names), progress)
     for i, name in enumerate(spec.names):
         t0 = time.perf_counter()
+        module = spec.module_for(i)
+        if id(module) not in compiled:
+            compiled[id(module)] = _Compiled(dataclasses.replace(spec, module=module))
+        comp = compiled[id(module)]
         block = jax.tree_util.tree_map(lambda x: x, copy.deepcopy(params[name]))
         rules = {p: cfg.rule_for(f"{name}/{p}", getattr(w, "ndim", 0)) for p, w in leaf_paths(block)}
         rules = {p: r for p, r in rules.items() if r is not None and r.scheme is not None}

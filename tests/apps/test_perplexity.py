@@ -64,3 +64,40 @@ def test_fewer_windows_than_asked_warns_and_uses_all():
     with pytest.warns(UserWarning, match="only 3 windows"):
         out = perplexity(uniform_forward(5), None, list(range(35)), window=10, windows=16)
     assert out["windows"] == 3 and out["tokens"] == 27
+
+
+class _Tok:
+    """A tokenizer that puts BOS (id 1) before every text when asked to add special tokens, like Gemma's."""
+
+    bos_id = 1
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [2 + (ord(c) % 50) for c in text]
+
+
+def test_a_bos_model_gets_bos_plus_window_minus_one_text_tokens_per_window():
+    from jq.apps.data import bos_of, text_ids
+    from jq.apps.perplexity import make_windows
+
+    ids, bos = text_ids(_Tok(), "abcdefghij" * 3)
+    assert bos == 1 and len(ids) == 30 and 1 not in ids.tolist()  # no BOS inside the text stream
+    w = make_windows(ids, 8, 3, bos)
+    np.testing.assert_array_equal(w[:, 0], 1)
+    np.testing.assert_array_equal(w[:, 1:].reshape(-1), ids[:21])  # 7 text tokens each, consecutive
+    out = perplexity(uniform_forward(37), None, ids, window=8, windows=3, bos=bos)
+    assert out["tokens"] == 3 * 7  # the loss covers the 7 text tokens of each window, BOS is never a target
+    no_bos = type("T", (), {"bos_id": 1, "encode": lambda self, t, add_special_tokens=True: [5, 6]})()
+    assert bos_of(no_bos) is None  # a tokenizer that does not add BOS keeps the plain windows
+
+
+def test_calibration_windows_of_a_bos_model_start_with_bos(tmp_path):
+    from jq.apps.data import calibration_tokens
+
+    for i in range(2):
+        (tmp_path / f"b{i}.txt").write_text("the quick brown fox jumps " * 20)
+    for sampling in ("windows", "stream"):
+        toks = calibration_tokens(_Tok(), [tmp_path / "b0.txt", tmp_path / "b1.txt"], samples=6, length=16,
+                                  sampling=sampling)
+        assert toks.shape == (6, 16)
+        np.testing.assert_array_equal(toks[:, 0], 1)
+        assert (toks[:, 1:] != 1).all()

@@ -155,7 +155,7 @@ def test_the_registry_refuses_clashes_and_names_what_it_knows(toy):
         register_family(TOY)
     with pytest.raises(ValueError, match=r"claims \['toylm'\], which family 'toylm' already has"):
         register_family(dataclasses.replace(TOY, name="other", config_type=dict))
-    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt9': jq reads \['llama', 'toylm'\]"):
+    with pytest.raises(ValueError, match=r"unsupported GGUF architecture 'gpt9': jq reads \[.*'llama'.*'toylm'\]"):
         registry.family_for_gguf("gpt9")
     with pytest.raises(ValueError, match=r"unsupported Hugging Face model_type \(in config.json\) 'qwen9'"):
         registry.family_for_hf("qwen9")
