@@ -18,6 +18,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from jq.algorithms import Method, get_method
+from jq.algorithms import experts
 from jq.algorithms.rtn import RTN
 from jq.algorithms.stats import LayerStats, Stats
 from jq.numbers.hadamard import Rotation
@@ -32,9 +33,13 @@ __all__ = ["quantize_params", "dequantize_params", "quantize_leaf", "check_scale
 
 def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
     """Contraction axes when the scheme names none: embeddings contract their last axis (as in `attend`);
-    Flax kernels (`Dense` (in, out), `DenseGeneral` (in, ..., out)) their first."""
+    stacked expert weights [E, K, N] (3-D leaves under an `experts` scope, as `jq.models.moe` stores them) their
+    middle one, so groups run per expert; Flax kernels (`Dense` (in, out), `DenseGeneral` (in, ..., out)) their
+    first."""
     if "embed" in path.rsplit("/", 1)[-1] or path.endswith("embedding"):
         return (ndim - 1,)
+    if ndim == 3 and "experts" in path.split("/")[:-1]:
+        return (1,)
     return (0,)
 
 
@@ -89,6 +94,14 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
     spec = get_method(rule.method)
     stats = LayerStats.coerce(stats)
+    if experts.is_stacked(stats):  # per-expert statistics of a stacked expert weight [E, K, N]
+        if rule.scheme.policy.rotation is not None:
+            raise ValueError(f"{path}: rotate: hadamard is not supported on stacked expert weights; drop rotate "
+                             "for this leaf")
+        q = experts.quantize_stacked(path, jnp.asarray(w), rule.record, rule.scheme, layout, stats,
+                                     method=rule.method, reports_info=spec.reports_info)
+        check_scales(path, w, q, rule.scheme)
+        return q
     if rule.scheme.policy.rotation is not None:
         w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
     w = jnp.asarray(w)

@@ -3,7 +3,7 @@
 A leaf's path is its pytree keys joined by "/" (`layers_3/attn/q_proj/kernel`; NNX's trailing `value` is dropped).
 For each leaf: a path matching `ignore` stays float (unless a rule with `force: true` matches it); otherwise the
 first rule whose regex *fully* matches the path decides; no match leaves the leaf float. `ignore` defaults to
-`DEFAULT_IGNORE` — embeddings, norms, biases, the LM head and anything with fewer than two dimensions — so
+`DEFAULT_IGNORE` — embeddings, norms, biases, the LM head, MoE routers and anything with fewer than two dimensions — so
 a recipe that says "all kernels" does not touch them by accident.
 
 YAML form::
@@ -43,8 +43,9 @@ __all__ = ["Rule", "QuantConfig", "KVCacheConfig", "DEFAULT_IGNORE", "load_recip
            "recipe_to_dict", "find_recipe", "shipped_recipes"]
 
 DEFAULT_IGNORE: tuple[str, ...] = (
-    r"(.*/)?(embed|embedding|embeddings|embed_tokens|wte|wpe|token_embd)(/.*)?",
+    r"(.*/)?(embed|embedding|embeddings|embed_tokens|wte|wpe|token_embd|embedder|input_embedding)(/.*)?",
     r"(.*/)?lm_head(/.*)?",
+    r"(.*/)?(router|gate_inp)(/.*)?",  # mixture-of-experts routers: small, and every routing decision hangs on them
     r"(.*/)?[^/]*norm[^/]*(/.*)?",
     r"(.*/)?bias",
 )
