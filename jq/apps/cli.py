@@ -197,7 +197,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_MODEL_HELP = "a .gguf file, a Hugging Face directory, or a known model name (smollm2-135m)"
+def _known_names() -> str:
+    from jq.models.io.hub import KNOWN_MODELS
+
+    return ", ".join(KNOWN_MODELS)
+
+
+_MODEL_HELP = f"a .gguf file, a Hugging Face directory, or a known model name ({_known_names()})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="stream a checkpoint / GGUF / HF model through a recipe into a checkpoint")
     c.add_argument("--in", dest="input", required=True,
                    help="a float Orbax checkpoint, a jq checkpoint, a Hugging Face directory, a .gguf file or a "
-                        "known model name (smollm2-135m)")
+                        f"known model name ({_known_names()})")
     c.add_argument("--recipe", help="a YAML recipe (configs/…); optional only with --dequantize")
     c.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
     c.add_argument("--dequantize", action="store_true",
