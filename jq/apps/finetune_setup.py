@@ -109,14 +109,17 @@ def training_model(name: str, seed: int) -> LoadedModel:
 
 
 def corpus_windows(tokenizer: Any, files: list[Path], seq_len: int) -> np.ndarray:
-    """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len]."""
+    """Non-overlapping windows of `seq_len` tokens from each file's token stream → int32 [N, seq_len] (BOS +
+    seq_len - 1 text tokens each for a model whose tokenizer adds BOS, as evaluation does)."""
     from jq.apps import data
+    from jq.apps.perplexity import make_windows
 
     out = []
     for f in files:
-        ids = np.asarray(tokenizer.encode(data.read_text(f, "--corpus")), np.int32)
-        n = len(ids) // seq_len
-        out.append(ids[: n * seq_len].reshape(n, seq_len))
+        ids, bos = data.text_ids(tokenizer, data.read_text(f, "--corpus"))
+        n = len(ids) // (seq_len - (bos is not None))
+        if n:
+            out.append(make_windows(ids, seq_len, n, bos))
     windows = np.concatenate(out) if out else np.zeros((0, seq_len), np.int32)
     if not len(windows):
         raise ValueError(f"the corpus {[str(f) for f in files]} holds no window of {seq_len} tokens")
@@ -145,9 +148,9 @@ def evaluator(mcfg: Any, tokenizer: Any, args: argparse.Namespace) -> Callable[[
     from jq.apps import data, pipeline
     from jq.apps.perplexity import perplexity
 
-    ids = np.asarray(tokenizer.encode(data.default_eval_text().read_text(encoding="utf-8")), np.int32)
+    ids, bos = data.text_ids(tokenizer, data.default_eval_text().read_text(encoding="utf-8"))
     fwd = pipeline.quantized_forward(mcfg, jnp.dtype(args.dtype))
-    return lambda params: perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows)
+    return lambda params: perplexity(fwd, params, ids, window=args.eval_window, windows=args.eval_windows, bos=bos)
 
 
 def ptq_start(m: LoadedModel, args: argparse.Namespace, files: list[Path],
