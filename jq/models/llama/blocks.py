@@ -49,7 +49,7 @@ def block_spec(cfg: LlamaConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
         extra=extra,
         stages=STAGES,
         folds=FOLDS,
-        staged=functools.partial(staged_block, _stage_fns(cfg, jnp.dtype(dtype).name)),
+        staged=functools.partial(staged_block, stage_fns(cfg, jnp.dtype(dtype).name)),
     )
 
 
@@ -65,8 +65,9 @@ def _grab(target: str, box: dict) -> Callable[..., Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
-    """The block's dataflow cut at its linear layers' inputs, each piece jitted once per config."""
+def stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
+    """The block's dataflow cut at its linear layers' inputs, each piece jitted once per config (the attention
+    half also serves families with Llama's attention and norms, e.g. `jq.models.moe`)."""
     attn, mlp, norm = Attention(cfg, dtype), MLP(cfg, dtype), RMSNorm(cfg.norm_eps, dtype)
 
     def attn_core(p, x, positions):  # -> o_proj's input; XLA drops the float o_proj itself

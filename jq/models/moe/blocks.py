@@ -25,12 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jq import ops
 from jq.algorithms.experts import stack_qtensors
 from jq.calibration.sequential import BlockSpec, Fold
-from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
-from jq.models.llama.model import Attention, RMSNorm
+from jq.models.llama import blocks as llama_blocks
 from jq.models.moe.config import MoeConfig
 from jq.models.moe.model import MoE, Block, Experts
 from jq.numbers.qtensor import Layout, is_qtensor
@@ -62,28 +60,12 @@ def block_spec(cfg: MoeConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
 
 @functools.lru_cache(maxsize=None)
 def _stage_fns(cfg: MoeConfig, dtype: str) -> dict[str, Callable[..., Any]]:
-    """The block's dataflow cut at its weights' inputs, each piece jitted once per config."""
-    attn, moe, experts, norm = Attention(cfg, dtype), MoE(cfg, dtype), Experts(cfg, dtype), RMSNorm(cfg.norm_eps, dtype)
-
-    def attn_core(p, x, positions):  # -> o_proj's input
-        box: dict = {}
-
-        def keep(c: LayerCall):
-            if c.path == "o_proj/kernel":
-                box["x"] = c.x
-            return c.proceed()
-
-        apply(attn, {"params": p}, x, positions, interceptor=layer_interceptor(keep))
-        return box["x"]
-
-    def attn_out(block, h, a):  # residual after o_proj, and the MoE input
-        h1 = h + ops.qdot(a, block["attn"]["o_proj"]["kernel"]).astype(h.dtype)
-        return h1, norm.apply({"params": block["post_attn_norm"]}, h1)
-
+    """The block's dataflow cut at its weights' inputs, each piece jitted once per config: the attention half is
+    Llama's (same modules and paths), then routing, the experts' hidden states and the MoE output."""
+    moe, experts = MoE(cfg, dtype), Experts(cfg, dtype)
+    llama = llama_blocks.stage_fns(cfg, dtype)
     return {
-        "norm_in": jax.jit(lambda block, h: norm.apply({"params": block["input_norm"]}, h)),
-        "attn_core": jax.jit(lambda block, x, pos: attn_core(block["attn"], x, pos)),
-        "attn_out": jax.jit(attn_out),
+        **{k: llama[k] for k in ("norm_in", "attn_core", "attn_out")},
         "route": jax.jit(lambda block, x: apply(moe, {"params": block["moe"]}, x, method=MoE.route)),
         "hidden": jax.jit(lambda block, x: apply(experts, {"params": block["moe"]["experts"]}, x,
                                                  method=Experts.hidden)),
