@@ -4,6 +4,7 @@
     cfg = jq.load_recipe("rtn_w4_g128")                 # a shipped recipe, or any YAML path
     qparams = jq.quantize_params(params, cfg)           # same tree, QTensors at quantized leaves
     logits = jq.apply(model, {"params": qparams}, tokens)   # the unmodified linen model (NNX: jq.nnx_merge)
+    qparams, log = jq.quantize_model(model, params, cfg, calib_tokens)   # GPTQ & co. on any linen model
 
 Where things live (each layer imports only the ones above it in this list):
 
@@ -33,10 +34,11 @@ __all__ = [
     "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "Params", "QTensor", "QuantConfig", "Rule", "Scheme", "Stats",
     "__version__", "algorithms",
     "apply", "dequantize_params", "format_report", "formats", "get_format", "interop", "leaf_paths", "load_recipe",
-    "nnx_merge", "ops", "quantize_params", "ranges", "recipe_from_dict", "report", "size_summary",
+    "nnx_merge", "ops", "quantize_model", "quantize_params", "ranges", "recipe_from_dict", "report", "routing_report",
+    "size_summary", "trace_usage",
 ]
 
-_INTEROP = ("interop", "apply", "nnx_merge")
+_INTEROP = ("interop", "apply", "nnx_merge", "trace_usage", "routing_report")
 
 
 def __getattr__(name: str):
@@ -46,4 +48,8 @@ def __getattr__(name: str):
 
         interop = importlib.import_module("jq.interop")
         return interop if name == "interop" else getattr(interop, name)
+    if name == "quantize_model":  # calibrated quantization of any linen model (blocks found, or one shot)
+        import importlib
+
+        return importlib.import_module("jq.calibration.discover").quantize_model
     raise AttributeError(f"module 'jq' has no attribute {name!r}")

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jq.algorithms.gptq_plan import check_options, plan
+from jq.algorithms.gptq_plan import check_options, on_leading_axes, plan
 from jq.algorithms.grids import GridFitter, RangeFit
 from jq.algorithms.hqq import HQQFit
 from jq.algorithms.refit import LeastSquaresRefit
@@ -119,8 +119,8 @@ def gptq_with_info(
             "gptq: needs stats.hessian ([K, K] mean of xᵀx); run jq.calibration.capture first or use method: rtn")
     h = jnp.asarray(stats.hessian, jnp.float32)
     if h.shape != (K, K):
-        raise ValueError(f"gptq: stats.hessian has shape {h.shape}; a kernel of shape {layout.shape} "
-                         f"with contraction axes {layout.axes} needs ({K}, {K})")
+        raise ValueError(f"gptq: stats.hessian has shape {h.shape}; a kernel of shape {layout.shape} with contraction "
+                         f"axes {layout.axes} needs ({K}, {K}): capture this layer's inputs, or use method: rtn")
     f32 = jnp.float32
 
     # -- Hessian conditioning: dead inputs, no data ------------------------------------------------------
@@ -382,8 +382,8 @@ class GPTQ:
     def quantize_with_info(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
                            stats: LayerStats | dict) -> tuple[QTensor, dict[str, jnp.ndarray]]:
         """`gptq_with_info` with this record's options: (QTensor of w [K, N], info)."""
-        return gptq_with_info(w, scheme, layout, stats, **{f.name: getattr(self, f.name)
-                                                           for f in dataclasses.fields(self)})
+        return on_leading_axes(lambda w, lay: gptq_with_info(w, scheme, lay, stats, **{  # any axis arrangement
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self)}), w, layout)
 
     def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict) -> QTensor:
         """The QTensor of w [K, N] alone."""

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms.grids import GridFitter, RangeFit
 from jq.algorithms.refit import LeastSquaresRefit
-from jq.numbers.qtensor import Layout
+from jq.numbers import formats
+from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["Plan", "check_options", "plan"]
+__all__ = ["Plan", "check_options", "plan", "on_leading_axes"]
 
 _SUB = 16  # channels per sub-block
 
@@ -36,7 +40,8 @@ class Plan:
 
 def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) -> Plan:
     """The static `Plan` of GPTQ on a kernel of logical shape `layout.shape` (contraction axes leading, [K..., N...]);
-    raises ValueError for layouts GPTQ cannot run on (flat groups, trailing contraction axes, ...)."""
+    raises ValueError for layouts GPTQ cannot run on (flat groups, ...); other axis arrangements are brought to this
+    form first by `on_leading_axes`."""
     if layout.flat:
         raise ValueError(
             f"gptq: flat groups are not meaningful for GPTQ (layout {layout}); use per-axis groups with "
@@ -104,3 +109,28 @@ def check_options(p: Plan, layout: Layout, scheme: Scheme, grid: GridFitter,
                          f"{layout.granularity!r}, static_groups={static_groups}. Drop hqq, or use symmetric: false "
                          "with group_size")
     return fitted
+
+
+def on_leading_axes(fn: Callable[..., tuple[QTensor, Any]], w: jnp.ndarray, layout: Layout, *args: Any,
+                    **kwargs: Any) -> tuple[QTensor, Any]:
+    """Run `fn(w', layout', *args, **kwargs) -> (QTensor, info)` on the weight transposed so that its contraction
+    axes lead (in order) and the other axes follow — a Gemma-style `w (heads, d_model, head_dim)` contracted over
+    axis 1 becomes `(d_model, heads, head_dim)`, i.e. [K, N] flattened — and give the QTensor back in `layout`
+    (codes, scales and zero points transposed back; an act-order permutation of the group axis keeps its meaning,
+    since the group axis is the last contraction axis in both). K is flattened in the order of the sorted
+    contraction axes, as calibration flattens the inputs. Layouts whose axes already lead run unchanged."""
+    nd = len(layout.shape)
+    axes = sorted(layout.axes)
+    perm = tuple(axes + [a for a in range(nd) if a not in axes])
+    if layout.flat or not axes or perm == tuple(range(nd)):
+        return fn(w, layout, *args, **kwargs)
+    lt = dataclasses.replace(layout, shape=tuple(layout.shape[a] for a in perm), axes=tuple(range(len(axes))))
+    q, info = fn(jnp.transpose(w, perm), lt, *args, **kwargs)
+    inv = tuple(int(i) for i in np.argsort(perm))
+    f = q.format
+    codes = jnp.transpose(q.unpacked_codes(), inv)
+    if f.packs:
+        codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+    back = dataclasses.replace(q, codes=codes, scale=jnp.transpose(q.scale, inv), layout=layout,
+                               zero=None if q.zero is None else jnp.transpose(q.zero, inv))
+    return back, info

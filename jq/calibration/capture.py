@@ -1,6 +1,8 @@
 """Calibration statistics from running an unmodified linen model: per routable layer (Dense, DenseGeneral), the
 input's second moment and per-channel magnitudes (`jq.algorithms.stats.LayerStats`, keyed by the kernel's path —
-the path `quantize_params` sees), accumulated by streaming over batches.
+the path `quantize_params` sees), accumulated by streaming over batches. Matmuls on weights outside those layers
+(`jnp.einsum` on a `self.param`, `nn.Einsum`) are captured by tracing (`jq.calibration.usage_capture`) when
+needed; weights that cannot be captured are warned about, never dropped silently.
 
 Streaming: one jitted step adds a batch's sums (`StatSums`) to the running sums (donated), so memory is the size of
 the statistics, not of the data. Data parallel: pass a `mesh`; batches are sharded over its first axis and XLA
@@ -9,6 +11,8 @@ reduces the sums with a collective, giving the single-device result.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Callable, Iterable
 
 import jax
@@ -19,8 +23,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jq.algorithms.stats import Stats, StatSums
 from jq.interop.layers import LayerCall, layer_interceptor
-from jq.interop.linen import apply
+from jq.calibration.usage_capture import traced_capture
+from jq.interop.linen import apply, dense_like
+from jq.interop.usage import trace_usage
 from jq.numbers.qtensor import is_qtensor
+from jq.tree.paths import path_str
 
 __all__ = ["capture", "capture_fns", "accumulate", "finalize"]
 
@@ -61,6 +68,7 @@ def capture(
     method: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: Callable[[int], None] | None = None,
+    traced: bool | None = None,
 ) -> Stats:
     """Run `module` over `batches` and return finalized statistics keyed by kernel path (`LayerStats`: hessian
     [K, K], act_absmean / act_sq / act_absmax [K], K = the layer's contracted features).
@@ -74,13 +82,74 @@ def capture(
       method: the module method to run (default `__call__`).
       mesh: shard each batch's leading axis over the mesh's first axis (data parallel).
       progress: called with the number of batches done.
+      traced: also record weights the standard-layer interceptor does not see — `jnp.einsum` / `@` /
+        `lax.dot_general` on a `self.param` in user code, `nn.Einsum` — by tracing the model
+        (`jq.calibration.usage_capture`; their statistics are keyed by the weight's own path, per layer for
+        scanned layers). None (default): only when needed — a requested path the interceptor does not see, or
+        (without `paths`) float matmul weights outside the intercepted layers; True: for every float matmul
+        weight outside them; False: never. Weights that still cannot be captured are warned about, naming them
+        and why; the batches are then held in memory for the second pass.
     """
     if mesh is not None:  # data parallel: let XLA place the all-reduce (Explicit axes would demand out_sharding)
         mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
                                  axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
         spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
         batches = (tuple(jax.device_put(a, spec) for a in _as_args(b)) for b in batches)
-    return accumulate(capture_fns(module, paths, method), variables, batches, paths=paths, progress=progress)
+    if traced is False:
+        return accumulate(capture_fns(module, paths, method), variables, batches, paths=paths, progress=progress)
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("capture: no calibration batches were given; pass at least one batch")
+    usage, extra = _traced_targets(module, variables, _as_args(first), paths, method, traced)
+    if not extra:
+        return accumulate(capture_fns(module, paths, method), variables, itertools.chain([first], it), paths=paths,
+                          progress=progress)
+    held = [first, *it]
+    stats = accumulate(capture_fns(module, paths, method), variables, held, progress=progress)
+    more, skipped = traced_capture(module, variables, held, paths=sorted(extra), method=method, usage=usage)
+    stats = {**stats, **more}
+    for p in sorted(set(paths or ()) - set(stats)):
+        why = skipped.get(p, "")
+        if why and why not in ("no such parameter", "no matmul in the traced model reads it"):
+            raise ValueError(f"capture: no statistics for {p!r}: {why}; quantize it with method: rtn, or keep it "
+                             "float")
+        raise ValueError(
+            f"capture: layer {p!r} was never called by the model, so it has no statistics; check the path "
+            "(jq inspect lists them) or drop it from the calibrated rules"
+        )
+    if skipped:
+        warnings.warn("capture: no statistics for " + "; ".join(f"{p}: {why}" for p, why in sorted(skipped.items()))
+                      + ". Quantize these weights with method: rtn, or keep them float", stacklevel=2)
+    return stats
+
+
+def _traced_targets(module: nn.Module, variables: dict, args: tuple, paths: Iterable[str] | None, method: Any,
+                    traced: bool | None) -> tuple[Any, set[str]]:
+    """(usage, the weights the traced capture should record): those wanted (`paths`, or every float matmul
+    weight that is not a gathered embedding) that the interceptor's recorder does not see."""
+    seen: set[str] = set()
+
+    def note(c: LayerCall):
+        if not c.is_einsum:
+            seen.add(c.path)
+        return c.proceed()
+
+    def run(v):
+        with nn.intercept_methods(layer_interceptor(note)):
+            return module.apply(v, *args, method=method)
+
+    jax.eval_shape(run, dense_like(variables))
+    usage = trace_usage(module, {**variables, "params": dense_like(variables["params"])}, *args, method=method)
+    if paths is not None:
+        return usage, set(paths) - seen
+    quantized = {p for p, x in _flat(variables["params"]) if is_qtensor(x)}
+    float_mm = {p for p, u in usage.items() if u.matmuls and p not in quantized and (traced or not u.gathered)}
+    return usage, float_mm - seen
+
+
+def _flat(tree: Any) -> list[tuple[str, Any]]:
+    return [(path_str(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)[0]]
 
 
 def _as_args(batch: Any) -> tuple:

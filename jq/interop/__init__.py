@@ -13,11 +13,17 @@ Mechanism (see README, "Running a model on quantized params"):
   dequantized.
 
 Both run inside `jax.jit`; QTensors are pytrees, so the quantized tree is an ordinary jit argument.
+
+Any model, any matmul: `trace_usage(module, variables, *args)` traces the forward once and says how each weight is
+used (the axes its `dot_general`s contract, gathered rows for embeddings), which `jq.quantize_params(...,
+usage=...)` quantizes along; `routing_report(...)` counts the QTensors routed to `jq.ops` and those dequantized.
 """
 
 from jq.interop.layers import LayerCall, is_routable, layer_interceptor, module_path
 from jq.interop.linen import apply, prepare, quantized_interceptor, routed_paths
 from jq.interop.nnx import nnx_merge
+from jq.interop.report import RoutingReport, routing_report
+from jq.interop.usage import Usage, trace_nnx_usage, trace_usage
 
 __all__ = ["apply", "prepare", "nnx_merge", "routed_paths", "quantized_interceptor", "module_path", "is_routable",
-           "LayerCall", "layer_interceptor"]
+           "LayerCall", "layer_interceptor", "trace_usage", "trace_nnx_usage", "Usage", "routing_report", "RoutingReport"]

@@ -5,6 +5,8 @@ are routed is found by one abstract trace (`jax.eval_shape`), so nothing about t
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,8 @@ from jq import ops
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.paths import path_str
+
+log = logging.getLogger("jq.interop")
 
 __all__ = ["apply", "prepare", "routed_paths", "quantized_interceptor", "dense_like", "dequantize_except"]
 
@@ -73,7 +77,26 @@ def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwa
     if not any(is_qtensor(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_qtensor)):
         return variables
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
+    _say_routing(module, params, routed)
     return {**variables, "params": dequantize_except(params, routed)}
+
+
+def _say_routing(module: nn.Module, params: Any, routed: set[str]) -> None:
+    """Log the dequantized QTensor paths (DEBUG, "jq.interop"); warn when none is routed (once per model class and
+    count under Python's default warning filter, which shows a message once per place)."""
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]
+    deq = [path_str(kp) for kp, x in flat if is_qtensor(x) and path_str(kp) not in routed]
+    if deq:
+        log.debug("jq.apply: %d QTensor leaves dequantized before the model runs (not in a routed layer): %s",
+                  len(deq), ", ".join(deq))
+    name = type(module).__qualname__
+    n_routed = sum(1 for kp, x in flat if is_qtensor(x) and path_str(kp) in routed)
+    if deq and not n_routed:
+        warnings.warn(
+            f"jq.apply: none of the {len(deq)} quantized leaves of {name} is the kernel of a layer jq routes "
+            "(nn.Dense, nn.DenseGeneral, bias-free nn.Einsum), so all are dequantized before the model runs: the "
+            "results are correct but no kernel reads packed weights. jq.interop.routing_report(model, variables, "
+            "*args) lists them and the matmuls that read them", stacklevel=3)
 
 
 def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable: Any = False,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,6 +23,7 @@ from jq.algorithms.rtn import RTN
 from jq.algorithms.stats import LayerStats, Stats
 from jq.numbers.hadamard import Rotation
 from jq.numbers.qtensor import QTensor, is_qtensor
+from jq.tree.axes import LeafUsage, axes_from_use, unmatched_matmuls, warn_if_larger
 from jq.tree.paths import path_str
 from jq.numbers.scheme import Scheme
 from jq.tree.recipe import QuantConfig, Rule
@@ -80,17 +81,21 @@ def _stats_for(calib: Stats | dict | None, path: str) -> LayerStats | dict | Non
     return node
 
 
-def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None) -> QTensor:
+def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
+                  axes: tuple[int, ...] | None = None) -> QTensor:
     """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
     a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
     `with_info` variant reports damping increases, inputs that never fired and fallbacks, which are warned about
     naming the layer. Outside jit, scales that do not fit the scheme's `scale_dtype` are refused (`check_scales`).
-    w: the float weight in its logical shape (a Dense kernel [K, N]); stats: its input's, e.g. `hessian` [K, K]."""
+    w: the float weight in its logical shape (a Dense kernel [K, N]); stats: its input's, e.g. `hessian` [K, K]
+    (K = the contraction axes flattened in order); axes: the contraction axes (default: the scheme's, else guessed
+    from the path by `_default_axes`; `quantize_params(..., usage=)` passes the traced ones)."""
     if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
         raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
     _check_finite(path, w)
     ndim = w.ndim
-    axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
+    if axes is None:
+        axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
     layout = rule.scheme.layout(tuple(w.shape), axes, path)
     spec = get_method(rule.method)
     stats = LayerStats.coerce(stats)
@@ -206,7 +211,7 @@ def _warn_info(path: str, rule: Rule, info: dict) -> None:
 
 
 def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None = None, *,
-                    warn_unmatched: bool = True) -> Params:
+                    warn_unmatched: bool = True, usage: Mapping[str, LeafUsage] | None = None) -> Params:
     """Quantize a parameter pytree by the rules of `cfg`.
 
     Args:
@@ -215,30 +220,67 @@ def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None
       calib: optional statistics mirroring the parameter paths (a nested dict, or a flat dict keyed by path),
         as produced by calibration; methods that need data raise if their leaf has none.
       warn_unmatched: warn about rules that match no leaf (usually a typo in the regex).
+      usage: how the model uses each leaf, by path (`jq.interop.trace_usage(module, variables, *args)`). With it,
+        a rule without `axes` quantizes each leaf along the axes its matmuls contract (not a guess from its name);
+        a rule whose `axes` disagree with the use is refused; leaves whose rows are gathered (embeddings) and
+        leaves no matmul reads stay float (warned, naming them) unless a rule with `force: true` (and, for the
+        latter, `axes`) says otherwise. Without it, behaviour is as before: axes from the rule or `_default_axes`.
 
     Returns:
       The same tree structure with `QTensor`s at the quantized leaves; other leaves are returned unchanged.
     """
     used = [False] * len(cfg.rules)
+    decided: set[str] = set()
+    kept: dict[str, list[str]] = {"embedding": [], "no matmul": []}
+
+    unruled: list[tuple[bool, str]] = []  # (ignored, matrix) no rule quantizes, named when a rule matches nothing
 
     def visit(keypath, w):
         path = path_str(keypath)
         ndim = getattr(w, "ndim", 0)
         rule = cfg.rule_for(path, ndim)
         if rule is None:
+            if ndim >= 2 and not is_qtensor(w):
+                unruled.append((cfg.ignored(path, ndim), f"{path} {tuple(w.shape)}"))
             return w
         used[cfg.rules.index(rule)] = True
+        decided.add(path)
         if rule.scheme is None or is_qtensor(w):  # already quantized leaves pass through
             return w
-        return quantize_leaf(path, w, rule, _stats_for(calib, path))
+        axes = None
+        if usage is not None and path in usage:
+            use = usage[path]
+            if use.gathered and not rule.force:
+                kept["embedding"].append(path)
+                return w
+            axes = axes_from_use(path, tuple(w.shape), rule.scheme.axes, use)
+            if axes is None:
+                kept["no matmul"].append(f"{path} ({use.describe()})")
+                return w
+        q = quantize_leaf(path, w, rule, _stats_for(calib, path), axes=axes)
+        lay = q.layout
+        warn_if_larger(path, q.size, 8 * jnp.dtype(w.dtype).itemsize, q.bits_per_weight, q.describe(),
+                       lay.shape, lay.group_axis, lay.padded)
+        return q
 
     out = jax.tree_util.tree_map_with_path(visit, params, is_leaf=is_qtensor)
+    if kept["embedding"]:
+        warnings.warn(f"recipe {cfg.name!r}: {len(kept['embedding'])} leaves the model gathers rows of (embeddings) "
+                      f"stay float: {', '.join(kept['embedding'])}; a rule with force: true quantizes them",
+                      stacklevel=2)
+    if kept["no matmul"]:
+        warnings.warn(f"recipe {cfg.name!r}: {len(kept['no matmul'])} matched leaves reach no matmul in the traced "
+                      f"model and stay float: {', '.join(kept['no matmul'])}; give the rule axes to quantize them "
+                      "anyway", stacklevel=2)
     if warn_unmatched:
+        hint = unmatched_matmuls(usage, decided) if usage is not None else (
+            "; the matrices no rule quantizes include "  # ignored ones (embeddings) last
+            + ", ".join(name for _, name in sorted(unruled, key=lambda u: u[0])[:5]) if unruled else "")
         for r, u in zip(cfg.rules, used):
             if not u:
                 warnings.warn(
                     f"recipe {cfg.name!r}: rule pattern {r.pattern!r} matched no parameter; check the regex "
-                    f"against the paths (jq inspect prints them)",
+                    f"against the paths (jq inspect prints them){hint}",
                     stacklevel=2,
                 )
     return out

@@ -348,7 +348,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="pad: true"):
         gptq(w, flat, flat.layout(w.shape, (0,)), h)
     s = Scheme("int4")
-    with pytest.raises(ValueError, match="rtn"):
+    with pytest.raises(ValueError, match=r"capture this layer's inputs, or use method: rtn"):  # K = N, H is 64 x 64
         gptq(w, s, s.layout(w.shape, (1,)), h)
     with pytest.raises(ValueError, match=r"\(64, 64\)"):
         gptq(w, s, s.layout(w.shape, (0,)), {"hessian": jnp.eye(32)})
@@ -488,3 +488,14 @@ def test_hqq_option_refuses_symmetric_and_static_grids():
     with pytest.raises(ValueError, match="hqq"):
         run(weight(32), Scheme(format="int4", symmetric=False, group_size=16), correlated_hessian(32),
             static_groups=True, hqq=True)
+
+
+def test_contraction_axes_that_do_not_lead_are_moved_to_the_front_and_back():
+    """A weight stored (N, K) (contraction on axis 1) quantizes as its transpose (K, N) would, codes and scales
+    restored to the stored layout."""
+    w = jnp.asarray(weight(64))                                   # [64, N]: as stored, K = N along axis 1
+    h = {"hessian": jnp.asarray(correlated_hessian(N))}
+    s = Scheme("int4", group_size=16)
+    q_t = gptq(w, s, s.layout(w.shape, (1,)), h)
+    q_ref = gptq(w.T, s, s.layout(w.T.shape, (0,)), h)
+    np.testing.assert_array_equal(np.asarray(q_t.dequantize()), np.asarray(q_ref.dequantize()).T)

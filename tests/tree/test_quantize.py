@@ -115,6 +115,11 @@ def test_unmatched_rule_warns_naming_the_pattern():
     cfg = QuantConfig(rules=(Rule(r".*kernel", INT4), Rule(r".*bias", INT8)))
     with pytest.warns(UserWarning, match=r"rule pattern '\.\*bias' matched no parameter"):
         jq.quantize_params(params, cfg)
+    # a recipe written for other names lists the matrices it could have matched
+    cfg = QuantConfig(rules=(Rule(r".*/w", INT4),), name="other_names")
+    with pytest.warns(UserWarning, match=r"'\.\*/w' matched no parameter.*matrices no rule quantizes include "
+                                         r"layers_0/\S+/kernel \(\d+, \d+\).*embed_tokens/embedding"):
+        jq.quantize_params(params, cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jq.quantize_params(params, cfg, warn_unmatched=False)
