@@ -34,6 +34,7 @@ from jq.calibration.capture import capture
 from jq.calibration.sequential import BlockSpec, quantize_sequential
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
+from jq.tree.paths import leaf_paths
 from jq.tree.quantize import quantize_params
 from jq.tree.recipe import QuantConfig
 
@@ -169,6 +170,14 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
         return quantize_params(params, cfg), {"mode": "data-free"}
     tokens = np.asarray(tokens)
     spec, found = discover_blocks(model, params, tokens[:batch_size])
+    if spec is not None:
+        staged = {p for stage in spec.stages for p in stage}
+        calibrated = [p for p, w in leaf_paths(params[spec.names[0]])
+                      if (r := cfg.rule_for(f"{spec.names[0]}/{p}", getattr(w, "ndim", 0))) is not None
+                      and r.scheme is not None and r.needs_calibration and p not in staged]
+        if calibrated:
+            spec, found = None, (f"{spec.names[0]}'s calibrated weights {calibrated} are not kernels of standard "
+                                 "layers (nn.Dense / DenseGeneral / Einsum), which block-by-block capture reads")
     if spec is not None:
         if any(r.transforms for r in cfg.rules):
             warnings.warn("AWQ / SmoothQuant transforms need to know which norm or layer produces each input, which "

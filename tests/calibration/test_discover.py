@@ -107,3 +107,28 @@ def test_a_model_without_repeated_blocks_is_said_to_have_none():
     params = Flat().init(jax.random.key(0), x)["params"]
     spec, why = discover_blocks(Flat(), params, x)
     assert spec is None and "no repeated blocks" in why and "hidden" in why
+
+
+def test_blocks_whose_matmuls_are_not_standard_layers_are_calibrated_in_one_shot():
+    class EinsumBlock(nn.Module):  # a third-party style block: its own weight and jnp.einsum
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w", nn.initializers.normal(0.3), (4, D, D // 4))    # (heads, d_model, head_dim)
+            h = jnp.einsum("btd,hdk->bthk", x, w).reshape(x.shape[:-1] + (D,))
+            return x + jnp.tanh(h)
+
+    class EinsumModel(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(V, D, name="embed")(tokens)
+            for i in range(2):
+                x = EinsumBlock(name=f"layer_{i}")(x)
+            return x
+
+    tokens = np.random.default_rng(2).integers(0, V, (8, 12)).astype(np.int32)
+    params = jax.tree_util.tree_map(np.asarray, EinsumModel().init(jax.random.key(1), tokens[:1])["params"])
+    cfg = jq.tree.recipe.recipe_from_dict(
+        {"rules": [{"pattern": r"layer_\d/w", "format": "int4", "group_size": 8, "axes": [1], "method": "gptq"}]})
+    with pytest.warns(UserWarning, match=r"layer_0's calibrated weights \['w'\] are not kernels of standard layers"):
+        q, log = quantize_model(EinsumModel(), params, cfg, tokens, batch_size=8)
+    assert log["mode"] == "one-shot" and is_qtensor(q["layer_1"]["w"]) and q["layer_1"]["w"].layout.axes == (1,)
