@@ -60,8 +60,9 @@ class BlockSpec:
     stages: tuple[tuple[str, ...], ...] = ()
     folds: tuple[Fold, ...] = ()
     # Optional fast path: staged(block, hs, extras, quantize_stage) -> (block, outputs) runs the block's dataflow
-    # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers.
-    staged: Callable | None = None
+    # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers
+    # (a tuple gives one per block, for blocks that differ).
+    staged: Callable | tuple[Callable, ...] | None = None
     # Optional: blocks that differ (Gemma's local / global attention) give one module per name; `module` is the
     # default for the names this tuple does not cover (None entries).
     modules: tuple[nn.Module | None, ...] = ()
@@ -176,8 +177,9 @@ def quantize_sequential(
                 set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats))
             return block
 
-        if spec.staged is not None and true_sequential:
-            block, hs = spec.staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
+        staged = spec.staged[i] if isinstance(spec.staged, tuple) else spec.staged
+        if staged is not None and true_sequential:
+            block, hs = staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
             leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
             if leftover:
                 raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")

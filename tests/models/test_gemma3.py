@@ -294,3 +294,23 @@ def test_rotation_keeps_the_function_and_rotates_the_quantized_inputs(residual, 
 
     x = RMSNorm(rcfg.norm_eps).apply({"params": rp["final_norm"]}, stream_rotation(rcfg, inverse=True)(h))
     np.testing.assert_allclose(x @ rp["embed"]["embedding"].T, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_the_staged_fast_path_equals_the_generic_sequential_pass(rotated):
+    from jq.calibration.sequential import quantize_sequential
+    from jq.models.gemma3.rotate import rotate
+
+    cfg, params = CFG, random_params(CFG, seed=11)
+    if rotated:
+        params, cfg = rotate(params, cfg)
+    spec = block_spec(cfg)
+    assert isinstance(spec.staged, tuple) and spec.staged[0].args[0] is not spec.staged[1].args[0]
+    tokens = np.random.default_rng(12).integers(0, cfg.vocab_size, (8, 24)).astype(np.int32)
+    rcp = recipe_from_dict({"rules": [{"pattern": ".*kernel", "format": "int4", "group_size": 16, "method": "gptq"}]})
+    fast, _ = quantize_sequential(spec, params, rcp, tokens, progress=False)
+    slow, _ = quantize_sequential(dataclasses.replace(spec, staged=None), params, rcp, tokens, progress=False)
+    for (p, a), (_, b) in zip(jq.leaf_paths(fast), jq.leaf_paths(slow)):
+        a = a.dequantize() if isinstance(a, jq.QTensor) else a
+        b = b.dequantize() if isinstance(b, jq.QTensor) else b
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=p)

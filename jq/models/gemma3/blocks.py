@@ -7,13 +7,19 @@ from v only without grouped-query attention (the driver skips that fold for Gemm
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jq.calibration.sequential import BlockSpec, Fold
 from jq.models.gemma3.config import Gemma3Config
-from jq.models.gemma3.model import Block, stream_rotation
-from jq.models.llama.blocks import ATTN_IN, MLP_IN, STAGES
+from jq import ops
+from jq.interop.linen import apply
+from jq.models.gemma3.model import MLP, Attention, Block, stream_rotation
+from jq.models.llama.blocks import ATTN_IN, MLP_IN, STAGES, grab, staged_block
+from jq.models.llama.model import RMSNorm
 
 __all__ = ["block_spec", "STAGES", "FOLDS"]
 
@@ -38,7 +44,9 @@ def block_spec(cfg: Gemma3Config, dtype: DTypeLike = jnp.float32) -> BlockSpec:
     def extra(tokens):
         return (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape),)
 
+    fns = {g: _stage_fns(cfg, jnp.dtype(dtype).name, g) for g in (False, True)}
     return BlockSpec(
+        staged=tuple(functools.partial(staged_block, fns[cfg.is_global(i)]) for i in range(cfg.n_layers)),
         module=local,
         modules=tuple(glob if cfg.is_global(i) else local for i in range(cfg.n_layers)),
         names=tuple(f"layers_{i}" for i in range(cfg.n_layers)),
@@ -47,3 +55,35 @@ def block_spec(cfg: Gemma3Config, dtype: DTypeLike = jnp.float32) -> BlockSpec:
         stages=STAGES,
         folds=FOLDS,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _stage_fns(cfg: Gemma3Config, dtype: str, is_global: bool) -> dict:
+    """The block's dataflow cut at its linear layers' inputs (the protocol of `jq.models.llama.blocks.staged_block`),
+    jitted once per config and attention kind: the sandwich norms and the online stream rotation sit in the
+    residual updates."""
+    attn, mlp, norm = Attention(cfg, is_global, dtype), MLP(cfg, dtype), RMSNorm(cfg.norm_eps, dtype)
+    rot = stream_rotation(cfg)
+
+    def core(module, name, target):
+        def run(block, x, *extra):
+            box: dict = {}
+            apply(module, {"params": block[name]}, x, *extra, interceptor=grab(target, box))
+            return box["x"]
+        return jax.jit(run)
+
+    def update(block, h, y, post):
+        return h + rot(norm.apply({"params": block[post]}, y)).astype(h.dtype)
+
+    def attn_out(block, h, a):  # residual after o_proj and its post-norm, and the MLP input
+        h1 = update(block, h, ops.qdot(a, block["attn"]["o_proj"]["kernel"]), "post_attn_norm")
+        return h1, norm.apply({"params": block["pre_mlp_norm"]}, h1)
+
+    return {
+        "norm_in": jax.jit(lambda block, h: norm.apply({"params": block["input_norm"]}, h)),
+        "attn_core": core(attn, "attn", "o_proj/kernel"),
+        "attn_out": jax.jit(attn_out),
+        "mlp_core": core(mlp, "mlp", "down_proj/kernel"),
+        "mlp_out": jax.jit(lambda block, h1, m: update(block, h1, ops.qdot(m, block["mlp"]["down_proj"]["kernel"]),
+                                                       "post_mlp_norm")),
+    }

@@ -53,8 +53,9 @@ def block_spec(cfg: LlamaConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
     )
 
 
-def _grab(target: str, box: dict) -> Callable[..., Any]:
-    """An interceptor keeping the input of the layer whose kernel is at `target` (path inside the module)."""
+def grab(target: str, box: dict) -> Callable[..., Any]:
+    """An interceptor keeping the input of the layer whose kernel is at `target` (path inside the module) in
+    box["x"]."""
 
     def keep(c: LayerCall):
         if c.path == target:
@@ -72,12 +73,12 @@ def stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
 
     def attn_core(p, x, positions):  # -> o_proj's input; XLA drops the float o_proj itself
         box: dict = {}
-        apply(attn, {"params": p}, x, positions, interceptor=_grab("o_proj/kernel", box))
+        apply(attn, {"params": p}, x, positions, interceptor=grab("o_proj/kernel", box))
         return box["x"]
 
     def mlp_core(p, x):  # -> down_proj's input
         box: dict = {}
-        apply(mlp, {"params": p}, x, interceptor=_grab("down_proj/kernel", box))
+        apply(mlp, {"params": p}, x, interceptor=grab("down_proj/kernel", box))
         return box["x"]
 
     def attn_out(block, h, a):  # residual after o_proj, and the MLP input
