@@ -1,11 +1,11 @@
 """The jq checkpoint format (docs/FORMAT.md): constants, per-leaf metadata records, the header and its CRC-32, and
 the Orbax calls every reader and writer shares. In short:
 
-    NAME/jq_checkpoint.json    {"format": "jq-quantized-pytree", "format_version": "1.1", "header_crc32", "jq_version",
+    NAME/jq_checkpoint.json    {"format": "jq-quantized-pytree", "format_version": "1.2", "header_crc32", "jq_version",
                                "recipe" (the recipe dict), "meta", "paths" (every leaf, in order), "leaves": {path:
                                per-leaf metadata: kind, fmt, layout, dtype, ..., array specs with CRC-32, "item"}}
     NAME/arrays/ITEM/          one Orbax checkpoint per leaf: {"value": array} for a float leaf, {"codes", "scale"
-                               [, "zero"][, "perm"]} for a QTensor
+                               [, "zero"][, "perm"][, "codebook"]} for a QTensor
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to
 
 FORMAT = "jq-quantized-pytree"
 
-FORMAT_VERSION = "1.1"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
+FORMAT_VERSION = "1.2"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
 
 # 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
+# 1.2 adds learned-codebook QTensors: formats cb{b} / cb{b}x{d} and their "codebook" array
 READS_MAJOR = 1
 
-FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes, scale, zero, perm
+FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook
 
 # QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
 # under their own names, so a field QTensor gains is stored without a format change (a reader fills absent ones in
@@ -136,12 +137,12 @@ def jsonable(v: Any) -> Any:
 
 
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
-    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm]: arrays or
+    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm][, codebook]: arrays or
     ShapeDtypeStructs of the stored shapes)."""
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
     policy = ExecPolicy(**{k: entry[k] for k in POLICY_FIELDS if k in entry})  # parses the rotation's string form
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
-                   layout=layout_from_dict(entry["layout"]), policy=policy, **static)
+                   codebook=arrays.get("codebook"), layout=layout_from_dict(entry["layout"]), policy=policy, **static)
 
 
 def abstract_leaf(entry: Mapping[str, Any],

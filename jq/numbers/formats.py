@@ -7,7 +7,9 @@ Codes are stored as:
 - int formats: int8 (symmetric, two's complement) or uint8 (asymmetric, 0 .. 2^b-1), packed to `bits` per code;
 - fp8: the float8 dtype itself (e4m3fn / e5m2), one byte per code, directly usable by fp8 matmuls;
 - fp4 e2m1 and NF4: the 4-bit index into the format's 16-value table (for fp4 that index *is* the e2m1 bit
-  pattern), packed two per byte.
+  pattern), packed two per byte;
+- learned codebooks ("lut": `cb3`, `cb8x2`, …): a `bits`-bit index per vector of `vec` consecutive weights along
+  the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A number format. `kind` is "int", "float" (fp8, cast by dtype) or "codebook" (a 2^bits value table).
+    """A number format. `kind` is "int", "float" (fp8, cast by dtype), "codebook" (a fixed 2^bits value table) or
+    "lut" (a learned table of 2^bits vectors of length `vec` that each QTensor stores: `jq.numbers.codebook`).
 
     Attributes:
-      name: registry name, e.g. "int4", "fp8_e4m3", "nf4".
-      kind: "int" | "float" | "codebook".
-      bits: storage bits per code (before packing).
-      max: largest representable magnitude of a code's value (for int: 2^(bits-1)-1 in the signed view).
+      name: registry name, e.g. "int4", "fp8_e4m3", "nf4", "cb3", "cb8x2".
+      kind: "int" | "float" | "codebook" | "lut".
+      bits: storage bits per code (before packing); for "lut", per index (one index per `vec` weights).
+      vec: weights per code (1 but for vector codebooks).
+      max: largest representable magnitude of a code's value (for int: 2^(bits-1)-1 in the signed view; for
+        "lut": 1, the stored tables being normalised to [-1, 1] by their scale).
     """
 
     name: str
@@ -47,6 +52,7 @@ class Format:
     bits: int
     dtype_name: str | None = None  # fp8 storage dtype
     table: tuple[float, ...] | None = None  # codebook values indexed by code
+    vec: int = 1  # weights per code (vector codebooks)
 
     @property
     def is_int(self) -> bool:
@@ -60,6 +66,8 @@ class Format:
             return float(2 ** (self.bits - 1) - 1)
         if self.kind == "float":
             return float(ml_dtypes.finfo(self.dtype).max)
+        if self.kind == "lut":
+            return 1.0
         return float(max(abs(v) for v in self.table))
 
     @property
@@ -85,8 +93,19 @@ class Format:
         return 0, 2**self.bits - 1
 
     # -- rounding -------------------------------------------------------------------------------------------
+    @property
+    def bits_per_weight(self) -> float:
+        """Index bits per logical weight (`bits / vec`), before scales and tables."""
+        return self.bits / self.vec
+
+    def _no_fixed_values(self, what: str) -> ValueError:
+        return ValueError(f"format {self.name!r} is a learned codebook (one table per channel / group, fitted to the "
+                          f"weights), so it has no fixed values to {what}; quantize with method: kmeans")
+
     def encode(self, y: jnp.ndarray, *, symmetric: bool = True, restricted: bool = False) -> jnp.ndarray:
         """Round scaled values `y` to codes (int8/uint8, fp8 dtype, or uint8 table indices). Shape preserved."""
+        if self.kind == "lut":
+            raise self._no_fixed_values("round to")
         if self.kind == "int":
             lo, hi = self.int_range(symmetric, restricted)
             dt = jnp.int8 if symmetric else jnp.uint8
@@ -102,6 +121,8 @@ class Format:
         """Code → value of the format (before scale / zero point), in `dtype`. Shape preserved."""
         if self.kind == "codebook":
             return jnp.asarray(np.asarray(self.table, np.float32))[codes.astype(jnp.int32)].astype(dtype)
+        if self.kind == "lut":
+            raise self._no_fixed_values("decode to (QTensor.dequantize reads its stored table)")
         return codes.astype(dtype)
 
     def values(self, symmetric: bool = True, restricted: bool = False) -> np.ndarray:
@@ -112,6 +133,8 @@ class Format:
         if self.kind == "float":
             allv = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
             return np.unique(allv[np.isfinite(allv)])
+        if self.kind == "lut":
+            raise self._no_fixed_values("list")
         return np.unique(np.asarray(self.table, np.float32))
 
 
@@ -146,6 +169,9 @@ FORMATS: dict[str, Format] = {
     "fp8_e5m2": Format("fp8_e5m2", "float", 8, dtype_name="float8_e5m2"),
     "fp4_e2m1": Format("fp4_e2m1", "codebook", 4, table=_fp4_e2m1_table()),
     "nf4": Format("nf4", "codebook", 4, table=_nf4_table()),
+    # learned codebooks: cb{b} = a b-bit index per weight; cb{b}x{d} = a b-bit index per vector of d weights
+    **{f"cb{b}": Format(f"cb{b}", "lut", b) for b in range(2, 9)},
+    **{f"cb{b}x{d}": Format(f"cb{b}x{d}", "lut", b, vec=d) for d in (2, 4) for b in range(2, 9)},
 }
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from jq.numbers import formats
+from jq.numbers.codebook import check_codebook_layout
 from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
 
 __all__ = ["Grid", "ZERO_POINTS", "SCALE_DTYPES", "choice"]
@@ -107,7 +108,10 @@ class Grid:
                     f"{path}: group_size {self.group_size} does not divide the {n} elements of shape {shape}; "
                     "flat groups need that — choose another group size, or flat_groups: false with pad: true"
                 )
-            return Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
+            lay = Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
+            if self.fmt.kind == "lut":
+                check_codebook_layout(self.fmt, lay, path)
+            return lay
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
             k = shape[ga]
@@ -118,7 +122,10 @@ class Grid:
                         f"(shape {shape}); choose a group size that divides {k}, or set pad: true"
                     )
                 padded = -(-k // self.group_size) * self.group_size
-        return Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
+        lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
+        if self.fmt.kind == "lut":  # learned codebooks: vectors must tile the axis, tables must be large enough
+            check_codebook_layout(self.fmt, lay, path)
+        return lay
 
     @property
     def code_span(self) -> float:

@@ -13,6 +13,10 @@ Codes are stored with the group axis permuted by `perm` when present (act-order)
 group axis, so `x @ W == x[..., perm] @ stored`. Sub-byte codes are bit-packed along the group axis
 (`formats.pack`). Dequantized value = (code − zero) · scale for ints, table[code] · scale for fp4/NF4, and
 float(code) · scale for fp8.
+
+Learned codebooks (format kind "lut": `cb3`, `cb8x2`, see `jq.numbers.codebook`): `codes` hold one packed index per
+vector of `vec` consecutive stored weights along the pack axis, `codebook` one float16 table of 2^bits vectors per
+scale position (shape `scale_shape + (2^bits, vec)`), and a weight is codebook[its channel / group][index] · scale.
 """
 
 from __future__ import annotations
@@ -188,7 +192,10 @@ class ExecPolicy:
 
 
 def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
-    """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report."""
+    """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report
+    (learned codebooks have no symmetry: 'cb3 channel')."""
+    if formats.get_format(fmt).kind == "lut":
+        return f"{fmt} {granularity}"
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
 
 
@@ -202,6 +209,7 @@ class QTensor:
       scale: float scales, shape `layout.scale_shape`.
       zero: zero points in code units (asymmetric int formats), same shape as `scale`, or None.
       perm: int32 [K] permutation of the group axis (codes stored as W[perm]), or None.
+      codebook: learned tables (format kind "lut" only), float16 `scale_shape + (2^bits, vec)`, else None.
       fmt: format name (see `formats.FORMATS`).
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
@@ -214,6 +222,7 @@ class QTensor:
     scale: jax.Array
     zero: jax.Array | None = None
     perm: jax.Array | None = None
+    codebook: jax.Array | None = None
     fmt: str = dataclasses.field(default="int8", metadata=dict(static=True))
     layout: Layout = dataclasses.field(default=None, metadata=dict(static=True))
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
@@ -265,14 +274,17 @@ class QTensor:
         if not f.packs:
             return self.codes
         lay = self.layout
-        n = lay.stored_shape[lay.pack_axis]
+        n = lay.stored_shape[lay.pack_axis] // f.vec
         return formats.unpack(self.codes, f.bits, n, axis=lay.pack_axis, signed=f.is_int and self.symmetric)
 
     def dequantize(self, dtype: DTypeLike | None = None) -> jax.Array:
         """Back to a dense array of the logical shape `self.shape` (e.g. [K, N]) and dtype (or `dtype`)."""
         dtype = jnp.dtype(dtype or self.dtype)
         lay = self.layout
-        v = self.format.decode(self.unpacked_codes(), jnp.float32)
+        if self.format.kind == "lut":
+            v = self._lookup()
+        else:
+            v = self.format.decode(self.unpacked_codes(), jnp.float32)
         v = v.reshape(lay.grouped_shape)
         if self.zero is not None:
             v = v - lay.expand_scale(self.zero.astype(jnp.float32))
@@ -282,6 +294,18 @@ class QTensor:
             w = self.policy.rotation.inverse(w, axis=lay.axes[0])
         return w.astype(dtype)
 
+    def _lookup(self) -> jax.Array:
+        """Learned-codebook values in the stored shape (float32): each index [.., K/vec, ..] picks the vector of its
+        own table (the one of its scale position), and the vectors fill the pack axis back to K."""
+        lay, f = self.layout, self.format
+        n_tab, entries = math.prod(lay.scale_shape), 2**f.bits
+        idx = self.unpacked_codes().astype(jnp.int32)  # stored shape, pack axis / vec
+        tab = jnp.arange(n_tab, dtype=jnp.int32).reshape(lay.scale_shape)  # which table each weight reads
+        tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
+        tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
+        vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
+        return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
+
     def unrotated(self) -> "QTensor":
         """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""
         return dataclasses.replace(self, policy=dataclasses.replace(self.policy, rotation=None))
@@ -290,9 +314,12 @@ class QTensor:
         """Raise ValueError if the arrays do not fit the static layout (a damaged or foreign file)."""
         lay, f = self.layout, self.format
         want = list(lay.stored_shape)
+        problems = []
+        if want[lay.pack_axis] % f.vec:
+            problems.append(f"vectors of {f.vec} do not tile the pack axis of length {want[lay.pack_axis]}")
+        want[lay.pack_axis] //= f.vec
         if f.packs:
             want[lay.pack_axis] = formats.packed_length(want[lay.pack_axis], f.bits)
-        problems = []
         if tuple(self.codes.shape) != tuple(want):
             problems.append(f"codes shape {tuple(self.codes.shape)} != {tuple(want)}")
         for name, a in (("scale", self.scale), ("zero", self.zero)):
@@ -302,13 +329,18 @@ class QTensor:
             problems.append(f"perm shape {tuple(self.perm.shape)} != ({lay.shape[lay.group_axis]},)")
         if (self.zero is None) != (self.symmetric or not f.is_int):
             problems.append("zero point present/absent contrary to the symmetry")
+        if (self.codebook is None) != (f.kind != "lut"):
+            problems.append(f"codebook present/absent contrary to the format {self.fmt}")
+        elif self.codebook is not None and tuple(self.codebook.shape) != lay.scale_shape + (2**f.bits, f.vec):
+            problems.append(f"codebook shape {tuple(self.codebook.shape)} != {lay.scale_shape + (2**f.bits, f.vec)} "
+                            f"(scale shape + ({2**f.bits} entries for {f.bits}-bit indices, vector length {f.vec}))")
         if problems:
             raise ValueError(f"{where}: {self!r} is inconsistent: " + "; ".join(problems))
 
     # -- honest size accounting -----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes of everything stored: codes, scales, zero points and permutation."""
+        """Bytes of everything stored: codes, scales, zero points, permutation and codebooks."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self._arrays())
 
     @property
@@ -317,7 +349,7 @@ class QTensor:
         return 8.0 * self.nbytes / self.size
 
     def _arrays(self) -> list[jax.Array]:
-        return [a for a in (self.codes, self.scale, self.zero, self.perm) if a is not None]
+        return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook) if a is not None]
 
 
 def is_qtensor(x: Any) -> bool:

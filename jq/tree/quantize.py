@@ -103,6 +103,9 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
         if rule.scheme.policy.rotation is not None:
             raise ValueError(f"{path}: rotate: hadamard is not supported on stacked expert weights; drop rotate "
                              "for this leaf")
+        if rule.scheme.fmt.kind == "lut":
+            raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked expert "
+                             "weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
         q = experts.quantize_stacked(path, jnp.asarray(w), rule.record, rule.scheme, layout, stats,
                                      method=rule.method, reports_info=spec.reports_info)
         check_scales(path, w, q, rule.scheme)
@@ -119,9 +122,10 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
             )
         count = stats.count
         if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
-            warnings.warn(f"{path}: no calibration token reached this layer; quantized with RTN instead of "
-                          f"{rule.method!r}", stacklevel=3)
-            q = _jitted(RTN())(w, rule.scheme, layout, None)
+            lut = rule.scheme.fmt.kind == "lut"  # learned codebooks have no RTN grid: fit them without statistics
+            warnings.warn(f"{path}: no calibration token reached this layer; quantized with "
+                          f"{'unweighted ' + rule.method if lut else 'RTN'} instead of {rule.method!r}", stacklevel=3)
+            q = _jitted(rule.record if lut else RTN())(w, rule.scheme, layout, None)
         elif spec.reports_info and not isinstance(w, jax.core.Tracer):
             q, info = _jitted(rule.record, True)(w, rule.scheme, layout, stats)
             _warn_info(path, rule, info)

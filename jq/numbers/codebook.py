@@ -1,0 +1,114 @@
+"""Learned codebooks (format kind "lut": `cb2`…`cb8`, `cb{b}x{d}`): how a weight is cut into *tables* and
+*vectors*, and how a fitted codebook becomes a QTensor.
+
+A layout's scale positions are the tables: per output channel ("channel"), per group of `group_size` rows and
+output channel ("group"), or one ("tensor"). Each table serves the weights one scale serves, cut into vectors of
+`vec` consecutive weights along the pack axis (the input axis of a Dense kernel: GPTVQ's "d consecutive columns"
+of the PyTorch (out, in) weight). A table holds 2^bits vectors; each vector of weights stores a `bits`-bit index.
+
+Stored (QTensor fields): `codes` = indices packed along the pack axis (stored length K / vec), `scale` = float16
+[scale_shape] (the largest |entry| of the table), `codebook` = float16 [scale_shape + (2^bits, vec)], entries
+normalised to [-1, 1]; a weight = codebook[table][index] · scale. Bits per weight = bits / vec + 16 · (2^bits · vec
++ 1) / (weights per table), all counted by `QTensor.bits_per_weight`.
+
+Units view (what fitting works on): `to_units` turns the grouped view into [U, n, vec] (U tables in the row-major
+order of `scale_shape`, n vectors each); `from_units` takes [U, n] indices back to the stored index layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
+from jq.numbers import formats
+from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
+
+__all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
+           "make_codebook_qtensor"]
+
+
+def vector_axis(layout: Layout) -> int:
+    """The axis of the grouped view that vectors run along: within a group, else the pack axis."""
+    return layout.inner_axis if layout.granularity == "group" else layout.pack_axis
+
+
+def vectors_per_table(layout: Layout, vec: int) -> int:
+    """How many vectors of `vec` weights one table serves (padding included)."""
+    g = layout.grouped_shape
+    return math.prod(g[a] for a in layout.reduce_axes) // vec
+
+
+def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str = "<array>") -> None:
+    """ValueError naming `path` unless `fmt` (a "lut" format) fits `layout`: vectors tile the vector axis (and each
+    group) and a table has at least as many vectors as entries."""
+    if fmt.kind != "lut":
+        raise ValueError(f"{path}: format {fmt.name!r} is not a learned codebook; use cb2..cb8 or cb{{b}}x{{d}} "
+                         "(e.g. cb3, cb8x2)")
+    va = vector_axis(layout)
+    n = layout.grouped_shape[va]
+    if n % fmt.vec:
+        what = f"groups of {n}" if layout.granularity == "group" else f"axis {layout.pack_axis} of length {n}"
+        raise ValueError(f"{path}: vectors of {fmt.vec} weights (format {fmt.name}) do not divide {what} (shape "
+                         f"{layout.shape}); choose a vector length that divides it (cb{fmt.bits} is scalar)")
+    per = vectors_per_table(layout, fmt.vec)
+    if 2**fmt.bits > per:
+        raise ValueError(f"{path}: a codebook of {2**fmt.bits} entries ({fmt.bits}-bit indices, format {fmt.name}) for "
+                         f"only {per} vectors per {layout.granularity_label} table (shape {layout.shape}); use fewer "
+                         "bits" + (", a larger group_size, or granularity: channel"
+                                   if layout.granularity == "group" else ""))
+
+
+def to_units(xg: jnp.ndarray, layout: Layout, vec: int) -> jnp.ndarray:
+    """Grouped view (`layout.grouped_shape`) → [U, n, vec]: U tables (row-major over `scale_shape`), n vectors each."""
+    va = vector_axis(layout)
+    red = set(layout.reduce_axes)
+    keep = [a for a in range(xg.ndim) if a not in red]
+    order = keep + [a for a in sorted(red) if a != va] + [va]
+    u = math.prod(xg.shape[a] for a in keep)
+    return jnp.transpose(xg, order).reshape(u, -1, vec)
+
+
+def from_units(idx: jnp.ndarray, layout: Layout, vec: int) -> jnp.ndarray:
+    """[U, n] indices (the order of `to_units`) → the stored index array: `layout.stored_shape` with the pack axis
+    divided by `vec`."""
+    g = list(layout.grouped_shape)
+    va = vector_axis(layout)
+    red = set(layout.reduce_axes)
+    keep = [a for a in range(len(g)) if a not in red]
+    order = keep + [a for a in sorted(red) if a != va] + [va]
+    g[va] //= vec
+    x = idx.reshape([g[a] for a in order])
+    x = jnp.transpose(x, [order.index(a) for a in range(len(g))])
+    stored = list(layout.stored_shape)
+    stored[layout.pack_axis] //= vec
+    return x.reshape(stored)
+
+
+def normalise(centroids: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Centroids [U, C, vec] (float32) → (tables float16 [U, C, vec] in [-1, 1], scale float16 [U]) with
+    tables · scale ≈ centroids; an all-zero table gets scale 1."""
+    amax = jnp.max(jnp.abs(centroids), axis=(1, 2))
+    scale = amax.astype(jnp.float16)
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    return (centroids / scale.astype(jnp.float32)[:, None, None]).astype(jnp.float16), scale
+
+
+def make_codebook_qtensor(idx: jnp.ndarray, tables: jnp.ndarray, scale: jnp.ndarray, layout: Layout, fmt: str,
+                          dtype: DTypeLike, perm: jnp.ndarray | None = None,
+                          policy: ExecPolicy = ExecPolicy()) -> QTensor:
+    """Assemble a codebook QTensor from indices [U, n] (order of `to_units`), float16 tables [U, 2^bits, vec] and
+    scales [U] (`normalise`); `dtype` is what it dequantizes to."""
+    f = formats.get_format(fmt)
+    if f.kind != "lut":
+        raise ValueError(f"format {fmt!r} is not a learned codebook; use cb2..cb8 or cb{{b}}x{{d}}")
+    if tables.shape[-2:] != (2**f.bits, f.vec):
+        raise ValueError(f"tables of shape {tuple(tables.shape)} do not fit format {fmt} ({f.bits}-bit indices "
+                         f"address {2**f.bits} entries of {f.vec} weights); fit {2**f.bits} centroids")
+    codes = from_units(idx, layout, f.vec).astype(jnp.uint8)
+    if f.packs:
+        codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+    return QTensor(codes=codes, scale=scale.astype(jnp.float16).reshape(layout.scale_shape), perm=perm,
+                   codebook=tables.astype(jnp.float16).reshape(layout.scale_shape + (2**f.bits, f.vec)), fmt=fmt,
+                   layout=layout, symmetric=True, dtype=jnp.dtype(dtype).name, policy=policy)
