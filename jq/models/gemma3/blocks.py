@@ -17,7 +17,7 @@ from jq.calibration.sequential import BlockSpec, Fold
 from jq.models.gemma3.config import Gemma3Config
 from jq import ops
 from jq.interop.linen import apply
-from jq.models.gemma3.model import MLP, Attention, Block, stream_rotation
+from jq.models.gemma3.model import MLP, Attention, Block, input_rotation
 from jq.models.llama.blocks import ATTN_IN, MLP_IN, STAGES, grab, staged_block
 from jq.models.llama.model import RMSNorm
 
@@ -35,11 +35,10 @@ def block_spec(cfg: Gemma3Config, dtype: DTypeLike = jnp.float32) -> BlockSpec:
     """BlockSpec for `Gemma3(cfg)` params: embeds tokens [B, T] int32 -> hidden [B, T, D] (scaled by sqrt(D));
     local and global layers get their own block module."""
     local, glob = Block(cfg, False, dtype), Block(cfg, True, dtype)
-    rotate = stream_rotation(cfg)
 
     def embed(params, tokens):
         x = jnp.take(jnp.asarray(params["embed"]["embedding"]), tokens, axis=0).astype(dtype)
-        return rotate(x * jnp.asarray(cfg.dim ** 0.5, dtype))
+        return x * jnp.asarray(cfg.dim ** 0.5, dtype)
 
     def extra(tokens):
         return (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape),)
@@ -60,10 +59,10 @@ def block_spec(cfg: Gemma3Config, dtype: DTypeLike = jnp.float32) -> BlockSpec:
 @functools.lru_cache(maxsize=None)
 def _stage_fns(cfg: Gemma3Config, dtype: str, is_global: bool) -> dict:
     """The block's dataflow cut at its linear layers' inputs (the protocol of `jq.models.llama.blocks.staged_block`),
-    jitted once per config and attention kind: the sandwich norms and the online stream rotation sit in the
-    residual updates."""
+    jitted once per config and attention kind: the sandwich norms sit in the residual updates, the rotation (if
+    any) on the pre-norms' outputs."""
     attn, mlp, norm = Attention(cfg, is_global, dtype), MLP(cfg, dtype), RMSNorm(cfg.norm_eps, dtype)
-    rot = stream_rotation(cfg)
+    rot = input_rotation(cfg)
 
     def core(module, name, target):
         def run(block, x, *extra):
@@ -73,14 +72,14 @@ def _stage_fns(cfg: Gemma3Config, dtype: str, is_global: bool) -> dict:
         return jax.jit(run)
 
     def update(block, h, y, post):
-        return h + rot(norm.apply({"params": block[post]}, y)).astype(h.dtype)
+        return h + norm.apply({"params": block[post]}, y).astype(h.dtype)
 
     def attn_out(block, h, a):  # residual after o_proj and its post-norm, and the MLP input
         h1 = update(block, h, ops.qdot(a, block["attn"]["o_proj"]["kernel"]), "post_attn_norm")
-        return h1, norm.apply({"params": block["pre_mlp_norm"]}, h1)
+        return h1, rot(norm.apply({"params": block["pre_mlp_norm"]}, h1))
 
     return {
-        "norm_in": jax.jit(lambda block, h: norm.apply({"params": block["input_norm"]}, h)),
+        "norm_in": jax.jit(lambda block, h: rot(norm.apply({"params": block["input_norm"]}, h))),
         "attn_core": core(attn, "attn", "o_proj/kernel"),
         "attn_out": jax.jit(attn_out),
         "mlp_core": core(mlp, "mlp", "down_proj/kernel"),

@@ -26,7 +26,7 @@ class Gemma3Config:
     to all earlier positions with `rope_global`. Queries are scaled by `query_scale ** -0.5`
     (`query_pre_attn_scalar`). Norm scales are stored as the multiplier of the normalised input, i.e. 1 + w in
     the Hugging Face convention (GGUF files already store 1 + w). `residual_rotation` ("hadamard(seed=N)", set by
-    `jq.models.gemma3.rotate`) runs the residual stream in a rotated basis (see there).
+    `jq.models.gemma3.rotate`) rotates the pre-norms' outputs online (see there).
     """
 
     vocab_size: int

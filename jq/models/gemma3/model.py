@@ -35,7 +35,7 @@ from jq.models.gemma3.config import Gemma3Config
 from jq.models.llama.model import RMSNorm, qk_rotation, rope
 from jq.numbers.kvcache import KVCacheConfig
 
-__all__ = ["Gemma3Config", "Gemma3", "Attention", "MLP", "Block", "stream_rotation", "init_params", "make_forward", "init_cache",
+__all__ = ["Gemma3Config", "Gemma3", "Attention", "MLP", "Block", "input_rotation", "init_params", "make_forward", "init_cache",
            "make_decode", "cache_bytes_per_token"]
 
 
@@ -88,16 +88,15 @@ class MLP(nn.Module):
         return _dense(c.dim, self.dtype, "down_proj")(h * _dense(c.hidden_dim, self.dtype, "up_proj")(x))
 
 
-def stream_rotation(cfg: Gemma3Config, inverse: bool = False) -> Callable[[jax.Array], jax.Array]:
-    """x [..., dim] -> x Q, the residual stream's rotation (`cfg.residual_rotation`; with `inverse`, x Q -> x),
-    or the identity for an unrotated model."""
+def input_rotation(cfg: Gemma3Config) -> Callable[[jax.Array], jax.Array]:
+    """x [..., dim] -> x Q, the rotation of the pre-norms' outputs (`cfg.residual_rotation`, set by
+    `jq.models.gemma3.rotate`), or the identity for an unrotated model."""
     if cfg.residual_rotation is None:
         return lambda x: x
     from jq.numbers.hadamard import Rotation
 
     rot = Rotation.parse(cfg.residual_rotation)
-    fn = rot.inverse if inverse else rot.apply
-    return lambda x: fn(x.astype(jnp.float32), axis=-1).astype(x.dtype)
+    return lambda x: rot.apply(x.astype(jnp.float32), axis=-1).astype(x.dtype)
 
 
 class Block(nn.Module):
@@ -115,14 +114,14 @@ class Block(nn.Module):
         eps = self.cfg.norm_eps
         norm = lambda name: RMSNorm(eps, self.dtype, name=name)  # noqa: E731
         attn = Attention(self.cfg, self.is_global, self.dtype, self.kv_cache, name="attn")
-        h = norm("input_norm")(x)
+        rot = input_rotation(self.cfg)  # q/k/v and gate/up read the normalised stream rotated (their rows hold Qᵀ)
+        h = rot(norm("input_norm")(x))
         if cache is None:
             a = attn(h, positions)
         else:
             a, cache = attn(h, positions, cache)
-        rot = stream_rotation(self.cfg)  # post-norm outputs join a rotated stream: no weight can carry Q after a norm
-        x = x + rot(norm("post_attn_norm")(a))
-        x = x + rot(norm("post_mlp_norm")(MLP(self.cfg, self.dtype, name="mlp")(norm("pre_mlp_norm")(x))))
+        x = x + norm("post_attn_norm")(a)
+        x = x + norm("post_mlp_norm")(MLP(self.cfg, self.dtype, name="mlp")(rot(norm("pre_mlp_norm")(x))))
         return x if cache is None else (x, cache)
 
 
@@ -142,7 +141,7 @@ class Gemma3(nn.Module):
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32) if positions is None else positions, (b, t))
         embed = nn.Embed(c.vocab_size, c.dim, dtype=self.dtype, param_dtype=jnp.float32, name="embed")
-        x = stream_rotation(c)(embed(tokens) * jnp.asarray(c.dim ** 0.5, self.dtype))
+        x = embed(tokens) * jnp.asarray(c.dim ** 0.5, self.dtype)
         new_cache = {}
         for i in range(c.n_layers):
             name = f"layers_{i}"
@@ -151,7 +150,7 @@ class Gemma3(nn.Module):
                 x = block(x, positions)
             else:
                 x, new_cache[name] = block(x, positions, cache[name])
-        x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(stream_rotation(c, inverse=True)(x))
+        x = RMSNorm(c.norm_eps, self.dtype, name="final_norm")(x)
         logits = embed.attend(x).astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
