@@ -94,19 +94,28 @@ def stage_fns(cfg: LlamaConfig, dtype: str) -> dict:
     }
 
 
-def staged_block(fns: dict, block: dict, hs: list[jax.Array], extras: list[tuple],
-                 quantize_stage: Callable[[tuple[str, ...], Sequence[jax.Array]], dict],
-                 ) -> tuple[dict, list[jax.Array]]:
-    """One pass through a block, quantizing each stage on the inputs computed with the earlier stages quantized
-    (the `BlockSpec.staged` protocol). hs: per-batch hidden states [B, T, D]; extras: per-batch (positions [B, T],);
-    returns (block, outputs [B, T, D] per batch)."""
+def staged_attention(fns: dict, block: dict, hs: list[jax.Array], extras: list[tuple],
+                     quantize_stage: Callable[[tuple[str, ...], Sequence[jax.Array]], dict],
+                     ) -> tuple[dict, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """The attention half of `staged_block`: q/k/v on the normed input, then o on the attention output; returns
+    (block, residuals after attention [B, T, D] per batch, the MLP's inputs per batch). Shared by the families
+    whose blocks start with this attention (Llama, Gemma 3 through `staged_block`, MoE)."""
     x0 = [fns["norm_in"](block, h) for h in hs]
     block = quantize_stage(ATTN_IN, x0)
     a = [fns["attn_core"](block, x, *e) for x, e in zip(x0, extras)]
     del x0
     block = quantize_stage(("attn/o_proj/kernel",), a)
     h1, x2 = zip(*[fns["attn_out"](block, h, ai) for h, ai in zip(hs, a)])
-    del a
+    return block, h1, x2
+
+
+def staged_block(fns: dict, block: dict, hs: list[jax.Array], extras: list[tuple],
+                 quantize_stage: Callable[[tuple[str, ...], Sequence[jax.Array]], dict],
+                 ) -> tuple[dict, list[jax.Array]]:
+    """One pass through a block, quantizing each stage on the inputs computed with the earlier stages quantized
+    (the `BlockSpec.staged` protocol). hs: per-batch hidden states [B, T, D]; extras: per-batch (positions [B, T],);
+    returns (block, outputs [B, T, D] per batch)."""
+    block, h1, x2 = staged_attention(fns, block, hs, extras, quantize_stage)
     block = quantize_stage(MLP_IN, x2)
     m = [fns["mlp_core"](block, x) for x in x2]
     del x2

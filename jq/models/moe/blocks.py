@@ -36,7 +36,7 @@ from jq.tree.paths import get_path, set_path
 
 __all__ = ["block_spec", "staged_block", "STAGES", "FOLDS"]
 
-ATTN_IN = ("attn/q_proj/kernel", "attn/k_proj/kernel", "attn/v_proj/kernel")
+ATTN_IN = llama_blocks.ATTN_IN
 ROUTER = ("moe/router/kernel",)
 EXPERT_IN = ("moe/experts/gate/kernel", "moe/experts/up/kernel")
 EXPERT_OUT = ("moe/experts/down/kernel",)
@@ -136,13 +136,7 @@ def staged_block(fns: dict, block: dict, hs: list[jax.Array], extras: list[tuple
                  ) -> tuple[dict, list[jax.Array]]:
     """One pass through a block (the `BlockSpec.staged` protocol): hs per-batch hidden states [B, T, D], extras
     per-batch (positions [B, T],) → (block with its weights quantized, outputs [B, T, D] per batch)."""
-    x0 = [fns["norm_in"](block, h) for h in hs]
-    block = quantize_stage(ATTN_IN, x0)
-    a = [fns["attn_core"](block, x, *e) for x, e in zip(x0, extras)]
-    del x0
-    block = quantize_stage(("attn/o_proj/kernel",), a)
-    h1, x2 = zip(*[fns["attn_out"](block, h, ai) for h, ai in zip(hs, a)])
-    del a
+    block, h1, x2 = llama_blocks.staged_attention(fns, block, hs, extras, quantize_stage)
     block = quantize_stage(ROUTER, x2)
     masks = [np.asarray(fns["route"](block, x)) > 0 for x in x2]
     rows, counts = _routed(x2, masks)
