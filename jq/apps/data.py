@@ -89,9 +89,17 @@ def calibration_tokens(tokenizer: Any, files: list[Path], samples: int = 128, le
         raise ValueError(f"calibration sampling {sampling!r}: expected one of {', '.join(CALIB_SAMPLINGS)}")
     streams = [text_ids(tokenizer, read_text(f, "calibration file"))[0] for f in files]
     bos = bos_of(tokenizer)
-    if bos is not None:  # each window is BOS + length - 1 text tokens, as the model was trained and is evaluated
-        return np.concatenate([np.full((samples, 1), bos, np.int32),
-                               calibration_tokens(_NoBos(tokenizer), files, samples, length - 1, seed, sampling)], 1)
+    if bos is None:
+        return _draw(streams, files, samples, length, seed, sampling)
+    # each window is BOS + length - 1 text tokens, as the model was trained and is evaluated
+    return np.concatenate([np.full((samples, 1), bos, np.int32),
+                           _draw(streams, files, samples, length - 1, seed, sampling)], 1)
+
+
+def _draw(streams: list[np.ndarray], files: list[Path], samples: int, length: int, seed: int,
+          sampling: str) -> np.ndarray:
+    """`samples` windows of `length` tokens from the files' token `streams` -> int32 [samples, length] (the draw
+    `calibration_tokens` describes)."""
     total = sum(len(s_) for s_ in streams)
     rng = np.random.default_rng(seed)
     if sampling == "stream":
@@ -148,15 +156,3 @@ def default_calib_files(eval_text: Path | None = None, directory: Path | None = 
     name = Path(eval_text).name if eval_text else EVAL_NAME
     return sorted(p for p in directory.glob("*.txt") if p.name != name)
 
-
-class _NoBos:
-    """A tokenizer's view that adds no special tokens (the BOS is placed per window instead)."""
-
-    bos_id = None
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Ids of `text` without special tokens."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
