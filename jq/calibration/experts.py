@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jq.algorithms.stats import LayerStats, Stats, StatSums
+from jq.algorithms.stats import Stats, StatSums
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
 from jq.numbers.qtensor import is_qtensor

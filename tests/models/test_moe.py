@@ -18,7 +18,6 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import jq
-from jq.algorithms.stats import LayerStats
 from jq.apps import pipeline
 from jq.calibration.experts import capture_experts
 from jq.interop.layers import layer_interceptor
