@@ -314,3 +314,26 @@ def test_the_staged_fast_path_equals_the_generic_sequential_pass(rotated):
         a = a.dequantize() if isinstance(a, jq.QTensor) else a
         b = b.dequantize() if isinstance(b, jq.QTensor) else b
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=p)
+
+
+def test_gemma3_configs_it_cannot_run_are_refused_by_name():
+    from jq.models.gemma3 import _config_from_gguf
+
+    meta = {"gemma3.embedding_length": 640, "gemma3.block_count": 18, "gemma3.attention.head_count": 4,
+            "gemma3.attention.key_length": 256, "gemma3.feed_forward_length": 2048, "gemma3.vocab_size": 100}
+    assert Gemma3Config.from_gguf_metadata(meta).query_scale == 256.0
+    with pytest.raises(ValueError, match="untied output.weight"):
+        _config_from_gguf(meta, {"output.weight"})
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported"):
+        Gemma3Config.from_gguf_metadata({**meta, "gemma3.rope.scaling.type": "linear"})
+    with pytest.raises(ValueError, match="missing 'gemma3.block_count'"):
+        Gemma3Config.from_gguf_metadata({k: v for k, v in meta.items() if k != "gemma3.block_count"})
+    hf = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 3, "intermediate_size": 128,
+          "vocab_size": 100}
+    for bad, msg in ((dict(final_logit_softcapping=30.0), "soft-capping"),
+                     (dict(hidden_activation="silu"), "hidden_activation 'silu'"),
+                     (dict(rope_scaling={"type": "linear"}), "rope_scaling"),
+                     (dict(layer_types=["sliding_attention", "full_attention", "full_attention"]),
+                      "not a regular local/global pattern")):
+        with pytest.raises(ValueError, match=msg):
+            Gemma3Config.from_hf_config({**hf, **bad})
