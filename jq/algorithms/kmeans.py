@@ -18,7 +18,7 @@ re-seeded at the vector with the largest weighted error (the m empty ones at the
 fixed number of iterations (`lax.fori_loop`), vmapped over tables (in batches bounding memory). The final tables
 are rounded to float16 (normalised by their scale) *before* the last assignment, so each weight's index is the
 nearest stored entry — or, with `feedback=True`, the entry GPTQ-style error feedback picks
-(`jq.algorithms.kmeans_feedback`: the tables stay those fitted here; rows are assigned in order, each row's error
+(`jq.algorithms.codebook_feedback`: the tables stay those fitted here; rows are assigned in order, each row's error
 pushed onto the rows not yet assigned through the inverse Hessian).
 """
 
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jq.algorithms.kmeans_feedback import feedback_assign, inverse_hessian_factor
+from jq.algorithms.codebook_feedback import feedback_assign, inverse_hessian_factor
 from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
 from jq.numbers import codebook as cbk
@@ -64,7 +64,8 @@ def assign(x: jnp.ndarray, w: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
         cs = c[order, 0]
         mids = (cs[1:] + cs[:-1]) / 2
         return order[jnp.searchsorted(mids, x[:, 0], side="left")].astype(jnp.int32)
-    d = jnp.sum(w[:, None, :] * (x[:, None, :] - c[None]) ** 2, axis=-1)  # [n, C]
+    hp = lax.Precision.HIGHEST  # Σ_j w_ij (x_ij − c_kj)² less the per-vector constant Σ_j w_ij x_ij², as two matmuls
+    d = jnp.matmul(w, (c**2).T, precision=hp) - 2 * jnp.matmul(w * x, c.T, precision=hp)  # [n, C]
     return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
 
@@ -144,7 +145,10 @@ def kmeans(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | d
     if feedback:
         rows = layout.grouped_shape[layout.inner_axis] if layout.granularity == "group" else layout.shape[0]
         u = inverse_hessian_factor(jnp.asarray(stats.hessian, jnp.float32), damp)
-        idx2 = feedback_assign(jnp.asarray(w, jnp.float32), stored.reshape(layout.scale_shape + (entries,)), rows, u)
+        per_group = stored.reshape(layout.scale_shape + (entries, 1))  # [G or 1, N or 1, C, 1]
+        block = math.gcd(rows, 128)  # blocks lie inside one group of rows: the tables change only between blocks
+        idx2, _ = feedback_assign(jnp.asarray(w, jnp.float32), u, 1, block,
+                                  lambda b, wb: (per_group[(b * block) // rows], None))
         idx = cbk.to_units(layout.to_grouped(idx2), layout, 1)[..., 0]
     else:
         idx = lax.map(lambda a: assign(a[0], a[1], a[2]), (x, hw, stored), batch_size=batch)  # [U, n]

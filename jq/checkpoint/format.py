@@ -1,7 +1,7 @@
 """The jq checkpoint format (docs/FORMAT.md): constants, per-leaf metadata records, the header and its CRC-32, and
 the Orbax calls every reader and writer shares. In short:
 
-    NAME/jq_checkpoint.json    {"format": "jq-quantized-pytree", "format_version": "1.2", "header_crc32", "jq_version",
+    NAME/jq_checkpoint.json    {"format": "jq-quantized-pytree", "format_version": "1.3", "header_crc32", "jq_version",
                                "recipe" (the recipe dict), "meta", "paths" (every leaf, in order), "leaves": {path:
                                per-leaf metadata: kind, fmt, layout, dtype, ..., array specs with CRC-32, "item"}}
     NAME/arrays/ITEM/          one Orbax checkpoint per leaf: {"value": array} for a float leaf, {"codes", "scale"
@@ -33,10 +33,11 @@ from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to
 
 FORMAT = "jq-quantized-pytree"
 
-FORMAT_VERSION = "1.2"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
+FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer minor only adds fields it may ignore
 
 # 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
 # 1.2 adds learned-codebook QTensors: formats cb{b} / cb{b}x{d} and their "codebook" array
+# 1.3 lets a codebook's table dims divide the scale dims (one table shared by a block of scale positions: GPTVQ)
 READS_MAJOR = 1
 
 FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook

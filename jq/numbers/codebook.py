@@ -26,7 +26,7 @@ from jq.numbers import formats
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 
 __all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
-           "make_codebook_qtensor"]
+           "make_codebook_qtensor", "stored_codebook_qtensor"]
 
 
 def vector_axis(layout: Layout) -> int:
@@ -40,21 +40,22 @@ def vectors_per_table(layout: Layout, vec: int) -> int:
     return math.prod(g[a] for a in layout.reduce_axes) // vec
 
 
-def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str = "<array>") -> None:
+def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str | None = None, per_table: bool = True) -> None:
     """ValueError naming `path` unless `fmt` (a "lut" format) fits `layout`: vectors tile the vector axis (and each
-    group) and a table has at least as many vectors as entries."""
+    group) and (`per_table`: for a table per scale position) a table has at least as many vectors as entries."""
+    at = f"{path}: " if path else ""
     if fmt.kind != "lut":
-        raise ValueError(f"{path}: format {fmt.name!r} is not a learned codebook; use cb2..cb8 or cb{{b}}x{{d}} "
+        raise ValueError(f"{at}format {fmt.name!r} is not a learned codebook; use cb2..cb8 or cb{{b}}x{{d}} "
                          "(e.g. cb3, cb8x2)")
     va = vector_axis(layout)
     n = layout.grouped_shape[va]
     if n % fmt.vec:
         what = f"groups of {n}" if layout.granularity == "group" else f"axis {layout.pack_axis} of length {n}"
-        raise ValueError(f"{path}: vectors of {fmt.vec} weights (format {fmt.name}) do not divide {what} (shape "
+        raise ValueError(f"{at}vectors of {fmt.vec} weights (format {fmt.name}) do not divide {what} (shape "
                          f"{layout.shape}); choose a vector length that divides it (cb{fmt.bits} is scalar)")
     per = vectors_per_table(layout, fmt.vec)
-    if 2**fmt.bits > per:
-        raise ValueError(f"{path}: a codebook of {2**fmt.bits} entries ({fmt.bits}-bit indices, format {fmt.name}) for "
+    if per_table and 2**fmt.bits > per:
+        raise ValueError(f"{at}a codebook of {2**fmt.bits} entries ({fmt.bits}-bit indices, format {fmt.name}) for "
                          f"only {per} vectors per {layout.granularity_label} table (shape {layout.shape}); use fewer "
                          "bits" + (", a larger group_size, or granularity: channel"
                                    if layout.granularity == "group" else ""))
@@ -106,9 +107,21 @@ def make_codebook_qtensor(idx: jnp.ndarray, tables: jnp.ndarray, scale: jnp.ndar
     if tables.shape[-2:] != (2**f.bits, f.vec):
         raise ValueError(f"tables of shape {tuple(tables.shape)} do not fit format {fmt} ({f.bits}-bit indices "
                          f"address {2**f.bits} entries of {f.vec} weights); fit {2**f.bits} centroids")
-    codes = from_units(idx, layout, f.vec).astype(jnp.uint8)
+    return stored_codebook_qtensor(from_units(idx, layout, f.vec), tables.reshape(layout.scale_shape + tables.shape[-2:]),
+                                   scale.reshape(layout.scale_shape), layout, fmt, dtype, perm, policy)
+
+
+def stored_codebook_qtensor(idx: jnp.ndarray, codebook: jnp.ndarray, scale: jnp.ndarray, layout: Layout, fmt: str,
+                            dtype: DTypeLike, perm: jnp.ndarray | None = None,
+                            policy: ExecPolicy = ExecPolicy()) -> QTensor:
+    """Assemble a codebook QTensor from indices in the stored layout (`layout.stored_shape` with the pack axis
+    divided by vec), tables `table_shape + (2^bits, vec)` (table dims equal to or dividing `layout.scale_shape`) and
+    scales `layout.scale_shape`; checked like a loaded leaf."""
+    f = formats.get_format(fmt)
+    codes = idx.astype(jnp.uint8)
     if f.packs:
         codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
-    return QTensor(codes=codes, scale=scale.astype(jnp.float16).reshape(layout.scale_shape), perm=perm,
-                   codebook=tables.astype(jnp.float16).reshape(layout.scale_shape + (2**f.bits, f.vec)), fmt=fmt,
-                   layout=layout, symmetric=True, dtype=jnp.dtype(dtype).name, policy=policy)
+    q = QTensor(codes=codes, scale=scale.astype(jnp.float16), perm=perm, codebook=codebook.astype(jnp.float16),
+                fmt=fmt, layout=layout, symmetric=True, dtype=jnp.dtype(dtype).name, policy=policy)
+    q.check("codebook QTensor")
+    return q

@@ -110,7 +110,7 @@ class Grid:
                 )
             lay = Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
             if self.fmt.kind == "lut":
-                check_codebook_layout(self.fmt, lay, path)
+                check_codebook_layout(self.fmt, lay, path, per_table=False)
             return lay
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
@@ -123,8 +123,8 @@ class Grid:
                     )
                 padded = -(-k // self.group_size) * self.group_size
         lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
-        if self.fmt.kind == "lut":  # learned codebooks: vectors must tile the axis, tables must be large enough
-            check_codebook_layout(self.fmt, lay, path)
+        if self.fmt.kind == "lut":  # learned codebooks: vectors must tile the axis (table sizes: the method's check)
+            check_codebook_layout(self.fmt, lay, path, per_table=False)
         return lay
 
     @property

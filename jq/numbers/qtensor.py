@@ -16,7 +16,9 @@ float(code) · scale for fp8.
 
 Learned codebooks (format kind "lut": `cb3`, `cb8x2`, see `jq.numbers.codebook`): `codes` hold one packed index per
 vector of `vec` consecutive stored weights along the pack axis, `codebook` one float16 table of 2^bits vectors per
-scale position (shape `scale_shape + (2^bits, vec)`), and a weight is codebook[its channel / group][index] · scale.
+scale position (shape `scale_shape + (2^bits, vec)`) or per block of them (table dims dividing the scale dims:
+GPTVQ's one table per group of rows shared by all output channels), and a weight is
+codebook[its table][index] · scale[its channel / group].
 """
 
 from __future__ import annotations
@@ -209,7 +211,9 @@ class QTensor:
       scale: float scales, shape `layout.scale_shape`.
       zero: zero points in code units (asymmetric int formats), same shape as `scale`, or None.
       perm: int32 [K] permutation of the group axis (codes stored as W[perm]), or None.
-      codebook: learned tables (format kind "lut" only), float16 `scale_shape + (2^bits, vec)`, else None.
+      codebook: learned tables (format kind "lut" only), float16 `table_shape + (2^bits, vec)`, else None; the
+        table shape is `scale_shape` (a table per scale position) or dims dividing it (one table shared by each block
+        of scale positions, e.g. [G, 1] for one table per group of rows shared by every output channel).
       fmt: format name (see `formats.FORMATS`).
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
@@ -298,9 +302,13 @@ class QTensor:
         """Learned-codebook values in the stored shape (float32): each index [.., K/vec, ..] picks the vector of its
         own table (the one of its scale position), and the vectors fill the pack axis back to K."""
         lay, f = self.layout, self.format
-        n_tab, entries = math.prod(lay.scale_shape), 2**f.bits
+        tshape = tuple(self.codebook.shape[:-2])  # = scale_shape, or dims dividing it (tables shared by blocks)
+        n_tab, entries = math.prod(tshape), 2**f.bits
         idx = self.unpacked_codes().astype(jnp.int32)  # stored shape, pack axis / vec
-        tab = jnp.arange(n_tab, dtype=jnp.int32).reshape(lay.scale_shape)  # which table each weight reads
+        tab = jnp.arange(n_tab, dtype=jnp.int32).reshape(tshape)  # which table each scale position reads
+        for a, (s, t) in enumerate(zip(lay.scale_shape, tshape)):
+            if s != t:
+                tab = jnp.repeat(tab, s // t, axis=a)
         tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
         tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
         vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
@@ -331,9 +339,10 @@ class QTensor:
             problems.append("zero point present/absent contrary to the symmetry")
         if (self.codebook is None) != (f.kind != "lut"):
             problems.append(f"codebook present/absent contrary to the format {self.fmt}")
-        elif self.codebook is not None and tuple(self.codebook.shape) != lay.scale_shape + (2**f.bits, f.vec):
+        elif self.codebook is not None and not _tables_fit(tuple(self.codebook.shape), lay.scale_shape, f):
             problems.append(f"codebook shape {tuple(self.codebook.shape)} != {lay.scale_shape + (2**f.bits, f.vec)} "
-                            f"(scale shape + ({2**f.bits} entries for {f.bits}-bit indices, vector length {f.vec}))")
+                            f"(scale shape, or dims dividing it, + ({2**f.bits} entries for {f.bits}-bit indices, "
+                            f"vector length {f.vec}))")
         if problems:
             raise ValueError(f"{where}: {self!r} is inconsistent: " + "; ".join(problems))
 
@@ -350,6 +359,14 @@ class QTensor:
 
     def _arrays(self) -> list[jax.Array]:
         return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook) if a is not None]
+
+
+def _tables_fit(cb_shape: tuple[int, ...], scale_shape: tuple[int, ...], f: formats.Format) -> bool:
+    """Whether a codebook of `cb_shape` fits: table dims equal to or dividing the scale dims (one table per block of
+    scale positions), then (2^bits, vec)."""
+    tshape = cb_shape[:-2]
+    return (cb_shape[-2:] == (2**f.bits, f.vec) and len(tshape) == len(scale_shape)
+            and all(t >= 1 and s % t == 0 for s, t in zip(scale_shape, tshape)))
 
 
 def is_qtensor(x: Any) -> bool:

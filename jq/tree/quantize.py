@@ -83,6 +83,17 @@ def _stats_for(calib: Stats | dict | None, path: str) -> LayerStats | dict | Non
 
 def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
                   axes: tuple[int, ...] | None = None) -> QTensor:
+    """`_quantize_leaf`, with a method's refusal (ValueError) prefixed by the leaf's path when it does not name it."""
+    try:
+        return _quantize_leaf(path, w, rule, stats, axes=axes)
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: {e}") from e
+
+
+def _quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
+                   axes: tuple[int, ...] | None = None) -> QTensor:
     """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
     a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
     `with_info` variant reports damping increases, inputs that never fired and fallbacks, which are warned about

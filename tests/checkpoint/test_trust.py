@@ -123,7 +123,7 @@ def test_edited_metadata_is_caught_by_its_own_crc_and_an_old_checkpoint_without_
     _, q, _ = _small()
     d = ck.save(tmp_path / "q", q)
     meta = json.loads((d / ck.META_FILE).read_text())
-    assert meta["format_version"] == "1.2" and isinstance(meta["header_crc32"], int)
+    assert meta["format_version"] == "1.3" and isinstance(meta["header_crc32"], int)
     edited = json.loads(json.dumps(meta))
     edited["leaves"]["a/kernel"]["symmetric"] = True  # still valid JSON, still a plausible layout
     (d / ck.META_FILE).write_text(json.dumps(edited))

@@ -118,6 +118,12 @@ def test_check_finds_inconsistent_codebooks():
         dataclasses.replace(q, codebook=q.codebook[..., :4, :]).check("leaf")
     with pytest.raises(ValueError, match="codebook present/absent"):
         dataclasses.replace(q, codebook=None).check("leaf")
+    shared = dataclasses.replace(q, codebook=q.codebook[:, :2])  # scale [1, 4]: tables [1, 2] serve 2 channels each
+    shared.check("leaf")
+    np.testing.assert_array_equal(np.asarray(shared.dequantize())[:, 1], np.asarray(  # channel 1 reads table 0
+        dataclasses.replace(q, codebook=q.codebook.at[:, 1].set(q.codebook[:, 0])).dequantize())[:, 1])
+    with pytest.raises(ValueError, match="codebook shape .* dims dividing"):  # 3 tables cannot split 4 channels
+        dataclasses.replace(q, codebook=q.codebook[:, :3]).check("leaf")
     with pytest.raises(ValueError, match="codes shape"):
         dataclasses.replace(q, codes=q.codes[:1]).check("leaf")
 
@@ -128,9 +134,9 @@ def test_refusals_name_the_leaf_value_and_fix():
         cbk.make_codebook_qtensor(jnp.zeros((4, 16), jnp.int32), jnp.zeros((4, 4, 1)), jnp.ones(4), lay, "cb3",
                                   jnp.float32)
     with pytest.raises(ValueError, match=r"a/kernel: a codebook of 256 entries .* only 64 vectors"):
-        Scheme("cb8").layout((64, 4), (0,), "a/kernel")
-    with pytest.raises(ValueError, match="larger group_size"):
-        Scheme("cb4", group_size=8).layout((64, 4), (0,), "a/kernel")
+        cbk.check_codebook_layout(get_format("cb8"), Scheme("cb8").layout((64, 4), (0,), "a/kernel"), "a/kernel")
+    with pytest.raises(ValueError, match="larger group_size"):  # a table per group and channel (method kmeans)
+        cbk.check_codebook_layout(get_format("cb4"), Scheme("cb4", group_size=8).layout((64, 4), (0,)), "a/kernel")
     with pytest.raises(ValueError, match=r"a/kernel: vectors of 4 weights \(format cb2x4\) do not divide axis 0"):
         Scheme("cb2x4").layout((66, 4), (0,), "a/kernel")
     with pytest.raises(ValueError, match="do not divide groups of 6"):
