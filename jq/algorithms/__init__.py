@@ -1,8 +1,8 @@
 """Quantization algorithms (layer 2): functions of arrays and statistics → QTensor, and the records that compose them.
 
 - methods, one file each, registered by the name recipes give: `rtn` (and `qat`), `hqq`, `gptq`, `awq_clip`,
-  `kmeans` (learned codebooks); a
-  method record has `quantize(w, scheme, layout, stats=None) -> QTensor` (`registry`);
+  `kmeans` (learned scalar / vector codebooks), `gptvq` (vector codebooks under GPTQ's error feedback), `higgs`
+  (data-free Gaussian grids after a rotation); a method record has `quantize(w, scheme, layout, stats=None) -> QTensor` (`registry`);
 - grid fitters any method can take (`grids.RangeFit`, `hqq.HQQFit`), GPTQ's `refit.LeastSquaresRefit`;
 - transforms (`transforms`: AWQ and SmoothQuant scales) folded into the model before quantization;
 - `stats.LayerStats`: the calibration statistics methods read.
@@ -11,9 +11,10 @@
 writes it `method: gptq, options: {hqq: {p: 1}, refit: true}`. Algorithms never import Flax, Optax, Orbax or models.
 """
 
-from jq.algorithms import awq, gptq, hqq, kmeans, rtn, smoothquant, transforms  # noqa: F401  (each registers itself)
+from jq.algorithms import awq, gptq, gptvq, higgs, hqq, kmeans, rtn, smoothquant, transforms  # noqa: F401  (each registers itself)
 from jq.algorithms.grids import GridFitter, RangeFit
 from jq.algorithms.gptq import GPTQ
+from jq.algorithms.gptvq import GPTVQ
 from jq.algorithms.hqq import HQQFit
 from jq.algorithms.kmeans import KMeans
 from jq.algorithms.refit import LeastSquaresRefit
@@ -24,5 +25,5 @@ from jq.algorithms.stats import LayerStats, StatSums
 from jq.algorithms.transforms import AWQScales, SmoothQuantScales
 
 __all__ = ["METHODS", "TRANSFORMS", "Method", "MethodSpec", "get_method", "get_transform", "register",
-           "register_method", "register_transform", "Transform", "GridFitter", "RangeFit", "HQQFit", "GPTQ", "RTN", "QAT", "KMeans",
+           "register_method", "register_transform", "Transform", "GridFitter", "RangeFit", "HQQFit", "GPTQ", "GPTVQ", "RTN", "QAT", "KMeans",
            "LeastSquaresRefit", "AWQScales", "SmoothQuantScales", "LayerStats", "StatSums"]

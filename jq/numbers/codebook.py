@@ -26,7 +26,7 @@ from jq.numbers import formats
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 
 __all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
-           "make_codebook_qtensor", "stored_codebook_qtensor"]
+           "make_codebook_qtensor", "stored_codebook_qtensor", "rows_per_group", "check_shared_layout"]
 
 
 def vector_axis(layout: Layout) -> int:
@@ -59,6 +59,35 @@ def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str | None 
                          f"only {per} vectors per {layout.granularity_label} table (shape {layout.shape}); use fewer "
                          "bits" + (", a larger group_size, or granularity: channel"
                                    if layout.granularity == "group" else ""))
+
+
+def rows_per_group(layout: Layout) -> int:
+    """Rows of a 2-D kernel [K, N] that one shared table (and one scale per column) serves: the group size, or all
+    K rows for `granularity: channel`."""
+    return layout.group_size if layout.granularity == "group" else layout.shape[0]
+
+
+def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted: bool = True) -> None:
+    """ValueError saying what does not fit a method with one table per group of rows shared by all output channels
+    (`quantize_leaf` prefixes the leaf's path): a learned-codebook format on a 2-D kernel [K, N] contracting axis 0,
+    groups (or channels) without padding whose rows the vector length divides and (`fitted`: tables fitted to the
+    weights) at least as many vectors per group as table entries."""
+    if fmt.kind != "lut":
+        raise ValueError(f"format {fmt.name!r} is not a learned codebook; {method} takes cb{{b}}x{{d}} (e.g. cb6x2: "
+                         "3 bits per weight) or cb{b}")
+    if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \
+            or layout.granularity == "tensor":
+        raise ValueError(f"{method} needs a 2-D kernel [K, N] contracting axis 0 with granularity group (a "
+                         f"group_size dividing K) or channel; got shape {layout.shape}, axes {layout.axes}, "
+                         f"{layout.granularity_label}{' padded' if layout.padded else ''}: choose such a group_size, "
+                         "or method: kmeans for this leaf")
+    rows, n = rows_per_group(layout), layout.shape[1]
+    if rows % fmt.vec:
+        raise ValueError(f"{method}: vectors of {fmt.vec} rows (format {fmt.name}) do not divide groups of {rows} "
+                         "rows; choose a group_size that the vector length divides")
+    if fitted and 2**fmt.bits > rows * n // fmt.vec:
+        raise ValueError(f"{method}: a codebook of {2**fmt.bits} entries for only {rows * n // fmt.vec} vectors per "
+                         f"group (shape {layout.shape}, {rows} rows); use fewer bits or a larger group_size")
 
 
 def to_units(xg: jnp.ndarray, layout: Layout, vec: int) -> jnp.ndarray:
