@@ -1,6 +1,6 @@
 """Which QTensor matmuls the kernels take, and how a QTensor's arrays are handed to them.
 
-`register()` adds four kernels to `jq.ops.KERNELS` (as `jq.ops.Kernel(name, supports, fn)`, at the end of the list
+`register()` adds five kernels to `jq.ops.KERNELS` (as `jq.ops.Kernel(name, supports, fn)`, at the end of the list
 so kernels a user registers with `register_kernel` keep priority); `jq.ops.qdot_general` asks each
 `supports(lhs, rhs, dimension_numbers)` and runs the first that returns None, else falls back to dequantize +
 XLA dot and logs every kernel's reason at DEBUG.
@@ -16,10 +16,14 @@ dimensions; per-axis groups (not `flat`). Then by format:
 | pallas_w8a16      | int8 sym / asym, fp8 (GPU)    | group (g), channel, tensor | float                    |
 | pallas_w8a8_int8  | int8 sym, `act="int8"`        | channel, tensor            | int8 per token (act_clip)|
 | pallas_w8a8_fp8   | fp8_e4m3, `act="fp8_e4m3"`    | channel, tensor            | e4m3 per token (GPU)     |
+| pallas_lut        | codebook cb{b}, cb{b}x{d}; 2-D | group (g), channel, tensor | float                    |
 
-Group sizes: powers of two on GPU (Triton tiles), multiples of 16 (int4) / 8 (int8) on TPU. Refused on a
-compiled TPU: fp8 and float16 activations. Rotated weights and LLM.int8 outlier splits are resolved by `jq.ops`
-before the kernels are asked.
+Group sizes: powers of two on GPU (Triton tiles), multiples of 16 (int4) / 8 (int8) / 8·d (codebooks with
+vectors of d) on TPU — so GPTVQ's group_size 192 takes the LUT kernel on TPU only. Refused on a compiled TPU:
+fp8 and float16 activations. Rotated weights and LLM.int8 outlier splits are resolved by `jq.ops` before the
+kernels are asked. Codebooks (`lut`): tables per scale position or shared by all columns ([G, 1],
+GPTVQ); the lookup is a gather on GPU and a select over the 2^b entries on TPU, where formats with more than
+`LUT_TPU_MAX_VALUES` table values per index (cb8x2, cb8x4, cb7x4) are left to XLA.
 
 On a device, `supports` also selects blocks for the shape (`autotune`): the first trace of a new shape compiles
 and times candidates (or, with JQ_AUTOTUNE=0, compiles and runs the defaults once); if nothing builds, the reason
@@ -29,7 +33,8 @@ Handled on the fly in XLA before the call (cheap, O(M·K) or O(scales)): act-ord
 x[..., perm], since x @ W == x[..., perm] @ stored); padded groups and a K that is not a multiple of 8 (x is
 zero-padded to the stored length); M not a multiple of the block (rows padded); scale / zero reshapes. K or N
 that no legal block divides are padded too, which copies the weight on every call: correct but slow (real model
-shapes never need it). Activation quantization for W8A8 is `jq.ops.quantize_activations`, so kernel and
+shapes never need it). Bit-packed codebook indices are unpacked to one byte each in XLA before the LUT kernel (an
+extra pass over the weight). Activation quantization for W8A8 is `jq.ops.quantize_activations`, so kernel and
 fallback see the same codes.
 
 Gradients: the forward pass is the kernel; the backward pass is XLA's x-gradient with the dequantized weight
@@ -46,7 +51,7 @@ from typing import TYPE_CHECKING, Iterator
 import jax
 import jax.numpy as jnp
 
-from jq.pallas_kernels import autotune, w4a16, w8a8, w8a16
+from jq.pallas_kernels import autotune, lut, w4a16, w8a8, w8a16
 from jq.pallas_kernels.common import Mode, forced, kernel_mode
 from jq.pallas_kernels.fp8 import fp8_matmul
 from jq.pallas_kernels.w8a8 import w8a8_int8_matmul
@@ -62,6 +67,7 @@ __all__ = ["register", "force_interpret", "KERNEL_NAMES"]
 
 FLOAT_ACTS = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
 FP8_WEIGHTS = ("fp8_e4m3", "fp8_e5m2")
+LUT_TPU_MAX_VALUES = 256  # 2^bits · vec: the TPU lookup costs O(that) VPU selects per index (a bound, not measured)
 
 
 # -- what every kernel needs ------------------------------------------------------------------------------------
@@ -319,6 +325,47 @@ def run_w8a8_fp8(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNu
     return _run_w8a8(lhs, rhs, preferred_element_type, "fp8_e4m3", fp8_matmul)
 
 
+# -- LUT (learned codebooks) ------------------------------------------------------------------------------------
+
+
+def supports_lut(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
+                 dimension_numbers: DotDimensionNumbers) -> str | None:
+    """None if `run_lut` takes x [..., K] · a 2-D codebook QTensor [K, N] (cb{b}, cb{b}x{d}), else why not."""
+    mode, why = _common(lhs, rhs, dimension_numbers)
+    if why:
+        return why
+    f = rhs.format
+    if f.kind != "lut":
+        return f"format {rhs.fmt} is not a learned codebook"
+    if rhs.policy.act is not None:
+        return f"activations quantized to {rhs.policy.act}"
+    if rhs.ndim != 2:
+        return f"a {rhs.ndim}-D codebook weight (the LUT kernel takes a 2-D kernel [K, N])"
+    if mode.style == "tpu" and not mode.interpret and 2**f.bits * f.vec > LUT_TPU_MAX_VALUES:
+        return (f"{rhs.fmt} on TPU: the lookup would select among {2**f.bits * f.vec} table values per index "
+                f"(more than {LUT_TPU_MAX_VALUES})")
+    g = _group(rhs)
+    if why := lut.unsupported(mode.style, g, f.vec):
+        return why
+    M, K, N = _mkn(lhs, rhs, rhs.layout.stored_shape[0])
+    shared = rhs.codebook.shape[1] == 1 and N > 1
+    return _probe(lambda: lut.select_blocks(M, K, N, fmt=rhs.fmt, group_size=g, shared=shared, dtype=lhs.dtype,
+                                            mode=mode))
+
+
+def run_lut(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers,
+            preferred_element_type: DTypeLike | None = None) -> jax.Array:
+    """x [..., K] · codebook QTensor [K, N] → [..., N] by the LUT kernel (act-order and padding in `lut_matmul`)."""
+    mode, _ = kernel_mode()
+    out_dtype = preferred_element_type or lhs.dtype
+
+    def k(x, w):
+        y = lut.lut_matmul(x.reshape(-1, x.shape[-1]), w, out_dtype=out_dtype, mode=mode)
+        return y.reshape(_out_shape(x, w))
+
+    return _with_xla_grad(k, lhs, rhs)
+
+
 # -- registration -------------------------------------------------------------------------------------------------
 
 _TABLE = (
@@ -326,6 +373,7 @@ _TABLE = (
     ("pallas_w8a16", supports_w8a16, run_w8a16),
     ("pallas_w8a8_int8", supports_w8a8_int8, run_w8a8_int8),
     ("pallas_w8a8_fp8", supports_w8a8_fp8, run_w8a8_fp8),
+    ("pallas_lut", supports_lut, run_lut),
 )
 KERNEL_NAMES = tuple(name for name, _, _ in _TABLE)
 
