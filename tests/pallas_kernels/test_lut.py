@@ -30,12 +30,6 @@ TOL_FALLBACK = {"float32": 2e-5, "bfloat16": 1.6e-2}  # max |kernel − fallback
 TOL_NUMPY = {"float32": 2e-5, "bfloat16": 2.5e-2}  # max |kernel − float64 reference| / max |reference|
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("JQ_KERNELS", raising=False)
-    monkeypatch.setenv("JQ_AUTOTUNE_CACHE", str(tmp_path / "autotune.json"))
-
-
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
