@@ -21,9 +21,8 @@ dimensions; per-axis groups (not `flat`). Then by format:
 Group sizes: powers of two on GPU (Triton tiles), multiples of 16 (int4) / 8 (int8) / 8·d (codebooks with
 vectors of d) on TPU — so GPTVQ's group_size 192 takes the LUT kernel on TPU only. Refused on a compiled TPU:
 fp8 and float16 activations. Rotated weights and LLM.int8 outlier splits are resolved by `jq.ops` before the
-kernels are asked. Codebooks (`lut`): tables per scale position or shared by all columns ([G, 1],
-GPTVQ); the lookup is a gather on GPU and a select over the 2^b entries on TPU, where formats with more than
-`LUT_TPU_MAX_VALUES` table values per index (cb8x2, cb8x4, cb7x4) are left to XLA.
+kernels are asked. On a compiled TPU, codebooks with more than `LUT_TPU_MAX_VALUES` table values per index
+(cb8x2, cb8x4, cb7x4) are left to XLA (the lookup there is a select over the entries: `lut`).
 
 On a device, `supports` also selects blocks for the shape (`autotune`): the first trace of a new shape compiles
 and times candidates (or, with JQ_AUTOTUNE=0, compiles and runs the defaults once); if nothing builds, the reason
