@@ -7,9 +7,10 @@ jit-able (the config is static; bad-input checks that need concrete values run o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -81,69 +82,74 @@ def _stats_for(calib: Stats | dict | None, path: str) -> LayerStats | dict | Non
     return node
 
 
-def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
-                  axes: tuple[int, ...] | None = None) -> QTensor:
-    """`_quantize_leaf`, with a method's refusal (ValueError) prefixed by the leaf's path when it does not name it."""
+@contextlib.contextmanager
+def _refusals_named(path: str) -> Iterator[None]:
+    """Re-raise a ValueError that does not start with `path` as one that does (a method's own message). A context
+    manager, not a wrapper function, so the warnings raised inside keep their stack levels."""
     try:
-        return _quantize_leaf(path, w, rule, stats, axes=axes)
+        yield
     except ValueError as e:
         if str(e).startswith(path):
             raise
         raise ValueError(f"{path}: {e}") from e
 
 
-def _quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
-                   axes: tuple[int, ...] | None = None) -> QTensor:
+def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict | None = None, *,
+                  axes: tuple[int, ...] | None = None) -> QTensor:
     """Quantize one weight by `rule` (its scheme, method and options). Checks the input; for calibrated methods,
     a layer whose statistics saw no token falls back to RTN with a warning, and (outside jit) a method's
     `with_info` variant reports damping increases, inputs that never fired and fallbacks, which are warned about
     naming the layer. Outside jit, scales that do not fit the scheme's `scale_dtype` are refused (`check_scales`).
     w: the float weight in its logical shape (a Dense kernel [K, N]); stats: its input's, e.g. `hessian` [K, K]
     (K = the contraction axes flattened in order); axes: the contraction axes (default: the scheme's, else guessed
-    from the path by `_default_axes`; `quantize_params(..., usage=)` passes the traced ones)."""
-    if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
-        raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
-    _check_finite(path, w)
-    ndim = w.ndim
-    if axes is None:
-        axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
-    layout = rule.scheme.layout(tuple(w.shape), axes, path)
-    spec = get_method(rule.method)
-    stats = LayerStats.coerce(stats)
-    if experts.is_stacked(stats):  # per-expert statistics of a stacked expert weight [E, K, N]
+    from the path by `_default_axes`; `quantize_params(..., usage=)` passes the traced ones). A method's refusal
+    (ValueError) that does not name the leaf is prefixed by its path."""
+    with _refusals_named(path):
+        if not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+            raise ValueError(f"{path}: dtype {jnp.result_type(w)} is not floating point; only float weights quantize")
+        _check_finite(path, w)
+        ndim = w.ndim
+        if axes is None:
+            axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
+        layout = rule.scheme.layout(tuple(w.shape), axes, path)
+        spec = get_method(rule.method)
+        stats = LayerStats.coerce(stats)
+        if experts.is_stacked(stats):  # per-expert statistics of a stacked expert weight [E, K, N]
+            if rule.scheme.policy.rotation is not None:
+                raise ValueError(f"{path}: rotate: hadamard is not supported on stacked expert weights; drop rotate "
+                                 "for this leaf")
+            if rule.scheme.fmt.kind == "lut":
+                raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked "
+                                 "expert weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
+            q = experts.quantize_stacked(path, jnp.asarray(w), rule.record, rule.scheme, layout, stats,
+                                         method=rule.method, reports_info=spec.reports_info)
+            check_scales(path, w, q, rule.scheme)
+            return q
         if rule.scheme.policy.rotation is not None:
-            raise ValueError(f"{path}: rotate: hadamard is not supported on stacked expert weights; drop rotate "
-                             "for this leaf")
-        if rule.scheme.fmt.kind == "lut":
-            raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked expert "
-                             "weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
-        q = experts.quantize_stacked(path, jnp.asarray(w), rule.record, rule.scheme, layout, stats,
-                                     method=rule.method, reports_info=spec.reports_info)
+            w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
+        w = jnp.asarray(w)
+        q = None
+        if spec.needs_calibration:
+            if stats is None:
+                raise ValueError(
+                    f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
+                    "calibrate first (jq eval/quantize --calib, or jq.calibration.capture.capture) or choose method: "
+                    "rtn"
+                )
+            count = stats.count
+            if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
+                lut = rule.scheme.fmt.kind == "lut"  # learned codebooks have no RTN grid: fit them without statistics
+                warnings.warn(f"{path}: no calibration token reached this layer; quantized with "
+                              f"{'unweighted ' + rule.method if lut else 'RTN'} instead of {rule.method!r}",
+                              stacklevel=3)
+                q = _jitted(rule.record if lut else RTN())(w, rule.scheme, layout, None)
+            elif spec.reports_info and not isinstance(w, jax.core.Tracer):
+                q, info = _jitted(rule.record, True)(w, rule.scheme, layout, stats)
+                _warn_info(path, rule, info)
+        if q is None:
+            q = _jitted(rule.record)(w, rule.scheme, layout, stats)
         check_scales(path, w, q, rule.scheme)
         return q
-    if rule.scheme.policy.rotation is not None:
-        w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
-    w = jnp.asarray(w)
-    q = None
-    if spec.needs_calibration:
-        if stats is None:
-            raise ValueError(
-                f"{path}: method {rule.method!r} needs calibration statistics but none were given for this leaf; "
-                "calibrate first (jq eval/quantize --calib, or jq.calibration.capture.capture) or choose method: rtn"
-            )
-        count = stats.count
-        if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
-            lut = rule.scheme.fmt.kind == "lut"  # learned codebooks have no RTN grid: fit them without statistics
-            warnings.warn(f"{path}: no calibration token reached this layer; quantized with "
-                          f"{'unweighted ' + rule.method if lut else 'RTN'} instead of {rule.method!r}", stacklevel=3)
-            q = _jitted(rule.record if lut else RTN())(w, rule.scheme, layout, None)
-        elif spec.reports_info and not isinstance(w, jax.core.Tracer):
-            q, info = _jitted(rule.record, True)(w, rule.scheme, layout, stats)
-            _warn_info(path, rule, info)
-    if q is None:
-        q = _jitted(rule.record)(w, rule.scheme, layout, stats)
-    check_scales(path, w, q, rule.scheme)
-    return q
 
 
 def check_scales(path: str, w: jax.Array, q: QTensor, scheme: Scheme) -> None:
