@@ -9,7 +9,7 @@ inverse Hessian of the layer's output error ‖XW − XQ‖² (Frantar et al. 20
     U = upper Cholesky factor of (H + λI)⁻¹,   λ = damp · mean diag H
     step over rows v = k..k+vec−1:  q = argmin_c ‖U_vv⁻ᵀ (w_v − c)‖²    (the error metric of the rows not yet fixed;
                                                                           for vec = 1 simply the nearest entry)
-                                    then for each row i of v in order: e_i = (w_i − q_i) / U_ii,  w_j −= U_ij e_i (j > i)
+                                    then for each row i of v in order: e_i = (w_i − q_i) / U_ii, w_j −= U_ij e_i (j > i)
 
 Lazy batch updates: a `lax.scan` over blocks of `block` rows; inside a block one step at a time, the rest of the
 kernel updated once per block by one matmul. Before a block is assigned, `tables_of(b, wb)` gives its tables from the

@@ -35,15 +35,27 @@ from jq.numbers import codebook as cbk
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["GPTVQ", "gptvq", "update_tables", "refit_scales", "layer_objective"]
+__all__ = ["GPTVQ", "gptvq", "update_tables", "refit_scales", "layer_objective", "column_objective"]
 
 _HP = lax.Precision.HIGHEST
 
 
+def column_objective(w: jnp.ndarray, w_hat: jnp.ndarray, h: jnp.ndarray) -> jnp.ndarray:
+    """(w_n − ŵ_n)ᵀ H (w_n − ŵ_n) per column n [N] of kernels [K, N], H [K, K]: each output's error ‖X(w_n − ŵ_n)‖²."""
+    d = w - w_hat
+    return jnp.sum(d * jnp.matmul(h, d, precision=_HP), axis=0)
+
+
 def layer_objective(w: jnp.ndarray, w_hat: jnp.ndarray, h: jnp.ndarray) -> jnp.ndarray:
     """tr((W − Ŵ)ᵀ H (W − Ŵ)) for kernels [K, N] and H [K, K]: the summed output error ‖X(W − Ŵ)‖² per sample."""
-    d = w - w_hat
-    return jnp.sum(d * jnp.matmul(h, d, precision=_HP))
+    return jnp.sum(column_objective(w, w_hat, h))
+
+
+def _entry_of(idx: jnp.ndarray, groups: int, d: int) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Where each weight [K, N] reads its table value: (group [K, 1], entry [K, N], coordinate [K, 1]), so that
+    `tables[g, e, j]` is the unscaled kernel for tables [G, C, d] and indices idx [K / d, N]."""
+    K = idx.shape[0] * d
+    return (jnp.arange(K) // (K // groups))[:, None], jnp.repeat(idx, d, axis=0), (jnp.arange(K) % d)[:, None]
 
 
 def update_tables(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.ndarray, scale: jnp.ndarray,
@@ -52,12 +64,8 @@ def update_tables(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.
     conjugate-gradient steps from `tables` on the normal equations PᵀHP c = PᵀHW (Ŵ = P c); entries no weight uses
     keep their values."""
     G, C, d = tables.shape
-    K = w.shape[0]
-    rows = K // G
-    g = (jnp.arange(K) // rows)[:, None]
-    full = jnp.repeat(idx, d, axis=0)  # [K, N] entry per weight
-    j = (jnp.arange(K) % d)[:, None]
-    s = jnp.repeat(scale, rows, axis=0)  # [K, N]
+    g, full, j = _entry_of(idx, G, d)
+    s = jnp.repeat(scale, w.shape[0] // G, axis=0)  # [K, N]
     flat = ((g * C + full) * d + j).reshape(-1)
 
     def expand(c):  # P c: the kernel the tables give
@@ -91,11 +99,11 @@ def refit_scales(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.n
     """Scales [G, N] minimising `layer_objective` for fixed indices idx [K / d, N] and tables [G, C, d]: for each
     column n the G scales solve (D_nᵀ H D_n) s_n = D_nᵀ H w_n, D_n [K, G] holding the column's table values in its
     group's rows; a column whose system is singular or does not improve keeps its scales."""
-    G, C, d = tables.shape
-    K = w.shape[0]
-    rows = K // G
-    g = jnp.arange(K) // rows
-    v = tables[g[:, None], jnp.repeat(idx, d, axis=0), (jnp.arange(K) % d)[:, None]]  # [K, N] unscaled values
+    G, _, d = tables.shape
+    rows = w.shape[0] // G
+    g, full, j = _entry_of(idx, G, d)
+    v = tables[g, full, j]  # [K, N] unscaled values
+    g = g[:, 0]
     hw = jnp.matmul(h, w, precision=_HP)
     b = jax.ops.segment_sum(v * hw, g, num_segments=G).T  # [N, G]
     cols = []
@@ -105,10 +113,7 @@ def refit_scales(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.n
     m = jnp.stack(cols, axis=-1)  # [N, G, G]
     new = jnp.linalg.solve(m + 1e-12 * jnp.eye(G), b[..., None])[..., 0].T  # [G, N]
 
-    def col_err(s):  # per-column objective
-        r = w - v * jnp.repeat(s, rows, axis=0)
-        return jnp.sum(r * jnp.matmul(h, r, precision=_HP), axis=0)
-
+    col_err = lambda s: column_objective(w, v * jnp.repeat(s, rows, axis=0), h)  # noqa: E731
     keep = ~jnp.all(jnp.isfinite(new), axis=0) | (col_err(jnp.nan_to_num(new)) >= col_err(scale))
     return jnp.where(keep[None], scale, new)
 
@@ -147,13 +152,12 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
     row_weight = 1.0 / jnp.diagonal(u) ** 2  # the loss GPTQ charges per unit squared error of row k
 
     def fit(b, wb):  # the group's table, from its current rows wb [rows, N]
-        s = jnp.sqrt(jnp.mean(wb**2, axis=0))
-        s = jnp.where(s > 0, s, 1.0).astype(jnp.float16).astype(jnp.float32)  # [N], as stored
+        s = cbk.rms_scales(wb, axis=0)  # [N], as stored
         x = jnp.transpose((wb / s).reshape(rows // d, d, N), (2, 0, 1)).reshape(-1, d)
         hw = lax.dynamic_slice_in_dim(row_weight, b * rows, rows).reshape(1, rows // d, d)
         wt = (hw * (s**2)[:, None, None]).reshape(-1, d)
         c = lloyd(x, wt / jnp.maximum(jnp.max(wt), 1e-30), entries, iters)
-        c = c.astype(jnp.float16).astype(jnp.float32)
+        c = cbk.as_stored(c)
         return s[:, None, None] * c[None], (c, s)
 
     idx, (tables, scale) = feedback_assign(w32, u, d, rows, fit)  # [K/d, N], [G, C, d], [G, N]
@@ -161,7 +165,7 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
         hd = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(K, dtype=h.dtype)
         tables = update_tables(w32, hd, idx, tables, scale, update_iters)
         if refit:  # alternate: scales for these tables, then the tables for those scales
-            scale = refit_scales(w32, hd, idx, tables, scale).astype(jnp.float16).astype(jnp.float32)
+            scale = cbk.as_stored(refit_scales(w32, hd, idx, tables, scale))
             tables = update_tables(w32, hd, idx, tables, scale, update_iters)
     return cbk.stored_codebook_qtensor(idx, tables[:, None], scale, layout, scheme.format, w.dtype, perm=perm,
                                        policy=scheme.policy)

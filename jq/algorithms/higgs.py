@@ -40,9 +40,8 @@ def gaussian_grid(bits: int, d: int, iters: int = 60) -> np.ndarray:
     entries = 2**bits
     half = np.random.default_rng(0).standard_normal((max(_SAMPLES // 2, _SAMPLES_PER_ENTRY * entries // 2), d))
     x = np.concatenate([half, -half]).astype(np.float32)  # antithetic: the grid comes out symmetric
-    with jax.ensure_compile_time_eval():
-        c = lloyd(jnp.asarray(x), jnp.ones_like(jnp.asarray(x)), entries, iters)
-    return np.asarray(c, np.float32).astype(np.float16).astype(np.float32)
+    with jax.ensure_compile_time_eval():  # concrete even when first asked for inside a jit trace
+        return np.asarray(cbk.as_stored(lloyd(jnp.asarray(x), jnp.ones_like(jnp.asarray(x)), entries, iters)))
 
 
 @register("higgs")
@@ -56,8 +55,7 @@ def higgs(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
     rows, d = cbk.rows_per_group(layout), f.vec
     grid = jnp.asarray(gaussian_grid(f.bits, d))  # [C, d]
     wg = jnp.asarray(w, jnp.float32).reshape(K // rows, rows, N)
-    s = jnp.sqrt(jnp.mean(wg**2, axis=1))
-    s = jnp.where(s > 0, s, 1.0).astype(jnp.float16).astype(jnp.float32)  # [G, N], as stored
+    s = cbk.rms_scales(wg, axis=1)  # [G, N], as stored
     x = (wg / s[:, None]).reshape(K // d, d, N).transpose(0, 2, 1).reshape(-1, d)  # [K/d · N, d]
     idx = assign(x, jnp.ones_like(x), grid).reshape(K // d, N)
     return cbk.stored_codebook_qtensor(idx, grid[None, None], s, layout, scheme.format, w.dtype,

@@ -143,7 +143,7 @@ def kmeans(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | d
     tables, scale = cbk.normalise(cents)
     stored = tables.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, None]
     if feedback:
-        rows = layout.grouped_shape[layout.inner_axis] if layout.granularity == "group" else layout.shape[0]
+        rows = cbk.rows_per_group(layout)
         u = inverse_hessian_factor(jnp.asarray(stats.hessian, jnp.float32), damp)
         per_group = stored.reshape(layout.scale_shape + (entries, 1))  # [G or 1, N or 1, C, 1]
         block = math.gcd(rows, 128)  # blocks lie inside one group of rows: the tables change only between blocks

@@ -26,7 +26,8 @@ from jq.numbers import formats
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 
 __all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
-           "make_codebook_qtensor", "stored_codebook_qtensor", "rows_per_group", "check_shared_layout"]
+           "make_codebook_qtensor", "stored_codebook_qtensor", "rows_per_group", "check_shared_layout", "as_stored",
+           "rms_scales"]
 
 
 def vector_axis(layout: Layout) -> int:
@@ -67,11 +68,23 @@ def rows_per_group(layout: Layout) -> int:
     return layout.group_size if layout.granularity == "group" else layout.shape[0]
 
 
+def as_stored(x: jnp.ndarray) -> jnp.ndarray:
+    """x (float32) rounded through float16, the dtype tables and scales are stored in."""
+    return jnp.asarray(x, jnp.float32).astype(jnp.float16).astype(jnp.float32)
+
+
+def rms_scales(x: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """Root mean square of x over `axis` (float32, rounded as stored), 1 where it is 0: the per-group-and-column
+    scales of the shared-table methods (`gptvq`, `higgs`)."""
+    s = jnp.sqrt(jnp.mean(jnp.asarray(x, jnp.float32) ** 2, axis=axis))
+    return as_stored(jnp.where(s > 0, s, 1.0))
+
+
 def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted: bool = True) -> None:
     """ValueError saying what does not fit a method with one table per group of rows shared by all output channels
     (`quantize_leaf` prefixes the leaf's path): a learned-codebook format on a 2-D kernel [K, N] contracting axis 0,
-    groups (or channels) without padding whose rows the vector length divides and (`fitted`: tables fitted to the
-    weights) at least as many vectors per group as table entries."""
+    groups (or channels) without padding that the vectors tile (`check_codebook_layout`) and (`fitted`: tables fitted
+    to the weights) at least as many vectors per group as table entries."""
     if fmt.kind != "lut":
         raise ValueError(f"format {fmt.name!r} is not a learned codebook; {method} takes cb{{b}}x{{d}} (e.g. cb6x2: "
                          "3 bits per weight) or cb{b}")
@@ -81,10 +94,8 @@ def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted
                          f"group_size dividing K) or channel; got shape {layout.shape}, axes {layout.axes}, "
                          f"{layout.granularity_label}{' padded' if layout.padded else ''}: choose such a group_size, "
                          "or method: kmeans for this leaf")
+    check_codebook_layout(fmt, layout, per_table=False)  # vectors tile the groups (as every codebook layout must)
     rows, n = rows_per_group(layout), layout.shape[1]
-    if rows % fmt.vec:
-        raise ValueError(f"{method}: vectors of {fmt.vec} rows (format {fmt.name}) do not divide groups of {rows} "
-                         "rows; choose a group_size that the vector length divides")
     if fitted and 2**fmt.bits > rows * n // fmt.vec:
         raise ValueError(f"{method}: a codebook of {2**fmt.bits} entries for only {rows * n // fmt.vec} vectors per "
                          f"group (shape {layout.shape}, {rows} rows); use fewer bits or a larger group_size")
@@ -136,7 +147,8 @@ def make_codebook_qtensor(idx: jnp.ndarray, tables: jnp.ndarray, scale: jnp.ndar
     if tables.shape[-2:] != (2**f.bits, f.vec):
         raise ValueError(f"tables of shape {tuple(tables.shape)} do not fit format {fmt} ({f.bits}-bit indices "
                          f"address {2**f.bits} entries of {f.vec} weights); fit {2**f.bits} centroids")
-    return stored_codebook_qtensor(from_units(idx, layout, f.vec), tables.reshape(layout.scale_shape + tables.shape[-2:]),
+    return stored_codebook_qtensor(from_units(idx, layout, f.vec),
+                                   tables.reshape(layout.scale_shape + tables.shape[-2:]),
                                    scale.reshape(layout.scale_shape), layout, fmt, dtype, perm, policy)
 
 

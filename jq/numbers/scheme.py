@@ -33,7 +33,8 @@ class Scheme:
 
     Attributes:
       format: a name from `formats.FORMATS` ("int2".."int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"; learned
-        codebooks "cb2".."cb8" and "cb{b}x{d}", d ∈ 2, 4, which `method: kmeans` fits: `jq.numbers.codebook`).
+        codebooks "cb2".."cb8" and "cb{b}x{d}", d ∈ 2, 4, which methods `kmeans`, `gptvq` and `higgs` fit:
+        `jq.numbers.codebook`).
       symmetric: zero-centred grid (required for float and codebook formats).
       restricted: symmetric ints use −(2^(b−1)−1)..2^(b−1)−1 (drop the most negative code).
       granularity: "tensor", "channel" or "group"; a `group_size` implies "group".
