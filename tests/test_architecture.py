@@ -18,7 +18,7 @@ LAYERS = {
     "jq.algorithms": 2,
     "jq.tree": 3,
     "jq.ops": 4, "jq.pallas_kernels": 4,
-    "jq.interop": 5, "jq.calibration": 5, "jq.qat": 5, "jq.checkpoint": 5,
+    "jq.interop": 5, "jq.calibration": 5, "jq.qat": 5, "jq.adapters": 5, "jq.checkpoint": 5,
     "jq.models": 6,
     "jq.apps": 7, "jq.__main__": 7,
 }

@@ -38,6 +38,7 @@ from jq.checkpoint.format import (
     quiet_storage,
     sealed,
 )
+from jq.numbers.lowrank import is_lowrank
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths
 from jq.tree.recipe import QuantConfig
@@ -260,8 +261,13 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
     Returns:
       The absolute path of the checkpoint.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QTensor))
     items = leaf_paths(qparams)
+    adapted = [p for p, x in items if is_lowrank(x)]
+    if adapted:
+        raise ValueError(f"{adapted[0]}: a LowRank leaf (base + low-rank adapter; {len(adapted)} in the tree) has no "
+                         "place in this format yet: save the base and the adapters apart (jq.adapters.split, then "
+                         "jq.adapters.save), or merge them into float weights (jq.adapters.merge)")
+    flat, _ = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QTensor))
     check_paths(items, [kp for kp, _ in flat])
     nest([(p, None) for p, _ in items])  # fail on ambiguous paths before anything is written
     w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items]), overwrite=overwrite)

@@ -1,5 +1,5 @@
 """Unmodified linen models on quantized trees: `apply` runs `model.apply` with the layer interceptor routing every
-routable layer whose kernel is a QTensor through `jq.ops` (where kernels plug in); any other QTensor — a custom
+routable layer whose kernel is a QTensor (or a `LowRank`: base + adapter) through `jq.ops` (where kernels plug in); any other QTensor — a custom
 `self.param` used with `@` — is dequantized inside the traced function first, which is always correct. Which layers
 are routed is found by one abstract trace (`jax.eval_shape`), so nothing about the model needs declaring."""
 
@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from jq import ops
 from jq.interop.layers import LayerCall, layer_interceptor
-from jq.numbers.qtensor import is_qtensor
+from jq.numbers.lowrank import is_weight_leaf
 from jq.tree.paths import path_str
 
 log = logging.getLogger("jq.interop")
@@ -50,7 +50,7 @@ def _run_quantized(c: LayerCall) -> jax.Array:
     return ops.qeinsum(eq, jnp.asarray(x, dtype), kernel, precision=m.precision).astype(dtype)
 
 
-quantized_interceptor = layer_interceptor(lambda c: _run_quantized(c) if is_qtensor(c.kernel) else c.proceed())
+quantized_interceptor = layer_interceptor(lambda c: _run_quantized(c) if is_weight_leaf(c.kernel) else c.proceed())
 quantized_interceptor.__doc__ = "Runs routable layers whose kernel is a QTensor through `jq.ops`; the rest as usual."
 
 
@@ -74,7 +74,7 @@ def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, 
 def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> dict:
     """The variables `apply` runs on: QTensors of routed layers kept, every other QTensor dequantized."""
     params = variables.get("params", {})
-    if not any(is_qtensor(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_qtensor)):
+    if not any(is_weight_leaf(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_weight_leaf)):
         return variables
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
     _say_routing(module, params, routed)
@@ -84,13 +84,13 @@ def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwa
 def _say_routing(module: nn.Module, params: Any, routed: set[str]) -> None:
     """Log the dequantized QTensor paths (DEBUG, "jq.interop"); warn when none is routed (once per model class and
     count under Python's default warning filter, which shows a message once per place)."""
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qtensor)[0]
-    deq = [path_str(kp) for kp, x in flat if is_qtensor(x) and path_str(kp) not in routed]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
+    deq = [path_str(kp) for kp, x in flat if is_weight_leaf(x) and path_str(kp) not in routed]
     if deq:
         log.debug("jq.apply: %d QTensor leaves dequantized before the model runs (not in a routed layer): %s",
                   len(deq), ", ".join(deq))
     name = type(module).__qualname__
-    n_routed = sum(1 for kp, x in flat if is_qtensor(x) and path_str(kp) in routed)
+    n_routed = sum(1 for kp, x in flat if is_weight_leaf(x) and path_str(kp) in routed)
     if deq and not n_routed:
         warnings.warn(
             f"jq.apply: none of the {len(deq)} quantized leaves of {name} is the kernel of a layer jq routes "
@@ -122,12 +122,14 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
 def dense_like(tree: Any) -> Any:
     """QTensors replaced by the ShapeDtypeStruct of their dequantized array (for abstract traces)."""
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if is_qtensor(x) else x, tree, is_leaf=is_qtensor
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if is_weight_leaf(x) else x, tree,
+        is_leaf=is_weight_leaf
     )
 
 
 def dequantize_except(tree: Any, keep: set[str]) -> Any:
     """Dequantize every QTensor whose path is not in `keep` (the kernels routed to jq.ops)."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: x.dequantize() if is_qtensor(x) and path_str(kp) not in keep else x, tree, is_leaf=is_qtensor
+        lambda kp, x: x.dequantize() if is_weight_leaf(x) and path_str(kp) not in keep else x, tree,
+        is_leaf=is_weight_leaf
     )

@@ -13,16 +13,16 @@ from flax import nnx
 
 from jq import ops
 from jq.interop.linen import dense_like, dequantize_except
-from jq.numbers.qtensor import is_qtensor
+from jq.numbers.lowrank import is_weight_leaf
 
 __all__ = ["nnx_merge"]
 
 
 def _nnx_promote(arrays, dtype=None, **kwargs):
     """NNX's promote_dtype, leaving a QTensor kernel as it is (the matmul decides its compute dtype)."""
-    dense = [a for a in arrays if a is not None and not is_qtensor(a)]
+    dense = [a for a in arrays if a is not None and not is_weight_leaf(a)]
     dtype = dtype or jnp.result_type(*dense)
-    return tuple(a if a is None or is_qtensor(a) else jnp.asarray(a, dtype) for a in arrays)
+    return tuple(a if a is None or is_weight_leaf(a) else jnp.asarray(a, dtype) for a in arrays)
 
 
 InputHook = Callable[[str, jax.Array, tuple[int, ...]], jax.Array]
@@ -57,7 +57,7 @@ def nnx_merge(graphdef: Any, state: Any, *states: Any,
     for path, node in nnx.iter_graph(model):
         if type(node) is not nnx.Linear:
             continue
-        quantized = is_qtensor(node.kernel[...])
+        quantized = is_weight_leaf(node.kernel[...])
         if quantized or input_hook is not None:
             node.dot_general = _dot_general("/".join(str(p) for p in path) + "/kernel", quantized, input_hook)
         if quantized:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import QTensor
 from jq.ops.activations import fake_quantize_activations, outlier_channels, quantize_activations
 from jq.ops.registry import KERNELS, Kernel, register_kernel
@@ -48,8 +49,8 @@ def _load_kernels() -> None:
     pallas_kernels.register()  # idempotent; re-adds them if someone reset KERNELS
 
 
-def _operand(x: jax.Array | QTensor, dtype: DTypeLike) -> jax.Array:
-    return x.dequantize(dtype) if isinstance(x, QTensor) else x
+def _operand(x: jax.Array | QTensor | LowRank, dtype: DTypeLike) -> jax.Array:
+    return x.dequantize(dtype) if isinstance(x, (QTensor, LowRank)) else x
 
 
 def _w8a8_int(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers) -> jax.Array:
@@ -80,8 +81,11 @@ def qdot_general(
     """`lax.dot_general` where either operand may be a QTensor (usually `rhs`, the weight).
 
     Shapes follow `lax.dot_general` (e.g. x [B, T, K] · w [K, N] over ((2,), (0,)) → [B, T, N]); a QTensor takes
-    part with its logical shape. The result dtype is the activation dtype (or `preferred_element_type`).
+    part with its logical shape. The result dtype is the activation dtype (or `preferred_element_type`). A
+    `LowRank` weight (base + adapter) runs its base here and adds the adapter's x·a·b beside it.
     """
+    if isinstance(rhs, LowRank) and not isinstance(lhs, (QTensor, LowRank)):
+        return _lowrank(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if not isinstance(lhs, QTensor) and not isinstance(rhs, QTensor):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.rotation is not None and not isinstance(lhs, QTensor):
@@ -133,6 +137,29 @@ def _outlier_split(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimension
     return inner + outer
 
 
+def _lowrank(lhs: jax.Array, rhs: LowRank, dimension_numbers: DotDimensionNumbers, precision: PrecisionLike,
+             preferred_element_type: DTypeLike | None) -> jax.Array:
+    """x·base + scale·((x a) b): the base through `qdot_general` (kernels, rotations, activation quantization), the
+    adapter in the activation dtype, its input dropped out when the leaf carries a key. The product a b is never
+    formed unless the matmul contracts something other than the weight's leading `in_ndim` axes."""
+    y = qdot_general(lhs, rhs.base, dimension_numbers, precision, preferred_element_type)
+    (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or tuple(rc) != tuple(range(rhs.in_ndim)):  # an unusual contraction: the merged delta is correct
+        return y + jax.lax.dot_general(lhs, rhs.delta(lhs.dtype), dimension_numbers, precision,
+                                       preferred_element_type).astype(y.dtype)
+    x = lhs
+    if rhs.key is not None and rhs.dropout > 0:
+        keep = jax.random.bernoulli(rhs.key, 1.0 - rhs.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - rhs.dropout), 0).astype(lhs.dtype)
+    if rhs.pool > 1:  # QA-LoRA: sum the input over each group of `pool` rows, then multiply by a [K / pool, r]
+        x = jnp.moveaxis(x, lc[0], -1)
+        x = x.reshape(x.shape[:-1] + (x.shape[-1] // rhs.pool, rhs.pool)).sum(-1)
+        lc = (x.ndim - 1,)
+    t = jax.lax.dot_general(x, rhs.a.astype(lhs.dtype), ((tuple(lc), tuple(range(rhs.in_ndim))), ((), ())), precision)
+    u = jnp.tensordot(t, rhs.b.astype(lhs.dtype), axes=1, precision=precision)
+    return y + (rhs.scale * u).astype(y.dtype)
+
+
 def qdot(x: jax.Array, w: jax.Array | QTensor, precision: PrecisionLike = None) -> jax.Array:
     """`x @ w` for x [..., K] and a weight w [K, N] (array or QTensor) → [..., N]."""
     return qdot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision)
@@ -143,7 +170,7 @@ def qeinsum(subscripts: str, x: jax.Array, w: jax.Array | QTensor, precision: Pr
     """`jnp.einsum(subscripts, x, w)` with `w` a QTensor or array (falls back to dequantize + einsum); shapes as
     the subscripts say, a QTensor taking part with its logical shape (e.g. "btk,kn->btn": [B, T, K], [K, N] →
     [B, T, N])."""
-    if isinstance(w, QTensor):
+    if isinstance(w, (QTensor, LowRank)):
         log.debug("qeinsum %s falls back to dequantize + XLA einsum", subscripts)
         w = w.dequantize(x.dtype)
     return jnp.einsum(subscripts, x, w, precision=precision, preferred_element_type=preferred_element_type)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from jq.numbers.lowrank import is_weight_leaf
 from jq.numbers.qtensor import is_qtensor
 
 __all__ = ["path_str", "leaf_paths", "get_path", "set_path", "is_qtensor"]
@@ -32,8 +33,8 @@ def path_str(keypath: tuple) -> str:
 
 
 def leaf_paths(tree: Any) -> list[tuple[str, Any]]:
-    """(path, leaf) pairs in tree order, QTensors kept whole."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)
+    """(path, leaf) pairs in tree order, QTensors (and LowRank leaves) kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_leaf)
     return [(path_str(p), v) for p, v in flat]
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import jax.numpy as jnp
 import numpy as np
 
-from jq.numbers.qtensor import QTensor
+from jq.numbers.lowrank import is_weight_leaf
 from jq.tree.paths import leaf_paths
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ def is_linear_kernel(path: str) -> bool:
 
 
 def _stored_bytes(x: Any) -> tuple[int, int]:
-    """(logical elements, stored bytes) of a leaf: a QTensor, an array or an abstract (ShapeDtypeStruct) leaf."""
-    if isinstance(x, QTensor):
+    """(logical elements, stored bytes) of a leaf: a QTensor or LowRank, an array or an abstract (ShapeDtypeStruct)
+    leaf."""
+    if is_weight_leaf(x):
         return x.size, x.nbytes
     n = int(np.prod(getattr(x, "shape", ())))
     dt = jnp.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype)
@@ -53,9 +54,9 @@ def report(params: Any, qparams: Any) -> list[LeafReport]:
     for path, q in leaf_paths(qparams):
         shape = tuple(getattr(q, "shape", ()))
         n, nbytes = _stored_bytes(q)
-        if isinstance(q, QTensor):
+        if is_weight_leaf(q):
             err = None
-            if path in orig and not isinstance(orig[path], QTensor):
+            if path in orig and not is_weight_leaf(orig[path]):
                 w = jnp.asarray(orig[path], jnp.float32)
                 err = float(jnp.linalg.norm(q.dequantize(jnp.float32) - w) / (jnp.linalg.norm(w) + 1e-30))
             desc = q.describe()
@@ -89,7 +90,7 @@ def summarize(rows: list[LeafReport]) -> dict[str, float]:
 
 def size_summary(tree: Any) -> dict[str, float]:
     """`summarize` of a (quantized) tree without computing errors: stored bytes and bits/weight."""
-    return _totals((p, *_stored_bytes(x), isinstance(x, QTensor)) for p, x in leaf_paths(tree))
+    return _totals((p, *_stored_bytes(x), is_weight_leaf(x)) for p, x in leaf_paths(tree))
 
 
 def format_report(rows: list[LeafReport], *, only_quantized: bool = False, title: str | None = None) -> Table:
