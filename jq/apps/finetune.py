@@ -18,14 +18,16 @@ JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); each host runs the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from jq.apps.finetune_adapters import adapter_run, save_adapters
 from jq.apps.finetune_setup import (_Progress, build_parser, corpus_windows, default_corpus, evaluator, make_loss,
-                                    make_optimizer, ptq_start, training_model)
+                                    make_optimizer, ptq_start, training_model, tree_bytes)
 from jq.models.family import config_dict
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.distill <= 1.0 or args.distill_temperature <= 0:
         raise ValueError(f"--distill {args.distill} must lie in [0, 1] and --distill-temperature "
                          f"{args.distill_temperature} must be > 0")
+    adapters = bool(args.lora or args.peqa)
+    if adapters and args.float:
+        raise ValueError("--lora / --peqa train beside a quantized base; --float has none. Drop --float")
+    if args.adapters_out and not args.lora:
+        raise ValueError("--adapters-out writes LoRA adapters; it needs --lora RANK")
     if args.distill and args.float:
         raise ValueError("--distill pulls the model towards the float model; with --float it would distill the "
                          "float model from itself (zero loss). Run the float control without --distill")
@@ -80,7 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--init-recipe starts QAT from a PTQ result; it has no meaning with --float")
     ckpt = qat.Checkpointer(args.ckpt_dir) if args.ckpt_dir else None
     resume_step = ckpt.latest_step() if args.resume else None
-    if args.init_recipe and resume_step is not None:  # the checkpoint holds the trained state: no PTQ
+    run = None
+    if adapters:  # the trained tree is the adapters (or PEQA's scales); the PTQ base is frozen
+        def ptq():
+            if args.init_recipe:
+                return ptq_start(m, args, files, recipe.rotation)
+            if recipe.needs_calibration:
+                raise ValueError(f"recipe {recipe.name!r} needs calibration; for a calibrated base pass it as "
+                                 "--init-recipe (and a data-free --recipe of the same grid)")
+            return jq.quantize_params(params, dataclasses.replace(recipe, rotation=None)), {"name": recipe.name}
+
+        run = adapter_run(args, params, dataclasses.replace(recipe, rotation=None), ptq)
+        qp = {"params": run.trainable, "quant": {}}
+        if args.eval_windows:
+            run.info["start_eval"] = evaluate(run.params_of(run.trainable, run.base))
+    elif args.init_recipe and resume_step is not None:  # the checkpoint holds the trained state: no PTQ
         ptq_log = {"name": jq.load_recipe(args.init_recipe).name, "resumed_at_step": resume_step}
         qp = qat.init(params, recipe)
     elif args.init_recipe:
@@ -94,11 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     state = qat.init_train_state(qp, optimizer, mesh)
     del params, qp
     model = m.family.module(mcfg, dtype=jnp.dtype(args.dtype))
-    step_fn = qat.make_train_step(make_loss(model, None if args.float else recipe, args.distill,
-                                            args.distill_temperature), optimizer, None if args.float else recipe,
-                                  mesh=mesh)
-    frozen = () if teacher is None else (qat.shard_tree(teacher, mesh),)
+    loss = make_loss(model, None if args.float or adapters else recipe, args.distill, args.distill_temperature)
+    if adapters:
+        def adapter_loss(trained, ids, base, *teacher, key=None):
+            return loss(run.params_of(trained, base, key), ids, *teacher)
+
+        step_fn = qat.make_train_step(adapter_loss, optimizer, None, mesh=mesh,
+                                      rng_seed=args.seed if args.lora_dropout > 0 else None)
+        frozen = (qat.shard_tree(run.base, mesh),)
+    else:
+        step_fn = qat.make_train_step(loss, optimizer, None if args.float else recipe, mesh=mesh)
+        frozen = ()
+    frozen += () if teacher is None else (qat.shard_tree(teacher, mesh),)
     del teacher
+    memory = {"train_state_bytes": tree_bytes(state), "frozen_bytes": tree_bytes(frozen)}
 
     if resume_step is not None:
         state, extra = ckpt.restore(state, resume_step)
@@ -141,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 te = time.perf_counter()
                 trained = gathered(state)  # the float control's curve is the float model's own
-                curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s, "perplexity": evaluate(
-                    trained["params"] if args.float else qat.convert(trained, recipe))["perplexity"]})
+                now = (trained["params"] if args.float else run.params_of(trained["params"], run.base) if adapters
+                       else qat.convert(trained, recipe))
+                curve.append({"step": step + 1, "train_seconds": te - train_t0 - eval_s,
+                              "perplexity": evaluate(now)["perplexity"]})
                 took = time.perf_counter() - te
                 eval_s += took
                 if console_out:
@@ -157,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt.close()
 
     result: dict[str, Any] = {
-        "model": source, "recipe": recipe.name, "mode": "float" if args.float else "qat", "steps": args.steps,
+        "model": source, "recipe": recipe.name, "mode": "float" if args.float else run.info["mode"] if adapters
+        else "qat", "steps": args.steps, **({"adapters": run.info} if adapters else {}),
         **({"distill": {"alpha": args.distill, "temperature": args.distill_temperature}} if args.distill else {}),
         **({"init_recipe": ptq_log} if ptq_log else {}),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -168,16 +201,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     if curve:
         result["curve"] = curve
-    if args.out or args.eval_windows:
+    import resource
+
+    result["memory"] = {**memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.out or args.eval_windows or args.adapters_out:
         trained = gathered(state)
-        qparams = jax.block_until_ready(qat.convert(trained, recipe))
+        if adapters:  # --out: the base (LoRA), the merged integer model (QA-LoRA), the tuned scales (PEQA)
+            qparams, trained_adapters = run.export(trained["params"], run.base)
+            if args.adapters_out and console_out:
+                result["adapters_out"] = save_adapters(run, trained_adapters, args.adapters_out, args.overwrite,
+                                                       {"model": source, "base_recipe": recipe.name})
+        else:
+            qparams = qat.convert(trained, recipe)
+        qparams = jax.block_until_ready(qparams)
         if args.out and console_out:
             meta = {"model": source, "model_family": m.family.name, "model_config": config_dict(mcfg),
                     "recipe_file": str(args.recipe),
                     "qat": {k: v for k, v in result.items() if k != "model"}}
             result["out"] = str(checkpoint.save(args.out, qparams, recipe=recipe, meta=meta, overwrite=args.overwrite))
         if args.eval_windows:
-            result["eval"] = evaluate(qparams)
+            result["eval"] = evaluate(run.params_of(trained["params"], run.base) if run is not None and run.lora
+                                      is not None and not run.lora.pooled else qparams)
             if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
                 result["eval_float"] = evaluate(trained["params"])
     result["seconds"] = time.perf_counter() - t0

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    from jq.apps.finetune_adapters import add_adapter_args
+
+    add_adapter_args(p)
     return p
 
 
@@ -218,6 +221,14 @@ def make_loss(model: nn.Module, act_cfg: QuantConfig | None, alpha: float = 0.0,
         return qat.distill_loss(logits, target, ids[:, 1:], alpha if teacher is not None else 0.0, temperature)
 
     return loss_fn
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of every array in `tree` (QTensor codes, scales and zeros included): memory a train state holds."""
+    import jax
+
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)
+               if hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 class _Progress:

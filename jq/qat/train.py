@@ -124,6 +124,7 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     donate: bool = True,
+    rng_seed: int | None = None,
 ) -> Callable[[dict, Any], tuple[dict, dict]]:
     """A jitted `step(state, batch, *frozen) -> (state, {"loss", "grad_norm"})`.
 
@@ -134,24 +135,30 @@ def make_train_step(
       `shard_tree`); passed as arguments, not closed over, so they are not baked into the compiled step.
     mesh: keep the state sharded by `tree_shardings` (put the state there with `init_train_state(..., mesh)` and
       batches with `shard_batch`). `donate` reuses the old state's buffers.
+    rng_seed: when given, `loss_fn` also gets `key=` a PRNG key folded from (seed, step, micro-batch index), e.g.
+      for adapter dropout; a resumed run draws the same keys.
     """
 
-    def loss_of(qp, mb, frozen):
-        return loss_fn(qp["params"] if cfg is None else fake_quantize(qp, cfg), mb, *frozen)
+    def loss_of(qp, mb, frozen, key):
+        p = qp["params"] if cfg is None else fake_quantize(qp, cfg)
+        return loss_fn(p, mb, *frozen) if key is None else loss_fn(p, mb, *frozen, key=key)
 
     def constrain(tree):
         return tree if mesh is None else jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh))
 
     def step(state, batch, *frozen):
         qp = state["params"]
+        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        step_key = None if rng_seed is None else jax.random.fold_in(jax.random.PRNGKey(rng_seed), state["step"])
 
-        def micro(acc, mb):
-            loss, g = jax.value_and_grad(loss_of)(qp, mb, frozen)
+        def micro(acc, xs):
+            mb, i = xs
+            key = None if step_key is None else jax.random.fold_in(step_key, i)
+            loss, g = jax.value_and_grad(loss_of)(qp, mb, frozen, key)
             return jax.tree_util.tree_map(jnp.add, acc, (loss, constrain(g))), None
 
         zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, qp))
-        (loss, grads), _ = jax.lax.scan(micro, zero, batch)
-        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        (loss, grads), _ = jax.lax.scan(micro, zero, (batch, jnp.arange(n)))
         loss, grads = loss / n, jax.tree_util.tree_map(lambda g: g / n, grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], qp)
         new = {"params": optax.apply_updates(qp, updates), "opt_state": opt_state, "step": state["step"] + 1}
@@ -244,12 +251,36 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        self._check_params(step, state_like)
         abstract = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state_like
         )
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  extra=ocp.args.JsonRestore()))
         return out["state"], dict(out["extra"] or {})
+
+    def _check_params(self, step: int, state_like: dict) -> None:
+        """Refuse a resume whose trained tree differs from the saved one (other adapter ranks or targets, another
+        recipe), naming the first differing leaf, before Orbax's own less specific error."""
+        try:
+            saved = self._ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+            saved = getattr(saved, "tree", saved)["params"]
+        except Exception:  # no metadata to compare (an older Orbax layout): Orbax checks what it can
+            return
+        from jq.tree.paths import path_str
+
+        def shapes(tree):
+            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+            return {path_str(kp): tuple(getattr(x, "shape", ())) for kp, x in flat}
+
+        have, want = shapes(saved), shapes(state_like["params"])
+        for path in sorted(set(have) | set(want)):
+            if have.get(path) != want.get(path):
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory}: params/{path} is "
+                    f"{'absent' if path not in have else 'shape ' + str(have[path])} there but "
+                    f"{'absent' if path not in want else 'shape ' + str(want[path])} in this run: it was trained with "
+                    "other settings (adapter rank or targets, recipe). Resume with those, or use a fresh --ckpt-dir")
 
     def close(self) -> None:
         """Wait for pending saves, then release the manager."""
