@@ -90,9 +90,9 @@ def _group_size(path: str, leaf: Any) -> int:
         raise ValueError(f"{path}: pooled (QA-LoRA) adapters need a base quantized in groups along its input axis; "
                          f"this leaf is {desc}. Quantize it with group_size (e.g. int4 g128) or use pooled: false")
     lay = leaf.layout
-    if lay.axes != (0,) or lay.padded not in (None, lay.shape[0]):
-        raise ValueError(f"{path}: pooled adapters need groups that tile axis 0 of the base exactly (axes {lay.axes},"
-                         f" length {lay.shape[0]}, group {lay.group_size}); pick a group size that divides it")
+    if lay.axes != (0,):
+        raise ValueError(f"{path}: pooled adapters need groups along axis 0 of the base (its input); it has axes "
+                         f"{lay.axes}")
     return int(lay.group_size)
 
 
@@ -130,7 +130,7 @@ def factor_shapes(path: str, w: Any, cfg: LoraConfig) -> tuple[tuple[int, ...], 
         raise ValueError(f"{path}: rank {cfg.rank} exceeds min(in, out) = min({math.prod(kdims)}, "
                          f"{math.prod(ndims)}) of this {shape} weight; a lower rank (or exclude the leaf) is needed")
     if cfg.pooled:
-        kdims = (kdims[0] // _group_size(path, w),)
+        kdims = (-(-kdims[0] // _group_size(path, w)),)  # a short last group (padded quantization) has its row
     return kdims + (cfg.rank,), (cfg.rank,) + ndims
 
 

@@ -2,9 +2,9 @@
 base, of a LoRC / HQQ+ correction of quantization error, and of QA-LoRA's group-pooled adapter.
 
 Shapes (a kernel [*K, *N] whose first `in_ndim` axes are contracted by the matmul): `a` [*K, r], `b` [r, *N].
-With `pool` = G > 1 (QA-LoRA; one contraction axis), `a` is [K / G, r] and Â repeats each row of `a` over G
-consecutive input rows, so Â B is constant within each group of G rows — the matmul sums the input over each group
-and multiplies the [.., K / G] result by `a`: x Â = pool(x) a.
+With `pool` = G > 1 (QA-LoRA; one contraction axis), `a` is [⌈K / G⌉, r] and Â repeats each row of `a` over G
+consecutive input rows (the last group may be short, as a padded quantization group is), so Â B is constant within
+each group of G rows — the matmul sums the input over each group and multiplies the result by `a`: x Â = pool(x) a.
 
 A `LowRank` is a leaf like a QTensor: `jq.ops.qdot_general` runs base and low-rank parts side by side (x·base +
 scale·(x a) b, never forming Â B), the Flax interop routes layers whose kernel is one, and `dequantize` merges it
@@ -33,7 +33,7 @@ class LowRank:
 
     Attributes:
       base: the weight [*K, *N]: a QTensor or a float array.
-      a: [*K, r] (or [K / pool, r]); b: [r, *N].
+      a: [*K, r] (or [⌈K / pool⌉, r]); b: [r, *N].
       key: a PRNG key for dropout on the adapter input while training, or None (no dropout: evaluation).
       scale: the multiplier of the product (LoRA's alpha / r).
       in_ndim: how many leading axes of the weight the matmul contracts.
@@ -88,7 +88,7 @@ class LowRank:
 
     def expanded_a(self) -> jax.Array:
         """Â [*K, r]: `a` with each row repeated over its `pool` input rows."""
-        return self.a if self.pool == 1 else jnp.repeat(self.a, self.pool, axis=0)
+        return self.a if self.pool == 1 else jnp.repeat(self.a, self.pool, axis=0)[: self.shape[0]]
 
     def delta(self, dtype: Any = jnp.float32) -> jax.Array:
         """scale · Â b [*K, *N] in `dtype`."""
@@ -103,10 +103,10 @@ class LowRank:
     def check(self, where: str = "LowRank") -> None:
         """Raise ValueError naming `where` if the factors do not fit the base (a damaged file or a wrong resume)."""
         k, n = self.shape[: self.in_ndim], self.shape[self.in_ndim :]
-        want_a = ((k[0] // max(self.pool, 1),) + k[1:] if self.pool > 1 else k) + (self.rank,)
+        want_a = ((-(-k[0] // self.pool),) + k[1:] if self.pool > 1 else k) + (self.rank,)
         problems = []
-        if self.pool > 1 and (self.in_ndim != 1 or k[0] % self.pool):
-            problems.append(f"pool {self.pool} needs one contraction axis whose length {k} it divides")
+        if self.pool > 1 and self.in_ndim != 1:
+            problems.append(f"pool {self.pool} needs one contraction axis, not {self.in_ndim}")
         if tuple(self.a.shape) != want_a:
             problems.append(f"a shape {tuple(self.a.shape)} != {want_a}")
         if tuple(self.b.shape) != (self.rank,) + n:

@@ -153,6 +153,8 @@ def _lowrank(lhs: jax.Array, rhs: LowRank, dimension_numbers: DotDimensionNumber
         x = jnp.where(keep, x / (1.0 - rhs.dropout), 0).astype(lhs.dtype)
     if rhs.pool > 1:  # QA-LoRA: sum the input over each group of `pool` rows, then multiply by a [K / pool, r]
         x = jnp.moveaxis(x, lc[0], -1)
+        k = x.shape[-1]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -k % rhs.pool)])  # a short last group, as padded groups are
         x = x.reshape(x.shape[:-1] + (x.shape[-1] // rhs.pool, rhs.pool)).sum(-1)
         lc = (x.ndim - 1,)
     t = jax.lax.dot_general(x, rhs.a.astype(lhs.dtype), ((tuple(lc), tuple(range(rhs.in_ndim))), ((), ())), precision)

@@ -54,22 +54,23 @@ def _random_factors(adapters, seed=7):
 # ------------------------------------------------------------------------------------------------ the leaf in ops
 
 @pytest.mark.parametrize("base_kind", ["float", "int4"])
-@pytest.mark.parametrize("pool", [1, 4])
+@pytest.mark.parametrize("pool", [1, 4, 5])
 def test_lowrank_matmul_matches_numpy(base_kind, pool):
     rng = np.random.default_rng(0)
     w = rng.normal(size=(16, 12)).astype(np.float32)
     base = jnp.asarray(w) if base_kind == "float" else jq.quantize_params(
         {"k": {"kernel": jnp.asarray(w)}}, jq.QuantConfig.simple(Scheme("int4", group_size=4, symmetric=False)),
         warn_unmatched=False)["k"]["kernel"]
-    a = rng.normal(size=(16 // pool, 3)).astype(np.float32)
+    a = rng.normal(size=(-(-16 // pool), 3)).astype(np.float32)
     b = rng.normal(size=(3, 12)).astype(np.float32)
     leaf = LowRank(base, jnp.asarray(a), jnp.asarray(b), scale=0.5, pool=pool)
     leaf.check()
     x = rng.normal(size=(2, 5, 16)).astype(np.float32)
     dense_base = np.asarray(base.dequantize(jnp.float32) if isinstance(base, QTensor) else base)
-    ref = x @ (dense_base + 0.5 * np.repeat(a, pool, axis=0) @ b)
+    rep = np.repeat(a, pool, axis=0)[:16]  # pool 5: a short last group
+    ref = x @ (dense_base + 0.5 * rep @ b)
     np.testing.assert_allclose(np.asarray(ops.qdot(jnp.asarray(x), leaf)), ref, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(leaf.dequantize()), dense_base + 0.5 * np.repeat(a, pool, 0) @ b,
+    np.testing.assert_allclose(np.asarray(leaf.dequantize()), dense_base + 0.5 * rep @ b,
                                rtol=1e-5, atol=1e-5)
     # a transposed contraction (x [.., N] against the weight's out axis) takes the merged delta
     xt = rng.normal(size=(4, 12)).astype(np.float32)
@@ -197,11 +198,14 @@ def test_adapters_save_and_load(mlp, tmp_path):
 
 # ------------------------------------------------------------------------------------------------------- QA-LoRA
 
-def test_qalora_merge_is_an_integer_model_with_the_unmerged_outputs(mlp):
-    model, x, params, qparams = mlp
+@pytest.mark.parametrize("group", [16, 12])
+def test_qalora_merge_is_an_integer_model_with_the_unmerged_outputs(mlp, group):
+    model, x, params, _ = mlp
+    qparams = jq.quantize_params(params, jq.QuantConfig.simple(Scheme("int4", group_size=group, symmetric=False,
+                                                                      pad=group == 12)), warn_unmatched=False)
     cfg = A.LoraConfig(rank=4, pooled=True)
     ad = A.init(qparams, cfg, jax.random.PRNGKey(0))
-    assert ad["up"]["kernel"]["a"].shape == (2, 4)  # 32 inputs in groups of 16
+    assert ad["up"]["kernel"]["a"].shape == (-(-32 // group), 4)  # 32 inputs in groups (the last one short)
     ad = _random_factors(ad)
     unmerged = jq.interop.apply(model, {"params": A.combine(qparams, ad, cfg)}, x)
     merged = A.qalora.merge(qparams, ad, cfg)
