@@ -6,15 +6,16 @@
 - `qalora`: QA-LoRA — group-pooled adapters whose merge only moves zero points: the merged model is integer.
 - `lorc`: LoRC / HQQ+ — a post-training low-rank compensation of the quantization error (activation-weighted SVD).
 - `peqa`: PEQA — fine-tune only the scales of a frozen integer model.
-- `io`: adapters saved and loaded beside their base checkpoint.
+- `io`: adapters saved and loaded beside their base checkpoint; `check_routes`: every adapter sits beside a matmul.
 
 Training uses `jq.qat.make_train_step` with the adapters (or PEQA's scales) as the trained tree and the base as a
 frozen argument; `jq qat --lora RANK` runs it on a model (see `jq.apps.finetune`).
 """
 
 from jq.adapters import io, loftq, lorc, peqa, qalora
+from jq.adapters.routes import check_routes
 from jq.adapters.lora import (LoraConfig, combine, count, init, merge, only_adapters, split, targets,
                               trainable_mask)
 
-__all__ = ["LoraConfig", "combine", "count", "init", "io", "loftq", "lorc", "merge", "only_adapters", "peqa",
+__all__ = ["LoraConfig", "check_routes", "combine", "count", "init", "io", "loftq", "lorc", "merge", "only_adapters", "peqa",
            "qalora", "split", "targets", "trainable_mask"]

@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     del params, qp
     model = m.family.module(mcfg, dtype=jnp.dtype(args.dtype))
     loss = make_loss(model, None if args.float or adapters else recipe, args.distill, args.distill_temperature)
+    if run is not None and run.lora is not None:  # every adapter beside a matmul of this model, or a named error
+        from jq.adapters import check_routes
+
+        check_routes(model, {"params": run.base}, run.trainable, jnp.zeros((1, 8), jnp.int32))
     if adapters:
         def adapter_loss(trained, ids, base, *teacher, key=None):
             return loss(run.params_of(trained, base, key), ids, *teacher)

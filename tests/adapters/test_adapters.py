@@ -182,6 +182,23 @@ def test_bad_adapters_are_refused_naming_the_leaf(mlp):
         A.init(params, A.LoraConfig(rank=2, pooled=True), jax.random.PRNGKey(0))
 
 
+def test_adapters_need_a_matmul_to_sit_beside(mlp):
+    model, x, params, qparams = mlp
+    cfg = A.LoraConfig(rank=2)
+    A.check_routes(model, {"params": qparams}, A.init(qparams, cfg, jax.random.PRNGKey(0)), x)
+
+    class Gate(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("gate", nn.initializers.ones, (5, 32))
+            return nn.Dense(4)(x * w)
+
+    gp = Gate().init(jax.random.PRNGKey(0), x)["params"]
+    ad = A.init(gp, A.LoraConfig(rank=2, pattern=".*"), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="gate: an adapter needs a matmul to sit beside"):
+        A.check_routes(Gate(), {"params": gp}, ad, x)
+
+
 def test_adapters_save_and_load(mlp, tmp_path):
     _, _, _, qparams = mlp
     cfg = A.LoraConfig(rank=4, alpha=2.0, dropout=0.1)
