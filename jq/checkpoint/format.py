@@ -5,7 +5,8 @@ the Orbax calls every reader and writer shares. In short:
                                "recipe" (the recipe dict), "meta", "paths" (every leaf, in order), "leaves": {path:
                                per-leaf metadata: kind, fmt, layout, dtype, ..., array specs with CRC-32, "item"}}
     NAME/arrays/ITEM/          one Orbax checkpoint per leaf: {"value": array} for a float leaf, {"codes", "scale"
-                               [, "zero"][, "perm"][, "codebook"]} for a QTensor
+                               [, "zero"][, "perm"][, "codebook"]} for a QTensor, and those plus {"lowrank_a",
+                               "lowrank_b"} for a LowRank leaf (a QTensor base + a low-rank term: LoRC)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import Sharding
 
 from jq._version import __version__
+from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
@@ -38,7 +40,13 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 # 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
 # 1.2 adds learned-codebook QTensors: formats cb{b} / cb{b}x{d} and their "codebook" array
 # 1.3 lets a codebook's table dims divide the scale dims (one table shared by a block of scale positions: GPTVQ)
-READS_MAJOR = 1
+# 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
+#     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
+#     other checkpoint stays 1.3 and reads in older jq.
+LOWRANK_FORMAT_VERSION = "2.0"
+READS_MAJOR = 2
+LOWRANK_FIELDS = ("lowrank_a", "lowrank_b")
+QUANTIZED_KINDS = ("qtensor", "lowrank")
 
 FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook
 
@@ -101,7 +109,18 @@ def to_numpy(path: str, x: Any) -> np.ndarray:
 
 def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(per-leaf metadata, the leaf's stored arrays by field: {"value": a} for an array, codes/scale/... for a
-    QTensor)."""
+    QTensor, and lowrank_a / lowrank_b besides for a LowRank leaf on a QTensor base)."""
+    if isinstance(x, LowRank):
+        if not isinstance(x.base, QTensor):
+            raise ValueError(f"{path}: a LowRank leaf on a float base (adapters beside float weights) is not stored in "
+                             "checkpoints: merge it (jq.adapters.merge) or save the adapters apart (jq.adapters.split, "
+                             "then jq.adapters.io.save)")
+        entry, arrays = leaf_record(path, x.base)
+        extra = {"lowrank_a": to_numpy(f"{path}/a", x.a), "lowrank_b": to_numpy(f"{path}/b", x.b)}
+        entry["kind"] = "lowrank"
+        entry["lowrank"] = {"scale": float(x.scale), "in_ndim": int(x.in_ndim), "pool": int(x.pool)}
+        entry["arrays"].update({f: array_spec(a) for f, a in extra.items()})
+        return entry, {**arrays, **extra}
     if isinstance(x, QTensor):
         arrays = {f: to_numpy(f"{path}/{f}", getattr(x, f)) for f in FIELDS if getattr(x, f) is not None}
         policy = {k: getattr(x.policy, k) for k in POLICY_FIELDS}
@@ -120,12 +139,26 @@ def stored_specs(entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def logical_shape(entry: Mapping[str, Any]) -> tuple[int, ...]:
     """The shape of the leaf a metadata entry describes (a QTensor's layout shape, not its stored codes')."""
-    return tuple(entry["layout"]["shape"] if entry["kind"] == "qtensor" else entry["arrays"]["value"]["shape"])
+    return tuple(entry["layout"]["shape"] if entry["kind"] in QUANTIZED_KINDS else entry["arrays"]["value"]["shape"])
 
 
-def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor | Any:
-    """A leaf from its stored arrays (shapes as `stored_specs(entry)`): the QTensor, or the array."""
+def leaf_value(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor | LowRank | Any:
+    """A leaf from its stored arrays (shapes as `stored_specs(entry)`): the QTensor (or LowRank), or the array."""
+    if entry["kind"] == "lowrank":
+        lr = entry["lowrank"]
+        return LowRank(qtensor_from(entry, arrays), arrays["lowrank_a"], arrays["lowrank_b"], scale=float(lr["scale"]),
+                       in_ndim=int(lr["in_ndim"]), pool=int(lr["pool"]))
     return qtensor_from(entry, arrays) if entry["kind"] == "qtensor" else arrays["value"]
+
+
+def leaf_arrays(x: Any) -> dict[str, Any]:
+    """The arrays a leaf stores, by the field names of `stored_specs` (QTensor fields, lowrank_a / lowrank_b, or
+    "value")."""
+    if isinstance(x, LowRank):
+        return {**leaf_arrays(x.base), "lowrank_a": x.a, "lowrank_b": x.b}
+    if isinstance(x, QTensor):
+        return {f: getattr(x, f) for f in FIELDS if getattr(x, f) is not None}
+    return {"value": x}
 
 
 def jsonable(v: Any) -> Any:
@@ -192,9 +225,11 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str]) -> dict[str, Any]:
-    """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves)."""
-    h = {"format": FORMAT, "format_version": FORMAT_VERSION, "jq_version": __version__,
+def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str],
+           lowrank: bool = False) -> dict[str, Any]:
+    """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves); `lowrank`: the tree holds
+    LowRank leaves, which need format 2.0."""
+    h = {"format": FORMAT, "format_version": LOWRANK_FORMAT_VERSION if lowrank else FORMAT_VERSION, "jq_version": __version__,
          "recipe": recipe_to_dict(recipe) if recipe is not None else None, "meta": dict(meta or {}), "paths": paths}
     try:
         json.dumps(h)

@@ -17,9 +17,9 @@ import orbax.checkpoint.experimental.v1 as ocp
 
 from jq.checkpoint.format import (
     ARRAYS,
-    FIELDS,
     FORMAT,
     HEADER_CRC,
+    QUANTIZED_KINDS,
     META_FILE,
     OLD,
     TMP,
@@ -28,6 +28,7 @@ from jq.checkpoint.format import (
     check_version,
     crc32,
     header_crc,
+    leaf_arrays,
     leaf_value,
     logical_shape,
     nest,
@@ -36,6 +37,7 @@ from jq.checkpoint.format import (
     stored_specs,
 )
 from jq.checkpoint.sharding import leaf_shardings, spec_lookup
+from jq.numbers.lowrank import LowRank, is_weight_leaf
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths
 
@@ -119,10 +121,10 @@ def _check_leaf(d: Path, path: str, entry: Mapping[str, Any]) -> Path:
     for f, spec in specs.items():
         got = stored[f]
         if tuple(got.shape) != tuple(spec["shape"]) or np.dtype(got.dtype).name != spec["dtype"]:
-            what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] == "qtensor" else "")
+            what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] in QUANTIZED_KINDS else "")
             raise CheckpointError(f"{d}: {what} is stored as {np.dtype(got.dtype).name}{list(got.shape)} but the "
                                   f"metadata says {spec['dtype']}{spec['shape']}; the checkpoint is damaged")
-    if entry["kind"] == "qtensor":
+    if entry["kind"] in QUANTIZED_KINDS:
         try:
             abstract_leaf(entry).check(f"{d}: {path}")
         except Exception as e:
@@ -138,6 +140,11 @@ def abstract_tree(directory: str | os.PathLike) -> dict[str, Any]:
     return nest([(p, abstract_leaf(jqm["leaves"][p])) for p in jqm["paths"]])
 
 
+def _kind(x: Any) -> str:
+    return "a LowRank (quantized + low-rank)" if isinstance(x, LowRank) else "a QTensor" if isinstance(
+        x, QTensor) else "an array"
+
+
 def _check_target(d: Path, jqm: dict[str, Any], target_leaves: Mapping[str, Any]) -> None:
     """The checkpoint has exactly the target's leaves, each of the same kind, shapes and dtypes."""
     paths = jqm["paths"]
@@ -150,13 +157,14 @@ def _check_target(d: Path, jqm: dict[str, Any], target_leaves: Mapping[str, Any]
     for p, t in target_leaves.items():
         entry = jqm["leaves"][p]
         got = abstract_leaf(entry)
-        if isinstance(t, QTensor) != isinstance(got, QTensor):
-            raise CheckpointError(f"{d}: leaf {p!r} is {'a QTensor' if isinstance(got, QTensor) else 'a float array'} "
-                                  f"in the checkpoint but {'a QTensor' if isinstance(t, QTensor) else 'an array'} in "
-                                  "the target; quantize the target with the checkpoint's recipe (read_meta()['recipe'])")
-        pairs = ([(f, getattr(got, f), getattr(t, f)) for f in FIELDS] if isinstance(t, QTensor) else [("", got, t)])
-        if isinstance(t, QTensor) and (t.fmt, t.layout) != (got.fmt, got.layout):
+        if _kind(t) != _kind(got):
+            raise CheckpointError(f"{d}: leaf {p!r} is {_kind(got)} in the checkpoint but {_kind(t)} in the target; "
+                                  "quantize the target with the checkpoint's recipe (read_meta()['recipe'])")
+        tq, gq = (t.base, got.base) if isinstance(t, LowRank) else (t, got)
+        if isinstance(tq, QTensor) and (tq.fmt, tq.layout) != (gq.fmt, gq.layout):
             raise CheckpointError(f"{d}: leaf {p!r} is {got!r} in the checkpoint but {t!r} in the target")
+        have, want = leaf_arrays(got), leaf_arrays(t)
+        pairs = [(f if is_weight_leaf(t) else "", have.get(f), want.get(f)) for f in sorted(set(have) | set(want))]
         for f, a, b in pairs:
             if (a is None) != (b is None):
                 raise CheckpointError(f"{d}: leaf {p!r}: {f} is {'absent' if a is None else 'present'} in the "
@@ -219,7 +227,7 @@ def load(directory: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None,
         values.append((path, leaf_value(entry, arrays)))
     if target is None:
         return nest(values), jqm
-    treedef = jax.tree_util.tree_structure(target, is_leaf=lambda x: isinstance(x, QTensor))
+    treedef = jax.tree_util.tree_structure(target, is_leaf=is_weight_leaf)
     by_path = dict(values)
     return jax.tree_util.tree_unflatten(treedef, [by_path[p] for p, _ in leaf_paths(target)]), jqm
 
@@ -244,7 +252,7 @@ def _check_crcs(d: Path, path: str, entry: Mapping[str, Any], arrays: Mapping[st
     """Every restored array has the recorded shape, dtype and CRC-32 (when recorded); else CheckpointError."""
     for f, spec in stored_specs(entry).items():
         a = np.asarray(arrays[f])
-        what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] == "qtensor" else "")
+        what = f"leaf {path!r}" + (f" array {f!r}" if entry["kind"] in QUANTIZED_KINDS else "")
         if list(a.shape) != list(spec["shape"]) or a.dtype.name != spec["dtype"]:
             raise CheckpointError(f"{d}: {what} reads as {a.dtype.name}{list(a.shape)}, the metadata says "
                                   f"{spec['dtype']}{spec['shape']}; the checkpoint is damaged")
@@ -300,11 +308,13 @@ def verify(directory: str | os.PathLike, *, read_data: bool = True) -> dict[str,
         n_arrays += len(specs)
         n_bytes += sum(int(np.prod(s["shape"])) * jnp.dtype(s["dtype"]).itemsize for s in specs.values())
         n_params += int(np.prod(logical_shape(entry)))
-        n_q += entry["kind"] == "qtensor"
+        n_q += entry["kind"] in QUANTIZED_KINDS
         if not read_data:
             _check_leaf(d, path, entry)
             continue
         value = load_leaf_host(d, path, entry, verify=True)
+        if isinstance(value, LowRank):
+            value = value.base
         if isinstance(value, QTensor):
             _check_finite_grid(d, path, value)
     return {"leaves": len(jqm["paths"]), "quantized": n_q, "arrays": n_arrays, "bytes": n_bytes, "params": n_params}

@@ -38,7 +38,7 @@ from jq.checkpoint.format import (
     quiet_storage,
     sealed,
 )
-from jq.numbers.lowrank import is_lowrank
+from jq.numbers.lowrank import is_lowrank, is_weight_leaf
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths
 from jq.tree.recipe import QuantConfig
@@ -262,15 +262,14 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
       The absolute path of the checkpoint.
     """
     items = leaf_paths(qparams)
-    adapted = [p for p, x in items if is_lowrank(x)]
-    if adapted:
-        raise ValueError(f"{adapted[0]}: a LowRank leaf (base + low-rank adapter; {len(adapted)} in the tree) has no "
-                         "place in this format yet: save the base and the adapters apart (jq.adapters.split, then "
-                         "jq.adapters.save), or merge them into float weights (jq.adapters.merge)")
-    flat, _ = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=lambda x: isinstance(x, QTensor))
+    flat, _ = jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_weight_leaf)
+    for path, x in items:  # refuse a LowRank on a float base before anything is written
+        if is_lowrank(x) and not isinstance(x.base, QTensor):
+            leaf_record(path, x)
     check_paths(items, [kp for kp, _ in flat])
     nest([(p, None) for p, _ in items])  # fail on ambiguous paths before anything is written
-    w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items]), overwrite=overwrite)
+    w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items], any(is_lowrank(x) for _, x in items)),
+               overwrite=overwrite)
     try:
         for path, x in items:
             w.add(path, x)

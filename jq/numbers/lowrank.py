@@ -113,6 +113,8 @@ class LowRank:
             problems.append(f"b shape {tuple(self.b.shape)} != {(self.rank,) + n}")
         if problems:
             raise ValueError(f"{where}: {self!r} is inconsistent: " + "; ".join(problems))
+        if isinstance(self.base, QTensor):
+            self.base.check(where)
 
     @property
     def nbytes(self) -> int:
