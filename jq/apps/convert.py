@@ -157,7 +157,7 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
     src_path = Path(info.pop("path"))
     info = {"source": str(src_path.absolute()), "source_format": kind, "dequantized": dequantize, **info,
             **dict(meta or {})}
-    if cfg is not None and cfg.needs_calibration:
+    if cfg is not None and (cfg.needs_calibration or cfg.lowrank is not None):  # LoRC needs every weight: not streamed
         return _convert_calibrated(src_path, kind, cfg, out, dequantize=dequantize, progress=progress, calib=calib,
                                    samples=calib_samples, length=calib_len, seed=calib_seed,
                                    sampling=calib_sampling, overwrite=overwrite, meta=info)
@@ -231,6 +231,7 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
                         meta: dict[str, Any]) -> Path:
     """Data-aware recipes: load the whole model, calibrate, quantize sequentially (its family's blocks), then write."""
     methods = sorted({r.method for r in cfg.rules if r.scheme is not None and r.needs_calibration})
+    methods += ["lowrank (LoRC)"] if cfg.lowrank is not None else []
     if kind not in ("gguf", "hf"):
         raise ValueError(
             f"recipe {cfg.name!r} needs calibration data (methods/transforms {methods}): jq collects it by running the "

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         frozen = ()
     frozen += () if teacher is None else (qat.shard_tree(teacher, mesh),)
     del teacher
-    memory = {"train_state_bytes": tree_bytes(state), "frozen_bytes": tree_bytes(frozen)}
+    memory = {"train_state_bytes": tree_bytes(state), "frozen_base_bytes": tree_bytes(frozen[:1]) if adapters else 0,
+              "teacher_bytes": tree_bytes(frozen[-1]) if args.distill else 0}
 
     if resume_step is not None:
         state, extra = ckpt.restore(state, resume_step)

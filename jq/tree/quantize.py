@@ -23,6 +23,7 @@ from jq.algorithms import experts
 from jq.algorithms.rtn import RTN
 from jq.algorithms.stats import LayerStats, Stats
 from jq.numbers.hadamard import Rotation
+from jq.numbers.lowrank import is_weight_leaf
 from jq.numbers.qtensor import QTensor, is_qtensor
 from jq.tree.axes import LeafUsage, axes_from_use, unmatched_matmuls, warn_if_larger
 from jq.tree.paths import path_str
@@ -308,6 +309,7 @@ def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None
 
 
 def dequantize_params(qparams: Params, dtype: DTypeLike | None = None) -> Params:
-    """Replace every QTensor by its dense dequantized array of its logical shape (in its recorded dtype, or
-    `dtype`)."""
-    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_qtensor(x) else x, qparams, is_leaf=is_qtensor)
+    """Replace every QTensor (and LowRank: base + low-rank term) by its dense dequantized array of its logical
+    shape (in its recorded dtype, or `dtype`)."""
+    return jax.tree_util.tree_map(lambda x: x.dequantize(dtype) if is_weight_leaf(x) else x, qparams,
+                                  is_leaf=is_weight_leaf)

@@ -22,6 +22,7 @@ YAML form::
       group_size: 64             # along head_dim; omit for one group per head
       symmetric: false           # default false (asymmetric, integer zero point)
       rotate: false              # Hadamard-rotate q and k after RoPE before k is quantized
+    lowrank: {rank: 16}          # optional: LoRC low-rank compensation of every quantized weight (LowRankConfig)
 """
 
 from __future__ import annotations
@@ -130,6 +131,30 @@ class RotationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LowRankConfig:
+    """LoRC / HQQ+-style compensation after quantization (`jq.adapters.lorc`): each quantized weight matching
+    `pattern` (not `exclude`) gets rank-`rank` float16 factors of its error W − deq(Q), fitted in the metric of its
+    calibration inputs when `weighted` (the recipe then needs calibration data), by plain SVD otherwise."""
+
+    rank: int
+    weighted: bool = True
+    pattern: str = r".*kernel"
+    exclude: str = r".*(embed|lm_head).*"
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ValueError(f"lowrank: 'rank' must be a positive int (e.g. 16), got {self.rank!r}")
+        if not isinstance(self.weighted, bool):
+            raise ValueError(f"lowrank: 'weighted' must be true or false, got {self.weighted!r}")
+        for k in ("pattern", "exclude"):
+            try:
+                re.compile(getattr(self, k))
+            except (re.error, TypeError) as e:
+                raise ValueError(f"lowrank: '{k}' {getattr(self, k)!r} is not a regular expression: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """An ordered list of rules plus the ignore list. Hashable, so it can be a static jit argument.
     `kv_cache` (optional) is how a model quantizes its key/value cache; weight quantization ignores it."""
@@ -140,6 +165,7 @@ class QuantConfig:
     description: str = ""
     kv_cache: KVCacheConfig | None = None
     rotation: RotationConfig | None = None
+    lowrank: LowRankConfig | None = None
 
     def __post_init__(self):
         for p in self.ignore:
@@ -162,7 +188,13 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Whether any rule needs statistics from running the model (a calibrated method or a transform)."""
+        """Whether any rule needs statistics from running the model (a calibrated method or a transform), or the
+        `lowrank` section weights its fit by the layer inputs."""
+        return self.rules_need_calibration or (self.lowrank is not None and self.lowrank.weighted)
+
+    @property
+    def rules_need_calibration(self) -> bool:
+        """Whether a rule's method or transform needs statistics (calibrated quantization, not only `lowrank`)."""
         return any(r.scheme is not None and r.needs_calibration for r in self.rules)
 
     @classmethod
@@ -175,7 +207,7 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
     """Build and validate a config from a YAML-shaped dict. Errors name the source, the rule and the field."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: a recipe must be a mapping with 'rules', got {type(d).__name__}")
-    top = {"name", "description", "rules", "ignore", "defaults", "kv_cache", "rotation"}
+    top = {"name", "description", "rules", "ignore", "defaults", "kv_cache", "rotation", "lowrank"}
     unknown = set(d) - top
     if unknown:
         raise ValueError(f"{source}: unknown top-level field(s) {sorted(unknown)}; allowed fields are {sorted(top)}")
@@ -225,6 +257,9 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
         description=str(d.get("description", "")),
         kv_cache=kv_cache,
         rotation=_parse_rotation(d.get("rotation"), source),
+        lowrank=None if d.get("lowrank") is None else _parse_section(
+            d["lowrank"], LowRankConfig, "lowrank", [f.name for f in dataclasses.fields(LowRankConfig)], source,
+            "a mapping like {rank: 16}", required={"rank": "the rank of the compensation, e.g. 16"}),
     )
 
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 import jq
 import jq.interop
+from jq import checkpoint
 from jq import adapters as A
 from jq import ops
 from jq.algorithms.lowrank import low_rank_fit
@@ -210,7 +211,7 @@ def test_adapters_save_and_load(mlp, tmp_path):
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
     float_base = {"d": {"kernel": LowRank(jnp.ones((8, 4)), jnp.ones((8, 2)), jnp.ones((2, 4)))}}
     with pytest.raises(ValueError, match="d/kernel: a LowRank leaf on a float base .* is not stored"):
-        jq.checkpoint.save(tmp_path / "mixed", float_base)
+        checkpoint.save(tmp_path / "mixed", float_base)
     assert not (tmp_path / "mixed").exists()
 
 
@@ -219,20 +220,20 @@ def test_a_lorc_model_round_trips_through_a_checkpoint(mlp, tmp_path):
     work; a tree without them is still written as 1.3."""
     model, x, params, qparams = mlp
     lq = A.lorc.compensate(params, qparams, 4)
-    d = jq.checkpoint.save(tmp_path / "lorc", lq)
-    meta = jq.checkpoint.read_meta(d)
+    d = checkpoint.save(tmp_path / "lorc", lq)
+    meta = checkpoint.read_meta(d)
     assert meta["format_version"] == "2.0" and meta["leaves"]["up/kernel"]["kind"] == "lowrank"
-    back, _ = jq.checkpoint.load(d)
+    back, _ = checkpoint.load(d)
     leaf = back["heads"]["kernel"]
     assert isinstance(leaf, LowRank) and isinstance(leaf.base, QTensor) and leaf.in_ndim == 1
     np.testing.assert_array_equal(np.asarray(leaf.b), np.asarray(lq["heads"]["kernel"].b))
     np.testing.assert_array_equal(np.asarray(jq.interop.apply(model, {"params": back}, x)),
                                   np.asarray(jq.interop.apply(model, {"params": lq}, x)))
     target = jax.eval_shape(lambda: lq)
-    again, _ = jq.checkpoint.load(d, target=target)
+    again, _ = checkpoint.load(d, target=target)
     assert isinstance(again["up"]["kernel"], LowRank)
-    assert jq.checkpoint.verify(d)["quantized"] == 3
-    assert jq.checkpoint.read_meta(jq.checkpoint.save(tmp_path / "plain", qparams))["format_version"] == "1.3"
+    assert checkpoint.verify(d)["quantized"] == 3
+    assert checkpoint.read_meta(checkpoint.save(tmp_path / "plain", qparams))["format_version"] == "1.3"
 
 
 # ------------------------------------------------------------------------------------------------------- QA-LoRA

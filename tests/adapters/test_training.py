@@ -15,11 +15,13 @@ import pytest
 
 import jq
 from jq import adapters as A
+from jq import checkpoint
 from jq import qat
 from jq.apps import finetune
 from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import Llama, init_params
 from jq.numbers.qtensor import QTensor
+from jq.tree.paths import leaf_paths
 from jq.numbers.scheme import Scheme
 
 TINY = dataclasses.replace(LlamaConfig.tiny(vocab_size=64), n_layers=1)
@@ -105,11 +107,11 @@ def test_cli_qlora_writes_base_and_adapters(tmp_path, capsys):
                               "--adapters-out", str(tmp_path / "ad"))) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["mode"] == "lora" and res["adapters"]["trainable_params"] > 0
-    assert res["memory"]["train_state_bytes"] > 0 and res["memory"]["frozen_bytes"] > 0
-    base, _ = jq.checkpoint.load(tmp_path / "base")
+    assert res["memory"]["train_state_bytes"] > 0 and res["memory"]["frozen_base_bytes"] > 0
+    base, _ = checkpoint.load(tmp_path / "base")
     ad, cfg = A.io.load(tmp_path / "ad")
     assert cfg.rank == 2 and cfg.dropout == 0.1
-    assert all(isinstance(x, QTensor) for p, x in jq.tree.paths.leaf_paths(base) if p.endswith("proj/kernel"))
+    assert all(isinstance(x, QTensor) for p, x in leaf_paths(base) if p.endswith("proj/kernel"))
     assert float(sum(jnp.abs(x).sum() for x in jax.tree_util.tree_leaves(ad) if x.shape[0] == 2)) > 0  # b trained
 
 
@@ -117,7 +119,7 @@ def test_cli_qalora_writes_the_merged_integer_model(tmp_path, capsys):
     assert finetune.main(_cli(tmp_path, "--lora", "2", "--qalora", "--out", str(tmp_path / "merged"))) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["mode"] == "qalora"
-    merged, _ = jq.checkpoint.load(tmp_path / "merged")
+    merged, _ = checkpoint.load(tmp_path / "merged")
     q = merged["layers_0"]["mlp"]["down_proj"]["kernel"]
     assert isinstance(q, QTensor) and q.zero.dtype == jnp.float32
 
