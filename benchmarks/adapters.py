@@ -75,12 +75,14 @@ def ptq(bits: list[int], rank: int, loftq_steps: int) -> None:
         bpw = size_summary(base)["linear_bits_per_weight"]
         _put({"row": f"rtn_w{b}_g128 (QLoRA's start)", "bits": bpw, "start": ppl(base), "commit": _commit()})
         t0 = time.perf_counter()
-        qp, ad, res = A.loftq.init(m.params, recipe, cfg, steps=loftq_steps)
-        loftq_s = time.perf_counter() - t0
-        mean = [sum(r[t] for r in res.values()) / len(res) for t in range(loftq_steps + 1)]
-        _put({"row": f"LoftQ int{b} g128 r{rank} start ({loftq_steps} steps)", "bits": bpw,
-              "adapter_params": A.count(ad), "start": ppl(A.combine(qp, ad, cfg)), "seconds": loftq_s,
-              "mean_relative_residual": mean, "commit": _commit()})
+        for weighted in (False, True):
+            t0 = time.perf_counter()
+            qp, ad, res = A.loftq.init(m.params, recipe, cfg, steps=loftq_steps, stats=stats if weighted else None)
+            loftq_s = time.perf_counter() - t0
+            mean = [sum(r[t] for r in res.values()) / len(res) for t in range(loftq_steps + 1)]
+            _put({"row": f"LoftQ int{b} g128 r{rank} start ({loftq_steps} steps{', weighted' if weighted else ''})",
+                  "bits": bpw, "adapter_params": A.count(ad), "start": ppl(A.combine(qp, ad, cfg)),
+                  "seconds": loftq_s, "mean_relative_residual": mean, "commit": _commit()})
         for weighted in (True, False):
             t0 = time.perf_counter()
             lq = A.lorc.compensate(m.params, base, rank, stats if weighted else None)
@@ -89,29 +91,35 @@ def ptq(bits: list[int], rank: int, loftq_steps: int) -> None:
                   "seconds": time.perf_counter() - t0 + (capture_s if weighted else 0.0), "commit": _commit()})
 
 
-def add(row: str, path: Path) -> None:
-    """A `jq qat` result (its JSON line) as a row: start → end perplexity, trainable params, memory, tokens/s."""
+def add(row: str, path: Path, start: float | None = None, bits: float | None = None,
+        commit: str | None = None) -> None:
+    """A `jq qat` result (its JSON line) as a row: start → end perplexity, trainable params, memory, tokens/s. A QAT
+    run from RTN records no start: give it (`--start`, the RTN row's perplexity) and its `--bits`."""
     res = json.loads(path.read_text().strip().splitlines()[-1])
     ad = res.get("adapters", {})
-    start = (ad.get("start_eval") or {}).get("perplexity") or (res.get("init_recipe") or {}).get("eval", {}).get(
-        "perplexity")
-    _put({"row": row, "bits": ad.get("base_bits_per_weight"), "trainable_params": ad.get("trainable_params"),
+    start = start or (ad.get("start_eval") or {}).get("perplexity") or (res.get("init_recipe") or {}).get(
+        "eval", {}).get("perplexity")
+    _put({"row": row, "bits": bits or ad.get("base_bits_per_weight"), "trainable_params": ad.get("trainable_params"),
           "steps": res["steps"], "start": start, "end": res["eval"]["perplexity"],
           "tokens_per_second": res.get("tokens_per_second"), "train_seconds": res.get("train_seconds"),
-          "memory": res.get("memory"), "commit": _commit()})
+          "memory": res.get("memory"), "commit": commit or _commit()})
 
 
 def table() -> None:
-    print("| row | linear bits/weight | trainable params | steps | start → end perplexity | train state MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    """Print every row as Markdown: bits, trainable parameters, steps, start → end perplexity, memory, tokens/s."""
+    print("| row | linear bits/weight | trainable params | steps | start → end perplexity | train state MB | "
+          "peak RSS GB | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in _rows():
         mem = r.get("memory") or {}
         end = f" → **{r['end']:.2f}**" if r.get("end") is not None else ""
-        print(f"| {r['row']} | {r['bits']:.2f} | {r.get('trainable_params') or r.get('adapter_params') or '—'} | "
-              f"{r.get('steps', 0)} | {r['start']:.2f}{end} | "
-              f"{mem['train_state_bytes'] / 2**20:.1f} | {mem['peak_rss_mb']:.0f} |" if mem else
-              f"| {r['row']} | {r['bits']:.2f} | {r.get('trainable_params') or r.get('adapter_params') or '—'} | "
-              f"{r.get('steps', 0)} | {r['start']:.2f}{end} | — | — |")
+        params = r.get("trainable_params") or r.get("adapter_params")
+        cells = [r["row"], f"{r['bits']:.2f}" if r.get("bits") else "—", f"{params:,}" if params else "—",
+                 str(r.get("steps", 0)), f"{r['start']:,.2f}{end}",
+                 f"{mem['train_state_bytes'] / 2**20:,.0f}" if mem else "—",
+                 f"{mem['peak_rss_mb'] / 1024:.1f}" if mem else "—",
+                 f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else "—"]
+        print("| " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,12 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("add")
     b.add_argument("row")
     b.add_argument("result", type=Path)
+    b.add_argument("--start", type=float, help="start perplexity when the result has none (QAT from RTN)")
+    b.add_argument("--bits", type=float, help="linear bits/weight when the result has none")
+    b.add_argument("--commit", help="the commit the run used (default: HEAD)")
     sub.add_parser("table")
     args = p.parse_args(argv)
     if args.cmd == "ptq":
         ptq(args.bits, args.rank, args.loftq_steps)
     elif args.cmd == "add":
-        add(args.row, args.result)
+        add(args.row, args.result, args.start, args.bits, args.commit)
     else:
         table()
     return 0

@@ -97,7 +97,16 @@ def main(argv: list[str] | None = None) -> int:
                                  "--init-recipe (and a data-free --recipe of the same grid)")
             return jq.quantize_params(params, dataclasses.replace(recipe, rotation=None)), {"name": recipe.name}
 
-        run = adapter_run(args, params, dataclasses.replace(recipe, rotation=None), ptq)
+        def hessians():
+            from jq.apps import data
+            from jq.calibration.capture import capture
+
+            tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len,
+                                              args.calib_seed, args.calib_sampling)
+            return capture(m.family.module(mcfg), {"params": params},
+                           [jnp.asarray(tokens[i:i + 8]) for i in range(0, len(tokens), 8)])
+
+        run = adapter_run(args, params, dataclasses.replace(recipe, rotation=None), ptq, hessians)
         qp = {"params": run.trainable, "quant": {}}
         if args.eval_windows:
             run.info["start_eval"] = evaluate(run.params_of(run.trainable, run.base))

@@ -31,6 +31,9 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-init", choices=("zero", "loftq"), default="zero",
                    help="zero: QLoRA's b = 0 start; loftq: base and adapters from LoftQ's alternating SVD")
     g.add_argument("--loftq-steps", type=int, default=5, help="LoftQ alternations (default 5)")
+    g.add_argument("--loftq-weighted", action="store_true",
+                   help="LoftQ's SVD in the metric of each layer's inputs (Hessians from --calib-samples windows of "
+                        "the training corpus), as LoRC fits")
     g.add_argument("--qalora", action="store_true",
                    help="QA-LoRA: adapters pooled over the base's quantization groups; --out writes the merged "
                         "integer model (needs an asymmetric grouped int recipe)")
@@ -55,8 +58,10 @@ class AdapterRun:
     lora: Any = None
 
 
-def adapter_run(args: argparse.Namespace, params: Any, recipe: Any, ptq: Callable[[], tuple[Any, dict]]) -> AdapterRun:
-    """Build the run `args` asks for from the float `params`, the recipe and `ptq()` → (PTQ base, its log)."""
+def adapter_run(args: argparse.Namespace, params: Any, recipe: Any, ptq: Callable[[], tuple[Any, dict]],
+                hessians: Callable[[], Any] | None = None) -> AdapterRun:
+    """Build the run `args` asks for from the float `params`, the recipe, `ptq()` → (PTQ base, its log) and
+    `hessians()` → input statistics by path (for `--loftq-weighted`)."""
     import jax
 
     from jq import adapters as A
@@ -77,8 +82,12 @@ def adapter_run(args: argparse.Namespace, params: Any, recipe: Any, ptq: Callabl
                        pooled=args.qalora)
     info: dict[str, Any] = {"mode": "qalora" if args.qalora else "lora", "rank": cfg.rank, "alpha": cfg.alpha,
                             "init": args.lora_init}
+    if args.loftq_weighted and args.lora_init != "loftq":
+        raise ValueError("--loftq-weighted weights LoftQ's SVD; it needs --lora-init loftq")
     if args.lora_init == "loftq":
-        base, adapters, residuals = A.loftq.init(params, recipe, cfg, steps=args.loftq_steps)
+        stats = hessians() if args.loftq_weighted else None
+        base, adapters, residuals = A.loftq.init(params, recipe, cfg, steps=args.loftq_steps, stats=stats)
+        info["loftq_weighted"] = bool(args.loftq_weighted)
         per_step = [sum(r[t] for r in residuals.values()) / len(residuals) for t in range(args.loftq_steps + 1)]
         info["loftq_mean_relative_residual"] = per_step
     else:

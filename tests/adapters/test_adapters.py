@@ -290,6 +290,21 @@ def test_loftq_residual_falls_and_the_start_beats_zero_adapters():
         A.loftq.init(params, jq.QuantConfig.simple(Scheme("int2", group_size=16), method="gptq"), cfg)
 
 
+def test_weighted_loftq_starts_closer_in_the_layer_output():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(256, 64)).astype(np.float32) * np.linspace(0.1, 3.0, 64).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(64, 48)).astype(np.float32))
+    params = {"l": {"kernel": w}}
+    recipe = jq.QuantConfig.simple(Scheme("int2", group_size=16, symmetric=False))
+    cfg = A.LoraConfig(rank=4, alpha=4)
+    out = lambda qp, ad: float(np.linalg.norm(x @ (w - A.merge(qp, ad, cfg)["l"]["kernel"])))  # noqa: E731
+    plain = A.loftq.init(params, recipe, cfg, steps=3)
+    weighted = A.loftq.init(params, recipe, cfg, steps=3, stats={"l/kernel": LayerStats(hessian=jnp.asarray(x.T @ x))})
+    assert out(*weighted[:2]) < 0.97 * out(*plain[:2])
+    r = weighted[2]["l/kernel"]
+    assert r[1] < r[0] and min(r) < r[1]  # measured in the output metric
+
+
 def test_low_rank_fit_weighted_is_optimal_in_the_output_norm():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 24)) * np.linspace(0.1, 3.0, 24)

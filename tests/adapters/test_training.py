@@ -128,9 +128,13 @@ def test_cli_peqa_and_loftq(tmp_path, capsys):
     assert finetune.main(_cli(tmp_path, "--peqa")) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["mode"] == "peqa" and res["adapters"]["trainable_params"] > 0
-    assert finetune.main(_cli(tmp_path, "--lora", "2", "--lora-init", "loftq", "--loftq-steps", "2")) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    r = res["adapters"]["loftq_mean_relative_residual"]
-    assert len(r) == 3 and r[1] < r[0]
+    for weighted in ((), ("--loftq-weighted", "--calib-samples", "4", "--calib-len", "16")):
+        assert finetune.main(_cli(tmp_path, "--lora", "2", "--lora-init", "loftq", "--loftq-steps", "2",
+                                  *weighted)) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        r = res["adapters"]["loftq_mean_relative_residual"]
+        assert len(r) == 3 and r[1] < r[0] and res["adapters"]["loftq_weighted"] == bool(weighted)
+    with pytest.raises(ValueError, match="needs --lora-init loftq"):
+        finetune.main(_cli(tmp_path, "--lora", "2", "--loftq-weighted"))
     with pytest.raises(ValueError, match="pick one"):
         finetune.main(_cli(tmp_path, "--lora", "2", "--peqa"))
