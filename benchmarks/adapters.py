@@ -69,24 +69,29 @@ def ptq(bits: list[int], rank: int, loftq_steps: int) -> None:
                                                                    for i in range(0, len(calib), 8)])
     capture_s = time.perf_counter() - t0
     cfg = A.LoraConfig(rank=rank, alpha=rank)  # scale 1: the factors are the SVD's
+    done = {r["row"] for r in _rows()}  # rows already measured are kept (delete them from the JSON to re-measure)
     for b in bits:
         recipe = jq.load_recipe(REPO / "configs" / f"qat_w{b}_g128.yaml")
         base = jq.quantize_params(m.params, recipe)
         bpw = size_summary(base)["linear_bits_per_weight"]
-        _put({"row": f"rtn_w{b}_g128 (QLoRA's start)", "bits": bpw, "start": ppl(base), "commit": _commit()})
-        t0 = time.perf_counter()
+        if f"rtn_w{b}_g128 (QLoRA's start)" not in done:
+            _put({"row": f"rtn_w{b}_g128 (QLoRA's start)", "bits": bpw, "start": ppl(base), "commit": _commit()})
         for weighted in (False, True):
+            name = f"LoftQ int{b} g128 r{rank} start ({loftq_steps} steps{', weighted' if weighted else ''})"
+            if name in done:
+                continue
             t0 = time.perf_counter()
             qp, ad, res = A.loftq.init(m.params, recipe, cfg, steps=loftq_steps, stats=stats if weighted else None)
             loftq_s = time.perf_counter() - t0
             mean = [sum(r[t] for r in res.values()) / len(res) for t in range(loftq_steps + 1)]
-            _put({"row": f"LoftQ int{b} g128 r{rank} start ({loftq_steps} steps{', weighted' if weighted else ''})",
-                  "bits": bpw, "adapter_params": A.count(ad), "start": ppl(A.combine(qp, ad, cfg)),
+            _put({"row": name, "bits": bpw, "adapter_params": A.count(ad), "start": ppl(A.combine(qp, ad, cfg)),
                   "seconds": loftq_s, "mean_relative_residual": mean, "commit": _commit()})
         for weighted in (True, False):
+            name = f"LoRC int{b} g128 r{rank} ({'activation-weighted' if weighted else 'plain'} SVD, PTQ)"
+            if name in done:
+                continue
             t0 = time.perf_counter()
             lq = A.lorc.compensate(m.params, base, rank, stats if weighted else None)
-            name = f"LoRC int{b} g128 r{rank} ({'activation-weighted' if weighted else 'plain'} SVD, PTQ)"
             _put({"row": name, "bits": size_summary(lq)["linear_bits_per_weight"], "start": ppl(lq),
                   "seconds": time.perf_counter() - t0 + (capture_s if weighted else 0.0), "commit": _commit()})
 
