@@ -12,7 +12,8 @@ Where things live (each layer imports only the ones above it in this list):
     jq.algorithms   one file per method (rtn, gptq, hqq, awq, smoothquant), their registry and statistics
     jq.tree         recipes (YAML rules), quantize_params / dequantize_params, leaf paths, reports
     jq.ops          qdot_general / qeinsum with the kernel registry; jq.pallas_kernels register into it
-    jq.interop      unmodified linen / NNX models on quantized trees; jq.calibration, jq.qat, jq.checkpoint
+    jq.interop      unmodified linen / NNX models on quantized trees; jq.calibration, jq.qat, jq.adapters (LoRA /
+                    QLoRA, LoftQ, QA-LoRA, LoRC, PEQA on quantized bases), jq.checkpoint
     jq.models       the ModelFamily record and registry, one package per family, file readers
     jq.apps         pipeline, convert, generate, fine-tuning, the CLI
 """
@@ -21,6 +22,7 @@ from jq import algorithms, ops
 from jq._version import __version__
 from jq.numbers import formats, ranges
 from jq.numbers.formats import FORMATS, get_format
+from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 from jq.algorithms.stats import LayerStats, Stats
@@ -31,8 +33,8 @@ from jq.tree.recipe import DEFAULT_IGNORE, QuantConfig, Rule, load_recipe, recip
 from jq.tree.report import format_report, report, size_summary
 
 __all__ = [
-    "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "Params", "QTensor", "QuantConfig", "Rule", "Scheme", "Stats",
-    "__version__", "algorithms",
+    "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "LowRank", "Params", "QTensor", "QuantConfig", "Rule", "Scheme", "Stats",
+    "__version__", "adapters", "algorithms",
     "apply", "dequantize_params", "format_report", "formats", "get_format", "interop", "leaf_paths", "load_recipe",
     "nnx_merge", "ops", "quantize_model", "quantize_params", "ranges", "recipe_from_dict", "report", "routing_report",
     "size_summary", "trace_usage",
@@ -48,6 +50,10 @@ def __getattr__(name: str):
 
         interop = importlib.import_module("jq.interop")
         return interop if name == "interop" else getattr(interop, name)
+    if name == "adapters":  # imports Flax and Optax, like jq.interop
+        import importlib
+
+        return importlib.import_module("jq.adapters")
     if name == "quantize_model":  # calibrated quantization of any linen model (blocks found, or one shot)
         import importlib
 
