@@ -126,7 +126,8 @@ def w4a16_matmul(
     arrays.append(pad_to(scale.astype(sdt), (meta_rows, plan.Np), 1))
     specs.append(meta_spec)
     if zero is not None:
-        arrays.append(pad_to(zero.astype(sdt), (meta_rows, plan.Np), 0))
+        zdt = jnp.float32 if zero.dtype == jnp.float32 else sdt  # float32 zeros (a QA-LoRA merge) stay exact
+        arrays.append(pad_to(zero.astype(zdt), (meta_rows, plan.Np), 0))
         specs.append(meta_spec)
     out = tiled_matmul(
         functools.partial(_tile, symmetric=symmetric), identity_epilogue, arrays, specs,

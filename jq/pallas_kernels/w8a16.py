@@ -91,7 +91,8 @@ def w8a16_matmul(
     arrays = [pad_to(x, (plan.Mp, plan.Kp)), pad_to(w, (plan.Kp, plan.Np)), pad_to(scale.astype(sdt), (rows, plan.Np), 1)]
     specs = [Operand("lhs", b.bk), Operand("rhs", b.bk), meta]
     if zero is not None:
-        arrays.append(pad_to(zero.astype(sdt), (rows, plan.Np), 0))
+        zdt = jnp.float32 if zero.dtype == jnp.float32 else sdt  # float32 zeros (a QA-LoRA merge) stay exact
+        arrays.append(pad_to(zero.astype(zdt), (rows, plan.Np), 0))
         specs.append(meta)
     out = tiled_matmul(
         functools.partial(_tile, unsigned=unsigned), identity_epilogue, arrays, specs,

@@ -135,6 +135,22 @@ def test_w4a16(monkeypatch, sym, g, M, K, N, dtype, style):
     assert rel_err(y, np.asarray(x.astype(jnp.float32), np.float64) @ np_dequant(q)) < TOL_NUMPY[dtype]
 
 
+@pytest.mark.parametrize("style", ["gpu", "tpu"])
+def test_w4a16_reads_float32_zero_points_exactly(monkeypatch, style):
+    """A QA-LoRA merge leaves fractional float32 zeros: the kernel keeps them float32 (rounding them to the scale
+    dtype would move every weight of a group by up to 2^-11 of its zero)."""
+    import dataclasses
+
+    q = quantize(weight(256, 64), format="int4", symmetric=False, group_size=64)
+    shift = np.random.default_rng(5).normal(size=q.zero.shape).astype(np.float32) * 0.37
+    q = dataclasses.replace(q, zero=q.zero.astype(jnp.float32) + shift)
+    x = acts(3, 256, "float32")
+    calls = kernel_used(monkeypatch)
+    y = run_kernel(x, q, style)
+    assert calls and calls[0].startswith("w4a16")
+    assert rel_err(y, np.asarray(x, np.float64) @ np_dequant(q)) < 1e-5
+
+
 W8_CASES = [  # scheme, M, K, N, dtype, style
     (dict(format="int8"), 17, 200, 72, "bfloat16", "gpu"),
     (dict(format="int8", symmetric=False, group_size=32), 3, 256, 160, "float32", "tpu"),
