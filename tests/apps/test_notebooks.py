@@ -13,12 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "colab").glob("*.ipynb"))
-EXPECTED = ["01_quickstart", "02_gptq_awq_hqq", "03_qat", "04_kernels_and_checkpoints"]
+EXPECTED = ["01_quickstart", "02_gptq_awq_hqq", "03_qat", "04_kernels_and_checkpoints", "05_adapters"]
 KERNEL = "jq-test-python"
 PROBE = "import sys; print(sys.prefix); print(sys.executable)"
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     assert [p.stem for p in NOTEBOOKS] == EXPECTED
 
 
