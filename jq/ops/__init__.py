@@ -9,6 +9,7 @@ DEBUG level on the "jq.ops" logger (`logging.getLogger("jq.ops").setLevel("DEBUG
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -53,8 +54,10 @@ def _operand(x: jax.Array | QTensor | LowRank, dtype: DTypeLike) -> jax.Array:
     return x.dequantize(dtype) if isinstance(x, (QTensor, LowRank)) else x
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _w8a8_int(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers) -> jax.Array:
-    """int8 x int8 -> int32 dot, scales applied after: activations per token, weights per output channel."""
+    """int8 x int8 -> int32 dot, scales applied after: activations per token, weights per output channel. Its
+    derivative in x is the straight-through one, x̂ ≈ x (adapters train through a W8A8 base)."""
     (lc, rc), (lb, rb) = dimension_numbers
     xq, xs = quantize_activations(lhs, "int8", tuple(lc), rhs.policy.act_clip)
     acc = jax.lax.dot_general(xq, rhs.codes, dimension_numbers, preferred_element_type=jnp.int32)
@@ -62,6 +65,13 @@ def _w8a8_int(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbe
     ws = jnp.squeeze(rhs.scale.astype(jnp.float32), tuple(rc))  # [rhs free...]
     xs = xs.reshape(xs.shape + (1,) * ws.ndim)
     return acc.astype(jnp.float32) * xs * ws
+
+
+@_w8a8_int.defjvp
+def _w8a8_int_jvp(dimension_numbers, primals, tangents):
+    lhs, rhs = primals
+    return _w8a8_int(lhs, rhs, dimension_numbers), jax.lax.dot_general(
+        tangents[0], rhs.dequantize(jnp.float32), dimension_numbers).astype(jnp.float32)
 
 
 def _int_path_ok(lhs: jax.Array | QTensor, rhs: QTensor, dimension_numbers: DotDimensionNumbers) -> bool:
@@ -104,7 +114,8 @@ def qdot_general(
             log.debug("qdot_general: W8A8 int8 x int8 -> int32 XLA dot")
             return _w8a8_int(lhs, rhs, dimension_numbers).astype(lhs.dtype)
         (lc, _), _ = dimension_numbers
-        lhs = fake_quantize_activations(lhs, rhs.policy.act, tuple(lc), rhs.policy.act_clip)  # same numbers as integer codes
+        xq = fake_quantize_activations(lhs, rhs.policy.act, tuple(lc), rhs.policy.act_clip)  # the integer codes' numbers
+        lhs = jax.lax.stop_gradient(xq) + (lhs - jax.lax.stop_gradient(lhs))  # value-exact straight-through gradient
     act = rhs if isinstance(lhs, QTensor) else lhs
     dtype = act.dtype if not isinstance(act, QTensor) else jnp.float32
     log.debug("qdot_general falls back to dequantize + XLA dot (%s)", "; ".join(reasons) or "no kernel registered")

@@ -364,3 +364,15 @@ def test_peqa_tunes_scales_only(mlp):
     np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(q0.codes))
     np.testing.assert_array_equal(np.asarray(q.zero), np.asarray(q0.zero))
     assert q.scale.dtype == q0.scale.dtype and not np.array_equal(np.asarray(q.scale), np.asarray(q0.scale))
+
+
+@pytest.mark.parametrize("scheme", [Scheme("int8", act="int8"), Scheme("int4", group_size=16, act="int8")])
+def test_activation_quantized_bases_pass_straight_through_gradients(scheme):
+    """Adapters in earlier layers learn through a W8A8 / W4A8 base: d(x·W)/dx is the dequantized W (straight
+    through the activation rounding), on the integer path and the fallback alike; the forward is unchanged."""
+    q = jq.quantize_params({"l": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (32, 24))}},
+                           jq.QuantConfig.simple(scheme))["l"]["kernel"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 32))
+    g = jax.grad(lambda x: jnp.sum(ops.qdot(x, q) * jnp.arange(24.0)))(x)
+    want = np.broadcast_to(np.asarray(q.dequantize()) @ np.arange(24.0), (5, 32))
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-4, atol=1e-4)
