@@ -124,7 +124,7 @@ def test_unknown_rule_field_names_field_and_lists_allowed():
 def test_unknown_top_level_field():
     with pytest.raises(
         ValueError,
-        match=r"<dict>: unknown top-level field\(s\) \['rule'\]; allowed fields are \['defaults', 'description', 'ignore', 'kv_cache', 'name', 'rotation', 'rules'\]",
+        match=r"<dict>: unknown top-level field\(s\) \['rule'\]; allowed fields are \['defaults', 'description', 'ignore', 'kv_cache', 'lowrank', 'name', 'rotation', 'rules'\]",
     ):
         recipe_from_dict({"rule": []})
 
