@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ from jq.numbers.lowrank import LowRank, is_weight_leaf
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths, path_str
 
-__all__ = ["compensate"]
+__all__ = ["compensate", "compensate_model"]
 
 
 def compensate(params: Any, qparams: Any, rank: int, stats: Any = None, *, pattern: str = r".*kernel",
@@ -60,3 +61,29 @@ def compensate(params: Any, qparams: Any, rank: int, stats: Any = None, *, patte
                        in_ndim=n_in)
 
     return jax.tree_util.tree_map_with_path(fit, qparams, is_leaf=is_weight_leaf)
+
+
+def compensate_model(module: Any, params: Any, qparams: Any, cfg: Any, tokens: Any = None,
+                     batch_size: int = 8) -> tuple[Any, dict[str, Any]]:
+    """A recipe's `lowrank` section (`jq.tree.recipe.LowRankConfig`) applied to `qparams` of the linen `module`:
+    with `cfg.weighted`, input Hessians captured on the float `params` over `tokens` [S, T] (`batch_size` windows a
+    batch), then `compensate`. Returns (qparams with LowRank leaves, {"rank", "weighted", "leaves", "seconds"})."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jq.calibration.capture import capture
+    from jq.numbers.lowrank import is_lowrank
+
+    t0 = time.perf_counter()
+    stats = None
+    if cfg.weighted:
+        if tokens is None:
+            raise ValueError(f"lowrank: rank {cfg.rank} weighted by the layer inputs needs calibration tokens; pass "
+                             "them, or set weighted: false for a plain SVD")
+        tokens = np.asarray(tokens)
+        paths = [p for p, x in leaf_paths(qparams) if isinstance(x, QTensor)]
+        stats = capture(module, {"params": params}, [jnp.asarray(tokens[i:i + batch_size])
+                                                     for i in range(0, len(tokens), batch_size)], paths=paths)
+    out = compensate(params, qparams, cfg.rank, stats, pattern=cfg.pattern, exclude=cfg.exclude, damp=cfg.damp)
+    n = sum(1 for _, x in leaf_paths(out) if is_lowrank(x))
+    return out, {"rank": cfg.rank, "weighted": cfg.weighted, "leaves": n, "seconds": time.perf_counter() - t0}

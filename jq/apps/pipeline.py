@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jq.adapters.lorc import compensate_model
 from jq.apps.data import check_window, text_ids
 from jq.apps.perplexity import make_windows, perplexity
 from jq.calibration.capture import capture
@@ -76,27 +77,9 @@ def quantize(m: LoadedModel, recipe: QuantConfig, calib: np.ndarray | None = Non
     else:
         block_spec = m.family.needs("block_spec", f"the calibrated recipe {recipe.name!r}")
         params, log = quantize_sequential(block_spec(r.cfg), r.params, recipe, calib, progress=progress)
-    if recipe.lowrank is not None:
-        params, log["lowrank"] = low_rank_compensation(r, params, recipe.lowrank, calib)
+    if recipe.lowrank is not None:  # LoRC after the rules, Hessians from the float (rotated) model
+        params, log["lowrank"] = compensate_model(r.family.module(r.cfg), r.params, params, recipe.lowrank, calib)
     return params, {**log, **extra}
-
-
-def low_rank_compensation(r: LoadedModel, qparams: Params, cfg: Any,
-                          calib: np.ndarray | None) -> tuple[Params, dict[str, Any]]:
-    """The recipe's `lowrank` section (`LowRankConfig`) applied to `qparams`: LoRC factors of each quantized weight's
-    error, weighted by input Hessians captured on the float model `r` over `calib` [S, L] (8 windows a batch)."""
-    from jq.adapters.lorc import compensate
-    from jq.numbers.lowrank import is_lowrank
-
-    t0 = time.perf_counter()
-    stats = None
-    if cfg.weighted:
-        paths = [p for p, x in leaf_paths(qparams) if getattr(x, "layout", None) is not None]
-        stats = capture(r.family.module(r.cfg), {"params": r.params},
-                        [jnp.asarray(calib[i:i + 8]) for i in range(0, len(calib), 8)], paths=paths)
-    out = compensate(r.params, qparams, cfg.rank, stats, pattern=cfg.pattern, exclude=cfg.exclude, damp=cfg.damp)
-    n = sum(1 for _, x in leaf_paths(out) if is_lowrank(x))
-    return out, {"rank": cfg.rank, "weighted": cfg.weighted, "leaves": n, "seconds": time.perf_counter() - t0}
 
 
 def outlier_fractions(m: LoadedModel, recipe: QuantConfig, tokens: np.ndarray) -> dict[str, float]:

@@ -165,7 +165,15 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
     """Quantize a linen model's params by `cfg`, calibrating on `tokens` (int [S, T], the model's input) when a
     rule needs data: block by block when `discover_blocks` finds the model's blocks, else in one shot, with a
     warning saying why. Returns (qparams, log) where log["mode"] is "data-free", "sequential" or "one-shot" and
-    log["discovery"] says what was found."""
+    log["discovery"] says what was found. A recipe's `lowrank` section (LoRC) is applied last, its Hessians from
+    the float model on `tokens`."""
+    if cfg.lowrank is not None:
+        from jq.adapters.lorc import compensate_model
+
+        qparams, log = quantize_model(model, params, dataclasses.replace(cfg, lowrank=None), tokens,
+                                      batch_size=batch_size, progress=progress)
+        qparams, log["lowrank"] = compensate_model(model, params, qparams, cfg.lowrank, tokens, batch_size)
+        return qparams, log
     if not cfg.needs_calibration:
         return quantize_params(params, cfg), {"mode": "data-free"}
     tokens = np.asarray(tokens)

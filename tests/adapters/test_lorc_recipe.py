@@ -63,3 +63,21 @@ def test_pipeline_applies_lorc_and_the_checkpoint_keeps_it(tiny, tmp_path):
     back, meta = checkpoint.load(d)
     assert meta["format_version"] == "2.0" and recipe_from_dict(meta["recipe"]).lowrank == lorc.lowrank
     np.testing.assert_allclose(np.asarray(fwd(back, ids)), np.asarray(fwd(q, ids)), rtol=1e-6, atol=1e-6)
+
+
+def test_quantize_model_applies_the_lowrank_section_to_any_linen_model():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.gelu(nn.Dense(48)(x)))
+
+    x = np.random.default_rng(1).normal(size=(16, 4, 32)).astype(np.float32)
+    params = Net().init(jax.random.PRNGKey(0), x[:1])["params"]
+    cfg = recipe_from_dict({"rules": [RULE], "lowrank": {"rank": 4}})
+    q, log = jq.quantize_model(Net(), params, cfg, x)
+    assert log["mode"] == "data-free" and log["lowrank"]["leaves"] == 2
+    assert isinstance(q["Dense_0"]["kernel"], LowRank)
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        jq.quantize_model(Net(), params, cfg, None)
