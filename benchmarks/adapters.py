@@ -112,8 +112,8 @@ def add(row: str, path: Path, start: float | None = None, bits: float | None = N
 
 def table() -> None:
     """Print every row as Markdown: bits, trainable parameters, steps, start → end perplexity, memory, tokens/s."""
-    print("| row | linear bits/weight | trainable params | steps | start → end perplexity | train state MB | "
-          "peak RSS GB | tokens/s |")
+    print("| row | linear bits/weight | trainable params | steps | start → end perplexity | train state MB (10⁶ B) | "
+          "peak RSS GiB | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in _rows():
         mem = r.get("memory") or {}
@@ -121,7 +121,7 @@ def table() -> None:
         params = r.get("trainable_params") or r.get("adapter_params")
         cells = [r["row"], f"{r['bits']:.2f}" if r.get("bits") else "—", f"{params:,}" if params else "—",
                  str(r.get("steps", 0)), f"{r['start']:,.2f}{end}",
-                 f"{mem['train_state_bytes'] / 2**20:,.0f}" if mem else "—",
+                 f"{mem['train_state_bytes'] / 1e6:,.1f}" if mem else "—",
                  f"{mem['peak_rss_mb'] / 1024:.1f}" if mem else "—",
                  f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else "—"]
         print("| " + " | ".join(cells) + " |")
