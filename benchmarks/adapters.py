@@ -47,13 +47,11 @@ def _commit() -> str:
 
 def ptq(bits: list[int], rank: int, loftq_steps: int) -> None:
     """Measure plain RTN, LoftQ's start and LoRC (weighted and plain SVD) at each bit width."""
-    import jax.numpy as jnp
-
     import jq
     from jq import adapters as A
     from jq.apps import data, pipeline
     from jq.apps.perplexity import perplexity
-    from jq.calibration.capture import capture
+    from jq.calibration.capture import batched, capture
     from jq.tree.report import size_summary
 
     m = pipeline.load("smollm2-135m")
@@ -65,8 +63,7 @@ def ptq(bits: list[int], rank: int, loftq_steps: int) -> None:
 
     calib, _ = data.calibration_draw(m.tokenizer, data.default_calib_files(), 64, 512, 0)
     t0 = time.perf_counter()
-    stats = capture(m.family.module(m.cfg), {"params": m.params}, [jnp.asarray(calib[i:i + 8])
-                                                                   for i in range(0, len(calib), 8)])
+    stats = capture(m.family.module(m.cfg), {"params": m.params}, batched(calib, 8))
     capture_s = time.perf_counter() - t0
     cfg = A.LoraConfig(rank=rank, alpha=rank)  # scale 1: the factors are the SVD's
     done = {r["row"] for r in _rows()}  # rows already measured are kept (delete them from the JSON to re-measure)

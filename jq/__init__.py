@@ -33,8 +33,8 @@ from jq.tree.recipe import DEFAULT_IGNORE, QuantConfig, Rule, load_recipe, recip
 from jq.tree.report import format_report, report, size_summary
 
 __all__ = [
-    "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "LowRank", "Params", "QTensor", "QuantConfig", "Rule", "Scheme", "Stats",
-    "__version__", "adapters", "algorithms",
+    "DEFAULT_IGNORE", "FORMATS", "LayerStats", "Layout", "LowRank", "Params", "QTensor", "QuantConfig", "Rule",
+    "Scheme", "Stats", "__version__", "adapters", "algorithms",
     "apply", "dequantize_params", "format_report", "formats", "get_format", "interop", "leaf_paths", "load_recipe",
     "nnx_merge", "ops", "quantize_model", "quantize_params", "ranges", "recipe_from_dict", "report", "routing_report",
     "size_summary", "trace_usage",

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jq.adapters.lora import LoraConfig, factor_shapes, targets
-from jq.algorithms.lowrank import low_rank_fit
+from jq.algorithms.lowrank import damped_cholesky, low_rank_fit
 from jq.algorithms.stats import LayerStats
 from jq.numbers.lowrank import dense_base, is_weight_leaf
 from jq.tree.paths import get_path, path_str, set_path
@@ -73,8 +73,7 @@ def _alternate(path: str, w: jax.Array, rule: Any, cfg: LoraConfig, steps: int, 
     w2 = w.reshape(k, n)
     if h is not None and tuple(h.shape) != (k, k):
         raise ValueError(f"{path}: Hessian shape {tuple(h.shape)} != ({k}, {k}) of this layer's inputs")
-    lt = None if h is None else jnp.linalg.cholesky(  # ‖Lᵀ x‖ = ‖X x‖ (damped as low_rank_fit damps)
-        h + damp * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-12) * jnp.eye(k)).T
+    lt = None if h is None else damped_cholesky(h, damp).T  # ‖Lᵀ x‖ = ‖X x‖, damped as low_rank_fit damps
     size = (lambda x: float(jnp.linalg.norm(x))) if lt is None else (lambda x: float(jnp.linalg.norm(lt @ x)))
     norm = size(w2) or 1.0
     lr = jnp.zeros_like(w2)

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jq.numbers.lowrank import LowRank, dense_base, is_lowrank, is_weight_leaf
+from jq.numbers.lowrank import LowRank, is_lowrank, is_weight_leaf
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import leaf_paths, path_str, set_path
 
@@ -200,21 +200,18 @@ def trainable_mask(tree: Any) -> Any:
 
 
 def _factor_paths(adapters: dict) -> list[tuple[str, dict]]:
-    """(leaf path, {"a", "b"}) pairs of an adapters tree."""
-    out = []
-
-    def walk(node, prefix):
-        if isinstance(node, dict) and set(node) == {"a", "b"} and not isinstance(node["a"], dict):
-            out.append(("/".join(prefix), node))
-        elif isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, prefix + [str(k)])
-        else:
-            raise ValueError(f"{'/'.join(prefix)}: an adapters tree holds {{'a', 'b'}} pairs, found {type(node)}")
-
-    walk(adapters, [])
-    return out
-
+    """(weight path, {"a", "b"}) pairs of an adapters tree; a leaf that is not one of a pair is refused by path."""
+    pairs: dict[str, dict] = {}
+    for path, x in leaf_paths(adapters):
+        head, _, name = path.rpartition("/")
+        if name not in ("a", "b"):
+            raise ValueError(f"{path}: an adapters tree holds {{'a', 'b'}} pairs under each weight's path, found "
+                             f"{name!r}")
+        pairs.setdefault(head, {})[name] = x
+    for head, f in pairs.items():
+        if set(f) != {"a", "b"}:
+            raise ValueError(f"{head}: an adapter needs both factors a and b, found only {sorted(f)}")
+    return list(pairs.items())
 
 
 def only_adapters(optimizer: Any, tree: Any) -> Any:

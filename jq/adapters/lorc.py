@@ -27,6 +27,8 @@ from jq.tree.paths import leaf_paths, path_str
 
 __all__ = ["compensate", "compensate_model"]
 
+_fit = jax.jit(low_rank_fit, static_argnums=(1,))  # one compiled fit per weight shape, shared by every call
+
 
 def compensate(params: Any, qparams: Any, rank: int, stats: Any = None, *, pattern: str = r".*kernel",
                exclude: str = r".*(embed|lm_head).*", damp: float = 0.01, dtype: Any = jnp.float16) -> Any:
@@ -56,7 +58,7 @@ def compensate(params: Any, qparams: Any, rank: int, stats: Any = None, *, patte
         h = None if s is None else s.hessian
         if h is not None and tuple(h.shape) != (k, k):
             raise ValueError(f"{path}: Hessian shape {tuple(h.shape)} != ({k}, {k}) of this layer's inputs")
-        a, b = jax.jit(low_rank_fit, static_argnums=(1,))(e, rank, h, damp)
+        a, b = _fit(e, rank, h, damp)
         return LowRank(q, a.reshape(kdims + (rank,)).astype(dtype), b.reshape((rank,) + ndims).astype(dtype),
                        in_ndim=n_in)
 
@@ -68,10 +70,7 @@ def compensate_model(module: Any, params: Any, qparams: Any, cfg: Any, tokens: A
     """A recipe's `lowrank` section (`jq.tree.recipe.LowRankConfig`) applied to `qparams` of the linen `module`:
     with `cfg.weighted`, input Hessians captured on the float `params` over `tokens` [S, T] (`batch_size` windows a
     batch), then `compensate`. Returns (qparams with LowRank leaves, {"rank", "weighted", "leaves", "seconds"})."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from jq.calibration.capture import capture
+    from jq.calibration.capture import batched, capture
     from jq.numbers.lowrank import is_lowrank
 
     t0 = time.perf_counter()
@@ -80,10 +79,8 @@ def compensate_model(module: Any, params: Any, qparams: Any, cfg: Any, tokens: A
         if tokens is None:
             raise ValueError(f"lowrank: rank {cfg.rank} weighted by the layer inputs needs calibration tokens; pass "
                              "them, or set weighted: false for a plain SVD")
-        tokens = np.asarray(tokens)
         paths = [p for p, x in leaf_paths(qparams) if isinstance(x, QTensor)]
-        stats = capture(module, {"params": params}, [jnp.asarray(tokens[i:i + batch_size])
-                                                     for i in range(0, len(tokens), batch_size)], paths=paths)
+        stats = capture(module, {"params": params}, batched(tokens, batch_size), paths=paths)
     out = compensate(params, qparams, cfg.rank, stats, pattern=cfg.pattern, exclude=cfg.exclude, damp=cfg.damp)
     n = sum(1 for _, x in leaf_paths(out) if is_lowrank(x))
     return out, {"rank": cfg.rank, "weighted": cfg.weighted, "leaves": n, "seconds": time.perf_counter() - t0}

@@ -39,16 +39,8 @@ def init(qparams: Any, pattern: str = r".*kernel", exclude: str = r".*(embed|lm_
     return out
 
 
-def _flat(scales: dict, prefix: str = "") -> dict[str, jax.Array]:
-    out = {}
-    for k, v in scales.items():
-        p = f"{prefix}/{k}" if prefix else str(k)
-        out.update(_flat(v, p) if isinstance(v, dict) else {p: v})
-    return out
-
-
 def _swap(qparams: Any, scales: dict, make) -> Any:
-    flat = _flat(scales)
+    flat = dict(leaf_paths(scales))
     seen = set()
 
     def put(kp, q):

@@ -7,7 +7,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["low_rank_fit"]
+__all__ = ["low_rank_fit", "damped_cholesky"]
+
+
+def damped_cholesky(h: jax.Array, damp: float) -> jax.Array:
+    """L [K, K] (lower) with L Lᵀ = h + λI, λ = damp · mean diag h: ‖Lᵀ x‖ is ‖X x‖ for h = XᵀX, and inputs that
+    never fire stay solvable."""
+    h = jnp.asarray(h, jnp.float32)
+    lam = damp * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-12)
+    return jnp.linalg.cholesky(h + lam * jnp.eye(h.shape[0], dtype=jnp.float32))
 
 
 def low_rank_fit(e: jax.Array, rank: int, h: jax.Array | None = None,
@@ -27,9 +35,7 @@ def low_rank_fit(e: jax.Array, rank: int, h: jax.Array | None = None,
         u, s, vt = jnp.linalg.svd(e, full_matrices=False)
         root = jnp.sqrt(s[:rank])
         return u[:, :rank] * root, root[:, None] * vt[:rank]
-    h = jnp.asarray(h, jnp.float32)
-    lam = damp * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-12)
-    chol = jnp.linalg.cholesky(h + lam * jnp.eye(k, dtype=jnp.float32))
+    chol = damped_cholesky(h, damp)
     u, s, vt = jnp.linalg.svd(chol.T @ e, full_matrices=False)
     root = jnp.sqrt(s[:rank])
     a = jax.scipy.linalg.solve_triangular(chol.T, u[:, :rank] * root, lower=False)

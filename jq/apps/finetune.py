@@ -99,12 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def hessians():
             from jq.apps import data
-            from jq.calibration.capture import capture
+            from jq.calibration.capture import batched, capture
 
             tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len,
                                               args.calib_seed, args.calib_sampling)
-            return capture(m.family.module(mcfg), {"params": params},
-                           [jnp.asarray(tokens[i:i + 8]) for i in range(0, len(tokens), 8)])
+            return capture(m.family.module(mcfg), {"params": params}, batched(tokens, 8))
 
         run = adapter_run(args, params, dataclasses.replace(recipe, rotation=None), ptq, hessians)
         qp = {"params": run.trainable, "quant": {}}
@@ -226,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["adapters_out"] = save_adapters(run, trained_adapters, args.adapters_out, args.overwrite,
                                                        {"model": source, "base_recipe": recipe.name})
         else:
-            qparams = qat.convert(trained, recipe)
+            qparams, trained_adapters = qat.convert(trained, recipe), None
         qparams = jax.block_until_ready(qparams)
         if args.out and console_out:
             meta = {"model": source, "model_family": m.family.name, "model_config": config_dict(mcfg),
@@ -234,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                     "qat": {k: v for k, v in result.items() if k != "model"}}
             result["out"] = str(checkpoint.save(args.out, qparams, recipe=recipe, meta=meta, overwrite=args.overwrite))
         if args.eval_windows:
-            result["eval"] = evaluate(run.params_of(trained["params"], run.base) if run is not None and run.lora
-                                      is not None and not run.lora.pooled else qparams)
+            # what was written: the base with its adapters (LoRA), else the exported integer model itself
+            result["eval"] = evaluate(qparams if trained_adapters is None else run.params_of(trained["params"],
+                                                                                             run.base))
             if args.float:  # the control's own perplexity: how much the fine-tune alone moved the float model
                 result["eval_float"] = evaluate(trained["params"])
     result["seconds"] = time.perf_counter() - t0

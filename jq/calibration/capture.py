@@ -29,9 +29,16 @@ from jq.interop.usage import trace_usage
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.paths import path_str
 
-__all__ = ["capture", "capture_fns", "accumulate", "finalize"]
+__all__ = ["capture", "capture_fns", "accumulate", "finalize", "batched"]
 
 _SumsFn = Callable[..., dict[str, StatSums]]  # a jitted capture function returning running sums by kernel path
+
+
+def batched(tokens: Any, batch_size: int) -> list[jax.Array]:
+    """Calibration inputs [S, ...] as device batches of `batch_size` rows (the last may be shorter): what
+    `capture` and sequential calibration take."""
+    tokens = np.asarray(tokens)
+    return [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
 
 
 def _merge_all(acc: dict[str, StatSums], new: dict[str, StatSums]) -> dict[str, StatSums]:

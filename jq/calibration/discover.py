@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jq.calibration.capture import capture
+from jq.calibration.capture import batched, capture
 from jq.calibration.sequential import BlockSpec, quantize_sequential
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
@@ -195,6 +195,5 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
         return qparams, {**log, "mode": "sequential", "discovery": found}
     warnings.warn(f"sequential calibration: {found}; calibrating in one shot instead (each layer sees the float "
                   "model's activations, not those of the quantized layers before it)", stacklevel=2)
-    batches = [jnp.asarray(tokens[i:i + batch_size]) for i in range(0, len(tokens), batch_size)]
-    stats = capture(model, {"params": params}, batches)
+    stats = capture(model, {"params": params}, batched(tokens, batch_size))
     return quantize_params(params, cfg, stats), {"mode": "one-shot", "discovery": found}

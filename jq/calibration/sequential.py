@@ -123,7 +123,7 @@ def quantize_sequential(
         raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
     compiled: dict[int, _Compiled] = {}
     embed = jax.jit(spec.embed)
-    batches = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    batches = calibrate.batched(tokens, batch_size)
     extras = [tuple(spec.extra(b)) for b in batches]
     hs = [embed(params, b) for b in batches]
     out = copy.copy(params)

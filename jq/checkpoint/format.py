@@ -45,7 +45,6 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     other checkpoint stays 1.3 and reads in older jq.
 LOWRANK_FORMAT_VERSION = "2.0"
 READS_MAJOR = 2
-LOWRANK_FIELDS = ("lowrank_a", "lowrank_b")
 QUANTIZED_KINDS = ("qtensor", "lowrank")
 
 FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook
@@ -110,23 +109,19 @@ def to_numpy(path: str, x: Any) -> np.ndarray:
 def leaf_record(path: str, x: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(per-leaf metadata, the leaf's stored arrays by field: {"value": a} for an array, codes/scale/... for a
     QTensor, and lowrank_a / lowrank_b besides for a LowRank leaf on a QTensor base)."""
-    if isinstance(x, LowRank):
-        if not isinstance(x.base, QTensor):
+    if isinstance(x, (QTensor, LowRank)):
+        q = x.base if isinstance(x, LowRank) else x
+        if not isinstance(q, QTensor):
             raise ValueError(f"{path}: a LowRank leaf on a float base (adapters beside float weights) is not stored in "
                              "checkpoints: merge it (jq.adapters.merge) or save the adapters apart (jq.adapters.split, "
                              "then jq.adapters.io.save)")
-        entry, arrays = leaf_record(path, x.base)
-        extra = {"lowrank_a": to_numpy(f"{path}/a", x.a), "lowrank_b": to_numpy(f"{path}/b", x.b)}
-        entry["kind"] = "lowrank"
-        entry["lowrank"] = {"scale": float(x.scale), "in_ndim": int(x.in_ndim), "pool": int(x.pool)}
-        entry["arrays"].update({f: array_spec(a) for f, a in extra.items()})
-        return entry, {**arrays, **extra}
-    if isinstance(x, QTensor):
-        arrays = {f: to_numpy(f"{path}/{f}", getattr(x, f)) for f in FIELDS if getattr(x, f) is not None}
-        policy = {k: getattr(x.policy, k) for k in POLICY_FIELDS}
-        policy["rotation"] = None if x.policy.rotation is None else str(x.policy.rotation)  # "hadamard(seed=3)"
-        entry = {"kind": "qtensor", **{k: jsonable(getattr(x, k)) for k in STATIC_FIELDS}, **policy,
-                 "layout": layout_dict(x.layout), "arrays": {f: array_spec(a) for f, a in arrays.items()}}
+        arrays = {f: to_numpy(f"{path}/{f}", a) for f, a in leaf_arrays(x).items()}
+        policy = {k: getattr(q.policy, k) for k in POLICY_FIELDS}
+        policy["rotation"] = None if q.policy.rotation is None else str(q.policy.rotation)  # "hadamard(seed=3)"
+        entry = {"kind": "lowrank" if q is not x else "qtensor", **{k: jsonable(getattr(q, k)) for k in STATIC_FIELDS},
+                 **policy, "layout": layout_dict(q.layout), "arrays": {f: array_spec(a) for f, a in arrays.items()}}
+        if q is not x:
+            entry["lowrank"] = {"scale": float(x.scale), "in_ndim": int(x.in_ndim), "pool": int(x.pool)}
         return entry, arrays
     a = to_numpy(path, x)
     return {"kind": "array", "arrays": {"value": array_spec(a)}}, {"value": a}
@@ -229,7 +224,8 @@ def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: li
            lowrank: bool = False) -> dict[str, Any]:
     """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves); `lowrank`: the tree holds
     LowRank leaves, which need format 2.0."""
-    h = {"format": FORMAT, "format_version": LOWRANK_FORMAT_VERSION if lowrank else FORMAT_VERSION, "jq_version": __version__,
+    version = LOWRANK_FORMAT_VERSION if lowrank else FORMAT_VERSION
+    h = {"format": FORMAT, "format_version": version, "jq_version": __version__,
          "recipe": recipe_to_dict(recipe) if recipe is not None else None, "meta": dict(meta or {}), "paths": paths}
     try:
         json.dumps(h)

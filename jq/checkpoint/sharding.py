@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
-from jq.checkpoint.format import FIELDS, leaf_arrays, stored_specs
+from jq.checkpoint.format import FIELDS, QUANTIZED_KINDS, leaf_arrays, stored_specs
 from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import path_str
@@ -49,12 +49,10 @@ def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any,
     the first device.
     """
     default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-    if isinstance(spec, LowRank):  # a target LowRank: its base's arrays and its factors, each with its sharding
+    if isinstance(spec, (QTensor, LowRank)):  # a target leaf whose arrays carry shardings (a LowRank's: base + factors)
         spec = {f: getattr(a, "sharding", None) for f, a in leaf_arrays(spec).items()}
-    if isinstance(spec, QTensor):  # a target QTensor whose arrays carry shardings
-        spec = {f: getattr(getattr(spec, f), "sharding", None) for f in FIELDS if getattr(spec, f) is not None}
     per_field = isinstance(spec, Mapping)
-    flat = entry["kind"] in ("qtensor", "lowrank") and bool(entry["layout"].get("flat", False))
+    flat = entry["kind"] in QUANTIZED_KINDS and bool(entry["layout"].get("flat", False))
     out = {}
     for field, s in stored_specs(entry).items():
         sp = spec.get(field) if per_field else spec

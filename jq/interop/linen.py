@@ -1,7 +1,8 @@
 """Unmodified linen models on quantized trees: `apply` runs `model.apply` with the layer interceptor routing every
-routable layer whose kernel is a QTensor (or a `LowRank`: base + adapter) through `jq.ops` (where kernels plug in); any other QTensor — a custom
-`self.param` used with `@` — is dequantized inside the traced function first, which is always correct. Which layers
-are routed is found by one abstract trace (`jax.eval_shape`), so nothing about the model needs declaring."""
+routable layer whose kernel is a QTensor (or a `LowRank`: base + adapter) through `jq.ops` (where kernels plug in);
+any other QTensor — a custom `self.param` used with `@` — is dequantized inside the traced function first, which is
+always correct. Which layers are routed is found by one abstract trace (`jax.eval_shape`), so nothing about the
+model needs declaring."""
 
 from __future__ import annotations
 
