@@ -44,6 +44,8 @@ def merge_leaf(path: str, leaf: LowRank) -> QTensor:
         raise ValueError(f"{path}: the QA-LoRA merge would not be exact: " + "; ".join(problems))
     shift = leaf.scale * jnp.tensordot(leaf.a.astype(jnp.float32), leaf.b.astype(jnp.float32), axes=1)  # [G, *N]
     shift = shift.reshape(lay.scale_shape)
+    if q.zero_min:  # weight-unit offsets absorb the shift as it is
+        return dataclasses.replace(q, zero=q.zero.astype(jnp.float32) + shift)
     zero = q.zero.astype(jnp.float32) - shift / q.scale.astype(jnp.float32)
     return dataclasses.replace(q, zero=zero)
 

@@ -43,8 +43,13 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 # 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
 #     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
 #     other checkpoint stays 1.3 and reads in older jq.
+# 3.0 adds QTensors a 2.x reader would misread: `zero_min` (weight-unit offsets: GGUF Q4_1 imported natively), an
+#     `outer_scale` array (two-level scales: NVFP4) and scales stored in 8-bit float dtypes (MX's e8m0, NVFP4's
+#     e4m3). Written only for trees that hold such a leaf.
 LOWRANK_FORMAT_VERSION = "2.0"
-READS_MAJOR = 2
+SCALED_FORMAT_VERSION = "3.0"
+READS_MAJOR = 3
+PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZED_KINDS = ("qtensor", "lowrank")
 
 FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook
@@ -220,12 +225,26 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str],
-           lowrank: bool = False) -> dict[str, Any]:
-    """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves); `lowrank`: the tree holds
-    LowRank leaves, which need format 2.0."""
-    version = LOWRANK_FORMAT_VERSION if lowrank else FORMAT_VERSION
-    h = {"format": FORMAT, "format_version": version, "jq_version": __version__,
+def entry_version(entry: Mapping[str, Any]) -> str:
+    """The oldest format version that holds a leaf's metadata entry: 3.0 for weight-unit offsets, an outer scale or
+    8-bit float scales, 2.0 for a LowRank leaf, else 1.3."""
+    arrays = entry.get("arrays", {})
+    if entry.get("zero_min") or "outer_scale" in arrays or (
+            "scale" in arrays and arrays["scale"]["dtype"] not in PLAIN_SCALE_DTYPES):
+        return SCALED_FORMAT_VERSION
+    return LOWRANK_FORMAT_VERSION if entry.get("kind") == "lowrank" else FORMAT_VERSION
+
+
+def tree_version(entries: Sequence[Mapping[str, Any]]) -> str:
+    """The format version a checkpoint of these leaf entries is written as (the newest any leaf needs)."""
+    return max((entry_version(e) for e in entries), key=lambda v: tuple(int(p) for p in v.split(".")),
+               default=FORMAT_VERSION)
+
+
+def header(recipe: QuantConfig | None, meta: Mapping[str, Any] | None, paths: list[str]) -> dict[str, Any]:
+    """The checkpoint-level metadata (everything of jq_checkpoint.json but the leaves); its format_version is
+    settled when the leaves are known (`tree_version`)."""
+    h = {"format": FORMAT, "format_version": FORMAT_VERSION, "jq_version": __version__,
          "recipe": recipe_to_dict(recipe) if recipe is not None else None, "meta": dict(meta or {}), "paths": paths}
     try:
         json.dumps(h)

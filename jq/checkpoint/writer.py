@@ -37,6 +37,7 @@ from jq.checkpoint.format import (
     nest,
     quiet_storage,
     sealed,
+    tree_version,
 )
 from jq.numbers.lowrank import is_lowrank, is_weight_leaf
 from jq.numbers.qtensor import QTensor
@@ -213,7 +214,9 @@ class Writer:
             raise ValueError(f"{self.out}: {len(missing)} planned leaves were not written (first: {missing[:1]}); "
                              "nothing was committed" if missing else f"nothing to write to {self.out}: no leaves")
         try:
-            _write_json(self.staging / META_FILE, sealed({**self.header, "leaves": self.leaves}))
+            version = tree_version(list(self.leaves.values()))
+            _write_json(self.staging / META_FILE, sealed({**self.header, "format_version": version,
+                                                          "leaves": self.leaves}))
         except OSError as e:
             if _no_space(e):
                 raise OSError(errno.ENOSPC, f"no space left on device while committing {self.out}; {self._left()}. "
@@ -268,8 +271,7 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
             leaf_record(path, x)
     check_paths(items, [kp for kp, _ in flat])
     nest([(p, None) for p, _ in items])  # fail on ambiguous paths before anything is written
-    w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items], any(is_lowrank(x) for _, x in items)),
-               overwrite=overwrite)
+    w = Writer(directory, header(as_recipe(recipe), meta, [p for p, _ in items]), overwrite=overwrite)
     try:
         for path, x in items:
             w.add(path, x)

@@ -8,6 +8,8 @@ Conventions (those of GPTQ, AutoGPTQ, llm-compressor and torchao, so results com
   `restricted=True` gives absmax / (2^(b−1) − 1) and codes −7..7.
 - asymmetric int: the range is widened to contain 0, scale = (max − min) / (2^b − 1),
   zero = round(−min / scale) in code units (or unrounded with `zero_point="float"`), codes in [0, 2^b − 1].
+  `zero_point="min"` stores the minimum itself in weight units (in `scale_dtype`) and a weight is code·scale + min —
+  GGUF Q4_1 / K-quants' d·q + m; the range is not widened, so 0 need not be on the grid.
 - fp8 / fp4 / NF4 (symmetric only): scale = absmax / format max.
 Scales are rounded to `scale_dtype` *before* the codes are computed, so stored scales and codes agree exactly.
 """
@@ -28,7 +30,7 @@ from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_
 
 __all__ = ["Grid", "ZERO_POINTS", "SCALE_DTYPES", "choice"]
 
-ZERO_POINTS = ("int", "float")
+ZERO_POINTS = ("int", "float", "min")
 SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -91,7 +93,8 @@ class Grid:
     def describe(self) -> str:
         """'int4 asym g128': the grid in a few words (`jq.numbers.qtensor.grid_label`)."""
         g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
-        return grid_label(self.format, self.symmetric, g)
+        return grid_label(self.format, self.symmetric, g) + (" min" if self.zero_point == "min" and not self.symmetric
+                                                              else "")
 
     # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
@@ -139,16 +142,20 @@ class Grid:
         return float(2 ** (f.bits - 1) - 1 if self.restricted else (2**f.bits - 1) / 2)
 
     def scale_zero(self, lo: jnp.ndarray, hi: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray | None]:
-        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units) for ranges lo..hi; all of
-        the ranges' shape (keepdims over the grouped view, e.g. [G, 1, N]), zero None when symmetric."""
+        """Scales (rounded to `scale_dtype`, returned as f32) and zero points (code units; the minimum in weight units
+        for `zero_point="min"`) for ranges lo..hi; all of the ranges' shape (keepdims over the grouped view, e.g.
+        [G, 1, N]), zero None when symmetric."""
         f = self.fmt
         sdt = jnp.dtype(self.scale_dtype)
         if self.symmetric:
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
             scale = _nonzero((amax / self.code_span).astype(sdt).astype(jnp.float32))
             return scale, None
-        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         qmax = 2**f.bits - 1
+        if self.zero_point == "min":
+            scale = _nonzero(((hi - lo) / qmax).astype(sdt).astype(jnp.float32))
+            return scale, lo.astype(sdt).astype(jnp.float32)
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         scale = _nonzero(((hi - lo) / qmax).astype(sdt).astype(jnp.float32))
         zero = -lo / scale
         if self.zero_point == "int":
@@ -159,17 +166,20 @@ class Grid:
 
     def encode(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
         """Codes (unpacked, xg's shape) for the grouped view `xg` under broadcastable `scale` / `zero`."""
-        y = xg / scale
-        if zero is not None:
-            y = y + zero
+        if zero is not None and self.zero_point == "min":
+            y = (xg - zero) / scale
+        else:
+            y = xg / scale if zero is None else xg / scale + zero
         return self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
 
     def decode(self, codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
         """Float32 values of unpacked `codes` (the grouped view) under broadcastable `scale` / `zero`; same shape."""
         v = self.fmt.decode(codes, jnp.float32)
-        if zero is not None:
-            v = v - zero
-        return v * scale
+        if zero is None:
+            return v * scale
+        if self.zero_point == "min":
+            return v * scale + zero
+        return (v - zero) * scale
 
     def fake_quant(self, xg: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
         """Quantize then dequantize (float in, float out), same shape."""
@@ -199,6 +209,7 @@ class Grid:
         if zero_g is not None:
             zdt = jnp.uint8 if self.zero_point == "int" else jnp.dtype(self.scale_dtype)
             zero = jnp.squeeze(zero_g, squeeze).astype(zdt)
+        zero_min = zero is not None and self.zero_point == "min"
         return QTensor(
             codes=codes,
             scale=scale.reshape(layout.scale_shape),
@@ -208,6 +219,7 @@ class Grid:
             layout=layout,
             symmetric=self.symmetric,
             restricted=self.restricted,
+            zero_min=zero_min,
             dtype=jnp.dtype(dtype).name,
             policy=policy,
         )

@@ -214,9 +214,13 @@ class QTensor:
       codebook: learned tables (format kind "lut" only), float16 `table_shape + (2^bits, vec)`, else None; the
         table shape is `scale_shape` (a table per scale position) or dims dividing it (one table shared by each block
         of scale positions, e.g. [G, 1] for one table per group of rows shared by every output channel).
+      outer_scale: float32 scalar (shape ()) multiplying every scale — a second, per-tensor level over low-precision
+        block scales (NVFP4: e4m3 scales per 16 weights times one float32), or None.
       fmt: format name (see `formats.FORMATS`).
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
+      zero_min: `zero` holds each group's offset in weight units and a weight is code·scale + zero (GGUF Q4_1 and
+        K-quants store a minimum this way: d·q + m), instead of a zero point in code units ((code − zero)·scale).
       dtype: name of the logical (dequantized) dtype.
       policy: how it executes (`ExecPolicy`: online rotation, activation quantization, outlier split) — the one
         static field that is not about what is stored.
@@ -227,10 +231,12 @@ class QTensor:
     zero: jax.Array | None = None
     perm: jax.Array | None = None
     codebook: jax.Array | None = None
+    outer_scale: jax.Array | None = None
     fmt: str = dataclasses.field(default="int8", metadata=dict(static=True))
     layout: Layout = dataclasses.field(default=None, metadata=dict(static=True))
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
     restricted: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    zero_min: bool = dataclasses.field(default=False, metadata=dict(static=True))
     dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
     policy: ExecPolicy = dataclasses.field(default=ExecPolicy(), metadata=dict(static=True))
 
@@ -258,7 +264,7 @@ class QTensor:
     def describe(self) -> str:
         """The grid in a few words, as reports and logs print it: 'int4 asym g128', 'int8 sym channel perm'."""
         return grid_label(self.fmt, self.symmetric, self.layout.granularity_label) + (
-            " perm" if self.perm is not None else "")
+            " min" if self.zero_min else "") + (" perm" if self.perm is not None else "")
 
     def __repr__(self) -> str:
         lay = self.layout
@@ -290,9 +296,15 @@ class QTensor:
         else:
             v = self.format.decode(self.unpacked_codes(), jnp.float32)
         v = v.reshape(lay.grouped_shape)
-        if self.zero is not None:
-            v = v - lay.expand_scale(self.zero.astype(jnp.float32))
-        v = v * lay.expand_scale(self.scale.astype(jnp.float32))
+        scale = self.scale.astype(jnp.float32)
+        if self.outer_scale is not None:
+            scale = scale * self.outer_scale.astype(jnp.float32)
+        if self.zero is None:
+            v = v * lay.expand_scale(scale)
+        elif self.zero_min:
+            v = v * lay.expand_scale(scale) + lay.expand_scale(self.zero.astype(jnp.float32))
+        else:
+            v = (v - lay.expand_scale(self.zero.astype(jnp.float32))) * lay.expand_scale(scale)
         w = lay.from_grouped(v, self.perm)
         if self.policy.rotation is not None:  # stored Qᵀ W → W = Q (Qᵀ W)
             w = self.policy.rotation.inverse(w, axis=lay.axes[0])
@@ -337,6 +349,10 @@ class QTensor:
             problems.append(f"perm shape {tuple(self.perm.shape)} != ({lay.shape[lay.group_axis]},)")
         if (self.zero is None) != (self.symmetric or not f.is_int):
             problems.append("zero point present/absent contrary to the symmetry")
+        if self.zero_min and self.zero is None:
+            problems.append("zero_min set without a zero (offset) array")
+        if self.outer_scale is not None and tuple(self.outer_scale.shape) != ():
+            problems.append(f"outer_scale shape {tuple(self.outer_scale.shape)} != () (one scalar per tensor)")
         if (self.codebook is None) != (f.kind != "lut"):
             problems.append(f"codebook present/absent contrary to the format {self.fmt}")
         elif self.codebook is not None and not _tables_fit(tuple(self.codebook.shape), lay.scale_shape, f):
@@ -358,7 +374,8 @@ class QTensor:
         return 8.0 * self.nbytes / self.size
 
     def _arrays(self) -> list[jax.Array]:
-        return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook) if a is not None]
+        return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook, self.outer_scale)
+                if a is not None]
 
 
 def _tables_fit(cb_shape: tuple[int, ...], scale_shape: tuple[int, ...], f: formats.Format) -> bool:

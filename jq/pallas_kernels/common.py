@@ -229,8 +229,8 @@ def tpu_k_align(lane_cols_per_k: int, group: int | None) -> int:
 # -- tile maths (shared by both styles and by interpret mode) -------------------------------------------------
 
 
-def dequant_rows(q: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.Array:
-    """(q − zero) · scale in f32 for a weight tile.
+def dequant_rows(q: jax.Array, scale: jax.Array, zero: jax.Array | None, zero_min: bool = False) -> jax.Array:
+    """(q − zero) · scale in f32 for a weight tile (q · scale + zero when `zero_min`: offsets in weight units).
 
     q: (R, bn) codes (any int or float dtype). scale, zero: (r, bn) with r dividing R — row block i of R / r
     consecutive rows uses scale row i (group scales inside a K step); r == 1 is one row for the whole tile.
@@ -241,14 +241,17 @@ def dequant_rows(q: jax.Array, scale: jax.Array, zero: jax.Array | None) -> jax.
     z = None if zero is None else zero.astype(jnp.float32)
     r, bn = s.shape
     R = f.shape[0]
-    if r == 1:
-        if z is not None:
-            f = f - z
-        return f * s
-    f = f.reshape(r, R // r, bn)
-    if z is not None:
-        f = f - z.reshape(r, 1, bn)
-    return (f * s.reshape(r, 1, bn)).reshape(R, bn)
+    if r != 1:
+        f = f.reshape(r, R // r, bn)
+        s = s.reshape(r, 1, bn)
+        z = None if z is None else z.reshape(r, 1, bn)
+    if z is None:
+        out = f * s
+    elif zero_min:
+        out = f * s + z
+    else:
+        out = (f - z) * s
+    return out.reshape(R, bn)
 
 
 # -- compiler parameters across jax releases --------------------------------------------------------------------

@@ -91,6 +91,8 @@ def _common(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
         return None, "a 1-D weight"
     if lay.flat:
         return None, "flat groups"
+    if rhs.outer_scale is not None:
+        return None, "a per-tensor outer scale (two-level scales: NVFP4)"
     if rhs.policy.rotation is not None or rhs.policy.act_outlier is not None:
         return None, "rotation / outlier split pending (jq.ops resolves those before asking the kernels)"
     if jnp.dtype(lhs.dtype) not in FLOAT_ACTS:
@@ -211,7 +213,7 @@ def run_w4a16(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbe
     def k(x, w):
         scale, zero = _meta(w)
         y = w4a16.w4a16_matmul(_x2d(x, w), _codes2d(w), scale, zero, group_size=_group(w), symmetric=w.symmetric,
-                               out_dtype=out_dtype, mode=mode)
+                               zero_min=w.zero_min, out_dtype=out_dtype, mode=mode)
         return y.reshape(_out_shape(x, w))
 
     return _with_xla_grad(k, lhs, rhs)
@@ -251,8 +253,8 @@ def run_w8a16(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbe
 
     def k(x, w):
         scale, zero = _meta(w)
-        y = w8a16.w8a16_matmul(_x2d(x, w), _codes2d(w), scale, zero, group_size=_group(w), out_dtype=out_dtype,
-                               mode=mode)
+        y = w8a16.w8a16_matmul(_x2d(x, w), _codes2d(w), scale, zero, group_size=_group(w), zero_min=w.zero_min,
+                               out_dtype=out_dtype, mode=mode)
         return y.reshape(_out_shape(x, w))
 
     return _with_xla_grad(k, lhs, rhs)

@@ -57,7 +57,7 @@ def unsupported(style: str, group_size: int | None) -> str | None:
     return None
 
 
-def _tile(x_even, x_odd, w, scale, zero=None, *, symmetric: bool):
+def _tile(x_even, x_odd, w, scale, zero=None, *, symmetric: bool, zero_min: bool = False):
     """One K step. x_even, x_odd: (bm, h); w: (h, bn) int8 bytes; scale/zero: (r, bn), r | h. → (bm, bn) f32."""
     v = w.astype(jnp.int32)
     if symmetric:  # sign-extend each nibble: shift it to the top of the int32, shift back arithmetically
@@ -67,8 +67,8 @@ def _tile(x_even, x_odd, w, scale, zero=None, *, symmetric: bool):
         lo = v & 15
         hi = jax.lax.shift_right_arithmetic(v, 4) & 15
     dt = x_even.dtype
-    w_lo = dequant_rows(lo, scale, zero).astype(dt)
-    w_hi = dequant_rows(hi, scale, zero).astype(dt)
+    w_lo = dequant_rows(lo, scale, zero, zero_min).astype(dt)
+    w_hi = dequant_rows(hi, scale, zero, zero_min).astype(dt)
     acc = jnp.dot(x_even, w_lo, preferred_element_type=jnp.float32)
     return acc + jnp.dot(x_odd, w_hi, preferred_element_type=jnp.float32)
 
@@ -81,6 +81,7 @@ def w4a16_matmul(
     *,
     group_size: int | None = None,
     symmetric: bool | None = None,
+    zero_min: bool = False,
     out_dtype: DTypeLike | None = None,
     blocks: Blocks | None = None,
     mode: Mode | None = None,
@@ -91,7 +92,8 @@ def w4a16_matmul(
       x: (M, K) bf16 / f16 / f32 activations, K <= Kq (zero-padded up to Kq).
       packed: (Kq/2, N) uint8 or int8, two codes per byte along K (see the module docstring).
       scale: (Kq/g, N) group scales, or (1, N) per channel (group_size None).
-      zero: zero points in code units, same shape as scale, or None for symmetric codes.
+      zero: zero points in code units, same shape as scale, or None for symmetric codes (with `zero_min`: offsets in
+        weight units, w = q·s + zero, as GGUF Q4_1 stores d·q + m).
       group_size: g, or None for per-channel scales.
       symmetric: codes are two's complement (default: zero is None).
       out_dtype: result dtype (default x.dtype). blocks / mode: override the autotuner / the backend's mode.
@@ -130,7 +132,7 @@ def w4a16_matmul(
         arrays.append(pad_to(zero.astype(zdt), (meta_rows, plan.Np), 0))
         specs.append(meta_spec)
     out = tiled_matmul(
-        functools.partial(_tile, symmetric=symmetric), identity_epilogue, arrays, specs,
+        functools.partial(_tile, symmetric=symmetric, zero_min=zero_min), identity_epilogue, arrays, specs,
         fit=plan, out_dtype=out_dtype, acc_dtype=jnp.float32, mode=mode, name=_name(group_size, symmetric),
     )
     return out[:M, :N]

@@ -44,10 +44,10 @@ def unsupported(style: str, group_size: int | None) -> str | None:
     return None
 
 
-def _tile(x, w, scale, zero=None, *, unsigned: bool):
+def _tile(x, w, scale, zero=None, *, unsigned: bool, zero_min: bool = False):
     """One K step. x: (bm, bk); w: (bk, bn) codes; scale / zero: (r, bn). → (bm, bn) f32."""
     q = (w.astype(jnp.int32) & 255) if unsigned else w
-    wd = dequant_rows(q, scale, zero).astype(x.dtype)
+    wd = dequant_rows(q, scale, zero, zero_min).astype(x.dtype)
     return jnp.dot(x, wd, preferred_element_type=jnp.float32)
 
 
@@ -58,6 +58,7 @@ def w8a16_matmul(
     zero: jax.Array | None = None,
     *,
     group_size: int | None = None,
+    zero_min: bool = False,
     out_dtype: DTypeLike | None = None,
     blocks: Blocks | None = None,
     mode: Mode | None = None,
@@ -67,7 +68,8 @@ def w8a16_matmul(
     Args:
       x: (M, K) bf16 / f16 / f32, K <= Kq (zero-padded up to Kq).
       codes: (Kq, N) int8 (symmetric), uint8 (asymmetric, with `zero`) or float8 codes.
-      scale: (Kq/g, N) group scales or (1, N) per channel. zero: same shape (code units) or None.
+      scale: (Kq/g, N) group scales or (1, N) per channel. zero: same shape (code units; weight-unit offsets with
+        `zero_min`) or None.
       group_size: g, or None for per-channel scales.
     Returns: (M, N) in out_dtype (default x.dtype).
     """
@@ -95,7 +97,7 @@ def w8a16_matmul(
         arrays.append(pad_to(zero.astype(zdt), (rows, plan.Np), 0))
         specs.append(meta)
     out = tiled_matmul(
-        functools.partial(_tile, unsigned=unsigned), identity_epilogue, arrays, specs,
+        functools.partial(_tile, unsigned=unsigned, zero_min=zero_min), identity_epilogue, arrays, specs,
         fit=plan, out_dtype=out_dtype or x.dtype, acc_dtype=jnp.float32, mode=mode,
         name=_name(group_size, codes.dtype),
     )

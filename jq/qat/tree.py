@@ -140,7 +140,8 @@ def init_from(qparams: Params, cfg: QuantConfig) -> dict[str, Any]:
         if p is None or not p.lsq:
             return w
         sch, lay = p.scheme, p.layout
-        zkind = None if x.zero is None else ("int" if jnp.issubdtype(x.zero.dtype, jnp.integer) else "float")
+        zkind = None if x.zero is None else ("min" if x.zero_min else
+                                             "int" if jnp.issubdtype(x.zero.dtype, jnp.integer) else "float")
         want = None if sch.symmetric else sch.zero_point
         problems = [f"{name} {got!r} (recipe {exp!r})" for name, got, exp in (
             ("format", x.fmt, sch.format), ("symmetric", x.symmetric, sch.symmetric), ("zero point", zkind, want),
