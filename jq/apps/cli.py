@@ -64,9 +64,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text_path = Path(args.text) if args.text else data.default_eval_text()
     text = data.read_text(text_path, "--text")  # every input is checked before the model loads
     also = {str(f): data.read_text(f, "--also-text") for f in args.also_text or []}
+    if args.native and args.recipe:
+        raise ValueError("--native evaluates the model as shipped (its GGUF blocks as QTensors); --recipe quantizes "
+                         "the float model: pass one of them")
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe, text_path)
-    m = pipeline.load(args.model)
+    m = pipeline.load(args.model, native=args.native)
     data.check_window(m.cfg, args.window, "--window")
     calib, calib_info = _calibration(args, m, recipe, files)
     load_s = time.perf_counter() - t0
@@ -168,9 +171,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new must be >= 1, got {args.max_new}")
     if (args.kv_group_size or args.kv_rotate) and not args.kv:
         raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
+    if args.native and (args.recipe or args.quantized):
+        raise ValueError("--native generates with the model as shipped (its GGUF blocks as QTensors); --recipe / "
+                         "--quantized bring other weights: pass one of them")
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe)
-    m = pipeline.load(args.model)
+    m = pipeline.load(args.model, native=args.native)
     params, kv, cfg = m.params, None, m.cfg
     if recipe is not None:
         params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe, files)[0], progress=False)
@@ -183,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size, rotate=args.kv_rotate)
     text, r = generate.generate_text(cfg, params, m.tokenizer, args.prompt, args.max_new, kv, args.temperature,
                                      args.seed, args.max_len, dtype=args.dtype)
-    info = {"text": text, "recipe": recipe.name if recipe else args.quantized or "float",
+    info = {"text": text, "recipe": recipe.name if recipe else args.quantized or ("native" if args.native else "float"),
             "kv_cache": kv.describe() if kv else "float", **r.summary()}
     if args.json:
         print(json.dumps(info))
@@ -214,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of a model, float or quantized by a recipe")
     e.add_argument("--model", required=True, help=_MODEL_HELP)
     e.add_argument("--recipe", help="a YAML recipe (configs/…); omit for the float model")
+    e.add_argument("--native", action="store_true",
+                   help="the model as shipped: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensors read as QTensors, not dequantized")
     e.add_argument("--text", help="evaluation text file (default: persuasion.txt)")
     e.add_argument("--also-text", nargs="+", metavar="FILE",
                    help="more texts scored by the same quantized model (e.g. a text of another kind)")
@@ -254,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help=_MODEL_HELP)
     g.add_argument("--recipe", help="a YAML recipe quantizing the weights and/or the KV cache (kv_cache:)")
     g.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
+    g.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--max-new", type=int, default=32, help="new tokens to generate (default 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")

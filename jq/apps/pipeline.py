@@ -33,10 +33,10 @@ __all__ = ["LoadedModel", "load", "quantized_forward", "evaluate", "rotated", "q
 Params = dict[str, Any]
 
 
-def load(model: str) -> LoadedModel:
+def load(model: str, native: bool = False) -> LoadedModel:
     """Load a GGUF file, a Hugging Face directory or a known name (`smollm2-135m`) of a causal-LM family, with its
-    tokenizer."""
-    m = load_model(model)
+    tokenizer; `native`: keep a GGUF file's legacy block types as the QTensors they are (the model as shipped)."""
+    m = load_model(model, native)
     if not m.family.causal_lm:
         raise ValueError(f"{model}: a {m.family.name} model is not a causal language model; perplexity and "
                          "generation need one (an encoder is measured by benchmarks/minilm_fidelity.py)")
@@ -140,7 +140,8 @@ def evaluate(
     return {
         "model": m.source,
         "family": m.family.name,
-        "recipe": recipe.name if recipe is not None else "float",
+        "recipe": recipe.name if recipe is not None else ("native" if m.native else "float"),
+        **({"native": m.native} if m.native and recipe is None else {}),
         "kv_cache": kv.describe() if kv is not None else None,
         "rotation": dataclasses.asdict(recipe.rotation) if recipe is not None and recipe.rotation else None,
         **result,

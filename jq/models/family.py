@@ -98,14 +98,16 @@ class ModelFamily:
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A model read from a file or a known name: its family, config, fp32 parameter tree, tokenizer (None when
-    the source has none) and where it came from."""
+    """A model read from a file or a known name: its family, config, parameter tree (fp32 arrays; QTensors where it
+    was read natively), tokenizer (None when the source has none), where it came from, and `native`: for a native
+    read, how each stored tensor type arrived ({type: {"tensors", "as": "QTensor int4 ..." | "dequantized"}})."""
 
     family: ModelFamily
     cfg: Any
     params: Params
     tokenizer: Any
     source: str
+    native: dict[str, Any] | None = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

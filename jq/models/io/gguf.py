@@ -14,6 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from jq.models.family import LoadedModel, ModelFamily, family_for_gguf
+from jq.models.io.gguf_native import NATIVE_TYPES, reader_for
 from jq.models.io.lazy import LazyParam, StoredTensor, lazy_params, materialize
 from jq.models.io.tokenizer import Tokenizer
 
@@ -102,12 +103,36 @@ def _tensor_fp32(t: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
-def open_gguf(path: str | Path) -> tuple[ModelFamily, Any, list[LazyParam], dict[str, Any]]:
+def _stored(t: Any, path: Path, native: bool) -> StoredTensor:
+    shape = tuple(int(d) for d in reversed(t.shape))
+    nat = None
+    if native and t.tensor_type in NATIVE_TYPES and len(shape) == 2:
+        nat = reader_for(lambda: np.asarray(t.data), t.tensor_type, shape)
+    return StoredTensor(t.name, shape, path, functools.partial(_tensor_fp32, t), nat)
+
+
+def native_summary(reader: GGUFReader) -> dict[str, Any]:
+    """How each tensor type of a natively read file arrives: {type: {"tensors": n, "as": "QTensor" | "float"}}
+    (F32 / F16 stay float; the K-quants are dequantized: jq has no exact layout for their nested scales)."""
+    out: dict[str, Any] = {}
+    for t in reader.tensors:
+        e = out.setdefault(t.tensor_type.name, {"tensors": 0, "as": "float"})
+        e["tensors"] += 1
+        if t.tensor_type in NATIVE_TYPES and len(t.shape) == 2:
+            e["as"] = "QTensor"
+        elif t.tensor_type.name not in ("F32", "F16", "BF16"):
+            e["as"] = "dequantized to float32 (no exact jq layout for this type)"
+    return out
+
+
+def open_gguf(path: str | Path, native: bool = False) -> tuple[ModelFamily, Any, list[LazyParam], dict[str, Any]]:
     """Open a GGUF file lazily -> (its family, config, one `LazyParam` per parameter, GGUF metadata).
 
     The family comes from `general.architecture`; only the header is read and checked (tensor types, every
     parameter present with its shape); the file is memory-mapped and each `LazyParam.load()` dequantizes one tensor
     to fp32 in the family's layout (kernels (in, out), plus whatever the family's `gguf_tensor` map converts).
+    With `native`, a 2-D tensor of a legacy block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) loads as the QTensor it is
+    (`jq.models.io.gguf_native`), exactly; other types are dequantized as before.
     """
     path = Path(path)
     if not path.is_file():
@@ -119,12 +144,16 @@ def open_gguf(path: str | Path) -> tuple[ModelFamily, Any, list[LazyParam], dict
         raise ValueError(f"{path}: model family {family.name!r} has no GGUF reader")
     cfg = family.config_from_gguf(meta, {t.name for t in reader.tensors})
     _check_types(reader)
-    tensors = [StoredTensor(t.name, tuple(int(d) for d in reversed(t.shape)), path, functools.partial(_tensor_fp32, t))
-               for t in reader.tensors]
-    return family, cfg, lazy_params(family, cfg, tensors, family.gguf_tensor, path), meta
+    tensors = [_stored(t, path, native) for t in reader.tensors]
+    lazy = lazy_params(family, cfg, tensors, family.gguf_tensor, path)
+    if native:
+        meta = {**meta, "jq.native": native_summary(reader)}
+    return family, cfg, lazy, meta
 
 
-def load_gguf(path: str | Path) -> LoadedModel:
-    """Read a GGUF file -> its family, config, params (nested dict of fp32 np.ndarray) and tokenizer."""
-    family, cfg, lazy, meta = open_gguf(path)
-    return LoadedModel(family, cfg, materialize(lazy), Tokenizer.from_gguf_metadata(meta), str(path))
+def load_gguf(path: str | Path, native: bool = False) -> LoadedModel:
+    """Read a GGUF file -> its family, config, params (nested dict of fp32 np.ndarray; with `native`, QTensors for
+    the legacy block types, see `open_gguf`) and tokenizer."""
+    family, cfg, lazy, meta = open_gguf(path, native)
+    return LoadedModel(family, cfg, materialize(lazy), Tokenizer.from_gguf_metadata(meta), str(path),
+                       meta.get("jq.native"))

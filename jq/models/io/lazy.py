@@ -32,16 +32,20 @@ class LazyParam:
 
 @dataclasses.dataclass(frozen=True)
 class StoredTensor:
-    """A tensor as a file lists it: name, shape in NumPy order (a linear weight is (out, in)), the file, and a
-    reader returning it as fp32 in that order."""
+    """A tensor as a file lists it: name, shape in NumPy order (a linear weight is (out, in)), the file, a reader
+    returning it as fp32 in that order, and optionally `native(map)`: the tensor as the QTensor it already is, in
+    the parameter's layout (None when it has no exact jq layout: then `read` is used)."""
 
     name: str
     shape: tuple[int, ...]
     file: Path
     read: Callable[[], np.ndarray]
+    native: Callable[[TensorMap], Any] | None = None
 
 
-def _read_mapped(t: StoredTensor, m: TensorMap) -> np.ndarray:
+def _read_mapped(t: StoredTensor, m: TensorMap) -> Any:
+    if t.native is not None and (q := t.native(m)) is not None:
+        return q
     return m.apply(np.asarray(t.read(), np.float32))
 
 

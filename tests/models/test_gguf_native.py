@@ -1,0 +1,130 @@
+"""GGUF legacy blocks read natively as QTensors: exactly the values `gguf.quants.dequantize` gives, at the file's own
+bits per weight, through the model, the kernels and a checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+import jq
+from jq import checkpoint as ck
+from jq.apps.pipeline import quantized_forward
+from jq.models.family import TensorMap
+from jq.models.io.gguf import load_gguf
+from jq.models.io.gguf_native import NATIVE_TYPES, native_qtensor, row_permutation
+from jq.models.llama.weights import unpermute_qk
+from jq.numbers.qtensor import QTensor
+from jq.pallas_kernels import force_interpret
+from jq.pallas_kernels.w4a16 import w4a16_matmul
+from jq.pallas_kernels.w8a16 import w8a16_matmul
+from jq.tree.paths import leaf_paths
+
+from jqtest.llama import TOKENS_IN, tiny_cfg, tiny_checkpoint, write_gguf
+
+# bits per weight of each block type: codes + f16 scale (+ f16 offset) per 32
+BPW = {Q.Q4_0: 4.5, Q.Q4_1: 5.0, Q.Q5_0: 5.5, Q.Q5_1: 6.0, Q.Q8_0: 8.5}
+
+
+def _raw(kind: Q, shape: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(the GGUF bytes of a random (R, C) tensor, llama.cpp's own dequantization of them, fp32 (R, C))."""
+    w = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.2
+    w[0, :32] = 0.0  # an all-zero block
+    raw = quants.quantize(w, kind)
+    return raw, quants.dequantize(raw, kind).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", list(NATIVE_TYPES))
+@pytest.mark.parametrize("transpose", [True, False])
+def test_blocks_read_exactly_as_llama_cpp_dequantizes_them(kind, transpose):
+    raw, ref = _raw(kind, (24, 96), seed=int(kind))
+    q = native_qtensor(raw, kind, (24, 96), TensorMap("a/kernel", transpose=transpose))
+    assert isinstance(q, QTensor) and q.layout.group_size == 32
+    want = ref.T if transpose else ref
+    assert q.shape == want.shape and q.layout.axes == ((0,) if transpose else (1,))
+    np.testing.assert_array_equal(np.asarray(q.dequantize(jnp.float32)), want)
+    assert q.bits_per_weight == BPW[kind]
+    assert q.zero_min == (kind in (Q.Q4_1, Q.Q5_1)) and q.symmetric == (kind not in (Q.Q4_1, Q.Q5_1))
+
+
+def test_a_row_permuting_convert_moves_whole_rows_and_anything_else_falls_back():
+    raw, ref = _raw(Q.Q4_1, (16, 64))
+    m = TensorMap("q/kernel", transpose=True, convert=lambda w: unpermute_qk(w, n_heads=2))
+    assert sorted(row_permutation(m, 16)) == list(range(16))
+    q = native_qtensor(raw, Q.Q4_1, (16, 64), m)
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), unpermute_qk(ref, 2).T)
+    scaled = TensorMap("q/kernel", transpose=True, convert=lambda w: w * 2)
+    assert row_permutation(scaled, 16) is None and native_qtensor(raw, Q.Q4_1, (16, 64), scaled) is None
+    assert native_qtensor(raw, Q.Q4_K, (16, 64), TensorMap("x")) is None  # no exact layout: the caller dequantizes
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tiny_model_native_is_the_float_model_at_the_files_bits(tmp_path, tie):
+    cfg = tiny_cfg(tie)
+    write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg, seed=3))
+    f, n = load_gguf(tmp_path / "m.gguf"), load_gguf(tmp_path / "m.gguf", native=True)
+    assert f.native is None and n.native["Q4_1"]["as"] == "QTensor" and n.native["F16"]["as"] == "float"
+    fl, nl = dict(leaf_paths(f.params)), dict(leaf_paths(n.params))
+    assert fl.keys() == nl.keys()
+    native = {p for p, v in nl.items() if isinstance(v, QTensor)}
+    assert "layers_0/attn/q_proj/kernel" in native and "embed/embedding" in native  # q: rows un-interleaved
+    for p in native:
+        np.testing.assert_array_equal(np.asarray(nl[p].dequantize()), fl[p], err_msg=p)
+    assert nl["layers_1/attn/q_proj/kernel"].bits_per_weight == 5.0
+    fwd = quantized_forward(cfg)
+    ids = jnp.asarray(TOKENS_IN[None])
+    want = np.asarray(fwd(f.params, ids))
+    np.testing.assert_allclose(np.asarray(fwd(n.params, ids)), want, rtol=1e-5, atol=1e-5)
+    with force_interpret():  # the int4 / int8 kernels on the native blocks
+        got = np.asarray(quantized_forward(cfg)(n.params, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_1, Q.Q8_0, Q.Q4_0])
+def test_kernels_take_native_blocks_offsets_included(kind):
+    raw, _ = _raw(kind, (128, 64), seed=5)
+    q = native_qtensor(raw, kind, (128, 64), TensorMap("k", transpose=True))  # (64, 128) kernel
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((8, 64)), jnp.float32)
+    want = np.asarray(x @ q.dequantize())
+    scale, zero = q.scale, q.zero
+    if kind == Q.Q8_0:
+        y = w8a16_matmul(x, q.codes, scale, zero, group_size=32, zero_min=q.zero_min)
+    else:
+        y = w4a16_matmul(x, q.codes, scale, zero, group_size=32, symmetric=q.symmetric, zero_min=q.zero_min)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_model_checkpoint_round_trip_is_format_3(tmp_path):
+    cfg = tiny_cfg(True)
+    write_gguf(tmp_path / "m.gguf", cfg, tiny_checkpoint(cfg, seed=4))
+    n = load_gguf(tmp_path / "m.gguf", native=True)
+    d = ck.save(tmp_path / "ck", n.params)
+    assert ck.read_meta(d)["format_version"] == "3.0"
+    back = ck.load(d)
+    for (p, a), (_, b) in zip(leaf_paths(n.params), leaf_paths(back)):
+        if isinstance(a, QTensor):
+            assert b.zero_min == a.zero_min and b.describe() == a.describe(), p
+            np.testing.assert_array_equal(np.asarray(b.dequantize()), np.asarray(a.dequantize()), err_msg=p)
+    plain = ck.save(tmp_path / "plain", {"w": np.ones(3, np.float32)})
+    assert ck.read_meta(plain)["format_version"] == ck.FORMAT_VERSION
+
+
+def test_zero_point_min_grid_quantizes_like_q4_1():
+    w = np.random.default_rng(7).standard_normal((64, 16)).astype(np.float32) + 3.0  # a range far from 0
+    sch = jq.Scheme(format="int4", symmetric=False, group_size=32, zero_point="min")
+    cfg = jq.QuantConfig(rules=[jq.Rule(pattern=".*", scheme=sch)])
+    q = jq.quantize_params({"w": {"kernel": w}}, cfg)["w"]["kernel"]
+    assert q.zero_min and q.describe() == "int4 asym g32 min" and q.bits_per_weight == 5.0
+    codes = np.asarray(q.unpacked_codes()).reshape(2, 32, 16)
+    assert codes.min() == 0 and codes.max() == 15  # min and max of each group land on the grid's ends
+    lo = w.reshape(2, 32, 16).min(1)
+    np.testing.assert_array_equal(np.asarray(q.zero, np.float32), lo.astype(np.float16).astype(np.float32))
+    err = np.abs(np.asarray(q.dequantize()) - w).max()
+    step = (w.reshape(2, 32, 16).max(1) - lo).max() / 15
+    assert err <= step / 2 + 1e-2  # round to nearest (plus the f16 rounding of the offset)
+    widened = jq.quantize_params({"w": {"kernel": w}}, jq.QuantConfig(rules=[jq.Rule(
+        pattern=".*", scheme=jq.Scheme(format="int4", symmetric=False, group_size=32))]))["w"]["kernel"]
+    assert err < np.abs(np.asarray(widened.dequantize()) - w).max()  # code-unit zeros must widen the range to 0
