@@ -8,20 +8,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
+from gguf import GGUFReader, quants
 
 import jq
 from jq import checkpoint as ck
 from jq.apps.pipeline import quantized_forward
 from jq.models.family import TensorMap
 from jq.models.io.gguf import load_gguf
-from jq.models.io.gguf_native import NATIVE_TYPES, native_qtensor, row_permutation
+from jq.models.io.gguf_native import NATIVE_TYPES, blocks_to_codes, native_qtensor, row_permutation
+from jq.models.io.gguf_write import codes_to_blocks, export_gguf
 from jq.models.llama.weights import unpermute_qk
 from jq.numbers.qtensor import QTensor
 from jq.pallas_kernels import force_interpret
 from jq.pallas_kernels.w4a16 import w4a16_matmul
 from jq.pallas_kernels.w8a16 import w8a16_matmul
 from jq.tree.paths import leaf_paths
+from jq.tree.recipe import load_recipe
 
 from jqtest.llama import TOKENS_IN, tiny_cfg, tiny_checkpoint, write_gguf
 
@@ -128,3 +130,52 @@ def test_zero_point_min_grid_quantizes_like_q4_1():
     widened = jq.quantize_params({"w": {"kernel": w}}, jq.QuantConfig(rules=[jq.Rule(
         pattern=".*", scheme=jq.Scheme(format="int4", symmetric=False, group_size=32))]))["w"]["kernel"]
     assert err < np.abs(np.asarray(widened.dequantize()) - w).max()  # code-unit zeros must widen the range to 0
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def test_codes_to_blocks_inverts_the_reader_byte_for_byte():
+    for kind in NATIVE_TYPES:
+        raw, _ = _raw(kind, (8, 64), seed=11)
+        assert np.array_equal(codes_to_blocks(*blocks_to_codes(raw, kind), kind), raw), kind.name
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_of_a_native_model_is_the_file_it_came_from(tmp_path, tie):
+    cfg = tiny_cfg(tie)
+    src = tmp_path / "m.gguf"
+    write_gguf(src, cfg, tiny_checkpoint(cfg, seed=8))
+    n = load_gguf(src, native=True)
+    report = export_gguf(n.params, n.cfg, n.family, src, tmp_path / "out.gguf")
+    assert all(r["exact"] for r in report)
+    a, b = GGUFReader(str(src)), GGUFReader(str(tmp_path / "out.gguf"))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        want = ta.tensor_type if ta.tensor_type not in (Q.F16, Q.BF16) else Q.F32  # float leaves are written F32
+        assert tb.tensor_type == want, ta.name
+        if ta.tensor_type in NATIVE_TYPES:
+            assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
+    back = load_gguf(tmp_path / "out.gguf", native=True)
+    assert back.tokenizer.encode("the cat") == n.tokenizer.encode("the cat")
+    for (p, x), (_, y) in zip(leaf_paths(n.params), leaf_paths(back.params)):
+        x = x.dequantize() if isinstance(x, QTensor) else x
+        y = y.dequantize() if isinstance(y, QTensor) else y
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x), err_msg=p)
+
+
+def test_export_of_other_grids_names_the_nearest_type_and_refuses_what_gguf_cannot_hold(tmp_path):
+    cfg = tiny_cfg(True)
+    src = tmp_path / "m.gguf"
+    write_gguf(src, cfg, tiny_checkpoint(cfg, seed=9))
+    f = load_gguf(src)
+    q = jq.quantize_params(f.params, load_recipe("rtn_w4_g128_pad"))
+    report = {r["path"]: r for r in export_gguf(q, f.cfg, f.family, src, tmp_path / "o.gguf")}
+    r = report["layers_0/mlp/up_proj/kernel"]
+    assert not r["exact"] and r["gguf"] == "Q4_1" and "re-quantized" in r["note"]
+    assert report["final_norm/scale"]["exact"]
+    rot = jq.quantize_params(f.params, jq.QuantConfig(rules=[jq.Rule(pattern=".*mlp.*kernel", scheme=jq.Scheme(
+        format="int8", rotate="hadamard"))]))
+    with pytest.raises(ValueError, match=r"layers_0/mlp/\w+_proj/kernel.*online rotation"):
+        export_gguf(rot, f.cfg, f.family, src, tmp_path / "r.gguf")
+    assert not (tmp_path / "r.gguf").exists() and not list(tmp_path.glob(".r.gguf*"))  # nothing half-written
