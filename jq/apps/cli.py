@@ -158,33 +158,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """`jq generate`: generate text with the (quantized) model and KV cache; prints the text and tokens/s."""
-    from jq.numbers.kvcache import KVCacheConfig
-    from jq.apps import generate
+def _weights(args: argparse.Namespace):
+    """The model and the weights a command runs (`--recipe`, `--quantized DIR`, `--native`, or float): (model, params,
+    config, KV-cache config, recipe), every argument checked before the model loads."""
     from jq.apps import pipeline
 
-    if args.recipe and args.quantized:
-        raise ValueError("--recipe and --quantized cannot be combined: --quantized DIR already holds weights "
-                         "quantized by a recipe; pass one of them (set the KV cache with --kv int8|int4)")
-    if args.max_new < 1:
-        raise ValueError(f"--max-new must be >= 1, got {args.max_new}")
-    if (args.kv_group_size or args.kv_rotate) and not args.kv:
-        raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
-    if args.native and (args.recipe or args.quantized):
-        raise ValueError("--native generates with the model as shipped (its GGUF blocks as QTensors); --recipe / "
-                         "--quantized bring other weights: pass one of them")
+    given = [f for f, v in (("--recipe", args.recipe), ("--quantized", args.quantized), ("--native", args.native)) if v]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} cannot be combined: --recipe quantizes the float model, --quantized "
+                         "DIR brings weights a recipe quantized, --native the model as shipped; pass one of them")
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe)
     m = pipeline.load(args.model, native=args.native)
     params, kv, cfg = m.params, None, m.cfg
     if recipe is not None:
         params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe, files)[0], progress=False)
-        cfg = qlog.get("model_config", cfg)  # a rotating recipe unties the LM head
+        cfg, kv = qlog.get("model_config", cfg), recipe.kv_cache  # a rotating recipe unties the LM head
     elif args.quantized:
-        params, meta, kv = pipeline.load_quantized(args.quantized)
+        params, meta, kv = pipeline.load_quantized(args.quantized)  # the KV cache of the checkpoint's recipe
         cfg = pipeline.checkpoint_config(m, meta, f"--quantized {args.quantized}")
-    kv = recipe.kv_cache if recipe is not None else kv  # --quantized: the KV cache of the checkpoint's recipe
+    return m, params, cfg, kv, recipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`jq generate`: generate text with the (quantized) model and KV cache; prints the text and tokens/s."""
+    from jq.numbers.kvcache import KVCacheConfig
+    from jq.apps import generate
+
+    if args.max_new < 1:
+        raise ValueError(f"--max-new must be >= 1, got {args.max_new}")
+    if (args.kv_group_size or args.kv_rotate) and not args.kv:
+        raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
+    m, params, cfg, kv, recipe = _weights(args)
     if args.kv:
         kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size, rotate=args.kv_rotate)
     text, r = generate.generate_text(cfg, params, m.tokenizer, args.prompt, args.max_new, kv, args.temperature,
@@ -200,6 +205,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"decode: {r.n_new - 1} tokens in {r.decode_seconds:.3f} s ({dec}) | compile: {r.compile_seconds:.2f} s "
           f"(excluded) | weights: {info['recipe']} | KV cache: {info['kv_cache']}, "
           f"{r.cache_bytes_per_token} B/token")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`jq export`: the model (float, --recipe, --quantized or --native) written for a serving engine — GGUF for
+    llama.cpp, or a Hugging Face directory in GPTQ / AWQ / compressed-tensors format — with what each tensor became."""
+    import tempfile
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    m, params, cfg, _, recipe = _weights(args)
+    if args.to == "gguf":
+        from jq.models.io.gguf_write import export_gguf
+
+        if not str(m.source).endswith(".gguf"):
+            raise ValueError(f"--to gguf copies the tokenizer and metadata of the GGUF file the model was read from; "
+                             f"{m.source} is not one (export it with --to gptq or compressed-tensors)")
+        rows = export_gguf(params, cfg, m.family, m.source, out)
+    else:
+        from jq.apps.export import export_hf
+
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = []
+            if hasattr(getattr(m.tokenizer, "backend", None), "save"):
+                m.tokenizer.backend.save(str(Path(tmp) / "tokenizer.json"))
+                extra.append(Path(tmp) / "tokenizer.json")
+            export_hf(params, cfg, m.family, out, to=args.to, extra_files=extra, overwrite=args.overwrite)
+        rows = []
+    exact = sum(r["exact"] for r in rows)
+    info = {"out": str(out), "to": args.to, "recipe": recipe.name if recipe else args.quantized or
+            ("native" if args.native else "float"), "bytes": sum(f.stat().st_size for f in
+                                                                 ([out] if out.is_file() else out.rglob("*"))),
+            "tensors": rows, "exact": exact}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    changed = [r for r in rows if not r["exact"]]
+    for r in changed[:10]:
+        print(f"  {r['path']}: {r['jq']} -> {r['gguf']} ({r['note']})")
+    more = f" ({len(changed) - 10} more changed)" if len(changed) > 10 else ""
+    summary = f"{exact}/{len(rows)} tensors exact{more}, " if rows else ""
+    print(f"wrote {out} ({args.to}): {summary}{info['bytes'] / 1e6:.1f} MB")
     return 0
 
 
@@ -275,6 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + figures")
     _add_calib_args(g)
     g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write the model for a serving engine: GGUF (llama.cpp) or a Hugging Face "
+                                      "directory in GPTQ / AWQ / compressed-tensors format")
+    x.add_argument("--model", required=True, help=_MODEL_HELP)
+    x.add_argument("--to", required=True, choices=["gguf", "gptq", "gptq_v2", "awq", "compressed-tensors"])
+    x.add_argument("--out", required=True, help="the GGUF file, or the Hugging Face directory, to write")
+    x.add_argument("--recipe", help="quantize the float model by this recipe first")
+    x.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
+    x.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--json", action="store_true", help="print one JSON object (with a row per tensor)")
+    _add_calib_args(x)
+    x.set_defaults(fn=cmd_export)
 
     sub.add_parser("qat", add_help=False,
                        help="quantization-aware fine-tuning, then conversion (jq qat --help for its options)")

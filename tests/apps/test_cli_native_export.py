@@ -1,0 +1,74 @@
+"""`jq eval / generate --native` (the GGUF model as shipped) and `jq export` on a tiny llama GGUF."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jq.apps.cli import main as cli_main
+
+from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
+
+TEXT = ("the cat sat on the mat and the hat, " * 60) + "12 cats at the hat. "
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    cfg = tiny_cfg(tie=True)
+    write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg))
+    (d / "text.txt").write_text(TEXT)
+    (d / "w4.yaml").write_text("name: w4\nrules:\n  - pattern: '.*kernel'\n    format: int4\n    symmetric: false\n"
+                               "    group_size: 16\n")
+    return d
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _eval(model, tiny, *extra) -> list[str]:
+    return ["eval", "--model", str(model), "--text", str(tiny / "text.txt"), "--window", "32", "--windows", "4",
+            "--json", *extra]
+
+
+def test_native_eval_is_the_float_model_at_the_files_bits(tiny, capsys):
+    assert cli_main(_eval(tiny / "tiny.gguf", tiny)) == 0
+    f = _json(capsys)
+    assert cli_main(_eval(tiny / "tiny.gguf", tiny, "--native")) == 0
+    n = _json(capsys)
+    assert n["recipe"] == "native" and n["native"]["Q4_1"] == {"tensors": 2, "as": "QTensor"}
+    assert n["perplexity"] == pytest.approx(f["perplexity"], rel=1e-6)
+    assert n["linear_bits_per_weight"] < 32 and n["model_bytes"] < f["model_bytes"]
+    assert cli_main(_eval(tiny / "tiny.gguf", tiny, "--native", "--recipe", str(tiny / "w4.yaml"))) == 2
+    assert "--native" in capsys.readouterr().err
+
+
+def test_export_gguf_round_trips_and_reports_what_changed(tiny, tmp_path, capsys):
+    out = tmp_path / "native.gguf"
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--native", "--to", "gguf", "--out", str(out),
+                     "--json"]) == 0
+    r = _json(capsys)
+    assert r["exact"] == len(r["tensors"]) and out.is_file()
+    assert cli_main(_eval(tiny / "tiny.gguf", tiny, "--native")) == 0
+    a = _json(capsys)
+    assert cli_main(_eval(out, tiny, "--native")) == 0
+    assert _json(capsys)["perplexity"] == a["perplexity"]
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--native", "--to", "gguf", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--recipe", str(tiny / "w4.yaml"), "--to", "gguf",
+                     "--out", str(tmp_path / "w4.gguf"), "--json"]) == 0
+    rows = {t["path"]: t for t in _json(capsys)["tensors"]}
+    q = rows["layers_0/attn/q_proj/kernel"]
+    assert q["gguf"] == "Q4_1" and not q["exact"] and "re-quantized" in q["note"]
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--native", "--quantized", "x", "--to", "gguf",
+                     "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "cannot be combined" in capsys.readouterr().err
+
+
+def test_native_generate_names_its_weights(tiny, capsys):
+    assert cli_main(["generate", "--model", str(tiny / "tiny.gguf"), "--native", "--prompt", "the cat",
+                     "--max-new", "3", "--json"]) == 0
+    assert _json(capsys)["recipe"] == "native"
