@@ -1,7 +1,7 @@
 """GGUF's legacy block types read as the QTensors they are — codes, scales and offsets re-laid, never re-quantized.
 
 Every block holds 32 weights along a row (the input axis of a linear, the feature axis of an embedding) and an f16
-scale d (llama.cpp's ggml-common.h; docs/GGUF_NATIVE.md):
+scale d (llama.cpp's ggml-common.h; docs/GGUF.md):
 
 | type | block bytes | weight | jq QTensor |
 |---|---|---|---|
