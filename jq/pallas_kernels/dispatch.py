@@ -89,10 +89,8 @@ def _common(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
         return None, f"lhs contracts axes {tuple(lc)}, not its last"
     if rhs.ndim < 2:
         return None, "a 1-D weight"
-    if lay.flat:
-        return None, "flat groups"
-    if rhs.outer_scale is not None:
-        return None, "a per-tensor outer scale (two-level scales: NVFP4)"
+    if lay.flat or rhs.outer_scale is not None:
+        return None, "flat groups" if lay.flat else "a per-tensor outer scale (two-level scales: NVFP4)"
     if rhs.policy.rotation is not None or rhs.policy.act_outlier is not None:
         return None, "rotation / outlier split pending (jq.ops resolves those before asking the kernels)"
     if jnp.dtype(lhs.dtype) not in FLOAT_ACTS:

@@ -13,8 +13,11 @@ import numpy as np
 from safetensors import safe_open
 
 from jq.models.family import LoadedModel, ModelFamily, family_for_hf
+from jq.models.io.hfq.directory import quant_method, quantized_params
 from jq.models.io.lazy import LazyParam, StoredTensor, lazy_params, materialize
 from jq.models.io.tokenizer import Tokenizer
+from jq.numbers.qtensor import QTensor
+from jq.tree.paths import leaf_paths
 
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint: model.safetensors, or the shards listed in the index."""
@@ -100,20 +103,30 @@ def open_hf(directory: str | Path) -> tuple[ModelFamily, Any, list[LazyParam]]:
 
     The family comes from config.json's `model_type`; only config.json and the safetensors headers are read and
     checked; each `LazyParam.load()` reads one tensor as fp32 in the family's layout (linear weights transposed to
-    (in, out)).
+    (in, out)). A pre-quantized directory (config.json `quantization_config`: GPTQ, AWQ, compressed-tensors) loads
+    its quantized linear layers as jq QTensors of the (in, out) kernel, exactly as stored (`jq.models.io.hfq`).
     """
     directory, hf = read_config(directory)
     family = family_for_hf(hf.get("model_type"), str(directory / "config.json"))
     if family.config_from_hf is None or family.hf_tensor is None:
         raise ValueError(f"{directory}: model family {family.name!r} has no Hugging Face reader")
     cfg = family.config_from_hf(hf, str(directory / "config.json"))
+    if hf.get("quantization_config"):
+        return family, cfg, quantized_params(family, cfg, hf, stored_tensors(directory), read_tensor, directory)
     return family, cfg, lazy_params(family, cfg, stored_tensors(directory), family.hf_tensor, directory)
 
 
 def load_hf(directory: str | Path) -> LoadedModel:
-    """Read a Hugging Face model directory -> its family, config, params (nested dict of fp32 np.ndarray) and the
-    tokenizer of its `tokenizer.json` (None when it has none)."""
+    """Read a Hugging Face model directory -> its family, config, params (nested dict of fp32 np.ndarray; QTensors
+    for the quantized layers of a pre-quantized directory, summed up in `native` as {quant_method: {"tensors": n,
+    "as": "QTensor int4 sym g128"}}) and the tokenizer of its `tokenizer.json` (None when it has none)."""
     family, cfg, lazy = open_hf(directory)
     tok_path = Path(directory) / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tok_path) if tok_path.is_file() else None
-    return LoadedModel(family, cfg, materialize(lazy), tokenizer, str(directory))
+    params = materialize(lazy)
+    method = quant_method(read_config(directory)[1])
+    native = None
+    if method is not None:
+        grids = [leaf.describe() for _, leaf in leaf_paths(params) if isinstance(leaf, QTensor)]
+        native = {method: {"tensors": len(grids), "as": "QTensor " + ", ".join(sorted(set(grids)))}}
+    return LoadedModel(family, cfg, params, tokenizer, str(directory), native)

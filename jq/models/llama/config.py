@@ -122,3 +122,15 @@ class LlamaConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         )
+
+
+def hf_config(cfg: LlamaConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict of a `LlamaForCausalLM` with config `cfg` (`LlamaConfig.from_hf_config`
+    reads it back to an equal config)."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+    }

@@ -15,7 +15,7 @@ from jq.models.decoder import gguf_path, hf_path
 from jq.models.family import TensorMap
 from jq.models.llama.config import LlamaConfig
 
-__all__ = ["expected_shapes", "gguf_tensor", "hf_tensor", "unpermute_qk", "permute_qk"]
+__all__ = ["expected_shapes", "gguf_tensor", "hf_tensor", "hf_name", "unpermute_qk", "permute_qk"]
 
 # per block: parameter path under layers_{i} -> (GGUF name under blk.{i}., Hugging Face name under model.layers.{i}.)
 _BLOCK = {
@@ -93,3 +93,17 @@ def hf_tensor(name: str, cfg: LlamaConfig) -> TensorMap | None:
     if path is None:
         raise ValueError(f"unexpected tensor {name!r} for a LlamaForCausalLM checkpoint")
     return TensorMap(path, transpose=path.endswith("kernel"))
+
+
+def hf_name(path: str, cfg: LlamaConfig) -> str:
+    """The Hugging Face tensor name of parameter `path` (`layers_3/attn/q_proj/kernel` ->
+    `model.layers.3.self_attn.q_proj.weight`), the inverse of `hf_tensor`; ValueError for a path `Llama(cfg)` lacks.
+    A kernel (in, out) is stored transposed, (out, in)."""
+    if path in _GLOBAL and (path != "lm_head/kernel" or not cfg.tie_embeddings):
+        return _GLOBAL[path][1] + ".weight"
+    layer, _, rest = path.partition("/")
+    i = layer.removeprefix("layers_")
+    if layer.startswith("layers_") and i.isdigit() and int(i) < cfg.n_layers and rest in _BLOCK:
+        return f"model.layers.{i}.{_BLOCK[rest][1]}.weight"
+    raise ValueError(f"parameter {path!r} is not one of a LlamaForCausalLM with this config "
+                     f"({cfg.n_layers} layers, tie_embeddings={cfg.tie_embeddings})")
