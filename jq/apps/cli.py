@@ -232,8 +232,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             if hasattr(getattr(m.tokenizer, "backend", None), "save"):
                 m.tokenizer.backend.save(str(Path(tmp) / "tokenizer.json"))
                 extra.append(Path(tmp) / "tokenizer.json")
-            export_hf(params, cfg, m.family, out, to=args.to, extra_files=extra, overwrite=args.overwrite)
+            export_hf(params, cfg, m.family, out, to=args.to, float_dtype=args.float_dtype, extra_files=extra,
+                      overwrite=args.overwrite)
         rows = []
+        if args.float_dtype != "float32":
+            print(f"float leaves (embeddings, norms, unquantized layers) written as {args.float_dtype}, rounded; "
+                  "--float-dtype float32 keeps them exact", file=sys.stderr)
     exact = sum(r["exact"] for r in rows)
     info = {"out": str(out), "to": args.to, "recipe": recipe.name if recipe else args.quantized or
             ("native" if args.native else "float"), "bytes": sum(f.stat().st_size for f in
@@ -333,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
     x.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    x.add_argument("--float-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="Hugging Face targets: dtype of the float tensors and torch_dtype (default float16)")
     x.add_argument("--json", action="store_true", help="print one JSON object (with a row per tensor)")
     _add_calib_args(x)
     x.set_defaults(fn=cmd_export)

@@ -72,3 +72,19 @@ def test_native_generate_names_its_weights(tiny, capsys):
     assert cli_main(["generate", "--model", str(tiny / "tiny.gguf"), "--native", "--prompt", "the cat",
                      "--max-new", "3", "--json"]) == 0
     assert _json(capsys)["recipe"] == "native"
+
+
+@pytest.mark.parametrize("to", ["gptq", "compressed-tensors"])
+def test_export_to_a_hugging_face_format_loads_back_as_the_same_model(tiny, tmp_path, capsys, to):
+    out = tmp_path / to
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--recipe", str(tiny / "w4.yaml"), "--to", to,
+                     "--out", str(out), "--float-dtype", "float32"]) == 0
+    assert f"wrote {out} ({to})" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == to and (out / "tokenizer.json").is_file()
+    assert cli_main(_eval(tiny / "tiny.gguf", tiny, "--recipe", str(tiny / "w4.yaml"))) == 0
+    want = _json(capsys)
+    assert cli_main(_eval(out, tiny)) == 0  # the directory loads natively: its QTensors are the recipe's
+    got = _json(capsys)
+    assert got["recipe"] == "native" and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert got["linear_bits_per_weight"] == pytest.approx(want["linear_bits_per_weight"], rel=0.05)
