@@ -52,6 +52,29 @@ def test_blocks_read_exactly_as_llama_cpp_dequantizes_them(kind, transpose):
     assert q.zero_min == (kind in (Q.Q4_1, Q.Q5_1)) and q.symmetric == (kind not in (Q.Q4_1, Q.Q5_1))
 
 
+def _kquant_bytes(kind: Q, rows: int, blocks: int, seed: int) -> np.ndarray:
+    """Random K-quant blocks (every bit pattern of codes and sub-scales) with finite f16 super-block scales."""
+    size = {Q.Q4_K: 144, Q.Q5_K: 176, Q.Q6_K: 210}[kind]
+    raw = np.random.default_rng(seed).integers(0, 256, (rows, blocks, size), dtype=np.uint8)
+    d = np.random.default_rng(seed + 1).uniform(1e-4, 0.1, (rows, blocks, 2)).astype(np.float16).view(np.uint8)
+    if kind == Q.Q6_K:
+        raw[..., 208:210] = d[..., :2]  # d sits at the end of a Q6_K block
+    else:
+        raw[..., 0:4] = d  # d and dmin at the start
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("kind", [Q.Q4_K, Q.Q5_K, Q.Q6_K])
+def test_k_quants_read_exactly_with_float32_sub_block_scales(kind):
+    raw = _kquant_bytes(kind, 6, 2, seed=int(kind))
+    ref = quants.dequantize(raw, kind).reshape(6, 512).astype(np.float32)
+    q = native_qtensor(raw, kind, (6, 512), TensorMap("a/kernel", transpose=True))
+    np.testing.assert_array_equal(np.asarray(q.dequantize(jnp.float32)), ref.T)
+    bits, g = {Q.Q4_K: (4, 32), Q.Q5_K: (5, 32), Q.Q6_K: (6, 16)}[kind]
+    assert q.fmt == f"int{bits}" and q.layout.group_size == g and q.scale.dtype == np.float32
+    assert q.zero_min == (kind != Q.Q6_K) and q.bits_per_weight == bits + (64 if q.zero_min else 32) / g
+
+
 def test_a_row_permuting_convert_moves_whole_rows_and_anything_else_falls_back():
     raw, ref = _raw(Q.Q4_1, (16, 64))
     m = TensorMap("q/kernel", transpose=True, convert=lambda w: unpermute_qk(w, n_heads=2))
@@ -60,7 +83,8 @@ def test_a_row_permuting_convert_moves_whole_rows_and_anything_else_falls_back()
     np.testing.assert_array_equal(np.asarray(q.dequantize()), unpermute_qk(ref, 2).T)
     scaled = TensorMap("q/kernel", transpose=True, convert=lambda w: w * 2)
     assert row_permutation(scaled, 16) is None and native_qtensor(raw, Q.Q4_1, (16, 64), scaled) is None
-    assert native_qtensor(raw, Q.Q4_K, (16, 64), TensorMap("x")) is None  # no exact layout: the caller dequantizes
+    assert native_qtensor(raw, Q.IQ4_NL, (16, 64), TensorMap("x")) is None  # no exact layout: the caller dequantizes
+    assert native_qtensor(raw, Q.Q4_K, (16, 64), TensorMap("x")) is None  # rows shorter than a super-block
 
 
 @pytest.mark.parametrize("tie", [True, False])

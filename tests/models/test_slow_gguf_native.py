@@ -1,6 +1,6 @@
 """The real GGUF files read natively: SmolLM2-135M (Q4_1 + a Q8_0 embedding) is the float model at 5.0 bits per
 linear weight and exports back to the same tensor bytes; Gemma 3 270M's Q5_0 / Q8_0 tensors arrive as QTensors, its
-K-quants dequantized (jq has no exact layout for their nested scales)."""
+K-quants as QTensors with float32 sub-block scales, every value llama.cpp's."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,14 +31,14 @@ def test_smollm2_native_is_the_shipped_model_and_exports_to_its_own_bytes(tmp_pa
 
 
 @pytest.mark.slow
-def test_gemma3_legacy_blocks_native_k_quants_dequantized():
+def test_gemma3_legacy_blocks_and_k_quants_native():
     src = resolve_model("gemma3-270m")
     f, n = load_gguf(src), load_gguf(src, native=True)
     assert n.native["Q5_0"]["as"] == n.native["Q8_0"]["as"] == "QTensor"
-    assert n.native["Q4_K"]["as"].startswith("dequantized") and n.native["Q6_K"]["as"].startswith("dequantized")
+    assert n.native["Q4_K"]["as"].startswith("QTensor, float32") and n.native["Q6_K"]["as"].startswith("QTensor")
     kinds = set()
     for (p, x), (_, y) in zip(leaf_paths(f.params), leaf_paths(n.params), strict=True):
         if isinstance(y, QTensor):
             kinds.add(y.describe())
             np.testing.assert_array_equal(np.asarray(y.dequantize(jnp.float32)), x, err_msg=p)
-    assert {"int5 sym g32", "int8 sym g32"} <= kinds
+    assert {"int5 sym g32", "int8 sym g32", "int4 asym g32 min", "int6 sym g16"} <= kinds

@@ -14,7 +14,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from jq.models.family import LoadedModel, ModelFamily, family_for_gguf
-from jq.models.io.gguf_native import NATIVE_TYPES, reader_for
+from jq.models.io.gguf_native import NATIVE_TYPES, READ_TYPES, reader_for
 from jq.models.io.lazy import LazyParam, StoredTensor, lazy_params, materialize
 from jq.models.io.tokenizer import Tokenizer
 
@@ -106,20 +106,22 @@ def _tensor_fp32(t: Any) -> np.ndarray:
 def _stored(t: Any, path: Path, native: bool) -> StoredTensor:
     shape = tuple(int(d) for d in reversed(t.shape))
     nat = None
-    if native and t.tensor_type in NATIVE_TYPES and len(shape) == 2:
+    if native and t.tensor_type in READ_TYPES and len(shape) == 2:
         nat = reader_for(lambda: np.asarray(t.data), t.tensor_type, shape)
     return StoredTensor(t.name, shape, path, functools.partial(_tensor_fp32, t), nat)
 
 
 def native_summary(reader: GGUFReader) -> dict[str, Any]:
-    """How each tensor type of a natively read file arrives: {type: {"tensors": n, "as": "QTensor" | "float"}}
-    (F32 / F16 stay float; the K-quants are dequantized: jq has no exact layout for their nested scales)."""
+    """How each tensor type of a natively read file arrives: {type: {"tensors": n, "as": "QTensor" | "float" | ...}}
+    (F32 / F16 stay float; the K-quants are QTensors with float32 sub-block scales; other types are dequantized)."""
     out: dict[str, Any] = {}
     for t in reader.tensors:
         e = out.setdefault(t.tensor_type.name, {"tensors": 0, "as": "float"})
         e["tensors"] += 1
         if t.tensor_type in NATIVE_TYPES and len(t.shape) == 2:
             e["as"] = "QTensor"
+        elif t.tensor_type in READ_TYPES and len(t.shape) == 2:
+            e["as"] = "QTensor, float32 sub-block scales (the file's integer sub-scales expanded)"
         elif t.tensor_type.name not in ("F32", "F16", "BF16"):
             e["as"] = "dequantized to float32 (no exact jq layout for this type)"
     return out
@@ -132,7 +134,8 @@ def open_gguf(path: str | Path, native: bool = False) -> tuple[ModelFamily, Any,
     parameter present with its shape); the file is memory-mapped and each `LazyParam.load()` dequantizes one tensor
     to fp32 in the family's layout (kernels (in, out), plus whatever the family's `gguf_tensor` map converts).
     With `native`, a 2-D tensor of a legacy block type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) loads as the QTensor it is
-    (`jq.models.io.gguf_native`), exactly; other types are dequantized as before.
+    (`jq.models.io.gguf_native`), and a K-quant (Q4_K, Q5_K, Q6_K) as one with float32 sub-block scales, both
+    exactly; other types are dequantized as before.
     """
     path = Path(path)
     if not path.is_file():

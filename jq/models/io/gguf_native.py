@@ -13,9 +13,9 @@ scale d (llama.cpp's ggml-common.h; docs/GGUF.md):
 
 Nibble byte j holds weight j (low nibble) and weight j + 16 (high nibble); bit j of the little-endian uint32 `qh`
 is weight j's fifth bit. jq stores groups along the contraction axis and packs codes along it, so a linear's (out,
-in) rows become a (in, out) kernel with (in / 32, out) scales: a transpose of whole codes, exact. The K-quants (Q4_K,
-Q5_K, Q6_K: 256-weight super-blocks whose 6-bit sub-block scales are themselves quantized) have no exact jq
-layout yet and are dequantized by the caller, which says so.
+in) rows become a (in, out) kernel with (in / 32, out) scales: a transpose of whole codes, exact. The K-quants
+Q4_K, Q5_K and Q6_K (`gguf_kquants`) arrive the same way with float32 sub-block scales; other types are dequantized
+by the caller, which says so.
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from jq.models.family import TensorMap
+from jq.models.io.gguf_kquants import KQUANT_TYPES, kquant_codes
 from jq.numbers import formats
 from jq.numbers.qtensor import Layout, QTensor
 
-__all__ = ["NATIVE_TYPES", "native_qtensor", "row_permutation", "blocks_to_codes"]
+__all__ = ["NATIVE_TYPES", "READ_TYPES", "native_qtensor", "row_permutation", "blocks_to_codes"]
 
 BLOCK = 32
 
@@ -68,6 +69,17 @@ def blocks_to_codes(raw: np.ndarray, kind: T) -> tuple[np.ndarray, np.ndarray, n
     return (q - (1 << (bits - 1))).astype(np.int8), d, None
 
 
+READ_TYPES = (*NATIVE_TYPES, *KQUANT_TYPES)  # every type read as a QTensor
+
+
+def _decode(raw: np.ndarray, kind: T) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
+    """(codes [R, C], scales [R, C/g], offsets or None, bits, g) of a legacy or K-quant tensor."""
+    if kind in NATIVE_TYPES:
+        return (*blocks_to_codes(raw, kind), NATIVE_TYPES[kind][0], BLOCK)
+    bits, g, _ = KQUANT_TYPES[kind]
+    return (*kquant_codes(raw, kind), bits, g)
+
+
 def row_permutation(m: TensorMap, rows: int) -> np.ndarray | None:
     """The row order a family's `convert` produces (e.g. llama.cpp's q/k interleave undone), as indices into the
     stored rows; None when there is no convert, or when it is not a pure row permutation (then the caller
@@ -86,19 +98,19 @@ def row_permutation(m: TensorMap, rows: int) -> np.ndarray | None:
 
 def native_qtensor(raw: np.ndarray, kind: T, shape: tuple[int, int], m: TensorMap,
                    dtype: str = "float32") -> QTensor | None:
-    """A GGUF 2-D tensor of a legacy block type as the QTensor of the parameter `m` places it at, or None when jq
-    cannot hold it exactly (another type, not 2-D, or a convert that is not a row permutation).
+    """A GGUF 2-D tensor of a legacy block type or a K-quant as the QTensor of the parameter `m` places it at, or
+    None when jq cannot hold it exactly (another type, not 2-D, or a convert that is not a row permutation).
 
     raw: the tensor's uint8 bytes [R, …]; shape: (R, C) in NumPy order (a linear is (out, in)). The result has the
     parameter's logical shape: (C, R) contracted over axis 0 when `m.transpose` (a linear kernel), else (R, C)
     contracted over axis 1 (an embedding, used by gather and `attend`).
     """
-    if kind not in NATIVE_TYPES or len(shape) != 2 or shape[1] % BLOCK:
+    if kind not in READ_TYPES or len(shape) != 2 or shape[1] % (BLOCK if kind in NATIVE_TYPES else 256):
         return None
     rows = row_permutation(m, shape[0])
     if m.convert is not None and rows is None:
         return None
-    codes, d, mins = blocks_to_codes(raw, kind)
+    codes, d, mins, bits, group = _decode(raw, kind)
     arrays = [codes, d] + ([mins] if mins is not None else [])
     if rows is not None:
         arrays = [a[rows] for a in arrays]
@@ -108,10 +120,9 @@ def native_qtensor(raw: np.ndarray, kind: T, shape: tuple[int, int], m: TensorMa
     else:
         lay_shape, axis = tuple(shape), 1
     codes, d, *mins = arrays
-    bits = NATIVE_TYPES[kind][0]
     packed = np.asarray(formats.pack(codes, bits, axis=axis)) if bits < 8 else codes
     q = QTensor(codes=packed, scale=d, zero=mins[0] if mins else None, fmt=f"int{bits}",
-                layout=Layout(lay_shape, (axis,), "group", BLOCK), symmetric=not mins, zero_min=bool(mins),
+                layout=Layout(lay_shape, (axis,), "group", group), symmetric=not mins, zero_min=bool(mins),
                 dtype=dtype)
     q.check(f"GGUF {kind.name} tensor for {m.path}")
     return q
