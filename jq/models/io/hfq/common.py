@@ -167,8 +167,11 @@ def unsigned_view(q: object, where: str, target: str, bits: tuple[int, ...]) -> 
          "cannot describe", "quantize without the online rotation (a model-level QuaRot rotation is fine)")
     need(q.policy.act is None, where, f"activation quantization ({q.policy.act}) is an execution policy {target} "
          "cannot describe", "quantize weights only (drop `act` from the scheme)")
-    need(len(lay.shape) == 2 and lay.axes == (0,) and not lay.flat, where,
-         f"layout {lay} is not a linear (K, N) kernel contracted over axis 0", f"{target} stores linear layers only")
+    need(len(lay.shape) == 2 and lay.axes == (0,), where, f"shape {lay.shape} contracted over axes {lay.axes} is "
+         "not a linear (K, N) kernel contracted over axis 0", f"{target} stores linear layers only")
+    need(not lay.flat, where, f"flat groups of {lay.group_size} (formed across output channels: {lay.group_size} does "
+         f"not divide K = {lay.shape[0]})", f"{target} groups input rows within each output; use a group size that "
+         f"divides {lay.shape[0]} (e.g. 32 or 64)")
     need(lay.padded in (None, lay.shape[0]), where, f"groups of {lay.group_size} are padded to {lay.padded} rows "
          f"(K = {lay.shape[0]})", f"{target} needs whole groups; use a group size that divides {lay.shape[0]}")
     need(not q.zero_min, where, "has offsets in weight units (zero_min: code·scale + min, GGUF Q4_1 style)",
