@@ -140,8 +140,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from jq import checkpoint
     from jq.apps.convert import convert
 
-    if args.recipe is None and not args.dequantize:
-        raise ValueError("--recipe is required (omit it only with --dequantize of a quantized checkpoint)")
     if args.calib:
         from jq.apps import data
 
@@ -151,7 +149,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = convert(args.input, args.recipe, args.out, dequantize=args.dequantize, progress=True,
                              calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
                              calib_seed=args.calib_seed, calib_sampling=args.calib_sampling,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, native=args.native)
     s = checkpoint.verify(out, read_data=False)
     print(f"wrote {out}: {s['leaves']} leaves ({s['quantized']} quantized), {s['bytes'] / 2**20:.2f} MiB in "
           f"{time.perf_counter() - t0:.1f} s")
@@ -302,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--in", dest="input", required=True,
                    help="a float Orbax checkpoint, a jq checkpoint, a Hugging Face directory, a .gguf file or a "
                         f"known model name ({_known_names()})")
-    c.add_argument("--recipe", help="a YAML recipe (configs/…); optional only with --dequantize")
+    c.add_argument("--recipe", help="a YAML recipe (configs/…); optional for a source holding QTensors already (a jq "
+                   "checkpoint, a GPTQ / AWQ / compressed-tensors directory, a GGUF with --native)")
+    c.add_argument("--native", action="store_true",
+                   help="read a GGUF source's legacy blocks and K-quants as the QTensors they are (not dequantized)")
     c.add_argument("--out", required=True, help="output checkpoint directory (Orbax; see docs/FORMAT.md)")
     c.add_argument("--dequantize", action="store_true",
                    help="write float weights: dequantize a jq checkpoint, or quantize-dequantize by the recipe")

@@ -29,7 +29,7 @@ from jq.models.family import config_dict
 from jq.models.io.gguf import open_gguf
 from jq.models.io.hub import KNOWN_MODELS, resolve_model
 from jq.models.io.lazy import LazyParam
-from jq.models.io.safetensors import open_hf
+from jq.models.io.safetensors import open_hf, read_config
 from jq.numbers.qtensor import QTensor
 from jq.tree.paths import path_str
 from jq.tree.quantize import quantize_leaf
@@ -74,9 +74,11 @@ def _orbax_source(d: Path) -> tuple[str, list[LazyParam], dict[str, Any]]:
     return "orbax", leaves, {}
 
 
-def _open_source(src: str | os.PathLike) -> tuple[str, list[LazyParam], dict[str, Any]]:
-    """(kind, lazy leaves, metadata incl. "path": the absolute source) of a GGUF file, a Hugging Face directory, an
-    Orbax checkpoint, or a known model name (`jq.models.io.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
+def _open_source(src: str | os.PathLike, native: bool = False) -> tuple[str, list[LazyParam], dict[str, Any]]:
+    """(kind, lazy leaves, metadata incl. "path": the absolute source and "prequantized": whether it holds QTensors)
+    of a GGUF file (its legacy blocks and K-quants as QTensors with `native`), a Hugging Face directory (a GPTQ / AWQ
+    / compressed-tensors one holds QTensors), an Orbax checkpoint, or a known model name
+    (`jq.models.io.hub.KNOWN_MODELS`, fetched once like `jq eval` does)."""
     p = Path(src).expanduser().absolute()  # Orbax reads only absolute paths
     if not p.exists():
         if str(src) not in KNOWN_MODELS:
@@ -85,15 +87,17 @@ def _open_source(src: str | os.PathLike) -> tuple[str, list[LazyParam], dict[str
                                     f"name ({', '.join(KNOWN_MODELS)})")
         p = resolve_model(str(src))
     if p.is_file() and p.suffix == ".gguf":
-        family, cfg, lazy, _ = open_gguf(p)
-        return "gguf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg)}
+        family, cfg, lazy, _ = open_gguf(p, native)
+        return "gguf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg),
+                                    "prequantized": native}
     if p.is_dir() and (p / "config.json").is_file():
         family, cfg, lazy = open_hf(p)
-        return "hf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg)}
+        return "hf", list(lazy), {"path": str(p), "model_family": family.name, "model_config": config_dict(cfg),
+                                  "prequantized": bool(read_config(p)[1].get("quantization_config"))}
     if p.is_dir():
         check_dir(p)
         kind, leaves, info = _orbax_source(p)
-        return kind, leaves, {"path": str(p), **info}
+        return kind, leaves, {"path": str(p), **info, "prequantized": kind == "jq"}
     raise ValueError(f"{p}: not a .gguf file, a Hugging Face directory (config.json + *.safetensors) or an Orbax "
                      "checkpoint directory")
 
@@ -120,7 +124,7 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
             out: str | os.PathLike, *, dequantize: bool = False, progress: bool = True,
             calib: np.ndarray | Sequence[str | os.PathLike] | None = None, calib_samples: int = 128,
             calib_len: int = 512, calib_seed: int = 0, calib_sampling: str = "windows", overwrite: bool = False,
-            meta: Mapping[str, Any] | None = None) -> Path:
+            meta: Mapping[str, Any] | None = None, native: bool = False) -> Path:
     """Convert `src` by `recipe` into a checkpoint at `out`, streaming one leaf at a time.
 
     Host memory holds one leaf at a time: about twice the largest tensor plus a fixed overhead. To keep it there,
@@ -130,8 +134,9 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
     Args:
       src: a float Orbax checkpoint (any PyTree checkpoint, or a jq one), a Hugging Face directory or a GGUF file of
         a registered model family, or a known model name (`jq.models.io.hub.KNOWN_MODELS`); relative paths are fine.
-      recipe: a QuantConfig, a recipe dict or a YAML path; None only with `dequantize` (a jq checkpoint back to
-        float).
+      recipe: a QuantConfig, a recipe dict or a YAML path; None for a source that holds QTensors already (a jq
+        checkpoint, a GPTQ / AWQ / compressed-tensors directory, a GGUF file read `native`ly: stored as they are, or
+        dequantized). With a recipe, such QTensors are kept and only float leaves are quantized.
       out: the checkpoint directory to create; nothing appears there until the conversion is complete. It is
         checked before any work (`check_destination`).
       dequantize: write float weights instead of QTensors: a jq checkpoint is dequantized; with a recipe the
@@ -144,25 +149,25 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
         loads the whole model.
       overwrite: replace an existing `out` (the old one stays until the new one is complete).
       meta: extra JSON metadata to store.
+      native: read a GGUF source's legacy blocks and K-quants as the QTensors they are (`jq.models.io.gguf_native`).
 
     Returns:
       The absolute path of the written checkpoint.
     """
     _limit_arenas()
     cfg = as_recipe(recipe)
-    if cfg is None and not dequantize:
-        raise ValueError("convert needs a recipe (a YAML path such as configs/rtn_w4_g128.yaml) unless dequantize=True")
     check_destination(out, overwrite)  # before minutes of work, not after
-    kind, leaves, info = _open_source(src)
+    kind, leaves, info = _open_source(src, native)
     src_path = Path(info.pop("path"))
+    if cfg is None and not info["prequantized"]:
+        raise ValueError(f"{src_path} holds float weights: converting it needs a recipe (a YAML path such as "
+                         "configs/rtn_w4_g128.yaml)" + ("; --native reads only GGUF files" if native else ""))
     info = {"source": str(src_path.absolute()), "source_format": kind, "dequantized": dequantize, **info,
             **dict(meta or {})}
     if cfg is not None and (cfg.needs_calibration or cfg.lowrank is not None):  # LoRC needs every weight: not streamed
         return _convert_calibrated(src_path, kind, cfg, out, dequantize=dequantize, progress=progress, calib=calib,
                                    samples=calib_samples, length=calib_len, seed=calib_seed,
                                    sampling=calib_sampling, overwrite=overwrite, meta=info)
-    if cfg is None and kind != "jq":
-        raise ValueError(f"{src_path} holds float weights: dequantize without a recipe has nothing to do; pass a recipe")
     rules = _plan(cfg, leaves, src_path)
     w = Writer(out, header(cfg, info, [leaf.path for leaf in leaves]), overwrite=overwrite)
     t_all = time.perf_counter()

@@ -138,7 +138,7 @@ def test_convert_then_inspect_and_inspect_refuses_a_damaged_checkpoint(tiny_mode
     assert cli_main(["inspect", str(tmp_path / "none")]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert cli_main(["convert", "--in", str(model), "--out", str(tmp_path / "d")]) == 2
-    assert "--recipe is required" in capsys.readouterr().err
+    assert "holds float weights: converting it needs a recipe" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jq.apps.cli import main as cli_main
+from jq.numbers.qtensor import QTensor
 
 from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
 
@@ -88,3 +89,23 @@ def test_export_to_a_hugging_face_format_loads_back_as_the_same_model(tiny, tmp_
     got = _json(capsys)
     assert got["recipe"] == "native" and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
     assert got["linear_bits_per_weight"] == pytest.approx(want["linear_bits_per_weight"], rel=0.05)
+
+
+def test_convert_stores_a_native_gguf_as_it_is(tiny, tmp_path, capsys):
+    from jq import checkpoint
+    from jq.models.io.gguf import load_gguf
+    from jq.tree.paths import leaf_paths
+
+    out = tmp_path / "ck"
+    assert cli_main(["convert", "--in", str(tiny / "tiny.gguf"), "--native", "--out", str(out)]) == 0
+    want = dict(leaf_paths(load_gguf(tiny / "tiny.gguf", native=True).params))
+    got = dict(leaf_paths(checkpoint.load(out)[0]))
+    assert got.keys() == want.keys() and checkpoint.read_meta(out)["format_version"] == "3.0"
+    for p, q in want.items():
+        assert isinstance(got[p], QTensor) == isinstance(q, QTensor), p
+        if isinstance(q, QTensor):
+            assert got[p].describe() == q.describe()
+            np.testing.assert_array_equal(np.asarray(got[p].codes), np.asarray(q.codes), err_msg=p)
+    assert cli_main(["convert", "--in", str(tiny / "tiny.gguf"), "--native", "--dequantize", "--out",
+                     str(tmp_path / "f")]) == 0
+    assert all(not isinstance(v, QTensor) for _, v in leaf_paths(checkpoint.load(tmp_path / "f")[0]))
