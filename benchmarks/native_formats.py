@@ -78,6 +78,21 @@ def hf_round_trips(name: str, recipe: str, text: str, windows: int) -> dict:
     return out
 
 
+def gguf_grid_recipes(name: str, text: str, windows: int) -> dict:
+    """The float model quantized by the llama.cpp-grid recipes (gguf_q4_0 / q4_1 / q8_0): perplexity, and how many
+    tensors the GGUF export writes exactly."""
+    m = pipeline.load(name)
+    out = {}
+    for r in ("gguf_q4_0", "gguf_q4_1", "gguf_q8_0"):
+        cfg = load_recipe(r)
+        params, _ = pipeline.quantize(m, cfg, progress=False)
+        with tempfile.TemporaryDirectory() as d:
+            rows = export_gguf(params, m.cfg, m.family, m.source, Path(d) / "o.gguf")
+        out[r] = _eval(m, text, windows, cfg) | {"exported_exactly": sum(x["exact"] for x in rows),
+                                                  "tensors": len(rows)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out")
@@ -91,6 +106,7 @@ def main() -> None:
     res["smollm2-135m"] = gguf_rows("smollm2-135m", text, args.windows, kernels=True)
     res["smollm2-135m"]["gguf_round_trip"] = gguf_round_trip("smollm2-135m")
     res["smollm2-135m"]["hf_round_trips"] = hf_round_trips("smollm2-135m", "rtn_w4_g64", text, args.windows)
+    res["smollm2-135m"]["gguf_grid_recipes"] = gguf_grid_recipes("smollm2-135m", text, args.windows)
     if not args.skip_gemma:
         res["gemma3-270m"] = gguf_rows("gemma3-270m", text, args.windows, kernels=False)
         res["gemma3-270m"]["source_bytes"] = resolve_model("gemma3-270m").stat().st_size

@@ -203,3 +203,20 @@ def test_export_of_other_grids_names_the_nearest_type_and_refuses_what_gguf_cann
     with pytest.raises(ValueError, match=r"layers_0/mlp/\w+_proj/kernel.*online rotation"):
         export_gguf(rot, f.cfg, f.family, src, tmp_path / "r.gguf")
     assert not (tmp_path / "r.gguf").exists() and not list(tmp_path.glob(".r.gguf*"))  # nothing half-written
+
+
+@pytest.mark.parametrize("name, kind", [("gguf_q4_0", "Q4_0"), ("gguf_q8_0", "Q8_0"), ("gguf_q4_1", "Q4_1"),
+                                        ("gguf_q5_1", "Q5_1")])
+def test_the_gguf_grid_recipes_export_exactly(tmp_path, name, kind):
+    cfg = tiny_cfg(True)
+    src = tmp_path / "m.gguf"
+    write_gguf(src, cfg, tiny_checkpoint(cfg, seed=10))
+    f = load_gguf(src)
+    q = jq.quantize_params(f.params, load_recipe(name))
+    rows = [r for r in export_gguf(q, f.cfg, f.family, src, tmp_path / "o.gguf") if r["path"].endswith("kernel")]
+    assert rows and all(r["exact"] and r["gguf"] == kind for r in rows)
+    back = load_gguf(tmp_path / "o.gguf", native=True)
+    for p, x in leaf_paths(q):
+        if isinstance(x, QTensor):
+            y = dict(leaf_paths(back.params))[p]
+            np.testing.assert_array_equal(np.asarray(y.dequantize()), np.asarray(x.dequantize()), err_msg=p)
