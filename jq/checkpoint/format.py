@@ -171,12 +171,13 @@ def jsonable(v: Any) -> Any:
 
 
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
-    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm][, codebook]: arrays or
-    ShapeDtypeStructs of the stored shapes)."""
+    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm][, codebook][, outer_scale]:
+    arrays or ShapeDtypeStructs of the stored shapes)."""
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
     policy = ExecPolicy(**{k: entry[k] for k in POLICY_FIELDS if k in entry})  # parses the rotation's string form
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
-                   codebook=arrays.get("codebook"), layout=layout_from_dict(entry["layout"]), policy=policy, **static)
+                   codebook=arrays.get("codebook"), outer_scale=arrays.get("outer_scale"),
+                   layout=layout_from_dict(entry["layout"]), policy=policy, **static)
 
 
 def abstract_leaf(entry: Mapping[str, Any],

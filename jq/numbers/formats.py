@@ -6,8 +6,11 @@ becomes a *code*, and how a code becomes a value again. Scales, groups and layou
 Codes are stored as:
 - int formats: int8 (symmetric, two's complement) or uint8 (asymmetric, 0 .. 2^b-1), packed to `bits` per code;
 - fp8: the float8 dtype itself (e4m3fn / e5m2), one byte per code, directly usable by fp8 matmuls;
-- fp4 e2m1 and NF4: the 4-bit index into the format's 16-value table (for fp4 that index *is* the e2m1 bit
-  pattern), packed two per byte;
+- fp4 e2m1, fp6 e2m3 / e3m2 and NF4: the index into the format's value table (for the minifloats that index *is*
+  the OCP bit pattern: sign, exponent, mantissa), packed two per byte (4 bits) or four per three bytes (6 bits);
+  minifloats round to nearest, ties to even (as hardware and `ml_dtypes` casts do), saturating at ± max;
+- microscaling presets (`mxfp4`, `mxfp6_e2m3`, `mxfp6_e3m2`, `mxfp8_e4m3`, `mxfp8_e5m2`, `mxint8`, `nvfp4`): the codes
+  of their element format; the preset also fixes the block size and scale dtype (`jq.numbers.mx`);
 - learned codebooks ("lut": `cb3`, `cb8x2`, …): a `bits`-bit index per vector of `vec` consecutive weights along
   the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed.
 """
@@ -53,6 +56,10 @@ class Format:
     dtype_name: str | None = None  # fp8 storage dtype
     table: tuple[float, ...] | None = None  # codebook values indexed by code
     vec: int = 1  # weights per code (vector codebooks)
+    minifloat: tuple[int, int] | None = None  # (mantissa bits, min normal exponent): codebook of an OCP minifloat
+    element: str | None = None  # microscaling preset: the element format's name (`jq.numbers.mx`)
+    block: int | None = None  # microscaling preset: elements per shared scale along the contraction axis
+    scale_dtype_name: str | None = None  # microscaling preset: "float8_e8m0fnu" (MX) or "float8_e4m3fn" (NVFP4)
 
     @property
     def is_int(self) -> bool:
@@ -74,6 +81,11 @@ class Format:
     def dtype(self) -> type[np.generic] | None:
         """The fp8 storage dtype (an ml_dtypes scalar type), None for other formats."""
         return getattr(ml_dtypes, self.dtype_name) if self.dtype_name else None
+
+    @property
+    def is_mx(self) -> bool:
+        """Whether this is a block-scaled microscaling preset (MX or NVFP4): element format + block + scale dtype."""
+        return self.block is not None
 
     @property
     def packs(self) -> bool:
@@ -113,6 +125,8 @@ class Format:
         if self.kind == "float":
             m = self.max
             return jnp.clip(y, -m, m).astype(self.dtype)
+        if self.minifloat is not None:
+            return _minifloat_codes(y, self.bits, *self.minifloat, self.max)
         values, order, mids = _codebook_search(self.table)
         idx = jnp.searchsorted(jnp.asarray(mids), y.astype(jnp.float32), side="left")
         return jnp.asarray(order)[idx]
@@ -147,9 +161,38 @@ def _codebook_search(table: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, 
     return values, first.astype(np.uint8), mids
 
 
-def _fp4_e2m1_table() -> tuple[float, ...]:
-    codes = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn)
-    return tuple(float(v) for v in codes.astype(np.float32))
+def round_minifloat(y: jnp.ndarray, mbits: int, emin: int, vmax: float) -> jnp.ndarray:
+    """Round float32 `y` (any shape) to the nearest value of a minifloat with `mbits` mantissa bits, smallest normal
+    exponent `emin` (subnormals below it) and largest magnitude `vmax`: round half to even, saturating at ± vmax
+    (OCP MX v1.0's conversion; NaN stays NaN). Exact: the quantum 2^(max(e, emin) − mbits) is a power of two."""
+    y = jnp.clip(y.astype(jnp.float32), -vmax, vmax)
+    _, e = jnp.frexp(y)  # |y| = m · 2^e, m in [0.5, 1): floor(log2 |y|) = e − 1
+    q = jnp.ldexp(jnp.float32(1.0), jnp.maximum(e - 1, emin) - mbits)
+    return jnp.round(y / q) * q
+
+
+def _minifloat_codes(y: jnp.ndarray, bits: int, mbits: int, emin: int, vmax: float) -> jnp.ndarray:
+    """Bit patterns (uint8, y's shape) of `y` rounded to a sign-magnitude minifloat of `bits` bits."""
+    v = round_minifloat(y, mbits, emin, vmax)
+    pos = jnp.asarray(_minifloat_magnitudes(bits, mbits, emin))  # value of magnitude code m, increasing in m
+    mag = jnp.searchsorted(pos, jnp.abs(v)).astype(jnp.uint8)  # exact match: v is on the grid
+    return mag | (jnp.signbit(v).astype(jnp.uint8) << (bits - 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _minifloat_magnitudes(bits: int, mbits: int, emin: int) -> np.ndarray:
+    """The 2^(bits−1) non-negative values of a minifloat without inf / NaN (OCP fp4 / fp6): code → value."""
+    m = np.arange(2 ** (bits - 1))
+    exp, man = m >> mbits, m & (2**mbits - 1)
+    frac = np.where(exp > 0, 1.0 + man / 2**mbits, man / 2**mbits)
+    return (frac * np.exp2(np.maximum(exp, 1) - 1 + emin)).astype(np.float32)
+
+
+def _minifloat(name: str, bits: int, mbits: int, emin: int) -> Format:
+    """An OCP minifloat without inf / NaN (fp4 e2m1, fp6 e2m3 / e3m2) as a codebook indexed by its bit pattern."""
+    pos = _minifloat_magnitudes(bits, mbits, emin)
+    table = tuple(float(v) for v in np.concatenate([pos, -pos]))
+    return Format(name, "codebook", bits, table=table, minifloat=(mbits, emin))
 
 
 def _nf4_table(offset: float = 0.9677083) -> tuple[float, ...]:
@@ -167,12 +210,28 @@ FORMATS: dict[str, Format] = {
     **{f"int{b}": Format(f"int{b}", "int", b) for b in range(2, 9)},
     "fp8_e4m3": Format("fp8_e4m3", "float", 8, dtype_name="float8_e4m3fn"),
     "fp8_e5m2": Format("fp8_e5m2", "float", 8, dtype_name="float8_e5m2"),
-    "fp4_e2m1": Format("fp4_e2m1", "codebook", 4, table=_fp4_e2m1_table()),
+    "fp4_e2m1": _minifloat("fp4_e2m1", 4, 1, 0),
+    "fp6_e2m3": _minifloat("fp6_e2m3", 6, 3, 0),
+    "fp6_e3m2": _minifloat("fp6_e3m2", 6, 2, -2),
     "nf4": Format("nf4", "codebook", 4, table=_nf4_table()),
     # learned codebooks: cb{b} = a b-bit index per weight; cb{b}x{d} = a b-bit index per vector of d weights
     **{f"cb{b}": Format(f"cb{b}", "lut", b) for b in range(2, 9)},
     **{f"cb{b}x{d}": Format(f"cb{b}x{d}", "lut", b, vec=d) for d in (2, 4) for b in range(2, 9)},
 }
+
+
+
+def _preset(name: str, element: str, block: int = 32, scale: str = "float8_e8m0fnu") -> Format:
+    """A microscaling preset: `element`'s codes, `block` elements per `scale`-dtype scale (`jq.numbers.mx`)."""
+    return dataclasses.replace(FORMATS[element], name=name, element=element, block=block, scale_dtype_name=scale)
+
+
+# OCP MX v1.0 (blocks of 32, e8m0 scales; MXINT8's implicit 2^-6 lives in its stored scale) and NVIDIA's NVFP4
+# (blocks of 16, e4m3 scales, a float32 per-tensor scale)
+FORMATS.update({n: _preset(n, e) for n, e in (("mxfp4", "fp4_e2m1"), ("mxfp6_e2m3", "fp6_e2m3"),
+                                              ("mxfp6_e3m2", "fp6_e3m2"), ("mxfp8_e4m3", "fp8_e4m3"),
+                                              ("mxfp8_e5m2", "fp8_e5m2"), ("mxint8", "int8"))})
+FORMATS["nvfp4"] = _preset("nvfp4", "fp4_e2m1", 16, "float8_e4m3fn")
 
 
 def get_format(name: str) -> Format:

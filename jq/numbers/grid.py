@@ -11,6 +11,8 @@ Conventions (those of GPTQ, AutoGPTQ, llm-compressor and torchao, so results com
   `zero_point="min"` stores the minimum itself in weight units (in `scale_dtype`) and a weight is code·scale + min —
   GGUF Q4_1 / K-quants' d·q + m; the range is not widened, so 0 need not be on the grid.
 - fp8 / fp4 / NF4 (symmetric only): scale = absmax / format max.
+- microscaling presets (mxfp4 … mxint8, nvfp4): blocks of the spec's size, power-of-two e8m0 scales (NVFP4: e4m3
+  scales under a per-tensor float32 `outer_scale`), by the rules of `jq.numbers.mx`.
 Scales are rounded to `scale_dtype` *before* the codes are computed, so stored scales and codes agree exactly.
 """
 
@@ -24,7 +26,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jq.numbers import formats
+from jq.numbers import formats, mx
 from jq.numbers.codebook import check_codebook_layout
 from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
 
@@ -55,9 +57,16 @@ class Grid:
     zero_point: str = "int"
     scale_dtype: str = "float16"
     axes: tuple[int, ...] | None = None
+    scale_round: str = "floor"
 
     def __post_init__(self):
         choice("format", self.format, formats.FORMATS)
+        choice("scale_round", self.scale_round, mx.SCALE_ROUNDINGS)
+        if self.fmt.is_mx:
+            self._preset_fields()
+        elif self.scale_round != "floor":
+            raise ValueError(f"scheme field 'scale_round' has value {self.scale_round!r}, but format {self.format!r} "
+                             f"has no power-of-two block scales; drop scale_round, or use one of {list(mx.PRESETS)}")
         if self.group_size is not None:
             if not isinstance(self.group_size, int) or self.group_size < 1:
                 raise ValueError(f"scheme field 'group_size' has value {self.group_size!r}; use a positive int")
@@ -71,7 +80,8 @@ class Grid:
                 f"got granularity {self.granularity!r}, pad {self.pad!r}"
             )
         choice("zero_point", self.zero_point, ZERO_POINTS)
-        choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
+        if not self.fmt.is_mx:
+            choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         if not self.fmt.is_int and not self.symmetric:
             raise ValueError(
                 f"scheme field 'symmetric' is False but format {self.format!r} has no zero point; "
@@ -79,6 +89,30 @@ class Grid:
             )
         if self.axes is not None:
             object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
+
+    def _preset_fields(self) -> None:
+        """A microscaling preset fixes block size, scale dtype and a symmetric grid (MXINT8: ±127)."""
+        f, name = self.fmt, repr(self.format)
+        if self.group_size not in (None, f.block):
+            raise ValueError(f"scheme field 'group_size' has value {self.group_size!r}, but format {name} fixes blocks "
+                             f"of {f.block}; drop group_size (or set group_size: {f.block})")
+        short = {"float8_e8m0fnu": "e8m0", "float8_e4m3fn": "e4m3"}[f.scale_dtype_name]
+        if self.scale_dtype not in ("float16", f.scale_dtype_name, short):  # float16: the field's default
+            raise ValueError(f"scheme field 'scale_dtype' has value {self.scale_dtype!r}, but format {name} stores "
+                             f"its block scales as {f.scale_dtype_name}; drop scale_dtype")
+        if not self.symmetric:
+            raise ValueError(f"scheme field 'symmetric' is False but format {name} has no zero point; use "
+                             "symmetric: true")
+        for k, v in (("group_size", f.block), ("granularity", "group"), ("scale_dtype", f.scale_dtype_name),
+                     ("restricted", f.is_int)):
+            object.__setattr__(self, k, v)
+
+    def outer_scale(self, w: jnp.ndarray) -> jnp.ndarray | None:
+        """NVFP4's per-tensor float32 scale (shape ()) for the weight `w` (any shape): max |w| / (448 · 6); None for
+        every other grid. Methods quantize w / outer_scale and the QTensor stores it (`jq.tree.quantize`)."""
+        if self.fmt.scale_dtype_name != "float8_e4m3fn":
+            return None
+        return mx.outer_scale(jnp.max(jnp.abs(jnp.asarray(w, jnp.float32))))
 
     @property
     def fmt(self) -> formats.Format:
@@ -93,6 +127,8 @@ class Grid:
     def describe(self) -> str:
         """'int4 asym g128': the grid in a few words (`jq.numbers.qtensor.grid_label`)."""
         g = f"g{self.group_size}{' flat' if self.flat_groups else ''}" if self.granularity == "group" else self.granularity
+        if self.fmt.is_mx:  # 'mxfp4 g32': the preset says the rest
+            return f"{self.format} {g}" + (" ceil" if self.scale_round == "ceil" else "")
         return grid_label(self.format, self.symmetric, g) + (" min" if self.zero_point == "min" and not self.symmetric
                                                               else "")
 
@@ -120,9 +156,11 @@ class Grid:
             k = shape[ga]
             if k % self.group_size:
                 if not self.pad:
+                    fix = (f"format {self.format} fixes blocks of {self.group_size}: set pad: true (zero-pads the axis)"
+                           if self.fmt.is_mx else f"choose a group size that divides {k}, or set pad: true")
                     raise ValueError(
                         f"{path}: group_size {self.group_size} does not divide axis {ga} of length {k} "
-                        f"(shape {shape}); choose a group size that divides {k}, or set pad: true"
+                        f"(shape {shape}); {fix}"
                     )
                 padded = -(-k // self.group_size) * self.group_size
         lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
@@ -146,6 +184,8 @@ class Grid:
         for `zero_point="min"`) for ranges lo..hi; all of the ranges' shape (keepdims over the grouped view, e.g.
         [G, 1, N]), zero None when symmetric."""
         f = self.fmt
+        if f.is_mx:
+            return mx.block_scale(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), f, self.scale_round), None
         sdt = jnp.dtype(self.scale_dtype)
         if self.symmetric:
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))

@@ -159,7 +159,8 @@ class Layout:
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
-ACT_FORMATS = ("int8", "fp8_e4m3", "int4")
+ACT_FORMATS = ("int8", "fp8_e4m3", "int4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4",
+               "mxint8", "nvfp4")  # per token; MX / NVFP4 in blocks along the contraction (jq.numbers.mx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,8 +196,9 @@ class ExecPolicy:
 
 def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
     """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report
-    (learned codebooks have no symmetry: 'cb3 channel')."""
-    if formats.get_format(fmt).kind == "lut":
+    (learned codebooks and microscaling presets have no symmetry choice: 'cb3 channel', 'mxfp4 g32')."""
+    f = formats.get_format(fmt)
+    if f.kind == "lut" or f.is_mx:
         return f"{fmt} {granularity}"
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
 

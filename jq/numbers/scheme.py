@@ -32,9 +32,13 @@ class Scheme:
     """How to quantize one weight. Validated on construction; errors name the field and the allowed values.
 
     Attributes:
-      format: a name from `formats.FORMATS` ("int2".."int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "nf4"; learned
-        codebooks "cb2".."cb8" and "cb{b}x{d}", d ∈ 2, 4, which methods `kmeans`, `gptvq` and `higgs` fit:
-        `jq.numbers.codebook`).
+      format: a name from `formats.FORMATS` ("int2".."int8", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e2m3",
+        "fp6_e3m2", "nf4"; learned codebooks "cb2".."cb8" and "cb{b}x{d}", d ∈ 2, 4, which methods `kmeans`, `gptvq`
+        and `higgs` fit: `jq.numbers.codebook`), or a microscaling preset that also fixes the block size and scale
+        dtype (`jq.numbers.mx`): OCP MX v1.0 "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2",
+        "mxint8" (blocks of 32 along the contraction axis, e8m0 power-of-two scales) and NVIDIA's "nvfp4" (blocks of
+        16, e4m3 scales, a float32 per-tensor `outer_scale`). A preset needs no group_size / scale_dtype (others
+        than its own are refused) and `pad: true` where its block does not divide the contraction axis.
       symmetric: zero-centred grid (required for float and codebook formats).
       restricted: symmetric ints use −(2^(b−1)−1)..2^(b−1)−1 (drop the most negative code).
       granularity: "tensor", "channel" or "group"; a `group_size` implies "group".
@@ -49,7 +53,10 @@ class Scheme:
       mse_grid, mse_max_shrink, mse_norm: the MSE clip search visits shrink factors 1, 1−1/grid, … down to
         1 − max_shrink and keeps, per group, the one with the least sum |q(x) − x|^norm.
       zero_point: "int" (rounded, stored as uint8) or "float" (unrounded, stored in `scale_dtype`).
-      scale_dtype: dtype scales (and float zero points) are stored in.
+      scale_dtype: dtype scales (and float zero points) are stored in: "float16", "float32", "bfloat16" (presets:
+        their own, "float8_e8m0fnu" / "float8_e4m3fn").
+      scale_round: MX presets: "floor" (the OCP spec's 2^(floor(log2 amax) − emax), clipping the block's largest
+        elements to the element max) or "ceil" (the smallest power of two that clips nothing: torchao's RCEIL).
       axes: contraction axes of the weight; None lets the caller pick (Dense kernels: (0,)).
       act: quantize the layer's input activations dynamically per token to this format ("int8", "fp8_e4m3",
         "int4") in the matmul (W8A8, W4A8, W4A4); None keeps them float (weight-only).
@@ -81,12 +88,14 @@ class Scheme:
     act_clip: float = 1.0
     act_outlier: float | None = None
     rotate: str | None = None
+    scale_round: str = "floor"
 
     def __post_init__(self):
         if self.axes is not None:
             object.__setattr__(self, "axes", tuple(int(a) for a in self.axes))
         grid = Grid(**{f: getattr(self, f) for f in _GRID})
-        object.__setattr__(self, "granularity", grid.granularity)  # a group_size implies "group"
+        for k in ("granularity", "group_size", "scale_dtype", "restricted"):  # a group_size implies "group"; presets
+            object.__setattr__(self, k, getattr(grid, k))
         object.__setattr__(self, "_grid", grid)
         object.__setattr__(self, "_range", Range(self.range, self.percentile, self.mse_grid, self.mse_max_shrink,
                                                  self.mse_norm))

@@ -95,12 +95,15 @@ def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identi
 
     The scale and zero point are constants for the gradient. `mode="identity"`: dŵ/dw = 1 everywhere (Bengio et al.
     2013); `"clipped"`: 1 inside the clip range, 0 where `w / s + z` falls outside it (percentile / MSE ranges).
-    Returns an array of `w`'s shape and dtype whose value equals `rtn(w).dequantize()` exactly.
+    Returns an array of `w`'s shape and dtype whose value equals `rtn(w).dequantize()` exactly (NVFP4: the
+    quantized `w / outer_scale`, decoded with scale · outer_scale, as `jq.quantize_params` stores it).
     """
     xg = layout.to_grouped(w.astype(jnp.float32))
-    scale, zero = _range_scale_zero(sg(xg), scheme, layout)
+    outer = scheme.grid.outer_scale(sg(w))
+    xs = sg(xg) if outer is None else sg(xg) / outer
+    scale, zero = _range_scale_zero(xs, scheme, layout)
     scale, zero = sg(scale), None if zero is None else sg(zero)
-    fq = scheme.grid.fake_quant(sg(xg), scale, zero)
+    fq = scheme.grid.decode(scheme.grid.encode(xs, scale, zero), scale if outer is None else scale * outer, zero)
     if mode == "clipped":
         fq = fq + _inside(xg, scale, zero, scheme) * _d(xg)
     else:
@@ -117,7 +120,13 @@ def lsq_init(w: jax.Array, scheme: Scheme, layout: Layout, how: str = "range") -
     how="range": the scale (and zero) RTN would use, so step 0 of QAT is exactly the PTQ model;
     how="paper": LSQ's s = 2·mean|w| / sqrt(Q_p) per scale group (zero as for "range").
     Returns {"scale": s} for symmetric schemes, {"scale": s, "zero": z} (code units) for asymmetric ones.
+    Microscaling presets are refused: their scales are powers of two (e8m0) or e4m3 under a per-tensor scale, which
+    a free step size cannot be learned into; QAT trains them straight through on the spec's scales (lsq: false).
     """
+    if scheme.fmt.is_mx:
+        raise ValueError(f"QAT option 'lsq' is true but format {scheme.format!r} has fixed power-of-two / e4m3 block "
+                         "scales a step size cannot be learned into; set lsq: false (straight-through QAT on the "
+                         "spec's scales)")
     xg = layout.to_grouped(jnp.asarray(w, jnp.float32))
     scale, zero = _range_scale_zero(xg, scheme, layout)
     if how == "paper":

@@ -8,6 +8,7 @@ jit-able (the config is static; bad-input checks that need concrete values run o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -122,13 +123,14 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
             if rule.scheme.fmt.kind == "lut":
                 raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked "
                                  "expert weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
-            q = experts.quantize_stacked(path, jnp.asarray(w), rule.record, rule.scheme, layout, stats,
+            dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w))
+            q = experts.quantize_stacked(path, w, rule.record, rule.scheme, layout, stats,
                                          method=rule.method, reports_info=spec.reports_info)
             check_scales(path, w, q, rule.scheme)
-            return q
+            return _with_outer(q, outer, dtype)
         if rule.scheme.policy.rotation is not None:
             w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
-        w = jnp.asarray(w)
+        dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w))
         q = None
         if spec.needs_calibration:
             if stats is None:
@@ -150,7 +152,19 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
         if q is None:
             q = _jitted(rule.record)(w, rule.scheme, layout, stats)
         check_scales(path, w, q, rule.scheme)
-        return q
+        return _with_outer(q, outer, dtype)
+
+
+def _prescale(scheme: Scheme, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(w / outer, outer) for a grid with a per-tensor second-level scale (NVFP4: `Grid.outer_scale`), else (w, None):
+    every method then quantizes the scaled weight on the grid's own block scales."""
+    outer = scheme.grid.outer_scale(w)
+    return (w, None) if outer is None else (w.astype(jnp.float32) / outer, outer)
+
+
+def _with_outer(q: QTensor, outer: jax.Array | None, dtype: DTypeLike) -> QTensor:
+    """q with its per-tensor scale stored (`QTensor.outer_scale`) and the weight's own dtype, or q itself."""
+    return q if outer is None else dataclasses.replace(q, outer_scale=outer, dtype=jnp.dtype(dtype).name)
 
 
 def check_scales(path: str, w: jax.Array, q: QTensor, scheme: Scheme) -> None:
@@ -165,7 +179,7 @@ def check_scales(path: str, w: jax.Array, q: QTensor, scheme: Scheme) -> None:
     if q.zero is not None:
         bad |= ~np.isfinite(np.asarray(q.zero, np.float32))
     flushed = scale == 1.0  # an all-zero group, or a scale rounded to zero (`Scheme.scale_zero` sets both to 1)
-    if not bad.any() and not flushed.any():
+    if not bad.any() and (not flushed.any() or scheme.fmt.is_mx):  # presets: the spec's scales, none to choose
         return
     lay = q.layout
     xg = np.asarray(lay.to_grouped(jnp.asarray(w, jnp.float32)))
