@@ -207,50 +207,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """`jq export`: the model (float, --recipe, --quantized or --native) written for a serving engine — GGUF for
-    llama.cpp, or a Hugging Face directory in GPTQ / AWQ / compressed-tensors format — with what each tensor became."""
-    import tempfile
+    """`jq export`: the model (float, --recipe, --quantized or --native) written for a serving engine
+    (`jq.apps.export.command`)."""
+    from jq.apps.export import command
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
-    m, params, cfg, _, recipe = _weights(args)
-    if args.to == "gguf":
-        from jq.models.io.gguf_write import export_gguf
+    if Path(args.out).exists() and not args.overwrite:  # before the model loads
+        raise FileExistsError(f"{args.out} exists; choose another --out or pass --overwrite")
+    return command(args, _weights(args))
 
-        if not str(m.source).endswith(".gguf"):
-            raise ValueError(f"--to gguf copies the tokenizer and metadata of the GGUF file the model was read from; "
-                             f"{m.source} is not one (export it with --to gptq or compressed-tensors)")
-        rows = export_gguf(params, cfg, m.family, m.source, out)
-    else:
-        from jq.apps.export import export_hf
 
-        with tempfile.TemporaryDirectory() as tmp:
-            extra = []
-            if hasattr(getattr(m.tokenizer, "backend", None), "save"):
-                m.tokenizer.backend.save(str(Path(tmp) / "tokenizer.json"))
-                extra.append(Path(tmp) / "tokenizer.json")
-            export_hf(params, cfg, m.family, out, to=args.to, float_dtype=args.float_dtype, extra_files=extra,
-                      overwrite=args.overwrite)
-        rows = []
-        if args.float_dtype != "float32":
-            print(f"float leaves (embeddings, norms, unquantized layers) written as {args.float_dtype}, rounded; "
-                  "--float-dtype float32 keeps them exact", file=sys.stderr)
-    exact = sum(r["exact"] for r in rows)
-    info = {"out": str(out), "to": args.to, "recipe": recipe.name if recipe else args.quantized or
-            ("native" if args.native else "float"), "bytes": sum(f.stat().st_size for f in
-                                                                 ([out] if out.is_file() else out.rglob("*"))),
-            "tensors": rows, "exact": exact}
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    changed = [r for r in rows if not r["exact"]]
-    for r in changed[:10]:
-        print(f"  {r['path']}: {r['jq']} -> {r['gguf']} ({r['note']})")
-    more = f" ({len(changed) - 10} more changed)" if len(changed) > 10 else ""
-    summary = f"{exact}/{len(rows)} tensors exact{more}, " if rows else ""
-    print(f"wrote {out} ({args.to}): {summary}{info['bytes'] / 1e6:.1f} MB")
-    return 0
+def cmd_autoquant(args: argparse.Namespace) -> int:
+    """`jq autoquant`: the per-layer mix of candidate recipes with the least estimated error within a budget, as a
+    recipe (`jq.apps.autoquant.command`)."""
+    from jq.apps.autoquant import command
+
+    return command(args)
 
 
 def _known_names() -> str:
@@ -343,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print one JSON object (with a row per tensor)")
     _add_calib_args(x)
     x.set_defaults(fn=cmd_export)
+
+    a = sub.add_parser("autoquant", help="the best per-layer mix of candidate recipes within a size budget, as a recipe")
+    a.add_argument("--model", required=True, help=_MODEL_HELP)
+    a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw) or the model's size (150MB)")
+    a.add_argument("--candidates", nargs="+", help="data-free single-rule recipes to choose from per layer (default: "
+                   "rtn_w2_g128 rtn_w3_g128 rtn_w4_g128 rtn_w4_g64 hqq_w4_g64 rtn_w8_g128)")
+    a.add_argument("--out", required=True, help="the recipe YAML to write")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_calib_args(a)
+    a.set_defaults(fn=cmd_autoquant)
 
     sub.add_parser("qat", add_help=False,
                        help="quantization-aware fine-tuning, then conversion (jq qat --help for its options)")

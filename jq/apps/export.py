@@ -2,13 +2,16 @@
 vLLM and GPTQModel load as shipped: config.json (LlamaForCausalLM + `quantization_config`) and model.safetensors in
 GPTQ (v1 or v2 zero points), AWQ GEMM or compressed-tensors `pack-quantized` layout (docs/HF_QUANT.md). Quantized
 layers are re-laid bit for bit (`jq.models.io.hfq`), never re-quantized; whatever the target cannot hold is refused
-with the leaf's path and the reason before anything is written, and the directory appears only when complete."""
+with the leaf's path and the reason before anything is written, and the directory appears only when complete.
+`command` runs `jq export` (GGUF through `jq.models.io.gguf_write`, the Hugging Face formats through `export_hf`)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,13 +22,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from jq.models.family import ModelFamily
+from jq.models.io.gguf_write import export_gguf
 from jq.models.io.hfq import awq, compressed, gptq
 from jq.models.llama.config import hf_config as llama_hf_config
 from jq.models.llama.weights import hf_name as llama_hf_name
 from jq.numbers.lowrank import is_weight_leaf
 from jq.tree.paths import leaf_paths
 
-__all__ = ["TARGETS", "export_hf"]
+__all__ = ["TARGETS", "export_hf", "command"]
 
 TARGETS = ("gptq", "gptq_v2", "awq", "compressed-tensors")
 FLOAT_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -176,3 +180,43 @@ def export_hf(params: Mapping[str, Any], cfg: Any, family: ModelFamily, out_dir:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def command(args: argparse.Namespace, weights: tuple) -> int:
+    """`jq export` (arguments as `jq.apps.cli` parses them; `weights` = its (model, params, config, KV cache,
+    recipe)): GGUF for llama.cpp, or a Hugging Face directory in GPTQ / AWQ / compressed-tensors format, and what each
+    tensor became."""
+    out = Path(args.out)
+    m, params, cfg, _, recipe = weights
+    if args.to == "gguf":
+        if not str(m.source).endswith(".gguf"):
+            raise ValueError(f"--to gguf copies the tokenizer and metadata of the GGUF file the model was read from; "
+                             f"{m.source} is not one (export it with --to gptq or compressed-tensors)")
+        rows = export_gguf(params, cfg, m.family, m.source, out)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = []
+            if hasattr(getattr(m.tokenizer, "backend", None), "save"):
+                m.tokenizer.backend.save(str(Path(tmp) / "tokenizer.json"))
+                extra.append(Path(tmp) / "tokenizer.json")
+            export_hf(params, cfg, m.family, out, to=args.to, float_dtype=args.float_dtype, extra_files=extra,
+                      overwrite=args.overwrite)
+        rows = []
+        if args.float_dtype != "float32":
+            print(f"float leaves (embeddings, norms, unquantized layers) written as {args.float_dtype}, rounded; "
+                  "--float-dtype float32 keeps them exact", file=sys.stderr)
+    exact = sum(r["exact"] for r in rows)
+    info = {"out": str(out), "to": args.to, "recipe": recipe.name if recipe else args.quantized or
+            ("native" if args.native else "float"), "bytes": sum(f.stat().st_size for f in
+                                                                 ([out] if out.is_file() else out.rglob("*"))),
+            "tensors": rows, "exact": exact}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    changed = [r for r in rows if not r["exact"]]
+    for r in changed[:10]:
+        print(f"  {r['path']}: {r['jq']} -> {r['gguf']} ({r['note']})")
+    more = f" ({len(changed) - 10} more changed)" if len(changed) > 10 else ""
+    summary = f"{exact}/{len(rows)} tensors exact{more}, " if rows else ""
+    print(f"wrote {out} ({args.to}): {summary}{info['bytes'] / 1e6:.1f} MB")
+    return 0

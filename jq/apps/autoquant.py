@@ -1,0 +1,165 @@
+"""`jq autoquant`: the best mix of candidate recipes for a size budget, written as an ordinary recipe.
+
+1. Sensitivity: the float model's input Hessian of every linear layer on calibration text (one capture), then for
+   each layer and each candidate (a data-free recipe: RTN / HQQ on any grid) the layer's output error under that
+   Hessian, tr(ΔWᵀ H ΔW), and the candidate's stored bits (`jq.algorithms.allocate`).
+2. Allocation: one candidate per layer minimising the summed error within the budget — bits per linear weight
+   (`3.5bpw`, as reports count `linear_bits_per_weight`) or the whole model's bytes (`150MB`) — exactly, by dynamic
+   programming over the budget.
+3. The result is a YAML recipe with one explicit rule per layer, to inspect, edit and run with `jq eval` /
+   `jq quantize`; the sensitivities are returned too (cache them to try other budgets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jq.algorithms.allocate import allocate, hessian_cost
+from jq.calibration.capture import batched, capture
+from jq.models.family import LoadedModel
+from jq.tree.paths import leaf_paths
+from jq.tree.quantize import quantize_leaf
+from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
+
+__all__ = ["parse_budget", "sensitivities", "choose", "autoquant", "command", "DEFAULT_CANDIDATES"]
+
+DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64", "rtn_w8_g128"]
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|mb|gb|kb)\s*$", re.IGNORECASE)
+_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """'3.5bpw' → ("bpw", 3.5); '150MB' → ("bytes", 150e6). ValueError naming the value and the forms."""
+    m = _BUDGET.match(str(text))
+    if not m:
+        raise ValueError(f"budget {text!r}: write bits per linear weight (e.g. 3.5bpw) or the model's size (e.g. "
+                         "150MB, 0.2GB)")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    return ("bpw", value) if unit == "bpw" else ("bytes", value * _UNITS[unit])
+
+
+def _candidate_rule(cfg: QuantConfig) -> dict[str, Any]:
+    """The single quantizing rule of a candidate recipe, as a YAML-shaped dict."""
+    rules = [r for r in recipe_to_dict(cfg)["rules"] if not r.get("skip")]
+    if len(rules) != 1 or cfg.needs_calibration or cfg.rotation is not None or cfg.lowrank is not None:
+        raise ValueError(f"candidate recipe {cfg.name!r}: autoquant takes data-free single-rule recipes (RTN / HQQ on "
+                         "any grid, e.g. rtn_w4_g64, hqq_w4_g64, nf4_g64); it has "
+                         f"{len(rules)} quantizing rules{', needs calibration' if cfg.needs_calibration else ''}")
+    return rules[0]
+
+
+def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Per layer the candidates' Hessian-weighted output error and stored bits.
+
+    calib: token ids int [S, T]. Returns {"candidates": [names], "layers": {path: {"weights": n, "cost": [C],
+    "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"}; a candidate that refuses a
+    layer (a group size that does not divide it) gets cost inf there."""
+    t0 = time.perf_counter()
+    rules = [(c.name, recipe_from_dict({"name": c.name, "rules": [_candidate_rule(c)]}).rules[0]) for c in candidates]
+    targets = {}
+    for path, w in leaf_paths(m.params):
+        hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
+        if any(r is not None and r.scheme is not None for r in hits):
+            targets[path] = w
+    module = m.family.module(m.cfg)
+    stats = capture(module, {"params": m.params}, batched(calib, 4), paths=list(targets))
+    layers, fixed = {}, 0
+    for path, w in leaf_paths(m.params):
+        if path not in targets:
+            fixed += int(np.asarray(w).nbytes)
+            continue
+        if progress:
+            progress(path)
+        h = stats[path].hessian
+        cost, bits = [], []
+        for (name, rule), cand in zip(rules, candidates):
+            if cand.rule_for(path, np.ndim(w)) is None:
+                cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
+                continue
+            try:
+                q = quantize_leaf(path, jnp.asarray(w), rule)
+            except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
+                cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
+                continue
+            cost.append(hessian_cost(w, q.dequantize(jnp.float32), h))
+            bits.append(8 * q.nbytes)
+        layers[path] = {"weights": int(np.size(w)), "cost": cost, "bits": bits}
+    return {"candidates": [n for n, _ in rules], "rules": [r for r in map(_candidate_rule, candidates)],
+            "layers": layers, "fixed_bytes": fixed, "seconds": time.perf_counter() - t0}
+
+
+def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
+    """The recipe (a YAML-shaped dict with one rule per layer) that minimises the summed sensitivity within
+    `budget` ('3.5bpw' over the candidates' layers, or '150MB' for the whole model), and what it costs."""
+    kind, value = parse_budget(budget)
+    paths = list(sens["layers"])
+    n_weights = sum(sens["layers"][p]["weights"] for p in paths)
+    total_bits = value * n_weights if kind == "bpw" else (value - sens["fixed_bytes"]) * 8
+    if total_bits <= 0:
+        raise ValueError(f"budget {budget}: the leaves autoquant does not quantize already take "
+                         f"{sens['fixed_bytes'] / 1e6:.1f} MB; raise the budget")
+    unit = max(1, int(total_bits // steps))
+    costs = [[c if np.isfinite(c) else 1e30 for c in sens["layers"][p]["cost"]] for p in paths]
+    sizes = [sens["layers"][p]["bits"] for p in paths]
+    pick = allocate(costs, sizes, int(total_bits), unit)
+    rules, used, err, counts = [], 0, 0.0, {}
+    for p, c in zip(paths, pick):
+        rules.append({**sens["rules"][c], "pattern": re.escape(p)})
+        used += sizes[paths.index(p)][c]
+        err += costs[paths.index(p)][c]
+        counts[sens["candidates"][c]] = counts.get(sens["candidates"][c], 0) + 1
+    label = name or f"autoquant_{budget.strip().lower()}"
+    recipe = {"name": label, "description": f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
+                                            "(least Hessian-weighted output error)", "rules": rules}
+    recipe_from_dict(recipe, source=label)  # what we write must load
+    return {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
+            "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
+
+
+def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,
+              progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`sensitivities` then `choose`: (the chosen recipe and its accounting, the sensitivities to reuse)."""
+    sens = sensitivities(m, candidates, calib, progress)
+    return choose(sens, budget), sens
+
+
+def command(args: argparse.Namespace) -> int:
+    """`jq autoquant` (arguments as `jq.apps.cli` parses them): autoquant the model, write the recipe, print what it
+    chose."""
+    import yaml
+
+    from jq.apps import data, pipeline
+
+    parse_budget(args.budget)  # checked before the model loads
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+    candidates = [load_recipe(c) for c in args.candidates or DEFAULT_CANDIDATES]
+    files = [Path(f) for f in args.calib] if args.calib else data.default_calib_files()
+    for f in files:
+        data.read_text(f, "--calib")
+    m = pipeline.load(args.model)
+    tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
+                                      args.calib_sampling)
+    chosen, sens = autoquant(m, candidates, tokens, args.budget)
+    out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
+    info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate")}
+    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"])
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    mix = ", ".join(f"{n}: {k}" for n, k in info["layers_per_candidate"].items())
+    print(f"wrote {out}: {info['linear_bits_per_weight']:.3f} bits per linear weight, {info['bytes'] / 1e6:.1f} MB "
+          f"({mix}); sensitivities in {sens['seconds']:.0f} s")
+    return 0

@@ -1,0 +1,84 @@
+"""`jq autoquant` on a tiny llama: sensitivities per layer and candidate, the budget held with the reports' own
+accounting, a recipe that loads and runs, and the same recipe for the same inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import jq
+from jq.apps.autoquant import choose, parse_budget, sensitivities
+from jq.apps.cli import main as cli_main
+from jq.models.io.gguf import load_gguf
+from jq.tree.recipe import load_recipe, recipe_from_dict
+from jq.tree.report import size_summary
+
+from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
+
+CANDIDATES = ["rtn_w2_g128", "rtn_w4_g128", "rtn_w8_g128"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("aq")
+    cfg = tiny_cfg(tie=True)
+    write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg, seed=12))
+    m = load_gguf(d / "tiny.gguf")
+    calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16))
+    return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib)
+
+
+def test_budgets_parse_and_bad_ones_are_named():
+    assert parse_budget("3.5bpw") == ("bpw", 3.5) and parse_budget("150MB") == ("bytes", 150e6)
+    with pytest.raises(ValueError, match=r"budget '3\.5 bits'.*3\.5bpw"):
+        parse_budget("3.5 bits")
+
+
+def test_sensitivities_grow_as_bits_shrink(tiny):
+    _, m, sens = tiny
+    assert sens["candidates"] == CANDIDATES and len(sens["layers"]) == 14  # 7 kernels x 2 layers
+    for path, row in sens["layers"].items():
+        assert row["cost"][0] > row["cost"][1] > row["cost"][2] >= 0, path
+        assert row["bits"][0] < row["bits"][1] < row["bits"][2], path
+
+
+@pytest.mark.parametrize("budget", ["3bpw", "4.5bpw", "6bpw"])
+def test_the_chosen_recipe_holds_its_budget_as_reports_count_it(tiny, budget):
+    _, m, sens = tiny
+    chosen = choose(sens, budget)
+    cfg = recipe_from_dict(chosen["recipe"])
+    q = jq.quantize_params(m.params, cfg)
+    got = size_summary(q)["linear_bits_per_weight"]
+    assert got == pytest.approx(chosen["linear_bits_per_weight"]) and got <= parse_budget(budget)[1]
+    assert choose(sens, budget) == chosen  # deterministic
+
+
+def test_more_budget_never_costs_more_error(tiny):
+    _, _, sens = tiny
+    errs = [choose(sens, f"{b}bpw")["estimated_error"] for b in (2.6, 3, 4, 5, 8)]
+    assert errs == sorted(errs, reverse=True)
+
+
+def test_cli_writes_a_recipe_that_jq_eval_runs(tiny, tmp_path, capsys):
+    d, _, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the hat, " * 80)
+    out = tmp_path / "aq.yaml"
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--candidates", *CANDIDATES,
+                     "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out", str(out),
+                     "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["linear_bits_per_weight"] <= 4 and yaml.safe_load(out.read_text())["rules"]
+    assert cli_main(["eval", "--model", str(d / "tiny.gguf"), "--recipe", str(out), "--text", str(text), "--window",
+                     "32", "--windows", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["linear_bits_per_weight"] == pytest.approx(info["linear_bits_per_weight"])
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "1bpw", "--candidates", *CANDIDATES,
+                     "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out",
+                     str(tmp_path / "x.yaml")]) == 2
+    assert "below the smallest choice" in capsys.readouterr().err
