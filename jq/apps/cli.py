@@ -56,6 +56,14 @@ def _add_calib_args(p) -> None:
     add_calib_args(p)
 
 
+def _add_weight_args(p, recipe_help: str) -> None:
+    """--model and the weights it runs with (`_weights`): --recipe, --quantized DIR or --native."""
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
+    p.add_argument("--recipe", help=recipe_help)
+    p.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
+    p.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """`jq eval`: perplexity of the float or recipe-quantized model on a text, as a table or JSON."""
     from jq.apps import data, pipeline
@@ -283,10 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text with a (quantized) model and KV cache; prints tokens/s")
-    g.add_argument("--model", required=True, help=_MODEL_HELP)
-    g.add_argument("--recipe", help="a YAML recipe quantizing the weights and/or the KV cache (kv_cache:)")
-    g.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
-    g.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
+    _add_weight_args(g, "a YAML recipe quantizing the weights and/or the KV cache (kv_cache:)")
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--max-new", type=int, default=32, help="new tokens to generate (default 32)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling")
@@ -302,12 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write the model for a serving engine: GGUF (llama.cpp) or a Hugging Face "
                                       "directory in GPTQ / AWQ / compressed-tensors format")
-    x.add_argument("--model", required=True, help=_MODEL_HELP)
+    _add_weight_args(x, "quantize the float model by this recipe first")
     x.add_argument("--to", required=True, choices=["gguf", "gptq", "gptq_v2", "awq", "compressed-tensors"])
     x.add_argument("--out", required=True, help="the GGUF file, or the Hugging Face directory, to write")
-    x.add_argument("--recipe", help="quantize the float model by this recipe first")
-    x.add_argument("--quantized", help="a directory written by `jq quantize --out` (instead of --recipe)")
-    x.add_argument("--native", action="store_true", help="the GGUF model as shipped (legacy blocks as QTensors)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     x.add_argument("--float-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="Hugging Face targets: dtype of the float tensors and torch_dtype (default float16)")
