@@ -1,8 +1,10 @@
 """`jq autoquant`: the best mix of candidate recipes for a size budget, written as an ordinary recipe.
 
-1. Sensitivity: the float model's input Hessian of every linear layer on calibration text (one capture), then for
-   each layer and each candidate (a data-free recipe: RTN / HQQ on any grid) the layer's output error under that
-   Hessian, tr(ΔWᵀ H ΔW), and the candidate's stored bits (`jq.algorithms.allocate`).
+1. Sensitivity: for each layer and each candidate (a data-free recipe: RTN / HQQ on any grid), the estimated loss
+   increase ½ Σ F ⊙ (W − Ŵ)² under the diagonal Fisher F = E[(∂loss/∂W)²] of the float model on calibration text
+   (`metric="fisher"`, the default: in units of the model's loss, so layers compare — SqueezeLLM's sensitivity), or
+   the layer's own output error under its input Hessian, tr(ΔWᵀ H ΔW) (`metric="hessian"`: local, and blind to how
+   an early layer's error grows downstream), and the candidate's stored bits (`jq.algorithms.allocate`).
 2. Allocation: one candidate per layer minimising the summed error within the budget — bits per linear weight
    (`3.5bpw`, as reports count `linear_bits_per_weight`) or the whole model's bytes (`150MB`) — exactly, by dynamic
    programming over the budget.
@@ -20,10 +22,12 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms.allocate import allocate, hessian_cost
+from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
 from jq.tree.paths import leaf_paths
@@ -58,13 +62,36 @@ def _candidate_rule(cfg: QuantConfig) -> dict[str, Any]:
     return rules[0]
 
 
-def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Per layer the candidates' Hessian-weighted output error and stored bits.
+def fisher_diagonal(m: LoadedModel, calib: np.ndarray, paths: Sequence[str], batch: int = 2) -> dict[str, jax.Array]:
+    """E[(∂ mean next-token NLL / ∂W)²] over the batches of `calib` (int [S, T]) for the leaves `paths`: the
+    diagonal of the empirical Fisher, each of its weight's shape."""
+    module = m.family.module(m.cfg)
+    want = set(paths)
 
-    calib: token ids int [S, T]. Returns {"candidates": [names], "layers": {path: {"weights": n, "cost": [C],
-    "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"}; a candidate that refuses a
-    layer (a group size that does not divide it) gets cost inf there."""
+    def loss(params, ids):
+        return window_nll_sum(module.apply({"params": params}, ids), ids) / (ids.shape[0] * (ids.shape[1] - 1))
+
+    grad = jax.jit(jax.grad(loss))
+    acc: dict[str, jax.Array] = {}
+    batches = batched(calib, batch)
+    for ids in batches:
+        for path, g in leaf_paths(grad(m.params, ids)):
+            if path in want:
+                acc[path] = acc.get(path, 0.0) + jnp.square(g.astype(jnp.float32)) / len(batches)
+    return acc
+
+
+def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
+                  progress: Callable[[str], None] | None = None, metric: str = "fisher",
+                  fisher_samples: int = 16) -> dict[str, Any]:
+    """Per layer the candidates' estimated cost (`metric`: "fisher" — the loss increase under the diagonal Fisher of
+    the first `fisher_samples` calibration rows — or "hessian" — the layer's output error) and stored bits.
+
+    calib: token ids int [S, T]. Returns {"candidates": [names], "metric", "layers": {path: {"weights": n, "cost":
+    [C], "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"}; a candidate that
+    refuses a layer (a group size that does not divide it) gets cost inf there."""
+    if metric not in ("fisher", "hessian"):
+        raise ValueError(f"metric {metric!r}; choose 'fisher' or 'hessian'")
     t0 = time.perf_counter()
     rules = [(c.name, recipe_from_dict({"name": c.name, "rules": [_candidate_rule(c)]}).rules[0]) for c in candidates]
     targets = {}
@@ -72,8 +99,11 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
         hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
         if any(r is not None and r.scheme is not None for r in hits):
             targets[path] = w
-    module = m.family.module(m.cfg)
-    stats = capture(module, {"params": m.params}, batched(calib, 4), paths=list(targets))
+    if metric == "hessian":
+        stats = capture(m.family.module(m.cfg), {"params": m.params}, batched(calib, 4), paths=list(targets))
+        weight = {p: stats[p].hessian for p in targets}
+    else:
+        weight = fisher_diagonal(m, np.asarray(calib)[:fisher_samples], list(targets))
     layers, fixed = {}, 0
     for path, w in leaf_paths(m.params):
         if path not in targets:
@@ -81,7 +111,6 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
             continue
         if progress:
             progress(path)
-        h = stats[path].hessian
         cost, bits = [], []
         for (name, rule), cand in zip(rules, candidates):
             if cand.rule_for(path, np.ndim(w)) is None:
@@ -92,10 +121,12 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
             except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
                 cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
                 continue
-            cost.append(hessian_cost(w, q.dequantize(jnp.float32), h))
+            w_hat = q.dequantize(jnp.float32)
+            cost.append(hessian_cost(w, w_hat, weight[path]) if metric == "hessian" else
+                        0.5 * float(jnp.sum(weight[path] * jnp.square(jnp.asarray(w, jnp.float32) - w_hat))))
             bits.append(8 * q.nbytes)
         layers[path] = {"weights": int(np.size(w)), "cost": cost, "bits": bits}
-    return {"candidates": [n for n, _ in rules], "rules": [r for r in map(_candidate_rule, candidates)],
+    return {"candidates": [n for n, _ in rules], "metric": metric, "rules": [_candidate_rule(c) for c in candidates],
             "layers": layers, "fixed_bytes": fixed, "seconds": time.perf_counter() - t0}
 
 
@@ -121,16 +152,17 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
         counts[sens["candidates"][c]] = counts.get(sens["candidates"][c], 0) + 1
     label = name or f"autoquant_{budget.strip().lower()}"
     recipe = {"name": label, "description": f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
-                                            "(least Hessian-weighted output error)", "rules": rules}
+                                            f"(least estimated {sens['metric']} cost)", "rules": rules}
     recipe_from_dict(recipe, source=label)  # what we write must load
     return {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
             "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
 
 
 def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,
-              progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+              progress: Callable[[str], None] | None = None, metric: str = "fisher"
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`sensitivities` then `choose`: (the chosen recipe and its accounting, the sensitivities to reuse)."""
-    sens = sensitivities(m, candidates, calib, progress)
+    sens = sensitivities(m, candidates, calib, progress, metric)
     return choose(sens, budget), sens
 
 
@@ -152,7 +184,7 @@ def command(args: argparse.Namespace) -> int:
     m = pipeline.load(args.model)
     tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
                                       args.calib_sampling)
-    chosen, sens = autoquant(m, candidates, tokens, args.budget)
+    chosen, sens = autoquant(m, candidates, tokens, args.budget, metric=args.metric)
     out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
     info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate")}
     info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"])

@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw) or the model's size (150MB)")
     a.add_argument("--candidates", nargs="+", help="data-free single-rule recipes to choose from per layer (default: "
                    "rtn_w2_g128 rtn_w3_g128 rtn_w4_g128 rtn_w4_g64 hqq_w4_g64 rtn_w8_g128)")
+    a.add_argument("--metric", choices=["fisher", "hessian"], default="fisher",
+                   help="layer cost: loss increase under the diagonal Fisher (default) or the layer's output error")
     a.add_argument("--out", required=True, help="the recipe YAML to write")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--json", action="store_true", help="print one JSON object")

@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg, seed=12))
     m = load_gguf(d / "tiny.gguf")
     calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16))
-    return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib)
+    return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib)  # metric="fisher"
 
 
 def test_budgets_parse_and_bad_ones_are_named():
@@ -37,12 +37,36 @@ def test_budgets_parse_and_bad_ones_are_named():
         parse_budget("3.5 bits")
 
 
-def test_sensitivities_grow_as_bits_shrink(tiny):
+@pytest.mark.parametrize("metric", ["fisher", "hessian"])
+def test_sensitivities_grow_as_bits_shrink(tiny, metric):
     _, m, sens = tiny
-    assert sens["candidates"] == CANDIDATES and len(sens["layers"]) == 14  # 7 kernels x 2 layers
+    if metric == "hessian":
+        sens = sensitivities(m, [load_recipe(c) for c in CANDIDATES],
+                             np.random.default_rng(1).integers(0, m.cfg.vocab_size, (4, 16)), metric="hessian")
+    assert sens["candidates"] == CANDIDATES and sens["metric"] == metric and len(sens["layers"]) == 14  # 7 x 2
     for path, row in sens["layers"].items():
         assert row["cost"][0] > row["cost"][1] > row["cost"][2] >= 0, path
         assert row["bits"][0] < row["bits"][1] < row["bits"][2], path
+
+
+def test_fisher_diagonal_is_the_mean_squared_gradient_per_batch(tiny):
+    import jax
+
+    from jq.apps.autoquant import fisher_diagonal
+    from jq.apps.perplexity import window_nll_sum
+
+    _, m, _ = tiny
+    ids = np.random.default_rng(2).integers(0, m.cfg.vocab_size, (4, 16))
+    path = "layers_1/mlp/up_proj/kernel"
+    f = np.asarray(fisher_diagonal(m, ids, [path], batch=2)[path])
+    module = m.family.module(m.cfg)
+
+    def up_grad(b):  # the gradient of batch b's mean NLL for this one kernel
+        g = jax.grad(lambda p: window_nll_sum(module.apply({"params": p}, b), b) / (2 * 15))(m.params)
+        return np.asarray(g["layers_1"]["mlp"]["up_proj"]["kernel"], np.float64)
+
+    want = (up_grad(ids[:2]) ** 2 + up_grad(ids[2:]) ** 2) / 2
+    np.testing.assert_allclose(f, want, rtol=1e-3, atol=1e-9)  # float32 gradients, jitted or not
 
 
 @pytest.mark.parametrize("budget", ["3bpw", "4.5bpw", "6bpw"])
