@@ -4,6 +4,7 @@ which candidate each layer got at one budget. Writes OUT/autoquant.json, OUT/aut
 OUT/autoquant_layers.png (the sensitivity map: bits chosen per layer).
 
     python benchmarks/autoquant.py [--out out] [--budgets 2.5 3 3.5 4 4.5] [--map-budget 3.5] [--windows 16]
+                                   [--metric fisher|hessian]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main() -> None:
     p.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 3.5, 4.0, 4.5])
     p.add_argument("--map-budget", type=float, default=3.5)
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--metric", choices=["fisher", "hessian"], default="fisher")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,9 +67,10 @@ def main() -> None:
     text = text_path.read_text(encoding="utf-8")
     tokens, draw = data.calibration_draw(m.tokenizer, data.default_calib_files(text_path), 128, 512, 0, "windows")
     candidates = [load_recipe(c) for c in DEFAULT_CANDIDATES]
-    sens = sensitivities(m, candidates, tokens)
+    sens = sensitivities(m, candidates, tokens, metric=args.metric)
     res = {"meta": environment(windows=args.windows, calibration={k: v for k, v in draw.items() if k != "files"},
-                               date=time.strftime("%Y-%m-%d"), sensitivity_seconds=sens["seconds"]),
+                               date=time.strftime("%Y-%m-%d"), sensitivity_seconds=sens["seconds"],
+                               metric=args.metric),
            "uniform": [], "allocated": []}
     for cfg in candidates:
         res["uniform"].append(_row(m, text, cfg, args.windows))
