@@ -34,7 +34,8 @@ from jq.tree.paths import leaf_paths
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "choose", "autoquant", "command", "DEFAULT_CANDIDATES"]
+__all__ = ["parse_budget", "sensitivities", "choose", "autoquant", "load_sensitivities", "command",
+           "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64", "rtn_w8_g128"]
 
@@ -166,6 +167,19 @@ def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarr
     return choose(sens, budget), sens
 
 
+def load_sensitivities(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The sensitivities cached at `path` (`jq autoquant --cache`) when they were measured for `key` (model,
+    candidates, metric, calibration draw), else None (absent, or measured for something else: recomputed)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        cached = json.loads(p.read_text())
+    except ValueError:
+        return None
+    return cached.get("sensitivities") if cached.get("key") == json.loads(json.dumps(key)) else None
+
+
 def command(args: argparse.Namespace) -> int:
     """`jq autoquant` (arguments as `jq.apps.cli` parses them): autoquant the model, write the recipe, print what it
     chose."""
@@ -184,14 +198,23 @@ def command(args: argparse.Namespace) -> int:
     m = pipeline.load(args.model)
     tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
                                       args.calib_sampling)
-    chosen, sens = autoquant(m, candidates, tokens, args.budget, metric=args.metric)
+    key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metric": args.metric,
+           "calibration": [args.calib_samples, args.calib_len, args.calib_seed, args.calib_sampling,
+                           sorted(map(str, files))]}
+    sens = load_sensitivities(args.cache, key) if args.cache else None
+    cached = sens is not None
+    if sens is None:
+        sens = sensitivities(m, candidates, tokens, metric=args.metric)
+        if args.cache:
+            Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
+    chosen = choose(sens, args.budget)
     out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
     info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate")}
-    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"])
+    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"], sensitivities_cached=cached)
     if args.json:
         print(json.dumps(info))
         return 0
     mix = ", ".join(f"{n}: {k}" for n, k in info["layers_per_candidate"].items())
     print(f"wrote {out}: {info['linear_bits_per_weight']:.3f} bits per linear weight, {info['bytes'] / 1e6:.1f} MB "
-          f"({mix}); sensitivities in {sens['seconds']:.0f} s")
+          f"({mix}); sensitivities {'from ' + str(args.cache) if cached else 'in %.0f s' % sens['seconds']}")
     return 0

@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metric", choices=["fisher", "hessian"], default="fisher",
                    help="layer cost: loss increase under the diagonal Fisher (default) or the layer's output error")
     a.add_argument("--out", required=True, help="the recipe YAML to write")
+    a.add_argument("--cache", help="a JSON file of sensitivities: reused when it matches the model, candidates, metric "
+                   "and calibration; written otherwise (try other budgets in a second)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     _add_calib_args(a)

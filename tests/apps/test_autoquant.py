@@ -106,3 +106,18 @@ def test_cli_writes_a_recipe_that_jq_eval_runs(tiny, tmp_path, capsys):
                      "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out",
                      str(tmp_path / "x.yaml")]) == 2
     assert "below the smallest choice" in capsys.readouterr().err
+
+
+def test_cli_caches_sensitivities_for_other_budgets(tiny, tmp_path, capsys):
+    d, _, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the hat, " * 80)
+    common = ["--model", str(d / "tiny.gguf"), "--candidates", *CANDIDATES, "--calib", str(text), "--calib-samples",
+              "4", "--calib-len", "16", "--cache", str(tmp_path / "s.json"), "--json"]
+    got = []
+    for budget, seed in (("4bpw", "0"), ("3bpw", "0"), ("3bpw", "1")):
+        out = tmp_path / f"{budget}{seed}.yaml"
+        assert cli_main(["autoquant", *common, "--budget", budget, "--calib-seed", seed, "--out", str(out)]) == 0
+        got.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert [g["sensitivities_cached"] for g in got] == [False, True, False]  # another calibration draw: measured
+    assert got[1]["linear_bits_per_weight"] <= 3 < got[0]["linear_bits_per_weight"] <= 4
