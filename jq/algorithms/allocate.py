@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["hessian_cost", "allocate"]
+__all__ = ["hessian_cost", "fisher_cost", "allocate"]
 
 
 def hessian_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray) -> float:
@@ -23,6 +23,12 @@ def hessian_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray) -> fl
     k = hessian.shape[0]
     d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)).reshape(k, -1)
     return float(jnp.sum(d * (hessian.astype(jnp.float32) @ d)))
+
+
+def fisher_cost(w: jnp.ndarray, w_hat: jnp.ndarray, fisher: jnp.ndarray) -> float:
+    """½ Σ F ⊙ (W − Ŵ)²: the loss increase a diagonal Fisher F (the weight's shape) predicts for the change."""
+    d = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)
+    return 0.5 * float(jnp.sum(fisher.astype(jnp.float32) * jnp.square(d)))
 
 
 def allocate(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int, unit: int = 1

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.algorithms.allocate import allocate, hessian_cost
+from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost
 from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
@@ -94,7 +94,8 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     if metric not in ("fisher", "hessian"):
         raise ValueError(f"metric {metric!r}; choose 'fisher' or 'hessian'")
     t0 = time.perf_counter()
-    rules = [(c.name, recipe_from_dict({"name": c.name, "rules": [_candidate_rule(c)]}).rules[0]) for c in candidates]
+    rule_dicts = [_candidate_rule(c) for c in candidates]
+    rules = [recipe_from_dict({"name": c.name, "rules": [r]}).rules[0] for c, r in zip(candidates, rule_dicts)]
     targets = {}
     for path, w in leaf_paths(m.params):
         hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
@@ -113,21 +114,22 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
         if progress:
             progress(path)
         cost, bits = [], []
-        for (name, rule), cand in zip(rules, candidates):
-            if cand.rule_for(path, np.ndim(w)) is None:
-                cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
-                continue
-            try:
-                q = quantize_leaf(path, jnp.asarray(w), rule)
-            except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
+        for rule, cand in zip(rules, candidates):
+            q = None
+            if cand.rule_for(path, np.ndim(w)) is not None:
+                try:
+                    q = quantize_leaf(path, jnp.asarray(w), rule)
+                except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
+                    pass
+            if q is None:  # not a choice here: infinitely costly, at float size
                 cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
                 continue
             w_hat = q.dequantize(jnp.float32)
-            cost.append(hessian_cost(w, w_hat, weight[path]) if metric == "hessian" else
-                        0.5 * float(jnp.sum(weight[path] * jnp.square(jnp.asarray(w, jnp.float32) - w_hat))))
+            cost.append(hessian_cost(w, w_hat, weight[path]) if metric == "hessian" else fisher_cost(w, w_hat,
+                                                                                                     weight[path]))
             bits.append(8 * q.nbytes)
         layers[path] = {"weights": int(np.size(w)), "cost": cost, "bits": bits}
-    return {"candidates": [n for n, _ in rules], "metric": metric, "rules": [_candidate_rule(c) for c in candidates],
+    return {"candidates": [c.name for c in candidates], "metric": metric, "rules": rule_dicts,
             "layers": layers, "fixed_bytes": fixed, "seconds": time.perf_counter() - t0}
 
 
@@ -146,10 +148,10 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
     sizes = [sens["layers"][p]["bits"] for p in paths]
     pick = allocate(costs, sizes, int(total_bits), unit)
     rules, used, err, counts = [], 0, 0.0, {}
-    for p, c in zip(paths, pick):
+    for i, (p, c) in enumerate(zip(paths, pick)):
         rules.append({**sens["rules"][c], "pattern": re.escape(p)})
-        used += sizes[paths.index(p)][c]
-        err += costs[paths.index(p)][c]
+        used += sizes[i][c]
+        err += costs[i][c]
         counts[sens["candidates"][c]] = counts.get(sens["candidates"][c], 0) + 1
     label = name or f"autoquant_{budget.strip().lower()}"
     recipe = {"name": label, "description": f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
