@@ -121,3 +121,12 @@ def test_cli_caches_sensitivities_for_other_budgets(tiny, tmp_path, capsys):
         got.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert [g["sensitivities_cached"] for g in got] == [False, True, False]  # another calibration draw: measured
     assert got[1]["linear_bits_per_weight"] <= 3 < got[0]["linear_bits_per_weight"] <= 4
+
+
+def test_calibrated_candidates_and_unknown_metrics_are_refused(tiny):
+    _, m, _ = tiny
+    calib = np.zeros((2, 8), np.int64)
+    with pytest.raises(ValueError, match=r"candidate recipe 'gptq_w4_g128': autoquant takes data-free single-rule"):
+        sensitivities(m, [load_recipe("gptq_w4_g128")], calib)
+    with pytest.raises(ValueError, match=r"metric 'kl'; choose 'fisher' or 'hessian'"):
+        sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="kl")

@@ -109,3 +109,12 @@ def test_convert_stores_a_native_gguf_as_it_is(tiny, tmp_path, capsys):
     assert cli_main(["convert", "--in", str(tiny / "tiny.gguf"), "--native", "--dequantize", "--out",
                      str(tmp_path / "f")]) == 0
     assert all(not isinstance(v, QTensor) for _, v in leaf_paths(checkpoint.load(tmp_path / "f")[0]))
+
+
+def test_export_to_gguf_needs_a_gguf_source(tiny, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert cli_main(["export", "--model", str(tiny / "tiny.gguf"), "--recipe", str(tiny / "w4.yaml"), "--to", "gptq",
+                     "--out", str(hf), "--float-dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert cli_main(["export", "--model", str(hf), "--to", "gguf", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "--to gguf copies the tokenizer and metadata of the GGUF file" in capsys.readouterr().err

@@ -220,3 +220,22 @@ def test_the_gguf_grid_recipes_export_exactly(tmp_path, name, kind):
         if isinstance(x, QTensor):
             y = dict(leaf_paths(back.params))[p]
             np.testing.assert_array_equal(np.asarray(y.dequantize()), np.asarray(x.dequantize()), err_msg=p)
+
+
+def test_export_refuses_adapters_and_a_model_that_is_not_the_sources(tmp_path):
+    from jq.numbers.lowrank import LowRank
+
+    cfg = tiny_cfg(True)
+    src = tmp_path / "m.gguf"
+    write_gguf(src, cfg, tiny_checkpoint(cfg, seed=13))
+    f = load_gguf(src)
+    w = f.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    lr = {**f.params, "layers_0": {**f.params["layers_0"], "mlp": {**f.params["layers_0"]["mlp"], "up_proj": {
+        "kernel": LowRank(w, np.zeros((w.shape[0], 2), np.float32), np.zeros((2, w.shape[1]), np.float32))}}}}
+    with pytest.raises(ValueError, match=r"layers_0/mlp/up_proj/kernel: a LowRank leaf .* merge it first"):
+        export_gguf(lr, f.cfg, f.family, src, tmp_path / "a.gguf")
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"config differs from the one of .*m\.gguf"):
+        export_gguf(f.params, dataclasses.replace(f.cfg, norm_eps=1e-3), f.family, src, tmp_path / "b.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # only the source: nothing half-written

@@ -154,3 +154,12 @@ def test_llama_hf_names_and_config_invert_the_readers():
             assert hf_tensor(hf_name(path, cfg), cfg).path == path
     with pytest.raises(ValueError, match="'layers_2/attn/q_proj/kernel' is not one of a LlamaForCausalLM"):
         hf_name("layers_2/attn/q_proj/kernel", CFG)
+
+
+def test_flat_groups_are_refused_naming_the_group_size_and_the_fix(params, tmp_path):
+    flat = Scheme("int4", symmetric=False, group_size=64, flat_groups=True)  # 64 does not divide q_proj's K = 32
+    q = quantized(params, (r".*q_proj/kernel", flat), (r".*proj/kernel", ASYM))
+    with pytest.raises(ValueError, match=r"layers_0/attn/q_proj/kernel.*flat groups of 64 .*does not divide K = 32.*"
+                                         r"use a group size that divides 32"):
+        export_hf(q, CFG, FAMILY, tmp_path / "o", "compressed-tensors")
+    assert list(tmp_path.iterdir()) == []
