@@ -11,7 +11,8 @@ quantized tree `jq quantize` writes.
 
 The corpus defaults to the Austen books other than persuasion.txt (the evaluation text); `--eval-windows N` reports
 the perplexity of the converted model on persuasion.txt. Multi-host: pass --coordinator HOST:PORT (or set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); each host runs the same command.
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; `--coordinator auto` on a TPU pod slice or under
+SLURM); each host runs the same command (docs/MULTIHOST.md; locally: `python -m jq.apps.launch -n 2 -- jq qat ...`).
 `main(argv)` is the entry point (`jq qat` and `scripts/qat_finetune.py` call it); its pieces are in
 `jq.apps.finetune_setup`.
 """
@@ -221,13 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         trained = gathered(state)
         if adapters:  # --out: the base (LoRA), the merged integer model (QA-LoRA), the tuned scales (PEQA)
             qparams, trained_adapters = run.export(trained["params"], run.base)
-            if args.adapters_out and console_out:
+            if args.adapters_out:  # every process: a checkpoint write is collective over processes
                 result["adapters_out"] = save_adapters(run, trained_adapters, args.adapters_out, args.overwrite,
                                                        {"model": source, "base_recipe": recipe.name})
         else:
             qparams, trained_adapters = qat.convert(trained, recipe), None
         qparams = jax.block_until_ready(qparams)
-        if args.out and console_out:
+        if args.out:  # every process (collective); process 0 writes the metadata
             meta = {"model": source, "model_family": m.family.name, "model_config": config_dict(mcfg),
                     "recipe_file": str(args.recipe),
                     "qat": {k: v for k, v in result.items() if k != "model"}}

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --eval-windows: also evaluate every N steps (result 'curve': the converted model's "
                         "perplexity, the float model's with --float; points of this process only after --resume)")
     p.add_argument("--eval-window", type=int, default=512, help="tokens per evaluation window (default 512)")
-    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--coordinator", help="multi-host: coordinator HOST:PORT (or JAX_COORDINATOR_ADDRESS), or 'auto' "
+                   "on a TPU pod slice / SLURM (docs/MULTIHOST.md)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")

@@ -5,8 +5,9 @@ the path `quantize_params` sees), accumulated by streaming over batches. Matmuls
 needed; weights that cannot be captured are warned about, never dropped silently.
 
 Streaming: one jitted step adds a batch's sums (`StatSums`) to the running sums (donated), so memory is the size of
-the statistics, not of the data. Data parallel: pass a `mesh`; batches are sharded over its first axis and XLA
-reduces the sums with a collective, giving the single-device result.
+the statistics, not of the data. Data parallel: pass a `mesh`; batches are sharded over it (`shard_rows`) and XLA
+reduces the sums with a collective, giving the single-device result up to the order of the float sums — also over
+several processes (a multi-controller run, docs/MULTIHOST.md).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jq.interop.usage import trace_usage
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.paths import path_str
 
-__all__ = ["capture", "capture_fns", "accumulate", "finalize", "batched"]
+__all__ = ["capture", "capture_fns", "accumulate", "finalize", "batched", "shard_rows"]
 
 _SumsFn = Callable[..., dict[str, StatSums]]  # a jitted capture function returning running sums by kernel path
 
@@ -39,6 +40,22 @@ def batched(tokens: Any, batch_size: int) -> list[jax.Array]:
     `capture` and sequential calibration take."""
     tokens = np.asarray(tokens)
     return [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+
+
+def shard_rows(a: Any, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A batch `a` [B, ...] on `mesh` for data parallelism: rows split over all its devices when their number
+    divides B, else over its first axis when that divides B, else replicated. `a` is host data (or an addressable
+    array) that every process holds in full; the result is one global array, also across processes. XLA places
+    the reductions of per-row sums (Auto mesh axes: Explicit ones would demand out_sharding)."""
+    mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    b, first = np.shape(a)[0], mesh.shape[mesh.axis_names[0]]
+    axes = tuple(mesh.axis_names) if b % mesh.size == 0 else mesh.axis_names[0] if b % first == 0 else None
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:  # already a global array: reshard it
+        return jax.device_put(a, sharding)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
 
 def _merge_all(acc: dict[str, StatSums], new: dict[str, StatSums]) -> dict[str, StatSums]:
@@ -87,7 +104,8 @@ def capture(
         `module.apply`.
       paths: kernel paths to record (default: every routable layer with a float kernel).
       method: the module method to run (default `__call__`).
-      mesh: shard each batch's leading axis over the mesh's first axis (data parallel).
+      mesh: shard each batch's leading axis over the mesh (data parallel, `shard_rows`; also across processes:
+        every process passes the same batches).
       progress: called with the number of batches done.
       traced: also record weights the standard-layer interceptor does not see — `jnp.einsum` / `@` /
         `lax.dot_general` on a `self.param` in user code, `nn.Einsum` — by tracing the model
@@ -97,11 +115,8 @@ def capture(
         weight outside them; False: never. Weights that still cannot be captured are warned about, naming them
         and why; the batches are then held in memory for the second pass.
     """
-    if mesh is not None:  # data parallel: let XLA place the all-reduce (Explicit axes would demand out_sharding)
-        mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
-                                 axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
-        spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-        batches = (tuple(jax.device_put(a, spec) for a in _as_args(b)) for b in batches)
+    if mesh is not None:
+        batches = (tuple(shard_rows(a, mesh) for a in _as_args(b)) for b in batches)
     if traced is False:
         return accumulate(capture_fns(module, paths, method), variables, batches, paths=paths, progress=progress)
     it = iter(batches)

@@ -113,9 +113,13 @@ def quantize_sequential(
     batch_size: int = 8,
     true_sequential: bool = True,
     progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict, dict]:
     """Quantize `params` block by block on calibration `tokens` [S, L].
 
+    mesh: data parallel — each batch's rows are split over the mesh (`capture.shard_rows`; over every process of
+    a multi-controller run, each passing the same `tokens`); statistics are all-reduced, then every process
+    quantizes the same weights from the same statistics.
     Returns (qparams, log) where log has per-block seconds and the transforms applied.
     """
     tokens = np.asarray(tokens)
@@ -123,7 +127,8 @@ def quantize_sequential(
         raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
     compiled: dict[int, _Compiled] = {}
     embed = jax.jit(spec.embed)
-    batches = calibrate.batched(tokens, batch_size)
+    batches = calibrate.batched(tokens, batch_size) if mesh is None else [
+        calibrate.shard_rows(tokens[i : i + batch_size], mesh) for i in range(0, len(tokens), batch_size)]
     extras = [tuple(spec.extra(b)) for b in batches]
     hs = [embed(params, b) for b in batches]
     out = copy.copy(params)

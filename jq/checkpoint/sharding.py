@@ -46,9 +46,9 @@ def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any,
     NamedSharding applies to codes / scale / zero (same rank as the weight; dims its mesh axes do not divide are
     replicated), while `perm` and flat layouts are replicated; another Sharding is used as is. A dict
     {field: spec} (or a target QTensor) sets a QTensor's arrays one by one. None: replicated over `mesh`, else
-    the first device.
+    this process's first device.
     """
-    default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+    default = NamedSharding(mesh, PartitionSpec()) if mesh is not None else SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(spec, (QTensor, LowRank)):  # a target leaf whose arrays carry shardings (a LowRank's: base + factors)
         spec = {f: getattr(a, "sharding", None) for f, a in leaf_arrays(spec).items()}
     per_field = isinstance(spec, Mapping)

@@ -3,7 +3,11 @@ Orbax), `jq_checkpoint.json` is written last and the directory renamed into plac
 complete; an interrupted write leaves only `.NAME.jq-tmp/`, which the next write removes. (One Orbax checkpoint per
 leaf rather than one Orbax *partial save* session: Orbax 0.12's partial saves re-read and merge every earlier save's
 metadata on each save, which is cubic in the number of leaves — minutes for a few hundred.) `--overwrite` replaces
-only a jq checkpoint and keeps the old one until the new one is in place (`check_destination`)."""
+only a jq checkpoint and keeps the old one until the new one is in place (`check_destination`).
+
+Several processes (a multi-controller run, docs/MULTIHOST.md): every process calls `save` with the same tree of
+global arrays; each writes the shards it holds (Orbax), process 0 alone stages, writes the metadata and renames.
+The directory must lie on a filesystem all processes share."""
 
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from jq.checkpoint.format import (
     as_recipe,
     check_paths,
     header,
+    leaf_arrays,
     leaf_record,
     nest,
     quiet_storage,
@@ -55,6 +60,47 @@ def _write_leaf(item: Path, arrays: dict[str, np.ndarray]) -> None:
     ctx.memory.deepcopy_host_arrays = False  # the arrays are ours and never mutated: no second host copy
     with ctx, quiet_storage():
         ocp.save(item, arrays)
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _all_agree(err: BaseException | None, what: str) -> None:
+    """Several processes: all learn whether process 0 (which alone touches the directory) managed `what`; it
+    re-raises its own error, the others raise one naming it. One process: re-raise `err`, if any."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(err is None)))
+        if err is None and not ok:
+            raise RuntimeError(f"process 0 failed to {what}; its output says why")
+    if err is not None:
+        raise err
+
+
+def _split(value: Any) -> tuple[Any, dict[str, Any]]:
+    """(the leaf with every array on the host — arrays spread over several processes all-gathered, one leaf at a
+    time, for the metadata and CRCs —, the arrays to write by field: those spread over processes as they are,
+    so each process writes its own shards; the rest as host arrays, or with several processes replicated over
+    all devices so that Orbax writes them once)."""
+    if jax.process_count() == 1:
+        return value, {}
+    from jax.experimental import multihost_utils
+
+    def spread(a):
+        return isinstance(a, jax.Array) and not a.is_fully_addressable
+
+    host = jax.tree_util.tree_map(lambda a: multihost_utils.process_allgather(a, tiled=True) if spread(a) else a,
+                                  value)
+    return host, {f: a for f, a in leaf_arrays(value).items() if spread(a)}
+
+
+def _replicated(a: np.ndarray) -> jax.Array:
+    """A host array as one global array replicated over every device of every process."""
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)),
+                                          jax.sharding.PartitionSpec())
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
 def _no_space(e: BaseException) -> bool:
@@ -137,14 +183,17 @@ class Writer:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out.parent / f".{self.out.name}{TMP}"
         self.old = self.out.parent / f".{self.out.name}{OLD}"
-        self._lock = self._acquire_lock()
-        try:
-            self._clean_stale()
-            check_destination(self.out, overwrite)
-            (self.staging / ARRAYS).mkdir(parents=True)
-        except BaseException:
-            self._release_lock()
-            raise
+        self._lock, err = None, None
+        if _primary():
+            self._lock = self._acquire_lock()
+            try:
+                self._clean_stale()
+                check_destination(self.out, overwrite)
+                (self.staging / ARRAYS).mkdir(parents=True)
+            except BaseException as e:
+                self._release_lock()
+                err = e
+        _all_agree(err, f"start writing {self.out}")
         self.header = header
         self.leaves: dict[str, dict[str, Any]] = {}
 
@@ -192,8 +241,11 @@ class Writer:
         """Write one leaf (an array or a QTensor); returns its metadata entry."""
         if path in self.leaves:
             raise ValueError(f"{path}: written twice to {self.out}")
-        entry, arrays = leaf_record(path, value)
+        host, spread = _split(value)
+        entry, arrays = leaf_record(path, host)
         entry["item"] = _item_name(len(self.leaves), path)
+        if jax.process_count() > 1:
+            arrays = {f: spread[f] if f in spread else _replicated(a) for f, a in arrays.items()}
         try:
             _write_leaf(self.staging / ARRAYS / entry["item"], arrays)
         except Exception as e:
@@ -213,6 +265,16 @@ class Writer:
         if missing or not self.leaves:
             raise ValueError(f"{self.out}: {len(missing)} planned leaves were not written (first: {missing[:1]}); "
                              "nothing was committed" if missing else f"nothing to write to {self.out}: no leaves")
+        err = None
+        if _primary():
+            try:
+                self._commit()
+            except BaseException as e:
+                err = e
+        _all_agree(err, f"commit {self.out}")
+        return self.out
+
+    def _commit(self) -> None:
         try:
             version = tree_version(list(self.leaves.values()))
             _write_json(self.staging / META_FILE, sealed({**self.header, "format_version": version,
@@ -234,11 +296,12 @@ class Writer:
                 shutil.rmtree(self.old)
             except OSError as e:  # the new checkpoint is in place: say what is left, do not fail the write
                 warnings.warn(f"wrote {self.out}, but the checkpoint it replaced could not be removed from "
-                              f"{self.old} ({e}); delete that directory yourself", stacklevel=3)
-        return self.out
+                              f"{self.old} ({e}); delete that directory yourself", stacklevel=4)
 
     def abort(self) -> None:
         """Remove everything this write created; `out` (if it existed before) is left as it was."""
+        if not _primary():
+            return
         try:
             if self.old.is_dir() and not self.out.exists():  # failed between a commit's two renames
                 os.rename(self.old, self.out)
@@ -256,7 +319,8 @@ def save(directory: str | os.PathLike, qparams: Any, *, recipe: QuantConfig | Ma
       directory: the checkpoint directory to create: a new path or an empty directory; with `overwrite`, also an
         existing jq checkpoint (never a file or another directory: `check_destination`).
       qparams: a pytree (nested dicts, an NNX State, ...) of arrays / QTensors; sharded jax.Arrays are gathered
-        to the host one leaf at a time.
+        to the host one leaf at a time. Several processes: all call `save` with the same tree; arrays spread over
+        them are written shard by shard, each process its own (see the module docstring).
       recipe: the recipe that produced it (a QuantConfig, a recipe dict or a YAML path), stored as a dict.
       meta: JSON-serializable extra metadata (model, source, timings, ...).
       overwrite: replace an existing checkpoint at `directory` (the old one stays until the new one is complete).

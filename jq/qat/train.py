@@ -299,12 +299,16 @@ class Checkpointer:
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                                  process_id: int | None = None) -> bool:
-    """Call `jax.distributed.initialize` when launched multi-host: a coordinator is given here or in
-    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID, unless the cluster is auto-detected).
-    Returns whether it initialized; a single-process launch does nothing."""
+    """Call `jax.distributed.initialize` when launched multi-host: a coordinator HOST:PORT is given here or in
+    JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES / JAX_PROCESS_ID, unless the cluster is auto-detected), or
+    "auto": JAX detects the cluster itself (TPU pod slice, SLURM, Open MPI). Returns whether it initialized; a
+    single-process launch does nothing. Must run before any other JAX call (docs/MULTIHOST.md)."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not coordinator or jax.distributed.is_initialized():
         return False
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return True
     env_n, env_id = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
     num_processes = num_processes if num_processes is not None else (int(env_n) if env_n else None)
     process_id = process_id if process_id is not None else (int(env_id) if env_id else None)
