@@ -5,6 +5,12 @@ Cost of a candidate at a layer: its output error under the layer's input Hessian
 the expected squared change of the layer's outputs over the calibration inputs (the quantity GPTQ minimises per
 layer; HAWQ-style allocation sums it over layers). Sizes are the stored bits of each candidate's QTensor, counted as
 the reports count them.
+
+Three estimates, from least to most informed: the layer's own output error under its input Hessian (local: blind to
+how an early layer's error grows downstream); the diagonal Fisher F = E[(∂loss/∂W)²] (in units of the model's loss,
+but blind to correlated inputs, so it overcharges an error-compensating method such as GPTQ); and the Kronecker
+(K-FAC) Fisher F ≈ A ⊗ G with A the input Hessian and G's diagonal per output channel fitted to the diagonal Fisher,
+which keeps both the loss units and the input correlations.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["hessian_cost", "fisher_cost", "allocate"]
+__all__ = ["hessian_cost", "fisher_cost", "kfac_cost", "output_sensitivity", "allocate"]
 
 
 def hessian_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray) -> float:
@@ -29,6 +35,24 @@ def fisher_cost(w: jnp.ndarray, w_hat: jnp.ndarray, fisher: jnp.ndarray) -> floa
     """½ Σ F ⊙ (W − Ŵ)²: the loss increase a diagonal Fisher F (the weight's shape) predicts for the change."""
     d = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)
     return 0.5 * float(jnp.sum(fisher.astype(jnp.float32) * jnp.square(d)))
+
+
+def output_sensitivity(fisher: jnp.ndarray, hessian: jnp.ndarray) -> jnp.ndarray:
+    """The per-output-channel factor g [N] of a Kronecker Fisher F ≈ diag(H) ⊗ g that matches the diagonal Fisher's
+    trace per output channel: g_j = Σ_i F_ij / Σ_i H_ii, so an isotropic change of column j costs the same under both.
+    fisher: the weight's shape [K..., N...]; hessian [K, K] (K = the contraction axes flattened)."""
+    k = hessian.shape[0]
+    f = jnp.asarray(fisher, jnp.float32).reshape(k, -1)
+    return jnp.sum(f, axis=0) / jnp.maximum(jnp.trace(hessian.astype(jnp.float32)), 1e-30)
+
+
+def kfac_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray, fisher: jnp.ndarray) -> float:
+    """½ Σ_j g_j · ΔW[:, j]ᵀ H ΔW[:, j]: the loss increase a Kronecker Fisher (input Hessian H [K, K], output
+    factor g = `output_sensitivity(fisher, hessian)`) predicts; w, w_hat, fisher in the weight's shape [K..., N...]."""
+    k = hessian.shape[0]
+    d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)).reshape(k, -1)
+    per_column = jnp.sum(d * (hessian.astype(jnp.float32) @ d), axis=0)
+    return 0.5 * float(jnp.sum(output_sensitivity(fisher, hessian) * per_column))
 
 
 def allocate(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int, unit: int = 1

@@ -1,10 +1,16 @@
 """`jq autoquant`: the best mix of candidate recipes for a size budget, written as an ordinary recipe.
 
-1. Sensitivity: for each layer and each candidate (a data-free recipe: RTN / HQQ on any grid), the estimated loss
-   increase ½ Σ F ⊙ (W − Ŵ)² under the diagonal Fisher F = E[(∂loss/∂W)²] of the float model on calibration text
-   (`metric="fisher"`, the default: in units of the model's loss, so layers compare — SqueezeLLM's sensitivity), or
-   the layer's own output error under its input Hessian, tr(ΔWᵀ H ΔW) (`metric="hessian"`: local, and blind to how
-   an early layer's error grows downstream), and the candidate's stored bits (`jq.algorithms.allocate`).
+1. Sensitivity: for each layer and each candidate (a single-rule recipe: RTN / HQQ on any grid, or a calibrated
+   method such as GPTQ, run per layer on the float model's input Hessians), the estimated loss increase
+   (`jq.algorithms.allocate`): `metric="kfac"` (the default) the Kronecker Fisher, ½ Σ_j g_j ΔW[:, j]ᵀ H ΔW[:, j]
+   with the layer's input Hessian H and a per-output-channel g fitted to the diagonal Fisher (in units of the
+   model's loss, so layers compare, and aware of the input correlations an error-compensating method like GPTQ
+   exploits); `metric="fisher"` ½ Σ F ⊙ (W − Ŵ)² under the diagonal Fisher F = E[(∂loss/∂W)²] of the float model
+   on calibration text (SqueezeLLM's sensitivity; it overcharges GPTQ); `metric="hessian"` the layer's own output
+   error tr(ΔWᵀ H ΔW) (local, and blind to how an early layer's error grows downstream); `metric="kl"` no estimate but
+   the measured KL divergence of the model's next-token distributions from the float model's when that layer alone
+   is quantized (one forward pass per layer and candidate: the reference the estimates are checked against,
+   `logit_kl`). And the candidate's stored bits.
 2. Allocation: one candidate per layer minimising the summed error within the budget — bits per linear weight
    (`3.5bpw`, as reports count `linear_bits_per_weight`) or the whole model's bytes (`150MB`) — exactly, by dynamic
    programming over the budget.
@@ -26,18 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost
+from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost, kfac_cost
 from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
-from jq.tree.paths import leaf_paths
+from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "choose", "autoquant", "load_sensitivities", "command",
+__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "autoquant", "load_sensitivities", "command",
            "DEFAULT_CANDIDATES"]
 
-DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64", "rtn_w8_g128"]
+DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
+                      "rtn_w5_g128", "rtn_w6_g128", "rtn_w8_g128"]
+METRICS = ("fisher", "kfac", "hessian", "kl")
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|mb|gb|kb)\s*$", re.IGNORECASE)
 _UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
@@ -56,10 +64,12 @@ def parse_budget(text: str) -> tuple[str, float]:
 def _candidate_rule(cfg: QuantConfig) -> dict[str, Any]:
     """The single quantizing rule of a candidate recipe, as a YAML-shaped dict."""
     rules = [r for r in recipe_to_dict(cfg)["rules"] if not r.get("skip")]
-    if len(rules) != 1 or cfg.needs_calibration or cfg.rotation is not None or cfg.lowrank is not None:
-        raise ValueError(f"candidate recipe {cfg.name!r}: autoquant takes data-free single-rule recipes (RTN / HQQ on "
-                         "any grid, e.g. rtn_w4_g64, hqq_w4_g64, nf4_g64); it has "
-                         f"{len(rules)} quantizing rules{', needs calibration' if cfg.needs_calibration else ''}")
+    whole_model = cfg.rotation is not None or cfg.lowrank is not None or any(r.get("transforms") for r in rules)
+    if len(rules) != 1 or whole_model:
+        raise ValueError(f"candidate recipe {cfg.name!r}: autoquant takes single-rule recipes that quantize each layer "
+                         "on its own (RTN / HQQ on any grid, GPTQ; e.g. rtn_w4_g64, hqq_w4_g64, gptq_w4_g128); it "
+                         f"has {len(rules)} quantizing rules"
+                         f"{', a rotation / transform / low-rank part acting across layers' if whole_model else ''}")
     return rules[0]
 
 
@@ -82,55 +92,94 @@ def fisher_diagonal(m: LoadedModel, calib: np.ndarray, paths: Sequence[str], bat
     return acc
 
 
+def logit_kl(m: LoadedModel, ids: np.ndarray) -> Callable[[Any], float]:
+    """params (the model's tree, float or quantized leaves) → the mean over the tokens of `ids` (int [S, T]) of
+    KL(float model's next-token distribution ‖ theirs): the end-to-end cost of a change, compiled once per tree
+    structure (swapping one float weight for its dequantized copy reuses it)."""
+    module = m.family.module(m.cfg)
+
+    def log_probs(params):
+        return jax.nn.log_softmax(module.apply({"params": params}, ids).astype(jnp.float32), axis=-1)
+
+    ref = jax.jit(log_probs)(m.params)
+    kl = jax.jit(lambda params, ref: jnp.mean(jnp.sum(jnp.exp(ref) * (ref - log_probs(params)), axis=-1)))
+    return lambda params: float(kl(params, ref))
+
+
 def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
-                  progress: Callable[[str], None] | None = None, metric: str = "fisher",
-                  fisher_samples: int = 16) -> dict[str, Any]:
-    """Per layer the candidates' estimated cost (`metric`: "fisher" — the loss increase under the diagonal Fisher of
-    the first `fisher_samples` calibration rows — or "hessian" — the layer's output error) and stored bits.
+                  progress: Callable[[str], None] | None = None, metric: str = "kfac", **options: Any
+                  ) -> dict[str, Any]:
+    """Per layer the candidates' estimated cost under one `metric` and their stored bits: `sensitivity_tables` for
+    that metric alone (options as there).
 
     calib: token ids int [S, T]. Returns {"candidates": [names], "metric", "layers": {path: {"weights": n, "cost":
     [C], "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"}; a candidate that
     refuses a layer (a group size that does not divide it) gets cost inf there."""
-    if metric not in ("fisher", "hessian"):
-        raise ValueError(f"metric {metric!r}; choose 'fisher' or 'hessian'")
+    return sensitivity_tables(m, candidates, calib, (metric,), progress, **options)[metric]
+
+
+def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
+                       metrics: Sequence[str] = ("kfac",), progress: Callable[[str], None] | None = None, *,
+                       fisher_samples: int = 16, kl_samples: int = 4, hessian_samples: int = 32,
+                       only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """`sensitivities` under several metrics at once (each candidate quantizes each layer once): "fisher" — the loss
+    increase under the diagonal Fisher of the first `fisher_samples` calibration rows —, "kfac" — under the Kronecker
+    Fisher (input Hessians from the first `hessian_samples` rows) —, "hessian" — the layer's output error — or "kl" —
+    measured end to end on the first `kl_samples` rows. Calibrated candidates (GPTQ) quantize each layer with the
+    float model's input Hessian (the final recipe calibrates sequentially, usually a little better). `only`: score
+    just these layers (to check the estimates against "kl" on a sample; such tables are not for `choose`)."""
+    bad = [x for x in metrics if x not in METRICS]
+    if bad or not metrics:
+        raise ValueError(f"metric {bad[0] if bad else None!r}; choose one of {', '.join(map(repr, METRICS))}")
     t0 = time.perf_counter()
     rule_dicts = [_candidate_rule(c) for c in candidates]
     rules = [recipe_from_dict({"name": c.name, "rules": [r]}).rules[0] for c, r in zip(candidates, rule_dicts)]
     targets = {}
     for path, w in leaf_paths(m.params):
         hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
-        if any(r is not None and r.scheme is not None for r in hits):
+        if any(r is not None and r.scheme is not None for r in hits) and (only is None or path in only):
             targets[path] = w
-    if metric == "hessian":
-        stats = capture(m.family.module(m.cfg), {"params": m.params}, batched(calib, 4), paths=list(targets))
-        weight = {p: stats[p].hessian for p in targets}
-    else:
-        weight = fisher_diagonal(m, np.asarray(calib)[:fisher_samples], list(targets))
-    layers, fixed = {}, 0
+    calib, stats, fisher, kl = np.asarray(calib), None, None, None
+    if {"kfac", "hessian"} & set(metrics) or any(r.needs_calibration for r in rules):  # the float model's Hessians
+        stats = capture(m.family.module(m.cfg), {"params": m.params}, batched(calib[:hessian_samples], 4),
+                        paths=list(targets))
+    if {"fisher", "kfac"} & set(metrics):
+        fisher = fisher_diagonal(m, calib[:fisher_samples], list(targets), batch=1)  # batch 1: half the memory
+    if "kl" in metrics:
+        kl = logit_kl(m, calib[:kl_samples])
+    cost_of = {"fisher": lambda p, w, w_hat: fisher_cost(w, w_hat, fisher[p]),
+               "kfac": lambda p, w, w_hat: kfac_cost(w, w_hat, stats[p].hessian, fisher[p]),
+               "hessian": lambda p, w, w_hat: hessian_cost(w, w_hat, stats[p].hessian),
+               "kl": lambda p, w, w_hat: kl(replaced(m.params, p, w_hat.astype(jnp.result_type(w))))}
+    layers, fixed = {x: {} for x in metrics}, 0
     for path, w in leaf_paths(m.params):
         if path not in targets:
             fixed += int(np.asarray(w).nbytes)
             continue
         if progress:
             progress(path)
-        cost, bits = [], []
+        cost, bits = {x: [] for x in metrics}, []
         for rule, cand in zip(rules, candidates):
             q = None
             if cand.rule_for(path, np.ndim(w)) is not None:
                 try:
-                    q = quantize_leaf(path, jnp.asarray(w), rule)
+                    q = quantize_leaf(path, jnp.asarray(w), rule, stats[path] if rule.needs_calibration else None)
                 except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
                     pass
             if q is None:  # not a choice here: infinitely costly, at float size
-                cost.append(float("inf")), bits.append(int(np.asarray(w).nbytes) * 8)
+                bits.append(int(np.asarray(w).nbytes) * 8)
+                for x in metrics:
+                    cost[x].append(float("inf"))
                 continue
             w_hat = q.dequantize(jnp.float32)
-            cost.append(hessian_cost(w, w_hat, weight[path]) if metric == "hessian" else fisher_cost(w, w_hat,
-                                                                                                     weight[path]))
             bits.append(8 * q.nbytes)
-        layers[path] = {"weights": int(np.size(w)), "cost": cost, "bits": bits}
-    return {"candidates": [c.name for c in candidates], "metric": metric, "rules": rule_dicts,
-            "layers": layers, "fixed_bytes": fixed, "seconds": time.perf_counter() - t0}
+            for x in metrics:
+                cost[x].append(cost_of[x](path, w, w_hat))
+        for x in metrics:
+            layers[x][path] = {"weights": int(np.size(w)), "cost": cost[x], "bits": bits}
+    seconds = time.perf_counter() - t0
+    return {x: {"candidates": [c.name for c in candidates], "metric": x, "rules": rule_dicts, "layers": layers[x],
+                "fixed_bytes": fixed, "seconds": seconds} for x in metrics}
 
 
 def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
@@ -162,7 +211,7 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
 
 
 def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,
-              progress: Callable[[str], None] | None = None, metric: str = "fisher"
+              progress: Callable[[str], None] | None = None, metric: str = "kfac"
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`sensitivities` then `choose`: (the chosen recipe and its accounting, the sensitivities to reuse)."""
     sens = sensitivities(m, candidates, calib, progress, metric)

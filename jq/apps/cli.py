@@ -320,10 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autoquant", help="the best per-layer mix of candidate recipes within a size budget, as a recipe")
     a.add_argument("--model", required=True, help=_MODEL_HELP)
     a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw) or the model's size (150MB)")
-    a.add_argument("--candidates", nargs="+", help="data-free single-rule recipes to choose from per layer (default: "
-                   "rtn_w2_g128 rtn_w3_g128 rtn_w4_g128 rtn_w4_g64 hqq_w4_g64 rtn_w8_g128)")
-    a.add_argument("--metric", choices=["fisher", "hessian"], default="fisher",
-                   help="layer cost: loss increase under the diagonal Fisher (default) or the layer's output error")
+    a.add_argument("--candidates", nargs="+", help="single-rule recipes to choose from per layer (RTN / HQQ, or "
+                   "calibrated ones such as gptq_w4_g64; default: rtn_w2_g128 rtn_w3_g128 hqq_w3_g64 rtn_w4_g128 "
+                   "rtn_w4_g64 hqq_w4_g64 rtn_w5_g128 rtn_w6_g128 rtn_w8_g128)")
+    a.add_argument("--metric", choices=["kfac", "fisher", "hessian", "kl"], default="kfac",
+                   help="layer cost: loss increase under the Kronecker Fisher (kfac, default: input correlations kept, "
+                   "so GPTQ candidates are judged fairly), under the diagonal Fisher, the layer's own output error "
+                   "(hessian), or measured: the logits' KL when the layer alone is quantized (kl: one forward per "
+                   "layer and candidate)")
     a.add_argument("--out", required=True, help="the recipe YAML to write")
     a.add_argument("--cache", help="a JSON file of sensitivities: reused when it matches the model, candidates, metric "
                    "and calibration; written otherwise (try other budgets in a second)")

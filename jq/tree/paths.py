@@ -10,7 +10,7 @@ import jax
 from jq.numbers.lowrank import is_weight_leaf
 from jq.numbers.qtensor import is_qtensor
 
-__all__ = ["path_str", "leaf_paths", "get_path", "set_path", "is_qtensor"]
+__all__ = ["path_str", "leaf_paths", "get_path", "set_path", "replaced", "is_qtensor"]
 
 _MISSING = object()
 
@@ -48,6 +48,13 @@ def get_path(tree: dict, path: str, default: Any = _MISSING) -> Any:
             return default
         node = node[part]
     return node
+
+
+def replaced(tree: dict, path: str, value: Any) -> dict:
+    """A copy of `tree` with the leaf at "a/b/c" set to `value`: only the dicts along the path are copied, every
+    other subtree (and `tree` itself) is shared, unchanged."""
+    head, _, rest = path.partition("/")
+    return {**tree, head: replaced(tree[head], rest, value) if rest else value}
 
 
 def set_path(tree: dict, path: str, value: Any) -> None:

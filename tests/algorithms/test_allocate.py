@@ -1,5 +1,5 @@
 """The budgeted choice of one candidate per layer: the exact optimum (brute force on small instances), never over
-budget, deterministic; the Hessian cost against NumPy."""
+budget, deterministic; the Hessian, Fisher and Kronecker-Fisher costs against NumPy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jq.algorithms.allocate import allocate, hessian_cost
+from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost, kfac_cost, output_sensitivity
 
 
 def _brute(costs, sizes, budget):
@@ -60,3 +60,23 @@ def test_hessian_cost_is_the_output_error_over_the_inputs():
     h = x.T @ x / len(x)
     want = np.sum((x @ w - x @ w_hat) ** 2) / len(x)
     assert hessian_cost(w, w_hat, h) == pytest.approx(want, rel=1e-4)
+
+
+def test_kfac_cost_weights_each_output_columns_error_by_its_fitted_sensitivity():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 5)) * np.array([1.0, 3.0, 0.5, 1.0, 2.0])
+    x[:, 1] += 0.8 * x[:, 0]  # correlated inputs: what the diagonal Fisher cannot see
+    h = x.T @ x / len(x)
+    fisher = rng.uniform(0.1, 2.0, (5, 4))
+    w, w_hat = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    g = fisher.sum(0) / np.trace(h)  # per output column: the Fisher's column trace over the Hessian's trace
+    np.testing.assert_allclose(output_sensitivity(fisher, h), g, rtol=1e-5)
+    d = w - w_hat
+    want = 0.5 * sum(g[j] * d[:, j] @ h @ d[:, j] for j in range(4))
+    assert kfac_cost(w, w_hat, h, fisher) == pytest.approx(want, rel=1e-4)
+    # with a diagonal Hessian and a Fisher that is exactly diag(H) ⊗ g, the two Fisher costs agree
+    hd = np.diag(np.diag(h))
+    exact = np.outer(np.diag(hd), g)
+    assert kfac_cost(w, w_hat, hd, exact) == pytest.approx(fisher_cost(w, w_hat, exact), rel=1e-4)
+    # a change along a strongly correlated direction costs what the correlated H says, not the diagonal
+    assert kfac_cost(w, w_hat, h, fisher) != pytest.approx(kfac_cost(w, w_hat, hd, fisher), rel=1e-2)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import jq
-from jq.apps.autoquant import choose, parse_budget, sensitivities
+from jq.apps.autoquant import METRICS, choose, parse_budget, sensitivities, sensitivity_tables
 from jq.apps.cli import main as cli_main
 from jq.models.io.gguf import load_gguf
 from jq.tree.recipe import load_recipe, recipe_from_dict
@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
     write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg, seed=12))
     m = load_gguf(d / "tiny.gguf")
     calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16))
-    return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib)  # metric="fisher"
+    return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib, metric="fisher")
 
 
 def test_budgets_parse_and_bad_ones_are_named():
@@ -37,12 +37,27 @@ def test_budgets_parse_and_bad_ones_are_named():
         parse_budget("3.5 bits")
 
 
-@pytest.mark.parametrize("metric", ["fisher", "hessian"])
-def test_sensitivities_grow_as_bits_shrink(tiny, metric):
-    _, m, sens = tiny
-    if metric == "hessian":
-        sens = sensitivities(m, [load_recipe(c) for c in CANDIDATES],
-                             np.random.default_rng(1).integers(0, m.cfg.vocab_size, (4, 16)), metric="hessian")
+@pytest.fixture(scope="module")
+def tables(tiny):
+    _, m, _ = tiny
+    calib = np.random.default_rng(1).integers(0, m.cfg.vocab_size, (4, 16))
+    return sensitivity_tables(m, [load_recipe(c) for c in CANDIDATES], calib, METRICS), calib
+
+
+def test_one_pass_over_several_metrics_gives_each_metrics_own_table(tiny, tables):
+    _, m, _ = tiny
+    tabs, calib = tables
+    one = sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib, metric="kfac")
+    assert one["layers"] == tabs["kfac"]["layers"] and one["fixed_bytes"] == tabs["kfac"]["fixed_bytes"]
+    only = ["layers_1/attn/q_proj/kernel"]
+    part = sensitivity_tables(m, [load_recipe(c) for c in CANDIDATES], calib, ("hessian",), only=only)["hessian"]
+    assert list(part["layers"]) == only
+    assert part["layers"][only[0]]["cost"] == pytest.approx(tabs["hessian"]["layers"][only[0]]["cost"], rel=1e-5)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_sensitivities_grow_as_bits_shrink(tiny, tables, metric):
+    sens = tiny[2] if metric == "fisher" else tables[0][metric]
     assert sens["candidates"] == CANDIDATES and sens["metric"] == metric and len(sens["layers"]) == 14  # 7 x 2
     for path, row in sens["layers"].items():
         assert row["cost"][0] > row["cost"][1] > row["cost"][2] >= 0, path
@@ -123,10 +138,52 @@ def test_cli_caches_sensitivities_for_other_budgets(tiny, tmp_path, capsys):
     assert got[1]["linear_bits_per_weight"] <= 3 < got[0]["linear_bits_per_weight"] <= 4
 
 
-def test_calibrated_candidates_and_unknown_metrics_are_refused(tiny):
+def test_whole_model_candidates_and_unknown_metrics_are_refused(tiny):
     _, m, _ = tiny
     calib = np.zeros((2, 8), np.int64)
-    with pytest.raises(ValueError, match=r"candidate recipe 'gptq_w4_g128': autoquant takes data-free single-rule"):
-        sensitivities(m, [load_recipe("gptq_w4_g128")], calib)
-    with pytest.raises(ValueError, match=r"metric 'kl'; choose 'fisher' or 'hessian'"):
-        sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="kl")
+    with pytest.raises(ValueError, match=r"candidate recipe 'awq_w4_g128': autoquant takes single-rule recipes that "
+                                         r"quantize each layer on its own.*transform"):
+        sensitivities(m, [load_recipe("awq_w4_g128")], calib)
+    with pytest.raises(ValueError, match=r"candidate recipe 'mixed_w8_attn_w4_mlp'.*it has 2 quantizing rules"):
+        sensitivities(m, [load_recipe("mixed_w8_attn_w4_mlp")], calib)
+    with pytest.raises(ValueError, match=r"metric 'mse'; choose one of 'fisher', 'kfac', 'hessian', 'kl'"):
+        sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="mse")
+
+
+def test_gptq_candidates_are_scored_on_the_float_models_hessians_and_kfac_prefers_them(tiny):
+    """GPTQ minimises the layer's output error, so under the Hessian and the Kronecker Fisher it costs less than RTN on
+    the same grid at the same size; the diagonal Fisher, blind to input correlations, need not see that."""
+    _, m, _ = tiny
+    calib = np.random.default_rng(3).integers(0, m.cfg.vocab_size, (8, 16))
+    grid = {"pattern": ".*kernel", "format": "int4", "symmetric": False, "group_size": 32}
+    cands = [recipe_from_dict({"name": "rtn4", "rules": [grid]}),
+             recipe_from_dict({"name": "gptq4", "rules": [{**grid, "method": "gptq", "options": {"damp": 0.01}}]})]
+    for metric in ("kfac", "hessian"):
+        sens = sensitivities(m, cands, calib, metric=metric)
+        for path, row in sens["layers"].items():
+            assert row["bits"][0] == row["bits"][1], path
+            assert row["cost"][1] <= row["cost"][0] * 1.0001, (metric, path)
+    chosen = choose(sens, "6bpw")
+    assert chosen["layers_per_candidate"] == {"gptq4": len(sens["layers"])}  # equal sizes: the cheaper everywhere
+    assert recipe_from_dict(chosen["recipe"]).needs_calibration
+
+
+def test_logit_kl_is_zero_for_the_float_model_and_matches_numpy_for_a_change(tiny):
+    import jax
+
+    from jq.apps.autoquant import logit_kl
+    from jq.tree.paths import get_path, replaced
+
+    _, m, _ = tiny
+    ids = np.random.default_rng(4).integers(0, m.cfg.vocab_size, (2, 16))
+    kl = logit_kl(m, ids)
+    assert kl(m.params) == pytest.approx(0.0, abs=1e-6)
+    path = "layers_0/mlp/down_proj/kernel"
+    w = np.asarray(get_path(m.params, path))
+    changed = replaced(m.params, path, w * 0.5)
+    assert get_path(m.params, path) is not None and np.array_equal(np.asarray(get_path(m.params, path)), w)
+    module = m.family.module(m.cfg)
+    p = jax.nn.log_softmax(np.asarray(module.apply({"params": m.params}, ids), np.float64), -1)
+    q = jax.nn.log_softmax(np.asarray(module.apply({"params": changed}, ids), np.float64), -1)
+    want = np.mean(np.sum(np.exp(p) * (p - q), -1))
+    assert kl(changed) == pytest.approx(float(want), rel=1e-3) and want > 0
