@@ -69,9 +69,13 @@ def quantize(m: LoadedModel, recipe: QuantConfig, calib: np.ndarray | None = Non
     (then `log["model_config"]` is the rotated model's config, which the quantized params need), sequentially on
     `calib` tokens [S, L] through the family's calibration blocks when the recipe needs data."""
     r = rotated(m, recipe)
-    extra = {"model_config": r.cfg} if r is not m else {}
+    extra: dict[str, Any] = {"model_config": r.cfg} if r is not m else {}
     if recipe.needs_calibration and calib is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration data: pass calibration text (--calib FILE ...)")
+    if recipe.smooth_attention is not None:  # QoQ: keys' outlier channels moved into the queries (same function)
+        smooth = m.family.needs("smooth_attention", f"recipe {recipe.name!r} (its smooth_attention section)")
+        sparams, extra["smooth_attention"] = smooth(r.params, r.cfg, recipe.smooth_attention, calib)
+        r = dataclasses.replace(r, params=sparams)
     if not recipe.rules_need_calibration:
         params, log = jax.block_until_ready(quantize_params(r.params, recipe)), {}
     else:
@@ -148,7 +152,8 @@ def evaluate(
         **{k: sizes[k] for k in ("model_bytes", "bits_per_weight", "linear_bits_per_weight", "params")},
         "quantize_seconds": t1 - t0,
         "calibration": None if calib is None or not recipe or not recipe.needs_calibration
-        else {"samples": int(calib.shape[0]), "length": int(calib.shape[1]), "transforms": qlog.get("transforms", [])},
+        else {"samples": int(calib.shape[0]), "length": int(calib.shape[1]), "transforms": qlog.get("transforms", []),
+              **({"smooth_attention": qlog["smooth_attention"]} if "smooth_attention" in qlog else {})},
         "eval_seconds": t2 - t1,
         "seconds": t2 - t0,
         **({"outlier_fraction": outliers} if outliers else {}),

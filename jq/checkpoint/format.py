@@ -46,8 +46,11 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 # 3.0 adds QTensors a 2.x reader would misread: `zero_min` (weight-unit offsets: GGUF Q4_1 imported natively), an
 #     `outer_scale` array (two-level scales: NVFP4) and scales stored in 8-bit float dtypes (MX's e8m0, NVFP4's
 #     e4m3). Written only for trees that hold such a leaf.
+# 3.1 lets `outer_scale` be per output channel (float16, broadcastable to the scales) over uint8 integer group scales
+#     (QoQ's progressive groups); a 3.0 reader refuses such a leaf (its outer-scale shape check fails).
 LOWRANK_FORMAT_VERSION = "2.0"
 SCALED_FORMAT_VERSION = "3.0"
+CHANNEL_OUTER_FORMAT_VERSION = "3.1"
 READS_MAJOR = 3
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZED_KINDS = ("qtensor", "lowrank")
@@ -228,8 +231,10 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 
 def entry_version(entry: Mapping[str, Any]) -> str:
     """The oldest format version that holds a leaf's metadata entry: 3.0 for weight-unit offsets, an outer scale or
-    8-bit float scales, 2.0 for a LowRank leaf, else 1.3."""
+    8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank leaf, else 1.3."""
     arrays = entry.get("arrays", {})
+    if list(arrays.get("outer_scale", {}).get("shape", [])):
+        return CHANNEL_OUTER_FORMAT_VERSION
     if entry.get("zero_min") or "outer_scale" in arrays or (
             "scale" in arrays and arrays["scale"]["dtype"] not in PLAIN_SCALE_DTYPES):
         return SCALED_FORMAT_VERSION

@@ -60,6 +60,7 @@ class ModelFamily:
       causal_lm: `module(cfg)(tokens [B, T]) -> logits [B, T, V]`, so perplexity and generation apply.
       block_spec: `(cfg, dtype) -> jq.calibration.BlockSpec`, for calibrated recipes (GPTQ, AWQ, SmoothQuant).
       rotate: `(params, cfg, RotationConfig) -> (params, cfg)`, a function-preserving QuaRot rotation.
+      smooth_attention: `(params, cfg, SmoothAttentionConfig, calib [S, T]) -> (params, info)`, QoQ's SmoothAttention.
       init_cache / make_decode / cache_bytes_per_token: KV-cache decoding (`jq.apps.generate`), signatures as in
         `jq.models.llama.model`.
       derived_fields: config fields a rotation may change (Llama's unties the LM head); every other field of a
@@ -81,6 +82,7 @@ class ModelFamily:
     causal_lm: bool = True
     block_spec: Callable[..., Any] | None = None
     rotate: Callable[..., tuple[Params, Any]] | None = None
+    smooth_attention: Callable[..., tuple[Params, Any]] | None = None
     init_cache: Callable[..., Any] | None = None
     make_decode: Callable[..., Any] | None = None
     cache_bytes_per_token: Callable[..., int] | None = None

@@ -13,6 +13,8 @@ Conventions (those of GPTQ, AutoGPTQ, llm-compressor and torchao, so results com
 - fp8 / fp4 / NF4 (symmetric only): scale = absmax / format max.
 - microscaling presets (mxfp4 … mxint8, nvfp4): blocks of the spec's size, power-of-two e8m0 scales (NVFP4: e4m3
   scales under a per-tensor float32 `outer_scale`), by the rules of `jq.numbers.mx`.
+- progressive (QServe's QoQ, `jq.numbers.progressive`): asymmetric int4 groups with uint8 integer scales and integer
+  zeros on the int8 grid of a per-output-channel float16 `outer_scale`.
 Scales are rounded to `scale_dtype` *before* the codes are computed, so stored scales and codes agree exactly.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jq.numbers import formats, mx
+from jq.numbers import formats, mx, progressive
 from jq.numbers.codebook import check_codebook_layout
 from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
 
@@ -58,9 +60,12 @@ class Grid:
     scale_dtype: str = "float16"
     axes: tuple[int, ...] | None = None
     scale_round: str = "floor"
+    progressive: bool = False
 
     def __post_init__(self):
         choice("format", self.format, formats.FORMATS)
+        if self.progressive:
+            self._progressive_fields()
         choice("scale_round", self.scale_round, mx.SCALE_ROUNDINGS)
         if self.fmt.is_mx:
             self._preset_fields()
@@ -80,7 +85,7 @@ class Grid:
                 f"got granularity {self.granularity!r}, pad {self.pad!r}"
             )
         choice("zero_point", self.zero_point, ZERO_POINTS)
-        if not self.fmt.is_mx:
+        if not self.fmt.is_mx and not self.progressive:
             choice("scale_dtype", self.scale_dtype, SCALE_DTYPES)
         if not self.fmt.is_int and not self.symmetric:
             raise ValueError(
@@ -107,9 +112,28 @@ class Grid:
                      ("restricted", f.is_int)):
             object.__setattr__(self, k, v)
 
-    def outer_scale(self, w: jnp.ndarray) -> jnp.ndarray | None:
-        """NVFP4's per-tensor float32 scale (shape ()) for the weight `w` (any shape): max |w| / (448 · 6); None for
-        every other grid. Methods quantize w / outer_scale and the QTensor stores it (`jq.tree.quantize`)."""
+    def _progressive_fields(self) -> None:
+        """QoQ's progressive grid (`jq.numbers.progressive`): asymmetric int (≤ 4 bits) groups, integer zeros, uint8
+        group scales under a per-channel float16 outer scale."""
+        f = self.fmt
+        if not (f.is_int and not f.is_mx and f.bits <= 4 and not self.symmetric and self.zero_point == "int"
+                and self.group_size is not None and not self.flat_groups and self.scale_dtype in ("float16", "uint8")):
+            raise ValueError(
+                f"scheme field 'progressive' is true with format {self.format!r}, symmetric {self.symmetric!r}, "
+                f"zero_point {self.zero_point!r}, group_size {self.group_size!r}, flat_groups {self.flat_groups!r}, "
+                f"scale_dtype {self.scale_dtype!r}; progressive groups need an int format of at most 4 bits, "
+                "symmetric: false, zero_point: int, a group_size, flat_groups: false and no scale_dtype (it is uint8)")
+        object.__setattr__(self, "scale_dtype", "uint8")
+
+    def outer_scale(self, w: jnp.ndarray, axes: tuple[int, ...] | None = None) -> jnp.ndarray | None:
+        """The second-level scale for the weight `w`, or None for grids without one: NVFP4's per-tensor float32 scale
+        (shape ()) max |w| / (448 · 6); a progressive grid's float16 per-output-channel scales over the contraction
+        `axes` (keepdims, e.g. [1, N]; `jq.numbers.progressive.channel_scale`). Methods quantize w / outer_scale and
+        the QTensor stores it (`jq.tree.quantize`)."""
+        if self.progressive:
+            if axes is None:
+                raise ValueError("a progressive grid's outer scale is per output channel: pass the contraction axes")
+            return progressive.channel_scale(w, axes)
         if self.fmt.scale_dtype_name != "float8_e4m3fn":
             return None
         return mx.outer_scale(jnp.max(jnp.abs(jnp.asarray(w, jnp.float32))))
@@ -130,7 +154,7 @@ class Grid:
         if self.fmt.is_mx:  # 'mxfp4 g32': the preset says the rest
             return f"{self.format} {g}" + (" ceil" if self.scale_round == "ceil" else "")
         return grid_label(self.format, self.symmetric, g) + (" min" if self.zero_point == "min" and not self.symmetric
-                                                              else "")
+                                                              else "") + (" progressive" if self.progressive else "")
 
     # -- layout ---------------------------------------------------------------------------------------------
     def layout(self, shape: tuple[int, ...], axes: tuple[int, ...], path: str = "<array>") -> Layout:
@@ -186,6 +210,8 @@ class Grid:
         f = self.fmt
         if f.is_mx:
             return mx.block_scale(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), f, self.scale_round), None
+        if self.progressive:
+            return progressive.scale_zero(lo, hi, f.bits)
         sdt = jnp.dtype(self.scale_dtype)
         if self.symmetric:
             amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
@@ -210,7 +236,8 @@ class Grid:
             y = (xg - zero) / scale
         else:
             y = xg / scale if zero is None else xg / scale + zero
-        return self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
+        codes = self.fmt.encode(y, symmetric=self.symmetric, restricted=self.restricted)
+        return progressive.clamp_codes(codes, scale, zero) if self.progressive else codes
 
     def decode(self, codes: jnp.ndarray, scale: jnp.ndarray, zero: jnp.ndarray | None) -> jnp.ndarray:
         """Float32 values of unpacked `codes` (the grouped view) under broadcastable `scale` / `zero`; same shape."""

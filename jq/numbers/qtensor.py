@@ -159,8 +159,8 @@ class Layout:
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
 
 
-ACT_FORMATS = ("int8", "fp8_e4m3", "int4", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4",
-               "mxint8", "nvfp4")  # per token; MX / NVFP4 in blocks along the contraction (jq.numbers.mx)
+ACT_FORMATS = ("int8", "fp8_e4m3", "int4", "int3", "int2", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2",
+               "mxfp4", "mxint8", "nvfp4")  # per token; MX / NVFP4 in blocks along the contraction (jq.numbers.mx)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,8 +216,9 @@ class QTensor:
       codebook: learned tables (format kind "lut" only), float16 `table_shape + (2^bits, vec)`, else None; the
         table shape is `scale_shape` (a table per scale position) or dims dividing it (one table shared by each block
         of scale positions, e.g. [G, 1] for one table per group of rows shared by every output channel).
-      outer_scale: float32 scalar (shape ()) multiplying every scale — a second, per-tensor level over low-precision
-        block scales (NVFP4: e4m3 scales per 16 weights times one float32), or None.
+      outer_scale: a second level multiplying the scales, or None: a float32 scalar (shape (); NVFP4: e4m3 scales per
+        16 weights times one float32), or float16 per output channel, broadcastable to `scale` (progressive QoQ:
+        uint8 group scales on an int8 grid, `jq.numbers.progressive`).
       fmt: format name (see `formats.FORMATS`).
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
@@ -266,7 +267,8 @@ class QTensor:
     def describe(self) -> str:
         """The grid in a few words, as reports and logs print it: 'int4 asym g128', 'int8 sym channel perm'."""
         return grid_label(self.fmt, self.symmetric, self.layout.granularity_label) + (
-            " min" if self.zero_min else "") + (" perm" if self.perm is not None else "")
+            " min" if self.zero_min else "") + (" perm" if self.perm is not None else "") + (
+            " progressive" if self.outer_scale is not None and jnp.issubdtype(self.scale.dtype, jnp.integer) else "")
 
     def __repr__(self) -> str:
         lay = self.layout
@@ -353,8 +355,10 @@ class QTensor:
             problems.append("zero point present/absent contrary to the symmetry")
         if self.zero_min and self.zero is None:
             problems.append("zero_min set without a zero (offset) array")
-        if self.outer_scale is not None and tuple(self.outer_scale.shape) != ():
-            problems.append(f"outer_scale shape {tuple(self.outer_scale.shape)} != () (one scalar per tensor)")
+        o = None if self.outer_scale is None else tuple(self.outer_scale.shape)
+        if o not in (None, ()) and (len(o) != len(lay.scale_shape)
+                                    or any(a not in (1, b) for a, b in zip(o, lay.scale_shape))):
+            problems.append(f"outer_scale shape {o} is neither () nor broadcastable to the scale shape {lay.scale_shape}")
         if (self.codebook is None) != (f.kind != "lut"):
             problems.append(f"codebook present/absent contrary to the format {self.fmt}")
         elif self.codebook is not None and not _tables_fit(tuple(self.codebook.shape), lay.scale_shape, f):

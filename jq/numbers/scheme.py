@@ -48,7 +48,9 @@ class Scheme:
         `W.reshape(-1, g)` on `(out, in)`); needs only that g divides the weight's size. Identical to per-axis
         groups when g divides the axis; offered for parity with toolkits that group this way.
       range: "minmax", "absmax", "percentile", "mse" (grid search of shrink factors under a p-norm) or "absmean"
-        (±mean |x| per group: BitNet b1.58's ternary weight scale, with int2 symmetric restricted codes {-1, 0, 1}).
+        (±mean |x| per group: BitNet b1.58's ternary weight scale, with int2 symmetric restricted codes {-1, 0, 1}) or
+        "gaussian" (±α*·rms per group, α* the clip that minimises the rounding MSE of a standard normal on the grid:
+        QuEST's fit for Hadamard-rotated weights; int formats; `jq.numbers.ranges.gaussian_clip`).
       percentile: the upper percentile for range="percentile" (the lower one is 100 − p).
       mse_grid, mse_max_shrink, mse_norm: the MSE clip search visits shrink factors 1, 1−1/grid, … down to
         1 − max_shrink and keeps, per group, the one with the least sum |q(x) − x|^norm.
@@ -67,6 +69,10 @@ class Scheme:
         `jq.numbers.hadamard` supports) and the matmul rotates its input by Q online: x Q · Qᵀ W = x W, with the input's
         outliers spread over all channels before activation quantization (QuaRot's online down_proj rotation).
         Needs a single contraction axis; calibration Hessians are rotated to match (Qᵀ H Q).
+      progressive: QServe's QoQ progressive groups (`jq.numbers.progressive`): a float16 scale per output channel,
+        then int4 codes with uint8 integer group scales and integer zeros on the int8 grid it defines, so that a W4A8
+        matmul (`act: int8`) runs int8 × int8 after an integer dequantization. Needs an int format of at most 4 bits,
+        symmetric: false and a group_size; scale_dtype becomes uint8.
     """
 
     format: str = "int8"
@@ -89,6 +95,7 @@ class Scheme:
     act_outlier: float | None = None
     rotate: str | None = None
     scale_round: str = "floor"
+    progressive: bool = False
 
     def __post_init__(self):
         if self.axes is not None:

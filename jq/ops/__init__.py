@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
+from jq.numbers import progressive
 from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import QTensor
 from jq.ops.activations import fake_quantize_activations, outlier_channels, quantize_activations
@@ -102,6 +103,9 @@ def qdot_general(
         return _rotated(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.act_outlier is not None and not isinstance(lhs, QTensor):
         return _outlier_split(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    if (isinstance(rhs, QTensor) and rhs.policy.act == "int8" and progressive.is_progressive(rhs)
+            and not isinstance(lhs, QTensor)):  # QoQ W4A8: (q − z)·s8 is int8 exactly; the W8A8 paths take it
+        rhs = progressive.as_int8(rhs)
     _load_kernels()
     reasons = []
     for k in KERNELS:

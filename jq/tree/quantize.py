@@ -114,6 +114,8 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
         if axes is None:
             axes = rule.scheme.axes if rule.scheme.axes is not None else _default_axes(path, ndim)
         layout = rule.scheme.layout(tuple(w.shape), axes, path)
+        if rule.scheme.grid.progressive:
+            _check_progressive(path, rule)
         spec = get_method(rule.method)
         stats = LayerStats.coerce(stats)
         if experts.is_stacked(stats):  # per-expert statistics of a stacked expert weight [E, K, N]
@@ -123,14 +125,14 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
             if rule.scheme.fmt.kind == "lut":
                 raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked "
                                  "expert weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
-            dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w))
+            dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w), layout.axes)
             q = experts.quantize_stacked(path, w, rule.record, rule.scheme, layout, stats,
                                          method=rule.method, reports_info=spec.reports_info)
             check_scales(path, w, q, rule.scheme)
             return _with_outer(q, outer, dtype)
         if rule.scheme.policy.rotation is not None:
             w, stats = _rotate_input(path, jnp.asarray(w), axes, stats, rule.scheme.policy.rotation)
-        dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w))
+        dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w), layout.axes)
         q = None
         if spec.needs_calibration:
             if stats is None:
@@ -155,15 +157,27 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
         return _with_outer(q, outer, dtype)
 
 
-def _prescale(scheme: Scheme, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-    """(w / outer, outer) for a grid with a per-tensor second-level scale (NVFP4: `Grid.outer_scale`), else (w, None):
-    every method then quantizes the scaled weight on the grid's own block scales."""
-    outer = scheme.grid.outer_scale(w)
+def _check_progressive(path: str, rule: Rule) -> None:
+    """Refuse fitters that choose float scales or zeros (HQQ, GPTQ's hqq / refit options, AWQ's search on the
+    unscaled weight): a progressive grid's group scales and zeros are integers on a per-channel int8 grid."""
+    opts = dict(rule.options)
+    bad = ([rule.method] if rule.method not in ("rtn", "gptq") else []) + [
+        k for k in ("hqq", "refit") if opts.get(k)] + [n for n, _ in rule.transforms if n == "awq"]
+    if bad:
+        raise ValueError(f"{path}: progressive: true keeps integer group scales and zeros, which {', '.join(bad)} "
+                         "would replace by float fits; use method rtn or gptq without hqq / refit / awq")
+
+
+def _prescale(scheme: Scheme, w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+    """(w / outer, outer) for a grid with a second-level scale (`Grid.outer_scale`: NVFP4's per tensor, a progressive
+    grid's per output channel over `axes`), else (w, None): every method then quantizes the scaled weight on the
+    grid's own block scales."""
+    outer = scheme.grid.outer_scale(w, axes)
     return (w, None) if outer is None else (w.astype(jnp.float32) / outer, outer)
 
 
 def _with_outer(q: QTensor, outer: jax.Array | None, dtype: DTypeLike) -> QTensor:
-    """q with its per-tensor scale stored (`QTensor.outer_scale`) and the weight's own dtype, or q itself."""
+    """q with its second-level scale stored (`QTensor.outer_scale`) and the weight's own dtype, or q itself."""
     return q if outer is None else dataclasses.replace(q, outer_scale=outer, dtype=jnp.dtype(dtype).name)
 
 
@@ -179,8 +193,8 @@ def check_scales(path: str, w: jax.Array, q: QTensor, scheme: Scheme) -> None:
     if q.zero is not None:
         bad |= ~np.isfinite(np.asarray(q.zero, np.float32))
     flushed = scale == 1.0  # an all-zero group, or a scale rounded to zero (`Scheme.scale_zero` sets both to 1)
-    if not bad.any() and (not flushed.any() or scheme.fmt.is_mx):  # presets: the spec's scales, none to choose
-        return
+    if not bad.any() and (not flushed.any() or scheme.fmt.is_mx or scheme.grid.progressive):  # presets / integer
+        return  # scales: the spec's scales (none to choose), or integers clipped to 1..255 (1 is a real scale)
     lay = q.layout
     xg = np.asarray(lay.to_grouped(jnp.asarray(w, jnp.float32)))
     lo, hi = xg.min(lay.reduce_axes, keepdims=True), xg.max(lay.reduce_axes, keepdims=True)

@@ -23,6 +23,7 @@ YAML form::
       symmetric: false           # default false (asymmetric, integer zero point)
       rotate: false              # Hadamard-rotate q and k after RoPE before k is quantized
     lowrank: {rank: 16}          # optional: LoRC low-rank compensation of every quantized weight (LowRankConfig)
+    smooth_attention: {alpha: 0.5}  # optional: QoQ's SmoothAttention, keys' scales into queries (calibrated)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import yaml
 
 from jq.algorithms import Method, Transform, get_method, get_transform
+from jq.algorithms.smoothattention import SmoothAttentionConfig
 from jq.numbers.hadamard import Rotation
 from jq.numbers.kvcache import KVCacheConfig
 from jq.numbers.scheme import Scheme
@@ -166,6 +168,7 @@ class QuantConfig:
     kv_cache: KVCacheConfig | None = None
     rotation: RotationConfig | None = None
     lowrank: LowRankConfig | None = None
+    smooth_attention: SmoothAttentionConfig | None = None
 
     def __post_init__(self):
         for p in self.ignore:
@@ -189,8 +192,9 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether any rule needs statistics from running the model (a calibrated method or a transform), or the
-        `lowrank` section weights its fit by the layer inputs."""
-        return self.rules_need_calibration or (self.lowrank is not None and self.lowrank.weighted)
+        `lowrank` section weights its fit by the layer inputs, or the recipe has `smooth_attention`."""
+        return self.rules_need_calibration or (self.lowrank is not None and self.lowrank.weighted) or (
+            self.smooth_attention is not None)
 
     @property
     def rules_need_calibration(self) -> bool:
@@ -207,7 +211,7 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
     """Build and validate a config from a YAML-shaped dict. Errors name the source, the rule and the field."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: a recipe must be a mapping with 'rules', got {type(d).__name__}")
-    top = {"name", "description", "rules", "ignore", "defaults", "kv_cache", "rotation", "lowrank"}
+    top = {"name", "description", "rules", "ignore", "defaults", "kv_cache", "rotation", "lowrank", "smooth_attention"}
     unknown = set(d) - top
     if unknown:
         raise ValueError(f"{source}: unknown top-level field(s) {sorted(unknown)}; allowed fields are {sorted(top)}")
@@ -260,6 +264,8 @@ def recipe_from_dict(d: dict, source: str = "<dict>") -> QuantConfig:
         lowrank=None if d.get("lowrank") is None else _parse_section(
             d["lowrank"], LowRankConfig, "lowrank", [f.name for f in dataclasses.fields(LowRankConfig)], source,
             "a mapping like {rank: 16}", required={"rank": "the rank of the compensation, e.g. 16"}),
+        smooth_attention=None if d.get("smooth_attention") is None else _parse_section(
+            d["smooth_attention"], SmoothAttentionConfig, "smooth_attention", ["alpha"], source, "{alpha: 0.5}"),
     )
 
 
@@ -291,18 +297,14 @@ def _parse_rotation(raw, source: str) -> RotationConfig | None:
                           source, "true or a mapping like {residual: true, seed: 0}")
 
 
-_KV_FIELDS = ("format", "group_size", "symmetric", "rotate", "scale_dtype")
-
-
 def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
     """The `kv_cache:` mapping → KVCacheConfig (`format` required)."""
-    return _parse_section(raw, KVCacheConfig, "kv_cache", list(_KV_FIELDS), source, "a mapping like {format: int8}",
-                          required={"format": "int8 or int4"})
+    return _parse_section(raw, KVCacheConfig, "kv_cache", ["format", "group_size", "symmetric", "rotate", "scale_dtype"],
+                          source, "a mapping like {format: int8}", required={"format": "int8 or int4"})
 
 
 def _frozen_options(opts: dict) -> tuple[tuple[str, Any], ...]:
-    """A rule's options as sorted (name, value) pairs, a nested mapping (e.g. gptq's `hqq: {iters: 10}`) as
-    sorted pairs too, so that rules stay hashable."""
+    """A rule's options as sorted (name, value) pairs, nested mappings (gptq's `hqq: {iters: 10}`) too: hashable."""
     if not isinstance(opts, dict):
         raise ValueError(f"options must be a mapping of name: value, got {opts!r}")
     return tuple(sorted((k, tuple(sorted(v.items())) if isinstance(v, dict) else v) for k, v in opts.items()))
@@ -332,16 +334,14 @@ def _parse_transforms(items) -> tuple:
 
 
 def shipped_recipes() -> dict[str, Path]:
-    """The recipes jq ships (package data `jq/recipes/*.yaml`, also at `configs/` in a source checkout): name ->
-    path."""
+    """The recipes jq ships (package data `jq/recipes/*.yaml`, `configs/` in a source checkout): name -> path."""
     root = Path(__file__).resolve().parents[1] / "recipes"
     return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 
 def find_recipe(path: str | os.PathLike) -> Path:
-    """The recipe file `path` names: an existing file, else a shipped recipe by name — `rtn_w4_g128`,
-    `rtn_w4_g128.yaml`, or `configs/rtn_w4_g128.yaml` as the README writes it, so recipes resolve from any working
-    directory and from an installed wheel. FileNotFoundError names where it looked and the shipped names."""
+    """The recipe file `path` names: a file, else a shipped recipe by name (`rtn_w4_g128`, `rtn_w4_g128.yaml`,
+    `configs/rtn_w4_g128.yaml`), from any directory or wheel; FileNotFoundError names where it looked and the names."""
     p = Path(path).expanduser()
     if p.is_file():
         return p

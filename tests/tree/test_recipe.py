@@ -55,7 +55,7 @@ def test_asymmetric_float_format():
 def test_bad_range_method():
     with pytest.raises(
         ValueError,
-        match=r"scheme field 'range' has value 'max'; allowed values are \['minmax', 'absmax', 'percentile', 'mse', 'absmean'\]",
+        match=r"scheme field 'range' has value 'max'; allowed values are \['minmax', 'absmax', 'percentile', 'mse', 'absmean', 'gaussian'\]",
     ):
         Scheme("int4", range="max")
 
@@ -124,7 +124,7 @@ def test_unknown_rule_field_names_field_and_lists_allowed():
 def test_unknown_top_level_field():
     with pytest.raises(
         ValueError,
-        match=r"<dict>: unknown top-level field\(s\) \['rule'\]; allowed fields are \['defaults', 'description', 'ignore', 'kv_cache', 'lowrank', 'name', 'rotation', 'rules'\]",
+        match=r"<dict>: unknown top-level field\(s\) \['rule'\]; allowed fields are \['defaults', 'description', 'ignore', 'kv_cache', 'lowrank', 'name', 'rotation', 'rules', 'smooth_attention'\]",
     ):
         recipe_from_dict({"rule": []})
 

@@ -1,11 +1,12 @@
 """The Llama family (Llama, SmolLM, Mistral-style decoders): config, linen module, weight names, calibration blocks,
-QuaRot rotation and KV-cache decoding, registered as one `ModelFamily`."""
+QuaRot rotation, SmoothAttention and KV-cache decoding, registered as one `ModelFamily`."""
 
 from jq.models.family import ModelFamily, register_family
 from jq.models.llama.blocks import block_spec
 from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import Llama, cache_bytes_per_token, init_cache, init_params, make_decode, make_forward
 from jq.models.llama.rotate import rotate
+from jq.models.llama.smooth import smooth_attention
 from jq.models.llama.weights import expected_shapes, gguf_tensor, hf_tensor
 
 __all__ = ["FAMILY", "LlamaConfig", "Llama", "init_params", "make_forward", "init_cache", "make_decode"]
@@ -30,6 +31,7 @@ FAMILY = register_family(ModelFamily(
     hf_tensor=hf_tensor,
     block_spec=block_spec,
     rotate=rotate,
+    smooth_attention=smooth_attention,
     init_cache=init_cache,
     make_decode=make_decode,
     cache_bytes_per_token=cache_bytes_per_token,
