@@ -19,6 +19,11 @@ Q has zero derivative almost everywhere, so training uses straight-through estim
   straight through, so the forward pass is exactly the model `convert` produces.
 - activations (a scheme's `act`: "int8", "fp8_e4m3"): per-token abs-max fake quantization with ∂x̂/∂x = 1,
   the numbers `jq.ops` uses in the converted W8A8 / BitNet matmul.
+- QuEST (Panferov et al. 2025, `ste: trust` with `range: gaussian` and `rotate: hadamard`; configs/quest_*.yaml):
+  weights and activations quantized in the Hadamard-rotated basis, the weight range ±α*·rms (α* the Gaussian-MSE-
+  optimal clip of the grid, `jq.numbers.ranges.gaussian_clip`), and the trust estimator
+      ∂ŵ/∂w = 1[|ŵ − w| ≤ trust · s / 2]        (s the step; the same mask on activations, s per token)
+  so values clipped far beyond the grid get no gradient.
 - BitNet b1.58 (Ma et al. 2024): `format: int2, restricted: true` (codes {−1, 0, 1}), `range: absmean`
   (s = mean |W| per tensor) and `act: int8` — see configs/qat_bitnet_b158.yaml.
 

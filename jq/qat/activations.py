@@ -1,6 +1,10 @@
 """Running a model with fake-quantized activations during QAT, linen or NNX: the inputs of the layers whose rule sets
 `act` ("int8", "int4", "fp8_e4m3") are quantized per token over their contracted axes — the numbers `jq.ops` uses
-when the converted model runs — through the same layer interceptor (`jq.interop.layers`) every other hook uses."""
+when the converted model runs — through the same layer interceptor (`jq.interop.layers`) every other hook uses.
+
+A `rotate: hadamard` rule quantizes the rotated input, as `jq.ops` does with the converted QTensor (which multiplies
+x Q by the stored Qᵀ W): the layer sees fq(x Q) Qᵀ, so fq(x Q) Qᵀ · Q fq(Qᵀ W) = fq(x Q) · fq(Qᵀ W). A rule with
+`ste: trust` (QuEST) masks the activations' gradient with the trust estimator as well."""
 
 from __future__ import annotations
 
@@ -16,20 +20,33 @@ from jq.interop.linen import apply as interop_apply
 from jq.interop.nnx import nnx_merge as interop_nnx_merge
 from jq.numbers.scheme import Scheme
 from jq.qat import ste as S
+from jq.qat.tree import qat_options
 from jq.tree.recipe import QuantConfig
 
 __all__ = ["act_interceptor", "apply", "nnx_merge"]
 
 
-def _act_scheme(cfg: QuantConfig, path: str, ndim: int) -> Scheme | None:
-    """The scheme of the kernel at `path` when it quantizes its layer's input activations, else None."""
+def _act_scheme(cfg: QuantConfig, path: str, ndim: int) -> tuple[Scheme, float | None] | None:
+    """(scheme, trust factor or None) of the kernel at `path` when it quantizes its layer's input activations, else
+    None; the trust factor is set when the rule trains with `ste: trust`."""
     rule = cfg.rule_for(path, ndim)
-    return rule.scheme if rule is not None and rule.scheme is not None and rule.scheme.act else None
+    if rule is None or rule.scheme is None or not rule.scheme.act:
+        return None
+    o = qat_options(rule)
+    return rule.scheme, (o["trust"] if o["ste"] == "trust" else None)
 
 
-def _fq_act(x: jax.Array, sch: Scheme, axes: tuple[int, ...]) -> jax.Array:
-    """x [..., K...] fake-quantized per token over `axes` as the scheme's `act` (and `act_clip`) asks."""
-    return S.fake_quant_act(x, sch.act, axes, getattr(sch, "act_clip", 1.0))
+def _fq_act(x: jax.Array, act: tuple[Scheme, float | None], axes: tuple[int, ...]) -> jax.Array:
+    """x [..., K...] fake-quantized per token over `axes` as the scheme's `act` (and `act_clip`) asks, in the basis
+    of its online rotation (one contraction axis) when it has one."""
+    sch, trust = act
+    rot = sch.policy.rotation
+    if rot is None:
+        return S.fake_quant_act(x, sch.act, axes, getattr(sch, "act_clip", 1.0), trust)
+    if len(axes) != 1:
+        raise ValueError(f"rotate: hadamard needs one contraction axis; this layer contracts {tuple(axes)}")
+    xr = rot.apply(x, axis=axes[0])
+    return rot.inverse(S.fake_quant_act(xr, sch.act, axes, getattr(sch, "act_clip", 1.0), trust), axis=axes[0])
 
 
 def act_interceptor(cfg: QuantConfig) -> Callable[..., Any]:
@@ -37,7 +54,7 @@ def act_interceptor(cfg: QuantConfig) -> Callable[..., Any]:
     sets `act`, per token over the contracted axes."""
 
     def fake_quantize_input(c: LayerCall) -> Any:
-        sch = None if c.is_einsum else _act_scheme(cfg, c.path, c.kernel.ndim)
+        sch = None if c.is_einsum else _act_scheme(cfg, c.path, c.kernel.ndim)  # (scheme, trust) or None
         return c.proceed() if sch is None else c.proceed(_fq_act(c.x, sch, c.axes))
 
     return layer_interceptor(fake_quantize_input)

@@ -30,11 +30,12 @@ __all__ = [
     "lsq_fake_quant",
     "lsq_qtensor",
     "fake_quant_act",
+    "trust_mask",
     "STE_MODES",
     "LSQ_INITS",
 ]
 
-STE_MODES = ("identity", "clipped")
+STE_MODES = ("identity", "clipped", "trust")
 LSQ_INITS = ("range", "paper")
 
 sg = jax.lax.stop_gradient
@@ -60,6 +61,22 @@ def _inside(xg: jax.Array, scale: jax.Array, zero: jax.Array | None, scheme: Sch
     qn, qp = code_bounds(scheme)
     v = sg(xg) / sg(scale) + (0.0 if zero is None else sg(zero))
     return ((v >= qn) & (v <= qp)).astype(jnp.float32)
+
+
+def trust_mask(fx: jax.Array, x: jax.Array, step: jax.Array, trust: float = 1.0) -> jax.Array:
+    """QuEST's trust mask (Panferov et al. 2025): 1.0 where the rounding error |fx − x| ≤ trust · step / 2, else 0.0
+    (f32, broadcast shape of the inputs; `step` the grid spacing, broadcastable). With trust = 1 it passes every value
+    inside the grid and those within half a step beyond its end levels; the rest — clipped outliers whose gradient
+    through the identity STE would be most wrong — get none. A constant for the gradient."""
+    if not trust > 0:
+        raise ValueError(f"QAT option trust={trust!r}: the trust factor must be > 0 (1.0: half a step)")
+    return (jnp.abs(sg(fx) - sg(x)) <= trust * 0.5 * sg(step)).astype(jnp.float32)
+
+
+def _uniform_step(scheme: Scheme, what: str) -> None:
+    if not scheme.fmt.is_int:
+        raise ValueError(f"QAT option ste='trust' needs a uniform (int) grid, but {what} uses format "
+                         f"{scheme.format!r}; use an int format or ste: identity / clipped")
 
 
 def code_bounds(scheme: Scheme) -> tuple[float, float]:
@@ -90,11 +107,12 @@ def _range_scale_zero(xg: jax.Array, scheme: Scheme, layout: Layout):
     return scheme.grid.scale_zero(lo, hi)
 
 
-def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identity") -> jax.Array:
+def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identity", trust: float = 1.0) -> jax.Array:
     """Quantize → dequantize `w` (logical shape) with the range taken from `w` (RTN), straight through.
 
     The scale and zero point are constants for the gradient. `mode="identity"`: dŵ/dw = 1 everywhere (Bengio et al.
-    2013); `"clipped"`: 1 inside the clip range, 0 where `w / s + z` falls outside it (percentile / MSE ranges).
+    2013); `"clipped"`: 1 inside the clip range, 0 where `w / s + z` falls outside it (percentile / MSE ranges);
+    `"trust"`: QuEST's trust estimator, 1 where |ŵ − w| ≤ trust · s / 2 (`trust_mask`; int grids only).
     Returns an array of `w`'s shape and dtype whose value equals `rtn(w).dequantize()` exactly (NVFP4: the
     quantized `w / outer_scale`, decoded with scale · outer_scale, as `jq.quantize_params` stores it).
     """
@@ -106,6 +124,9 @@ def fake_quant(w: jax.Array, scheme: Scheme, layout: Layout, mode: str = "identi
     fq = scheme.grid.decode(scheme.grid.encode(xs, scale, zero), scale if outer is None else scale * outer, zero)
     if mode == "clipped":
         fq = fq + _inside(xg, scale, zero, scheme) * _d(xg)
+    elif mode == "trust":
+        _uniform_step(scheme, "this weight")
+        fq = fq + trust_mask(fq, xg, scale, trust) * _d(xg)
     else:
         fq = ste(fq, xg)
     return layout.from_grouped(fq).astype(w.dtype)
@@ -203,7 +224,17 @@ def lsq_qtensor(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout: L
 # -- activations ------------------------------------------------------------------------------------------------
 
 
-def fake_quant_act(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0) -> jax.Array:
+def fake_quant_act(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0,
+                   trust: float | None = None) -> jax.Array:
     """Dynamic per-token fake quantization of activations x (clip · abs-max over the contracted `axes`, the numbers
-    `jq.ops` uses in a W8A8 / W4A8 / BitNet matmul), straight through. Same shape and dtype as x."""
-    return ste(ops.fake_quantize_activations(x, fmt, tuple(axes), clip), x)
+    `jq.ops` uses in a W8A8 / W4A8 / W4A4 / BitNet matmul), straight through — or, with `trust` set (int formats),
+    QuEST's trust estimator: gradient only where |x̂ − x| ≤ trust · step / 2, step the token's scale. Same shape
+    and dtype as x."""
+    if trust is None:
+        return ste(ops.fake_quantize_activations(x, fmt, tuple(axes), clip), x)
+    if not fmt.startswith("int"):
+        raise ValueError(f"QAT option ste='trust' needs int activations (a uniform grid); act is {fmt!r}")
+    xf = x.astype(jnp.float32)
+    codes, step = ops.quantize_activations(xf, fmt, tuple(axes), clip)
+    fx = codes.astype(jnp.float32) * step
+    return (sg(fx) + trust_mask(fx, xf, step, trust) * _d(xf)).astype(x.dtype)

@@ -54,7 +54,13 @@ def qat_options(rule: Rule) -> dict[str, Any]:
     if rec.lsq_init not in S.LSQ_INITS:
         raise ValueError(f"rule {rule.pattern!r}: option lsq_init={rec.lsq_init!r}; "
                          f"choose one of {list(S.LSQ_INITS)}")
-    return {"lsq": bool(rec.lsq), "lsq_init": rec.lsq_init, "ste": rec.ste}
+    if rec.ste == "trust" and (rec.lsq or not isinstance(rec.trust, (int, float)) or not rec.trust > 0):
+        raise ValueError(f"rule {rule.pattern!r}: ste: trust (QuEST) needs lsq: false and a trust factor > 0; "
+                         f"got lsq={rec.lsq!r}, trust={rec.trust!r}")
+    if rec.ste != "trust" and rec.trust != 1.0:
+        raise ValueError(f"rule {rule.pattern!r}: option trust={rec.trust!r} is the factor of ste: trust (QuEST) and "
+                         f"this rule has ste: {rec.ste}; set ste: trust or drop trust")
+    return {"lsq": bool(rec.lsq), "lsq_init": rec.lsq_init, "ste": rec.ste, "trust": float(rec.trust)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +74,7 @@ class LeafPlan:
     lsq: bool
     lsq_init: str
     ste: str
+    trust: float = 1.0
 
 
 def plan(path: str, w: Any, cfg: QuantConfig) -> LeafPlan | None:
@@ -84,7 +91,8 @@ def plan(path: str, w: Any, cfg: QuantConfig) -> LeafPlan | None:
     if sch.policy.rotation is not None:
         check_rotatable(path, tuple(w.shape), axes)
     o = qat_options(rule)
-    return LeafPlan(path, sch, sch.layout(tuple(w.shape), axes, path), rule, o["lsq"], o["lsq_init"], o["ste"])
+    return LeafPlan(path, sch, sch.layout(tuple(w.shape), axes, path), rule, o["lsq"], o["lsq_init"], o["ste"],
+                    o["trust"])
 
 
 def to_basis(w: jax.Array, p: LeafPlan) -> jax.Array:
@@ -177,7 +185,7 @@ def fake_quantize(qat_params: dict[str, Any], cfg: QuantConfig) -> Params:
         if q is not None:
             v = S.lsq_fake_quant(v, q, p.scheme, p.layout)
         else:
-            v = S.fake_quant(v, p.scheme, p.layout, p.ste)
+            v = S.fake_quant(v, p.scheme, p.layout, p.ste, p.trust)
         return from_basis(v, p).astype(w.dtype)
 
     return _map_planned(leaf, qat_params, cfg)

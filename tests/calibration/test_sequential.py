@@ -207,8 +207,8 @@ def test_w8a8_int_path_matches_numpy_and_fake_path():
         q = jq.quantize_params({"k": {"kernel": w}}, jq.QuantConfig.simple(scheme))["k"]["kernel"]
         y = np.asarray(jax.jit(jq.ops.qdot)(x, q))
         np.testing.assert_allclose(y, xq @ np.asarray(q.dequantize(), np.float64), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="'act' has value 'int3'"):
-        jq.Scheme("int8", act="int3")
+    with pytest.raises(ValueError, match="'act' has value 'int5'"):
+        jq.Scheme("int8", act="int5")
 
 
 def _logit_error(cfg, params, q, toks):
