@@ -1,7 +1,8 @@
 """Streaming conversion: a GGUF file, a Hugging Face directory, a float Orbax checkpoint, a jq checkpoint or a
 known model name → a jq checkpoint, one leaf at a time (read, quantize, write, free), so peak host memory is about
 twice the largest tensor plus a fixed overhead, not the model. Recipes that need calibration data load the whole
-model, calibrate, then write. The `jq convert` command."""
+model, calibrate, then write, unless they calibrate block by block only (GPTQ, AWQ, ...): then blocks are streamed
+from the file (`jq.apps.convert_sequential`). The `jq convert` command."""
 
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def convert(src: str | os.PathLike, recipe: QuantConfig | Mapping | str | os.Pat
       calib: for recipes that need data (GPTQ, AWQ, ...): calibration token ids int32 [S, L], or text files
         (default: `jq.apps.data.default_calib_files()`), windowed by calib_samples / calib_len / calib_seed /
         calib_sampling (`jq.apps.data.calibration_tokens`).
-        Only a GGUF / HF source (whose family has calibration blocks) can be run to collect statistics; that path
-        loads the whole model.
+        Only a GGUF / HF source (whose family has calibration blocks) can be run to collect statistics; block-wise
+        recipes stream one block at a time (`jq.apps.convert_sequential`), others load the whole model.
       overwrite: replace an existing `out` (the old one stays until the new one is complete).
       meta: extra JSON metadata to store.
       native: read a GGUF source's legacy blocks and K-quants as the QTensors they are (`jq.models.io.gguf_native`).
@@ -231,10 +232,24 @@ def _describe(entry: Mapping[str, Any]) -> str:
     return abstract_leaf(entry).describe()
 
 
+def _open_lazy(src: Path, kind: str) -> tuple[Any, Any, list[LazyParam], Any]:
+    """(family, config, lazy leaves, tokenizer or None) of a GGUF file or a Hugging Face directory."""
+    from jq.models.io.tokenizer import Tokenizer
+
+    if kind == "gguf":
+        family, mcfg, lazy, gmeta = open_gguf(src)
+        return family, mcfg, list(lazy), Tokenizer.from_gguf_metadata(gmeta)
+    family, mcfg, lazy = open_hf(src)
+    tok = src / "tokenizer.json"
+    return family, mcfg, list(lazy), Tokenizer.from_file(tok) if tok.is_file() else None
+
+
 def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequantize: bool, progress: bool, calib,
                         samples: int, length: int, seed: int, sampling: str, overwrite: bool,
                         meta: dict[str, Any]) -> Path:
-    """Data-aware recipes: load the whole model, calibrate, quantize sequentially (its family's blocks), then write."""
+    """Data-aware recipes. When the recipe's calibration needs only the blocks and the family describes them,
+    block by block from the file (`jq.apps.convert_sequential`: about one block in memory); else (rotation,
+    SmoothAttention, LoRC, a pre-quantized source) load the whole model, calibrate, quantize, then write."""
     methods = sorted({r.method for r in cfg.rules if r.scheme is not None and r.needs_calibration})
     methods += ["lowrank (LoRC)"] if cfg.lowrank is not None else []
     if kind not in ("gguf", "hf"):
@@ -244,9 +259,14 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
             "checkpoint. Convert from the original GGUF / Hugging Face model, or use a data-free recipe (rtn, hqq)"
         )
     from jq.apps import data, pipeline
+    from jq.apps.convert_sequential import convert_sequential, streamable
     from jq.tree.quantize import dequantize_params
 
-    m = pipeline.load(str(src))
+    m = None
+    family, mcfg, lazy, tokenizer = _open_lazy(src, kind)
+    if meta.get("prequantized") or not streamable(cfg, family):
+        m = pipeline.load(str(src))
+        tokenizer = m.tokenizer
     if calib is not None and not isinstance(calib, (str, os.PathLike)) and np.asarray(calib).dtype.kind in "iu":
         tokens = np.asarray(calib, np.int32)
         record = {"samples": int(tokens.shape[0]), "length": int(tokens.shape[1]), "files": None}  # given as ids
@@ -258,7 +278,13 @@ def _convert_calibrated(src: Path, kind: str, cfg: QuantConfig, out, *, dequanti
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"calibration file {f}: no such file")
-        tokens, record = data.calibration_draw(m.tokenizer, files, samples, length, seed, sampling)
+        if tokenizer is None:
+            raise ValueError(f"{src}: no tokenizer found (tokenizer.json in the directory, or a GGUF vocabulary); "
+                             "pass calibration token ids instead of text")
+        tokens, record = data.calibration_draw(tokenizer, files, samples, length, seed, sampling)
+    if m is None:  # block by block from the file: about one block in memory (jq.apps.convert_sequential)
+        return convert_sequential(family.block_spec(mcfg), lazy, cfg, tokens, out, meta={**meta, "calibration": record},
+                                  dequantize=dequantize, progress=progress, overwrite=overwrite, trim=_trim_heap)
     t0 = time.perf_counter()
     q, _ = pipeline.quantize(m, cfg, tokens, progress=progress)
     if dequantize:

@@ -39,7 +39,8 @@ from jq.tree.recipe import QuantConfig
 from jq.tree.paths import get_path, leaf_paths, set_path
 from jq.tree.quantize import quantize_leaf, quantize_params
 
-__all__ = ["Fold", "BlockSpec", "quantize_sequential", "apply_fold"]
+__all__ = ["Fold", "BlockSpec", "quantize_sequential", "quantize_block", "calibration_batches", "rest_rule",
+           "apply_fold"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,25 @@ class _Compiled:
         return calibrate.accumulate(self._capture[key], {"params": params}, inputs, paths=key)
 
 
+def calibration_batches(spec: BlockSpec, tokens: np.ndarray, batch_size: int = 8,
+                        mesh: jax.sharding.Mesh | None = None) -> tuple[list, list[tuple]]:
+    """(token batches [B, L], their extra block arguments) of calibration `tokens` [S, L]."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or len(tokens) == 0:
+        raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
+    batches = calibrate.batched(tokens, batch_size) if mesh is None else [
+        calibrate.shard_rows(tokens[i : i + batch_size], mesh) for i in range(0, len(tokens), batch_size)]
+    return batches, [tuple(spec.extra(b)) for b in batches]
+
+
+def rest_rule(cfg: QuantConfig, path: str, ndim: int):
+    """The rule of a leaf outside the blocks (quantized without data); a calibrated one is refused."""
+    r = cfg.rule_for(path, ndim)
+    if r is not None and r.scheme is not None and r.needs_calibration:
+        raise ValueError(f"{path}: calibrated method {r.method!r} is only supported inside blocks; use rtn for it")
+    return r
+
+
 def quantize_sequential(
     spec: BlockSpec,
     params: dict,
@@ -121,98 +141,101 @@ def quantize_sequential(
     a multi-controller run, each passing the same `tokens`); statistics are all-reduced, then every process
     quantizes the same weights from the same statistics.
     Returns (qparams, log) where log has per-block seconds and the transforms applied.
+    (`jq.apps.convert_sequential` runs the same blocks on weights streamed from a file.)
     """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or len(tokens) == 0:
-        raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
+    batches, extras = calibration_batches(spec, tokens, batch_size, mesh)
     compiled: dict[int, _Compiled] = {}
     embed = jax.jit(spec.embed)
-    batches = calibrate.batched(tokens, batch_size) if mesh is None else [
-        calibrate.shard_rows(tokens[i : i + batch_size], mesh) for i in range(0, len(tokens), batch_size)]
-    extras = [tuple(spec.extra(b)) for b in batches]
     hs = [embed(params, b) for b in batches]
     out = copy.copy(params)
     log: dict[str, Any] = {"blocks": [], "transforms": []}
     bar = _progress(len(spec.names), progress)
     for i, name in enumerate(spec.names):
         t0 = time.perf_counter()
-        module = spec.module_for(i)
-        if id(module) not in compiled:
-            compiled[id(module)] = _Compiled(dataclasses.replace(spec, module=module))
-        comp = compiled[id(module)]
         block = jax.tree_util.tree_map(lambda x: x, copy.deepcopy(params[name]))
-        rules = {p: cfg.rule_for(f"{name}/{p}", getattr(w, "ndim", 0)) for p, w in leaf_paths(block)}
-        rules = {p: r for p, r in rules.items() if r is not None and r.scheme is not None}
-        inputs = [(h, *e) for h, e in zip(hs, extras)]
-
-        # (1) transforms on the float block
-        fold_rules = [(f, rules.get(f.consumers[0])) for f in spec.folds]
-        fold_rules = [(f, r) for f, r in fold_rules if r is not None and r.transforms]
-        if fold_rules:
-            stats = comp.capture(block, inputs, sorted({c for f, _ in fold_rules for c in f.consumers}))
-            for fold, rule in fold_rules:
-                others = {rules.get(c).transforms if rules.get(c) else () for c in fold.consumers}
-                if len(others) != 1:
-                    raise ValueError(f"{name}: layers {fold.consumers} share an input but their rules ask for "
-                                     f"different transforms {sorted(others)}; give them the same transforms")
-                prev = jnp.asarray(get_path(block, fold.prev))
-                k = jnp.asarray(get_path(block, fold.consumers[0])).shape[0]
-                if prev.shape[-1] != k:
-                    continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
-                st = stats[fold.consumers[0]]
-                for transform in rule.transform_records:
-                    weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
-                    s = transform.scales(weights, st, rule.scheme)
-                    apply_fold(block, fold, s)
-                    st = st.scaled(s)
-                    log["transforms"].append({"block": name, "transform": transform.name, "prev": fold.prev,
-                                              "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
-
-        # (2) stages, each calibrated with the earlier ones quantized; (3) on to the next block
-        def quantize_stage(paths, stage_inputs, block):
-            todo = [p for p in paths if p in rules]
-            stats = None
-            if any(rules[p].needs_calibration for p in todo):
-                acc = None
-                for x in stage_inputs:
-                    st = _batch_sums(x)
-                    acc = st if acc is None else acc.merge(st)
-                stats = acc.finalize()
-            for p in todo:
-                set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats))
-            return block
-
-        staged = spec.staged[i] if isinstance(spec.staged, tuple) else spec.staged
-        if staged is not None and true_sequential:
-            block, hs = staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
-            leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
-            if leftover:
-                raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")
-        else:
-            stages = list(spec.stages) if (true_sequential and spec.stages) else [tuple(sorted(rules))]
-            staged = {p for st_ in stages for p in st_}
-            stages.append(tuple(sorted(p for p in rules if p not in staged)))  # anything the spec did not list
-            for stage in stages:
-                todo = [p for p in stage if p in rules]
-                need = [p for p in todo if rules[p].needs_calibration]
-                stats = comp.capture(block, inputs, need) if need else {}
-                for p in todo:
-                    set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats.get(p)))
-            hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
-        out[name] = block
+        out[name], hs = quantize_block(spec, i, block, cfg, hs, extras, compiled, log, true_sequential)
         secs = time.perf_counter() - t0
         log["blocks"].append({"block": name, "seconds": secs})
         bar(i + 1, name, secs)
     rest = {k: v for k, v in out.items() if k not in spec.names}
+    for p, w in leaf_paths(rest):
+        rest_rule(cfg, p, getattr(w, "ndim", 0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # block rules do not match outside blocks, by design
         rest_cfg = dataclasses.replace(cfg, rules=tuple(r for r in cfg.rules if not r.needs_calibration))
         out.update(quantize_params(rest, rest_cfg, warn_unmatched=False) if rest_cfg.rules else rest)
-    for p, w in leaf_paths(rest):
-        r = cfg.rule_for(p, getattr(w, "ndim", 0))
-        if r is not None and r.scheme is not None and r.needs_calibration:
-            raise ValueError(f"{p}: calibrated method {r.method!r} is only supported inside blocks; use rtn for it")
     return out, log
+
+
+def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: list, extras: list[tuple],
+                   compiled: dict, log: dict, true_sequential: bool = True) -> tuple[dict, list]:
+    """Calibrate and quantize block `i` (its float params `block`, changed in place) on the hidden states `hs`
+    entering it (per batch [B, T, D]); returns (quantized block, hidden states leaving it). `compiled` caches
+    jitted functions across calls; transforms applied are appended to log["transforms"]."""
+    name = spec.names[i]
+    module = spec.module_for(i)
+    if id(module) not in compiled:
+        compiled[id(module)] = _Compiled(dataclasses.replace(spec, module=module))
+    comp = compiled[id(module)]
+    rules = {p: cfg.rule_for(f"{name}/{p}", getattr(w, "ndim", 0)) for p, w in leaf_paths(block)}
+    rules = {p: r for p, r in rules.items() if r is not None and r.scheme is not None}
+    inputs = [(h, *e) for h, e in zip(hs, extras)]
+
+    # (1) transforms on the float block
+    fold_rules = [(f, rules.get(f.consumers[0])) for f in spec.folds]
+    fold_rules = [(f, r) for f, r in fold_rules if r is not None and r.transforms]
+    if fold_rules:
+        stats = comp.capture(block, inputs, sorted({c for f, _ in fold_rules for c in f.consumers}))
+        for fold, rule in fold_rules:
+            others = {rules.get(c).transforms if rules.get(c) else () for c in fold.consumers}
+            if len(others) != 1:
+                raise ValueError(f"{name}: layers {fold.consumers} share an input but their rules ask for "
+                                 f"different transforms {sorted(others)}; give them the same transforms")
+            prev = jnp.asarray(get_path(block, fold.prev))
+            k = jnp.asarray(get_path(block, fold.consumers[0])).shape[0]
+            if prev.shape[-1] != k:
+                continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
+            st = stats[fold.consumers[0]]
+            for transform in rule.transform_records:
+                weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
+                s = transform.scales(weights, st, rule.scheme)
+                apply_fold(block, fold, s)
+                st = st.scaled(s)
+                log["transforms"].append({"block": name, "transform": transform.name, "prev": fold.prev,
+                                          "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
+
+    # (2) stages, each calibrated with the earlier ones quantized; (3) on to the next block
+    def quantize_stage(paths, stage_inputs, block):
+        todo = [p for p in paths if p in rules]
+        stats = None
+        if any(rules[p].needs_calibration for p in todo):
+            acc = None
+            for x in stage_inputs:
+                st = _batch_sums(x)
+                acc = st if acc is None else acc.merge(st)
+            stats = acc.finalize()
+        for p in todo:
+            set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats))
+        return block
+
+    staged = spec.staged[i] if isinstance(spec.staged, tuple) else spec.staged
+    if staged is not None and true_sequential:
+        block, hs = staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
+        leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
+        if leftover:
+            raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")
+    else:
+        stages = list(spec.stages) if (true_sequential and spec.stages) else [tuple(sorted(rules))]
+        staged = {p for st_ in stages for p in st_}
+        stages.append(tuple(sorted(p for p in rules if p not in staged)))  # anything the spec did not list
+        for stage in stages:
+            todo = [p for p in stage if p in rules]
+            need = [p for p in todo if rules[p].needs_calibration]
+            stats = comp.capture(block, inputs, need) if need else {}
+            for p in todo:
+                set_path(block, p, quantize_leaf(f"{name}/{p}", jnp.asarray(get_path(block, p)), rules[p], stats.get(p)))
+        hs = [comp.forward(block, h, e) for h, e in zip(hs, extras)]
+    return block, hs
 
 
 def _progress(total: int, enabled: bool):
