@@ -87,6 +87,9 @@ def plan(path: str, w: Any, cfg: QuantConfig) -> LeafPlan | None:
     if getattr(sch, "act_outlier", None) is not None:
         raise ValueError(f"{path}: QAT does not train schemes with act_outlier (scheme {sch.describe()}); "
                          "use a recipe without it")
+    if getattr(sch, "progressive", False):
+        raise ValueError(f"{path}: QAT does not train progressive (QoQ) grids yet (scheme {sch.describe()}); train "
+                         "the plain int4 grid (drop progressive) or quantize this leaf by PTQ")
     axes = sch.axes if sch.axes is not None else _default_axes(path, ndim)
     if sch.policy.rotation is not None:
         check_rotatable(path, tuple(w.shape), axes)

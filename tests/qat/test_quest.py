@@ -211,3 +211,11 @@ def test_quest_w4a4_llama_training_lowers_the_loss():
         state, m = step(state, ids[None])
         losses.append(float(m["loss"]))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.01, losses
+
+
+def test_progressive_grids_are_refused_by_qat_naming_the_leaf():
+    cfg = recipe_from_dict({"name": "p", "rules": [
+        {"pattern": ".*kernel", "method": "qat", "format": "int4", "symmetric": False, "group_size": 32,
+         "progressive": True}]})
+    with pytest.raises(ValueError, match=r"dense/kernel: QAT does not train progressive \(QoQ\) grids"):
+        qat.init({"dense": {"kernel": jnp.ones((64, 8))}}, cfg)
