@@ -23,12 +23,18 @@ import numpy as np
 __all__ = ["hessian_cost", "fisher_cost", "kfac_cost", "output_sensitivity", "allocate"]
 
 
+def _column_errors(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray) -> jnp.ndarray:
+    """ΔW[:, j]ᵀ H ΔW[:, j] per output column j [N] for w, w_hat [K..., N...] (K = H's size: the contraction axes
+    flattened in order), hessian [K, K]."""
+    k = hessian.shape[0]
+    d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)).reshape(k, -1)
+    return jnp.sum(d * (hessian.astype(jnp.float32) @ d), axis=0)
+
+
 def hessian_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray) -> float:
     """tr(ΔWᵀ H ΔW) for a weight contracted over its leading axes: w, w_hat [K..., N...] with K = H's size (the
     contraction axes flattened in order), hessian [K, K]."""
-    k = hessian.shape[0]
-    d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)).reshape(k, -1)
-    return float(jnp.sum(d * (hessian.astype(jnp.float32) @ d)))
+    return float(jnp.sum(_column_errors(w, w_hat, hessian)))
 
 
 def fisher_cost(w: jnp.ndarray, w_hat: jnp.ndarray, fisher: jnp.ndarray) -> float:
@@ -49,10 +55,7 @@ def output_sensitivity(fisher: jnp.ndarray, hessian: jnp.ndarray) -> jnp.ndarray
 def kfac_cost(w: jnp.ndarray, w_hat: jnp.ndarray, hessian: jnp.ndarray, fisher: jnp.ndarray) -> float:
     """½ Σ_j g_j · ΔW[:, j]ᵀ H ΔW[:, j]: the loss increase a Kronecker Fisher (input Hessian H [K, K], output
     factor g = `output_sensitivity(fisher, hessian)`) predicts; w, w_hat, fisher in the weight's shape [K..., N...]."""
-    k = hessian.shape[0]
-    d = (jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)).reshape(k, -1)
-    per_column = jnp.sum(d * (hessian.astype(jnp.float32) @ d), axis=0)
-    return 0.5 * float(jnp.sum(output_sensitivity(fisher, hessian) * per_column))
+    return 0.5 * float(jnp.sum(output_sensitivity(fisher, hessian) * _column_errors(w, w_hat, hessian)))
 
 
 def allocate(costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], budget: int, unit: int = 1

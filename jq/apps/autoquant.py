@@ -73,9 +73,10 @@ def _candidate_rule(cfg: QuantConfig) -> dict[str, Any]:
     return rules[0]
 
 
-def fisher_diagonal(m: LoadedModel, calib: np.ndarray, paths: Sequence[str], batch: int = 2) -> dict[str, jax.Array]:
+def fisher_diagonal(m: LoadedModel, calib: np.ndarray, paths: Sequence[str], batch: int = 1) -> dict[str, jax.Array]:
     """E[(∂ mean next-token NLL / ∂W)²] over the batches of `calib` (int [S, T]) for the leaves `paths`: the
-    diagonal of the empirical Fisher, each of its weight's shape."""
+    diagonal of the empirical Fisher, each of its weight's shape (batches of one window by default: the gradient's
+    activations for a batch of two took ~4 GB on SmolLM2)."""
     module = m.family.module(m.cfg)
     want = set(paths)
 
@@ -134,17 +135,17 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     t0 = time.perf_counter()
     rule_dicts = [_candidate_rule(c) for c in candidates]
     rules = [recipe_from_dict({"name": c.name, "rules": [r]}).rules[0] for c, r in zip(candidates, rule_dicts)]
-    targets = {}
+    targets = {}  # path -> which candidates have a rule for it
     for path, w in leaf_paths(m.params):
         hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
         if any(r is not None and r.scheme is not None for r in hits) and (only is None or path in only):
-            targets[path] = w
+            targets[path] = [r is not None for r in hits]
     calib, stats, fisher, kl = np.asarray(calib), None, None, None
     if {"kfac", "hessian"} & set(metrics) or any(r.needs_calibration for r in rules):  # the float model's Hessians
         stats = capture(m.family.module(m.cfg), {"params": m.params}, batched(calib[:hessian_samples], 4),
                         paths=list(targets))
     if {"fisher", "kfac"} & set(metrics):
-        fisher = fisher_diagonal(m, calib[:fisher_samples], list(targets), batch=1)  # batch 1: half the memory
+        fisher = fisher_diagonal(m, calib[:fisher_samples], list(targets))
     if "kl" in metrics:
         kl = logit_kl(m, calib[:kl_samples])
     cost_of = {"fisher": lambda p, w, w_hat: fisher_cost(w, w_hat, fisher[p]),
@@ -159,9 +160,9 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
         if progress:
             progress(path)
         cost, bits = {x: [] for x in metrics}, []
-        for rule, cand in zip(rules, candidates):
+        for rule, applies in zip(rules, targets[path]):
             q = None
-            if cand.rule_for(path, np.ndim(w)) is not None:
+            if applies:
                 try:
                     q = quantize_leaf(path, jnp.asarray(w), rule, stats[path] if rule.needs_calibration else None)
                 except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)

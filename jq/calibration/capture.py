@@ -35,11 +35,12 @@ __all__ = ["capture", "capture_fns", "accumulate", "finalize", "batched", "shard
 _SumsFn = Callable[..., dict[str, StatSums]]  # a jitted capture function returning running sums by kernel path
 
 
-def batched(tokens: Any, batch_size: int) -> list[jax.Array]:
+def batched(tokens: Any, batch_size: int, mesh: jax.sharding.Mesh | None = None) -> list[jax.Array]:
     """Calibration inputs [S, ...] as device batches of `batch_size` rows (the last may be shorter): what
-    `capture` and sequential calibration take."""
+    `capture` and sequential calibration take; with a `mesh`, each batch's rows split over it (`shard_rows`)."""
     tokens = np.asarray(tokens)
-    return [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, len(tokens), batch_size)]
+    rows = (tokens[i : i + batch_size] for i in range(0, len(tokens), batch_size))
+    return [jnp.asarray(b) if mesh is None else shard_rows(b, mesh) for b in rows]
 
 
 def shard_rows(a: Any, mesh: jax.sharding.Mesh) -> jax.Array:

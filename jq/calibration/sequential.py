@@ -111,8 +111,7 @@ def calibration_batches(spec: BlockSpec, tokens: np.ndarray, batch_size: int = 8
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or len(tokens) == 0:
         raise ValueError(f"calibration tokens must be [samples, length] with samples >= 1, got shape {tokens.shape}")
-    batches = calibrate.batched(tokens, batch_size) if mesh is None else [
-        calibrate.shard_rows(tokens[i : i + batch_size], mesh) for i in range(0, len(tokens), batch_size)]
+    batches = calibrate.batched(tokens, batch_size, mesh)
     return batches, [tuple(spec.extra(b)) for b in batches]
 
 

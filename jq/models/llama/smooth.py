@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms.smoothattention import SmoothAttentionConfig, fold_smooth_attention, smooth_attention_scales
+from jq.calibration.capture import batched
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
 from jq.models.llama.config import LlamaConfig
@@ -75,7 +76,7 @@ def smooth_attention(params: dict, cfg: LlamaConfig, spec: SmoothAttentionConfig
     tokens = np.asarray(calib)
     if tokens.ndim != 2 or not len(tokens):
         raise ValueError(f"smooth_attention: calibration tokens must be [S, T] with S > 0, got shape {tokens.shape}")
-    stats = key_absmax(params, cfg, [tokens[i: i + batch_size] for i in range(0, len(tokens), batch_size)])
+    stats = key_absmax(params, cfg, batched(tokens, batch_size))
     p = {k: dict(v) if isinstance(v, dict) else v for k, v in params.items()}
     before, after = [], []
     for name, amax in stats.items():
