@@ -68,3 +68,26 @@ def test_recipe_section_parses_round_trips_and_needs_calibration():
     assert shipped.smooth_attention is not None and shipped.kv_cache.format == "int4"
     assert all(r.scheme.progressive and r.scheme.act == "int8" for r in shipped.rules)
     assert dataclasses.replace(cfg, smooth_attention=None).needs_calibration is False
+
+
+def test_smoothattention_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"'alpha' must be a number in \(0, 1\] \(the paper uses 0\.5\), got 1\.5"):
+        SmoothAttentionConfig(alpha=1.5)
+    with pytest.raises(ValueError, match=r"pairing 'odd'; allowed values are \['half', 'interleaved', 'none'\]"):
+        smooth_attention_scales(np.ones(8), 4, pairing="odd")
+    with pytest.raises(ValueError, match=r"key statistics of shape \(10,\) do not split into heads of 4 channels"):
+        smooth_attention_scales(np.ones(10), 4)
+    with pytest.raises(ValueError, match=r"3 query heads do not divide into 2 kv heads"):
+        fold_smooth_attention(np.ones((4, 12)), np.ones((4, 8)), np.ones(8), 3, 2)
+    with pytest.raises(ValueError, match=r"λ of 8 channels does not fit k_proj \(4, 6\) / q_proj \(4, 16\)"):
+        fold_smooth_attention(np.ones((4, 16)), np.ones((4, 6)), np.ones(8), 4, 2)
+
+
+def test_int8_weights_refuses_a_plain_qtensor():
+    from jq.numbers import progressive
+
+    q = jq.quantize_params({"k": {"kernel": jnp.ones((32, 4))}},
+                           jq.QuantConfig.simple(jq.Scheme("int4", symmetric=False, group_size=16)))["k"]["kernel"]
+    with pytest.raises(ValueError, match=r"is not a progressive QTensor \(uint8 group scales under a per-channel "
+                                         r"outer scale: scheme progressive: true\)"):
+        progressive.int8_weights(q)

@@ -101,3 +101,13 @@ def test_calibrated_rule_outside_the_blocks_is_refused_before_any_work(hf_dir, t
     with pytest.raises(ValueError, match=r"lm_head/kernel: calibrated method 'gptq' is only supported inside blocks"):
         convert(hf_dir, cfg, tmp_path / "q", calib=_tokens(2), progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_text_calibration_without_a_tokenizer_is_refused_before_anything_is_written(hf_dir, tmp_path):
+    assert not (hf_dir / "tokenizer.json").exists()
+    text = tmp_path / "calib.txt"
+    text.write_text("some calibration text " * 50)
+    with pytest.raises(ValueError, match=r"no tokenizer found \(tokenizer\.json in the directory, or a GGUF "
+                                         r"vocabulary\); pass calibration token ids instead of text"):
+        convert(hf_dir, jq.recipe_from_dict(GPTQ), tmp_path / "q", calib=[text], progress=False)
+    assert not (tmp_path / "q").exists()

@@ -219,3 +219,11 @@ def test_progressive_grids_are_refused_by_qat_naming_the_leaf():
          "progressive": True}]})
     with pytest.raises(ValueError, match=r"dense/kernel: QAT does not train progressive \(QoQ\) grids"):
         qat.init({"dense": {"kernel": jnp.ones((64, 8))}}, cfg)
+
+
+def test_the_trust_estimator_refuses_a_non_uniform_grid():
+    sch = Scheme("nf4", group_size=32)
+    layout = sch.layout((64, 8), (0,))
+    with pytest.raises(ValueError, match=r"ste='trust' needs a uniform \(int\) grid, but this weight uses format "
+                                         r"'nf4'; use an int format or ste: identity / clipped"):
+        S.fake_quant(jnp.ones((64, 8)), sch, layout, mode="trust")
