@@ -57,9 +57,6 @@ QUANTIZED_KINDS = ("qtensor", "lowrank")
 
 FIELDS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))  # codes .. codebook
 
-# QTensor's static fields but the layout (fmt, symmetric, restricted, dtype, rotation, act, act_clip, ...): stored
-# under their own names, so a field QTensor gains is stored without a format change (a reader fills absent ones in
-# with their defaults and ignores unknown ones)
 # QTensor's static fields but the layout and the policy (fmt, symmetric, restricted, dtype), and the execution policy's
 # fields (rotation, act, act_clip, act_outlier): stored flat under their own names, so a field either gains is
 # stored without a format change (a reader fills absent ones in with their defaults and ignores unknown ones)

@@ -171,22 +171,25 @@ class ExecPolicy:
       rotation: None, or a `jq.numbers.hadamard.Rotation` Q: the codes hold Qᵀ W along the (single) contraction
         axis, `dequantize` returns W, and `jq.ops` multiplies x Q by the stored weight (QuaRot's online rotation).
       act: format the matmul quantizes its input activations to, per token ("int8", "fp8_e4m3", "int4"), or None.
-      act_clip: per-token activation scale = act_clip · max |x| / qmax.
+      act_clip: per-token activation range: act_clip · max |x| (a ratio in (0, 1]), or "gaussian": α*·rms(x), the
+        Gaussian-MSE-optimal clip of the int grid (QuEST's, `jq.numbers.ranges.gaussian_clip`).
       act_outlier: LLM.int8 threshold: input channels with |x| above it skip activation quantization, or None.
     """
 
     rotation: Rotation | None = None
     act: str | None = None
-    act_clip: float = 1.0
+    act_clip: float | str = 1.0
     act_outlier: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "rotation", Rotation.parse(self.rotation))
         if self.act is not None and self.act not in ACT_FORMATS:
             raise ValueError(f"scheme field 'act' has value {self.act!r}; allowed values are {list(ACT_FORMATS)}")
-        if not (isinstance(self.act_clip, (int, float)) and 0.0 < self.act_clip <= 1.0):
-            raise ValueError(f"scheme field 'act_clip' has value {self.act_clip!r}; use a ratio in (0, 1]")
-        object.__setattr__(self, "act_clip", float(self.act_clip))
+        gauss = self.act_clip == "gaussian" and (self.act is None or formats.get_format(self.act).is_int)
+        if not gauss and not (isinstance(self.act_clip, (int, float)) and 0.0 < self.act_clip <= 1.0):
+            raise ValueError(f"scheme field 'act_clip' has value {self.act_clip!r} (act {self.act!r}); use a ratio in "
+                             "(0, 1], or 'gaussian' with int activations (int8 / int4 / int3 / int2)")
+        object.__setattr__(self, "act_clip", self.act_clip if gauss else float(self.act_clip))
         if self.act_outlier is not None:
             if self.act is None or not isinstance(self.act_outlier, (int, float)) or self.act_outlier <= 0:
                 raise ValueError(f"scheme field 'act_outlier' has value {self.act_outlier!r} with act={self.act!r}; "

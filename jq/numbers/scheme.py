@@ -62,7 +62,8 @@ class Scheme:
       axes: contraction axes of the weight; None lets the caller pick (Dense kernels: (0,)).
       act: quantize the layer's input activations dynamically per token to this format ("int8", "fp8_e4m3",
         "int4") in the matmul (W8A8, W4A8, W4A4); None keeps them float (weight-only).
-      act_clip: the per-token scale covers `act_clip` × max |x| (QuaRot clips int4 activations at 0.9).
+      act_clip: the per-token scale covers `act_clip` × max |x| (QuaRot clips int4 activations at 0.9), or
+        "gaussian": α*·rms(x), the int grid's Gaussian-MSE-optimal clip (QuEST; for Hadamard-rotated inputs).
       act_outlier: LLM.int8 decomposition: input channels whose |x| exceeds this threshold for some token of the
         batch (6.0 in the paper) bypass activation quantization and multiply the dequantized weight in float.
       rotate: "hadamard" stores Qᵀ W (Q the normalised Hadamard matrix of the contraction length, any size
@@ -91,7 +92,7 @@ class Scheme:
     scale_dtype: str = "float16"
     axes: tuple[int, ...] | None = None
     act: str | None = None
-    act_clip: float = 1.0
+    act_clip: float | str = 1.0
     act_outlier: float | None = None
     rotate: str | None = None
     scale_round: str = "floor"
@@ -142,7 +143,7 @@ class Scheme:
         """The scheme in a few words: its grid ('int4 asym g128'), then range search, activations and rotation."""
         r = "" if self.range == "minmax" else f" {self.range}"
         a = f" a:{self.act}" if self.act else ""
-        a += f"@{self.act_clip:g}" if self.act and self.act_clip != 1.0 else ""
+        a += f"@{self.act_clip}" if self.act and self.act_clip != 1.0 else ""
         a += f" outlier>{self.act_outlier:g}" if self.act_outlier is not None else ""
         rot = f" rot:{self.rotate}" if self.rotate else ""
         return f"{self._grid.describe()}{r}{a}{rot}"

@@ -10,27 +10,40 @@ import jax.numpy as jnp
 
 from jq.numbers import mx
 from jq.numbers.formats import get_format
+from jq.numbers.grid import Grid
+from jq.numbers.ranges import gaussian_clip
 
-__all__ = ["quantize_activations", "fake_quantize_activations", "outlier_channels"]
+__all__ = ["token_range", "quantize_activations", "fake_quantize_activations", "outlier_channels"]
 
 
-def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0
+def token_range(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float | str = 1.0) -> jax.Array:
+    """Per-token f32 range over the contracted `axes` (kept as size-1 dims): clip · max |x|, or with clip
+    "gaussian" α*·rms(x), α* the MSE-optimal clip of a standard normal on the symmetric restricted grid of the int
+    format `fmt` (QuEST's activation clip: Hadamard-rotated tokens are close to Gaussian)."""
+    xf = x.astype(jnp.float32)
+    if clip == "gaussian":
+        alpha = gaussian_clip(Grid(format=fmt, symmetric=True, restricted=True))
+        return alpha * jnp.sqrt(jnp.mean(xf * xf, axis=axes, keepdims=True))
+    return jnp.max(jnp.abs(xf), axis=axes, keepdims=True) * clip
+
+
+def quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float | str = 1.0
                          ) -> tuple[jax.Array, jax.Array]:
     """Dynamic per-token quantization: codes of x (int8, int4 (unpacked, in int8) or fp8 e4m3) and f32 scales with
-    one value per token: clip · abs-max over the contracted `axes` / qmax, kept as size-1 dims. Integer grids are
-    symmetric restricted (±127, ±7); values beyond a clipped range saturate. Microscaling formats have one scale
-    per block, not per token: they run through `fake_quantize_activations` only."""
+    one value per token: `token_range` / qmax, kept as size-1 dims. Integer grids are symmetric restricted (±127,
+    ±7); values beyond a clipped range saturate. Microscaling formats have one scale per block, not per token: they
+    run through `fake_quantize_activations` only."""
     f = get_format(fmt)
     if f.is_mx:
         raise ValueError(f"quantize_activations: {fmt!r} has block scales, not one per token; use "
                          "fake_quantize_activations (the XLA path) for microscaling activations")
-    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True) * clip
+    amax = token_range(x, fmt, axes, clip)
     qmax = float(2 ** (f.bits - 1) - 1) if f.is_int else f.max
     scale = jnp.where(amax > 0, amax / qmax, 1.0)
     return f.encode(x.astype(jnp.float32) / scale, symmetric=True, restricted=True), scale
 
 
-def fake_quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0) -> jax.Array:
+def fake_quantize_activations(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float | str = 1.0) -> jax.Array:
     """x through `quantize_activations` and back, in x's shape and dtype. Microscaling formats (`mxfp8_e4m3`,
     `mxfp4`, `nvfp4`, …: `jq.numbers.mx`) quantize each token's contracted elements (`axes` flattened in order) in
     blocks of the preset's size, the last block zero-padded; NVFP4 adds one float32 outer scale per token."""

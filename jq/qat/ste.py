@@ -224,9 +224,10 @@ def lsq_qtensor(w: jax.Array, q: dict[str, jax.Array], scheme: Scheme, layout: L
 # -- activations ------------------------------------------------------------------------------------------------
 
 
-def fake_quant_act(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float = 1.0,
+def fake_quant_act(x: jax.Array, fmt: str, axes: tuple[int, ...], clip: float | str = 1.0,
                    trust: float | None = None) -> jax.Array:
-    """Dynamic per-token fake quantization of activations x (clip · abs-max over the contracted `axes`, the numbers
+    """Dynamic per-token fake quantization of activations x (clip · abs-max over the contracted `axes`, or α*·rms
+    with clip "gaussian": `jq.ops.activations.token_range`; the numbers
     `jq.ops` uses in a W8A8 / W4A8 / W4A4 / BitNet matmul), straight through — or, with `trust` set (int formats),
     QuEST's trust estimator: gradient only where |x̂ − x| ≤ trust · step / 2, step the token's scale. Same shape
     and dtype as x."""

@@ -47,7 +47,7 @@ def _cfg() -> jq.QuantConfig:
         jq.Rule("a/kernel", jq.Scheme("int3", symmetric=False, group_size=16)),
         jq.Rule("b/kernel", jq.Scheme("fp8_e4m3", scale_dtype="bfloat16", act="int8")),
         jq.Rule("c/kernel", jq.Scheme("nf4", group_size=16, pad=True, restricted=False)),
-        jq.Rule("d/kernel", jq.Scheme("int4", group_size=16, flat_groups=True)),
+        jq.Rule("d/kernel", jq.Scheme("int4", group_size=16, flat_groups=True, act="int4", act_clip="gaussian")),
         jq.Rule("e/kernel", jq.Scheme("int8", granularity="tensor", axes=(0, 1))),
         jq.Rule("f/kernel", jq.Scheme("int4", symmetric=False, group_size=16, scale_dtype="float32")),
     ))

@@ -162,7 +162,7 @@ def test_fp8_activations_round_to_e4m3():
                                rtol=1e-6)
 
 
-@pytest.mark.parametrize("act,clip", [("int8", 1.0), ("int4", 0.9), ("fp8_e4m3", 1.0)])
+@pytest.mark.parametrize("act,clip", [("int8", 1.0), ("int4", 0.9), ("fp8_e4m3", 1.0), ("int4", "gaussian")])
 def test_weight_activation_matmul_equals_fake_quant_reference(act, clip):
     rng = np.random.default_rng(4)
     w = rng.standard_normal((32, 16)).astype(np.float32)
@@ -198,7 +198,31 @@ def test_llm_int8_outlier_channels_bypass_activation_quantization():
         jq.Scheme("int8", act_outlier=6.0)  # needs activation quantization
 
 
-@pytest.mark.parametrize("clip", [0.0, 1.5, -0.1])
-def test_act_clip_outside_zero_one_is_a_clear_error(clip):
-    with pytest.raises(ValueError, match=rf"scheme field 'act_clip' has value {clip!r}; use a ratio in \(0, 1\]"):
-        jq.Scheme("int8", act="int4", act_clip=clip)
+@pytest.mark.parametrize("clip,act", [(0.0, "int4"), (1.5, "int4"), (-0.1, "int4"), ("gaussian", "fp8_e4m3"),
+                                      ("gauss", "int4")])
+def test_act_clip_outside_zero_one_is_a_clear_error(clip, act):
+    with pytest.raises(ValueError, match=rf"scheme field 'act_clip' has value {clip!r} \(act {act!r}\); use a ratio "
+                                         r"in \(0, 1\], or 'gaussian' with int activations"):
+        jq.Scheme("int8", act=act, act_clip=clip)
+
+
+@pytest.mark.parametrize("fmt,bits", [("int4", 4), ("int3", 3), ("int8", 8)])
+def test_gaussian_activation_clip_is_alpha_rms_per_token_and_mse_optimal_on_gaussian_tokens(fmt, bits):
+    from jq.numbers.grid import Grid
+    from jq.numbers.ranges import gaussian_clip
+
+    x = np.random.default_rng(7).standard_normal((256, 576)).astype(np.float32) * np.float32([[0.3], [2.0]] * 128)
+    alpha = gaussian_clip(Grid(format=fmt, symmetric=True, restricted=True))
+    rms = np.sqrt(np.mean(x.astype(np.float64) ** 2, -1, keepdims=True))
+    got = np.asarray(ops.fake_quantize_activations(jnp.asarray(x), fmt, (1,), "gaussian"))
+    diff = np.abs(got - np_act_quant(x, bits, alpha * rms / np.abs(x).max(-1, keepdims=True)))
+    step = alpha * rms / (2 ** (bits - 1) - 1)
+    assert np.mean(diff <= 1e-5) > 0.9999 and np.all(diff <= step + 1e-5)  # a rare tie may round either way (f32 rms)
+
+    def mse(c):  # the clip scaled by c, in the NumPy reference
+        return np.mean((np_act_quant(x, bits, c * alpha * rms / np.abs(x).max(-1, keepdims=True)) - x) ** 2)
+
+    cs = np.linspace(0.7, 1.3, 13)
+    assert abs(cs[int(np.argmin([mse(c) for c in cs]))] - 1.0) <= 0.05 + 1e-9  # α* is where the empirical MSE is least
+    if bits < 8:  # at 3-4 bits the abs-max range of a 576-wide Gaussian token wastes levels on the tails
+        assert mse(1.0) < 0.8 * np.mean((np_act_quant(x, bits) - x) ** 2)
