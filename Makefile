@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # The whole suite, including the tests marked slow (they use the real SmolLM2 package, fetched once).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=10
+	$(PY) -m pytest -q -n 2 --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
