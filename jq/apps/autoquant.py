@@ -12,7 +12,8 @@
    is quantized (one forward pass per layer and candidate: the reference the estimates are checked against,
    `logit_kl`). And the candidate's stored bits.
 2. Allocation: one candidate per layer minimising the summed error within the budget — bits per linear weight
-   (`3.5bpw`, as reports count `linear_bits_per_weight`) or the whole model's bytes (`150MB`) — exactly, by dynamic
+   (`3.5bpw`, as reports count `linear_bits_per_weight`), the whole model's bytes (`150MB`), or the quantized layers'
+   summed matmul time measured on this device at M tokens (`2ms`, `jq.apps.latency`) — exactly, by dynamic
    programming over the budget.
 3. The result is a YAML recipe with one explicit rule per layer, to inspect, edit and run with `jq eval` /
    `jq quantize`; the sensitivities are returned too (cache them to try other budgets).
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost, kfac_cost
+from jq.apps.latency import matmul_seconds
 from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
@@ -47,18 +49,20 @@ DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128",
                       "rtn_w5_g128", "rtn_w6_g128", "rtn_w8_g128"]
 METRICS = ("fisher", "kfac", "hessian", "kl")
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|mb|gb|kb)\s*$", re.IGNORECASE)
-_UNITS = {"kb": 1e3, "mb": 1e6, "gb": 1e9}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(bpw|mb|gb|kb|ms|us|s)\s*$", re.IGNORECASE)
+_UNITS = {"kb": ("bytes", 1e3), "mb": ("bytes", 1e6), "gb": ("bytes", 1e9), "bpw": ("bpw", 1.0),
+          "s": ("seconds", 1.0), "ms": ("seconds", 1e-3), "us": ("seconds", 1e-6)}
 
 
 def parse_budget(text: str) -> tuple[str, float]:
-    """'3.5bpw' → ("bpw", 3.5); '150MB' → ("bytes", 150e6). ValueError naming the value and the forms."""
+    """'3.5bpw' → ("bpw", 3.5); '150MB' → ("bytes", 150e6); '2.5ms' → ("seconds", 0.0025): the summed measured
+    matmul latency of the layers autoquant quantizes. ValueError naming the value and the forms."""
     m = _BUDGET.match(str(text))
     if not m:
-        raise ValueError(f"budget {text!r}: write bits per linear weight (e.g. 3.5bpw) or the model's size (e.g. "
-                         "150MB, 0.2GB)")
-    value, unit = float(m.group(1)), m.group(2).lower()
-    return ("bpw", value) if unit == "bpw" else ("bytes", value * _UNITS[unit])
+        raise ValueError(f"budget {text!r}: write bits per linear weight (e.g. 3.5bpw), the model's size (e.g. "
+                         "150MB, 0.2GB) or the quantized layers' matmul time (e.g. 2.5ms, 800us)")
+    kind, scale = _UNITS[m.group(2).lower()]
+    return kind, float(m.group(1)) * scale
 
 
 def _candidate_rule(cfg: QuantConfig) -> dict[str, Any]:
@@ -122,13 +126,16 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
 def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
                        metrics: Sequence[str] = ("kfac",), progress: Callable[[str], None] | None = None, *,
                        fisher_samples: int = 16, kl_samples: int = 4, hessian_samples: int = 32,
-                       only: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+                       only: Sequence[str] | None = None, latency_tokens: int | None = None
+                       ) -> dict[str, dict[str, Any]]:
     """`sensitivities` under several metrics at once (each candidate quantizes each layer once): "fisher" — the loss
     increase under the diagonal Fisher of the first `fisher_samples` calibration rows —, "kfac" — under the Kronecker
     Fisher (input Hessians from the first `hessian_samples` rows) —, "hessian" — the layer's output error — or "kl" —
     measured end to end on the first `kl_samples` rows. Calibrated candidates (GPTQ) quantize each layer with the
     float model's input Hessian (the final recipe calibrates sequentially, usually a little better). `only`: score
-    just these layers (to check the estimates against "kl" on a sample; such tables are not for `choose`)."""
+    just these layers (to check the estimates against "kl" on a sample; such tables are not for `choose`).
+    `latency_tokens` = M: also each candidate's measured matmul time at M tokens per layer ("latency", seconds;
+    `jq.apps.latency.matmul_seconds`, once per shape and candidate), for time budgets."""
     bad = [x for x in metrics if x not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metric {bad[0] if bad else None!r}; choose one of {', '.join(map(repr, METRICS))}")
@@ -152,15 +159,15 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
                "kfac": lambda p, w, w_hat: kfac_cost(w, w_hat, stats[p].hessian, fisher[p]),
                "hessian": lambda p, w, w_hat: hessian_cost(w, w_hat, stats[p].hessian),
                "kl": lambda p, w, w_hat: kl(replaced(m.params, p, w_hat.astype(jnp.result_type(w))))}
-    layers, fixed = {x: {} for x in metrics}, 0
+    layers, fixed, timed = {x: {} for x in metrics}, 0, {}
     for path, w in leaf_paths(m.params):
         if path not in targets:
             fixed += int(np.asarray(w).nbytes)
             continue
         if progress:
             progress(path)
-        cost, bits = {x: [] for x in metrics}, []
-        for rule, applies in zip(rules, targets[path]):
+        cost, bits, lat = {x: [] for x in metrics}, [], []
+        for ci, (rule, applies) in enumerate(zip(rules, targets[path])):
             q = None
             if applies:
                 try:
@@ -169,34 +176,51 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
                     pass
             if q is None:  # not a choice here: infinitely costly, at float size
                 bits.append(int(np.asarray(w).nbytes) * 8)
+                lat.append(float("inf"))
                 for x in metrics:
                     cost[x].append(float("inf"))
                 continue
+            if latency_tokens:
+                key = (np.shape(w), str(jnp.result_type(w)), ci)
+                timed[key] = timed[key] if key in timed else matmul_seconds(q, latency_tokens)
+                lat.append(timed[key])
             w_hat = q.dequantize(jnp.float32)
             bits.append(8 * q.nbytes)
             for x in metrics:
                 cost[x].append(cost_of[x](path, w, w_hat))
         for x in metrics:
-            layers[x][path] = {"weights": int(np.size(w)), "cost": cost[x], "bits": bits}
+            layers[x][path] = {"weights": int(np.size(w)), "cost": cost[x], "bits": bits,
+                               **({"latency": lat} if latency_tokens else {})}
     seconds = time.perf_counter() - t0
     return {x: {"candidates": [c.name for c in candidates], "metric": x, "rules": rule_dicts, "layers": layers[x],
-                "fixed_bytes": fixed, "seconds": seconds} for x in metrics}
+                "fixed_bytes": fixed, "seconds": seconds,
+                **({"latency_tokens": int(latency_tokens), "device": jax.devices()[0].device_kind}
+                   if latency_tokens else {})} for x in metrics}
 
 
 def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
     """The recipe (a YAML-shaped dict with one rule per layer) that minimises the summed sensitivity within
-    `budget` ('3.5bpw' over the candidates' layers, or '150MB' for the whole model), and what it costs."""
+    `budget` ('3.5bpw' over the candidates' layers, '150MB' for the whole model, or '2ms' of summed matmul time of the
+    candidates' layers, which needs sensitivities measured with `latency_tokens`), and what it costs."""
     kind, value = parse_budget(budget)
     paths = list(sens["layers"])
     n_weights = sum(sens["layers"][p]["weights"] for p in paths)
-    total_bits = value * n_weights if kind == "bpw" else (value - sens["fixed_bytes"]) * 8
-    if total_bits <= 0:
-        raise ValueError(f"budget {budget}: the leaves autoquant does not quantize already take "
-                         f"{sens['fixed_bytes'] / 1e6:.1f} MB; raise the budget")
-    unit = max(1, int(total_bits // steps))
-    costs = [[c if np.isfinite(c) else 1e30 for c in sens["layers"][p]["cost"]] for p in paths]
     sizes = [sens["layers"][p]["bits"] for p in paths]
-    pick = allocate(costs, sizes, int(total_bits), unit)
+    latency = [sens["layers"][p].get("latency") for p in paths]
+    if kind == "seconds":
+        if any(t is None for t in latency):
+            raise ValueError(f"budget {budget} is a time, but these sensitivities carry no measured latencies: "
+                             "measure them with latency_tokens=M (jq autoquant --latency-tokens M)")
+        total = value * 1e9  # the knapsack runs in whole nanoseconds
+        use = [[int(np.ceil(t * 1e9)) if np.isfinite(t) else int(total) + 1 for t in row] for row in latency]
+    else:
+        total = value * n_weights if kind == "bpw" else (value - sens["fixed_bytes"]) * 8
+        use = sizes
+        if total <= 0:
+            raise ValueError(f"budget {budget}: the leaves autoquant does not quantize already take "
+                             f"{sens['fixed_bytes'] / 1e6:.1f} MB; raise the budget")
+    costs = [[c if np.isfinite(c) else 1e30 for c in sens["layers"][p]["cost"]] for p in paths]
+    pick = allocate(costs, use, int(total), max(1, int(total // steps)))
     rules, used, err, counts = [], 0, 0.0, {}
     for i, (p, c) in enumerate(zip(paths, pick)):
         rules.append({**sens["rules"][c], "pattern": re.escape(p)})
@@ -207,8 +231,11 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
     recipe = {"name": label, "description": f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
                                             f"(least estimated {sens['metric']} cost)", "rules": rules}
     recipe_from_dict(recipe, source=label)  # what we write must load
-    return {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
-            "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
+    out = {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
+           "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
+    if all(t is not None for t in latency):
+        out["latency_seconds"] = float(sum(latency[i][c] for i, c in enumerate(pick)))
+    return out
 
 
 def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,
@@ -239,7 +266,8 @@ def command(args: argparse.Namespace) -> int:
 
     from jq.apps import data, pipeline
 
-    parse_budget(args.budget)  # checked before the model loads
+    kind, _ = parse_budget(args.budget)  # checked before the model loads
+    lat = args.latency_tokens or (1 if kind == "seconds" else None)  # a time budget: decode (1 token) by default
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
@@ -253,20 +281,24 @@ def command(args: argparse.Namespace) -> int:
     key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metric": args.metric,
            "calibration": [args.calib_samples, args.calib_len, args.calib_seed, args.calib_sampling,
                            sorted(map(str, files))]}
+    if lat:
+        key["latency"] = [lat, jax.devices()[0].device_kind]
     sens = load_sensitivities(args.cache, key) if args.cache else None
     cached = sens is not None
     if sens is None:
-        sens = sensitivities(m, candidates, tokens, metric=args.metric)
+        sens = sensitivities(m, candidates, tokens, metric=args.metric, latency_tokens=lat)
         if args.cache:
             Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
     chosen = choose(sens, args.budget)
     out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
-    info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate")}
+    info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate",
+                                   "latency_seconds") if k in chosen}
     info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"], sensitivities_cached=cached)
     if args.json:
         print(json.dumps(info))
         return 0
     mix = ", ".join(f"{n}: {k}" for n, k in info["layers_per_candidate"].items())
-    print(f"wrote {out}: {info['linear_bits_per_weight']:.3f} bits per linear weight, {info['bytes'] / 1e6:.1f} MB "
+    t = f", {info['latency_seconds'] * 1e3:.3f} ms of matmuls at {lat} token(s)" if "latency_seconds" in info else ""
+    print(f"wrote {out}: {info['linear_bits_per_weight']:.3f} bits per linear weight, {info['bytes'] / 1e6:.1f} MB{t} "
           f"({mix}); sensitivities {'from ' + str(args.cache) if cached else 'in %.0f s' % sens['seconds']}")
     return 0

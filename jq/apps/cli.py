@@ -317,9 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib_args(x)
     x.set_defaults(fn=cmd_export)
 
-    a = sub.add_parser("autoquant", help="the best per-layer mix of candidate recipes within a size budget, as a recipe")
+    a = sub.add_parser("autoquant", help="the best per-layer mix of candidate recipes within a size or time budget, as a recipe")
     a.add_argument("--model", required=True, help=_MODEL_HELP)
-    a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw) or the model's size (150MB)")
+    a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw), the model's size (150MB), or "
+                   "the summed matmul time of the quantized layers measured on this device (2.5ms, 800us)")
+    a.add_argument("--latency-tokens", type=int, help="tokens per matmul when latencies are measured (default 1, "
+                   "decode, for a time budget; give it with a size budget to report the time too)")
     a.add_argument("--candidates", nargs="+", help="single-rule recipes to choose from per layer (RTN / HQQ, or "
                    "calibrated ones such as gptq_w4_g64; default: rtn_w2_g128 rtn_w3_g128 hqq_w3_g64 rtn_w4_g128 "
                    "rtn_w4_g64 hqq_w4_g64 rtn_w5_g128 rtn_w6_g128 rtn_w8_g128)")

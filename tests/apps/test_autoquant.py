@@ -33,6 +33,7 @@ def tiny(tmp_path_factory):
 
 def test_budgets_parse_and_bad_ones_are_named():
     assert parse_budget("3.5bpw") == ("bpw", 3.5) and parse_budget("150MB") == ("bytes", 150e6)
+    assert parse_budget("2.5ms") == ("seconds", pytest.approx(2.5e-3)) and parse_budget("800us")[1] == pytest.approx(8e-4)
     with pytest.raises(ValueError, match=r"budget '3\.5 bits'.*3\.5bpw"):
         parse_budget("3.5 bits")
 
@@ -187,3 +188,51 @@ def test_logit_kl_is_zero_for_the_float_model_and_matches_numpy_for_a_change(tin
     q = jax.nn.log_softmax(np.asarray(module.apply({"params": changed}, ids), np.float64), -1)
     want = np.mean(np.sum(np.exp(p) * (p - q), -1))
     assert kl(changed) == pytest.approx(float(want), rel=1e-3) and want > 0
+
+
+def test_a_time_budget_chooses_by_measured_matmul_latency_and_holds_it(tiny):
+    _, m, _ = tiny
+    calib = np.random.default_rng(3).integers(0, m.cfg.vocab_size, (4, 16))
+    sens = sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib, metric="hessian", latency_tokens=1)
+    assert sens["latency_tokens"] == 1 and sens["device"]
+    rows = sens["layers"]
+    for path, row in rows.items():
+        assert len(row["latency"]) == len(CANDIDATES) and all(0 < t < 1 for t in row["latency"]), path
+    # timed once per shape and candidate: same-shaped layers share their figures
+    assert rows["layers_0/attn/q_proj/kernel"]["latency"] == rows["layers_1/attn/q_proj/kernel"]["latency"]
+    fastest = sum(min(r["latency"]) for r in rows.values())
+    slowest = sum(max(r["latency"]) for r in rows.values())
+    errs = []
+    for frac in (0.0, 0.5, 1.0):  # (+ 1 us: each layer's time is rounded up to whole nanoseconds)
+        budget = fastest + frac * (slowest - fastest) + 1e-6
+        chosen = choose(sens, f"{budget * 1e6:.3f}us")
+        assert chosen["latency_seconds"] <= budget * (1 + 1e-6)
+        assert chosen["latency_seconds"] == pytest.approx(sum(rows[p]["latency"][c] for p, c in chosen["choice"].items()))
+        errs.append(chosen["estimated_error"])
+    assert errs == sorted(errs, reverse=True)  # more time never costs more error
+    with pytest.raises(ValueError, match=r"below the smallest choice"):
+        choose(sens, f"{fastest * 0.5e6:.3f}us")
+    no_latency = sensitivities(m, [load_recipe(c) for c in CANDIDATES[:1]], calib, metric="hessian")
+    with pytest.raises(ValueError, match=r"budget 2ms is a time.*--latency-tokens"):
+        choose(no_latency, "2ms")
+
+
+def test_matmul_seconds_times_floats_and_qtensors_and_refuses_bad_counts():
+    from jq.apps.latency import matmul_seconds
+
+    w = np.random.default_rng(4).standard_normal((64, 32)).astype(np.float32)
+    q = jq.quantize_params({"d": {"kernel": w}}, jq.QuantConfig.simple(jq.Scheme("int4", group_size=32)))
+    assert 0 < matmul_seconds(w, 4, repeats=3) < 1 and 0 < matmul_seconds(q["d"]["kernel"], 4, repeats=3) < 1
+    with pytest.raises(ValueError, match="tokens 0 and repeats 3 must be positive"):
+        matmul_seconds(w, 0, repeats=3)
+
+
+def test_cli_time_budget_measures_latencies_at_one_token_by_default(tiny, tmp_path, capsys):
+    d, _, _ = tiny
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat and the hat, " * 80)
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "1s", "--candidates", *CANDIDATES,
+                     "--metric", "hessian", "--calib", str(text), "--calib-samples", "4", "--calib-len", "16",
+                     "--out", str(tmp_path / "t.yaml"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < info["latency_seconds"] <= 1.0 and info["layers_per_candidate"] == {"rtn_w8_g128": 14}  # ample time
