@@ -210,7 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(f"prefill: {r.prompt_len} tokens in {r.prefill_seconds:.3f} s ({info['prefill_tokens_per_s']:.1f} tok/s) | "
           f"decode: {r.n_new - 1} tokens in {r.decode_seconds:.3f} s ({dec}) | compile: {r.compile_seconds:.2f} s "
           f"(excluded) | weights: {info['recipe']} | KV cache: {info['kv_cache']}, "
-          f"{r.cache_bytes_per_token} B/token")
+          f"{r.cache_bytes_per_token} B/token, {r.cache_bytes / 1e6:.2f} MB allocated")
     return 0
 
 

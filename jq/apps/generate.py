@@ -43,7 +43,9 @@ class GenerationResult:
       prefill_seconds / decode_seconds: run times (compile excluded); decode covers n_new - 1 steps.
       compile_seconds: tracing + XLA compile of prefill and decode together (0 when this process already
         compiled them for the same shapes).
-      cache_bytes_per_token: KV-cache bytes per token over all layers (keys and values).
+      cache_bytes_per_token: KV-cache bytes per token over all layers (keys and values); past a sliding window,
+        what each further token adds.
+      cache_bytes: the cache as allocated for max_len rows (ring buffers of windowed layers included).
     """
 
     tokens: np.ndarray
@@ -53,6 +55,7 @@ class GenerationResult:
     decode_seconds: float
     compile_seconds: float
     cache_bytes_per_token: int
+    cache_bytes: int = 0
 
     @property
     def n_new(self) -> int:
@@ -76,7 +79,7 @@ class GenerationResult:
                 "max_len": self.max_len, "prefill_seconds": self.prefill_seconds,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s, "decode_seconds": self.decode_seconds,
                 "decode_tokens_per_s": self.decode_tokens_per_s, "compile_seconds": self.compile_seconds,
-                "kv_cache_bytes_per_token": self.cache_bytes_per_token}
+                "kv_cache_bytes_per_token": self.cache_bytes_per_token, "kv_cache_bytes": self.cache_bytes}
 
 
 def check_lengths(cfg: Any, prompt_len: int, max_new: int, max_len: int | None = None) -> int:
@@ -263,6 +266,7 @@ def generate_timed(model_cfg: Any, params: Any, tokens: Any, max_new: int, kv: K
             tokens=np.asarray(out)[:, : int(n)], prompt_len=int(tokens.shape[1]), max_len=max_len,
             prefill_seconds=t1 - t0, decode_seconds=t2 - t1, compile_seconds=compile_s,
             cache_bytes_per_token=_decoder(model_cfg, "cache_bytes_per_token")(model_cfg, kv, dtype),
+            cache_bytes=sum(int(x.nbytes) for x in jax.tree.leaves(cache)),
         )
 
 

@@ -24,9 +24,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache
     q: [B, T, H, D] and k, v: [B, T, KV, D] (after RoPE); query head h reads kv head h // (H / KV); positions:
     [B, T] int. Without a cache, k and v are quantize-dequantized by `kv` (as a quantized cache would hold them);
     with one ({"k": entry, "v": entry} of L rows), the T new rows are written at positions[0, 0] ... and the queries
-    read all L rows with row <= query position. `window`: keys further than window - 1 positions back are hidden
-    (sliding-window attention). Scores are scaled by `scale`. Returns (out [B, T, H*D] in `dtype`, updated cache or
-    None).
+    read all L rows with row <= query position; with a ring buffer ({"k", "v", "pos"}: `init_kv_cache` gives one
+    to a layer whose window is shorter than the cache) the queries read the ring's earlier rows and the new ones,
+    and the new rows then overwrite the oldest slots. `window`: keys further than window - 1 positions back are
+    hidden (sliding-window attention). Scores are scaled by `scale`. Returns (out [B, T, H*D] in `dtype`, updated
+    cache or None).
     """
     b, t, n_heads, hd = q.shape
     n_kv = k.shape[2]
@@ -34,6 +36,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache
     if cache is None:
         k, v = kvcache.fake_quant_kv(k, kv), kvcache.fake_quant_kv(v, kv)
         key_pos = positions
+    elif "pos" in cache:
+        k, v, key_pos, cache = _ring(cache, k, v, positions, kv, dtype)
     else:
         start = positions[0, 0]
         cache = {"k": kvcache.write_kv(cache["k"], k, start, kv), "v": kvcache.write_kv(cache["v"], v, start, kv)}
@@ -49,19 +53,50 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache
     return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, n_heads * hd), cache
 
 
-def init_kv_cache(cfg: Any, batch: int, max_len: int, kv: KVCacheConfig | None = None,
-                  dtype: Any = jnp.float32) -> dict[str, dict[str, Any]]:
+def _ring(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array, kv: KVCacheConfig | None, dtype: Any
+          ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """A ring-buffer layer's keys and values to attend over — its R slots (those holding positions before the new
+    rows; the others hidden) then the T new rows as the cache holds them — their positions [B, R + T], and the
+    cache with the last min(T, R) new rows written over the oldest slots, (position) mod R."""
+    b, t = positions.shape
+    pos = cache["pos"]
+    ring = pos.shape[0]
+    start = positions[0, 0]
+    hidden = jnp.iinfo(positions.dtype).max  # a key "after" every query: never visible
+    old_pos = jnp.where((pos >= 0) & (pos < start), pos, hidden).astype(positions.dtype)
+    keys = jnp.concatenate([kvcache.read_kv(cache["k"], kv, dtype), kvcache.fake_quant_kv(k, kv).astype(dtype)], 1)
+    values = jnp.concatenate([kvcache.read_kv(cache["v"], kv, dtype), kvcache.fake_quant_kv(v, kv).astype(dtype)], 1)
+    key_pos = jnp.concatenate([jnp.broadcast_to(old_pos, (b, ring)), positions], axis=1)
+    keep = min(t, ring)  # only the newest `ring` rows can still be read later
+    new_pos = start + jnp.arange(t - keep, t, dtype=jnp.int32)
+    slots = new_pos % ring
+    cache = {"k": kvcache.write_kv_rows(cache["k"], k[:, t - keep:], slots, kv),
+             "v": kvcache.write_kv_rows(cache["v"], v[:, t - keep:], slots, kv), "pos": pos.at[slots].set(new_pos)}
+    return keys, values, key_pos, cache
+
+
+def init_kv_cache(cfg: Any, batch: int, max_len: int, kv: KVCacheConfig | None = None, dtype: Any = jnp.float32,
+                  window: Callable[[int], int | None] | None = None) -> dict[str, dict[str, Any]]:
     """An empty cache {"layers_i": {"k": entry, "v": entry}} for a config with n_layers / n_kv_heads / head_dim /
     max_seq_len: entries [batch, max_len, n_kv_heads, head_dim] in `dtype`, or the quantized dicts of
-    `jq.numbers.kvcache` when `kv` quantizes. Errors when max_len exceeds the model context."""
+    `jq.numbers.kvcache` when `kv` quantizes. `window(i)`: layer i's attention window (None: full attention); a
+    layer whose window is shorter than max_len gets a ring buffer instead — entries of `window` rows and "pos"
+    int32 [window], the position each slot holds (−1: empty) — so sliding-window layers take the same memory
+    whatever the context. Errors when max_len exceeds the model context."""
     if batch < 1 or max_len < 1:
         raise ValueError(f"a KV cache needs batch >= 1 and max_len >= 1, got batch={batch}, max_len={max_len}")
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len {max_len} exceeds the model context max_seq_len={cfg.max_seq_len}; use a "
                          "shorter prompt or fewer new tokens")
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    return {f"layers_{i}": {"k": kvcache.empty_kv(shape, kv, dtype), "v": kvcache.empty_kv(shape, kv, dtype)}
-            for i in range(cfg.n_layers)}
+    out = {}
+    for i in range(cfg.n_layers):
+        w = window(i) if window is not None else None
+        rows = w if w is not None and w < max_len else max_len
+        shape = (batch, rows, cfg.n_kv_heads, cfg.head_dim)
+        out[f"layers_{i}"] = {"k": kvcache.empty_kv(shape, kv, dtype), "v": kvcache.empty_kv(shape, kv, dtype)}
+        if rows < max_len:
+            out[f"layers_{i}"]["pos"] = jnp.full((rows,), -1, jnp.int32)
+    return out
 
 
 def kv_bytes_per_token(cfg: Any, kv: KVCacheConfig | None = None, dtype: Any = jnp.float32) -> int:

@@ -35,7 +35,7 @@ from jq.numbers.grid import Grid
 from jq.numbers.hadamard import Rotation
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
-           "read_kv", "kv_bytes_per_token"]
+           "write_kv_rows", "read_kv", "kv_bytes_per_token"]
 
 KV_FORMATS = ("int8", "int4")
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -205,6 +205,16 @@ def write_kv(entry: jax.Array | dict, new: jax.Array, start: jax.Array | int,
         return put(entry, new)
     q = quantize_kv(new, kv)
     return {name: put(entry[name], q[name]) for name in entry}
+
+
+def write_kv_rows(entry: jax.Array | dict, new: jax.Array, rows: jax.Array, kv: KVCacheConfig | None
+                  ) -> jax.Array | dict:
+    """Write `new` [B, T, H, D] into the cache entry at the T distinct rows `rows` (int [T], may be traced; a ring
+    buffer's slots), quantizing it first when `kv` quantizes."""
+    if kv is None or not kv.quantized:
+        return entry.at[:, rows].set(new.astype(entry.dtype))
+    q = quantize_kv(new, kv)
+    return {name: entry[name].at[:, rows].set(q[name].astype(entry[name].dtype)) for name in entry}
 
 
 def read_kv(entry: jax.Array | dict, kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array:

@@ -343,7 +343,8 @@ def test_cli_generate_prints_text_and_tokens_per_second(tiny_gguf, capsys):
                      str(tiny_gguf / "w4kv4.yaml")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) >= 2 and "prefill: " in out[-1] and "decode: " in out[-1] and "tok/s" in out[-1]
-    assert "compile" in out[-1] and "weights: w4kv4" in out[-1] and "KV cache: int4 asym g4, 80 B/token" in out[-1]
+    assert "compile" in out[-1] and "weights: w4kv4" in out[-1] and "KV cache: int4 asym g4, 80 B/token, " in out[-1]
+    assert "MB allocated" in out[-1]
 
 
 def save_quantized(out, model: str, recipe_path) -> None:

@@ -17,7 +17,9 @@ from safetensors.numpy import save_file
 import jq
 from jq.models import family_for_gguf, load_model
 from jq.models.gemma3 import Gemma3Config, init_cache, init_params, make_decode, make_forward
+from jq.models.decoder import kv_bytes_per_token
 from jq.models.gemma3.blocks import block_spec
+from jq.models.gemma3.model import cache_bytes_per_token
 from jq.numbers.kvcache import KVCacheConfig
 from jq.tree.recipe import recipe_from_dict
 from jqtest.llama import MERGES, SPECIALS, TOKENS, flat
@@ -98,6 +100,28 @@ def test_decoding_with_a_cache_equals_the_full_forward(kv):
         lg, cache = step(params, cache, tokens[:, pos], pos)
         rows.append(lg[:, None])
     np.testing.assert_allclose(np.concatenate(rows, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_local_layers_decode_from_a_ring_of_window_rows():
+    """Local layers keep `sliding_window` rows (a ring), the global one every row; a prefill longer than the window,
+    then decoding past max_len's worth of wraps, equals the full forward (float and int8 rings: the test above)."""
+    kv = KVCacheConfig(format="int4", group_size=8)
+    params = random_params(CFG, seed=4)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 30)), jnp.int32)
+    cache = init_cache(CFG, 2, 40, kv)
+    rows = {name: jax.tree.leaves(layer["k"])[0].shape[1] for name, layer in cache.items()}
+    assert rows == {"layers_0": 8, "layers_1": 40, "layers_2": 8} and "pos" not in cache["layers_1"]
+    prefill, step = make_decode(CFG, kv_cache=kv)
+    logits, cache = prefill(params, cache, tokens[:, :13])  # 13 > window 8: only the newest 8 rows are kept
+    assert sorted(np.asarray(cache["layers_0"]["pos"]).tolist()) == list(range(5, 13))
+    out = [logits]
+    for pos in range(13, 30):  # the ring wraps twice
+        lg, cache = step(params, cache, tokens[:, pos], pos)
+        out.append(lg[:, None])
+    np.testing.assert_allclose(np.concatenate(out, 1), make_forward(CFG, kv_cache=kv)(params, tokens), rtol=1e-4,
+                               atol=1e-4)
+    # what each further token adds: the one global layer's rows of three layers' worth
+    assert cache_bytes_per_token(CFG, kv) == kv_bytes_per_token(CFG, kv) // 3
 
 
 LAYOUT = {  # GGUF block tensor -> (parameter under layers_i, storage type)

@@ -17,7 +17,7 @@ Every projection is a plain `nn.Dense(use_bias=False)` with an (in, out) kernel.
 
 Norm scales multiply the normalised input (1 + w in Hugging Face's storage). q/k use the rotate-half RoPE layout
 (llama.cpp stores Gemma's rows unpermuted). Decoding (`init_cache` / `make_decode`) has the Llama family's
-signatures; a local layer's cache keeps every row but attends only within the window.
+signatures; a local layer's cache is a ring buffer of the window's rows.
 """
 
 from __future__ import annotations
@@ -169,14 +169,17 @@ def make_forward(cfg: Gemma3Config, dtype: Any = jnp.float32,
 
 def init_cache(cfg: Gemma3Config, batch: int, max_len: int, kv_cache: KVCacheConfig | None = None,
                dtype: Any = jnp.float32) -> dict[str, dict[str, Any]]:
-    """An empty KV cache {"layers_i": {"k": entry, "v": entry}} (see `jq.models.decoder.init_kv_cache`); local
-    layers keep every row too and hide the ones outside their window."""
-    return init_kv_cache(cfg, batch, max_len, kv_cache, dtype)
+    """An empty KV cache {"layers_i": {"k": entry, "v": entry}} (see `jq.models.decoder.init_kv_cache`): global
+    layers max_len rows, local layers a ring buffer of `sliding_window` rows (when max_len is longer)."""
+    return init_kv_cache(cfg, batch, max_len, kv_cache, dtype,
+                         window=lambda i: None if cfg.is_global(i) else cfg.sliding_window)
 
 
 def cache_bytes_per_token(cfg: Gemma3Config, kv_cache: KVCacheConfig | None = None, dtype: Any = jnp.float32) -> int:
-    """Bytes one token occupies in the cache over all layers (keys and values)."""
-    return kv_bytes_per_token(cfg, kv_cache, dtype)
+    """Bytes each further token adds to the cache once the context is past the sliding window: the global layers'
+    keys and values (local layers hold a fixed ring of `sliding_window` rows)."""
+    n_global = sum(cfg.is_global(i) for i in range(cfg.n_layers))
+    return kv_bytes_per_token(cfg, kv_cache, dtype) // cfg.n_layers * n_global
 
 
 def make_decode(cfg: Gemma3Config, dtype: Any = jnp.float32, kv_cache: KVCacheConfig | None = None,
