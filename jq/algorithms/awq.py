@@ -92,6 +92,7 @@ def search_scales(
     grid: int = 20,
     duo: bool = False,
     w_absmean: jnp.ndarray | None = None,
+    tie: Callable[[jnp.ndarray], jnp.ndarray] | None = None,
 ) -> tuple[jnp.ndarray, dict]:
     """AWQ's grid search of per-input-channel scales for kernels that share one input.
 
@@ -104,6 +105,8 @@ def search_scales(
       grid: number of α values, α = 0, 1/grid, …, (grid − 1)/grid.
       duo: AutoAWQ's "duo scaling", s = act_absmean^α / (w_absmean^(1−α) + 1e-4).
       w_absmean: [K] for duo; computed by `weight_absmean` when None.
+      tie: a map s [K] → s [K] every candidate goes through before it is measured (grouped-query attention's v → o
+        fold: equal scales on the query heads sharing a kv head, `jq.algorithms.transforms.tie`).
 
     Returns:
       `(s, info)`: s [K] float32 — the model computes (x / s) · (diag(s)·W) — and info, a dict of arrays:
@@ -135,6 +138,7 @@ def search_scales(
         else:
             s = x**a
         s = jnp.maximum(s, _S_MIN)
+        s = s if tie is None else tie(s)
         return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
 
     def error_for(s):

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jq.algorithms.awq import search_scales
 from jq.algorithms.registry import register_transform
@@ -18,7 +19,7 @@ from jq.algorithms.stats import LayerStats
 from jq.numbers.qtensor import Layout
 from jq.numbers.scheme import Scheme
 
-__all__ = ["AWQScales", "SmoothQuantScales"]
+__all__ = ["AWQScales", "SmoothQuantScales", "tie"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -26,9 +27,23 @@ def _layout_fn(scheme: Scheme) -> Callable[[tuple[int, ...]], Layout]:
     return lambda shape: scheme.layout(shape, (0,))
 
 
+Tied = tuple[tuple[int, ...], int]  # (producer channel of each input [K], producer channels P): see `tie`
+
+
+def tie(s: jax.Array, channels: Sequence[int], n_prev: int) -> jax.Array:
+    """Scales s [K] made equal on the inputs that read the same producer channel (`channels` [K] ints < n_prev; the
+    v → o fold under grouped-query attention, `jq.calibration.sequential.Fold.channels`): each gets its group's
+    geometric mean, so folding the scale into the producer is exact."""
+    idx = jnp.asarray(channels, jnp.int32)
+    logs = jax.ops.segment_sum(jnp.log(jnp.asarray(s, jnp.float32)), idx, n_prev)
+    counts = jax.ops.segment_sum(jnp.ones(idx.shape, jnp.float32), idx, n_prev)
+    return jnp.exp(logs / jnp.maximum(counts, 1.0))[idx]
+
+
 @functools.lru_cache(maxsize=None)
-def _awq_search(grid: int, duo: bool) -> Callable[..., tuple[jax.Array, dict]]:
-    return jax.jit(functools.partial(search_scales, grid=grid, duo=duo), static_argnums=(3, 4))
+def _awq_search(grid: int, duo: bool, tied: Tied | None = None) -> Callable[..., tuple[jax.Array, dict]]:
+    tie_fn = None if tied is None else functools.partial(tie, channels=tied[0], n_prev=tied[1])
+    return jax.jit(functools.partial(search_scales, grid=grid, duo=duo, tie=tie_fn), static_argnums=(3, 4))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +55,11 @@ class AWQScales:
     grid: int = 20
     duo: bool = False
 
-    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme) -> jax.Array:
-        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.hessian` [K, K] and `act_absmean` [K]."""
-        s, _ = _awq_search(self.grid, self.duo)(weights, stats.hessian, stats.act_absmean, scheme, _layout_fn(scheme))
+    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme, tied: Tied | None = None) -> jax.Array:
+        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.hessian` [K, K] and `act_absmean` [K];
+        `tied`: every candidate tied (`tie`) before it is measured."""
+        s, _ = _awq_search(self.grid, self.duo, tied)(weights, stats.hessian, stats.act_absmean, scheme,
+                                                      _layout_fn(scheme))
         return s
 
 
@@ -54,9 +71,11 @@ class SmoothQuantScales:
     alpha: float = 0.5
     eps: float = 1e-5
 
-    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme) -> jax.Array:
-        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.act_absmax` [K]; `scheme` is unused."""
-        return smooth_scales(stats.act_absmax, weights, alpha=self.alpha, eps=self.eps)
+    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme, tied: Tied | None = None) -> jax.Array:
+        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.act_absmax` [K] (tied by `tie` when
+        `tied` is given); `scheme` is unused."""
+        s = smooth_scales(stats.act_absmax, weights, alpha=self.alpha, eps=self.eps)
+        return s if tied is None else tie(s, *tied)
 
 
 register_transform("awq", AWQScales)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -32,6 +33,7 @@ import numpy as np
 from flax import linen as nn
 
 from jq.algorithms.stats import StatSums
+from jq.algorithms.transforms import tie
 from jq.calibration import capture as calibrate
 from jq.interop.linen import apply
 from jq.numbers.qtensor import is_qtensor
@@ -45,11 +47,26 @@ __all__ = ["Fold", "BlockSpec", "quantize_sequential", "quantize_block", "calibr
 
 @dataclasses.dataclass(frozen=True)
 class Fold:
-    """`prev` (a norm scale [K], or a linear kernel [..., K]) produces the input that the `consumers` (kernels
+    """`prev` (a norm scale [K], or a linear kernel [..., P]) produces the input that the `consumers` (kernels
     [K, N]) read; paths are relative to the block."""
 
     prev: str
     consumers: tuple[str, ...]
+
+    @staticmethod
+    def channels(n_prev: int, n_in: int, head_dim: int | None = None) -> np.ndarray | None:
+        """For each of the consumers' `n_in` input rows, the producer output channel it reads (int [n_in]); None
+        when the shapes allow no fold. Equal counts: the same channels. Grouped-query attention's v -> o (o_proj's
+        n_in = n_heads·head_dim inputs from v_proj's n_prev = n_kv·head_dim outputs, `head_dim` given): row
+        h·head_dim + d of query head h reads channel (h // (n_in / n_prev))·head_dim + d of its kv head, so a scale
+        folds through only when it is equal on the query heads that share a kv head
+        (`jq.algorithms.transforms.tie`)."""
+        if n_prev == n_in:
+            return np.arange(n_in)
+        if head_dim is None or n_prev % head_dim or n_in % n_prev:
+            return None
+        k = np.arange(n_in)
+        return (k // head_dim) // (n_in // n_prev) * head_dim + k % head_dim
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,6 +84,9 @@ class BlockSpec:
     # Optional: blocks that differ (Gemma's local / global attention) give one module per name; `module` is the
     # default for the names this tuple does not cover (None entries).
     modules: tuple[nn.Module | None, ...] = ()
+    # Optional: the attention head size, so that AWQ / SmoothQuant scales fold from o_proj into v_proj under
+    # grouped-query attention too (`Fold.channels`)
+    head_dim: int | None = None
 
     def module_for(self, index: int) -> nn.Module:
         """The module of block `index`."""
@@ -74,14 +94,20 @@ class BlockSpec:
         return self.module if m is None else m
 
 
-def apply_fold(block: dict, fold: Fold, s: jax.Array) -> None:
+def apply_fold(block: dict, fold: Fold, s: jax.Array, head_dim: int | None = None) -> None:
     """In place: divide the producer's output channels by s and multiply the consumers' input rows by s, so the
-    block's float function is unchanged. s: [K]."""
+    block's float function is unchanged. s: [K], the consumers' inputs (under grouped-query attention, `head_dim`
+    given, equal on the rows that read one producer channel: `jq.algorithms.transforms.tie`)."""
     s = jnp.asarray(s, jnp.float32)
     prev = jnp.asarray(get_path(block, fold.prev), jnp.float32)
-    if prev.shape[-1] != s.shape[0]:
+    idx = fold.channels(prev.shape[-1], s.shape[0], head_dim)
+    if idx is None:
         raise ValueError(f"fold {fold.prev} -> {fold.consumers}: producer has {prev.shape[-1]} outputs, scales {s.shape}")
-    set_path(block, fold.prev, prev / s)
+    s_prev = jnp.zeros(prev.shape[-1], jnp.float32).at[jnp.asarray(idx)].set(s)
+    if not np.allclose(np.asarray(s_prev)[idx], np.asarray(s), rtol=1e-6):
+        raise ValueError(f"fold {fold.prev} -> {fold.consumers}: the scales differ between inputs that read one "
+                         "producer channel (query heads sharing a kv head); tie them (jq.algorithms.transforms.tie)")
+    set_path(block, fold.prev, prev / s_prev)
     for c in fold.consumers:
         w = jnp.asarray(get_path(block, c), jnp.float32)
         set_path(block, c, w * s.reshape((-1,) + (1,) * (w.ndim - 1)))
@@ -190,15 +216,20 @@ def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: l
             if len(others) != 1:
                 raise ValueError(f"{name}: layers {fold.consumers} share an input but their rules ask for "
                                  f"different transforms {sorted(others)}; give them the same transforms")
-            prev = jnp.asarray(get_path(block, fold.prev))
-            k = jnp.asarray(get_path(block, fold.consumers[0])).shape[0]
-            if prev.shape[-1] != k:
-                continue  # shapes do not allow this fold (e.g. v -> o under grouped-query attention)
+            n_prev = jnp.asarray(get_path(block, fold.prev)).shape[-1]
+            idx = fold.channels(n_prev, jnp.asarray(get_path(block, fold.consumers[0])).shape[0], spec.head_dim)
+            if idx is None:
+                continue  # shapes do not allow this fold (v -> o under grouped-query attention without head_dim)
             st = stats[fold.consumers[0]]
             for transform in rule.transform_records:
                 weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
-                s = transform.scales(weights, st, rule.scheme)
-                apply_fold(block, fold, s)
+                if len(idx) == n_prev:
+                    s = transform.scales(weights, st, rule.scheme)
+                else:  # grouped-query v -> o: scales equal on the query heads of a kv head (custom transforms: after)
+                    tied = (tuple(int(c) for c in idx), n_prev)
+                    takes = "tied" in inspect.signature(transform.scales).parameters
+                    s = tie(transform.scales(weights, st, rule.scheme, **({"tied": tied} if takes else {})), *tied)
+                apply_fold(block, fold, s, spec.head_dim)
                 st = st.scaled(s)
                 log["transforms"].append({"block": name, "transform": transform.name, "prev": fold.prev,
                                           "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})

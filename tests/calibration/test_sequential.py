@@ -16,7 +16,9 @@ from jq.models.llama.config import LlamaConfig
 from jq.models.llama.model import Llama, init_params
 from jq.models.llama.blocks import FOLDS, block_spec
 from jq.apps.data import calibration_draw, calibration_tokens
-from jq.calibration.sequential import apply_fold, quantize_sequential
+from jq.algorithms.stats import LayerStats
+from jq.algorithms.transforms import AWQScales, tie
+from jq.calibration.sequential import Fold, apply_fold, quantize_sequential
 from jq.tree.paths import get_path as _get
 
 
@@ -86,16 +88,38 @@ def test_folds_keep_the_float_model(cfg):
     for i in range(cfg.n_layers):
         blk = folded[f"layers_{i}"]
         for f in FOLDS:
-            k = np.asarray(_get(blk, f.consumers[0])).shape[0]
-            if np.asarray(_get(blk, f.prev)).shape[-1] != k:
-                assert cfg.n_kv_heads != cfg.n_heads  # only v -> o under GQA is impossible
-                continue
-            apply_fold(blk, f, jnp.exp(0.5 * jax.random.normal(jax.random.key(i), (k,))))
+            k, n_prev = np.asarray(_get(blk, f.consumers[0])).shape[0], np.asarray(_get(blk, f.prev)).shape[-1]
+            s = jnp.exp(0.5 * jax.random.normal(jax.random.key(i), (k,)))
+            if n_prev != k:  # v -> o under GQA: only with the heads' layout, and scales tied per kv head
+                assert cfg.n_kv_heads != cfg.n_heads and f.channels(n_prev, k) is None
+                s = tie(s, f.channels(n_prev, k, cfg.head_dim), n_prev)
+            apply_fold(blk, f, s, cfg.head_dim)
     m = Llama(cfg)
     a, b = m.apply({"params": params}, toks), m.apply({"params": folded}, toks)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
     assert not np.allclose(np.asarray(folded["layers_0"]["input_norm"]["scale"]),
                            np.asarray(params["layers_0"]["input_norm"]["scale"]))
+
+
+def test_gqa_channels_map_each_query_head_to_its_kv_head_and_tie_takes_geometric_means():
+    idx = Fold.channels(2 * 3, 4 * 3, 3)  # 4 query heads over 2 kv heads of 3 channels
+    np.testing.assert_array_equal(idx, [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5])
+    assert Fold.channels(6, 12) is None and Fold.channels(5, 12, 3) is None and Fold.channels(6, 6).tolist() == list(range(6))
+    s = np.exp(np.random.default_rng(0).standard_normal(12)).astype(np.float32)
+    want = np.exp((np.log(s[idx == 0]).mean()))
+    got = np.asarray(tie(jnp.asarray(s), idx, 6))
+    np.testing.assert_allclose(got[[0, 3]], want, rtol=1e-5)
+    np.testing.assert_allclose(got, got[np.array([0, 1, 2, 0, 1, 2, 6, 7, 8, 6, 7, 8])], rtol=0)
+    # AWQ searches over tied candidates; an untied scale is refused by the fold, not silently half-applied
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 12)).astype(np.float32) * np.exp(rng.standard_normal(12)).astype(np.float32)
+    stats = LayerStats(hessian=jnp.asarray(x.T @ x / 64), act_absmean=jnp.asarray(np.abs(x).mean(0)))
+    w = [jnp.asarray(rng.standard_normal((12, 8)), jnp.float32)]
+    st = AWQScales().scales(w, stats, jq.Scheme("int4", group_size=4), tied=(tuple(idx.tolist()), 6))
+    np.testing.assert_allclose(np.asarray(st), np.asarray(st)[np.array([0, 1, 2, 0, 1, 2, 6, 7, 8, 6, 7, 8])], rtol=1e-6)
+    blk = {"v": jnp.ones((4, 6)), "o": jnp.ones((12, 4))}
+    with pytest.raises(ValueError, match="differ between inputs that read one producer channel"):
+        apply_fold(blk, Fold("v", ("o",)), jnp.asarray(s), 3)
 
 
 def test_sequential_with_rtn_equals_quantize_params():
@@ -240,6 +264,8 @@ def test_awq_recipe_end_to_end_beats_rtn_on_outlier_channels():
     assert awq.needs_calibration and not rtn.needs_calibration
     qa, log = quantize_sequential(block_spec(cfg), params, awq, calib, progress=False)
     assert {t["prev"] for t in log["transforms"]} == {f.prev for f in FOLDS}  # v -> o allowed without GQA
+    _, log_gqa = quantize_sequential(block_spec(TINY), _outlier_params(TINY), awq, calib, progress=False)
+    assert {t["prev"] for t in log_gqa["transforms"]} == {f.prev for f in FOLDS}  # and with it: scales tied per head
     assert not np.allclose(np.asarray(qa["layers_0"]["input_norm"]["scale"]), params["layers_0"]["input_norm"]["scale"])
     e_awq = _logit_error(cfg, params, qa, held)
     e_rtn = _logit_error(cfg, params, jq.quantize_params(params, rtn), held)

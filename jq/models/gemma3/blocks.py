@@ -53,6 +53,7 @@ def block_spec(cfg: Gemma3Config, dtype: DTypeLike = jnp.float32) -> BlockSpec:
         extra=extra,
         stages=STAGES,
         folds=FOLDS,
+        head_dim=cfg.head_dim,
     )
 
 

@@ -49,6 +49,7 @@ def block_spec(cfg: LlamaConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
         extra=extra,
         stages=STAGES,
         folds=FOLDS,
+        head_dim=cfg.head_dim,
         staged=functools.partial(staged_block, stage_fns(cfg, jnp.dtype(dtype).name)),
     )
 

@@ -54,7 +54,7 @@ def block_spec(cfg: MoeConfig, dtype: DTypeLike = jnp.float32) -> BlockSpec:
         return (jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape),)
 
     return BlockSpec(module=Block(cfg, dtype), names=tuple(f"layers_{i}" for i in range(cfg.n_layers)),
-                     embed=embed, extra=extra, stages=STAGES, folds=FOLDS,
+                     embed=embed, extra=extra, stages=STAGES, folds=FOLDS, head_dim=cfg.head_dim,
                      staged=functools.partial(staged_block, _stage_fns(cfg, jnp.dtype(dtype).name)))
 
 
