@@ -2,7 +2,7 @@
 
 Sandwich norms: the pre-norms (input_norm, pre_mlp_norm) produce q/k/v and gate/up's inputs, so AWQ / SmoothQuant
 scales fold into them; the post-norms act on o / down's outputs, which no input scale touches. o_proj's input comes
-from v only without grouped-query attention (the driver skips that fold for Gemma's one kv head); down's from up.
+from v (scales tied over the query heads of Gemma's one kv head: `head_dim` in the spec); down's from up.
 """
 
 from __future__ import annotations
