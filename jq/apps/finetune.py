@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             if recipe.needs_calibration:
                 raise ValueError(f"recipe {recipe.name!r} needs calibration; for a calibrated base pass it as "
                                  "--init-recipe (and a data-free --recipe of the same grid)")
-            return jq.quantize_params(params, dataclasses.replace(recipe, rotation=None)), {"name": recipe.name}
+            return jq.quantize_params(m.params, dataclasses.replace(recipe, rotation=None)), {"name": recipe.name}
 
         def hessians():
             from jq.apps import data
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
             tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len,
                                               args.calib_seed, args.calib_sampling)
-            return capture(m.family.module(mcfg), {"params": params}, batched(tokens, 8))
+            return capture(m.family.module(mcfg), {"params": m.params}, batched(tokens, 8))
 
         run = adapter_run(args, params, dataclasses.replace(recipe, rotation=None), ptq, hessians)
         qp = {"params": run.trainable, "quant": {}}
