@@ -81,6 +81,9 @@ def test_smoothattention_bad_inputs_are_named():
         fold_smooth_attention(np.ones((4, 12)), np.ones((4, 8)), np.ones(8), 3, 2)
     with pytest.raises(ValueError, match=r"λ of 8 channels does not fit k_proj \(4, 6\) / q_proj \(4, 16\)"):
         fold_smooth_attention(np.ones((4, 16)), np.ones((4, 6)), np.ones(8), 4, 2)
+    cfg = tiny_cfg(tie=True)
+    with pytest.raises(ValueError, match=r"no calibration batch reached a k_proj layer; pass calibration tokens"):
+        key_absmax(init_params(cfg, jax.random.key(0)), cfg, [])
 
 
 def test_int8_weights_refuses_a_plain_qtensor():
