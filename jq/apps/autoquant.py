@@ -165,7 +165,7 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
             fixed += int(np.asarray(w).nbytes)
             continue
         if progress:
-            progress(path)
+            progress(f"{path} ({len(layers[metrics[0]]) + 1}/{len(targets)})")
         cost, bits, lat = {x: [] for x in metrics}, [], []
         for ci, (rule, applies) in enumerate(zip(rules, targets[path])):
             q = None
@@ -259,6 +259,17 @@ def load_sensitivities(path: str | Path, key: dict[str, Any]) -> dict[str, Any] 
     return cached.get("sensitivities") if cached.get("key") == json.loads(json.dumps(key)) else None
 
 
+def _progress(n_candidates: int, enabled: bool) -> Callable[[str], None] | None:
+    """A progress line per layer on stderr ('layer (i/n)', seconds so far), or None."""
+    if not enabled:
+        return None
+    from rich.console import Console
+
+    console, t0 = Console(stderr=True), time.perf_counter()
+    return lambda what: console.print(f"  scoring {what} under {n_candidates} candidates; "
+                                      f"{time.perf_counter() - t0:.0f} s", highlight=False)
+
+
 def command(args: argparse.Namespace) -> int:
     """`jq autoquant` (arguments as `jq.apps.cli` parses them): autoquant the model, write the recipe, print what it
     chose."""
@@ -286,7 +297,8 @@ def command(args: argparse.Namespace) -> int:
     sens = load_sensitivities(args.cache, key) if args.cache else None
     cached = sens is not None
     if sens is None:
-        sens = sensitivities(m, candidates, tokens, metric=args.metric, latency_tokens=lat)
+        sens = sensitivities(m, candidates, tokens, _progress(len(candidates), not args.json), metric=args.metric,
+                             latency_tokens=lat)
         if args.cache:
             Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
     chosen = choose(sens, args.budget)

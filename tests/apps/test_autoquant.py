@@ -118,6 +118,11 @@ def test_cli_writes_a_recipe_that_jq_eval_runs(tiny, tmp_path, capsys):
     assert r["linear_bits_per_weight"] == pytest.approx(info["linear_bits_per_weight"])
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--candidates", *CANDIDATES,
+                     "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out", str(out),
+                     "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "scoring layers_0/attn/k_proj/kernel (1/14) under 3 candidates" in err and "(14/14)" in err
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "1bpw", "--candidates", *CANDIDATES,
                      "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out",
                      str(tmp_path / "x.yaml")]) == 2
@@ -234,5 +239,7 @@ def test_cli_time_budget_measures_latencies_at_one_token_by_default(tiny, tmp_pa
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "1s", "--candidates", *CANDIDATES,
                      "--metric", "hessian", "--calib", str(text), "--calib-samples", "4", "--calib-len", "16",
                      "--out", str(tmp_path / "t.yaml"), "--json"]) == 0
-    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = capsys.readouterr()
+    info = json.loads(got.out.strip().splitlines()[-1])
+    assert "scoring" not in got.err  # --json: no progress lines
     assert 0 < info["latency_seconds"] <= 1.0 and info["layers_per_candidate"] == {"rtn_w8_g128": 14}  # ample time
