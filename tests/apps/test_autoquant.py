@@ -243,3 +243,23 @@ def test_cli_time_budget_measures_latencies_at_one_token_by_default(tiny, tmp_pa
     info = json.loads(got.out.strip().splitlines()[-1])
     assert "scoring" not in got.err  # --json: no progress lines
     assert 0 < info["latency_seconds"] <= 1.0 and info["layers_per_candidate"] == {"rtn_w8_g128": 14}  # ample time
+
+
+def test_autoquant_needs_nothing_llama_specific_gemma3_and_a_time_budget():
+    import jax
+
+    from jq.models.family import LoadedModel
+    from jq.models.gemma3 import FAMILY, Gemma3Config, init_params
+
+    cfg = Gemma3Config.tiny()
+    m = LoadedModel(FAMILY, cfg, init_params(cfg, jax.random.key(0)), None, "tiny gemma 3")
+    cands = [recipe_from_dict({"name": f"w{b}", "rules": [{"pattern": ".*kernel", "format": f"int{b}",
+                                                            "symmetric": False, "group_size": 16}]}) for b in (2, 4, 8)]
+    calib = np.random.default_rng(6).integers(0, cfg.vocab_size, (4, 16))
+    sens = sensitivities(m, cands, calib, metric="kfac", latency_tokens=1)
+    assert len(sens["layers"]) == 7 * cfg.n_layers  # q k v o gate up down in local and global blocks alike
+    for budget in ("4bpw", f"{sum(np.median(r['latency']) for r in sens['layers'].values()) * 1e6:.3f}us"):
+        chosen = choose(sens, budget)
+        q = jq.quantize_params(m.params, recipe_from_dict(chosen["recipe"]))
+        assert size_summary(q)["linear_bits_per_weight"] == pytest.approx(chosen["linear_bits_per_weight"])
+    assert choose(sens, "4bpw")["linear_bits_per_weight"] <= 4
