@@ -71,11 +71,10 @@ class SmoothQuantScales:
     alpha: float = 0.5
     eps: float = 1e-5
 
-    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme, tied: Tied | None = None) -> jax.Array:
-        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.act_absmax` [K] (tied by `tie` when
-        `tied` is given); `scheme` is unused."""
-        s = smooth_scales(stats.act_absmax, weights, alpha=self.alpha, eps=self.eps)
-        return s if tied is None else tie(s, *tied)
+    def scales(self, weights: list[Any], stats: LayerStats, scheme: Scheme) -> jax.Array:
+        """s [K] float32 for kernels [K, N_i] sharing one input, from `stats.act_absmax` [K]; `scheme` is unused (no
+        search: a fold that needs tied scales ties the result, `jq.calibration.sequential`)."""
+        return smooth_scales(stats.act_absmax, weights, alpha=self.alpha, eps=self.eps)
 
 
 register_transform("awq", AWQScales)

@@ -225,7 +225,8 @@ def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: l
                 weights = [jnp.asarray(get_path(block, c), jnp.float32) for c in fold.consumers]
                 if len(idx) == n_prev:
                     s = transform.scales(weights, st, rule.scheme)
-                else:  # grouped-query v -> o: scales equal on the query heads of a kv head (custom transforms: after)
+                else:  # grouped-query v -> o: scales equal on the query heads of a kv head; a transform that
+                    # searches (AWQ) measures tied candidates, any other's result is tied after
                     tied = (tuple(int(c) for c in idx), n_prev)
                     takes = "tied" in inspect.signature(transform.scales).parameters
                     s = tie(transform.scales(weights, st, rule.scheme, **({"tied": tied} if takes else {})), *tied)

@@ -25,6 +25,7 @@ This module knows only arrays: the rotation (`rotate`, as `KVCacheConfig.rotatio
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -188,33 +189,31 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, kv: KVCach
     return 2 * n_layers * n_kv_heads * per_head
 
 
+def _write(entry: jax.Array | dict, new: jax.Array, kv: KVCacheConfig | None,
+           put: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array | dict:
+    """`new` (quantized first when `kv` quantizes) written into every array of the entry by `put(buf, val)`."""
+    if kv is None or not kv.quantized:
+        return put(entry, new.astype(entry.dtype))
+    q = quantize_kv(new, kv)
+    return {name: put(entry[name], q[name].astype(entry[name].dtype)) for name in entry}
+
+
 def write_kv(entry: jax.Array | dict, new: jax.Array, start: jax.Array | int,
              kv: KVCacheConfig | None) -> jax.Array | dict:
     """Write `new` [B, T, H, D] into the cache entry at rows start .. start + T - 1 (quantizing it first when `kv`
     quantizes); every array of a quantized entry is updated at the same rows. `start` may be traced.
 
     Like `lax.dynamic_update_slice`, a start past max_len - T is clamped: callers check lengths beforehand."""
-    zero = jnp.zeros((), jnp.int32)
-    start = jnp.asarray(start, jnp.int32)
-
-    def put(buf, val):
-        idx = (zero, start) + (zero,) * (buf.ndim - 2)
-        return jax.lax.dynamic_update_slice(buf, val.astype(buf.dtype), idx)
-
-    if kv is None or not kv.quantized:
-        return put(entry, new)
-    q = quantize_kv(new, kv)
-    return {name: put(entry[name], q[name]) for name in entry}
+    zero, start = jnp.zeros((), jnp.int32), jnp.asarray(start, jnp.int32)
+    return _write(entry, new, kv, lambda buf, val: jax.lax.dynamic_update_slice(
+        buf, val, (zero, start) + (zero,) * (buf.ndim - 2)))
 
 
 def write_kv_rows(entry: jax.Array | dict, new: jax.Array, rows: jax.Array, kv: KVCacheConfig | None
                   ) -> jax.Array | dict:
     """Write `new` [B, T, H, D] into the cache entry at the T distinct rows `rows` (int [T], may be traced; a ring
     buffer's slots), quantizing it first when `kv` quantizes."""
-    if kv is None or not kv.quantized:
-        return entry.at[:, rows].set(new.astype(entry.dtype))
-    q = quantize_kv(new, kv)
-    return {name: entry[name].at[:, rows].set(q[name].astype(entry[name].dtype)) for name in entry}
+    return _write(entry, new, kv, lambda buf, val: buf.at[:, rows].set(val))
 
 
 def read_kv(entry: jax.Array | dict, kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array:
