@@ -1,0 +1,122 @@
+"""The E8P lattice codebook (`jq.numbers.lattice`, formats `e8p` / `e8p2`): the table's structure (2^16 distinct
+points of E8 + ¼), exact nearest-entry encoding against a NumPy brute force, code round trips, the format constants'
+optimality for Gaussian inputs, QTensor decoding against a NumPy lookup, honest bits and the checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jq.numbers import lattice
+from jq.numbers.formats import get_format
+from jq.numbers.qtensor import QTensor
+from jq.numbers.scheme import Scheme
+
+
+def in_e8(v: np.ndarray) -> np.ndarray:
+    """NumPy membership in E8 = D8 ∪ (D8 + ½) for rows of v [n, 8]: all integers or all half-integers, even sum."""
+    whole = np.all(np.isclose(v, np.round(v)), axis=1)
+    half = np.all(np.isclose(v - 0.5, np.round(v - 0.5)), axis=1)
+    even = np.isclose(np.mod(np.round(v.sum(axis=1)), 2), 0)
+    return (whole | half) & even
+
+
+def np_nearest(y: np.ndarray) -> np.ndarray:
+    """Brute-force nearest entry (float64) of each row of y [n, 8]."""
+    t = lattice.table().astype(np.float64)
+    out = []
+    for c in np.array_split(y.astype(np.float64), max(1, len(y) // 256)):
+        out.append(((c**2).sum(1)[:, None] - 2 * c @ t.T + (t**2).sum(1)[None]).argmin(1))
+    return np.concatenate(out)
+
+
+def test_the_table_is_65536_distinct_points_of_e8_shifted_by_a_quarter():
+    t = lattice.table()
+    assert t.shape == (65536, 8) and t.dtype == np.float32
+    assert len(np.unique(t, axis=0)) == 65536
+    assert in_e8(t - 0.25).all()
+    norms = (lattice.patterns() ** 2).sum(1)
+    assert (norms <= 10).sum() == 227 and (norms == 12).sum() == 29 and len(np.unique(lattice.patterns(), axis=0)) == 256
+
+
+def test_encoding_is_the_exact_nearest_entry():
+    rng = np.random.default_rng(1)
+    y = np.concatenate([rng.standard_normal((700, 8)) * s for s in (0.3, 1.0, 2.5)]).astype(np.float32)
+    got = np.asarray(lattice.encode(jnp.asarray(y)))  # above the chunk size: the chunked path
+    t = lattice.table().astype(np.float64)
+    dist = lambda c: ((y - t[c]) ** 2).sum(1)  # noqa: E731
+    np.testing.assert_allclose(dist(got), dist(np_nearest(y)), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 65535), min_size=1, max_size=40))
+def test_every_entry_encodes_to_its_own_code(codes):
+    c = np.resize(np.asarray(codes), 64)  # one shape: one compilation
+    assert np.array_equal(np.asarray(lattice.encode(jnp.asarray(lattice.table()[c]))), c)
+    two = (c.astype(np.uint32) | (c[::-1].astype(np.uint32) << 16))
+    v = np.asarray(lattice.decode(jnp.asarray(two), 2))
+    np.testing.assert_array_equal(v, lattice.table()[c] + lattice.RESIDUAL_SCALE * lattice.table()[c[::-1]])
+
+
+def _gaussian_mse(gain: float, stages: int, residual: float = lattice.RESIDUAL_SCALE) -> float:
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1 << 13, 8)), jnp.float32)
+    c1 = lattice.encode(gain * x)
+    v = lattice.decode(c1.astype(jnp.uint16))
+    if stages == 2:
+        v = v + residual * lattice.decode(lattice.encode((gain * x - v) / residual).astype(jnp.uint16))
+    return float(jnp.mean((x - v / gain) ** 2))
+
+
+def test_the_format_constants_are_near_optimal_for_gaussian_weights():
+    one = _gaussian_mse(lattice.GAIN[1], 1)
+    assert 0.085 < one < 0.1  # vs 0.1175 for the best scalar 2-bit (Lloyd-Max) grid
+    assert all(one <= 1.01 * _gaussian_mse(k, 1) for k in (0.9, 0.97, 1.1, 1.2))
+    two = _gaussian_mse(lattice.GAIN[2], 2)
+    assert two < 0.0095  # the best scalar 4-bit grid: 0.0095
+    assert all(two <= 1.01 * _gaussian_mse(k, 2, r) for k, r in ((0.8, 0.26), (0.95, 0.26), (0.875, 0.22),
+                                                                  (0.875, 0.3)))
+
+
+@pytest.mark.parametrize("fmt, gran", [("e8p", "channel"), ("e8p2", "group")])
+def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gran):
+    f = get_format(fmt)
+    K, N = 32, 5
+    s = Scheme(fmt, granularity=gran, group_size=16 if gran == "group" else None)
+    lay = s.layout((K, N), (0,))
+    rng = np.random.default_rng(2)
+    dt = np.uint16 if f.stages == 1 else np.uint32
+    codes = rng.integers(0, 2 ** (16 * f.stages), (K // 8, N), dtype=np.uint64).astype(dt)
+    scale = rng.uniform(0.5, 2, lay.scale_shape).astype(np.float16)
+    q = QTensor(codes=jnp.asarray(codes), scale=jnp.asarray(scale), fmt=fmt, layout=lay, symmetric=True,
+                dtype="float32")
+    q.check()
+    t = lattice.table()
+    c = codes.astype(np.int64)
+    vec = t[c & 0xFFFF] + (lattice.RESIDUAL_SCALE * t[c >> 16] if f.stages == 2 else 0)  # [K/8, N, 8]
+    rows = K // scale.shape[0]
+    ref = np.array([[vec[k // 8, n, k % 8] * float(scale[k // rows, n]) for n in range(N)] for k in range(K)])
+    np.testing.assert_allclose(np.asarray(q.dequantize()), ref, rtol=1e-6)
+    assert q.bits_per_weight == pytest.approx(2 * f.stages + 16 * scale.size / (K * N))
+
+    from jq import checkpoint as ck
+
+    ck.save(tmp_path / "ck", {"a": {"kernel": q}})
+    got = ck.load(tmp_path / "ck")[0]["a"]["kernel"]
+    assert got.fmt == fmt and got.codes.dtype == q.codes.dtype
+    for name in ("codes", "scale"):
+        assert np.asarray(getattr(got, name)).tobytes() == np.asarray(getattr(q, name)).tobytes()
+    x = jax.random.normal(jax.random.key(0), (3, K))
+    from jq import ops
+
+    np.testing.assert_allclose(np.asarray(ops.qdot(x, q)), np.asarray(x) @ ref, rtol=1e-4, atol=1e-4)
+
+
+def test_refusals_name_the_value_and_fix():
+    with pytest.raises(ValueError, match="'e8p' is a vector codebook .* method: quip"):
+        get_format("e8p").encode(jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"vectors of 8 weights \(format e8p\) do not divide groups of 12"):
+        Scheme("e8p", group_size=12).layout((48, 4), (0,), "a/kernel")
