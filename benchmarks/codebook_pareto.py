@@ -10,7 +10,7 @@ in a subprocess, one row at a time, and appends the result with the commit it ra
 skipped (`--rerun` measures them again). `--text FILE` evaluates on another text (rows are keyed by recipe and text).
 `plot` prints the Markdown table (recipe, kind, bits, perplexity, quantization seconds) and draws
 benchmarks/results/codebook_pareto.png: one point per row, and each kind's frontier (the best perplexity at or
-below each budget). A recipe is "codebook" when any rule uses a learned-codebook format (cb…), else "scalar".
+below each budget). A recipe is "codebook" when any rule uses a learned or lattice codebook format (cb…, e8p…), else "scalar".
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def kind_of(recipe: str) -> str:
     if recipe == "float":
         return "float"
     rules = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text()).get("rules", [])
-    return "codebook" if any(str(r.get("format", "")).startswith("cb") for r in rules) else "scalar"
+    return "codebook" if any(str(r.get("format", "")).startswith(("cb", "e8p")) for r in rules) else "scalar"
 
 
 def load() -> list[dict]:
