@@ -29,6 +29,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from jax.sharding import Sharding
 
 from jq._version import __version__
+from jq.numbers import formats
 from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
@@ -40,6 +41,8 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 # 1.1 adds "header_crc32": the CRC-32 of the metadata itself (a 1.0 checkpoint, without it, still reads)
 # 1.2 adds learned-codebook QTensors: formats cb{b} / cb{b}x{d} and their "codebook" array
 # 1.3 lets a codebook's table dims divide the scale dims (one table shared by a block of scale positions: GPTVQ)
+# 1.4 adds lattice-codebook QTensors: formats e8p / e8p2 (uint16 / uint32 codes into the fixed E8P table, no
+#     codebook array); written only for trees that hold one (a 1.3 reader refuses the unknown format name)
 # 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
 #     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
 #     other checkpoint stays 1.3 and reads in older jq.
@@ -51,6 +54,7 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 LOWRANK_FORMAT_VERSION = "2.0"
 SCALED_FORMAT_VERSION = "3.0"
 CHANNEL_OUTER_FORMAT_VERSION = "3.1"
+LATTICE_FORMAT_VERSION = "1.4"
 READS_MAJOR = 3
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZED_KINDS = ("qtensor", "lowrank")
@@ -228,14 +232,18 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 
 def entry_version(entry: Mapping[str, Any]) -> str:
     """The oldest format version that holds a leaf's metadata entry: 3.0 for weight-unit offsets, an outer scale or
-    8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank leaf, else 1.3."""
+    8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank leaf, 1.4 for a lattice codebook, else
+    1.3."""
     arrays = entry.get("arrays", {})
     if list(arrays.get("outer_scale", {}).get("shape", [])):
         return CHANNEL_OUTER_FORMAT_VERSION
     if entry.get("zero_min") or "outer_scale" in arrays or (
             "scale" in arrays and arrays["scale"]["dtype"] not in PLAIN_SCALE_DTYPES):
         return SCALED_FORMAT_VERSION
-    return LOWRANK_FORMAT_VERSION if entry.get("kind") == "lowrank" else FORMAT_VERSION
+    if entry.get("kind") == "lowrank":
+        return LOWRANK_FORMAT_VERSION
+    f = formats.FORMATS.get(str(entry.get("fmt")))
+    return LATTICE_FORMAT_VERSION if f is not None and f.kind == "lattice" else FORMAT_VERSION
 
 
 def tree_version(entries: Sequence[Mapping[str, Any]]) -> str:

@@ -105,6 +105,7 @@ def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gra
     from jq import checkpoint as ck
 
     ck.save(tmp_path / "ck", {"a": {"kernel": q}})
+    assert ck.read_meta(tmp_path / "ck")["format_version"] == "1.4"  # a 1.3 reader refuses the format name
     got = ck.load(tmp_path / "ck")[0]["a"]["kernel"]
     assert got.fmt == fmt and got.codes.dtype == q.codes.dtype
     for name in ("codes", "scale"):
