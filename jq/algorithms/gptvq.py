@@ -15,7 +15,7 @@ group). The groups are processed in order:
              tr((W − Ŵ)ᵀ H (W − Ŵ)) with the indices and scales fixed (Ŵ is linear in the entries), keeping the
              update only if it lowers the objective; the tables are then rounded to float16.
 
-Bits per weight = b / d + 16 / R (scales) + 16 · 2^b · d / (R · N) (tables), all counted by
+Bits per weight = b / d + 16 / R (scales) + 16 · 2^b · d / (R · N) (tables; 8 with `int8_tables`), all counted by
 `QTensor.bits_per_weight`: `cb6x2` with R = 192 on a 576-wide layer is 3.10.
 """
 
@@ -35,7 +35,8 @@ from jq.numbers import codebook as cbk
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["GPTVQ", "gptvq", "update_tables", "refit_scales", "layer_objective", "column_objective"]
+__all__ = ["GPTVQ", "gptvq", "update_tables", "refit_scales", "refit_group_scales", "int8_codebook",
+           "layer_objective", "column_objective"]
 
 _HP = lax.Precision.HIGHEST
 
@@ -100,10 +101,17 @@ def refit_scales(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.n
     column n the G scales solve (D_nᵀ H D_n) s_n = D_nᵀ H w_n, D_n [K, G] holding the column's table values in its
     group's rows; a column whose system is singular or does not improve keeps its scales."""
     G, _, d = tables.shape
-    rows = w.shape[0] // G
     g, full, j = _entry_of(idx, G, d)
-    v = tables[g, full, j]  # [K, N] unscaled values
-    g = g[:, 0]
+    return refit_group_scales(w, h, tables[g, full, j], scale)
+
+
+def refit_group_scales(w: jnp.ndarray, h: jnp.ndarray, v: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+    """Scales [G, N] minimising `layer_objective` for unscaled values v [K, N] (each group of K / G rows of a column
+    multiplied by its scale): per column the G × G least-squares system of `refit_scales`; a column whose system is
+    singular or does not improve keeps its scales [G, N]."""
+    G = scale.shape[0]
+    rows = w.shape[0] // G
+    g = jnp.arange(w.shape[0]) // rows
     hw = jnp.matmul(h, w, precision=_HP)
     b = jax.ops.segment_sum(v * hw, g, num_segments=G).T  # [N, G]
     cols = []
@@ -120,7 +128,7 @@ def refit_scales(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.n
 
 def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
           iters: int = 20, damp: float = 0.01, update_iters: int = 25, act_order: bool = False,
-          refit: bool = False) -> QTensor:
+          refit: bool = False, int8_tables: bool = False) -> QTensor:
     """Quantize a kernel w [K, N] to vector codebooks (format `cb{b}x{d}`, or `cb{b}` for scalars) by GPTVQ: one
     table per group of rows shared by all output channels, a scale per group and channel.
 
@@ -135,6 +143,8 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
       act_order: process the input rows by decreasing Hessian diagonal (the most sensitive first, while the most
         rows are left to absorb their error); groups, vectors and scales then form in that order, and the QTensor
         stores the permutation (`perm`, int32 [K]: 32 / N more bits per weight).
+      int8_tables: store the tables as int8 (`int8_codebook`: half the table bits; the step folded into the
+        scales, then, with `refit`, the scales refitted to the rounded tables).
     """
     cbk.check_shared_layout(scheme.fmt, layout, "gptvq")
     f = scheme.fmt
@@ -161,33 +171,47 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
         return s[:, None, None] * c[None], (c, s)
 
     idx, (tables, scale) = feedback_assign(w32, u, d, rows, fit)  # [K/d, N], [G, C, d], [G, N]
+    hd = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(K, dtype=h.dtype)
     if update_iters:
-        hd = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(K, dtype=h.dtype)
         tables = update_tables(w32, hd, idx, tables, scale, update_iters)
         if refit:  # alternate: scales for these tables, then the tables for those scales
             scale = cbk.as_stored(refit_scales(w32, hd, idx, tables, scale))
             tables = update_tables(w32, hd, idx, tables, scale, update_iters)
+    if int8_tables:
+        tables, scale = int8_codebook(tables, scale)
+        if refit:  # the scales absorb the tables' rounding
+            scale = cbk.as_stored(refit_scales(w32, hd, idx, tables.astype(jnp.float32), scale))
     return cbk.stored_codebook_qtensor(idx, tables[:, None], scale, layout, scheme.format, w.dtype, perm=perm,
                                        policy=scheme.policy)
+
+
+def int8_codebook(tables: jnp.ndarray, scale: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Tables [G, C, d] rounded to int8 (each table's largest |entry| → 127) and scales [G, N] that carry the
+    tables' step (scale · amax / 127, as stored): the same weights, tables at a byte per entry."""
+    amax = jnp.max(jnp.abs(tables), axis=(1, 2))
+    step = jnp.where(amax > 0, amax / 127.0, 1.0)  # [G]
+    q = jnp.clip(jnp.round(tables / step[:, None, None]), -127, 127).astype(jnp.int8)
+    return q, cbk.as_stored(scale * step[:, None])
 
 
 @dataclasses.dataclass(frozen=True)
 class GPTVQ:
     """GPTVQ as a method record (`method: gptvq`, options `iters`, `damp`, `update_iters`, `act_order`,
-    `refit`)."""
+    `refit`, `int8_tables`)."""
 
     iters: int = 20
     damp: float = 0.01
     update_iters: int = 25
     act_order: bool = False
     refit: bool = False
+    int8_tables: bool = False
 
     def __post_init__(self):
         for name, lo in (("iters", 1), ("update_iters", 0)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"method 'gptvq': option {name!r} has value {v!r}; use an int ≥ {lo}")
-        for name in ("act_order", "refit"):
+        for name in ("act_order", "refit", "int8_tables"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"method 'gptvq': option {name!r} has value {getattr(self, name)!r}; use true or "
                                  "false")
@@ -198,7 +222,8 @@ class GPTVQ:
                  stats: LayerStats | dict | None = None) -> QTensor:
         """`gptvq` of the kernel w [K, N]."""
         return gptvq(w, scheme, layout, stats, iters=self.iters, damp=float(self.damp),
-                     update_iters=self.update_iters, act_order=self.act_order, refit=self.refit)
+                     update_iters=self.update_iters, act_order=self.act_order, refit=self.refit,
+                     int8_tables=self.int8_tables)
 
 
 register_method("gptvq", GPTVQ, needs_calibration=True)

@@ -41,21 +41,25 @@ def vectors_per_table(layout: Layout, vec: int) -> int:
     return math.prod(g[a] for a in layout.reduce_axes) // vec
 
 
-def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str | None = None, per_table: bool = True) -> None:
-    """ValueError naming `path` unless `fmt` (a "lut" format) fits `layout`: vectors tile the vector axis (and each
-    group) and (`per_table`: for a table per scale position) a table has at least as many vectors as entries."""
+def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str | None = None, per_table: bool = True,
+                          kinds: tuple[str, ...] = ("lut",)) -> None:
+    """ValueError naming `path` unless `fmt` (a format of `kinds`: "lut", or also "lattice") fits `layout`: vectors
+    tile the vector axis (and each group) and (`per_table`: a learned table per scale position) a table has at least
+    as many vectors as entries."""
     at = f"{path}: " if path else ""
-    if fmt.kind != "lut":
+    if fmt.kind not in kinds:
         raise ValueError(f"{at}format {fmt.name!r} is not a learned codebook; use cb2..cb8 or cb{{b}}x{{d}} "
                          "(e.g. cb3, cb8x2)")
     va = vector_axis(layout)
     n = layout.grouped_shape[va]
     if n % fmt.vec:
         what = f"groups of {n}" if layout.granularity == "group" else f"axis {layout.pack_axis} of length {n}"
+        fix = (f"a group_size that is a multiple of {fmt.vec}, or another format for this leaf"
+               if fmt.kind == "lattice" else f"a vector length that divides it (cb{fmt.bits} is scalar)")
         raise ValueError(f"{at}vectors of {fmt.vec} weights (format {fmt.name}) do not divide {what} (shape "
-                         f"{layout.shape}); choose a vector length that divides it (cb{fmt.bits} is scalar)")
+                         f"{layout.shape}); choose {fix}")
     per = vectors_per_table(layout, fmt.vec)
-    if per_table and 2**fmt.bits > per:
+    if per_table and fmt.kind == "lut" and 2**fmt.bits > per:
         raise ValueError(f"{at}a codebook of {2**fmt.bits} entries ({fmt.bits}-bit indices, format {fmt.name}) for "
                          f"only {per} vectors per {layout.granularity_label} table (shape {layout.shape}); use fewer "
                          "bits" + (", a larger group_size, or granularity: channel"
@@ -80,21 +84,23 @@ def rms_scales(x: jnp.ndarray, axis: int) -> jnp.ndarray:
     return as_stored(jnp.where(s > 0, s, 1.0))
 
 
-def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted: bool = True) -> None:
+def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted: bool = True,
+                        kind: str = "lut") -> None:
     """ValueError saying what does not fit a method with one table per group of rows shared by all output channels
-    (`quantize_leaf` prefixes the leaf's path): a learned-codebook format on a 2-D kernel [K, N] contracting axis 0,
-    groups (or channels) without padding that the vectors tile (`check_codebook_layout`) and (`fitted`: tables fitted
-    to the weights) at least as many vectors per group as table entries."""
-    if fmt.kind != "lut":
-        raise ValueError(f"format {fmt.name!r} is not a learned codebook; {method} takes cb{{b}}x{{d}} (e.g. cb6x2: "
-                         "3 bits per weight) or cb{b}")
+    (`quantize_leaf` prefixes the leaf's path): a format of `kind` ("lut": learned, "lattice": E8P) on a 2-D kernel
+    [K, N] contracting axis 0, groups (or channels) without padding that the vectors tile (`check_codebook_layout`)
+    and (`fitted`: tables fitted to the weights) at least as many vectors per group as table entries."""
+    if fmt.kind != kind:
+        what, takes = (("learned", "cb{b}x{d} (e.g. cb6x2: 3 bits per weight) or cb{b}") if kind == "lut" else
+                       ("lattice", "e8p (2 bits per weight) or e8p2 (4)"))
+        raise ValueError(f"format {fmt.name!r} is not a {what} codebook; {method} takes {takes}")
     if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \
             or layout.granularity == "tensor":
         raise ValueError(f"{method} needs a 2-D kernel [K, N] contracting axis 0 with granularity group (a "
                          f"group_size dividing K) or channel; got shape {layout.shape}, axes {layout.axes}, "
                          f"{layout.granularity_label}{' padded' if layout.padded else ''}: choose such a group_size, "
                          "or method: kmeans for this leaf")
-    check_codebook_layout(fmt, layout, per_table=False)  # vectors tile the groups (as every codebook layout must)
+    check_codebook_layout(fmt, layout, per_table=False, kinds=(kind,))  # vectors tile the groups
     rows, n = rows_per_group(layout), layout.shape[1]
     if fitted and 2**fmt.bits > rows * n // fmt.vec:
         raise ValueError(f"{method}: a codebook of {2**fmt.bits} entries for only {rows * n // fmt.vec} vectors per "
@@ -156,13 +162,14 @@ def stored_codebook_qtensor(idx: jnp.ndarray, codebook: jnp.ndarray, scale: jnp.
                             dtype: DTypeLike, perm: jnp.ndarray | None = None,
                             policy: ExecPolicy = ExecPolicy()) -> QTensor:
     """Assemble a codebook QTensor from indices in the stored layout (`layout.stored_shape` with the pack axis
-    divided by vec), tables `table_shape + (2^bits, vec)` (table dims equal to or dividing `layout.scale_shape`) and
-    scales `layout.scale_shape`; checked like a loaded leaf."""
+    divided by vec), tables `table_shape + (2^bits, vec)` (table dims equal to or dividing `layout.scale_shape`;
+    stored float16, or int8 as given) and scales `layout.scale_shape`; checked like a loaded leaf."""
     f = formats.get_format(fmt)
     codes = idx.astype(jnp.uint8)
     if f.packs:
         codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
-    q = QTensor(codes=codes, scale=scale.astype(jnp.float16), perm=perm, codebook=codebook.astype(jnp.float16),
+    tables = codebook if codebook.dtype == jnp.int8 else codebook.astype(jnp.float16)  # int8: step in the scales
+    q = QTensor(codes=codes, scale=scale.astype(jnp.float16), perm=perm, codebook=tables,
                 fmt=fmt, layout=layout, symmetric=True, dtype=jnp.dtype(dtype).name, policy=policy)
     q.check("codebook QTensor")
     return q

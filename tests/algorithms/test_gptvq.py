@@ -162,6 +162,28 @@ def test_shared_tables_dequantize_as_the_numpy_lookup_and_round_trip_a_checkpoin
         assert np.asarray(getattr(got, f)).tobytes() == np.asarray(getattr(q, f)).tobytes()
 
 
+def test_int8_tables_halve_the_table_bits_at_almost_the_same_error(tmp_path):
+    w, _, stats = _problem(K=64, N=8)
+    s = Scheme("cb6x2", group_size=32)
+    lay = s.layout(w.shape, (0,))
+    f16 = GPTVQ(refit=True).quantize(w, s, lay, stats)
+    i8 = GPTVQ(refit=True, int8_tables=True).quantize(w, s, lay, stats)
+    assert i8.codebook.dtype == jnp.int8 and f16.codebook.dtype == jnp.float16
+    assert f16.bits_per_weight - i8.bits_per_weight == pytest.approx(8 * 64 * 2 * 2 / (64 * 8))
+    obj = lambda q: float(layer_objective(w, q.dequantize(), stats.hessian))  # noqa: E731
+    assert obj(i8) < 1.02 * obj(f16)
+    idx = np.asarray(i8.unpacked_codes())  # [32, 8]: the lookup reads int8 entries times the folded scales
+    cb, sc = np.asarray(i8.codebook, np.float32), np.asarray(i8.scale, np.float32)
+    ref = np.array([[cb[k // 32, 0, idx[k // 2, n], k % 2] * sc[k // 32, n] for n in range(8)] for k in range(64)])
+    np.testing.assert_array_equal(np.asarray(i8.dequantize()), ref.astype(np.float32))
+    from jq import checkpoint as ck
+
+    ck.save(tmp_path / "ck", {"a": {"kernel": i8}})
+    back = ck.load(tmp_path / "ck")[0]["a"]["kernel"]
+    assert back.codebook.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(i8.dequantize()))
+
+
 def test_a_recipe_on_a_tree_and_a_layer_no_token_reached():
     w, _, stats = _problem()
     cfg = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*kernel", "method": "gptvq", "format": "cb4x2",
@@ -198,7 +220,7 @@ def test_refusals_name_the_leaf_value_and_fix():
     with pytest.raises(ValueError, match="do not divide groups of 6"):
         run("cb2x4", (60, 4), group_size=6)
     for bad in (dict(iters=0), dict(update_iters=-1), dict(damp=0), dict(iters=True), dict(refit=1),
-                dict(act_order="yes")):
+                dict(act_order="yes"), dict(int8_tables=1)):
         with pytest.raises(ValueError, match="method 'gptvq': option"):
             GPTVQ(**bad)
 
