@@ -11,8 +11,9 @@ Expert parallel: when `w` is sharded over a mesh axis on its expert axis (a `Nam
 that axis), the vmapped method runs under `jax.shard_map`, each device quantizing its own experts with no
 communication, and the QTensor's arrays come back sharded the same way.
 
-An expert no calibration token was routed to (`count == 0`) is quantized with RTN instead, with a warning naming
-the layer and the expert index, as a layer no token reached is (`jq.tree.quantize.quantize_leaf`).
+An expert no calibration token was routed to (`count == 0`) is quantized with RTN instead (codebook formats, which
+have no RTN grid: the method with H = I), with a warning naming the layer and the expert index, as a layer no token
+reached is (`jq.tree.quantize.quantize_leaf`).
 """
 
 from __future__ import annotations
@@ -129,10 +130,17 @@ def quantize_stacked(path: str, w: jax.Array, record: Any, scheme: Scheme, layou
     q, info = out if want_info else (out, None)
     empty = None if isinstance(stats.count, jax.core.Tracer) else np.asarray(stats.count) <= 0
     if empty is not None and empty.any() and not isinstance(record, RTN):
+        codebook = scheme.fmt.kind in ("lut", "lattice")  # no RTN grid: the method itself on H = I
+        instead = f"unweighted {method}" if codebook else "RTN"
         warnings.warn(f"{path}: no calibration token was routed to expert(s) {np.flatnonzero(empty).tolist()} of "
-                      f"{n}; quantized them with RTN instead of {method!r}. Calibrate on more or other data so "
+                      f"{n}; quantized them with {instead} instead of {method!r}. Calibrate on more or other data so "
                       "that every expert is used", stacklevel=3)
-        rtn = _vmapped(RTN(), scheme, inner, False, mesh, axis)(w, stats)
+        if codebook:
+            k = inner.shape[inner.axes[0]]
+            eye = LayerStats(hessian=jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32), (n, k, k)), count=stats.count)
+            rtn = _vmapped(record, scheme, inner, False, mesh, axis)(w, eye)
+        else:
+            rtn = _vmapped(RTN(), scheme, inner, False, mesh, axis)(w, stats)
         keep = jnp.asarray(empty)
 
         def pick(a, b):

@@ -122,9 +122,6 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
             if rule.scheme.policy.rotation is not None:
                 raise ValueError(f"{path}: rotate: hadamard is not supported on stacked expert weights; drop rotate "
                                  "for this leaf")
-            if rule.scheme.fmt.kind == "lut":
-                raise ValueError(f"{path}: learned codebooks ({rule.scheme.format}) are not supported on stacked "
-                                 "expert weights yet; quantize this leaf with an int format (e.g. int4, group_size: 128)")
             dtype, (w, outer) = jnp.result_type(w), _prescale(rule.scheme, jnp.asarray(w), layout.axes)
             q = experts.quantize_stacked(path, w, rule.record, rule.scheme, layout, stats,
                                          method=rule.method, reports_info=spec.reports_info)
@@ -143,7 +140,7 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
                 )
             count = stats.count
             if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
-                lut = rule.scheme.fmt.kind == "lut"  # learned codebooks have no RTN grid: fit them without statistics
+                lut = rule.scheme.fmt.kind in ("lut", "lattice")  # codebooks have no RTN grid: fit without statistics
                 warnings.warn(f"{path}: no calibration token reached this layer; quantized with "
                               f"{'unweighted ' + rule.method if lut else 'RTN'} instead of {rule.method!r}",
                               stacklevel=3)

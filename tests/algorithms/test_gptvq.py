@@ -223,16 +223,3 @@ def test_refusals_name_the_leaf_value_and_fix():
                 dict(act_order="yes"), dict(int8_tables=1)):
         with pytest.raises(ValueError, match="method 'gptvq': option"):
             GPTVQ(**bad)
-
-
-def test_stacked_expert_weights_refuse_codebooks_and_rotation_naming_the_leaf():
-    w = jnp.ones((2, 64, 8))  # [E, K, N] with per-expert statistics
-    st = LayerStats(hessian=jnp.stack([jnp.eye(64)] * 2), count=jnp.ones(2))
-    for rule, msg in (({"format": "cb4x2", "group_size": 32, "method": "gptvq"},
-                       r"e/kernel: learned codebooks \(cb4x2\) are not supported on stacked expert weights yet; "
-                       r"quantize this leaf with an int format"),
-                      ({"format": "int4", "method": "gptq", "rotate": "hadamard"},
-                       r"e/kernel: rotate: hadamard is not supported on stacked expert weights; drop rotate")):
-        cfg = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*kernel", "axes": [1], **rule}]})
-        with pytest.raises(ValueError, match=msg):
-            quantize_leaf("e/kernel", w, cfg.rules[0], st)

@@ -115,8 +115,3 @@ def test_refusals_name_the_leaf_value_and_fix():
     for bad in (dict(damp=0), dict(damp=True), dict(refit=1)):
         with pytest.raises(ValueError, match="method 'quip': option"):
             QuIP(**bad)
-    st = LayerStats(hessian=jnp.stack([jnp.eye(64)] * 2), count=jnp.ones(2))
-    cfg = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*kernel", "axes": [1], "method": "quip",
-                                                    "format": "e8p", "granularity": "channel"}]})
-    with pytest.raises(ValueError, match=r"e/kernel: lattice codebooks \(e8p\) are not supported on stacked expert"):
-        quantize_leaf("e/kernel", jnp.ones((2, 64, 8)), cfg.rules[0], st)
