@@ -13,7 +13,8 @@ inverse Hessian of the layer's output error ‖XW − XQ‖² (Frantar et al. 20
 
 Lazy batch updates: a `lax.scan` over blocks of `block` rows; inside a block one step at a time, the rest of the
 kernel updated once per block by one matmul. Before a block is assigned, `tables_of(b, wb)` gives its tables from the
-block's current (error-updated) rows — fixed tables for k-means, a fresh fit for GPTVQ. If the factorisation fails
+block's current (error-updated) rows — fixed tables for k-means, a fresh fit for GPTVQ, column scales for the fixed
+E8P lattice (`quip`, which also brings its own nearest-vector rounding: Euclidean, as QuIP#'s BlockLDLQ). If the factorisation fails
 (NaN) the pass degrades to plain nearest assignment (U = I).
 """
 
@@ -28,7 +29,8 @@ from jax import lax
 
 __all__ = ["feedback_assign", "inverse_hessian_factor"]
 
-TablesOf = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, Any]]
+TablesOf = Callable[[jnp.ndarray, jnp.ndarray], tuple[Any, Any]]
+RoundStep = Callable[[jnp.ndarray, Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
 def inverse_hessian_factor(h: jnp.ndarray, damp: float) -> jnp.ndarray:
@@ -50,8 +52,15 @@ def _nearest(wv: jnp.ndarray, t: jnp.ndarray, uvv: jnp.ndarray) -> jnp.ndarray:
     return jnp.argmin(jnp.sum((a[:, None, :] - tt) ** 2, axis=-1), axis=-1).astype(jnp.int32)
 
 
-def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int,
-                    tables_of: TablesOf) -> tuple[jnp.ndarray, Any]:
+def _round_to_tables(wv: jnp.ndarray, t: jnp.ndarray, uvv: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(indices [N], chosen vectors [vec, N]) of the entries of t [N or 1, C, vec] nearest wv [vec, N]."""
+    idx = _nearest(wv, t, uvv)
+    return idx, t[jnp.arange(wv.shape[1]) if t.shape[0] > 1 else jnp.zeros(wv.shape[1], jnp.int32), idx].T
+
+
+def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables_of: TablesOf,
+                    round_step: RoundStep = _round_to_tables,
+                    index_dtype: Any = jnp.int32) -> tuple[jnp.ndarray, Any]:
     """Indices [K / vec, N] (int32) of the codebook vectors the rows of w [K, N] are assigned with error feedback,
     and the stacked per-block outputs of `tables_of`.
 
@@ -62,6 +71,10 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int,
       block: rows per lazy-update block; the tables may change only between blocks.
       tables_of: (block number, the block's current rows [block, N]) → (tables [N or 1, C, vec] in weight units:
         the entries column n may take, aux: any pytree, stacked over blocks in the result).
+      round_step: (rows [vec, N], the block's tables, U_vv [vec, vec]) → (indices [N], their vectors [vec, N] in
+        weight units); by default the entries of the tables nearest in the metric U_vv⁻ᵀ. A fixed codebook passes
+        its own (the tables are then whatever it needs per block, e.g. column scales).
+      index_dtype: dtype of the indices returned.
     """
     K, N = w.shape
     ar = jnp.arange(block)
@@ -71,20 +84,18 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int,
         wb = lax.dynamic_slice_in_dim(w, s, block)  # [block, N]
         ub = lax.dynamic_slice(u, (s, s), (block, block))
         t, aux = tables_of(b, wb)
-        cols = jnp.arange(N) if t.shape[0] > 1 else jnp.zeros(N, jnp.int32)
 
         def step(j, c):
             wb, err, ib = c
             r = j * vec
-            idx = _nearest(lax.dynamic_slice_in_dim(wb, r, vec), t, lax.dynamic_slice(ub, (r, r), (vec, vec)))
-            q = t[cols, idx].T  # [vec, N]
+            idx, q = round_step(lax.dynamic_slice_in_dim(wb, r, vec), t, lax.dynamic_slice(ub, (r, r), (vec, vec)))
             for i in range(vec):  # fix the vector's rows one at a time, feeding each error forward (OBS)
                 e = (wb[r + i] - q[i]) / ub[r + i, r + i]
                 wb = wb - jnp.where(ar[:, None] > r + i, ub[r + i][:, None], 0.0) * e[None]
                 err = err.at[r + i].set(e)
             return wb, err, ib.at[j].set(idx)
 
-        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N), jnp.int32))
+        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N), index_dtype))
         _, err, ib = lax.fori_loop(0, block // vec, step, init)
         later = jnp.arange(K) >= s + block
         ur = jnp.where(later[None, :], lax.dynamic_slice_in_dim(u, s, block), 0.0)  # [block, K]

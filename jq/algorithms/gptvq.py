@@ -126,6 +126,7 @@ def refit_group_scales(w: jnp.ndarray, h: jnp.ndarray, v: jnp.ndarray, scale: jn
     return jnp.where(keep[None], scale, new)
 
 
+@cbk.on_leading_matrix
 def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
           iters: int = 20, damp: float = 0.01, update_iters: int = 25, act_order: bool = False,
           refit: bool = False, int8_tables: bool = False) -> QTensor:

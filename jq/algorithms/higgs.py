@@ -45,6 +45,7 @@ def gaussian_grid(bits: int, d: int, iters: int = 60) -> np.ndarray:
 
 
 @register("higgs")
+@cbk.on_leading_matrix
 def higgs(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None) -> QTensor:
     """Round a kernel w [K, N] to the Gaussian grid of its format (`cb{b}` or `cb{b}x{d}`) after scaling each group
     of rows (`group_size`, or all K per channel) and column by its RMS; `stats` is ignored (data-free). Rotate the

@@ -34,6 +34,7 @@ from jq.numbers.scheme import Scheme
 __all__ = ["QuIP", "quip"]
 
 
+@cbk.on_leading_matrix
 def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
          damp: float = 0.01, refit: bool = True) -> QTensor:
     """Quantize a kernel w [K, N] to the E8P lattice (format `e8p` or `e8p2`) with block-LDL error feedback.

@@ -17,7 +17,10 @@ order of `scale_shape`, n vectors each); `from_units` takes [U, n] indices back 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax.typing import DTypeLike
@@ -27,7 +30,7 @@ from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 
 __all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
            "make_codebook_qtensor", "stored_codebook_qtensor", "rows_per_group", "check_shared_layout", "as_stored",
-           "rms_scales"]
+           "rms_scales", "leading_matrix", "from_matrix", "on_leading_matrix"]
 
 
 def vector_axis(layout: Layout) -> int:
@@ -96,7 +99,8 @@ def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted
         raise ValueError(f"format {fmt.name!r} is not a {what} codebook; {method} takes {takes}")
     if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \
             or layout.granularity == "tensor":
-        raise ValueError(f"{method} needs a 2-D kernel [K, N] contracting axis 0 with granularity group (a "
+        raise ValueError(f"{method} needs a kernel [K, N] contracting axis 0 (or [K..., N...] contracting its "
+                         "leading axes) with granularity group (a "
                          f"group_size dividing K) or channel; got shape {layout.shape}, axes {layout.axes}, "
                          f"{layout.granularity_label}{' padded' if layout.padded else ''}: choose such a group_size, "
                          "or method: kmeans for this leaf")
@@ -173,3 +177,54 @@ def stored_codebook_qtensor(idx: jnp.ndarray, codebook: jnp.ndarray, scale: jnp.
                 fmt=fmt, layout=layout, symmetric=True, dtype=jnp.dtype(dtype).name, policy=policy)
     q.check("codebook QTensor")
     return q
+
+
+def leading_matrix(layout: Layout) -> Layout | None:
+    """The 2-D layout [K, N] of an N-D kernel whose contraction axes lead (K = their product, N = the rest; a
+    DenseGeneral kernel [heads, head_dim, out] contracting (0, 1)), or None when `layout` is 2-D or has other axes.
+    Groups along the last contraction axis are consecutive rows of the flattened K, so both layouts hold the same
+    groups and vectors."""
+    nd, nc = len(layout.shape), len(layout.axes)
+    if nd <= 2 or layout.flat or layout.padded is not None or tuple(layout.axes) != tuple(range(nc)) or nc == nd:
+        return None
+    return Layout((math.prod(layout.shape[:nc]), math.prod(layout.shape[nc:])), (0,), layout.granularity,
+                  layout.group_size)
+
+
+def from_matrix(q: QTensor, layout: Layout) -> QTensor:
+    """The QTensor of the N-D `layout` (contraction axes leading) holding the same weights as q, a QTensor of its
+    `leading_matrix` layout: codes, scales and tables reshaped (codes repacked along the last contraction axis)."""
+    f, nc = q.format, len(layout.axes)
+    codes = q.codes
+    if f.packs:
+        codes = formats.unpack(codes, f.bits, q.layout.stored_shape[0] // f.vec, axis=0)
+    stored = list(layout.stored_shape)
+    stored[layout.pack_axis] //= f.vec
+    codes = codes.reshape(stored)
+    if f.packs:
+        codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+    ss, tables = layout.scale_shape, q.codebook
+    if tables is not None:
+        gt, nt = tables.shape[:2]
+        tshape = (ss[:nc] if gt > 1 else (1,) * nc) + (ss[nc:] if nt > 1 else (1,) * (len(ss) - nc))
+        tables = tables.reshape(tshape + tables.shape[-2:])
+    out = dataclasses.replace(q, codes=codes, scale=q.scale.reshape(ss), codebook=tables, layout=layout)
+    out.check("codebook QTensor")
+    return out
+
+
+def on_leading_matrix(method: Callable[..., QTensor]) -> Callable[..., QTensor]:
+    """`method(w, scheme, layout, stats, **options)` for 2-D kernels [K, N], extended to N-D kernels whose contraction
+    axes lead: it runs on w reshaped to [K, N] (statistics over the flattened K) and the result is reshaped back."""
+
+    @functools.wraps(method)
+    def run(w, scheme, layout, stats=None, **options):
+        mat = leading_matrix(layout)
+        if mat is None:
+            return method(w, scheme, layout, stats, **options)
+        if options.get("act_order"):
+            raise ValueError(f"act_order on an N-D kernel (shape {layout.shape}) would permute rows across its "
+                             "contraction axes; set act_order: false for this leaf")
+        return from_matrix(method(jnp.reshape(w, mat.shape), scheme, mat, stats, **options), layout)
+
+    return run

@@ -12,7 +12,10 @@ Codes are stored as:
 - microscaling presets (`mxfp4`, `mxfp6_e2m3`, `mxfp6_e3m2`, `mxfp8_e4m3`, `mxfp8_e5m2`, `mxint8`, `nvfp4`): the codes
   of their element format; the preset also fixes the block size and scale dtype (`jq.numbers.mx`);
 - learned codebooks ("lut": `cb3`, `cb8x2`, …): a `bits`-bit index per vector of `vec` consecutive weights along
-  the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed.
+  the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed;
+- lattice codebooks ("lattice": `e8p`, `e8p2`): a 16-bit (uint16) or two-stage 32-bit (uint32) code per vector of
+  8 consecutive weights into the fixed E8P table of `jq.numbers.lattice` (2 or 4 bits per weight, nothing stored
+  beside the codes and scales).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import ml_dtypes
 import numpy as np
 from jax.typing import DTypeLike
 
+from jq.numbers import lattice
+
 __all__ = [
     "Format",
     "FORMATS",
@@ -38,13 +43,14 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Format:
-    """A number format. `kind` is "int", "float" (fp8, cast by dtype), "codebook" (a fixed 2^bits value table) or
-    "lut" (a learned table of 2^bits vectors of length `vec` that each QTensor stores: `jq.numbers.codebook`).
+    """A number format. `kind` is "int", "float" (fp8, cast by dtype), "codebook" (a fixed 2^bits value table),
+    "lut" (a learned table of 2^bits vectors of length `vec` that each QTensor stores: `jq.numbers.codebook`) or
+    "lattice" (the fixed E8P vector codebook, `jq.numbers.lattice`).
 
     Attributes:
       name: registry name, e.g. "int4", "fp8_e4m3", "nf4", "cb3", "cb8x2".
-      kind: "int" | "float" | "codebook" | "lut".
-      bits: storage bits per code (before packing); for "lut", per index (one index per `vec` weights).
+      kind: "int" | "float" | "codebook" | "lut" | "lattice".
+      bits: storage bits per code (before packing); for "lut" and "lattice", per index (one per `vec` weights).
       vec: weights per code (1 but for vector codebooks).
       max: largest representable magnitude of a code's value (for int: 2^(bits-1)-1 in the signed view; for
         "lut": 1, the stored tables being normalised to [-1, 1] by their scale).
@@ -75,7 +81,14 @@ class Format:
             return float(ml_dtypes.finfo(self.dtype).max)
         if self.kind == "lut":
             return 1.0
+        if self.kind == "lattice":
+            return float(np.abs(lattice.table()).max() * (1 + lattice.RESIDUAL_SCALE * (self.stages - 1)))
         return float(max(abs(v) for v in self.table))
+
+    @property
+    def stages(self) -> int:
+        """Residual stages of a lattice format (16 code bits each); 1 for every other format."""
+        return self.bits // 16 if self.kind == "lattice" else 1
 
     @property
     def dtype(self) -> type[np.generic] | None:
@@ -111,12 +124,15 @@ class Format:
         return self.bits / self.vec
 
     def _no_fixed_values(self, what: str) -> ValueError:
+        if self.kind == "lattice":
+            return ValueError(f"format {self.name!r} is a vector codebook (one code per {self.vec} weights), so it "
+                              f"has no scalar values to {what}; quantize with method: quip")
         return ValueError(f"format {self.name!r} is a learned codebook (one table per channel / group, fitted to the "
                           f"weights), so it has no fixed values to {what}; quantize with method: kmeans")
 
     def encode(self, y: jnp.ndarray, *, symmetric: bool = True, restricted: bool = False) -> jnp.ndarray:
         """Round scaled values `y` to codes (int8/uint8, fp8 dtype, or uint8 table indices). Shape preserved."""
-        if self.kind == "lut":
+        if self.kind in ("lut", "lattice"):
             raise self._no_fixed_values("round to")
         if self.kind == "int":
             lo, hi = self.int_range(symmetric, restricted)
@@ -135,8 +151,8 @@ class Format:
         """Code → value of the format (before scale / zero point), in `dtype`. Shape preserved."""
         if self.kind == "codebook":
             return jnp.asarray(np.asarray(self.table, np.float32))[codes.astype(jnp.int32)].astype(dtype)
-        if self.kind == "lut":
-            raise self._no_fixed_values("decode to (QTensor.dequantize reads its stored table)")
+        if self.kind in ("lut", "lattice"):
+            raise self._no_fixed_values("decode to (QTensor.dequantize reads its table)")
         return codes.astype(dtype)
 
     def values(self, symmetric: bool = True, restricted: bool = False) -> np.ndarray:
@@ -147,7 +163,7 @@ class Format:
         if self.kind == "float":
             allv = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
             return np.unique(allv[np.isfinite(allv)])
-        if self.kind == "lut":
+        if self.kind in ("lut", "lattice"):
             raise self._no_fixed_values("list")
         return np.unique(np.asarray(self.table, np.float32))
 
@@ -217,6 +233,9 @@ FORMATS: dict[str, Format] = {
     # learned codebooks: cb{b} = a b-bit index per weight; cb{b}x{d} = a b-bit index per vector of d weights
     **{f"cb{b}": Format(f"cb{b}", "lut", b) for b in range(2, 9)},
     **{f"cb{b}x{d}": Format(f"cb{b}x{d}", "lut", b, vec=d) for d in (2, 4) for b in range(2, 9)},
+    # the E8P lattice codebook: a 16-bit code per 8 weights (2 bits per weight), two residual stages (4 bits)
+    "e8p": Format("e8p", "lattice", 16, vec=8),
+    "e8p2": Format("e8p2", "lattice", 32, vec=8),
 }
 
 

@@ -172,8 +172,8 @@ class Grid:
                     "flat groups need that — choose another group size, or flat_groups: false with pad: true"
                 )
             lay = Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
-            if self.fmt.kind == "lut":
-                check_codebook_layout(self.fmt, lay, path, per_table=False)
+            if self.fmt.kind in ("lut", "lattice"):
+                check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice"))
             return lay
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
@@ -188,8 +188,8 @@ class Grid:
                     )
                 padded = -(-k // self.group_size) * self.group_size
         lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
-        if self.fmt.kind == "lut":  # learned codebooks: vectors must tile the axis (table sizes: the method's check)
-            check_codebook_layout(self.fmt, lay, path, per_table=False)
+        if self.fmt.kind in ("lut", "lattice"):  # vectors must tile the axis (table sizes: the method's check)
+            check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice"))
         return lay
 
     @property

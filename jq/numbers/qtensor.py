@@ -18,7 +18,8 @@ Learned codebooks (format kind "lut": `cb3`, `cb8x2`, see `jq.numbers.codebook`)
 vector of `vec` consecutive stored weights along the pack axis, `codebook` one float16 table of 2^bits vectors per
 scale position (shape `scale_shape + (2^bits, vec)`) or per block of them (table dims dividing the scale dims:
 GPTVQ's one table per group of rows shared by all output channels), and a weight is
-codebook[its table][index] · scale[its channel / group].
+codebook[its table][index] · scale[its channel / group]. Lattice codebooks (kind "lattice": `e8p`, `e8p2`): one
+uint16 / uint32 code per 8 weights into the fixed E8P table of `jq.numbers.lattice` (not stored), times the scale.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jq.numbers import formats
+from jq.numbers import formats, lattice
 from jq.numbers.hadamard import Rotation
 
 __all__ = ["Layout", "QTensor", "ExecPolicy", "grid_label", "is_qtensor", "ACT_FORMATS"]
@@ -201,7 +202,7 @@ def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
     """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report
     (learned codebooks and microscaling presets have no symmetry choice: 'cb3 channel', 'mxfp4 g32')."""
     f = formats.get_format(fmt)
-    if f.kind == "lut" or f.is_mx:
+    if f.kind in ("lut", "lattice") or f.is_mx:
         return f"{fmt} {granularity}"
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
 
@@ -300,6 +301,8 @@ class QTensor:
         lay = self.layout
         if self.format.kind == "lut":
             v = self._lookup()
+        elif self.format.kind == "lattice":
+            v = self._vectors(lattice.decode(self.codes, self.format.stages))
         else:
             v = self.format.decode(self.unpacked_codes(), jnp.float32)
         v = v.reshape(lay.grouped_shape)
@@ -330,8 +333,11 @@ class QTensor:
                 tab = jnp.repeat(tab, s // t, axis=a)
         tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
         tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
-        vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
-        return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
+        return self._vectors(self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx])
+
+    def _vectors(self, vals: jax.Array) -> jax.Array:
+        """Vectors [*codes shape, vec] (one per index) laid back along the pack axis: the stored shape."""
+        return jnp.moveaxis(vals, -1, self.layout.pack_axis + 1).reshape(self.layout.stored_shape)
 
     def unrotated(self) -> "QTensor":
         """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""

@@ -211,7 +211,7 @@ def test_refusals_name_the_leaf_value_and_fix():
 
     with pytest.raises(ValueError, match=r"a/kernel: format 'int4' is not a learned codebook"):
         run("int4")
-    with pytest.raises(ValueError, match=r"a/kernel: gptvq needs a 2-D kernel .* padded"):
+    with pytest.raises(ValueError, match=r"a/kernel: gptvq needs a kernel \[K, N\] .* padded"):
         run("cb2x2", (60, 4), group_size=16, pad=True)
     with pytest.raises(ValueError, match=r"a/kernel: gptvq needs .* tensor"):
         run("cb2x2", granularity="tensor")
@@ -223,3 +223,37 @@ def test_refusals_name_the_leaf_value_and_fix():
                 dict(act_order="yes"), dict(int8_tables=1)):
         with pytest.raises(ValueError, match="method 'gptvq': option"):
             GPTVQ(**bad)
+
+
+@pytest.mark.parametrize("rule", [{"method": "gptvq", "format": "cb4x2", "group_size": 8, "options": {"iters": 8}},
+                                  {"method": "quip", "format": "e8p", "granularity": "channel"},
+                                  {"method": "higgs", "format": "cb3x2", "granularity": "channel"}])
+def test_n_d_kernels_contracting_their_leading_axes_equal_the_flattened_matrix(tmp_path, rule):
+    """A DenseGeneral kernel [heads, head_dim, out_a, out_b] contracting (0, 1) is quantized as its [K, N] matrix
+    (groups within head_dim are the same rows), stored in its own layout, and runs through qeinsum."""
+    w, _, stats = _problem(K=64, N=24)
+    wn = w.reshape(4, 16, 6, 4)
+    one = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", **rule}]}).rules[0]
+    nd = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [0, 1], **rule}]}).rules[0]
+    st = stats if rule["method"] != "higgs" else None
+    q2, qn = quantize_leaf("a/kernel", w, one, st), quantize_leaf("a/kernel", wn, nd, st)
+    assert qn.shape == (4, 16, 6, 4) and qn.layout.axes == (0, 1)
+    np.testing.assert_array_equal(np.asarray(qn.dequantize()), np.asarray(q2.dequantize()).reshape(4, 16, 6, 4))
+    assert qn.nbytes == q2.nbytes
+    x = jax.random.normal(jax.random.key(2), (3, 4, 16))
+    np.testing.assert_allclose(np.asarray(jq.ops.qeinsum("bhd,hdij->bij", x, qn)),
+                               np.asarray(x.reshape(3, 64) @ q2.dequantize()).reshape(3, 6, 4), rtol=1e-4, atol=1e-5)
+    from jq import checkpoint as ck
+
+    ck.save(tmp_path / "ck", {"a": {"kernel": qn}})
+    np.testing.assert_array_equal(np.asarray(ck.load(tmp_path / "ck")[0]["a"]["kernel"].dequantize()),
+                                  np.asarray(qn.dequantize()))
+    if rule["method"] == "gptvq":
+        bad = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [0, 1], **rule,
+                                                        "options": {"act_order": True}}]}).rules[0]
+        with pytest.raises(ValueError, match=r"act_order on an N-D kernel \(shape \(4, 16, 6, 4\)\)"):
+            quantize_leaf("a/kernel", wn, bad, stats)
+        last = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [1], **rule}]}).rules[0]
+        with pytest.raises(ValueError, match=r"a/kernel: gptvq needs a kernel \[K, N\] contracting axis 0 \(or "
+                                             r"\[K\.\.\., N\.\.\.\] contracting its leading axes\)"):
+            quantize_leaf("a/kernel", jnp.ones((24, 64)), last, LayerStats(hessian=jnp.eye(64)))

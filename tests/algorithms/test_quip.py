@@ -110,7 +110,7 @@ def test_refusals_name_the_leaf_value_and_fix():
         run("cb6x2", group_size=32)
     with pytest.raises(ValueError, match=r"a/kernel: vectors of 8 weights \(format e8p\) do not divide groups of 12"):
         run("e8p", (48, 4), group_size=12)
-    with pytest.raises(ValueError, match=r"a/kernel: quip needs a 2-D kernel .* padded"):
+    with pytest.raises(ValueError, match=r"a/kernel: quip needs a kernel \[K, N\] .* padded"):
         run("e8p", (60, 4), group_size=16, pad=True)
     for bad in (dict(damp=0), dict(damp=True), dict(refit=1)):
         with pytest.raises(ValueError, match="method 'quip': option"):

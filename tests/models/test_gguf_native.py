@@ -3,7 +3,6 @@ bits per weight, through the model, the kernels and a checkpoint."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
