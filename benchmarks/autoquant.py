@@ -7,7 +7,9 @@ Writes OUT/NAME.json, OUT/NAME.png (the frontiers) and OUT/NAME_layers.png (the 
     python benchmarks/autoquant.py [--out out] [--name autoquant] [--candidates rtn_w3_g128 ...]
         [--metrics kfac fisher hessian] [--compare-at 4.0] [--budgets 2.5 3 3.5 4 4.5] [--map-budget 3.5]
         [--windows 16] [--validate 12]
-        [--uniform rtn_w4_g128 ...] [--also /usr/share/common-licenses/GPL-3]
+        [--uniform rtn_w4_g128 ...] [--also /usr/share/common-licenses/GPL-3] [--base quarot_gptq_refit_w4_g128]
+
+`--base`: every candidate runs on that recipe's rotation (QuaRot) and online rotations, the uniform rows too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jq.apps import data, pipeline  # noqa: E402
-from jq.apps.autoquant import DEFAULT_CANDIDATES, choose, sensitivity_tables  # noqa: E402
+from jq.apps.autoquant import DEFAULT_CANDIDATES, choose, sensitivity_tables, uniform  # noqa: E402
 from jq.tree.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from timing import environment  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
@@ -114,6 +116,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--validate", type=int, default=0, help="layers sampled to check the estimates against KL")
     p.add_argument("--also", default="/usr/share/common-licenses/GPL-3", help="a text not in the repo ('' for none)")
+    p.add_argument("--base", help="a recipe whose rotation every candidate (allocated and uniform) runs on")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,21 +126,25 @@ def main() -> None:
     also = {Path(args.also).name: Path(args.also).read_text(encoding="utf-8")} if args.also else None
     tokens, draw = data.calibration_draw(m.tokenizer, data.default_calib_files(text_path), 128, 512, 0, "windows")
     candidates = [load_recipe(c) for c in args.candidates]
-    tables = sensitivity_tables(m, candidates, tokens, args.metrics)
+    base = load_recipe(args.base) if args.base else None
+    tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
     seconds = next(iter(tables.values()))["seconds"]
     res = {"meta": environment(windows=args.windows, calibration={k: v for k, v in draw.items() if k != "files"},
                                date=time.strftime("%Y-%m-%d"), sensitivity_seconds=seconds, metrics=args.metrics,
-                               name=args.name, candidates=args.candidates, also=args.also or None),
+                               name=args.name, candidates=args.candidates, also=args.also or None,
+                               base=args.base),
            "uniform": [], "allocated": []}
     if args.validate:
         layers = sorted(next(iter(tables.values()))["layers"])
         sample = sorted(np.random.default_rng(0).choice(layers, size=min(args.validate, len(layers)), replace=False))
-        measured = sensitivity_tables(m, candidates, tokens, ("kl",), only=list(sample))["kl"]
+        measured = sensitivity_tables(m, candidates, tokens, ("kl",), only=list(sample), base=base)["kl"]
         res["validation"] = {"layers": list(sample), "measured_seconds": measured["seconds"],
                              **validation(tables, measured)}
         print(res["validation"], flush=True)
+    first = next(iter(tables.values()))
     for name in args.candidates if args.uniform is None else args.uniform:
-        res["uniform"].append(_row(m, text, load_recipe(name), args.windows, tokens, also))
+        cfg = recipe_from_dict(uniform(first, name)) if base is not None else load_recipe(name)
+        res["uniform"].append(_row(m, text, cfg, args.windows, tokens, also))
         print(res["uniform"][-1], flush=True)
     for metric, sens in tables.items():
         for b in args.budgets if metric == args.metrics[0] else args.compare_at:

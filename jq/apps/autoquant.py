@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import time
@@ -35,6 +36,7 @@ import numpy as np
 
 from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost, kfac_cost
 from jq.apps.latency import matmul_seconds
+from jq.apps.pipeline import rotated
 from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
@@ -42,8 +44,8 @@ from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "autoquant", "load_sensitivities", "command",
-           "DEFAULT_CANDIDATES"]
+__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "recipe_of", "uniform", "autoquant",
+           "load_sensitivities", "command", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
                       "rtn_w5_g128", "rtn_w6_g128", "rtn_w8_g128"]
@@ -123,11 +125,23 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     return sensitivity_tables(m, candidates, calib, (metric,), progress, **options)[metric]
 
 
+def _online_rotations(m: LoadedModel, base: QuantConfig | None) -> dict[str, Any]:
+    """Per layer path the `rotate` value (online rotation of its input) of the base recipe's rule for it."""
+    if base is None:
+        return {}
+    rule_dicts, out = recipe_to_dict(base)["rules"], {}
+    for path, w in leaf_paths(m.params):
+        r = base.rule_for(path, np.ndim(w))
+        if r is not None and r.scheme is not None and r.scheme.policy.rotation is not None:
+            out[path] = rule_dicts[base.rules.index(r)]["rotate"]
+    return out
+
+
 def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
                        metrics: Sequence[str] = ("kfac",), progress: Callable[[str], None] | None = None, *,
                        fisher_samples: int = 16, kl_samples: int = 4, hessian_samples: int = 32,
-                       only: Sequence[str] | None = None, latency_tokens: int | None = None
-                       ) -> dict[str, dict[str, Any]]:
+                       only: Sequence[str] | None = None, latency_tokens: int | None = None,
+                       base: QuantConfig | None = None) -> dict[str, dict[str, Any]]:
     """`sensitivities` under several metrics at once (each candidate quantizes each layer once): "fisher" — the loss
     increase under the diagonal Fisher of the first `fisher_samples` calibration rows —, "kfac" — under the Kronecker
     Fisher (input Hessians from the first `hessian_samples` rows) —, "hessian" — the layer's output error — or "kl" —
@@ -135,13 +149,23 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     float model's input Hessian (the final recipe calibrates sequentially, usually a little better). `only`: score
     just these layers (to check the estimates against "kl" on a sample; such tables are not for `choose`).
     `latency_tokens` = M: also each candidate's measured matmul time at M tokens per layer ("latency", seconds;
-    `jq.apps.latency.matmul_seconds`, once per shape and candidate), for time budgets."""
+    `jq.apps.latency.matmul_seconds`, once per shape and candidate), for time budgets. `base`: a recipe whose
+    model-level `rotation` is applied first (QuaRot) and whose rules' online rotations (`rotate: hadamard`, e.g. before
+    down_proj) every candidate takes on those layers; the chosen recipe carries both."""
     bad = [x for x in metrics if x not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metric {bad[0] if bad else None!r}; choose one of {', '.join(map(repr, METRICS))}")
     t0 = time.perf_counter()
     rule_dicts = [_candidate_rule(c) for c in candidates]
-    rules = [recipe_from_dict({"name": c.name, "rules": [r]}).rules[0] for c, r in zip(candidates, rule_dicts)]
+    m = rotated(m, base)
+    online = _online_rotations(m, base)
+
+    @functools.lru_cache(maxsize=None)
+    def rule_of(ci: int, rotate: Any = None):
+        extra = {} if rotate is None else {"rotate": rotate}
+        return recipe_from_dict({"name": candidates[ci].name, "rules": [{**rule_dicts[ci], **extra}]}).rules[0]
+
+    rules = [rule_of(ci) for ci in range(len(candidates))]
     targets = {}  # path -> which candidates have a rule for it
     for path, w in leaf_paths(m.params):
         hits = [c.rule_for(path, np.ndim(w)) for c in candidates]
@@ -171,6 +195,7 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
             q = None
             if applies:
                 try:
+                    rule = rule_of(ci, online.get(path))
                     q = quantize_leaf(path, jnp.asarray(w), rule, stats[path] if rule.needs_calibration else None)
                 except ValueError:  # this grid cannot hold this layer (e.g. a group size that does not divide it)
                     pass
@@ -192,8 +217,10 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
             layers[x][path] = {"weights": int(np.size(w)), "cost": cost[x], "bits": bits,
                                **({"latency": lat} if latency_tokens else {})}
     seconds = time.perf_counter() - t0
+    based = {} if base is None else {"base": {"name": base.name, "rotation": recipe_to_dict(base).get("rotation"),
+                                              "online": online}}
     return {x: {"candidates": [c.name for c in candidates], "metric": x, "rules": rule_dicts, "layers": layers[x],
-                "fixed_bytes": fixed, "seconds": seconds,
+                "fixed_bytes": fixed, "seconds": seconds, **based,
                 **({"latency_tokens": int(latency_tokens), "device": jax.devices()[0].device_kind}
                    if latency_tokens else {})} for x in metrics}
 
@@ -221,16 +248,14 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
                              f"{sens['fixed_bytes'] / 1e6:.1f} MB; raise the budget")
     costs = [[c if np.isfinite(c) else 1e30 for c in sens["layers"][p]["cost"]] for p in paths]
     pick = allocate(costs, use, int(total), max(1, int(total // steps)))
-    rules, used, err, counts = [], 0, 0.0, {}
-    for i, (p, c) in enumerate(zip(paths, pick)):
-        rules.append({**sens["rules"][c], "pattern": re.escape(p)})
+    used, err, counts = 0, 0.0, {}
+    for i, c in enumerate(pick):
         used += sizes[i][c]
         err += costs[i][c]
         counts[sens["candidates"][c]] = counts.get(sens["candidates"][c], 0) + 1
     label = name or f"autoquant_{budget.strip().lower()}"
-    recipe = {"name": label, "description": f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
-                                            f"(least estimated {sens['metric']} cost)", "rules": rules}
-    recipe_from_dict(recipe, source=label)  # what we write must load
+    recipe = recipe_of(sens, pick, label, f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
+                                          f"(least estimated {sens['metric']} cost)")
     out = {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
            "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
     if all(t is not None for t in latency):
@@ -238,11 +263,32 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
     return out
 
 
+def recipe_of(sens: dict[str, Any], pick: Sequence[int], name: str, description: str) -> dict[str, Any]:
+    """The recipe (YAML-shaped dict) giving each layer of `sens` the candidate `pick[i]`: one explicit rule per layer,
+    with the base's rotation and online rotations when the sensitivities were measured on a base; checked to load."""
+    base = sens.get("base") or {}
+    online = base.get("online", {})
+    rules = [{**sens["rules"][c], **({"rotate": online[p]} if p in online else {}), "pattern": re.escape(p)}
+             for p, c in zip(sens["layers"], pick)]
+    on = f" on {base['name']}'s rotation" if base.get("rotation") else ""
+    recipe = {"name": name, "description": description + on,
+              **({"rotation": base["rotation"]} if base.get("rotation") else {}), "rules": rules}
+    recipe_from_dict(recipe, source=name)  # what we write must load
+    return recipe
+
+
+def uniform(sens: dict[str, Any], candidate: str) -> dict[str, Any]:
+    """`recipe_of` one candidate (by name) on every layer: the uniform recipe the allocation is compared with,
+    built the same way (on the same base)."""
+    c = sens["candidates"].index(candidate)
+    return recipe_of(sens, [c] * len(sens["layers"]), candidate, f"{candidate} on every layer")
+
+
 def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,
-              progress: Callable[[str], None] | None = None, metric: str = "kfac"
+              progress: Callable[[str], None] | None = None, metric: str = "kfac", base: QuantConfig | None = None
               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`sensitivities` then `choose`: (the chosen recipe and its accounting, the sensitivities to reuse)."""
-    sens = sensitivities(m, candidates, calib, progress, metric)
+    sens = sensitivities(m, candidates, calib, progress, metric, base=base)
     return choose(sens, budget), sens
 
 
@@ -283,6 +329,7 @@ def command(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
     candidates = [load_recipe(c) for c in args.candidates or DEFAULT_CANDIDATES]
+    base = load_recipe(args.base) if args.base else None
     files = [Path(f) for f in args.calib] if args.calib else data.default_calib_files()
     for f in files:
         data.read_text(f, "--calib")
@@ -294,11 +341,13 @@ def command(args: argparse.Namespace) -> int:
                            sorted(map(str, files))]}
     if lat:
         key["latency"] = [lat, jax.devices()[0].device_kind]
+    if base is not None:
+        key["base"] = recipe_to_dict(base)
     sens = load_sensitivities(args.cache, key) if args.cache else None
     cached = sens is not None
     if sens is None:
         sens = sensitivities(m, candidates, tokens, _progress(len(candidates), not args.json), metric=args.metric,
-                             latency_tokens=lat)
+                             latency_tokens=lat, base=base)
         if args.cache:
             Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
     chosen = choose(sens, args.budget)

@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--candidates", nargs="+", help="single-rule recipes to choose from per layer (RTN / HQQ, or "
                    "calibrated ones such as gptq_w4_g64; default: rtn_w2_g128 rtn_w3_g128 hqq_w3_g64 rtn_w4_g128 "
                    "rtn_w4_g64 hqq_w4_g64 rtn_w5_g128 rtn_w6_g128 rtn_w8_g128)")
+    a.add_argument("--base", help="a recipe whose rotation (QuaRot) is applied first and whose online rotations "
+                   "(rotate: hadamard, e.g. before down_proj) every candidate takes; the chosen recipe carries both")
     a.add_argument("--metric", choices=["kfac", "fisher", "hessian", "kl"], default="kfac",
                    help="layer cost: loss increase under the Kronecker Fisher (kfac, default: input correlations kept, "
                    "so GPTQ candidates are judged fairly), under the diagonal Fisher, the layer's own output error "

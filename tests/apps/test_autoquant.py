@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 import jq
-from jq.apps.autoquant import METRICS, choose, parse_budget, sensitivities, sensitivity_tables
+from jq.apps.autoquant import METRICS, choose, parse_budget, sensitivities, sensitivity_tables, uniform
 from jq.apps.cli import main as cli_main
 from jq.models.io.gguf import load_gguf
-from jq.tree.recipe import load_recipe, recipe_from_dict
+from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 from jq.tree.report import size_summary
 
 from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
@@ -263,3 +263,35 @@ def test_autoquant_needs_nothing_llama_specific_gemma3_and_a_time_budget():
         q = jq.quantize_params(m.params, recipe_from_dict(chosen["recipe"]))
         assert size_summary(q)["linear_bits_per_weight"] == pytest.approx(chosen["linear_bits_per_weight"])
     assert choose(sens, "4bpw")["linear_bits_per_weight"] <= 4
+
+
+def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_the_recipe(tiny):
+    """`base`: the candidates are scored on the QuaRot-rotated model, down_proj takes the base's online Hadamard, and
+    the chosen recipe (rotation + per-layer rules) quantizes exactly what was scored: with one candidate it equals the
+    hand-written uniform recipe."""
+    from jq.apps import pipeline
+
+    _, m, _ = tiny
+    rot = {"residual": True, "heads": True, "seed": 0}
+    base = recipe_from_dict({"name": "b", "rotation": rot, "rules": [
+        {"pattern": ".*down_proj/kernel", "format": "int4", "rotate": "hadamard"}, {"pattern": ".*kernel", "format": "int4"}]})
+    calib = np.random.default_rng(0).integers(0, m.cfg.vocab_size, (8, 16))
+    sens = sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="hessian", base=base)
+    assert sens["base"]["rotation"] == rot and set(sens["base"]["online"]) == {
+        p for p in sens["layers"] if p.endswith("down_proj/kernel")} != set()
+    chosen = choose(sens, "8bpw")
+    r = chosen["recipe"]
+    assert r["rotation"] == rot and "on b's rotation" in r["description"]
+    assert all((rule.get("rotate") == "hadamard") == ("down_proj" in rule["pattern"]) for rule in r["rules"])
+    assert uniform(sens, "rtn_w4_g128")["rules"] == r["rules"]  # one candidate: the allocation is the uniform recipe
+    uniform = recipe_from_dict({"name": "u", "rotation": rot, "rules": [
+        {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*down_proj/kernel", "rotate": "hadamard"},
+        {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*kernel"}]})
+    got, _ = pipeline.quantize(m, recipe_from_dict(r), progress=False)
+    want, _ = pipeline.quantize(m, uniform, progress=False)
+    for (p, a), (_, b) in zip(jq.tree.paths.leaf_paths(jq.dequantize_params(got)),
+                              jq.tree.paths.leaf_paths(jq.dequantize_params(want))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+    plain = sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="hessian")
+    assert "base" not in plain and plain["layers"].keys() == sens["layers"].keys()
+    assert any(plain["layers"][p]["cost"] != sens["layers"][p]["cost"] for p in plain["layers"])
