@@ -284,11 +284,11 @@ def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_t
     assert r["rotation"] == rot and "on b's rotation" in r["description"]
     assert all((rule.get("rotate") == "hadamard") == ("down_proj" in rule["pattern"]) for rule in r["rules"])
     assert uniform(sens, "rtn_w4_g128")["rules"] == r["rules"]  # one candidate: the allocation is the uniform recipe
-    uniform = recipe_from_dict({"name": "u", "rotation": rot, "rules": [
+    by_hand = recipe_from_dict({"name": "u", "rotation": rot, "rules": [
         {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*down_proj/kernel", "rotate": "hadamard"},
         {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*kernel"}]})
     got, _ = pipeline.quantize(m, recipe_from_dict(r), progress=False)
-    want, _ = pipeline.quantize(m, uniform, progress=False)
+    want, _ = pipeline.quantize(m, by_hand, progress=False)
     for (p, a), (_, b) in zip(jq.tree.paths.leaf_paths(jq.dequantize_params(got)),
                               jq.tree.paths.leaf_paths(jq.dequantize_params(want))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
