@@ -94,7 +94,7 @@ def test_a_recipe_on_a_tree_and_a_layer_no_token_reached():
     with pytest.warns(UserWarning, match="unweighted quip"):
         q = quantize_leaf("a/kernel", w, cfg.rules[0], dead)
     assert np.isfinite(np.asarray(q.dequantize())).all()
-    for name in ("quip_w2", "quarot_quip_w2", "quarot_quip_w3", "quarot_quip_w4"):
+    for name in ("quip_w2", "quip_w3", "quip_w4", "quarot_quip_w2", "quarot_quip_w3", "quarot_quip_w4"):
         r = jq.load_recipe(RECIPES / f"{name}.yaml").rules[-1]
         assert r.method == "quip" and r.scheme.fmt.kind == "lattice"
 
