@@ -10,7 +10,8 @@ in a subprocess, one row at a time, and appends the result with the commit it ra
 skipped (`--rerun` measures them again). `--text FILE` evaluates on another text (rows are keyed by recipe and text).
 `plot` prints the Markdown table (recipe, kind, bits, perplexity, quantization seconds) and draws
 benchmarks/results/codebook_pareto.png: one point per row, and each kind's frontier (the best perplexity at or
-below each budget). A recipe is "codebook" when any rule uses a learned or lattice codebook format (cb…, e8p…), else "scalar".
+below each budget). A recipe is "codebook" when any rule uses a learned or lattice codebook format (cb…, e8p…),
+else "scalar".
 """
 
 from __future__ import annotations

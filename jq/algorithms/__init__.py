@@ -2,7 +2,8 @@
 
 - methods, one file each, registered by the name recipes give: `rtn` (and `qat`), `hqq`, `gptq`, `awq_clip`,
   `kmeans` (learned scalar / vector codebooks), `gptvq` (vector codebooks under GPTQ's error feedback), `higgs`
-  (data-free Gaussian grids after a rotation), `quip` (the fixed E8P lattice with block-LDL feedback); a method record has `quantize(w, scheme, layout, stats=None) -> QTensor` (`registry`);
+  (data-free Gaussian grids after a rotation), `quip` (the fixed E8P lattice with block-LDL feedback); a method
+  record has `quantize(w, scheme, layout, stats=None) -> QTensor` (`registry`);
 - grid fitters any method can take (`grids.RangeFit`, `hqq.HQQFit`), GPTQ's `refit.LeastSquaresRefit`;
 - transforms (`transforms`: AWQ and SmoothQuant scales) folded into the model before quantization;
 - `stats.LayerStats`: the calibration statistics methods read.
@@ -27,5 +28,6 @@ from jq.algorithms.stats import LayerStats, StatSums
 from jq.algorithms.transforms import AWQScales, SmoothQuantScales
 
 __all__ = ["METHODS", "TRANSFORMS", "Method", "MethodSpec", "get_method", "get_transform", "register",
-           "register_method", "register_transform", "Transform", "GridFitter", "RangeFit", "HQQFit", "GPTQ", "GPTVQ", "QuIP", "RTN", "QAT", "KMeans",
+           "register_method", "register_transform", "Transform", "GridFitter", "RangeFit", "HQQFit", "GPTQ", "GPTVQ",
+           "QuIP", "RTN", "QAT", "KMeans",
            "LeastSquaresRefit", "AWQScales", "SmoothQuantScales", "LayerStats", "StatSums"]

@@ -14,8 +14,8 @@ inverse Hessian of the layer's output error ‖XW − XQ‖² (Frantar et al. 20
 Lazy batch updates: a `lax.scan` over blocks of `block` rows; inside a block one step at a time, the rest of the
 kernel updated once per block by one matmul. Before a block is assigned, `tables_of(b, wb)` gives its tables from the
 block's current (error-updated) rows — fixed tables for k-means, a fresh fit for GPTVQ, column scales for the fixed
-E8P lattice (`quip`, which also brings its own nearest-vector rounding: Euclidean, as QuIP#'s BlockLDLQ). If the factorisation fails
-(NaN) the pass degrades to plain nearest assignment (U = I).
+E8P lattice (`quip`, which also brings its own nearest-vector rounding: Euclidean, as QuIP#'s BlockLDLQ). If the
+factorisation fails (NaN) the pass degrades to plain nearest assignment (U = I).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _round_to_tables(wv: jnp.ndarray, t: jnp.ndarray, uvv: jnp.ndarray) -> tuple
 def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables_of: TablesOf,
                     round_step: RoundStep = _round_to_tables,
                     index_dtype: Any = jnp.int32) -> tuple[jnp.ndarray, Any]:
-    """Indices [K / vec, N] (int32) of the codebook vectors the rows of w [K, N] are assigned with error feedback,
+    """Indices [K / vec, N] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned with feedback,
     and the stacked per-block outputs of `tables_of`.
 
     Args:

@@ -44,8 +44,8 @@ from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "recipe_of", "uniform", "autoquant",
-           "load_sensitivities", "command", "DEFAULT_CANDIDATES"]
+__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "recipe_of", "uniform",
+           "autoquant", "load_sensitivities", "command", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
                       "rtn_w5_g128", "rtn_w6_g128", "rtn_w8_g128"]

@@ -37,7 +37,8 @@ ENTRIES = 1 << 16
 # check it stays within 1% of the best). Part of the format: changing it changes every stored e8p2 weight.
 RESIDUAL_SCALE = 0.26
 # How far unit-RMS weights are stretched onto the codebook (scale = RMS / gain), per number of stages: the gain
-# minimising E‖x − Q(κx)/κ‖² for x ~ N(0, I_8) (MSE per coordinate 0.0927 at 2 bits, 0.00846 at 4). Encoding only.
+# minimising E‖x − Q(κx)/κ‖² for x ~ N(0, I_8) (MSE per coordinate 0.0927 at 2 bits, 0.00846 at 4). Encoding
+# only.
 GAIN = {1: 1.03, 2: 0.875}
 _CHUNK = 2048  # vectors per step of `encode` on large inputs ([chunk, 256, 8] float32 = 16 MB)
 

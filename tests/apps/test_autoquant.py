@@ -274,7 +274,8 @@ def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_t
     _, m, _ = tiny
     rot = {"residual": True, "heads": True, "seed": 0}
     base = recipe_from_dict({"name": "b", "rotation": rot, "rules": [
-        {"pattern": ".*down_proj/kernel", "format": "int4", "rotate": "hadamard"}, {"pattern": ".*kernel", "format": "int4"}]})
+        {"pattern": ".*down_proj/kernel", "format": "int4", "rotate": "hadamard"},
+        {"pattern": ".*kernel", "format": "int4"}]})
     calib = np.random.default_rng(0).integers(0, m.cfg.vocab_size, (8, 16))
     sens = sensitivities(m, [load_recipe("rtn_w4_g128")], calib, metric="hessian", base=base)
     assert sens["base"]["rotation"] == rot and set(sens["base"]["online"]) == {
@@ -284,9 +285,9 @@ def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_t
     assert r["rotation"] == rot and "on b's rotation" in r["description"]
     assert all((rule.get("rotate") == "hadamard") == ("down_proj" in rule["pattern"]) for rule in r["rules"])
     assert uniform(sens, "rtn_w4_g128")["rules"] == r["rules"]  # one candidate: the allocation is the uniform recipe
+    rtn = recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0]
     by_hand = recipe_from_dict({"name": "u", "rotation": rot, "rules": [
-        {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*down_proj/kernel", "rotate": "hadamard"},
-        {**recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0], "pattern": ".*kernel"}]})
+        {**rtn, "pattern": ".*down_proj/kernel", "rotate": "hadamard"}, {**rtn, "pattern": ".*kernel"}]})
     got, _ = pipeline.quantize(m, recipe_from_dict(r), progress=False)
     want, _ = pipeline.quantize(m, by_hand, progress=False)
     for (p, a), (_, b) in zip(jq.tree.paths.leaf_paths(jq.dequantize_params(got)),

@@ -40,7 +40,8 @@ def test_the_table_is_65536_distinct_points_of_e8_shifted_by_a_quarter():
     assert len(np.unique(t, axis=0)) == 65536
     assert in_e8(t - 0.25).all()
     norms = (lattice.patterns() ** 2).sum(1)
-    assert (norms <= 10).sum() == 227 and (norms == 12).sum() == 29 and len(np.unique(lattice.patterns(), axis=0)) == 256
+    assert (norms <= 10).sum() == 227 and (norms == 12).sum() == 29
+    assert len(np.unique(lattice.patterns(), axis=0)) == 256
 
 
 def test_encoding_is_the_exact_nearest_entry():
