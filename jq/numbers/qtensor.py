@@ -14,12 +14,9 @@ group axis, so `x @ W == x[..., perm] @ stored`. Sub-byte codes are bit-packed a
 (`formats.pack`). Dequantized value = (code − zero) · scale for ints, table[code] · scale for fp4/NF4, and
 float(code) · scale for fp8.
 
-Learned codebooks (format kind "lut": `cb3`, `cb8x2`, see `jq.numbers.codebook`): `codes` hold one packed index per
-vector of `vec` consecutive stored weights along the pack axis, `codebook` one float16 table of 2^bits vectors per
-scale position (shape `scale_shape + (2^bits, vec)`) or per block of them (table dims dividing the scale dims:
-GPTVQ's one table per group of rows shared by all output channels), and a weight is
-codebook[its table][index] · scale[its channel / group]. Lattice codebooks (kind "lattice": `e8p`, `e8p2`): one
-uint16 / uint32 code per 8 weights into the fixed E8P table of `jq.numbers.lattice` (not stored), times the scale.
+Vector codebooks (`jq.numbers.codebook`): `codes` hold one index per vector of `vec` stored weights along the pack
+axis; "lut" formats (`cb8x2`) store `codebook`, tables of 2^bits vectors per scale position or per block of them
+(GPTVQ: one per group of rows), "lattice" ones (`e8p`) read E8P's fixed table; a weight is table[index] · scale.
 """
 
 from __future__ import annotations
@@ -299,10 +296,8 @@ class QTensor:
         """Back to a dense array of the logical shape `self.shape` (e.g. [K, N]) and dtype (or `dtype`)."""
         dtype = jnp.dtype(dtype or self.dtype)
         lay = self.layout
-        if self.format.kind == "lut":
+        if self.format.kind in ("lut", "lattice"):
             v = self._lookup()
-        elif self.format.kind == "lattice":
-            v = self._vectors(lattice.decode(self.codes, self.format.stages))
         else:
             v = self.format.decode(self.unpacked_codes(), jnp.float32)
         v = v.reshape(lay.grouped_shape)
@@ -321,9 +316,11 @@ class QTensor:
         return w.astype(dtype)
 
     def _lookup(self) -> jax.Array:
-        """Learned-codebook values in the stored shape (float32): each index [.., K/vec, ..] picks the vector of its
-        own table (the one of its scale position), and the vectors fill the pack axis back to K."""
+        """Vector-codebook values in the stored shape (float32): each index [.., K/vec, ..] picks a vector of its own
+        table (the one of its scale position; E8P's fixed table for a lattice format), filling the pack axis to K."""
         lay, f = self.layout, self.format
+        if f.kind == "lattice":
+            return jnp.moveaxis(lattice.decode(self.codes, f.stages), -1, lay.pack_axis + 1).reshape(lay.stored_shape)
         tshape = tuple(self.codebook.shape[:-2])  # = scale_shape, or dims dividing it (tables shared by blocks)
         n_tab, entries = math.prod(tshape), 2**f.bits
         idx = self.unpacked_codes().astype(jnp.int32)  # stored shape, pack axis / vec
@@ -333,11 +330,8 @@ class QTensor:
                 tab = jnp.repeat(tab, s // t, axis=a)
         tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
         tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
-        return self._vectors(self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx])
-
-    def _vectors(self, vals: jax.Array) -> jax.Array:
-        """Vectors [*codes shape, vec] (one per index) laid back along the pack axis: the stored shape."""
-        return jnp.moveaxis(vals, -1, self.layout.pack_axis + 1).reshape(self.layout.stored_shape)
+        vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
+        return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
 
     def unrotated(self) -> "QTensor":
         """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""
