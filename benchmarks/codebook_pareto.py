@@ -117,7 +117,7 @@ def plot(text: str) -> None:
             ax.axhline(r["perplexity"], color="gray", ls="--", lw=1, label=f"float {r['perplexity']:.1f}")
     ax.set(xlabel="all-in bits per weight (linear layers)", ylabel=f"perplexity ({text}, log; capped at {top:.0f})",
            yscale="log", ylim=(None, top * 1.4),
-           title="SmolLM2-135M: learned codebooks vs scalar grids")
+           title="SmolLM2-135M: codebooks (learned and E8P lattice) vs scalar grids")
     ax.legend()
     fig.tight_layout()
     out = RESULTS.with_suffix(".png") if text == "persuasion.txt" else RESULTS.with_name(f"codebook_pareto_{text}.png")
