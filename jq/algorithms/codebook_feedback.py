@@ -27,16 +27,28 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["feedback_assign", "inverse_hessian_factor"]
+__all__ = ["feedback_assign", "inverse_hessian_factor", "damped", "hessian_or_identity"]
 
 TablesOf = Callable[[jnp.ndarray, jnp.ndarray], tuple[Any, Any]]
 RoundStep = Callable[[jnp.ndarray, Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
 
 
+def hessian_or_identity(stats: Any, k: int) -> jnp.ndarray:
+    """The layer's input Hessian [k, k] (float32) from `LayerStats`, or the identity when there is none (a layer no
+    calibration token reached: plain nearest-entry rounding)."""
+    h = None if stats is None else stats.hessian
+    return jnp.eye(k, dtype=jnp.float32) if h is None else jnp.asarray(h, jnp.float32)
+
+
+def damped(h: jnp.ndarray, damp: float) -> jnp.ndarray:
+    """h + λI with λ = damp · mean diag h (GPTQ's relative damping)."""
+    return h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(h.shape[0], dtype=h.dtype)
+
+
 def inverse_hessian_factor(h: jnp.ndarray, damp: float) -> jnp.ndarray:
     """Upper U [K, K] with UᵀU = (h + λI)⁻¹ (λ = damp · mean diag h); the identity if h is not positive definite."""
     k = h.shape[0]
-    h = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(k, dtype=h.dtype)
+    h = damped(h, damp)
     hinv = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(h, lower=True), jnp.eye(k, dtype=h.dtype))
     u = jnp.linalg.cholesky(hinv, upper=True)
     return jnp.where(jnp.all(jnp.isfinite(u)), u, jnp.eye(k, dtype=h.dtype))

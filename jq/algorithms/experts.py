@@ -138,15 +138,15 @@ def quantize_stacked(path: str, w: jax.Array, record: Any, scheme: Scheme, layou
         if codebook:
             k = inner.shape[inner.axes[0]]
             eye = LayerStats(hessian=jnp.broadcast_to(jnp.eye(k, dtype=jnp.float32), (n, k, k)), count=stats.count)
-            rtn = _vmapped(record, scheme, inner, False, mesh, axis)(w, eye)
+            fallback = _vmapped(record, scheme, inner, False, mesh, axis)(w, eye)
         else:
-            rtn = _vmapped(RTN(), scheme, inner, False, mesh, axis)(w, stats)
+            fallback = _vmapped(RTN(), scheme, inner, False, mesh, axis)(w, stats)
         keep = jnp.asarray(empty)
 
         def pick(a, b):
             return jnp.where(keep.reshape((n,) + (1,) * (a.ndim - 1)), b, a)
 
-        q = jax.tree_util.tree_map(pick, q, rtn)
+        q = jax.tree_util.tree_map(pick, q, fallback)
     if info is not None:
         _warn_experts(path, method, info, empty)
     return stack_qtensors(q, layout, path)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jq.algorithms.codebook_feedback import feedback_assign, inverse_hessian_factor
+from jq.algorithms.codebook_feedback import damped, feedback_assign, hessian_or_identity, inverse_hessian_factor
 from jq.algorithms.kmeans import lloyd
 from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
@@ -153,8 +153,7 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
     K, N = layout.shape
     rows, d, entries = cbk.rows_per_group(layout), f.vec, 2**f.bits
     w32 = jnp.asarray(w, jnp.float32)
-    h = jnp.eye(K, dtype=jnp.float32) if stats is None or stats.hessian is None else \
-        jnp.asarray(stats.hessian, jnp.float32)
+    h = hessian_or_identity(stats, K)
     perm = None
     if act_order:
         perm = jnp.argsort(-jnp.diagonal(h), stable=True).astype(jnp.int32)
@@ -172,7 +171,7 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
         return s[:, None, None] * c[None], (c, s)
 
     idx, (tables, scale) = feedback_assign(w32, u, d, rows, fit)  # [K/d, N], [G, C, d], [G, N]
-    hd = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(K, dtype=h.dtype)
+    hd = damped(h, damp)
     if update_iters:
         tables = update_tables(w32, hd, idx, tables, scale, update_iters)
         if refit:  # alternate: scales for these tables, then the tables for those scales

@@ -22,7 +22,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from jq.algorithms.codebook_feedback import feedback_assign, inverse_hessian_factor
+from jq.algorithms.codebook_feedback import damped, feedback_assign, hessian_or_identity, inverse_hessian_factor
 from jq.algorithms.gptvq import refit_group_scales
 from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
@@ -52,8 +52,7 @@ def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dic
     K, N = layout.shape
     rows, stages = cbk.rows_per_group(layout), f.stages
     w32 = jnp.asarray(w, jnp.float32)
-    h = jnp.eye(K, dtype=jnp.float32) if stats is None or stats.hessian is None else \
-        jnp.asarray(stats.hessian, jnp.float32)
+    h = hessian_or_identity(stats, K)
 
     def scales_of(_, wb):  # the group's scales [N] from its current (error-updated) rows
         s = cbk.as_stored(cbk.rms_scales(wb, axis=0) / lattice.GAIN[stages])
@@ -68,8 +67,7 @@ def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dic
                                    index_dtype=dtype)  # [K/8, N], [G, N]
     if refit:
         v = jnp.transpose(lattice.decode(codes, stages), (0, 2, 1)).reshape(K, N)  # [K/8, N, 8] → [K, N]
-        hd = h + damp * jnp.mean(jnp.diagonal(h)) * jnp.eye(K, dtype=h.dtype)
-        scale = cbk.as_stored(refit_group_scales(w32, hd, v, scale))
+        scale = cbk.as_stored(refit_group_scales(w32, damped(h, damp), v, scale))
     q = QTensor(codes=codes, scale=scale.reshape(layout.scale_shape).astype(jnp.float16), fmt=scheme.format,
                 layout=layout, symmetric=True, dtype=jnp.dtype(w.dtype).name, policy=scheme.policy)
     q.check("quip QTensor")

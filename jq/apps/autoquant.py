@@ -191,7 +191,7 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
         if progress:
             progress(f"{path} ({len(layers[metrics[0]]) + 1}/{len(targets)})")
         cost, bits, lat = {x: [] for x in metrics}, [], []
-        for ci, (rule, applies) in enumerate(zip(rules, targets[path])):
+        for ci, applies in enumerate(targets[path]):
             q = None
             if applies:
                 try:
