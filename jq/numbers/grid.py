@@ -30,7 +30,8 @@ from jax.typing import DTypeLike
 
 from jq.numbers import formats, mx, progressive
 from jq.numbers.codebook import check_codebook_layout
-from jq.numbers.qtensor import GRANULARITIES, ExecPolicy, Layout, QTensor, grid_label
+from jq.numbers.layout import GRANULARITIES
+from jq.numbers.qtensor import ExecPolicy, Layout, QTensor, grid_label
 
 __all__ = ["Grid", "ZERO_POINTS", "SCALE_DTYPES", "choice"]
 
