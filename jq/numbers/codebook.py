@@ -58,7 +58,7 @@ def check_codebook_layout(fmt: formats.Format, layout: Layout, path: str | None 
     if n % fmt.vec:
         what = f"groups of {n}" if layout.granularity == "group" else f"axis {layout.pack_axis} of length {n}"
         fix = (f"a group_size that is a multiple of {fmt.vec}, or another format for this leaf"
-               if fmt.kind == "lattice" else f"a vector length that divides it (cb{fmt.bits} is scalar)")
+               if fmt.kind in ("lattice", "additive") else f"a vector length that divides it (cb{fmt.bits} is scalar)")
         raise ValueError(f"{at}vectors of {fmt.vec} weights (format {fmt.name}) do not divide {what} (shape "
                          f"{layout.shape}); choose {fix}")
     per = vectors_per_table(layout, fmt.vec)
@@ -90,12 +90,14 @@ def rms_scales(x: jnp.ndarray, axis: int) -> jnp.ndarray:
 def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted: bool = True,
                         kind: str = "lut") -> None:
     """ValueError saying what does not fit a method with one table per group of rows shared by all output channels
-    (`quantize_leaf` prefixes the leaf's path): a format of `kind` ("lut": learned, "lattice": E8P) on a 2-D kernel
+    (`quantize_leaf` prefixes the leaf's path): a format of `kind` ("lut": learned, "lattice": E8P, "additive":
+    AQLM's summed tables) on a 2-D kernel
     [K, N] contracting axis 0, groups (or channels) without padding that the vectors tile (`check_codebook_layout`)
     and (`fitted`: tables fitted to the weights) at least as many vectors per group as table entries."""
     if fmt.kind != kind:
-        what, takes = (("learned", "cb{b}x{d} (e.g. cb6x2: 3 bits per weight) or cb{b}") if kind == "lut" else
-                       ("lattice", "e8p (2 bits per weight) or e8p2 (4)"))
+        what, takes = {"lut": ("learned", "cb{b}x{d} (e.g. cb6x2: 3 bits per weight) or cb{b}"),
+                       "lattice": ("lattice", "e8p (2 bits per weight) or e8p2 (4)"),
+                       "additive": ("additive", "aq{B}x{M} (e.g. aq8x2: 2 bits per weight, aq8x3: 3)")}[kind]
         raise ValueError(f"format {fmt.name!r} is not a {what} codebook; {method} takes {takes}")
     if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \
             or layout.granularity == "tensor":
@@ -108,7 +110,8 @@ def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted
     rows, n = rows_per_group(layout), layout.shape[1]
     if fitted and 2**fmt.bits > rows * n // fmt.vec:
         raise ValueError(f"{method}: a codebook of {2**fmt.bits} entries for only {rows * n // fmt.vec} vectors per "
-                         f"group (shape {layout.shape}, {rows} rows); use fewer bits or a larger group_size")
+                         f"group (format {fmt.name}, shape {layout.shape}, {rows} rows); use fewer bits or a larger "
+                         "group_size" + (" (or granularity: channel)" if rows < layout.shape[0] else ""))
 
 
 def to_units(xg: jnp.ndarray, layout: Layout, vec: int) -> jnp.ndarray:
@@ -200,14 +203,14 @@ def from_matrix(q: QTensor, layout: Layout) -> QTensor:
         codes = formats.unpack(codes, f.bits, q.layout.stored_shape[0] // f.vec, axis=0)
     stored = list(layout.stored_shape)
     stored[layout.pack_axis] //= f.vec
-    codes = codes.reshape(stored)
+    codes = codes.reshape(tuple(stored) + codes.shape[2:])  # additive codes keep their trailing M axis
     if f.packs:
         codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
     ss, tables = layout.scale_shape, q.codebook
     if tables is not None:
         gt, nt = tables.shape[:2]
         tshape = (ss[:nc] if gt > 1 else (1,) * nc) + (ss[nc:] if nt > 1 else (1,) * (len(ss) - nc))
-        tables = tables.reshape(tshape + tables.shape[-2:])
+        tables = tables.reshape(tshape + tables.shape[2:])
     out = dataclasses.replace(q, codes=codes, scale=q.scale.reshape(ss), codebook=tables, layout=layout)
     out.check("codebook QTensor")
     return out

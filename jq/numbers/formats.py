@@ -15,7 +15,10 @@ Codes are stored as:
   the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed;
 - lattice codebooks ("lattice": `e8p`, `e8p2`): a 16-bit (uint16) or two-stage 32-bit (uint32) code per vector of
   8 consecutive weights into the fixed E8P table of `jq.numbers.lattice` (2 or 4 bits per weight, nothing stored
-  beside the codes and scales).
+  beside the codes and scales);
+- additive codebooks ("additive": `aq{B}x{M}`, AQLM): M indices of B bits per vector of 8 consecutive weights, each
+  into its own learned table of 2^B vectors, the weight vector being the sum of the M entries (M·B / 8 bits per
+  weight; codes uint8 [..., M], tables in the QTensor's `codebook`: `jq.numbers.additive`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import ml_dtypes
 import numpy as np
 from jax.typing import DTypeLike
 
-from jq.numbers import lattice
+from jq.numbers import additive, lattice
 
 __all__ = [
     "Format",
@@ -45,12 +48,14 @@ __all__ = [
 class Format:
     """A number format. `kind` is "int", "float" (fp8, cast by dtype), "codebook" (a fixed 2^bits value table),
     "lut" (a learned table of 2^bits vectors of length `vec` that each QTensor stores: `jq.numbers.codebook`) or
-    "lattice" (the fixed E8P vector codebook, `jq.numbers.lattice`).
+    "lattice" (the fixed E8P vector codebook, `jq.numbers.lattice`) or "additive" (M learned tables whose entries
+    are summed, AQLM: `jq.numbers.additive`).
 
     Attributes:
       name: registry name, e.g. "int4", "fp8_e4m3", "nf4", "cb3", "cb8x2".
-      kind: "int" | "float" | "codebook" | "lut" | "lattice".
-      bits: storage bits per code (before packing); for "lut" and "lattice", per index (one per `vec` weights).
+      kind: "int" | "float" | "codebook" | "lut" | "lattice" | "additive".
+      bits: storage bits per code (before packing); for "lut" and "lattice", per index (one per `vec` weights); for
+        "additive", per index of one of its `books` tables (each stored in a byte).
       vec: weights per code (1 but for vector codebooks).
       max: largest representable magnitude of a code's value (for int: 2^(bits-1)-1 in the signed view; for
         "lut": 1, the stored tables being normalised to [-1, 1] by their scale).
@@ -66,6 +71,7 @@ class Format:
     element: str | None = None  # microscaling preset: the element format's name (`jq.numbers.mx`)
     block: int | None = None  # microscaling preset: elements per shared scale along the contraction axis
     scale_dtype_name: str | None = None  # microscaling preset: "float8_e8m0fnu" (MX) or "float8_e4m3fn" (NVFP4)
+    books: int = 1  # additive codebooks: tables summed per vector (one `bits`-bit index each)
 
     @property
     def is_int(self) -> bool:
@@ -79,7 +85,7 @@ class Format:
             return float(2 ** (self.bits - 1) - 1)
         if self.kind == "float":
             return float(ml_dtypes.finfo(self.dtype).max)
-        if self.kind == "lut":
+        if self.kind in ("lut", "additive"):
             return 1.0
         if self.kind == "lattice":
             return float(np.abs(lattice.table()).max() * (1 + lattice.RESIDUAL_SCALE * (self.stages - 1)))
@@ -102,8 +108,8 @@ class Format:
 
     @property
     def packs(self) -> bool:
-        """Whether codes are bit-packed (everything under 8 bits)."""
-        return self.bits < 8
+        """Whether codes are bit-packed (everything under 8 bits but additive indices, a byte each)."""
+        return self.bits < 8 and self.kind != "additive"
 
     def int_range(self, symmetric: bool, restricted: bool = False) -> tuple[int, int]:
         """Code range of an int format: signed two's complement if symmetric, else unsigned.
@@ -120,19 +126,22 @@ class Format:
     # -- rounding -------------------------------------------------------------------------------------------
     @property
     def bits_per_weight(self) -> float:
-        """Index bits per logical weight (`bits / vec`), before scales and tables."""
-        return self.bits / self.vec
+        """Index bits per logical weight (`bits · books / vec`), before scales and tables (and byte padding)."""
+        return self.bits * self.books / self.vec
 
     def _no_fixed_values(self, what: str) -> ValueError:
         if self.kind == "lattice":
             return ValueError(f"format {self.name!r} is a vector codebook (one code per {self.vec} weights), so it "
                               f"has no scalar values to {what}; quantize with method: quip")
+        if self.kind == "additive":
+            return ValueError(f"format {self.name!r} is an additive codebook (sums of {self.books} learned vectors of "
+                              f"{self.vec}), so it has no scalar values to {what}; quantize with method: aqlm")
         return ValueError(f"format {self.name!r} is a learned codebook (one table per channel / group, fitted to the "
                           f"weights), so it has no fixed values to {what}; quantize with method: kmeans")
 
     def encode(self, y: jnp.ndarray, *, symmetric: bool = True, restricted: bool = False) -> jnp.ndarray:
         """Round scaled values `y` to codes (int8/uint8, fp8 dtype, or uint8 table indices). Shape preserved."""
-        if self.kind in ("lut", "lattice"):
+        if self.kind in ("lut", "lattice", "additive"):
             raise self._no_fixed_values("round to")
         if self.kind == "int":
             lo, hi = self.int_range(symmetric, restricted)
@@ -151,7 +160,7 @@ class Format:
         """Code → value of the format (before scale / zero point), in `dtype`. Shape preserved."""
         if self.kind == "codebook":
             return jnp.asarray(np.asarray(self.table, np.float32))[codes.astype(jnp.int32)].astype(dtype)
-        if self.kind in ("lut", "lattice"):
+        if self.kind in ("lut", "lattice", "additive"):
             raise self._no_fixed_values("decode to (QTensor.dequantize reads its table)")
         return codes.astype(dtype)
 
@@ -163,7 +172,7 @@ class Format:
         if self.kind == "float":
             allv = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
             return np.unique(allv[np.isfinite(allv)])
-        if self.kind in ("lut", "lattice"):
+        if self.kind in ("lut", "lattice", "additive"):
             raise self._no_fixed_values("list")
         return np.unique(np.asarray(self.table, np.float32))
 
@@ -236,6 +245,9 @@ FORMATS: dict[str, Format] = {
     # the E8P lattice codebook: a 16-bit code per 8 weights (2 bits per weight), two residual stages (4 bits)
     "e8p": Format("e8p", "lattice", 16, vec=8),
     "e8p2": Format("e8p2", "lattice", 32, vec=8),
+    # additive codebooks (AQLM): aq{B}x{M} = M tables of 2^B entries of 8 weights summed, M·B / 8 bits per weight
+    **{f"aq{b}x{m}": Format(f"aq{b}x{m}", "additive", b, vec=additive.VEC, books=m)
+       for b in additive.BITS for m in additive.BOOKS},
 }
 
 
@@ -258,6 +270,7 @@ def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
+        additive.check_name(name)  # a specific error for aq{B}x{M} out of range
         raise ValueError(f"unknown format {name!r}; choose one of {sorted(FORMATS)}") from None
 
 

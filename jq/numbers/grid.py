@@ -28,7 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from jq.numbers import formats, mx, progressive
+from jq.numbers import additive, formats, mx, progressive
 from jq.numbers.codebook import check_codebook_layout
 from jq.numbers.layout import GRANULARITIES
 from jq.numbers.qtensor import ExecPolicy, Layout, QTensor, grid_label
@@ -64,6 +64,7 @@ class Grid:
     progressive: bool = False
 
     def __post_init__(self):
+        additive.check_name(self.format)  # aq{B}x{M} with B or M out of range: say which
         choice("format", self.format, formats.FORMATS)
         if self.progressive:
             self._progressive_fields()
@@ -173,8 +174,8 @@ class Grid:
                     "flat groups need that — choose another group size, or flat_groups: false with pad: true"
                 )
             lay = Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
-            if self.fmt.kind in ("lut", "lattice"):
-                check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice"))
+            if self.fmt.kind in ("lut", "lattice", "additive"):
+                check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice", "additive"))
             return lay
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
@@ -189,8 +190,8 @@ class Grid:
                     )
                 padded = -(-k // self.group_size) * self.group_size
         lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
-        if self.fmt.kind in ("lut", "lattice"):  # vectors must tile the axis (table sizes: the method's check)
-            check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice"))
+        if self.fmt.kind in ("lut", "lattice", "additive"):  # vectors tile the axis (table sizes: the method's check)
+            check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice", "additive"))
         return lay
 
     @property

@@ -11,6 +11,8 @@ float(code) · scale for fp8.
 Vector codebooks (`jq.numbers.codebook`): `codes` hold one index per vector of `vec` stored weights along the pack
 axis; "lut" formats (`cb8x2`) store `codebook`, tables of 2^bits vectors per scale position or per block of them
 (GPTVQ: one per group of rows), "lattice" ones (`e8p`) read E8P's fixed table; a weight is table[index] · scale.
+"additive" ones (`aq8x2`, AQLM: `jq.numbers.additive`) hold M indices per vector (codes [..., M]) into M tables stored
+in `codebook` [..., M, 2^B, 8]; a weight is the sum of the M entries · scale.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jq.numbers import formats, lattice
+from jq.numbers import additive, formats, lattice
 from jq.numbers.hadamard import Rotation
 from jq.numbers.layout import Layout
 
@@ -72,7 +74,7 @@ def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
     """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report
     (learned codebooks and microscaling presets have no symmetry choice: 'cb3 channel', 'mxfp4 g32')."""
     f = formats.get_format(fmt)
-    if f.kind in ("lut", "lattice") or f.is_mx:
+    if f.kind in ("lut", "lattice", "additive") or f.is_mx:
         return f"{fmt} {granularity}"
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
 
@@ -169,7 +171,7 @@ class QTensor:
         """Back to a dense array of the logical shape `self.shape` (e.g. [K, N]) and dtype (or `dtype`)."""
         dtype = jnp.dtype(dtype or self.dtype)
         lay = self.layout
-        if self.format.kind in ("lut", "lattice"):
+        if self.format.kind in ("lut", "lattice", "additive"):
             v = self._lookup()
         else:
             v = self.format.decode(self.unpacked_codes(), jnp.float32)
@@ -192,6 +194,8 @@ class QTensor:
         """Vector-codebook values in the stored shape (float32): each index [.., K/vec, ..] picks a vector of its own
         table (the one of its scale position; E8P's fixed table for a lattice format), filling the pack axis to K."""
         lay, f = self.layout, self.format
+        if f.kind == "additive":
+            return additive.lookup(self.codes, self.codebook, lay, f.bits)
         if f.kind == "lattice":
             return jnp.moveaxis(lattice.decode(self.codes, f.stages), -1, lay.pack_axis + 1).reshape(lay.stored_shape)
         tshape = tuple(self.codebook.shape[:-2])  # = scale_shape, or dims dividing it (tables shared by blocks)
@@ -220,6 +224,7 @@ class QTensor:
         want[lay.pack_axis] //= f.vec
         if f.packs:
             want[lay.pack_axis] = formats.packed_length(want[lay.pack_axis], f.bits)
+        want += [f.books] if f.kind == "additive" else []  # M indices per vector
         if tuple(self.codes.shape) != tuple(want):
             problems.append(f"codes shape {tuple(self.codes.shape)} != {tuple(want)}")
         for name, a in (("scale", self.scale), ("zero", self.zero)):
@@ -235,8 +240,10 @@ class QTensor:
         if o not in (None, ()) and (len(o) != len(lay.scale_shape)
                                     or any(a not in (1, b) for a, b in zip(o, lay.scale_shape))):
             problems.append(f"outer_scale shape {o} is neither () nor broadcastable to the scale shape {lay.scale_shape}")
-        if (self.codebook is None) != (f.kind != "lut"):
+        if (self.codebook is None) != (f.kind not in ("lut", "additive")):
             problems.append(f"codebook present/absent contrary to the format {self.fmt}")
+        elif f.kind == "additive":  # (a codebook is present: checked above)
+            problems += filter(None, [additive.table_problem(self.codebook.shape, lay.scale_shape, f.bits, f.books)])
         elif self.codebook is not None and not _tables_fit(tuple(self.codebook.shape), lay.scale_shape, f):
             problems.append(f"codebook shape {tuple(self.codebook.shape)} != {lay.scale_shape + (2**f.bits, f.vec)} "
                             f"(scale shape, or dims dividing it, + ({2**f.bits} entries for {f.bits}-bit indices, "
