@@ -334,8 +334,8 @@ def supports_lut(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
     if why:
         return why
     f = rhs.format
-    if f.kind != "lut":
-        return f"format {rhs.fmt} is not a learned codebook"
+    if f.kind != "lut":  # e8p: a fixed table; additive (aq8x2): a sum of several tables per vector. XLA dequantizes
+        return f"format {rhs.fmt} is not a learned single-table codebook (kind {f.kind})"
     if rhs.policy.act is not None:
         return f"activations quantized to {rhs.policy.act}"
     if rhs.ndim != 2:
