@@ -71,10 +71,11 @@ def _round_to_tables(wv: jnp.ndarray, t: jnp.ndarray, uvv: jnp.ndarray) -> tuple
 
 
 def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables_of: TablesOf,
-                    round_step: RoundStep = _round_to_tables,
-                    index_dtype: Any = jnp.int32) -> tuple[jnp.ndarray, Any]:
+                    round_step: RoundStep = _round_to_tables, index_dtype: Any = jnp.int32,
+                    keep: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
     """Indices [K / vec, N] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned with feedback,
-    and the stacked per-block outputs of `tables_of`.
+    the stacked per-block outputs of `tables_of`, and the assigned weights [K, N] (the chosen entries; at `keep`
+    positions the kept weights).
 
     Args:
       w: the kernel, input rows first (K divisible by `block`, `block` by `vec`).
@@ -87,6 +88,9 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables
         weight units); by default the entries of the tables nearest in the metric U_vv⁻ᵀ. A fixed codebook passes
         its own (the tables are then whatever it needs per block, e.g. column scales).
       index_dtype: dtype of the indices returned.
+      keep: bool [K, N] or None: weights kept exactly (dense-and-sparse outliers, as SpQR keeps them): each takes
+        its current error-updated value, feeds back no error, and still gets an index (the sparse term stores the
+        difference).
     """
     K, N = w.shape
     ar = jnp.arange(block)
@@ -96,22 +100,24 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables
         wb = lax.dynamic_slice_in_dim(w, s, block)  # [block, N]
         ub = lax.dynamic_slice(u, (s, s), (block, block))
         t, aux = tables_of(b, wb)
+        kb = None if keep is None else lax.dynamic_slice_in_dim(keep, s, block)
 
         def step(j, c):
-            wb, err, ib = c
+            wb, err, ib, qb = c
             r = j * vec
             idx, q = round_step(lax.dynamic_slice_in_dim(wb, r, vec), t, lax.dynamic_slice(ub, (r, r), (vec, vec)))
             for i in range(vec):  # fix the vector's rows one at a time, feeding each error forward (OBS)
-                e = (wb[r + i] - q[i]) / ub[r + i, r + i]
+                qi = q[i] if kb is None else jnp.where(kb[r + i], wb[r + i], q[i])  # a kept weight: no error
+                e = (wb[r + i] - qi) / ub[r + i, r + i]
                 wb = wb - jnp.where(ar[:, None] > r + i, ub[r + i][:, None], 0.0) * e[None]
-                err = err.at[r + i].set(e)
-            return wb, err, ib.at[j].set(idx)
+                err, qb = err.at[r + i].set(e), qb.at[r + i].set(qi)
+            return wb, err, ib.at[j].set(idx), qb
 
-        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N), index_dtype))
-        _, err, ib = lax.fori_loop(0, block // vec, step, init)
+        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N), index_dtype), jnp.zeros_like(wb))
+        _, err, ib, qb = lax.fori_loop(0, block // vec, step, init)
         later = jnp.arange(K) >= s + block
         ur = jnp.where(later[None, :], lax.dynamic_slice_in_dim(u, s, block), 0.0)  # [block, K]
-        return w - jnp.matmul(ur.T, err, precision=lax.Precision.HIGHEST), (ib, aux)
+        return w - jnp.matmul(ur.T, err, precision=lax.Precision.HIGHEST), (ib, aux, qb)
 
-    _, (idx, aux) = lax.scan(one_block, w, jnp.arange(K // block))
-    return idx.reshape(K // vec, N), aux
+    _, (idx, aux, values) = lax.scan(one_block, w, jnp.arange(K // block))
+    return idx.reshape(K // vec, N), aux, values.reshape(K, N)

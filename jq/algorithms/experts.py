@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any
 
@@ -67,6 +68,10 @@ def stack_qtensors(per_expert: QTensor, layout: Layout, path: str = "<experts>")
                          "QTensor cannot hold (one permutation of the group axis); set static_groups: true (codes "
                          "stay in order) or act_order: false")
     q = dataclasses.replace(per_expert, layout=layout)
+    if q.sparse_index is not None:  # per-expert flat positions [E, nnz] → positions in the stacked weight [E·nnz]
+        per = math.prod(layout.shape[1:])
+        idx = q.sparse_index + (jnp.arange(q.sparse_index.shape[0], dtype=jnp.int32) * per)[:, None]
+        q = dataclasses.replace(q, sparse_index=idx.reshape(-1), sparse_value=q.sparse_value.reshape(-1))
     q.check(path)
     return q
 

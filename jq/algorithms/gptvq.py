@@ -170,7 +170,7 @@ def gptvq(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | di
         c = cbk.as_stored(c)
         return s[:, None, None] * c[None], (c, s)
 
-    idx, (tables, scale) = feedback_assign(w32, u, d, rows, fit)  # [K/d, N], [G, C, d], [G, N]
+    idx, (tables, scale), _ = feedback_assign(w32, u, d, rows, fit)  # [K/d, N], [G, C, d], [G, N]
     hd = damped(h, damp)
     if update_iters:
         tables = update_tables(w32, hd, idx, tables, scale, update_iters)

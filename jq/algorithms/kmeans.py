@@ -20,6 +20,10 @@ are rounded to float16 (normalised by their scale) *before* the last assignment,
 nearest stored entry — or, with `feedback=True`, the entry GPTQ-style error feedback picks
 (`jq.algorithms.codebook_feedback`: the tables stay those fitted here; rows are assigned in order, each row's error
 pushed onto the rows not yet assigned through the inverse Hessian).
+
+Dense-and-sparse (`outliers`: a share of the weights): the weights whose error under the first fit costs most are
+kept in float16 as the QTensor's sparse term (`jq.numbers.sparse`) and left out of the refitted tables; with feedback
+they keep their error-updated value and feed back no error (as SpQR's outliers).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from jq.algorithms.codebook_feedback import feedback_assign, inverse_hessian_fac
 from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
 from jq.numbers import codebook as cbk
+from jq.numbers import sparse
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
@@ -109,7 +114,8 @@ def sensitivity(stats: LayerStats | None, layout: Layout) -> jnp.ndarray | None:
 
 
 def kmeans(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
-           iters: int = 25, weighted: bool = True, feedback: bool = False, damp: float = 0.01) -> QTensor:
+           iters: int = 25, weighted: bool = True, feedback: bool = False, damp: float = 0.01,
+           outliers: float = 0.0) -> QTensor:
     """Quantize `w` (logical shape `layout.shape`, e.g. a Dense kernel [K, N]) to a learned codebook: the scheme's
     format is `cb{b}` (scalar) or `cb{b}x{d}` (vectors of d), one table of 2^b entries per channel / group / tensor.
 
@@ -120,6 +126,9 @@ def kmeans(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | d
       feedback: assign indices with GPTQ error feedback (scalar codebooks of a 2-D kernel [K, N] with axes (0,),
         no padding; needs `stats.hessian`) instead of to the nearest entry.
       damp: relative damping of the Hessian for `feedback`.
+      outliers: share of the weights kept sparse in float16 (SqueezeLLM's dense-and-sparse; `jq.numbers.sparse`):
+        after a first fit, the weights whose rounding error costs most (`_saliency`) are kept exactly, the tables
+        refitted without them, and the difference stored as the QTensor's sparse term (48 bits per kept weight).
     """
     f = scheme.fmt
     cbk.check_codebook_layout(f, layout)
@@ -133,26 +142,52 @@ def kmeans(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | d
     sens = sensitivity(stats, layout) if weighted else None
     hw = ones if sens is None else layout.to_grouped(sens) * ones
     x, hw, ones = (cbk.to_units(a, layout, vec) for a in (xg, hw, ones))  # [U, n, vec]
-    dead = jnp.sum(hw, axis=(1, 2), keepdims=True) <= 0  # tables no calibration signal reached: unweighted
-    hw = jnp.where(dead, ones, hw)
 
     n = x.shape[1]
     batch = max(1, min(x.shape[0], _BATCH_ELEMENTS // (n * entries * vec))) if vec > 1 else x.shape[0]
-    fit = lambda xw: lloyd(xw[0], xw[1], entries, iters)  # noqa: E731
-    cents = lax.map(fit, (x, hw), batch_size=batch)  # [U, C, vec]
-    tables, scale = cbk.normalise(cents)
-    stored = tables.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, None]
+    w32 = jnp.asarray(w, jnp.float32)
+    u = inverse_hessian_factor(jnp.asarray(stats.hessian, jnp.float32), damp) if feedback else None
+
+    def fit(hw):  # stored tables [U, C, vec] (float16 entries × float16 scale) fitted with weights hw [U, n, vec]
+        dead = jnp.sum(hw, axis=(1, 2), keepdims=True) <= 0  # tables no calibration signal reached: unweighted
+        hw = jnp.where(dead, ones, hw)
+        tables, scale = cbk.normalise(lax.map(lambda xw: lloyd(xw[0], xw[1], entries, iters), (x, hw),
+                                              batch_size=batch))
+        return tables, scale, hw, tables.astype(jnp.float32) * scale.astype(jnp.float32)[:, None, None]
+
+    def nearest(stored, hw):  # [U, n] indices of the nearest stored entries
+        return lax.map(lambda a: assign(a[0], a[1], a[2]), (x, hw, stored), batch_size=batch)
+
+    tables, scale, hw, stored = fit(hw)
+    nnz = sparse.outlier_count(math.prod(layout.shape), outliers)
+    keep = pos = None
+    if nnz:  # dense-and-sparse: keep the weights with the largest weighted error, refit the tables without them
+        dense = cbk.make_codebook_qtensor(nearest(stored, hw), tables, scale, layout, scheme.format, jnp.float32)
+        pos = sparse.top_positions(_saliency(w32, dense.dequantize(jnp.float32), sens, u), nnz)
+        keep = sparse.position_mask(pos, layout.shape)
+        hw = hw * cbk.to_units(layout.to_grouped(1.0 - keep.astype(jnp.float32)), layout, vec)
+        tables, scale, hw, stored = fit(hw)
+    target = w32
     if feedback:
         rows = cbk.rows_per_group(layout)
-        u = inverse_hessian_factor(jnp.asarray(stats.hessian, jnp.float32), damp)
         per_group = stored.reshape(layout.scale_shape + (entries, 1))  # [G or 1, N or 1, C, 1]
         block = math.gcd(rows, 128)  # blocks lie inside one group of rows: the tables change only between blocks
-        idx2, _ = feedback_assign(jnp.asarray(w, jnp.float32), u, 1, block,
-                                  lambda b, wb: (per_group[(b * block) // rows], None))
+        idx2, _, target = feedback_assign(w32, u, 1, block, lambda b, wb: (per_group[(b * block) // rows], None),
+                                          keep=keep)
         idx = cbk.to_units(layout.to_grouped(idx2), layout, 1)[..., 0]
     else:
-        idx = lax.map(lambda a: assign(a[0], a[1], a[2]), (x, hw, stored), batch_size=batch)  # [U, n]
-    return cbk.make_codebook_qtensor(idx, tables, scale, layout, scheme.format, w.dtype, policy=scheme.policy)
+        idx = nearest(stored, hw)  # [U, n]
+    q = cbk.make_codebook_qtensor(idx, tables, scale, layout, scheme.format, w.dtype, policy=scheme.policy)
+    return q if pos is None else sparse.with_sparse(q, target, pos)
+
+
+def _saliency(w: jnp.ndarray, q: jnp.ndarray, sens: jnp.ndarray | None, u: jnp.ndarray | None) -> jnp.ndarray:
+    """How much each weight's rounding error costs: (w − q)² weighted by its sensitivity (SqueezeLLM's diagonal), or
+    with error feedback divided by U_kk² of its row (SpQR's / OBS's (w − q)² / [H⁻¹]_kk, in the order rows are fixed)."""
+    err = (w - q) ** 2
+    if u is not None:
+        return err / (jnp.diagonal(u) ** 2)[:, None]
+    return err if sens is None else err * sens
 
 
 def _check_feedback(vec: int, layout: Layout, stats: LayerStats | None) -> None:
@@ -169,12 +204,13 @@ def _check_feedback(vec: int, layout: Layout, stats: LayerStats | None) -> None:
 @dataclasses.dataclass(frozen=True)
 class KMeans:
     """Weighted k-means codebooks as a method record (`method: kmeans`, options `iters`, `weighted`, `feedback`,
-    `damp`)."""
+    `damp`, `outliers`)."""
 
     iters: int = 25
     weighted: bool = True
     feedback: bool = False
     damp: float = 0.01
+    outliers: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.iters, int) or self.iters < 1:
@@ -185,12 +221,13 @@ class KMeans:
             raise ValueError(f"method 'kmeans': option 'feedback' has value {self.feedback!r}; use true or false")
         if not isinstance(self.damp, (int, float)) or not self.damp > 0:
             raise ValueError(f"method 'kmeans': option 'damp' has value {self.damp!r}; use a positive ratio (0.01)")
+        sparse.check_fraction(self.outliers, "method 'kmeans'")
 
     def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
                  stats: LayerStats | dict | None = None) -> QTensor:
         """`kmeans` of `w` (logical shape `layout.shape`, e.g. a Dense kernel [K, N])."""
         return kmeans(w, scheme, layout, stats, iters=self.iters, weighted=self.weighted, feedback=self.feedback,
-                      damp=float(self.damp))
+                      damp=float(self.damp), outliers=float(self.outliers))
 
 
 register_method("kmeans", KMeans, needs_calibration=True)

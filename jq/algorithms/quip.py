@@ -63,7 +63,7 @@ def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dic
         return codes, v.T * s
 
     dtype = jnp.uint32 if stages == 2 else jnp.uint16
-    codes, scale = feedback_assign(w32, inverse_hessian_factor(h, damp), lattice.VEC, rows, scales_of, round_step,
+    codes, scale, _ = feedback_assign(w32, inverse_hessian_factor(h, damp), lattice.VEC, rows, scales_of, round_step,
                                    index_dtype=dtype)  # [K/8, N], [G, N]
     if refit:
         v = jnp.transpose(lattice.decode(codes, stages), (0, 2, 1)).reshape(K, N)  # [K/8, N, 8] → [K, N]

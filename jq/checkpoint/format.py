@@ -51,11 +51,15 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     e4m3). Written only for trees that hold such a leaf.
 # 3.1 lets `outer_scale` be per output channel (float16, broadcastable to the scales) over uint8 integer group scales
 #     (QoQ's progressive groups); a 3.0 reader refuses such a leaf (its outer-scale shape check fails).
+# 4.0 adds the dense-and-sparse term of a QTensor (arrays "sparse_index" int32 [nnz] and "sparse_value" float16 [nnz],
+#     added to the decoded weight: SqueezeLLM / SpQR outliers). A 3.x reader would drop the term and return other
+#     weights, so it must refuse the file: written only for trees that hold such a leaf.
 LOWRANK_FORMAT_VERSION = "2.0"
 SCALED_FORMAT_VERSION = "3.0"
 CHANNEL_OUTER_FORMAT_VERSION = "3.1"
 LATTICE_FORMAT_VERSION = "1.4"
-READS_MAJOR = 3
+SPARSE_FORMAT_VERSION = "4.0"
+READS_MAJOR = 4
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
 QUANTIZED_KINDS = ("qtensor", "lowrank")
 
@@ -175,12 +179,13 @@ def jsonable(v: Any) -> Any:
 
 
 def qtensor_from(entry: Mapping[str, Any], arrays: Mapping[str, Any]) -> QTensor:
-    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm][, codebook][, outer_scale]:
-    arrays or ShapeDtypeStructs of the stored shapes)."""
+    """The QTensor of a metadata entry and its stored arrays (codes, scale[, zero][, perm][, codebook][, outer_scale]
+    [, sparse_index, sparse_value]: arrays or ShapeDtypeStructs of the stored shapes)."""
     static = {k: tuple(entry[k]) if isinstance(entry[k], list) else entry[k] for k in STATIC_FIELDS if k in entry}
     policy = ExecPolicy(**{k: entry[k] for k in POLICY_FIELDS if k in entry})  # parses the rotation's string form
     return QTensor(codes=arrays["codes"], scale=arrays["scale"], zero=arrays.get("zero"), perm=arrays.get("perm"),
                    codebook=arrays.get("codebook"), outer_scale=arrays.get("outer_scale"),
+                   sparse_index=arrays.get("sparse_index"), sparse_value=arrays.get("sparse_value"),
                    layout=layout_from_dict(entry["layout"]), policy=policy, **static)
 
 
@@ -231,10 +236,12 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_version(entry: Mapping[str, Any]) -> str:
-    """The oldest format version that holds a leaf's metadata entry: 3.0 for weight-unit offsets, an outer scale or
-    8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank leaf, 1.4 for a lattice codebook, else
-    1.3."""
+    """The oldest format version that holds a leaf's metadata entry: 4.0 for a dense-and-sparse term, 3.0 for
+    weight-unit offsets, an outer scale or 8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank
+    leaf, 1.4 for a lattice codebook, else 1.3."""
     arrays = entry.get("arrays", {})
+    if "sparse_index" in arrays:
+        return SPARSE_FORMAT_VERSION
     if list(arrays.get("outer_scale", {}).get("shape", [])):
         return CHANNEL_OUTER_FORMAT_VERSION
     if entry.get("zero_min") or "outer_scale" in arrays or (

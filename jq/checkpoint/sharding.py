@@ -44,7 +44,7 @@ def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any,
 
     `spec` is for the logical weight: a PartitionSpec (needs `mesh`) or a Sharding; for a QTensor a
     NamedSharding applies to codes / scale / zero (same rank as the weight; dims its mesh axes do not divide are
-    replicated), while `perm` and flat layouts are replicated; another Sharding is used as is. A dict
+    replicated), while `perm`, a sparse term and flat layouts are replicated; another Sharding is used as is. A dict
     {field: spec} (or a target QTensor) sets a QTensor's arrays one by one. None: replicated over `mesh`, else
     this process's first device.
     """
@@ -67,7 +67,7 @@ def leaf_shardings(path: str, entry: Mapping[str, Any], spec: Any,
             raise ValueError(f"{path}: sharding {sp!r} is not a jax Sharding, a PartitionSpec or None")
         if not isinstance(sp, NamedSharding):
             out[field] = sp
-        elif not per_field and (field == "perm" or flat):
+        elif not per_field and (field in ("perm", "sparse_index", "sparse_value") or flat):
             out[field] = NamedSharding(sp.mesh, PartitionSpec())
         else:
             out[field] = NamedSharding(sp.mesh, _fit(sp.spec, tuple(s["shape"]), sp.mesh))

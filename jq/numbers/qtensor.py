@@ -13,6 +13,11 @@ axis; "lut" formats (`cb8x2`) store `codebook`, tables of 2^bits vectors per sca
 (GPTVQ: one per group of rows), "lattice" ones (`e8p`) read E8P's fixed table; a weight is table[index] · scale.
 "additive" ones (`aq8x2`, AQLM: `jq.numbers.additive`) hold M indices per vector (codes [..., M]) into M tables stored
 in `codebook` [..., M, 2^B, 8]; a weight is the sum of the M entries · scale.
+
+Dense-and-sparse (SqueezeLLM / SpQR): an optional sparse term added to the decoded weight — `sparse_index` int32
+[nnz], flat row-major positions in the logical shape, and `sparse_value` float16 [nnz] — so a few outlier weights are
+kept almost exactly while the dense codes fit the rest. It lives in the same domain as the codes (before an online
+rotation's inverse), and `jq.ops` multiplies it beside the dense part.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class QTensor:
       outer_scale: a second level multiplying the scales, or None: a float32 scalar (shape (); NVFP4: e4m3 scales per
         16 weights times one float32), or float16 per output channel, broadcastable to `scale` (progressive QoQ:
         uint8 group scales on an int8 grid, `jq.numbers.progressive`).
+      sparse_index / sparse_value: the dense-and-sparse term (int32 flat positions [nnz], float16 values [nnz]) added
+        to the decoded weight, or None.
       fmt: format name (see `formats.FORMATS`).
       layout: static `Layout`.
       symmetric / restricted: the integer code range used.
@@ -111,6 +118,8 @@ class QTensor:
     perm: jax.Array | None = None
     codebook: jax.Array | None = None
     outer_scale: jax.Array | None = None
+    sparse_index: jax.Array | None = None
+    sparse_value: jax.Array | None = None
     fmt: str = dataclasses.field(default="int8", metadata=dict(static=True))
     layout: Layout = dataclasses.field(default=None, metadata=dict(static=True))
     symmetric: bool = dataclasses.field(default=True, metadata=dict(static=True))
@@ -144,7 +153,8 @@ class QTensor:
         """The grid in a few words, as reports and logs print it: 'int4 asym g128', 'int8 sym channel perm'."""
         return grid_label(self.fmt, self.symmetric, self.layout.granularity_label) + (
             " min" if self.zero_min else "") + (" perm" if self.perm is not None else "") + (
-            " progressive" if self.outer_scale is not None and jnp.issubdtype(self.scale.dtype, jnp.integer) else "")
+            " progressive" if self.outer_scale is not None and jnp.issubdtype(self.scale.dtype, jnp.integer) else "") + (
+            f" + {100 * self.sparse_index.shape[0] / self.size:.2g}% sparse" if self.sparse_index is not None else "")
 
     def __repr__(self) -> str:
         lay = self.layout
@@ -186,6 +196,8 @@ class QTensor:
         else:
             v = (v - lay.expand_scale(self.zero.astype(jnp.float32))) * lay.expand_scale(scale)
         w = lay.from_grouped(v, self.perm)
+        if self.sparse_index is not None:
+            w = w.reshape(-1).at[self.sparse_index].add(self.sparse_value.astype(jnp.float32)).reshape(lay.shape)
         if self.policy.rotation is not None:  # stored Qᵀ W → W = Q (Qᵀ W)
             w = self.policy.rotation.inverse(w, axis=lay.axes[0])
         return w.astype(dtype)
@@ -209,6 +221,10 @@ class QTensor:
         tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
         vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
         return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
+
+    def dense_part(self) -> "QTensor":
+        """The same QTensor without its sparse term (what a kernel multiplies; `jq.ops` adds the sparse product)."""
+        return dataclasses.replace(self, sparse_index=None, sparse_value=None)
 
     def unrotated(self) -> "QTensor":
         """The same codes read as the stored (rotated) weight Qᵀ W, for a matmul that rotates its input itself."""
@@ -248,13 +264,19 @@ class QTensor:
             problems.append(f"codebook shape {tuple(self.codebook.shape)} != {lay.scale_shape + (2**f.bits, f.vec)} "
                             f"(scale shape, or dims dividing it, + ({2**f.bits} entries for {f.bits}-bit indices, "
                             f"vector length {f.vec}))")
+        si, sv = self.sparse_index, self.sparse_value
+        if (si is None) != (sv is None):
+            problems.append("sparse_index without sparse_value (or the reverse)")
+        elif si is not None and (si.ndim != 1 or tuple(sv.shape) != tuple(si.shape) or si.dtype != jnp.int32):
+            problems.append(f"sparse term: index {si.dtype}{tuple(si.shape)} and value {tuple(sv.shape)} must be int32 "
+                            "[nnz] and [nnz]")
         if problems:
             raise ValueError(f"{where}: {self!r} is inconsistent: " + "; ".join(problems))
 
     # -- honest size accounting -----------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes of everything stored: codes, scales, zero points, permutation and codebooks."""
+        """Bytes of everything stored: codes, scales, zero points, permutation, codebooks and the sparse term."""
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self._arrays())
 
     @property
@@ -263,8 +285,8 @@ class QTensor:
         return 8.0 * self.nbytes / self.size
 
     def _arrays(self) -> list[jax.Array]:
-        return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook, self.outer_scale)
-                if a is not None]
+        return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook, self.outer_scale,
+                            self.sparse_index, self.sparse_value) if a is not None]
 
 
 def _tables_fit(cb_shape: tuple[int, ...], scale_shape: tuple[int, ...], f: formats.Format) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -101,6 +102,8 @@ def qdot_general(
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.rotation is not None and not isinstance(lhs, QTensor):
         return _rotated(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    if isinstance(rhs, QTensor) and rhs.sparse_index is not None and not isinstance(lhs, QTensor):
+        return _dense_and_sparse(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.act_outlier is not None and not isinstance(lhs, QTensor):
         return _outlier_split(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if (isinstance(rhs, QTensor) and rhs.policy.act == "int8" and progressive.is_progressive(rhs)
@@ -150,6 +153,26 @@ def _outlier_split(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimension
     outer = jax.lax.dot_general(lhs * m, rhs.dequantize(lhs.dtype), dimension_numbers, precision,
                                 preferred_element_type)
     return inner + outer
+
+
+def _dense_and_sparse(lhs: jax.Array, rhs: QTensor, dimension_numbers: DotDimensionNumbers, precision: PrecisionLike,
+                      preferred_element_type: DTypeLike | None) -> jax.Array:
+    """x·dense + x·S (`jq.numbers.sparse`): the dense codes through `qdot_general` (kernels, activation quantization),
+    the nnz kept weights as a gather of their input rows and a scatter-add into their output columns, in float32."""
+    y = qdot_general(lhs, rhs.dense_part(), dimension_numbers, precision, preferred_element_type)
+    (lc, rc), (lb, rb) = dimension_numbers
+    shape, nc = rhs.shape, len(rc)
+    val = rhs.sparse_value.astype(jnp.float32)
+    if lb or rb or tuple(rc) != tuple(range(nc)):  # an unusual contraction: multiply the dense form of S
+        s = jnp.zeros(rhs.size, jnp.float32).at[rhs.sparse_index].add(val).reshape(shape)
+        return y + jax.lax.dot_general(lhs.astype(jnp.float32), s, dimension_numbers, precision).astype(y.dtype)
+    k = math.prod(shape[:nc])
+    n = rhs.size // k
+    x = jnp.moveaxis(lhs, tuple(lc), tuple(range(lhs.ndim - nc, lhs.ndim)))
+    x = x.reshape(x.shape[: lhs.ndim - nc] + (k,)).astype(jnp.float32)
+    rows, cols = rhs.sparse_index // n, rhs.sparse_index % n
+    out = jnp.zeros(x.shape[:-1] + (n,), jnp.float32).at[..., cols].add(x[..., rows] * val)
+    return y + out.reshape(x.shape[:-1] + shape[nc:]).astype(y.dtype)
 
 
 def _lowrank(lhs: jax.Array, rhs: LowRank, dimension_numbers: DotDimensionNumbers, precision: PrecisionLike,

@@ -91,8 +91,8 @@ def _common(lhs: jax.Array | QTensor, rhs: jax.Array | QTensor,
         return None, "a 1-D weight"
     if lay.flat or rhs.outer_scale is not None:
         return None, "flat groups" if lay.flat else "a per-tensor outer scale (two-level scales: NVFP4)"
-    if rhs.policy.rotation is not None or rhs.policy.act_outlier is not None:
-        return None, "rotation / outlier split pending (jq.ops resolves those before asking the kernels)"
+    if rhs.policy.rotation is not None or rhs.policy.act_outlier is not None or rhs.sparse_index is not None:
+        return None, "rotation / outlier split / sparse term pending (jq.ops resolves those before asking the kernels)"
     if jnp.dtype(lhs.dtype) not in FLOAT_ACTS:
         return None, f"activation dtype {jnp.dtype(lhs.dtype).name}"
     if mode.style == "tpu" and not mode.interpret and jnp.dtype(lhs.dtype) == jnp.float16:

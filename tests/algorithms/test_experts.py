@@ -23,7 +23,9 @@ def _experts(E=3, K=64, N=8, seed=0):
 
 
 @pytest.mark.parametrize("rule", [{"method": "gptvq", "format": "cb4x2", "group_size": 32, "options": {"iters": 8}},
-                                  {"method": "quip", "format": "e8p", "granularity": "channel"}])
+                                  {"method": "quip", "format": "e8p", "granularity": "channel"},
+                                  {"method": "kmeans", "format": "cb3", "granularity": "channel",
+                                   "options": {"iters": 6, "feedback": True, "outliers": 0.02}}])
 def test_codebooks_on_stacked_experts_equal_each_expert_alone(tmp_path, rule):
     w, st = _experts()
     cfg = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*kernel", "axes": [1], **rule}]})

@@ -226,7 +226,7 @@ def test_feedback_matches_a_numpy_gptq_pass_and_lowers_the_output_error():
     np.testing.assert_allclose(np.asarray(u.T @ u), np.linalg.inv(np.asarray(stats.hessian, np.float64)
                                + 0.01 * np.mean(np.diag(stats.hessian)) * np.eye(48)), rtol=2e-3, atol=1e-4)
     tables = jnp.sort(jax.random.normal(jax.random.key(8), (3, 24, 8)), axis=-1)  # groups of 16 rows
-    got, _ = feedback_assign(w, u, 1, 16, lambda b, wb: (tables[b][..., None], None))  # blocks of 16 rows
+    got, _, _ = feedback_assign(w, u, 1, 16, lambda b, wb: (tables[b][..., None], None))  # blocks of 16 rows
     got = np.asarray(got)
     ref = np_feedback(np.asarray(w), np.asarray(tables), 16, np.asarray(u))
     assert (got == ref).mean() > 0.97  # float32 rounding near a midpoint may flip a few, never many
@@ -251,3 +251,27 @@ def test_feedback_refusals():
         KMeans(feedback=True).quantize(w, s, s.layout(w.shape, (0,)), None)
     with pytest.raises(ValueError, match="option 'damp'"):
         KMeans(damp=0)
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_dense_and_sparse_keeps_the_costliest_weights_and_lowers_the_output_error(feedback):
+    w, x, stats = _feedback_problem()
+    w = w.at[::7, ::5].multiply(6.0)  # heavy outliers stretch every channel's table
+    s = Scheme("cb3")
+    lay = s.layout(w.shape, (0,))
+    oerr = lambda q: float(jnp.linalg.norm(x @ (q.dequantize() - w)) / jnp.linalg.norm(x @ w))  # noqa: E731
+    plain = KMeans(feedback=feedback).quantize(w, s, lay, stats)
+    ds = KMeans(feedback=feedback, outliers=0.03).quantize(w, s, lay, stats)
+    again = KMeans(feedback=feedback, outliers=0.03).quantize(w, s, lay, stats)
+    assert ds.sparse_index.shape == (round(0.03 * w.size),)
+    assert oerr(ds) < 0.7 * oerr(plain)
+    for f in ("codes", "codebook", "sparse_index", "sparse_value"):  # deterministic
+        np.testing.assert_array_equal(np.asarray(getattr(ds, f)), np.asarray(getattr(again, f)))
+    pos = np.asarray(ds.sparse_index)
+    absw = np.abs(np.asarray(w)).reshape(-1)
+    assert absw[pos].mean() > 2 * absw.mean()  # the large weights cost most (those a centroid does not catch)
+    if not feedback:  # kept at their own value (with feedback: their error-updated one)
+        np.testing.assert_allclose(np.asarray(ds.dequantize()).reshape(-1)[pos], np.asarray(w).reshape(-1)[pos],
+                                   rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match=r"method 'kmeans': option 'outliers' has value -0.1"):
+        KMeans(outliers=-0.1)

@@ -277,9 +277,9 @@ def test_newer_major_version_is_refused_and_a_newer_minor_read(tmp_path):
     _edit_meta(d, lambda m: m.update(format_version="1.7", future_field=1))
     assert ck.read_meta(d)["format_version"] == "1.7"
     ck.load(d)
-    _edit_meta(d, lambda m: m.update(format_version="4.0"))
+    _edit_meta(d, lambda m: m.update(format_version="5.0"))
     for fn in (ck.read_meta, ck.load, ck.verify):
-        with pytest.raises(ck.CheckpointError, match=r"format version 4.0 is newer than this jq reads \(3.x"):
+        with pytest.raises(ck.CheckpointError, match=r"format version 5.0 is newer than this jq reads \(4.x"):
             fn(d)
 
 

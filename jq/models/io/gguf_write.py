@@ -108,6 +108,9 @@ def _tensor(path: str, leaf: Any, m: Any) -> tuple[np.ndarray, T | None, dict[st
     if not isinstance(leaf, QTensor):
         a = _stored_rows(np.asarray(leaf, np.float32), m.transpose, rows)
         return a, None, {"path": path, "jq": "float", "gguf": "F32", "exact": True}
+    if leaf.sparse_index is not None:
+        raise ValueError(f"{path}: {leaf!r} carries float16 outliers beside its codes (dense-and-sparse), which no "
+                         "GGUF type expresses; quantize without `outliers`, or dequantize the leaf first")
     if leaf.policy != ExecPolicy():
         raise ValueError(f"{path}: {leaf!r} runs with an online rotation or activation quantization "
                          f"({leaf.policy}), which no GGUF type expresses; export a weight-only recipe without "

@@ -160,6 +160,8 @@ def unsigned_view(q: object, where: str, target: str, bits: tuple[int, ...]) -> 
          f"{target}", "merge the correction (dequantize) or quantize without lowrank")
     need(isinstance(q, QTensor), where, f"{type(q).__name__} is not a QTensor", f"quantize it to store it in {target}")
     f, lay = q.format, q.layout
+    need(q.sparse_index is None, where, f"a dense-and-sparse weight (float16 outliers beside the codes) cannot be "
+         f"stored in {target}", "quantize without `outliers`, or dequantize the leaf")
     need(f.is_int and f.bits in bits, where, f"format {q.fmt} cannot be stored in {target}",
          f"{target} holds integer codes of {', '.join(map(str, bits))} bits; quantize with one of "
          f"{', '.join(f'int{b}' for b in bits)}")
