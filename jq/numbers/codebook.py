@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
 from jq.numbers import formats
@@ -30,7 +31,7 @@ from jq.numbers.qtensor import ExecPolicy, Layout, QTensor
 
 __all__ = ["vector_axis", "vectors_per_table", "check_codebook_layout", "to_units", "from_units", "normalise",
            "make_codebook_qtensor", "stored_codebook_qtensor", "rows_per_group", "check_shared_layout", "as_stored",
-           "rms_scales", "leading_matrix", "from_matrix", "on_leading_matrix"]
+           "rms_scales", "leading_matrix", "from_matrix", "on_leading_matrix", "contraction_order", "transposed"]
 
 
 def vector_axis(layout: Layout) -> int:
@@ -101,9 +102,9 @@ def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted
         raise ValueError(f"format {fmt.name!r} is not a {what} codebook; {method} takes {takes}")
     if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \
             or layout.granularity == "tensor":
-        raise ValueError(f"{method} needs a kernel [K, N] contracting axis 0 (or [K..., N...] contracting its "
-                         "leading axes) with granularity group (a "
-                         f"group_size dividing K) or channel; got shape {layout.shape}, axes {layout.axes}, "
+        raise ValueError(f"{method} needs a kernel [K, N] contracting axis 0 (or an N-D kernel contracting axes in "
+                         "increasing order) with granularity group (a group_size dividing K) or channel, without flat "
+                         f"or padded groups; got shape {layout.shape}, axes {layout.axes}, "
                          f"{layout.granularity_label}{' padded' if layout.padded else ''}: choose such a group_size, "
                          "or method: kmeans for this leaf")
     check_codebook_layout(fmt, layout, per_table=False, kinds=(kind,))  # vectors tile the groups
@@ -216,12 +217,54 @@ def from_matrix(q: QTensor, layout: Layout) -> QTensor:
     return out
 
 
+def contraction_order(layout: Layout) -> tuple[int, ...] | None:
+    """The axis order that puts a kernel's contraction axes first (in order, then the others: an einsum kernel
+    [heads, d_model, head_dim] contracting axis 1 → (1, 0, 2)), or None when they already lead or the layout does not
+    transpose (flat or padded groups, axes out of order)."""
+    axes, nc = tuple(layout.axes), len(layout.axes)
+    if axes == tuple(range(nc)) or layout.flat or layout.padded is not None or list(axes) != sorted(axes):
+        return None
+    return axes + tuple(a for a in range(len(layout.shape)) if a not in axes)
+
+
+def transposed(q: QTensor, order: tuple[int, ...], layout: Layout) -> QTensor:
+    """The QTensor of `layout` holding the same weights as q, a QTensor of `layout` with its axes in `order`
+    (`contraction_order`): codes (repacked along the group axis), scales, tables and a sparse term moved back."""
+    f, nd = q.format, len(order)
+    inv = tuple(int(i) for i in np.argsort(order))
+    codes = q.codes
+    if f.packs:
+        codes = formats.unpack(codes, f.bits, q.layout.stored_shape[q.layout.pack_axis] // f.vec,
+                               axis=q.layout.pack_axis)
+    codes = jnp.transpose(codes, inv + tuple(range(nd, codes.ndim)))  # additive codes keep their trailing M axis
+    if f.packs:
+        codes = formats.pack(codes, f.bits, axis=layout.pack_axis)
+    tables = None if q.codebook is None else jnp.transpose(q.codebook, inv + tuple(range(nd, q.codebook.ndim)))
+    extra = {}
+    if q.sparse_index is not None:  # flat positions in the transposed shape → in the layout's
+        at = jnp.unravel_index(q.sparse_index, q.layout.shape)
+        idx = jnp.ravel_multi_index(tuple(at[j] for j in inv), layout.shape, mode="clip").astype(jnp.int32)
+        order_idx = jnp.argsort(idx)
+        extra = dict(sparse_index=idx[order_idx], sparse_value=q.sparse_value[order_idx])
+    out = dataclasses.replace(q, codes=codes, scale=jnp.transpose(q.scale, inv), codebook=tables, layout=layout,
+                              **extra)
+    out.check("codebook QTensor")
+    return out
+
+
 def on_leading_matrix(method: Callable[..., QTensor]) -> Callable[..., QTensor]:
-    """`method(w, scheme, layout, stats, **options)` for 2-D kernels [K, N], extended to N-D kernels whose contraction
-    axes lead: it runs on w reshaped to [K, N] (statistics over the flattened K) and the result is reshaped back."""
+    """`method(w, scheme, layout, stats, **options)` for 2-D kernels [K, N], extended to N-D kernels: contraction axes
+    that do not lead are moved first (an einsum kernel [heads, d_model, head_dim] contracting d_model; statistics,
+    over the contraction axes alone, stay as they are), then the kernel runs reshaped to [K, N] (statistics over the
+    flattened K) and the result is reshaped and transposed back."""
 
     @functools.wraps(method)
     def run(w, scheme, layout, stats=None, **options):
+        order = contraction_order(layout)
+        if order is not None:
+            lt = Layout(tuple(layout.shape[a] for a in order), tuple(range(len(layout.axes))), layout.granularity,
+                        layout.group_size)
+            return transposed(run(jnp.transpose(w, order), scheme, lt, stats, **options), order, layout)
         mat = leading_matrix(layout)
         if mat is None:
             return method(w, scheme, layout, stats, **options)

@@ -227,9 +227,10 @@ def test_refusals_name_the_leaf_value_and_fix():
 
 @pytest.mark.parametrize("rule", [{"method": "gptvq", "format": "cb4x2", "group_size": 8, "options": {"iters": 8}},
                                   {"method": "quip", "format": "e8p", "granularity": "channel"}])  # higgs: same wrapper
-def test_n_d_kernels_contracting_their_leading_axes_equal_the_flattened_matrix(tmp_path, rule):
+def test_n_d_and_transposed_kernels_equal_the_flattened_matrix(tmp_path, rule):
     """A DenseGeneral kernel [heads, head_dim, out_a, out_b] contracting (0, 1) is quantized as its [K, N] matrix
-    (groups within head_dim are the same rows), stored in its own layout, and runs through qeinsum."""
+    (groups within head_dim are the same rows), stored in its own layout, and runs through qeinsum; so are kernels
+    whose contraction axis does not lead (einsum [heads, d_model, head_dim], a transposed [out, in] matrix)."""
     w, _, stats = _problem(K=64, N=24)
     wn = w.reshape(4, 16, 6, 4)
     one = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", **rule}]}).rules[0]
@@ -246,12 +247,20 @@ def test_n_d_kernels_contracting_their_leading_axes_equal_the_flattened_matrix(t
     ck.save(tmp_path / "ck", {"a": {"kernel": qn}})
     np.testing.assert_array_equal(np.asarray(ck.load(tmp_path / "ck")[0]["a"]["kernel"].dequantize()),
                                   np.asarray(qn.dequantize()))
+    # contraction axes that do not lead: an einsum kernel [heads, d_model, head_dim] contracting d_model, and a
+    # PyTorch-style [out, in] matrix contracting axis 1 — the same groups and codes, transposed
+    got = {}
+    for shape, order in (((4, 64, 6), (1, 0, 2)), ((24, 64), (1, 0))):
+        rule_t = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [1], **rule}]}).rules[0]
+        moved = tuple(shape[i] for i in order)  # the shape with the contraction axis first
+        got[shape] = qt = quantize_leaf("a/kernel", jnp.transpose(w.reshape(moved), np.argsort(order)), rule_t, stats)
+        assert qt.shape == shape and qt.layout.axes == (1,) and qt.nbytes == q2.nbytes
+        want = np.transpose(np.asarray(q2.dequantize()).reshape(moved), np.argsort(order))
+        np.testing.assert_array_equal(np.asarray(qt.dequantize()), want)
+    np.testing.assert_allclose(np.asarray(jq.ops.qeinsum("bd,ndh->bnh", x.reshape(3, 64), got[(4, 64, 6)])),
+                               np.asarray(x.reshape(3, 64) @ q2.dequantize()).reshape(3, 4, 6), rtol=1e-4, atol=1e-5)
     if rule["method"] == "gptvq":
         bad = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [0, 1], **rule,
                                                         "options": {"act_order": True}}]}).rules[0]
         with pytest.raises(ValueError, match=r"act_order on an N-D kernel \(shape \(4, 16, 6, 4\)\)"):
             quantize_leaf("a/kernel", wn, bad, stats)
-        last = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*", "axes": [1], **rule}]}).rules[0]
-        with pytest.raises(ValueError, match=r"a/kernel: gptvq needs a kernel \[K, N\] contracting axis 0 \(or "
-                                             r"\[K\.\.\., N\.\.\.\] contracting its leading axes\)"):
-            quantize_leaf("a/kernel", jnp.ones((24, 64)), last, LayerStats(hessian=jnp.eye(64)))
