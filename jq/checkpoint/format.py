@@ -43,6 +43,8 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 # 1.3 lets a codebook's table dims divide the scale dims (one table shared by a block of scale positions: GPTVQ)
 # 1.4 adds lattice-codebook QTensors: formats e8p / e8p2 (uint16 / uint32 codes into the fixed E8P table, no
 #     codebook array); written only for trees that hold one (a 1.3 reader refuses the unknown format name)
+# 1.5 adds additive-codebook QTensors: formats aq{B}x{M} (AQLM: uint8 codes with a trailing axis of M indices, a
+#     "codebook" of M tables [..., M, 2^B, 8]); written only for trees that hold one (a 1.4 reader refuses the name)
 # 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
 #     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
 #     other checkpoint stays 1.3 and reads in older jq.
@@ -58,6 +60,7 @@ LOWRANK_FORMAT_VERSION = "2.0"
 SCALED_FORMAT_VERSION = "3.0"
 CHANNEL_OUTER_FORMAT_VERSION = "3.1"
 LATTICE_FORMAT_VERSION = "1.4"
+ADDITIVE_FORMAT_VERSION = "1.5"
 SPARSE_FORMAT_VERSION = "4.0"
 READS_MAJOR = 4
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -238,7 +241,7 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 def entry_version(entry: Mapping[str, Any]) -> str:
     """The oldest format version that holds a leaf's metadata entry: 4.0 for a dense-and-sparse term, 3.0 for
     weight-unit offsets, an outer scale or 8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank
-    leaf, 1.4 for a lattice codebook, else 1.3."""
+    leaf, 1.5 for an additive codebook, 1.4 for a lattice codebook, else 1.3."""
     arrays = entry.get("arrays", {})
     if "sparse_index" in arrays:
         return SPARSE_FORMAT_VERSION
@@ -250,7 +253,8 @@ def entry_version(entry: Mapping[str, Any]) -> str:
     if entry.get("kind") == "lowrank":
         return LOWRANK_FORMAT_VERSION
     f = formats.FORMATS.get(str(entry.get("fmt")))
-    return LATTICE_FORMAT_VERSION if f is not None and f.kind == "lattice" else FORMAT_VERSION
+    kind = None if f is None else f.kind
+    return {"lattice": LATTICE_FORMAT_VERSION, "additive": ADDITIVE_FORMAT_VERSION}.get(kind, FORMAT_VERSION)
 
 
 def tree_version(entries: Sequence[Mapping[str, Any]]) -> str:

@@ -99,7 +99,7 @@ def test_bits_per_weight_are_counted_exactly(fitted):
     assert formats.get_format("aq8x3").bits_per_weight == 3.0
 
 
-def test_a_recipe_on_a_tree_an_nd_kernel_and_the_refusals_of_kernels_and_exporters():
+def test_a_recipe_on_a_tree_an_nd_kernel_and_the_refusals_of_kernels_and_exporters(tmp_path):
     w, stats = _problem()
     cfg = recipe_from_dict({"name": "x", "rules": [{"pattern": ".*kernel", "method": "aqlm", "format": "aq4x2",
                                                     "granularity": "channel", "rotate": "hadamard",
@@ -114,6 +114,13 @@ def test_a_recipe_on_a_tree_an_nd_kernel_and_the_refusals_of_kernels_and_exporte
     from jq.models.io.hfq.common import unsigned_view
     with pytest.raises(ValueError, match="format aq4x2 cannot be stored in gptq"):
         unsigned_view(q, "a/kernel", "gptq", (4, 8))
+    from jq import checkpoint as ck
+
+    d = ck.save(tmp_path / "ck", out)
+    assert ck.read_meta(d)["format_version"] == "1.5"
+    back = ck.load(d)[0]["a"]["kernel"]
+    for f in ("codes", "scale", "codebook"):
+        np.testing.assert_array_equal(np.asarray(getattr(back, f)), np.asarray(getattr(q, f)))
     nd = _jitted("aq4x2", (4, 16, 32), (0, 1), iters=0)(w.reshape(4, 16, 32), stats)
     flat = _jitted("aq4x2", (64, 32), (0,), iters=0)(w, stats)
     assert nd.codes.shape == (4, 2, 32, 2)
