@@ -22,6 +22,7 @@ from jq.numbers import progressive
 from jq.numbers.lowrank import LowRank
 from jq.numbers.qtensor import QTensor
 from jq.ops.activations import fake_quantize_activations, outlier_channels, quantize_activations
+from jq.ops.matrix_view import einsum_dimension_numbers, matrix_view
 from jq.ops.registry import KERNELS, Kernel, register_kernel
 
 if TYPE_CHECKING:
@@ -102,6 +103,11 @@ def qdot_general(
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.rotation is not None and not isinstance(lhs, QTensor):
         return _rotated(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    view = matrix_view(lhs, rhs, dimension_numbers) if isinstance(rhs, QTensor) and not isinstance(lhs, QTensor) \
+        else None
+    if view is not None:  # an N-D weight contracting its leading axes runs as the matrix [K, N] it is stored as
+        x, q, shape = view
+        return qdot_general(x, q, (((x.ndim - 1,), (0,)), ((), ())), precision, preferred_element_type).reshape(shape)
     if isinstance(rhs, QTensor) and rhs.sparse_index is not None and not isinstance(lhs, QTensor):
         return _dense_and_sparse(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     if isinstance(rhs, QTensor) and rhs.policy.act_outlier is not None and not isinstance(lhs, QTensor):
@@ -211,6 +217,11 @@ def qeinsum(subscripts: str, x: jax.Array, w: jax.Array | QTensor, precision: Pr
     the subscripts say, a QTensor taking part with its logical shape (e.g. "btk,kn->btn": [B, T, K], [K, N] →
     [B, T, N])."""
     if isinstance(w, (QTensor, LowRank)):
+        spec = einsum_dimension_numbers(subscripts, jnp.ndim(x), w.ndim)
+        rotated = isinstance(w, QTensor) and w.policy.rotation is not None
+        if spec is not None and not (rotated and len(spec[0][0][1]) > 1):  # online rotations take one axis
+            dn, order = spec
+            return jnp.transpose(qdot_general(x, w, dn, precision, preferred_element_type), order)
         log.debug("qeinsum %s falls back to dequantize + XLA einsum", subscripts)
         w = w.dequantize(x.dtype)
     return jnp.einsum(subscripts, x, w, precision=precision, preferred_element_type=preferred_element_type)

@@ -206,8 +206,10 @@ def test_linen_dense_reaches_registered_kernel(linen_setup):
     finally:
         jq.ops.KERNELS.remove(next(k for k in jq.ops.KERNELS if k.name == "test_fake_dense"))
     assert all(k.name != "test_fake_dense" for k in jq.ops.KERNELS)
-    # the Dense kernel arrives packed: (32, 48) int4 → (16, 48) uint8 codes; DenseGeneral (3-D) is refused
-    assert seen == [((32, 48), "int4", jnp.uint8, (16, 48))]
+    # the Dense kernel arrives packed: (32, 48) int4 → (16, 48) uint8 codes, and so does the Einsum one (qeinsum turns
+    # "btk,kn->btn" into a dot_general); the DenseGeneral one (4, 12, 32) has no matrix view (its 12 packed int4 codes
+    # per row block are padded to 8 bytes, not 6) and is dequantized
+    assert seen == [((32, 48), "int4", jnp.uint8, (16, 48)), ((32, 16), "int4", jnp.uint8, (16, 16))]
     ref = model.apply({"params": jq.dequantize_params(qparams)}, x)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
 

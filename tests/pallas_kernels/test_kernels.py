@@ -279,8 +279,8 @@ FALLBACKS = [  # (what, rhs builder, lhs shape, dimension numbers, reason fragme
      (((1,), (0,)), ((), ())), "group scales"),
     ("flat groups", lambda: quantize(weight(64, 32), format="int4", group_size=32, flat_groups=True), (2, 64),
      (((1,), (0,)), ((), ())), "flat groups"),
-    ("two contraction axes", lambda: jax.jit(lambda w: jq.Scheme(format="int4", group_size=8).make_qtensor(
-        *_grouped(w, jq.Scheme(format="int4", group_size=8), (0, 1))))(weight(4, 8, 16)), (2, 4, 8),
+    ("a padded N-D kernel", lambda: jax.jit(lambda w: jq.Scheme(format="int4", group_size=8, pad=True).make_qtensor(
+        *_grouped(w, jq.Scheme(format="int4", group_size=8, pad=True), (0, 1))))(weight(4, 12, 16)), (2, 4, 12),
      (((1, 2), (0, 1)), ((), ())), "kernels take axis 0 only"),
     ("batch dims", lambda: quantize(weight(3, 64, 32), format="int4", group_size=32, axes=(1,)), (3, 2, 64),
      (((2,), (1,)), ((0,), (0,))), "batch dimensions"),
@@ -312,6 +312,19 @@ def test_unsupported_falls_back_with_reason(monkeypatch, caplog, what, build, lh
     if q.policy.act is None:
         ref = jax.jit(lambda x, q: jax.lax.dot_general(x, q.dequantize(jnp.float32), dn))(x, q)
         assert rel_err(y, ref) < 1e-5
+
+
+def test_dense_general_and_einsum_weights_reach_the_kernels_as_matrices(monkeypatch, caplog):
+    """A kernel [heads, head_dim, out] contracting (0, 1), called by dot_general or by a model's einsum, runs on the
+    2-D kernel through its matrix view (`jq.ops.matrix_view`): same result as the fallback, no fallback logged."""
+    q = jax.jit(lambda w: jq.Scheme(format="int4", group_size=16).make_qtensor(
+        *_grouped(w, jq.Scheme(format="int4", group_size=16), (0, 1))))(weight(4, 32, 16))
+    x = jnp.asarray(normal((2, 3, 4, 32), 7))
+    calls = kernel_used(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="jq.ops"), pk.force_interpret():
+        y = jax.jit(lambda x, q: jq.ops.qeinsum("bthd,hdn->btn", x, q))(x, q)
+    assert calls == ["w4a16_sym_g16"] and not _fallback_messages(caplog)
+    assert rel_err(y, jnp.einsum("bthd,hdn->btn", x, q.dequantize(jnp.float32))) < TOL_FALLBACK["float32"]
 
 
 def test_user_kernels_keep_priority_and_registration_is_idempotent():
