@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jq.algorithms.codebook_feedback import damped, hessian_or_identity
-from jq.algorithms.gptvq import layer_objective, refit_group_scales
+from jq.algorithms.gptvq import refit_group_scales, solve_tables
 from jq.algorithms.kmeans import assign, lloyd
 from jq.algorithms.registry import register_method
 from jq.algorithms.stats import LayerStats
@@ -168,21 +168,7 @@ def update_tables(w: jnp.ndarray, h: jnp.ndarray, codes: jnp.ndarray, tables: jn
         y = jnp.broadcast_to((y * s)[..., None], (K, N, M)).reshape(-1)
         return jax.ops.segment_sum(y, flat, num_segments=tables.size).reshape(tables.shape)
 
-    normal = lambda c: adjoint(jnp.matmul(h, expand(c), precision=_HP))  # noqa: E731
-    r = adjoint(jnp.matmul(h, w, precision=_HP)) - normal(tables)
-
-    def cg(_, c):
-        x, r, p, rr = c
-        ap = normal(p)
-        pap = jnp.sum(p * ap)
-        alpha = jnp.where(pap > 0, rr / jnp.where(pap > 0, pap, 1.0), 0.0)
-        x, r = x + alpha * p, r - alpha * ap
-        rr_new = jnp.sum(r * r)
-        return x, r, r + jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0) * p, rr_new
-
-    x = cbk.as_stored(lax.fori_loop(0, iters, cg, (tables, r, r, jnp.sum(r * r)))[0])
-    better = layer_objective(w, expand(x), h) < layer_objective(w, expand(tables), h)
-    return jnp.where(better & jnp.all(jnp.isfinite(x)), x, tables)
+    return solve_tables(w, h, tables, expand, adjoint, iters, cbk.as_stored)
 
 
 @cbk.on_leading_matrix

@@ -22,6 +22,7 @@ Bits per weight = b / d + 16 / R (scales) + 16 · 2^b · d / (R · N) (tables; 8
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from jq.numbers import codebook as cbk
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["GPTVQ", "gptvq", "update_tables", "refit_scales", "refit_group_scales", "int8_codebook",
+__all__ = ["GPTVQ", "gptvq", "update_tables", "solve_tables", "refit_scales", "refit_group_scales", "int8_codebook",
            "layer_objective", "column_objective"]
 
 _HP = lax.Precision.HIGHEST
@@ -75,10 +76,16 @@ def update_tables(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.
     def adjoint(y):  # Pᵀ y
         return jax.ops.segment_sum((y * s).reshape(-1), flat, num_segments=G * C * d).reshape(G, C, d)
 
-    normal = lambda c: adjoint(jnp.matmul(h, expand(c), precision=_HP))
-    x = tables
-    r = adjoint(jnp.matmul(h, w, precision=_HP)) - normal(x)
-    p, rr = r, jnp.sum(r * r)
+    return solve_tables(w, h, tables, expand, adjoint, iters)
+
+
+def solve_tables(w: jnp.ndarray, h: jnp.ndarray, tables: jnp.ndarray, expand: Callable, adjoint: Callable, iters: int,
+                 stored: Callable = lambda c: c) -> jnp.ndarray:
+    """`iters` conjugate-gradient steps from `tables` (any shape) on the normal equations PᵀHP c = PᵀHW of the layer
+    objective tr((W − Ŵ)ᵀ H (W − Ŵ)) with Ŵ = `expand`(c) = P c (w, Ŵ [K, N]) and `adjoint` = Pᵀ; the result passed
+    through `stored` (e.g. rounding to float16) is kept only if it is finite and lowers the objective."""
+    normal = lambda c: adjoint(jnp.matmul(h, expand(c), precision=_HP))  # noqa: E731
+    r = adjoint(jnp.matmul(h, w, precision=_HP)) - normal(tables)
 
     def cg(_, c):
         x, r, p, rr = c
@@ -87,10 +94,9 @@ def update_tables(w: jnp.ndarray, h: jnp.ndarray, idx: jnp.ndarray, tables: jnp.
         alpha = jnp.where(pap > 0, rr / jnp.where(pap > 0, pap, 1.0), 0.0)
         x, r = x + alpha * p, r - alpha * ap
         rr_new = jnp.sum(r * r)
-        p = r + jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0) * p
-        return x, r, p, rr_new
+        return x, r, r + jnp.where(rr > 0, rr_new / jnp.where(rr > 0, rr, 1.0), 0.0) * p, rr_new
 
-    x = lax.fori_loop(0, iters, cg, (x, r, p, rr))[0]
+    x = stored(lax.fori_loop(0, iters, cg, (tables, r, r, jnp.sum(r * r)))[0])
     better = layer_objective(w, expand(x), h) < layer_objective(w, expand(tables), h)
     return jnp.where(better & jnp.all(jnp.isfinite(x)), x, tables)
 
