@@ -125,7 +125,7 @@ def test_a_recipe_on_a_tree_an_nd_kernel_and_the_refusals_of_kernels_and_exporte
     flat = _jitted("aq4x2", (64, 32), (0,), iters=0)(w, stats)
     assert nd.codes.shape == (4, 2, 32, 2)
     np.testing.assert_array_equal(np.asarray(nd.dequantize()).reshape(64, 32), np.asarray(flat.dequantize()))
-    for name, fmt in (("aqlm_w2", "aq8x2"), ("aqlm_w3", "aq8x3")):
+    for name, fmt in (("aqlm_w2", "aq8x2"), ("aqlm_w3", "aq8x3"), ("aqlm_w4", "aq8x4")):
         r = jq.load_recipe(RECIPES / f"{name}.yaml").rules[-1]
         assert r.method == "aqlm" and r.scheme.fmt.name == fmt and r.scheme.policy.rotation is not None
 
