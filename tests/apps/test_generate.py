@@ -238,6 +238,17 @@ def test_quantized_weights_generate_through_jq_ops(params, monkeypatch):
     assert r.compile_seconds > 0 and r.cache_bytes_per_token == cache_bytes_per_token(CFG, KVCacheConfig("int8"))
 
 
+def test_codebook_weights_generate_the_tokens_of_their_dequantized_model(params):
+    recipe = jq.recipe_from_dict({"name": "cb", "rules": [{"pattern": ".*kernel", "method": "higgs",
+                                                           "format": "cb4x2", "granularity": "channel"}]})
+    q = jq.quantize_params(params, recipe)
+    assert q["layers_0"]["mlp"]["down_proj"]["kernel"].fmt == "cb4x2"
+    prompt = jnp.arange(5, dtype=jnp.int32)[None]
+    got = generate_timed(CFG, q, prompt, 6, KVCacheConfig("int8")).tokens
+    want = generate_timed(CFG, jq.dequantize_params(q), prompt, 6, KVCacheConfig("int8")).tokens
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_sampling_eos_and_batch(params, tokens):
     prompt = tokens[:, :6]
     greedy = np.asarray(generate(CFG, params, prompt, 6))
