@@ -20,14 +20,13 @@ from jq.numbers.scheme import Scheme
 from jq.tree.quantize import quantize_leaf, quantize_params
 from jq.tree.recipe import recipe_from_dict
 
+from jqtest.layers import correlated_layer
+
 RECIPES = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
 
 
 def _problem(K=64, N=24, seed=3):
-    kx, kw = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, (2048, K)) @ (0.4 * jax.random.normal(kw, (K, K)) + jnp.eye(K))
-    w = 0.05 * jax.random.normal(kw, (K, N))
-    return w, LayerStats(hessian=x.T @ x / x.shape[0])
+    return correlated_layer(K, N, seed)
 
 
 def np_block_ldlq(w: np.ndarray, u: np.ndarray, scale: np.ndarray) -> np.ndarray:
