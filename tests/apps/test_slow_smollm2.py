@@ -11,8 +11,9 @@ from jq.apps import data, pipeline
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # (recipe, perplexity measured by the reference framework)
-REFERENCE = [(None, 36.62), ("rtn_w8_g128.yaml", 36.63), ("rtn_w4_g128.yaml", 46.53), ("rtn_w4_g128_sym.yaml", 54.17),
-             ("rtn_w3_g128.yaml", 147.5)]
+REFERENCE = [(None, 36.62), ("rtn_w4_g128.yaml", 46.53), ("rtn_w3_g128.yaml", 147.5)]
+# also measured by the reference framework, not re-run here (each costs half a minute of the suite):
+# rtn_w8_g128 36.63, rtn_w4_g128_sym 54.17
 
 
 @pytest.fixture(scope="module")

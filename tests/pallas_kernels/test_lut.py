@@ -207,7 +207,6 @@ def _three_d():
 
 
 REFUSALS = [  # what, rhs builder, lhs shape, style, reason fragment
-    ("3-D weight", _three_d, (2, 32), "gpu", "a 3-D codebook weight"),
     ("group 48 on GPU", lambda: codebook_q("cb4x2", 96, 32, 48, "shared"), (2, 96), "gpu",
      "group size 48 is not a power of two"),
     ("act int8", lambda: dataclasses.replace(codebook_q("cb4", 64, 32, 32, "shared"), policy=ExecPolicy(act="int8")),
@@ -229,6 +228,19 @@ def test_refusals_fall_back_with_reason(calls, caplog, what, build, lhs_shape, s
     if q.policy.act is None:
         ref = jax.jit(lambda x, q: jax.lax.dot_general(x, q.dequantize(jnp.float32), dn))(x, q)
         assert rel_err(y, ref) < 1e-5
+
+
+def test_a_3d_weight_runs_as_its_matrix(calls):
+    """A codebook weight [32, 4, 6] contracting axis 0 (tables per channel) reaches the kernel as the [32, 24] matrix
+    its bytes are (`jq.ops.matrix_view`), with the fallback's result."""
+    q = _three_d()
+    x = jnp.asarray(rng(11).standard_normal((2, 32)).astype(np.float32))
+    dn = (((1,), (0,)), ((), ()))
+    with pk.force_interpret("gpu"):
+        y = jax.jit(lambda x, q: jq.ops.qdot_general(x, q, dn))(x, q)
+    assert calls == ["gpu"] and y.shape == (2, 4, 6)
+    ref = jax.jit(lambda x, q: jax.lax.dot_general(x, q.dequantize(jnp.float32), dn))(x, q)
+    assert rel_err(y, ref) < 1e-5
 
 
 def test_group_48_runs_on_tpu_style(calls):

@@ -214,7 +214,7 @@ ignore: [".*lm_head.*"]
 
 
 def test_load_recipe_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"recipe '.*nope\.yaml': no such file .*shipped name \(awq_"):
+    with pytest.raises(FileNotFoundError, match=r"recipe '.*nope\.yaml': no such file .*shipped name \(aqlm_w2"):
         load_recipe(tmp_path / "nope.yaml")
     with pytest.raises(FileNotFoundError, match=r"recipe 'configs/rtn_w4_g12\.yaml': no such file"):
         load_recipe("configs/rtn_w4_g12.yaml")
