@@ -213,12 +213,13 @@ def qdot(x: jax.Array, w: jax.Array | QTensor, precision: PrecisionLike = None) 
 
 def qeinsum(subscripts: str, x: jax.Array, w: jax.Array | QTensor, precision: PrecisionLike = None,
             preferred_element_type: DTypeLike | None = None) -> jax.Array:
-    """`jnp.einsum(subscripts, x, w)` with `w` a QTensor or array (falls back to dequantize + einsum); shapes as
-    the subscripts say, a QTensor taking part with its logical shape (e.g. "btk,kn->btn": [B, T, K], [K, N] →
-    [B, T, N])."""
+    """`jnp.einsum(subscripts, x, w)` with `w` a QTensor, LowRank or array; shapes as the subscripts say, a QTensor
+    taking part with its logical shape (e.g. "btk,kn->btn": [B, T, K], [K, N] → [B, T, N]). A two-operand contraction
+    runs through `qdot_general` (kernels, rotations, activation quantization); other strings dequantize + einsum."""
     if isinstance(w, (QTensor, LowRank)):
         spec = einsum_dimension_numbers(subscripts, jnp.ndim(x), w.ndim)
-        rotated = isinstance(w, QTensor) and w.policy.rotation is not None
+        base = w.base if isinstance(w, LowRank) else w
+        rotated = isinstance(base, QTensor) and base.policy.rotation is not None
         if spec is not None and not (rotated and len(spec[0][0][1]) > 1):  # online rotations take one axis
             dn, order = spec
             return jnp.transpose(qdot_general(x, w, dn, precision, preferred_element_type), order)
