@@ -135,7 +135,7 @@ def quantize_stacked(path: str, w: jax.Array, record: Any, scheme: Scheme, layou
     q, info = out if want_info else (out, None)
     empty = None if isinstance(stats.count, jax.core.Tracer) else np.asarray(stats.count) <= 0
     if empty is not None and empty.any() and not isinstance(record, RTN):
-        codebook = scheme.fmt.kind in ("lut", "lattice", "additive")  # no RTN grid: the method itself on H = I
+        codebook = scheme.fmt.is_lookup  # no RTN grid: the method itself on H = I
         instead = f"unweighted {method}" if codebook else "RTN"
         warnings.warn(f"{path}: no calibration token was routed to expert(s) {np.flatnonzero(empty).tolist()} of "
                       f"{n}; quantized them with {instead} instead of {method!r}. Calibrate on more or other data so "

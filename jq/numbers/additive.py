@@ -18,7 +18,6 @@ Bits per weight = 8·M / 8 (codes) + 16·(tables + scales) / weights, all counte
 
 from __future__ import annotations
 
-import math
 import re
 
 import jax
@@ -55,15 +54,14 @@ def codes_shape(layout: Layout, books: int) -> tuple[int, ...]:
     return tuple(s) + (books,)
 
 
-def table_problem(cb_shape: tuple[int, ...], scale_shape: tuple[int, ...], bits: int, books: int) -> str | None:
-    """Why a codebook of `cb_shape` does not fit (table dims equal to or dividing `scale_shape`, then (books,
-    2^bits, VEC)), or None when it does."""
-    tshape, entry = cb_shape[:-3], (books, 2**bits, VEC)
-    if (tuple(cb_shape[-3:]) == entry and len(tshape) == len(scale_shape)
-            and all(t >= 1 and s % t == 0 for s, t in zip(scale_shape, tshape))):
+def table_problem(cb_shape: tuple[int, ...], layout: Layout, bits: int, books: int) -> str | None:
+    """Why a codebook of `cb_shape` does not fit (table dims fitting `layout.tables_fit`, then (books, 2^bits,
+    VEC)), or None when it does."""
+    entry = (books, 2**bits, VEC)
+    if tuple(cb_shape[-3:]) == entry and layout.tables_fit(tuple(cb_shape[:-3])):
         return None
-    return (f"codebook shape {tuple(cb_shape)} != {tuple(scale_shape) + entry} (scale shape, or dims dividing it, + "
-            f"({books} tables, {2**bits} entries for {bits}-bit indices, vector length {VEC}))")
+    return (f"codebook shape {tuple(cb_shape)} != {tuple(layout.scale_shape) + entry} (scale shape, or dims dividing "
+            f"it, + ({books} tables, {2**bits} entries for {bits}-bit indices, vector length {VEC}))")
 
 
 def sum_codewords(codes: jax.Array, tables: jax.Array) -> jax.Array:
@@ -76,16 +74,9 @@ def sum_codewords(codes: jax.Array, tables: jax.Array) -> jax.Array:
 def lookup(codes: jax.Array, codebook: jax.Array, layout: Layout, bits: int) -> jax.Array:
     """The unscaled weights in the stored shape (float32): each vector's M codewords, from the tables of its scale
     position, summed and laid along the pack axis. codes: `codes_shape`; codebook: `table_shape + (M, 2^B, VEC)`."""
-    lay, books, entries = layout, codebook.shape[-3], 2**bits
-    tshape = tuple(codebook.shape[:-3])
-    n_tab = math.prod(tshape)
-    tab = jnp.arange(n_tab, dtype=jnp.int32).reshape(tshape)  # which tables each scale position reads
-    for a, (s, t) in enumerate(zip(lay.scale_shape, tshape)):
-        if s != t:
-            tab = jnp.repeat(tab, s // t, axis=a)
-    tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
-    tab = jax.lax.slice_in_dim(tab, 0, None, stride=VEC, axis=lay.pack_axis)  # one per vector
-    flat = codebook.astype(jnp.float32).reshape(n_tab * books * entries, VEC)
+    books, entries = codebook.shape[-3], 2**bits
+    tab = layout.vector_tables(tuple(codebook.shape[:-3]), VEC)
+    flat = codebook.astype(jnp.float32).reshape(-1, VEC)
     idx = codes.astype(jnp.int32)
     vals = sum(flat[(tab * books + m) * entries + idx[..., m]] for m in range(books))  # [..., VEC]
-    return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
+    return jnp.moveaxis(vals, -1, layout.pack_axis + 1).reshape(layout.stored_shape)

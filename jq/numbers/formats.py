@@ -36,12 +36,16 @@ from jq.numbers import additive, lattice
 
 __all__ = [
     "Format",
+    "LOOKUP_KINDS",
     "FORMATS",
     "get_format",
     "pack",
     "unpack",
     "packed_length",
 ]
+
+
+LOOKUP_KINDS = ("lut", "lattice", "additive")  # vector codebooks: a weight is read from a table by its index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,12 @@ class Format:
     def is_int(self) -> bool:
         """Whether this is an integer format."""
         return self.kind == "int"
+
+    @property
+    def is_lookup(self) -> bool:
+        """Whether codes are indices into a codebook of vectors (`LOOKUP_KINDS`: learned tables, the E8P lattice,
+        summed tables), decoded by the QTensor's lookup, with no fixed per-code values to round to."""
+        return self.kind in LOOKUP_KINDS
 
     @property
     def max(self) -> float:
@@ -141,7 +151,7 @@ class Format:
 
     def encode(self, y: jnp.ndarray, *, symmetric: bool = True, restricted: bool = False) -> jnp.ndarray:
         """Round scaled values `y` to codes (int8/uint8, fp8 dtype, or uint8 table indices). Shape preserved."""
-        if self.kind in ("lut", "lattice", "additive"):
+        if self.is_lookup:
             raise self._no_fixed_values("round to")
         if self.kind == "int":
             lo, hi = self.int_range(symmetric, restricted)
@@ -160,7 +170,7 @@ class Format:
         """Code → value of the format (before scale / zero point), in `dtype`. Shape preserved."""
         if self.kind == "codebook":
             return jnp.asarray(np.asarray(self.table, np.float32))[codes.astype(jnp.int32)].astype(dtype)
-        if self.kind in ("lut", "lattice", "additive"):
+        if self.is_lookup:
             raise self._no_fixed_values("decode to (QTensor.dequantize reads its table)")
         return codes.astype(dtype)
 
@@ -172,7 +182,7 @@ class Format:
         if self.kind == "float":
             allv = np.arange(256, dtype=np.uint8).view(self.dtype).astype(np.float32)
             return np.unique(allv[np.isfinite(allv)])
-        if self.kind in ("lut", "lattice", "additive"):
+        if self.is_lookup:
             raise self._no_fixed_values("list")
         return np.unique(np.asarray(self.table, np.float32))
 

@@ -174,8 +174,8 @@ class Grid:
                     "flat groups need that — choose another group size, or flat_groups: false with pad: true"
                 )
             lay = Layout(tuple(shape), axes, "group", self.group_size, None, flat=True)
-            if self.fmt.kind in ("lut", "lattice", "additive"):
-                check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice", "additive"))
+            if self.fmt.is_lookup:
+                check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=formats.LOOKUP_KINDS)
             return lay
         if self.granularity == "group":
             ga = max(axes) if axes else nd - 1
@@ -190,8 +190,8 @@ class Grid:
                     )
                 padded = -(-k // self.group_size) * self.group_size
         lay = Layout(tuple(shape), axes, self.granularity, self.group_size, padded)
-        if self.fmt.kind in ("lut", "lattice", "additive"):  # vectors tile the axis (table sizes: the method's check)
-            check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=("lut", "lattice", "additive"))
+        if self.fmt.is_lookup:  # vectors tile the axis (table sizes: the method's check)
+            check_codebook_layout(self.fmt, lay, path, per_table=False, kinds=formats.LOOKUP_KINDS)
         return lay
 
     @property

@@ -140,3 +140,19 @@ class Layout:
     def expand_scale(self, s: jnp.ndarray) -> jnp.ndarray:
         """Stored scale (`scale_shape`, e.g. [G, N]) → broadcastable against the grouped view ([G, 1, N])."""
         return jnp.expand_dims(s, self.inner_axis) if self.granularity == "group" else s
+
+    def tables_fit(self, table_shape: tuple[int, ...]) -> bool:
+        """Whether codebook tables of `table_shape` fit the scale positions: as many dims as `scale_shape`, each equal
+        to or dividing it (one table per scale position, or one shared by each block of them)."""
+        return len(table_shape) == len(self.scale_shape) and all(
+            t >= 1 and s % t == 0 for s, t in zip(self.scale_shape, table_shape))
+
+    def vector_tables(self, table_shape: tuple[int, ...], vec: int) -> jnp.ndarray:
+        """Which table (row-major over `table_shape`, see `tables_fit`) each vector of `vec` stored weights reads:
+        int32, the stored shape with the pack axis divided by `vec`."""
+        tab = jnp.arange(math.prod(table_shape), dtype=jnp.int32).reshape(table_shape)
+        for a, (s, t) in enumerate(zip(self.scale_shape, table_shape)):
+            if s != t:
+                tab = jnp.repeat(tab, s // t, axis=a)
+        tab = jnp.broadcast_to(self.expand_scale(tab), self.grouped_shape).reshape(self.stored_shape)
+        return jax.lax.slice_in_dim(tab, 0, None, stride=vec, axis=self.pack_axis)

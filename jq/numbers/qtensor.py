@@ -79,7 +79,7 @@ def grid_label(fmt: str, symmetric: bool, granularity: str) -> str:
     """'int4 asym g128': format, symmetry and granularity label — the one spelling of a grid in every report
     (learned codebooks and microscaling presets have no symmetry choice: 'cb3 channel', 'mxfp4 g32')."""
     f = formats.get_format(fmt)
-    if f.kind in ("lut", "lattice", "additive") or f.is_mx:
+    if f.is_lookup or f.is_mx:
         return f"{fmt} {granularity}"
     return f"{fmt} {'sym' if symmetric else 'asym'} {granularity}"
 
@@ -181,7 +181,7 @@ class QTensor:
         """Back to a dense array of the logical shape `self.shape` (e.g. [K, N]) and dtype (or `dtype`)."""
         dtype = jnp.dtype(dtype or self.dtype)
         lay = self.layout
-        if self.format.kind in ("lut", "lattice", "additive"):
+        if self.format.is_lookup:
             v = self._lookup()
         else:
             v = self.format.decode(self.unpacked_codes(), jnp.float32)
@@ -211,15 +211,10 @@ class QTensor:
         if f.kind == "lattice":
             return jnp.moveaxis(lattice.decode(self.codes, f.stages), -1, lay.pack_axis + 1).reshape(lay.stored_shape)
         tshape = tuple(self.codebook.shape[:-2])  # = scale_shape, or dims dividing it (tables shared by blocks)
-        n_tab, entries = math.prod(tshape), 2**f.bits
+        entries = 2**f.bits
         idx = self.unpacked_codes().astype(jnp.int32)  # stored shape, pack axis / vec
-        tab = jnp.arange(n_tab, dtype=jnp.int32).reshape(tshape)  # which table each scale position reads
-        for a, (s, t) in enumerate(zip(lay.scale_shape, tshape)):
-            if s != t:
-                tab = jnp.repeat(tab, s // t, axis=a)
-        tab = jnp.broadcast_to(lay.expand_scale(tab), lay.grouped_shape).reshape(lay.stored_shape)
-        tab = jax.lax.slice_in_dim(tab, 0, None, stride=f.vec, axis=lay.pack_axis)
-        vals = self.codebook.astype(jnp.float32).reshape(n_tab * entries, f.vec)[tab * entries + idx]
+        tab = lay.vector_tables(tshape, f.vec)
+        vals = self.codebook.astype(jnp.float32).reshape(-1, f.vec)[tab * entries + idx]
         return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
 
     def dense_part(self) -> "QTensor":
@@ -259,8 +254,9 @@ class QTensor:
         if (self.codebook is None) != (f.kind not in ("lut", "additive")):
             problems.append(f"codebook present/absent contrary to the format {self.fmt}")
         elif f.kind == "additive":  # (a codebook is present: checked above)
-            problems += filter(None, [additive.table_problem(self.codebook.shape, lay.scale_shape, f.bits, f.books)])
-        elif self.codebook is not None and not _tables_fit(tuple(self.codebook.shape), lay.scale_shape, f):
+            problems += filter(None, [additive.table_problem(self.codebook.shape, lay, f.bits, f.books)])
+        elif self.codebook is not None and not (tuple(self.codebook.shape[-2:]) == (2**f.bits, f.vec)
+                                                and lay.tables_fit(tuple(self.codebook.shape[:-2]))):
             problems.append(f"codebook shape {tuple(self.codebook.shape)} != {lay.scale_shape + (2**f.bits, f.vec)} "
                             f"(scale shape, or dims dividing it, + ({2**f.bits} entries for {f.bits}-bit indices, "
                             f"vector length {f.vec}))")
@@ -287,14 +283,6 @@ class QTensor:
     def _arrays(self) -> list[jax.Array]:
         return [a for a in (self.codes, self.scale, self.zero, self.perm, self.codebook, self.outer_scale,
                             self.sparse_index, self.sparse_value) if a is not None]
-
-
-def _tables_fit(cb_shape: tuple[int, ...], scale_shape: tuple[int, ...], f: formats.Format) -> bool:
-    """Whether a codebook of `cb_shape` fits: table dims equal to or dividing the scale dims (one table per block of
-    scale positions), then (2^bits, vec)."""
-    tshape = cb_shape[:-2]
-    return (cb_shape[-2:] == (2**f.bits, f.vec) and len(tshape) == len(scale_shape)
-            and all(t >= 1 and s % t == 0 for s, t in zip(scale_shape, tshape)))
 
 
 def is_qtensor(x: Any) -> bool:

@@ -12,6 +12,7 @@ weights, rounded), so shapes stay jit-friendly.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -42,10 +43,7 @@ def top_positions(score: jnp.ndarray, nnz: int) -> jnp.ndarray:
 
 def position_mask(positions: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
     """Boolean array of `shape`, True at the flat `positions`."""
-    size = 1
-    for s in shape:
-        size *= s
-    return jnp.zeros(size, bool).at[positions].set(True).reshape(shape)
+    return jnp.zeros(math.prod(shape), bool).at[positions].set(True).reshape(shape)
 
 
 def with_sparse(q: QTensor, target: jnp.ndarray, positions: jnp.ndarray) -> QTensor:

@@ -140,7 +140,7 @@ def quantize_leaf(path: str, w: jax.Array, rule: Rule, stats: LayerStats | dict 
                 )
             count = stats.count
             if count is not None and not isinstance(count, jax.core.Tracer) and float(count) == 0:
-                lut = rule.scheme.fmt.kind in ("lut", "lattice", "additive")  # codebooks: no RTN grid, fit unweighted
+                lut = rule.scheme.fmt.is_lookup  # codebooks: no RTN grid, fit unweighted
                 warnings.warn(f"{path}: no calibration token reached this layer; quantized with "
                               f"{'unweighted ' + rule.method if lut else 'RTN'} instead of {rule.method!r}",
                               stacklevel=3)
