@@ -233,6 +233,23 @@ def test_export_refuses_adapters_and_a_model_that_is_not_the_sources(tmp_path):
         "kernel": LowRank(w, np.zeros((w.shape[0], 2), np.float32), np.zeros((2, w.shape[1]), np.float32))}}}}
     with pytest.raises(ValueError, match=r"layers_0/mlp/up_proj/kernel: a LowRank leaf .* merge it first"):
         export_gguf(lr, f.cfg, f.family, src, tmp_path / "a.gguf")
+    from jq.algorithms.rtn import rtn
+    from jq.numbers import sparse
+    from jq.numbers.scheme import Scheme
+
+    s = Scheme("int4", group_size=32)
+    q = rtn(jnp.asarray(w), s, s.layout(w.shape, (0,)))
+    q = sparse.with_sparse(q, jnp.asarray(w), sparse.top_positions(jnp.abs(jnp.asarray(w)), 4))
+    ds = {**f.params, "layers_0": {**f.params["layers_0"], "mlp": {**f.params["layers_0"]["mlp"], "up_proj": {
+        "kernel": q}}}}
+    with pytest.raises(ValueError, match=r"layers_0/mlp/up_proj/kernel: .* carries float16 outliers beside its codes "
+                                         r"\(dense-and-sparse\).*quantize without `outliers`"):
+        export_gguf(ds, f.cfg, f.family, src, tmp_path / "s.gguf")
+    from jq.models.io.hfq.common import unsigned_view
+
+    with pytest.raises(ValueError, match=r"a/kernel.*dense-and-sparse weight .* cannot be stored in gptq.*quantize "
+                                         r"without `outliers`"):
+        unsigned_view(q, "a/kernel", "gptq", (4, 8))
     import dataclasses
 
     with pytest.raises(ValueError, match=r"config differs from the one of .*m\.gguf"):
