@@ -193,11 +193,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new < 1:
         raise ValueError(f"--max-new must be >= 1, got {args.max_new}")
-    if (args.kv_group_size or args.kv_rotate) and not args.kv:
-        raise ValueError("--kv-group-size / --kv-rotate set the KV cache given by --kv: add --kv int8|int4")
+    if (args.kv_group_size or args.kv_rotate or args.kv_keys) and not args.kv:
+        raise ValueError("--kv-group-size / --kv-rotate / --kv-keys set the KV cache given by --kv: add --kv "
+                         "int8|int4")
     m, params, cfg, kv, recipe = _weights(args)
     if args.kv:
-        kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size, rotate=args.kv_rotate)
+        keys = (args.kv_keys or "token:").partition(":")
+        kv = KVCacheConfig(None if args.kv == "float" else args.kv, group_size=args.kv_group_size,
+                           rotate=args.kv_rotate, keys=keys[0], key_group=int(keys[2] or 64))
     text, r = generate.generate_text(cfg, params, m.tokenizer, args.prompt, args.max_new, kv, args.temperature,
                                      args.seed, args.max_len, dtype=args.dtype)
     info = {"text": text, "recipe": recipe.name if recipe else args.quantized or ("native" if args.native else "float"),
@@ -300,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv", choices=["float", "int8", "int4"], help="KV-cache format (overrides the recipe's)")
     g.add_argument("--kv-group-size", type=int, help="with --kv: group size along head_dim (default head_dim)")
     g.add_argument("--kv-rotate", action="store_true", help="with --kv: Hadamard-rotate q and k after RoPE")
+    g.add_argument("--kv-keys", choices=["token", "channel", "channel:32", "channel:64", "channel:128"],
+                   help="with --kv: keys per token (default) or per channel over blocks of N positions (KIVI; N=64)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text + figures")
     _add_calib_args(g)

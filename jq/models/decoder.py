@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jq.models import kivi
 from jq.numbers import kvcache
 from jq.numbers.kvcache import KVCacheConfig
 
@@ -33,7 +34,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache
     b, t, n_heads, hd = q.shape
     n_kv = k.shape[2]
     q = q.reshape(b, t, n_kv, n_heads // n_kv, hd)
-    if cache is None:
+    exact = None  # per-channel keys: the exact keys of the tail (`jq.models.kivi`)
+    if kv is not None and kv.per_channel_keys:
+        parts, cache = kivi.split(cache, k, v, positions, kv, dtype, jnp.iinfo(positions.dtype).max)
+        k, v, key_pos, exact = parts["keys"], parts["values"], parts["key_pos"], parts["exact"]
+    elif cache is None:
         k, v = kvcache.fake_quant_kv(k, kv), kvcache.fake_quant_kv(v, kv)
         key_pos = positions
     elif "pos" in cache:
@@ -45,6 +50,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache
         key_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=positions.dtype), (b, k.shape[1]))
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
     qp, kp = positions[:, :, None], key_pos[:, None, :]                                    # [B, Tq, Tk]
+    if exact is not None:  # a tail key is read quantized once its block is complete, exact before
+        n = exact.shape[1]
+        exact_scores = jnp.einsum("bqkgd,bskd->bkgqs", q, exact, preferred_element_type=jnp.float32) * scale
+        complete = kivi.tail_complete(kp[..., -n:], qp, kv.key_group)[:, None, None]
+        scores = jnp.concatenate([scores[..., :-n], jnp.where(complete, scores[..., -n:], exact_scores)], -1)
     visible = qp >= kp
     if window is not None:
         visible &= qp - kp < window
@@ -91,10 +101,15 @@ def init_kv_cache(cfg: Any, batch: int, max_len: int, kv: KVCacheConfig | None =
     out = {}
     for i in range(cfg.n_layers):
         w = window(i) if window is not None else None
-        rows = w if w is not None and w < max_len else max_len
+        ring = w is not None and w < max_len
+        rows = w if ring else max_len
+        channel_keys = kv is not None and kv.per_channel_keys
+        if channel_keys:
+            rows = kivi.cache_rows(rows, kv, ring)
         shape = (batch, rows, cfg.n_kv_heads, cfg.head_dim)
-        out[f"layers_{i}"] = {"k": kvcache.empty_kv(shape, kv, dtype), "v": kvcache.empty_kv(shape, kv, dtype)}
-        if rows < max_len:
+        keys = kivi.empty_keys(shape, kv, dtype) if channel_keys else kvcache.empty_kv(shape, kv, dtype)
+        out[f"layers_{i}"] = {"k": keys, "v": kvcache.empty_kv(shape, kv, dtype)}
+        if ring:
             out[f"layers_{i}"]["pos"] = jnp.full((rows,), -1, jnp.int32)
     return out
 

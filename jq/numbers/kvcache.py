@@ -54,6 +54,10 @@ class KVCacheConfig:
         Hadamard transform, "hadamard(seed=N)" for a randomized one): q·k is unchanged, outlier channels of k are
         spread before k is quantized.
       scale_dtype: "float16" (default) | "bfloat16" | "float32", the stored scale's dtype.
+      keys: "token" (default: keys grouped along head_dim like values) | "channel" (KIVI: one scale and zero per
+        key channel for each aligned block of `key_group` positions; the block still being filled stays float,
+        so a query reads its own block's keys exact and every earlier block quantized).
+      key_group: positions sharing a key channel's scale when keys are per channel (default 64).
     """
 
     format: str | None = "int8"
@@ -61,8 +65,15 @@ class KVCacheConfig:
     symmetric: bool = False
     rotate: bool | str = False
     scale_dtype: str = "float16"
+    keys: str = "token"
+    key_group: int = 64
 
     def __post_init__(self) -> None:
+        if self.keys not in ("token", "channel"):
+            raise ValueError(f"kv_cache keys must be 'token' (scales along head_dim) or 'channel' (KIVI: scales "
+                             f"per channel over key_group positions), got {self.keys!r}")
+        if isinstance(self.key_group, bool) or not isinstance(self.key_group, int) or self.key_group <= 0:
+            raise ValueError(f"kv_cache key_group must be a positive number of positions, got {self.key_group!r}")
         if self.format is not None and self.format not in KV_FORMATS:
             raise ValueError(f"kv_cache format {self.format!r} is not supported; choose one of {list(KV_FORMATS)}")
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
@@ -113,7 +124,13 @@ class KVCacheConfig:
         if self.format is None:
             return "float" + (" rot" if self.rotate else "")
         g = f" g{self.group_size}" if self.group_size else ""
-        return f"{self.format} {'sym' if self.symmetric else 'asym'}{g}" + (" rot" if self.rotate else "")
+        keys = f" keys per channel /{self.key_group}" if self.per_channel_keys else ""
+        return f"{self.format} {'sym' if self.symmetric else 'asym'}{g}{keys}" + (" rot" if self.rotate else "")
+
+    @property
+    def per_channel_keys(self) -> bool:
+        """Whether keys are quantized per channel over blocks of `key_group` positions (KIVI)."""
+        return self.quantized and self.keys == "channel"
 
 
 def _grouped(x: jax.Array, n_groups: int) -> jax.Array:
@@ -126,39 +143,64 @@ def _grid(kv: KVCacheConfig) -> Grid:
     return Grid(format=kv.format, symmetric=kv.symmetric, scale_dtype=kv.scale_dtype)
 
 
-def quantize_kv(x: jax.Array, kv: KVCacheConfig) -> dict[str, jax.Array]:
+def quantize_kv(x: jax.Array, kv: KVCacheConfig, keys: bool = False) -> dict[str, jax.Array]:
     """Quantize keys or values. x: [..., D] float (usually [B, T, H, D]) -> {"codes", "scale"[, "zero"]} as in
-    the module docstring (codes [..., D] or [..., D/2] for int4; scale/zero [..., D/group_size])."""
+    the module docstring (codes [..., D] or [..., D/2] for int4; scale/zero [..., D/group_size]).
+
+    keys=True with per-channel keys (`kv.keys == "channel"`): x is [..., T, H, D] with T a multiple of
+    `kv.key_group`, grouped along T instead: scale/zero [..., T/key_group, H, D], codes as above."""
     d = x.shape[-1]
-    n = kv.groups(d)
     if kv.bits == 4 and d % 8:
         raise ValueError(f"an int4 kv cache packs codes eight at a time (`jq.numbers.formats.pack`) and needs a "
                          f"head_dim divisible by 8, got {d}; use int8")
     sch = _grid(kv)
-    xg = _grouped(x.astype(jnp.float32), n)                                              # [..., n, g]
-    scale, zero = sch.scale_zero(jnp.min(xg, axis=-1, keepdims=True), jnp.max(xg, axis=-1, keepdims=True))
+    if keys and kv.per_channel_keys:
+        xg, axis = _blocks(x.astype(jnp.float32), kv.key_group), -3                      # [..., T/G, G, H, D]
+    else:
+        xg, axis = _grouped(x.astype(jnp.float32), kv.groups(d)), -1                     # [..., n, g]
+    scale, zero = sch.scale_zero(jnp.min(xg, axis=axis, keepdims=True), jnp.max(xg, axis=axis, keepdims=True))
     codes = sch.encode(xg, scale, zero).reshape(x.shape)
-    out = {} if zero is None else {"zero": zero[..., 0].astype(jnp.uint8)}
+    out = {} if zero is None else {"zero": jnp.squeeze(zero, axis).astype(jnp.uint8)}
     out["codes"] = pack(codes, 4) if kv.bits == 4 else codes
-    out["scale"] = scale[..., 0].astype(kv.scale_dtype)
+    out["scale"] = jnp.squeeze(scale, axis).astype(kv.scale_dtype)
     return out
 
 
-def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.float32) -> jax.Array:
-    """Inverse of `quantize_kv`: {"codes", "scale"[, "zero"]} -> [..., D] in `dtype`."""
+def dequantize_kv(q: dict[str, jax.Array], kv: KVCacheConfig, dtype: Any = jnp.float32,
+                  keys: bool = False) -> jax.Array:
+    """Inverse of `quantize_kv` (same `keys`): {"codes", "scale"[, "zero"]} -> [..., D] in `dtype`."""
     codes = q["codes"]
-    n = q["scale"].shape[-1]
     if kv.bits == 4:
         codes = unpack(codes, 4, 2 * codes.shape[-1], signed=kv.symmetric)  # head_dim % 8 == 0: no padding
-    zero = None if kv.symmetric else q["zero"][..., None].astype(jnp.float32)
-    x = _grid(kv).decode(_grouped(codes, n), q["scale"][..., None].astype(jnp.float32), zero)
+    if keys and kv.per_channel_keys:
+        grouped, axis = _blocks(codes, kv.key_group), -3
+    else:
+        grouped, axis = _grouped(codes, q["scale"].shape[-1]), -1
+    zero = None if kv.symmetric else jnp.expand_dims(q["zero"], axis).astype(jnp.float32)
+    x = _grid(kv).decode(grouped, jnp.expand_dims(q["scale"], axis).astype(jnp.float32), zero)
     return x.reshape(codes.shape).astype(dtype)
 
 
-def fake_quant_kv(x: jax.Array, kv: KVCacheConfig | None) -> jax.Array:
-    """dequantize(quantize(x)) in x's dtype; x unchanged when `kv` is None or a float cache. x: [..., D]."""
+def _blocks(x: jax.Array, g: int) -> jax.Array:
+    """[..., T, H, D] -> [..., T/g, g, H, D] (T a multiple of g)."""
+    *lead, t, h, d = x.shape
+    if t % g:
+        raise ValueError(f"per-channel keys quantize blocks of key_group={g} positions; got {t} rows")
+    return x.reshape(*lead, t // g, g, h, d)
+
+
+def fake_quant_kv(x: jax.Array, kv: KVCacheConfig | None, keys: bool = False) -> jax.Array:
+    """dequantize(quantize(x)) in x's dtype; x unchanged when `kv` is None or a float cache. x: [..., D]; with
+    keys=True and per-channel keys x is [..., T, H, D], any T (blocks of key_group rows from row 0; the last,
+    partial block is quantized over its rows padded by repeating its last row)."""
     if kv is None or not kv.quantized:
         return x
+    if keys and kv.per_channel_keys:
+        t = x.shape[-3]
+        pad = -t % kv.key_group
+        if pad:
+            x = jnp.concatenate([x, jnp.repeat(x[..., -1:, :, :], pad, axis=-3)], axis=-3)
+        return dequantize_kv(quantize_kv(x, kv, keys=True), kv, x.dtype, keys=True)[..., :t, :, :]
     return dequantize_kv(quantize_kv(x, kv), kv, x.dtype)
 
 
@@ -179,14 +221,16 @@ def empty_kv(shape: tuple[int, ...], kv: KVCacheConfig | None, dtype: Any = jnp.
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, kv: KVCacheConfig | None,
                        dtype: Any = jnp.float32) -> int:
-    """Cache bytes one token occupies over all layers, keys and values (float cache: in `dtype`)."""
+    """Cache bytes one token occupies over all layers, keys and values (float cache: in `dtype`; per-channel keys:
+    their block scales spread over the block's positions, rounded up; the one open block per layer is not
+    counted)."""
     if kv is None or not kv.quantized:
-        per_head = head_dim * jnp.dtype(dtype).itemsize
-    else:
-        n = kv.groups(head_dim)
-        code = packed_length(head_dim, kv.bits)
-        per_head = code + n * (jnp.dtype(kv.scale_dtype).itemsize + (0 if kv.symmetric else 1))
-    return 2 * n_layers * n_kv_heads * per_head
+        return 2 * n_layers * n_kv_heads * head_dim * jnp.dtype(dtype).itemsize
+    param_bytes = jnp.dtype(kv.scale_dtype).itemsize + (0 if kv.symmetric else 1)
+    code = packed_length(head_dim, kv.bits)
+    values = code + kv.groups(head_dim) * param_bytes
+    keys = code + -(-head_dim * param_bytes // kv.key_group) if kv.per_channel_keys else values
+    return n_layers * n_kv_heads * (keys + values)
 
 
 def _write(entry: jax.Array | dict, new: jax.Array, kv: KVCacheConfig | None,

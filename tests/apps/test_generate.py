@@ -92,7 +92,10 @@ def test_float_cache_decode_matches_full_forward_at_every_position(params, token
 
 
 @pytest.mark.parametrize("kv", [KVCacheConfig("int4", group_size=4),
-                                KVCacheConfig("int8", symmetric=True, rotate=True)], ids=lambda k: k.describe())
+                                KVCacheConfig("int8", symmetric=True, rotate=True),
+                                KVCacheConfig("int4", keys="channel", key_group=4),
+                                KVCacheConfig("int4", keys="channel", key_group=8, rotate=True)],
+                         ids=lambda k: k.describe())
 def test_quantized_cache_decode_equals_fake_quant_forward(params, tokens, kv):
     """The full forward quantize-dequantizes k/v exactly as the cache stores them (prefill / perplexity == decode)."""
     fq = np.asarray(forward(kv)(params, tokens))

@@ -102,10 +102,12 @@ def test_decoding_with_a_cache_equals_the_full_forward(kv):
     np.testing.assert_allclose(np.concatenate(rows, 1), full, rtol=1e-4, atol=1e-4)
 
 
-def test_local_layers_decode_from_a_ring_of_window_rows():
+@pytest.mark.parametrize("kv", [KVCacheConfig(format="int4", group_size=8),
+                                KVCacheConfig(format="int4", keys="channel", key_group=4)], ids=lambda k: k.describe())
+def test_local_layers_decode_from_a_ring_of_window_rows(kv):
     """Local layers keep `sliding_window` rows (a ring), the global one every row; a prefill longer than the window,
-    then decoding past max_len's worth of wraps, equals the full forward (float and int8 rings: the test above)."""
-    kv = KVCacheConfig(format="int4", group_size=8)
+    then decoding past max_len's worth of wraps, equals the full forward (float and int8 rings: the test above;
+    per-channel keys: complete key blocks in the ring, the open one exact beside it)."""
     params = random_params(CFG, seed=4)
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 30)), jnp.int32)
     cache = init_cache(CFG, 2, 40, kv)
