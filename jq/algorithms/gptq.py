@@ -24,7 +24,9 @@ so a group never starts inside a block it does not fit in, so the result does no
 (the reference takes a mid-block group from weights lacking that block's feedback; at 128 / 128 both agree).
 
 Act-order (`act_order=True`): channels by descending diag H. Groups are formed in that order and codes stored
-permuted (`perm`, stored = W[perm] along K) unless groups are static or absent (then no `perm` is needed).
+permuted (`perm`, stored = W[perm] along K) unless groups are static or absent (then no `perm` is needed). With
+several contraction axes (o_proj [heads, head_dim, d_model]) the stored permutation is of the group axis, shared by
+the leading indices: that axis is ordered by diag H summed over them and processed one leading index at a time.
 
 Conditioning. Inputs that never fire (diag H = 0) are decoupled by the damping and rounded without feedback (the
 published code zeroes their rows, wrong wherever they are live). A failed Cholesky (NaN) raises the damping ×10 up
@@ -145,7 +147,16 @@ def gptq_with_info(
     # -- processing order ----------------------------------------------------------------------------------
     pos_real = np.arange(K) if p.real_idx is None else p.real_idx  # stored-flat positions of the real inputs
     rest = np.setdiff1d(np.arange(Kt), pos_real)  # group / block padding (decoupled in H, weights zero)
-    if act_order:
+    shared = None  # act-order groups over several contraction axes: one order of the group axis for all
+    if act_order and p.store_perm and p.K > (ka := layout.shape[len(layout.axes) - 1]):
+        lead, ka_p = p.K // ka, p.Kp // (p.K // ka)
+        shared = jnp.argsort(-diag.reshape(lead, ka).sum(0), stable=True).astype(jnp.int32)       # [ka]
+        o = (jnp.arange(lead, dtype=jnp.int32)[:, None] * ka + shared).reshape(-1)  # lead by lead, shared order
+        stored = jnp.arange(lead, dtype=jnp.int32)[:, None] * ka_p                   # ... padding after each lead
+        order = jnp.concatenate([jnp.concatenate([stored + shared, stored + jnp.arange(ka, ka_p, dtype=jnp.int32)],
+                                                 1).reshape(-1), jnp.arange(p.Kp, Kt, dtype=jnp.int32)])
+        h_real, pos_proc = h[o][:, o], p.real_idx  # real inputs sit where the stored layout has them
+    elif act_order:
         o = jnp.argsort(-diag, stable=True)
         order = jnp.concatenate([jnp.asarray(pos_real, jnp.int32)[o], jnp.asarray(rest, jnp.int32)])
         h_real, pos_proc = h[o][:, o], None  # real inputs come first in processing order
@@ -347,7 +358,8 @@ def gptq_with_info(
     if order is not None and not p.store_perm:
         codes = codes[jnp.argsort(order)]  # stored position order[j] holds processed row j
     elif p.store_perm:
-        perm = order[:K].astype(jnp.int32)
+        perm = order[:K].astype(jnp.int32) if shared is None else jnp.where(
+            fallback, jnp.arange(shared.shape[0], dtype=jnp.int32), shared)
     codes = codes[:Kp].reshape(layout.grouped_shape)
     if p.level in ("column", "block"):
         gp = Kp // g

@@ -63,12 +63,6 @@ def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) 
     K, Kp, N = lead * ka, lead * ka_p, math.prod(shape[a:])
     group = layout.granularity == "group"
     store_perm = bool(act_order and group and not static_groups)
-    if store_perm and a > 1:
-        raise ValueError(
-            f"gptq: act_order with groups stores a permutation of the group axis, which cannot express the order "
-            f"of {K} flattened inputs of a kernel with contraction axes {axes} (shape {shape}); "
-            "set static_groups: true (codes stay in the original order), or act_order: false"
-        )
     real_idx = None
     if Kp != K:
         real_idx = (np.arange(lead)[:, None] * ka_p + np.arange(ka)[None, :]).reshape(-1)
