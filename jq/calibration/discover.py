@@ -35,7 +35,8 @@ from jq.calibration.sequential import BlockSpec, quantize_sequential
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
 from jq.tree.paths import leaf_paths
-from jq.tree.quantize import quantize_params
+from jq.interop.usage import trace_usage
+from jq.tree.quantize import quantize_params, warn_unmatched_rules
 from jq.tree.recipe import QuantConfig
 
 __all__ = ["discover_blocks", "quantize_model"]
@@ -174,9 +175,12 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
                                       batch_size=batch_size, progress=progress)
         qparams, log["lowrank"] = compensate_model(model, params, qparams, cfg.lowrank, tokens, batch_size)
         return qparams, log
-    if not cfg.needs_calibration:
-        return quantize_params(params, cfg), {"mode": "data-free"}
     tokens = np.asarray(tokens)
+    # how the model uses each leaf (contraction axes, embeddings by their gathered rows): a model's own einsum
+    # weights quantize along the axes it contracts, not the Flax kernel convention
+    usage = trace_usage(model, {"params": params}, jnp.asarray(tokens[:batch_size]))
+    if not cfg.needs_calibration:
+        return quantize_params(params, cfg, usage=usage), {"mode": "data-free"}
     spec, found = discover_blocks(model, params, tokens[:batch_size])
     if spec is not None:
         staged = {p for stage in spec.stages for p in stage}
@@ -191,9 +195,10 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
             warnings.warn("AWQ / SmoothQuant transforms need to know which norm or layer produces each input, which "
                           "block discovery cannot see; they are skipped. Give a BlockSpec with folds "
                           "(jq.calibration.sequential) to apply them", stacklevel=2)
+        warn_unmatched_rules(params, cfg, usage, stacklevel=3)  # the block-by-block pass does not say it
         qparams, log = quantize_sequential(spec, params, cfg, tokens, batch_size=batch_size, progress=progress)
         return qparams, {**log, "mode": "sequential", "discovery": found}
     warnings.warn(f"sequential calibration: {found}; calibrating in one shot instead (each layer sees the float "
                   "model's activations, not those of the quantized layers before it)", stacklevel=2)
     stats = capture(model, {"params": params}, batched(tokens, batch_size))
-    return quantize_params(params, cfg, stats), {"mode": "one-shot", "discovery": found}
+    return quantize_params(params, cfg, stats, usage=usage), {"mode": "one-shot", "discovery": found}

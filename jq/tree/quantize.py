@@ -27,12 +27,13 @@ from jq.numbers.hadamard import Rotation
 from jq.numbers.lowrank import is_weight_leaf
 from jq.numbers.qtensor import QTensor, is_qtensor
 from jq.tree.axes import LeafUsage, axes_from_use, unmatched_matmuls, warn_if_larger
-from jq.tree.paths import path_str
+from jq.tree.paths import leaf_paths, path_str
 from jq.numbers.scheme import Scheme
 from jq.tree.recipe import QuantConfig, Rule
 from jq.types import Params
 
-__all__ = ["quantize_params", "dequantize_params", "quantize_leaf", "check_scales", "check_rotatable"]
+__all__ = ["quantize_params", "dequantize_params", "quantize_leaf", "check_scales", "check_rotatable",
+           "warn_unmatched_rules"]
 
 
 def _default_axes(path: str, ndim: int) -> tuple[int, ...]:
@@ -276,22 +277,13 @@ def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None
     Returns:
       The same tree structure with `QTensor`s at the quantized leaves; other leaves are returned unchanged.
     """
-    used = [False] * len(cfg.rules)
-    decided: set[str] = set()
     kept: dict[str, list[str]] = {"embedding": [], "no matmul": []}
-
-    unruled: list[tuple[bool, str]] = []  # (ignored, matrix) no rule quantizes, named when a rule matches nothing
 
     def visit(keypath, w):
         path = path_str(keypath)
-        ndim = getattr(w, "ndim", 0)
-        rule = cfg.rule_for(path, ndim)
+        rule = cfg.rule_for(path, getattr(w, "ndim", 0))
         if rule is None:
-            if ndim >= 2 and not is_qtensor(w):
-                unruled.append((cfg.ignored(path, ndim), f"{path} {tuple(w.shape)}"))
             return w
-        used[cfg.rules.index(rule)] = True
-        decided.add(path)
         if rule.scheme is None or is_qtensor(w):  # already quantized leaves pass through
             return w
         axes = None
@@ -320,17 +312,35 @@ def quantize_params(params: Params, cfg: QuantConfig, calib: Stats | dict | None
                       f"model and stay float: {', '.join(kept['no matmul'])}; give the rule axes to quantize them "
                       "anyway", stacklevel=2)
     if warn_unmatched:
-        hint = unmatched_matmuls(usage, decided) if usage is not None else (
-            "; the matrices no rule quantizes include "  # ignored ones (embeddings) last
-            + ", ".join(name for _, name in sorted(unruled, key=lambda u: u[0])[:5]) if unruled else "")
-        for r, u in zip(cfg.rules, used):
-            if not u:
-                warnings.warn(
-                    f"recipe {cfg.name!r}: rule pattern {r.pattern!r} matched no parameter; check the regex "
-                    f"against the paths (jq inspect prints them){hint}",
-                    stacklevel=2,
-                )
+        warn_unmatched_rules(params, cfg, usage, stacklevel=3)
     return out
+
+
+def warn_unmatched_rules(params: Params, cfg: QuantConfig, usage: Mapping[str, LeafUsage] | None = None,
+                         stacklevel: int = 2) -> list[str]:
+    """Warn about each rule of `cfg` that matches no leaf of `params` (usually a regex written for another model's
+    names), listing matrices it could have matched (with `usage`: the float matmul weights no rule decides).
+    Returns the unmatched patterns."""
+    used = [False] * len(cfg.rules)
+    decided: set[str] = set()
+    unruled: list[tuple[bool, str]] = []  # (ignored, matrix) no rule quantizes, named when a rule matches nothing
+    for path, w in leaf_paths(params):
+        ndim = getattr(w, "ndim", 0)
+        rule = cfg.rule_for(path, ndim)
+        if rule is None:
+            if ndim >= 2 and not is_qtensor(w):
+                unruled.append((cfg.ignored(path, ndim), f"{path} {tuple(w.shape)}"))
+            continue
+        used[cfg.rules.index(rule)] = True
+        decided.add(path)
+    hint = unmatched_matmuls(usage, decided) if usage is not None else (
+        "; the matrices no rule quantizes include "  # ignored ones (embeddings) last
+        + ", ".join(name for _, name in sorted(unruled, key=lambda u: u[0])[:5]) if unruled else "")
+    missed = [r.pattern for r, u in zip(cfg.rules, used) if not u]
+    for pattern in missed:
+        warnings.warn(f"recipe {cfg.name!r}: rule pattern {pattern!r} matched no parameter; check the regex against "
+                      f"the paths (jq inspect prints them){hint}", stacklevel=stacklevel)
+    return missed
 
 
 def dequantize_params(qparams: Params, dtype: DTypeLike | None = None) -> Params:

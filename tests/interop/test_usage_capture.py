@@ -15,6 +15,7 @@ import jq
 from jq.calibration.capture import capture
 from jq.calibration.usage_capture import traced_capture
 from jq.interop.usage import trace_usage
+from jq.numbers.qtensor import is_qtensor
 
 Q = "layer_0/attn/q_einsum/w"
 O = "layer_0/attn/attn_vec_einsum/w"
@@ -77,7 +78,7 @@ def _layer_err(w, q, x, eq):
 
 
 @pytest.mark.parametrize("path, eq, act_order", [(Q, "td,ndh->tnh", False), (Q, "td,ndh->tnh", True),
-                                                 (O, "tnh,nhd->td", False)])
+                                                 (O, "tnh,nhd->td", False), (O, "tnh,nhd->td", True)])
 def test_gptq_on_einsum_weights_beats_rtn(gemma, tokens, path, eq, act_order):
     m, v, _ = gemma
     batches = [tokens(s, 4, 16) for s in range(3)]
@@ -114,3 +115,28 @@ def test_gptq_on_scanned_einsum_weights_runs_per_layer(scanned_gemma, tokens):
     assert t.layout.axes == (2,) and 4 < t.bits_per_weight < 5.5
     ref = m.apply(v, x)
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 0.15
+
+
+def test_quantize_model_on_third_party_code_uses_the_traced_axes_and_says_what_a_llama_recipe_missed(gemma, tokens):
+    """`jq.quantize_model` as a new user calls it: a Llama recipe names the einsum weights it missed; the same
+    recipe with a pattern for this model calibrates in one shot (the blocks' layers are not standard ones) with
+    each weight grouped along the axes the model contracts — act-order included on o's two contraction axes."""
+    m, v, x = gemma
+    data = np.concatenate([np.asarray(tokens(s, 4, 16)) for s in range(2)])
+    scheme = jq.Scheme("int4", group_size=16)
+    llama = jq.QuantConfig.simple(scheme, pattern=".*kernel", method="gptq")
+    with pytest.warns(UserWarning, match=r"'\.\*kernel' matched no parameter.*q_einsum/w \(4, 32, 16\) axes \(1,\)"):
+        q, log = jq.quantize_model(m, v["params"], llama, data)
+    assert not any(is_qtensor(leaf) for leaf in jax.tree.leaves(q, is_leaf=is_qtensor))
+    own = jq.QuantConfig(rules=(jq.Rule(r".*(/w|gating_einsum|linear)", scheme, "gptq",
+                                        options=(("act_order", True),)),))
+    with pytest.warns(UserWarning, match="calibrating in one shot"):
+        q, log = jq.quantize_model(m, v["params"], own, data)
+    assert log["mode"] == "one-shot"
+    axes = {k: q["layer_0"]["attn"][k]["w"].layout.axes for k in ("q_einsum", "kv_einsum", "attn_vec_einsum")}
+    assert axes == {"q_einsum": (1,), "kv_einsum": (2,), "attn_vec_einsum": (0, 1)}
+    assert q["layer_0"]["attn"]["attn_vec_einsum"]["w"].perm is not None
+    assert all(4 < leaf.bits_per_weight < 6.5 for leaf in jax.tree.leaves(q, is_leaf=is_qtensor)
+               if is_qtensor(leaf))
+    ref = m.apply(v, x)
+    assert float(jnp.linalg.norm(jq.apply(m, {"params": q}, x) - ref) / jnp.linalg.norm(ref)) < 0.15
