@@ -175,12 +175,12 @@ def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Seq
                                       batch_size=batch_size, progress=progress)
         qparams, log["lowrank"] = compensate_model(model, params, qparams, cfg.lowrank, tokens, batch_size)
         return qparams, log
-    tokens = np.asarray(tokens)
     # how the model uses each leaf (contraction axes, embeddings by their gathered rows): a model's own einsum
     # weights quantize along the axes it contracts, not the Flax kernel convention
-    usage = trace_usage(model, {"params": params}, jnp.asarray(tokens[:batch_size]))
+    usage = None if tokens is None else trace_usage(model, {"params": params}, jnp.asarray(tokens[:batch_size]))
     if not cfg.needs_calibration:
         return quantize_params(params, cfg, usage=usage), {"mode": "data-free"}
+    tokens = np.asarray(tokens)
     spec, found = discover_blocks(model, params, tokens[:batch_size])
     if spec is not None:
         staged = {p for stage in spec.stages for p in stage}

@@ -11,9 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
-__all__ = ["LayerCall", "layer_interceptor", "is_routable", "module_path"]
+from jq.numbers.lowrank import is_weight_leaf
+
+__all__ = ["LayerCall", "layer_interceptor", "is_routable", "module_path", "dense_like"]
 
 _ROUTABLE = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -94,3 +97,11 @@ def layer_interceptor(hook: Callable[[LayerCall], Any]) -> Callable[..., Any]:
         return hook(LayerCall(m, module_path(m) + "/kernel", x, tuple(args), dict(kwargs), next_fun))
 
     return intercept
+
+
+def dense_like(tree: Any) -> Any:
+    """QTensors replaced by the ShapeDtypeStruct of their dequantized array (for abstract traces)."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if is_weight_leaf(x) else x, tree,
+        is_leaf=is_weight_leaf
+    )

@@ -1,8 +1,11 @@
 """Unmodified linen models on quantized trees: `apply` runs `model.apply` with the layer interceptor routing every
-routable layer whose kernel is a QTensor (or a `LowRank`: base + adapter) through `jq.ops` (where kernels plug in);
-any other QTensor — a custom `self.param` used with `@` — is dequantized inside the traced function first, which is
-always correct. Which layers are routed is found by one abstract trace (`jax.eval_shape`), so nothing about the
-model needs declaring."""
+routable layer whose kernel is a QTensor (or a `LowRank`: base + adapter) through `jq.ops` (where kernels plug in).
+When a quantized weight is read outside such a layer — a custom `self.param` used with `@`, `jnp.einsum` or
+`lax.dot_general` — `apply` runs the model's traced jaxpr instead and sends every matmul that reads a quantized leaf
+directly to `jq.ops` as well (`jq.interop.traced_routing`); what cannot go there (a reshaped or sliced weight, a
+matmul inside `scan`, keyword arguments or mutable collections in the call) reads the dequantized leaf, which is
+always correct. Which layers are routed is found by abstract traces, so nothing about the model needs
+declaring."""
 
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jq import ops
-from jq.interop.layers import LayerCall, layer_interceptor
+from jq.interop.layers import LayerCall, dense_like, layer_interceptor
+from jq.interop.traced_routing import apply_traced, can_trace, traced_routed
+from jq.interop.usage import trace_usage
 from jq.numbers.lowrank import is_weight_leaf
 from jq.tree.paths import path_str
 
@@ -94,10 +99,11 @@ def _say_routing(module: nn.Module, params: Any, routed: set[str]) -> None:
     n_routed = sum(1 for kp, x in flat if is_weight_leaf(x) and path_str(kp) in routed)
     if deq and not n_routed:
         warnings.warn(
-            f"jq.apply: none of the {len(deq)} quantized leaves of {name} is the kernel of a layer jq routes "
-            "(nn.Dense, nn.DenseGeneral, bias-free nn.Einsum), so all are dequantized before the model runs: the "
-            "results are correct but no kernel reads packed weights. jq.interop.routing_report(model, variables, "
-            "*args) lists them and the matmuls that read them", stacklevel=3)
+            f"jq.apply: none of the {len(deq)} quantized leaves of {name} reaches jq.ops (neither the kernel of a "
+            "layer jq routes — nn.Dense, nn.DenseGeneral, bias-free nn.Einsum — nor read directly by a matmul of a "
+            "call with array arguments only), so all are dequantized before their matmuls: the results are correct "
+            "but no kernel reads packed weights. jq.interop.routing_report(model, variables, *args) lists them and "
+            "the matmuls that read them", stacklevel=3)
 
 
 def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable: Any = False,
@@ -112,20 +118,29 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
         uses one to record layer inputs, QAT to fake-quantize them); it must call `next_fun` to run the call.
     Returns: what `module.apply` returns.
     """
-    variables = prepare(module, variables, *args, method=method, **kwargs)
+    params = variables.get("params", {})
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
+    quantized = {path_str(kp) for kp, x in flat if is_weight_leaf(x)}
+    if not quantized:
+        return _apply(module, variables, args, method, mutable, interceptor, kwargs)
+    routed = routed_paths(module, variables, *args, method=method, **kwargs)
+    if quantized - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
+        # some weight is read outside a standard layer: run the traced jaxpr, every direct matmul through jq.ops
+        usage = trace_usage(module, variables, *args, method=method)
+        _say_routing(module, params, routed | traced_routed(usage, quantized))
+        return apply_traced(module, variables, *args, method=method, usage=usage)
+    _say_routing(module, params, routed)
+    variables = {**variables, "params": dequantize_except(params, routed)}
+    return _apply(module, variables, args, method, mutable, interceptor, kwargs)
+
+
+def _apply(module: nn.Module, variables: dict, args: tuple, method: Any, mutable: Any,
+           interceptor: Callable[..., Any] | None, kwargs: dict) -> Any:
     with nn.intercept_methods(quantized_interceptor):
         if interceptor is None:
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
         with nn.intercept_methods(interceptor):
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
-
-
-def dense_like(tree: Any) -> Any:
-    """QTensors replaced by the ShapeDtypeStruct of their dequantized array (for abstract traces)."""
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if is_weight_leaf(x) else x, tree,
-        is_leaf=is_weight_leaf
-    )
 
 
 def dequantize_except(tree: Any, keep: set[str]) -> Any:

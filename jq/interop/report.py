@@ -2,9 +2,10 @@
 before it runs — so that "0 of 90 weights routed" is said, not discovered.
 
 `jq.apply` routes the QTensor kernels of intercepted standard layers (`nn.Dense`, `nn.DenseGeneral`, bias-free
-`nn.Einsum`) to `jq.ops.qdot_general` / `qeinsum`; any other QTensor — a weight a user module applies with
-`jnp.einsum`, `@` or `lax.dot_general` — is dequantized inside the traced function first (always correct, but no
-kernel reads its packed codes). `routing_report` counts both, and, from the traced use (`jq.interop.usage`), says
+`nn.Einsum`) to `jq.ops.qdot_general` / `qeinsum`, and a weight a user module applies with `jnp.einsum`, `@` or
+`lax.dot_general` too when the matmul reads it directly (`jq.interop.traced_routing`); any other QTensor is
+dequantized inside the traced function first (always correct, but no kernel reads its packed codes).
+`routing_report` counts both, and, from the traced use (`jq.interop.usage`), says
 which dequantized leaves a matmul reads and which none does; `jq.apply` warns once per model class when a
 quantized tree reaches no routed matmul, and logs the dequantized paths at DEBUG on the "jq.interop" logger.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 
 from jq.interop.linen import routed_paths
+from jq.interop.traced_routing import can_trace, traced_routed
 from jq.interop.usage import trace_usage
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.paths import path_str
@@ -63,6 +65,8 @@ def routing_report(module: Any, variables: dict, *args: Any, method: Any = None,
     quantized = sorted(path_str(kp) for kp, x in flat if is_qtensor(x))
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
     usage = trace_usage(module, variables, *args, method=method, **kwargs)
+    if set(quantized) - routed and can_trace(args, kwargs):  # jq.apply then routes direct matmuls too
+        routed |= traced_routed(usage, set(quantized))
     deq = [p for p in quantized if p not in routed]
     mm = tuple(p for p in deq if p in usage and usage[p].matmuls)
     return RoutingReport(tuple(p for p in quantized if p in routed), tuple(deq), mm,

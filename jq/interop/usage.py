@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from jq.interop.linen import dense_like
+from jq.interop.layers import dense_like
 from jq.tree.axes import LeafUsage, WeightUse
 from jq.tree.paths import path_str
 
@@ -48,7 +48,8 @@ class DotSite:
     the other operand's contracting dims ordered by the weight's leaf axes (flattening them in that order gives
     the K of `hessian [K, K]`); `batch` whether the weight has batch dims in the dot; `where` the control-flow
     primitives around it ("scan", "cond", "while"), outermost first; `direct` operand dim → leaf axis when the
-    operand is the leaf up to transposes / converts (None otherwise)."""
+    operand is the leaf up to transposes / converts (None otherwise); `dims` the equation's dimension numbers
+    ((lhs contracting, rhs contracting), (lhs batch, rhs batch)) and `preferred` its preferred_element_type."""
 
     path: str
     side: int
@@ -57,6 +58,8 @@ class DotSite:
     batch: bool
     where: tuple[str, ...]
     direct: tuple[int, ...] | None
+    dims: tuple = ((), ())
+    preferred: Any = None
 
 
 @dataclasses.dataclass
@@ -271,7 +274,8 @@ def _dot(eqn, traced, uses, sites, paths, where) -> None:
             direct = tuple(d[0] for d in dims)
             if any(n in note for n in _ELEMENTWISE):
                 direct = None
-        sites[id(eqn)] = DotSite(paths[leaf], side, use, tuple(other_c[k] for k in order), bool(b), where, direct)
+        sites[id(eqn)] = DotSite(paths[leaf], side, use, tuple(other_c[k] for k in order), bool(b), where, direct,
+                                 (contract, batch), eqn.params.get("preferred_element_type"))
 
 
 def _scan(eqn, traced, env, uses, sites, paths, shapes, where) -> None:

@@ -56,8 +56,10 @@ def test_int4_g16_on_traced_axes_is_about_4_bits_and_close_to_float(gemma):
     for t in qts.values():
         assert 4.0 < t.bits_per_weight < 5.5, t
     ref = m.apply(v, x)
-    with pytest.warns(UserWarning, match="none of the 10 quantized leaves"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every quantized leaf reaches jq.ops: nothing to warn about
         out = jq.apply(m, {"params": q}, x)
+    np.testing.assert_allclose(out, m.apply({"params": jq.dequantize_params(q)}, x), rtol=1e-4, atol=1e-4)
     rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
     assert rel < 0.15, rel
 
@@ -95,14 +97,24 @@ def test_a_forced_embedding_quantizes_along_its_attend_axis(gemma):
     assert q["embedder"]["input_embedding"].layout.axes == (1,)
 
 
-def test_the_routing_report_counts_routed_and_dequantized_leaves(gemma):
+def test_the_routing_report_counts_routed_and_dequantized_leaves(gemma, scanned_gemma):
+    """User-code einsums on the weights themselves are routed (traced routing); inside `nn.scan` they read the
+    dequantized stacked weight, which the report and a warning say."""
     m, v, x = gemma
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         q = jq.quantize_params(v["params"], _cfg(), usage=trace_usage(m, v, x))
     r = jq.routing_report(m, {"params": q}, x)
-    assert r.counts == {"quantized": 10, "routed": 0, "dequantized": 10, "matmul": 10, "no_matmul": 0}
-    assert "0 of 10 quantized leaves routed" in str(r)
+    assert r.counts == {"quantized": 10, "routed": 10, "dequantized": 0, "matmul": 0, "no_matmul": 0}
+    assert "10 of 10 quantized leaves routed" in str(r)
+    m, v, x = scanned_gemma
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = jq.quantize_params(v["params"], _cfg(), usage=trace_usage(m, v, x))
+    r = jq.routing_report(m, {"params": q}, x)
+    assert r.counts == {"quantized": 5, "routed": 0, "dequantized": 5, "matmul": 5, "no_matmul": 0}
+    with pytest.warns(UserWarning, match="none of the 5 quantized leaves of ScannedGemma reaches jq.ops"):
+        jq.apply(m, {"params": q}, x)
 
 
 def test_dense_layers_are_reported_routed():
@@ -112,14 +124,52 @@ def test_dense_layers_are_reported_routed():
         @nn.compact
         def __call__(self, x):
             w = self.param("w", nn.initializers.normal(0.2), (16, 16))
-            return nn.Dense(16, name="dense")(x @ w)
+            flat = self.param("flat", nn.initializers.normal(0.2), (4, 4, 16))
+            return nn.Dense(16, name="dense")(x @ w) + x @ flat.reshape(16, 16)
 
     m, x = Mixed(), jnp.ones((2, 16))
     v = m.init(jax.random.key(0), x)
-    q = jq.quantize_params(v["params"], jq.QuantConfig.simple(jq.Scheme("int8"), pattern=r".*(kernel|w)"))
+    q = jq.quantize_params(v["params"], jq.QuantConfig.simple(jq.Scheme("int8"), pattern=r".*(kernel|w|flat)"))
     r = jq.routing_report(m, {"params": q}, x)
-    assert r.routed == ("dense/kernel",) and r.matmul == ("w",)
+    # `x @ w` reads the weight itself: routed; `flat` is reshaped first: read dequantized
+    assert r.routed == ("dense/kernel", "w") and r.matmul == ("flat",)
     np.testing.assert_allclose(jq.apply(m, {"params": q}, x), m.apply(v, x), rtol=0.05, atol=0.05)
+
+
+def test_user_code_matmuls_run_the_qtensor_through_jq_ops_whatever_their_layout(monkeypatch):
+    """`x @ w`, `x @ w.T`, the weight as the einsum's first operand and a bf16 compute: the same result as the
+    dequantized model, and the QTensor's policy (int8 activations) applied exactly as `jq.ops` applies it."""
+    from flax import linen as nn
+
+    from jq import ops
+
+    class User(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            a = self.param("a", nn.initializers.normal(0.3), (16, 24))
+            b = self.param("b", nn.initializers.normal(0.3), (8, 24))        # used transposed
+            c = self.param("c", nn.initializers.normal(0.3), (4, 8, 2))      # weight first in the einsum
+            h = x @ a                                                          # [B, T, 24]
+            h = jax.nn.relu(h @ b.T)                                           # [B, T, 8]
+            return jnp.einsum("nkm,btk->bnmt", c, h.astype(jnp.bfloat16)).astype(jnp.float32)
+
+    m, x = User(), jax.random.normal(jax.random.key(1), (2, 3, 16))
+    v = m.init(jax.random.key(0), x)
+    u = trace_usage(m, v, x)
+    q = jq.quantize_params(v["params"], jq.QuantConfig.simple(jq.Scheme("int8", act="int8"), pattern=".*"), usage=u)
+    seen = []
+    real = ops.qdot_general
+    monkeypatch.setattr(ops, "qdot_general", lambda lhs, rhs, *a, **k: seen.append(rhs.shape) or real(lhs, rhs, *a, **k))
+    out = jax.jit(lambda p, x: jq.apply(m, {"params": p}, x))(q, x)
+    assert sorted(seen) == [(4, 8, 2), (8, 24), (16, 24)] and out.shape == (2, 4, 2, 3)
+    monkeypatch.setattr(ops, "qdot_general", real)
+    # the reference: the model's own maths with each matmul done by jq.ops on the QTensor
+    qa, qb, qc = q["a"], q["b"], q["c"]
+    h = jax.nn.relu(ops.qdot_general(ops.qdot_general(x, qa, (((2,), (0,)), ((), ()))), qb, (((2,), (1,)), ((), ()))))
+    y = ops.qdot_general(h.astype(jnp.bfloat16), qc, (((2,), (1,)), ((), ())))              # [B, T, n, m]
+    np.testing.assert_allclose(out, jnp.transpose(y, (0, 2, 3, 1)).astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    dense = m.apply({"params": jq.dequantize_params(q)}, x)
+    assert float(jnp.max(jnp.abs(out - dense))) > 1e-4  # the int8 activations made a difference
 
 
 def test_nnx_models_are_traced_too():
