@@ -6,7 +6,9 @@ A QTensor whose contraction axes lead ([K1, .., Kc, N1, ..]) holds its codes, sc
 row-major order of the flattened matrix [K1·..·Kc, N1·..]: groups run along Kc inside each (K1, .., Kc−1) row block,
 so they are consecutive rows of the flattened K, and packing along Kc packs consecutive rows. The view is a reshape
 of every stored array (valid without padding of the group axis, flat groups, a permutation across several
-contraction axes, or an online rotation over several axes).
+contraction axes, or an online rotation over several axes). A weight whose contraction axes do not lead (an einsum
+`w` [heads, d_model, head_dim] contracting d_model, a [N, K] matrix contracting K) is first transposed as stored —
+packed codes, scales, zero points; a pass over 4 or 8 bits per weight instead of a dequantization to 16 or 32.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 
 from jq.numbers.qtensor import Layout, QTensor
 
-__all__ = ["matrix_view", "einsum_dimension_numbers"]
+__all__ = ["matrix_view", "leading", "einsum_dimension_numbers"]
 
 
 def _flat2(a: jax.Array | None, nc: int) -> jax.Array | None:
@@ -39,14 +41,53 @@ def _tables2(t: jax.Array, scale_shape: tuple[int, ...], nc: int, nd: int) -> ja
     return t.reshape((math.prod(tshape[:nc]), math.prod(tshape[nc:])) + tail)
 
 
+def leading(rhs: QTensor, rc: tuple[int, ...]) -> QTensor | None:
+    """rhs with its contraction axes `rc` (sorted, = its layout's axes) moved to the front, the others after them in
+    order: every stored array transposed (packed codes stay packed along the group axis), nothing dequantized — an
+    einsum weight [heads, d_model, head_dim] contracting d_model becomes [d_model, heads, head_dim]. None for
+    stored forms a transpose does not carry (codebook tables, a dense-and-sparse term, an outer scale, flat
+    groups), and rhs itself when its axes lead already."""
+    lay, nd = rhs.layout, rhs.ndim
+    if tuple(rc) != tuple(sorted(rc)) or tuple(lay.axes) != tuple(rc):
+        return None
+    perm = tuple(rc) + tuple(a for a in range(nd) if a not in rc)
+    if perm == tuple(range(nd)):
+        return rhs
+    if (rhs.codebook is not None or rhs.sparse_index is not None or rhs.outer_scale is not None or lay.flat
+            or (len(rc) > 1 and rhs.perm is not None)):
+        return None
+    t = lambda a: None if a is None or a.ndim == 0 else jnp.transpose(a, perm)  # noqa: E731
+    new = Layout(tuple(lay.shape[a] for a in perm), tuple(range(len(rc))), lay.granularity, lay.group_size,
+                 padded=lay.padded)
+    q = dataclasses.replace(rhs, codes=jnp.transpose(rhs.codes, perm + tuple(range(nd, rhs.codes.ndim))),
+                            scale=t(rhs.scale), zero=t(rhs.zero), layout=new)
+    try:
+        q.check("transposed view")
+    except ValueError:
+        return None
+    return q
+
+
 def matrix_view(lhs: jax.Array, rhs: QTensor, dimension_numbers) -> tuple[jax.Array, QTensor, tuple[int, ...]] | None:
     """(lhs [..., K], rhs as a QTensor [K, N] contracting axis 0, the result's shape) for `dot_general(lhs, rhs,
-    dimension_numbers)` with an N-D rhs whose contraction axes lead (in order, no batch dims); None where the view does
-    not apply (a 2-D rhs already contracting axis 0, other contractions, padded / flat groups, a permutation or an
-    online rotation over several axes, tables shared across part of a side)."""
+    dimension_numbers)` with an N-D rhs (no batch dims) — its contraction axes moved to the front first when they
+    do not lead (`leading`); None where the view does not apply (a 2-D rhs already contracting axis 0, other
+    contractions, padded / flat groups, a permutation or an online rotation over several axes, tables shared across
+    part of a side)."""
     (lc, rc), (lb, rb) = dimension_numbers
+    if lb or rb or not rc or len(rc) >= rhs.ndim:
+        return None
+    if tuple(rc) != tuple(range(len(rc))):  # contraction axes elsewhere: transpose the stored arrays
+        order = sorted(range(len(rc)), key=lambda k: rc[k])
+        moved = leading(rhs, tuple(rc[k] for k in order))
+        if moved is None or moved is rhs:
+            return None
+        lc, rc, rhs = tuple(lc[k] for k in order), tuple(range(len(rc))), moved
+        if rhs.ndim == 2:  # [N, K] contracting K: the transposed [K, N] is what the kernels take
+            x = jnp.moveaxis(lhs, tuple(lc), tuple(range(lhs.ndim - 1, lhs.ndim)))
+            return x, rhs, x.shape[:-1] + (rhs.shape[1],)
     lay, nc, nd = rhs.layout, len(rc), rhs.ndim
-    if lb or rb or nc == 0 or tuple(rc) != tuple(range(nc)) or tuple(lay.axes) != tuple(rc) or nc >= nd:
+    if tuple(rc) != tuple(range(nc)) or tuple(lay.axes) != tuple(rc):
         return None
     if nd == 2 or lay.flat or (lay.padded is not None and lay.padded != lay.shape[lay.group_axis]):
         return None

@@ -54,7 +54,16 @@ def test_no_view_where_the_bytes_are_not_a_matrix():
     assert matrix_view(x, _q((4, 16, 8), (0, 1), format="int4", group_size=8), dn) is not None
     assert matrix_view(x, _q((4, 12, 8), (0, 1), format="int4", group_size=8, pad=True), dn) is None  # padded
     assert matrix_view(x[:, 0], _q((16, 8), (0,), format="int4", group_size=8), (((1,), (0,)), ((), ()))) is None
-    assert matrix_view(x[:, 0], _q((8, 16), (1,), format="int4", group_size=8), (((1,), (1,)), ((), ()))) is None
+    # a weight contracting a later axis is transposed as stored (packed codes, scales), never dequantized
+    nk = _q((8, 16), (1,), format="int4", group_size=8)
+    xv, qv, out = matrix_view(x[:, 0], nk, (((1,), (1,)), ((), ())))
+    assert qv.shape == (16, 8) and qv.layout.axes == (0,) and out == (2, 8)
+    np.testing.assert_array_equal(np.asarray(qv.dequantize()), np.asarray(nk.dequantize()).T)
+    mid = _q((4, 16, 8), (1,), format="int4", group_size=8)
+    xv, qv, out = matrix_view(jnp.ones((2, 3, 16)), mid, (((2,), (1,)), ((), ())))
+    assert qv.shape == (16, 32) and out == (2, 3, 4, 8)
+    np.testing.assert_array_equal(np.asarray(qv.dequantize()),
+                                  np.asarray(mid.dequantize()).transpose(1, 0, 2).reshape(16, 32))
 
 
 @pytest.mark.parametrize("subscripts,xs,ws", [

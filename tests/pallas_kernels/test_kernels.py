@@ -327,6 +327,22 @@ def test_dense_general_and_einsum_weights_reach_the_kernels_as_matrices(monkeypa
     assert rel_err(y, jnp.einsum("bthd,hdn->btn", x, q.dequantize(jnp.float32))) < TOL_FALLBACK["float32"]
 
 
+@pytest.mark.parametrize("subscripts,w_shape,axis", [("btd,ndh->btnh", (4, 32, 16), 1),  # a Gemma-style q_einsum
+                                                      ("btk,nk->btn", (16, 32), 1)])       # a torch-layout [N, K]
+def test_weights_contracting_a_later_axis_reach_the_kernels_transposed(monkeypatch, caplog, subscripts, w_shape,
+                                                                        axis):
+    """Contraction axes that do not lead: the stored arrays are transposed (`jq.ops.matrix_view.leading`) and the 2-D
+    kernel runs — same result as the fallback, no fallback logged."""
+    s = jq.Scheme(format="int4", group_size=16)
+    q = jax.jit(lambda w: s.make_qtensor(*_grouped(w, s, (axis,))))(weight(*w_shape))
+    x = jnp.asarray(normal((2, 3, 32), 7))
+    calls = kernel_used(monkeypatch)
+    with caplog.at_level(logging.DEBUG, logger="jq.ops"), pk.force_interpret():
+        y = jax.jit(lambda x, q: jq.ops.qeinsum(subscripts, x, q))(x, q)
+    assert calls == ["w4a16_sym_g16"] and not _fallback_messages(caplog)
+    assert rel_err(y, jnp.einsum(subscripts, x, q.dequantize(jnp.float32))) < TOL_FALLBACK["float32"]
+
+
 def test_user_kernels_keep_priority_and_registration_is_idempotent():
     """Built-in kernels sit behind kernels registered with jq.ops.register_kernel, and come back after a reset."""
     before = list(jq.ops.KERNELS)
