@@ -157,12 +157,13 @@ def test_user_code_matmuls_run_the_qtensor_through_jq_ops_whatever_their_layout(
     v = m.init(jax.random.key(0), x)
     u = trace_usage(m, v, x)
     q = jq.quantize_params(v["params"], jq.QuantConfig.simple(jq.Scheme("int8", act="int8"), pattern=".*"), usage=u)
+    from jq.interop import traced_routing
+
     seen = []
-    real = ops.qdot_general
-    monkeypatch.setattr(ops, "qdot_general", lambda lhs, rhs, *a, **k: seen.append(rhs.shape) or real(lhs, rhs, *a, **k))
+    real = traced_routing._route
+    monkeypatch.setattr(traced_routing, "_route", lambda site, invals, w: seen.append(w.shape) or real(site, invals, w))
     out = jax.jit(lambda p, x: jq.apply(m, {"params": p}, x))(q, x)
     assert sorted(seen) == [(4, 8, 2), (8, 24), (16, 24)] and out.shape == (2, 4, 2, 3)
-    monkeypatch.setattr(ops, "qdot_general", real)
     # the reference: the model's own maths with each matmul done by jq.ops on the QTensor
     qa, qb, qc = q["a"], q["b"], q["c"]
     h = jax.nn.relu(ops.qdot_general(ops.qdot_general(x, qa, (((2,), (0,)), ((), ()))), qb, (((2,), (1,)), ((), ()))))
