@@ -359,6 +359,9 @@ def test_cli_generate_prints_text_and_tokens_per_second(tiny_gguf, capsys):
     assert len(out) >= 2 and "prefill: " in out[-1] and "decode: " in out[-1] and "tok/s" in out[-1]
     assert "compile" in out[-1] and "weights: w4kv4" in out[-1] and "KV cache: int4 asym g4, 80 B/token, " in out[-1]
     assert "MB allocated" in out[-1]
+    assert cli_main(["generate", "--model", model, "--prompt", "the cat", "--max-new", "6", "--kv", "int4",
+                     "--kv-keys", "channel:32"]) == 0
+    assert "KV cache: int4 asym keys per channel /32, " in capsys.readouterr().out.strip().splitlines()[-1]
 
 
 def save_quantized(out, model: str, recipe_path) -> None:
