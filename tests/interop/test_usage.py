@@ -100,18 +100,17 @@ def test_a_forced_embedding_quantizes_along_its_attend_axis(gemma):
 def test_the_routing_report_counts_routed_and_dequantized_leaves(gemma, scanned_gemma):
     """User-code einsums on the weights themselves are routed (traced routing); inside `nn.scan` they read the
     dequantized stacked weight, which the report and a warning say."""
-    m, v, x = gemma
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = jq.quantize_params(v["params"], _cfg(), usage=trace_usage(m, v, x))
-    r = jq.routing_report(m, {"params": q}, x)
+    def report(m, v, x):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q = jq.quantize_params(v["params"], _cfg(), usage=trace_usage(m, v, x))
+        return q, jq.routing_report(m, {"params": q}, x)
+
+    _, r = report(*gemma)
     assert r.counts == {"quantized": 10, "routed": 10, "dequantized": 0, "matmul": 0, "no_matmul": 0}
     assert "10 of 10 quantized leaves routed" in str(r)
     m, v, x = scanned_gemma
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q = jq.quantize_params(v["params"], _cfg(), usage=trace_usage(m, v, x))
-    r = jq.routing_report(m, {"params": q}, x)
+    q, r = report(m, v, x)
     assert r.counts == {"quantized": 5, "routed": 0, "dequantized": 5, "matmul": 5, "no_matmul": 0}
     with pytest.warns(UserWarning, match="none of the 5 quantized leaves of ScannedGemma reaches jq.ops"):
         jq.apply(m, {"params": q}, x)
