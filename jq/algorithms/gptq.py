@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jq.algorithms.gptq_plan import check_options, on_leading_axes, plan
+from jq.algorithms.gptq_plan import check_options, on_leading_axes, plan, processing_order
 from jq.algorithms.grids import GridFitter, RangeFit
 from jq.algorithms.hqq import HQQFit
 from jq.algorithms.refit import LeastSquaresRefit
@@ -145,23 +145,8 @@ def gptq_with_info(
         scale_g, zero_g = RangeFit().fit(ws.reshape(layout.grouped_shape), scheme, layout.reduce_axes)
 
     # -- processing order ----------------------------------------------------------------------------------
-    pos_real = np.arange(K) if p.real_idx is None else p.real_idx  # stored-flat positions of the real inputs
-    rest = np.setdiff1d(np.arange(Kt), pos_real)  # group / block padding (decoupled in H, weights zero)
-    shared = None  # act-order groups over several contraction axes: one order of the group axis for all
-    if act_order and p.store_perm and p.K > (ka := layout.shape[len(layout.axes) - 1]):
-        lead, ka_p = p.K // ka, p.Kp // (p.K // ka)
-        shared = jnp.argsort(-diag.reshape(lead, ka).sum(0), stable=True).astype(jnp.int32)       # [ka]
-        o = (jnp.arange(lead, dtype=jnp.int32)[:, None] * ka + shared).reshape(-1)  # lead by lead, shared order
-        stored = jnp.arange(lead, dtype=jnp.int32)[:, None] * ka_p                   # ... padding after each lead
-        order = jnp.concatenate([jnp.concatenate([stored + shared, stored + jnp.arange(ka, ka_p, dtype=jnp.int32)],
-                                                 1).reshape(-1), jnp.arange(p.Kp, Kt, dtype=jnp.int32)])
-        h_real, pos_proc = h[o][:, o], p.real_idx  # real inputs sit where the stored layout has them
-    elif act_order:
-        o = jnp.argsort(-diag, stable=True)
-        order = jnp.concatenate([jnp.asarray(pos_real, jnp.int32)[o], jnp.asarray(rest, jnp.int32)])
-        h_real, pos_proc = h[o][:, o], None  # real inputs come first in processing order
-    else:
-        order, h_real, pos_proc = None, h, p.real_idx
+    order, o, pos_proc, shared = processing_order(p, layout, diag, act_order)
+    h_real = h if o is None else h[o][:, o]
     # H in processing order [Kt, Kt]; padding rows / columns are zero here and get diagonal mean(diag H)
     # below (decoupled from the real inputs, any positive value would do)
     if pos_proc is None:
@@ -210,7 +195,7 @@ def gptq_with_info(
     wt = jnp.pad(ws, ((0, Kt - Kp), (0, 0)))
     w0 = wt if order is None else wt[order]  # original weights, processing order
     mask_s = np.zeros(Kt, np.float32)
-    mask_s[pos_real] = 1.0  # real (not padding) rows, stored order
+    mask_s[np.arange(K) if p.real_idx is None else p.real_idx] = 1.0  # real (not padding) rows, stored order
     mask = jnp.asarray(mask_s) if order is None else jnp.asarray(mask_s)[order]
 
     sym = scheme.symmetric  # no zero points

@@ -17,7 +17,7 @@ from jq.numbers import formats
 from jq.numbers.qtensor import Layout, QTensor
 from jq.numbers.scheme import Scheme
 
-__all__ = ["Plan", "check_options", "plan", "on_leading_axes"]
+__all__ = ["Plan", "check_options", "plan", "processing_order", "on_leading_axes"]
 
 _SUB = 16  # channels per sub-block
 
@@ -85,6 +85,34 @@ def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) 
     if S < 4:
         S = B if level != "column" else S
     return Plan(K, Kp, Kt, N, B, S, g, level, store_perm, real_idx)
+
+
+def processing_order(p: Plan, layout: Layout, diag: jnp.ndarray, act_order: bool
+                     ) -> tuple[jnp.ndarray | None, jnp.ndarray | None, np.ndarray | None, jnp.ndarray | None]:
+    """(order [Kt]: the stored-flat row processed at each step, or None for the stored order; o [K]: the real
+    inputs in processing order, indexing H, or None; the processing positions of the real inputs, None when they
+    come first; the group axis' shared order [ka] when act-order groups span several contraction axes, else None).
+
+    Act-order sorts the inputs by descending diag H. With groups over several contraction axes (o_proj [heads,
+    head_dim, d_model]) the stored permutation can only be of the group axis: it is ordered by diag H summed over
+    the leading indices and shared by them, and the pass runs one leading index at a time, each index's padding
+    after it; block padding comes last either way."""
+    K, Kp, Kt = p.K, p.Kp, p.Kt
+    if not act_order:
+        return None, None, p.real_idx, None
+    ka = layout.shape[len(layout.axes) - 1]
+    if p.store_perm and K > ka:
+        lead, ka_p = K // ka, Kp // (K // ka)
+        shared = jnp.argsort(-diag.reshape(lead, ka).sum(0), stable=True).astype(jnp.int32)       # [ka]
+        o = (jnp.arange(lead, dtype=jnp.int32)[:, None] * ka + shared).reshape(-1)
+        stored = jnp.arange(lead, dtype=jnp.int32)[:, None] * ka_p
+        order = jnp.concatenate([jnp.concatenate([stored + shared, stored + jnp.arange(ka, ka_p, dtype=jnp.int32)],
+                                                 1).reshape(-1), jnp.arange(Kp, Kt, dtype=jnp.int32)])
+        return order, o, p.real_idx, shared
+    pos_real = np.arange(K) if p.real_idx is None else p.real_idx  # stored-flat positions of the real inputs
+    rest = np.setdiff1d(np.arange(Kt), pos_real)  # group / block padding (decoupled in H, weights zero)
+    o = jnp.argsort(-diag, stable=True)
+    return jnp.concatenate([jnp.asarray(pos_real, jnp.int32)[o], jnp.asarray(rest, jnp.int32)]), o, None, None
 
 
 def check_options(p: Plan, layout: Layout, scheme: Scheme, grid: GridFitter,

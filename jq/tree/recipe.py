@@ -20,10 +20,8 @@ YAML form::
     kv_cache:                    # optional: quantize the KV cache (see jq.numbers.kvcache); `rules` may then be []
       format: int4               # int8 | int4
       group_size: 64             # along head_dim; omit for one group per head
-      symmetric: false           # default false (asymmetric, integer zero point)
-      rotate: false              # Hadamard-rotate q and k after RoPE before k is quantized
-      keys: token                # token | channel (KIVI: keys per channel over key_group positions; open block exact)
-      key_group: 64              # with keys: channel
+      rotate: false              # Hadamard-rotate q and k after RoPE before k is quantized (symmetric: default false)
+      keys: token                # token | channel (KIVI: per channel over key_group: 64 positions, open block exact)
     lowrank: {rank: 16}          # optional: LoRC low-rank compensation of every quantized weight (LowRankConfig)
     smooth_attention: {alpha: 0.5}  # optional: QoQ's SmoothAttention, keys' scales into queries (calibrated)
 """
@@ -301,8 +299,7 @@ def _parse_rotation(raw, source: str) -> RotationConfig | None:
 
 def _parse_kv_cache(raw, source: str) -> KVCacheConfig:
     """The `kv_cache:` mapping → KVCacheConfig (`format` required)."""
-    return _parse_section(raw, KVCacheConfig, "kv_cache",
-                          ["format", "group_size", "symmetric", "rotate", "scale_dtype", "keys", "key_group"],
+    return _parse_section(raw, KVCacheConfig, "kv_cache", [f.name for f in dataclasses.fields(KVCacheConfig)],
                           source, "a mapping like {format: int8}", required={"format": "int8 or int4"})
 
 
