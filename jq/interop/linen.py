@@ -108,7 +108,10 @@ def _say_routing(module: nn.Module, params: Any, routed: set[str]) -> None:
 
 def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable: Any = False,
           interceptor: Callable[..., Any] | None = None, **kwargs) -> Any:
-    """`module.apply(variables, *args, ...)` where `variables["params"]` may hold QTensors.
+    """`module.apply(variables, *args, ...)` where `variables["params"]` may hold QTensors: standard layers run
+    them through `jq.ops`; when a QTensor is read elsewhere and the call has array positional arguments only (no
+    kwargs, `mutable`, `interceptor`), the traced jaxpr runs instead with its direct matmuls routed too
+    (`jq.interop.traced_routing`); any other QTensor is dequantized first.
 
     Args:
       module: an unmodified linen module.
