@@ -5,8 +5,9 @@ Mechanism (see README, "Running a model on quantized params"):
 - Linen: `jq.interop.apply(module, variables, *args)` intercepts the standard layers (`nn.Dense`, `nn.DenseGeneral`,
   bias-free `nn.Einsum`) with `nn.intercept_methods`: when a layer's kernel is a QTensor, the layer's own maths
   runs with `jq.ops.qdot_general` / `jq.ops.qeinsum`, so the packed weight reaches the matmul (and a kernel,
-  when one is registered). QTensors anywhere else — a custom `self.param` in user code — are dequantized inside
-  the traced function before `apply`, which is always correct. Which kernels are routed is found by one abstract
+  when one is registered). A QTensor that user code reads with `@` / `jnp.einsum` / `lax.dot_general` reaches
+  `jq.ops` too when the matmul reads it directly: `apply` then runs the traced jaxpr (`traced_routing`); anything
+  else is dequantized inside the traced function, which is always correct. Which kernels are routed is found by one abstract
   trace (`jax.eval_shape`) of the model, so nothing about the model needs declaring.
 - NNX: `jq.interop.nnx_merge(graphdef, qstate)` builds the module; every `nnx.Linear` whose kernel is a QTensor gets
   jq's `dot_general` / `promote_dtype` hooks (constructor arguments NNX itself offers), other QTensors are
