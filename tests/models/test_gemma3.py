@@ -92,7 +92,7 @@ def test_decoding_with_a_cache_equals_the_full_forward(kv):
     params = random_params(CFG, seed=2)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 20)), jnp.int32)
     full = make_forward(CFG, kv_cache=kv)(params, tokens)
-    prefill, step = make_decode(CFG, kv_cache=kv)
+    prefill, step = (jax.jit(f) for f in make_decode(CFG, kv_cache=kv))
     cache = init_cache(CFG, 2, 24, kv)
     logits, cache = prefill(params, cache, tokens[:, :5])
     rows = [logits]
@@ -113,7 +113,7 @@ def test_local_layers_decode_from_a_ring_of_window_rows(kv):
     cache = init_cache(CFG, 2, 40, kv)
     rows = {name: jax.tree.leaves(layer["k"])[0].shape[1] for name, layer in cache.items()}
     assert rows == {"layers_0": 8, "layers_1": 40, "layers_2": 8} and "pos" not in cache["layers_1"]
-    prefill, step = make_decode(CFG, kv_cache=kv)
+    prefill, step = (jax.jit(f) for f in make_decode(CFG, kv_cache=kv))
     logits, cache = prefill(params, cache, tokens[:, :13])  # 13 > window 8: only the newest 8 rows are kept
     assert sorted(np.asarray(cache["layers_0"]["pos"]).tolist()) == list(range(5, 13))
     out = [logits]
