@@ -77,11 +77,10 @@ def _ring(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array, kv: KVC
     keys = jnp.concatenate([kvcache.read_kv(cache["k"], kv, dtype), kvcache.fake_quant_kv(k, kv).astype(dtype)], 1)
     values = jnp.concatenate([kvcache.read_kv(cache["v"], kv, dtype), kvcache.fake_quant_kv(v, kv).astype(dtype)], 1)
     key_pos = jnp.concatenate([jnp.broadcast_to(old_pos, (b, ring)), positions], axis=1)
-    keep = min(t, ring)  # only the newest `ring` rows can still be read later
-    new_pos = start + jnp.arange(t - keep, t, dtype=jnp.int32)
-    slots = new_pos % ring
-    cache = {"k": kvcache.write_kv_rows(cache["k"], k[:, t - keep:], slots, kv),
-             "v": kvcache.write_kv_rows(cache["v"], v[:, t - keep:], slots, kv), "pos": pos.at[slots].set(new_pos)}
+    new_pos, slots = kvcache.ring_slots(start, t, ring)  # only the newest `ring` rows can still be read later
+    span = new_pos.shape[0]
+    cache = {"k": kvcache.write_kv_rows(cache["k"], k[:, t - span:], slots, kv),
+             "v": kvcache.write_kv_rows(cache["v"], v[:, t - span:], slots, kv), "pos": pos.at[slots].set(new_pos)}
     return keys, values, key_pos, cache
 
 

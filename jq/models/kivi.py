@@ -120,7 +120,7 @@ def _write_back(cache: dict, q: dict, exact: jax.Array, v: jax.Array, positions:
     block scales, `recent` = the exact rows of the block still open at `end`, values per token as before."""
     g = kv.key_group
     n = exact.shape[1]
-    b, t = positions.shape
+    t = positions.shape[1]
     rows = g0 + jnp.arange(n)
     last = end // g * g                                          # end of the complete blocks
     keep = (rows // g + 1) * g <= end                            # the row's block is complete
@@ -137,9 +137,7 @@ def _write_back(cache: dict, q: dict, exact: jax.Array, v: jax.Array, positions:
     k_entry["recent"] = jax.lax.dynamic_slice_in_dim(exact, last - g0, g, axis=1).astype(cache["k"]["recent"].dtype)
     out = {**cache, "k": k_entry}
     if ring:
-        span = min(t, length)
-        new_pos = positions[0, 0] + jnp.arange(t - span, t, dtype=jnp.int32)
-        slots = new_pos % length
-        out["v"] = kvcache.write_kv_rows(cache["v"], v[:, t - span:], slots, kv)
+        new_pos, slots = kvcache.ring_slots(positions[0, 0], t, length)
+        out["v"] = kvcache.write_kv_rows(cache["v"], v[:, t - new_pos.shape[0]:], slots, kv)
         out["pos"] = cache["pos"].at[slots].set(new_pos)
     return out

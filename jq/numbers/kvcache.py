@@ -36,7 +36,7 @@ from jq.numbers.grid import Grid
 from jq.numbers.hadamard import Rotation
 
 __all__ = ["KVCacheConfig", "KV_FORMATS", "quantize_kv", "dequantize_kv", "fake_quant_kv", "empty_kv", "write_kv",
-           "write_kv_rows", "read_kv", "kv_bytes_per_token"]
+           "write_kv_rows", "ring_slots", "read_kv", "kv_bytes_per_token"]
 
 KV_FORMATS = ("int8", "int4")
 _SCALE_DTYPES = ("float16", "bfloat16", "float32")
@@ -258,6 +258,14 @@ def write_kv_rows(entry: jax.Array | dict, new: jax.Array, rows: jax.Array, kv: 
     """Write `new` [B, T, H, D] into the cache entry at the T distinct rows `rows` (int [T], may be traced; a ring
     buffer's slots), quantizing it first when `kv` quantizes."""
     return _write(entry, new, kv, lambda buf, val: buf.at[:, rows].set(val))
+
+
+def ring_slots(start: jax.Array | int, t: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """Where T new rows at positions start … start + T − 1 go in a ring of `length` slots: (positions of the rows
+    that can still be read later — the last min(T, length) — and their slots, position mod length), both int32."""
+    span = min(t, length)
+    new_pos = jnp.asarray(start, jnp.int32) + jnp.arange(t - span, t, dtype=jnp.int32)
+    return new_pos, new_pos % length
 
 
 def read_kv(entry: jax.Array | dict, kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array:
