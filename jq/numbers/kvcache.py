@@ -191,17 +191,10 @@ def _blocks(x: jax.Array, g: int) -> jax.Array:
 
 def fake_quant_kv(x: jax.Array, kv: KVCacheConfig | None, keys: bool = False) -> jax.Array:
     """dequantize(quantize(x)) in x's dtype; x unchanged when `kv` is None or a float cache. x: [..., D]; with
-    keys=True and per-channel keys x is [..., T, H, D], any T (blocks of key_group rows from row 0; the last,
-    partial block is quantized over its rows padded by repeating its last row)."""
+    keys=True and per-channel keys x is [..., T, H, D], T a multiple of key_group (blocks from row 0)."""
     if kv is None or not kv.quantized:
         return x
-    if keys and kv.per_channel_keys:
-        t = x.shape[-3]
-        pad = -t % kv.key_group
-        if pad:
-            x = jnp.concatenate([x, jnp.repeat(x[..., -1:, :, :], pad, axis=-3)], axis=-3)
-        return dequantize_kv(quantize_kv(x, kv, keys=True), kv, x.dtype, keys=True)[..., :t, :, :]
-    return dequantize_kv(quantize_kv(x, kv), kv, x.dtype)
+    return dequantize_kv(quantize_kv(x, kv, keys), kv, x.dtype, keys)
 
 
 def empty_kv(shape: tuple[int, ...], kv: KVCacheConfig | None, dtype: Any = jnp.float32) -> jax.Array | dict:

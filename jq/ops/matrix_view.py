@@ -80,7 +80,7 @@ def matrix_view(lhs: jax.Array, rhs: QTensor, dimension_numbers) -> tuple[jax.Ar
     if tuple(rc) != tuple(range(len(rc))):  # contraction axes elsewhere: transpose the stored arrays
         order = sorted(range(len(rc)), key=lambda k: rc[k])
         moved = leading(rhs, tuple(rc[k] for k in order))
-        if moved is None or moved is rhs:
+        if moved is None or moved is rhs:  # rhs: leading axes contracted out of order (not viewed, as before)
             return None
         lc, rc, rhs = tuple(lc[k] for k in order), tuple(range(len(rc))), moved
         if rhs.ndim == 2:  # [N, K] contracting K: the transposed [K, N] is what the kernels take
