@@ -195,7 +195,7 @@ def gptq_with_info(
     wt = jnp.pad(ws, ((0, Kt - Kp), (0, 0)))
     w0 = wt if order is None else wt[order]  # original weights, processing order
     mask_s = np.zeros(Kt, np.float32)
-    mask_s[np.arange(K) if p.real_idx is None else p.real_idx] = 1.0  # real (not padding) rows, stored order
+    mask_s[p.real_positions] = 1.0  # real (not padding) rows, stored order
     mask = jnp.asarray(mask_s) if order is None else jnp.asarray(mask_s)[order]
 
     sym = scheme.symmetric  # no zero points

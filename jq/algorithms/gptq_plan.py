@@ -37,6 +37,11 @@ class Plan:
     store_perm: bool  # act-order groups: codes stored permuted, QTensor.perm set
     real_idx: np.ndarray | None  # [K] stored-flat position of each real channel; None when it is arange(K)
 
+    @property
+    def real_positions(self) -> np.ndarray:
+        """[K] stored-flat positions of the real (not padding) inputs."""
+        return np.arange(self.K) if self.real_idx is None else self.real_idx
+
 
 def plan(layout: Layout, block_size: int, act_order: bool, static_groups: bool) -> Plan:
     """The static `Plan` of GPTQ on a kernel of logical shape `layout.shape` (contraction axes leading, [K..., N...]);
@@ -109,7 +114,7 @@ def processing_order(p: Plan, layout: Layout, diag: jnp.ndarray, act_order: bool
         order = jnp.concatenate([jnp.concatenate([stored + shared, stored + jnp.arange(ka, ka_p, dtype=jnp.int32)],
                                                  1).reshape(-1), jnp.arange(Kp, Kt, dtype=jnp.int32)])
         return order, o, p.real_idx, shared
-    pos_real = np.arange(K) if p.real_idx is None else p.real_idx  # stored-flat positions of the real inputs
+    pos_real = p.real_positions
     rest = np.setdiff1d(np.arange(Kt), pos_real)  # group / block padding (decoupled in H, weights zero)
     o = jnp.argsort(-diag, stable=True)
     return jnp.concatenate([jnp.asarray(pos_real, jnp.int32)[o], jnp.asarray(rest, jnp.int32)]), o, None, None

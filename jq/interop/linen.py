@@ -78,11 +78,21 @@ def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, 
 
 
 def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> dict:
-    """The variables `apply` runs on: QTensors of routed layers kept, every other QTensor dequantized."""
-    params = variables.get("params", {})
-    if not any(is_weight_leaf(x) for x in jax.tree_util.tree_leaves(params, is_leaf=is_weight_leaf)):
+    """The variables `apply` runs `module.apply` on (when it does not run the traced jaxpr): QTensors of routed
+    layers kept, every other QTensor dequantized."""
+    if not _quantized_paths(variables.get("params", {})):
         return variables
-    routed = routed_paths(module, variables, *args, method=method, **kwargs)
+    return _keep_routed(module, variables, routed_paths(module, variables, *args, method=method, **kwargs))
+
+
+def _quantized_paths(params: Any) -> set[str]:
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
+    return {path_str(kp) for kp, x in flat if is_weight_leaf(x)}
+
+
+def _keep_routed(module: nn.Module, variables: dict, routed: set[str]) -> dict:
+    """`variables` with every QTensor outside `routed` dequantized (said by `_say_routing`)."""
+    params = variables["params"]
     _say_routing(module, params, routed)
     return {**variables, "params": dequantize_except(params, routed)}
 
@@ -121,29 +131,21 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
         uses one to record layer inputs, QAT to fake-quantize them); it must call `next_fun` to run the call.
     Returns: what `module.apply` returns.
     """
-    params = variables.get("params", {})
-    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
-    quantized = {path_str(kp) for kp, x in flat if is_weight_leaf(x)}
-    if not quantized:
-        return _apply(module, variables, args, method, mutable, interceptor, kwargs)
-    routed = routed_paths(module, variables, *args, method=method, **kwargs)
-    if quantized - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
-        # some weight is read outside a standard layer: run the traced jaxpr, every direct matmul through jq.ops
-        usage = trace_usage(module, variables, *args, method=method)
-        _say_routing(module, params, routed | traced_routed(usage, quantized))
-        return apply_traced(module, variables, *args, method=method, usage=usage)
-    _say_routing(module, params, routed)
-    variables = {**variables, "params": dequantize_except(params, routed)}
-    return _apply(module, variables, args, method, mutable, interceptor, kwargs)
-
-
-def _apply(module: nn.Module, variables: dict, args: tuple, method: Any, mutable: Any,
-           interceptor: Callable[..., Any] | None, kwargs: dict) -> Any:
+    quantized = _quantized_paths(variables.get("params", {}))
+    if quantized:
+        routed = routed_paths(module, variables, *args, method=method, **kwargs)
+        if quantized - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
+            # a weight is read outside a standard layer: run the traced jaxpr, every direct matmul through jq.ops
+            usage = trace_usage(module, variables, *args, method=method)
+            _say_routing(module, variables["params"], routed | traced_routed(usage, quantized))
+            return apply_traced(module, variables, *args, method=method, usage=usage)
+        variables = _keep_routed(module, variables, routed)
     with nn.intercept_methods(quantized_interceptor):
         if interceptor is None:
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
         with nn.intercept_methods(interceptor):
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+
 
 
 def dequantize_except(tree: Any, keep: set[str]) -> Any:
