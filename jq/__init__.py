@@ -57,5 +57,5 @@ def __getattr__(name: str):
     if name == "quantize_model":  # calibrated quantization of any linen model (blocks found, or one shot)
         import importlib
 
-        return importlib.import_module("jq.calibration.discover").quantize_model
+        return importlib.import_module("jq.calibration.model").quantize_model
     raise AttributeError(f"module 'jq' has no attribute {name!r}")

@@ -11,18 +11,16 @@ What is found, by running the model once on a calibration batch (no declarations
 - **stages**: inside a block, the routable layers (Dense / DenseGeneral / Einsum) grouped by the input they share,
   in the order they run (q/k/v, then o, ...), so each stage is calibrated with the earlier ones quantized.
 
-When any of that fails (no such blocks, keyword arguments, something between blocks, nested or scanned stacks),
-`quantize_model` says why in a warning and calibrates in one shot: every layer sees the float model's activations.
-AWQ / SmoothQuant folds need to know who produces each input, which a model does not declare: give a `BlockSpec`
-with `folds` for them.
+When any of that fails (no such blocks, keyword arguments, something between blocks, scanned stacks, layers that
+are not standard ones), `jq.calibration.model.quantize_model` calibrates weight by weight through the traced jaxpr
+instead (`jq.calibration.traced_sequential`). AWQ / SmoothQuant folds need to know who produces each input, which a
+model does not declare: give a `BlockSpec` with `folds` for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -30,16 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jq.calibration.capture import batched, capture
-from jq.calibration.sequential import BlockSpec, quantize_sequential
+from jq.calibration.sequential import BlockSpec
 from jq.interop.layers import LayerCall, layer_interceptor
 from jq.interop.linen import apply
-from jq.tree.paths import leaf_paths
-from jq.interop.usage import trace_usage
-from jq.tree.quantize import quantize_params, warn_unmatched_rules
-from jq.tree.recipe import QuantConfig
 
-__all__ = ["discover_blocks", "quantize_model"]
+__all__ = ["discover_blocks"]
 
 _INDEXED = re.compile(r"(.+)_(\d+)")
 
@@ -159,46 +152,3 @@ def discover_blocks(model: nn.Module, params: dict, tokens: jax.Array) -> tuple[
                      embed=lambda p, t: upto_first_block(p, t)[0],
                      extra=lambda t: tuple(upto_first_block(params, t)[1:]), stages=stages)
     return spec, f"{len(names)} blocks {names[0]} .. {names[-1]} ({len(by_key)} distinct), stages {list(stages)}"
-
-
-def quantize_model(model: nn.Module, params: dict, cfg: QuantConfig, tokens: Sequence[Any] | np.ndarray, *,
-                   batch_size: int = 8, progress: bool = False) -> tuple[dict, dict[str, Any]]:
-    """Quantize a linen model's params by `cfg`, calibrating on `tokens` (int [S, T], the model's input) when a
-    rule needs data: block by block when `discover_blocks` finds the model's blocks, else in one shot, with a
-    warning saying why. Returns (qparams, log) where log["mode"] is "data-free", "sequential" or "one-shot" and
-    log["discovery"] says what was found. A recipe's `lowrank` section (LoRC) is applied last, its Hessians from
-    the float model on `tokens`."""
-    if cfg.lowrank is not None:
-        from jq.adapters.lorc import compensate_model
-
-        qparams, log = quantize_model(model, params, dataclasses.replace(cfg, lowrank=None), tokens,
-                                      batch_size=batch_size, progress=progress)
-        qparams, log["lowrank"] = compensate_model(model, params, qparams, cfg.lowrank, tokens, batch_size)
-        return qparams, log
-    # how the model uses each leaf (contraction axes, embeddings by their gathered rows): a model's own einsum
-    # weights quantize along the axes it contracts, not the Flax kernel convention
-    usage = None if tokens is None else trace_usage(model, {"params": params}, jnp.asarray(tokens[:batch_size]))
-    if not cfg.needs_calibration:
-        return quantize_params(params, cfg, usage=usage), {"mode": "data-free"}
-    tokens = np.asarray(tokens)
-    spec, found = discover_blocks(model, params, tokens[:batch_size])
-    if spec is not None:
-        staged = {p for stage in spec.stages for p in stage}
-        calibrated = [p for p, w in leaf_paths(params[spec.names[0]])
-                      if (r := cfg.rule_for(f"{spec.names[0]}/{p}", getattr(w, "ndim", 0))) is not None
-                      and r.scheme is not None and r.needs_calibration and p not in staged]
-        if calibrated:
-            spec, found = None, (f"{spec.names[0]}'s calibrated weights {calibrated} are not kernels of standard "
-                                 "layers (nn.Dense / DenseGeneral / Einsum), which block-by-block capture reads")
-    if spec is not None:
-        if any(r.transforms for r in cfg.rules):
-            warnings.warn("AWQ / SmoothQuant transforms need to know which norm or layer produces each input, which "
-                          "block discovery cannot see; they are skipped. Give a BlockSpec with folds "
-                          "(jq.calibration.sequential) to apply them", stacklevel=2)
-        warn_unmatched_rules(params, cfg, usage, stacklevel=3)  # the block-by-block pass does not say it
-        qparams, log = quantize_sequential(spec, params, cfg, tokens, batch_size=batch_size, progress=progress)
-        return qparams, {**log, "mode": "sequential", "discovery": found}
-    warnings.warn(f"sequential calibration: {found}; calibrating in one shot instead (each layer sees the float "
-                  "model's activations, not those of the quantized layers before it)", stacklevel=2)
-    stats = capture(model, {"params": params}, batched(tokens, batch_size))
-    return quantize_params(params, cfg, stats, usage=usage), {"mode": "one-shot", "discovery": found}

@@ -24,10 +24,11 @@ from jq.algorithms.stats import LayerStats, Stats, StatSums
 from jq.interop.jaxpr_eval import evaluate
 from jq.interop.linen import dense_like
 from jq.interop.usage import DotSite, Usage, trace_usage
+from jq.tree.axes import LeafUsage
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.paths import path_str
 
-__all__ = ["traced_capture", "capturable", "stack_stats"]
+__all__ = ["traced_capture", "capturable", "stack_stats", "site_sums", "is_stacked"]
 
 
 def capturable(usage: Usage, quantized: set[str] = frozenset()) -> dict[str, str | None]:
@@ -54,6 +55,14 @@ def capturable(usage: Usage, quantized: set[str] = frozenset()) -> dict[str, str
     return out
 
 
+def site_sums(site: DotSite, x: jax.Array) -> StatSums:
+    """The statistics sums of one batch of a weight's matmul input `x` (the dot's other operand): its contracted
+    dims moved last in the order of the weight's contraction axes and flattened to [tokens, K]."""
+    k = len(site.other_k)
+    xc = jnp.moveaxis(jnp.asarray(x), site.other_k, tuple(range(x.ndim - k, x.ndim)))
+    return StatSums.of(xc, math.prod(xc.shape[x.ndim - k:]))
+
+
 def _step_fn(usage: Usage, wanted: frozenset[str]) -> Callable[..., dict]:
     """jit(params leaves, args) → {(path, scan index): StatSums} of one batch."""
 
@@ -62,10 +71,7 @@ def _step_fn(usage: Usage, wanted: frozenset[str]) -> Callable[..., dict]:
 
         def hook(site: DotSite, invals: list, index: tuple[int, ...]):
             if site.path in wanted:
-                x = jnp.asarray(invals[1 - site.side])
-                k = len(site.other_k)
-                xc = jnp.moveaxis(x, site.other_k, tuple(range(x.ndim - k, x.ndim)))
-                s = StatSums.of(xc, math.prod(xc.shape[x.ndim - k:]))
+                s = site_sums(site, invals[1 - site.side])
                 key = (site.path, index)
                 found[key] = found[key].merge(s) if key in found else s
             return None
@@ -76,11 +82,15 @@ def _step_fn(usage: Usage, wanted: frozenset[str]) -> Callable[..., dict]:
     return jax.jit(run)
 
 
-def stack_stats(per_layer: dict[tuple[int, ...], StatSums]) -> LayerStats:
-    """Finalized statistics of one weight: its sums merged when it is used outside any scan, else finalized per
-    scan iteration and stacked on a leading axis (hessian [L, K, K], act_* [L, K], count [L])."""
-    if list(per_layer) == [()]:
-        return per_layer[()].finalize()
+def stack_stats(per_layer: dict[tuple[int, ...], StatSums], stacked: bool = True) -> LayerStats:
+    """Finalized statistics of one weight: its sums merged when it is used outside any scan or is not `stacked`
+    (one weight every scan iteration reads), else finalized per scan iteration and stacked on a leading axis
+    (hessian [L, K, K], act_* [L, K], count [L])."""
+    if list(per_layer) == [()] or not stacked:
+        sums = list(per_layer.values())
+        for s in sums[1:]:
+            sums[0] = sums[0].merge(s)
+        return sums[0].finalize()
     layers = [per_layer[i].finalize() for i in sorted(per_layer)]
     return LayerStats(*[None if getattr(layers[0], f.name) is None else
                         jnp.stack([getattr(s, f.name) for s in layers]) for f in dataclasses.fields(LayerStats)])
@@ -129,4 +139,9 @@ def traced_capture(module: Any, variables: dict, batches: Iterable[Any], *, path
     grouped: dict[str, dict] = {}
     for (path, index), s in acc.items():
         grouped.setdefault(path, {})[index] = s
-    return {p: stack_stats(g) for p, g in grouped.items()}, skipped
+    return {p: stack_stats(g, is_stacked(usage[p])) for p, g in grouped.items()}, skipped
+
+
+def is_stacked(use: LeafUsage) -> bool:
+    """Whether a scan slices the leaf (scanned layers' weights, stacked on a layer axis)."""
+    return any(u.stacked for u in use.matmuls)

@@ -7,6 +7,12 @@ operand of each weight's matmul with it (`jq.calibration.usage_capture`). Nested
 calls whose inner jaxpr holds a site are evaluated inline; a `scan` holding one is unrolled (one step per
 iteration, so a hook sees each layer); every other equation is bound as traced. Runs under `jax.jit` like any
 function of arrays.
+
+`evaluate_batches` runs several batches in lockstep, equation by equation (each value one array per batch, a
+`Batched`): a hook then sees a weight's input over every batch before anything downstream of it runs — what
+sequential calibration needs (`jq.calibration.traced_sequential`). Values are freed after their last use, and
+evaluation can stop after the last top-level equation that holds a wanted site, so the memory held is the live
+activations of all batches, not every intermediate.
 """
 
 from __future__ import annotations
@@ -20,10 +26,22 @@ from jax.extend import core as jcore
 
 from jq.interop.usage import DotSite, Usage
 
-__all__ = ["evaluate", "Hook"]
+__all__ = ["evaluate", "evaluate_batches", "Batched", "Hook"]
 
 Hook = Callable[[DotSite, list, tuple[int, ...]], Any]
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+class Batched(list):
+    """One value per batch (lockstep evaluation): every equation reading one is bound once per batch."""
+
+
+def _lanes(fn: Callable, *vals: Any) -> Any:
+    """fn(*vals) once, or once per batch (a `Batched` of results) when any value is `Batched`."""
+    n = next((len(v) for v in vals if isinstance(v, Batched)), None)
+    if n is None:
+        return fn(*vals)
+    return Batched(fn(*[v[b] if isinstance(v, Batched) else v for v in vals]) for b in range(n))
 
 
 def evaluate(usage: Usage, leaves: list, args: tuple, hook: Hook) -> Any:
@@ -31,23 +49,59 @@ def evaluate(usage: Usage, leaves: list, args: tuple, hook: Hook) -> Any:
     arrays the model was traced with, or others of the same shapes); returns the model's output pytree."""
     closed = usage.jaxpr
     flat_args = jax.tree_util.tree_leaves(args)
-    has = _SiteIndex(usage)
-    outs = _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), has)
+    outs = _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), _SiteIndex(usage))
     return jax.tree_util.tree_unflatten(usage.out_tree, outs)
 
 
-class _SiteIndex:
-    """Which (sub-)jaxprs hold a site, computed once per jaxpr."""
+def evaluate_batches(usage: Usage, leaves: list, batches: list[tuple], hook: Hook,
+                     until: Callable[[DotSite], bool] | None = None) -> None:
+    """Run the traced model on `leaves` and every batch of `batches` (argument tuples of the traced shapes) in
+    lockstep: the hook gets `Batched` operands (one per batch) and returns a `Batched` output or None. With
+    `until`, evaluation stops after the last top-level equation holding a site for which `until(site)` is true
+    (nothing after it runs). Eager: call it outside `jax.jit`."""
+    closed = usage.jaxpr
+    per_batch = [jax.tree_util.tree_leaves(b) for b in batches]
+    flat_args = [Batched(a[k] for a in per_batch) for k in range(len(per_batch[0]))]
+    stop = None
+    if until is not None:
+        wanted = _SiteIndex(usage, until)
+        stop = max((k for k, e in enumerate(closed.jaxpr.eqns)
+                    if wanted.holds(e)), default=-1)
+    _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), _SiteIndex(usage), stop)
 
-    def __init__(self, usage: Usage):
-        self.sites, self.memo = usage.sites, {}
+
+class _SiteIndex:
+    """Which (sub-)jaxprs hold a site (one that `keep` accepts), computed once per jaxpr."""
+
+    def __init__(self, usage: Usage, keep: Callable[[DotSite], bool] = lambda s: True):
+        self.sites, self.keep, self.memo = usage.sites, keep, {}
+
+    def holds(self, eqn: Any) -> bool:
+        """Whether the equation is such a site or holds one."""
+        site = self.sites.get(id(eqn))
+        return (site is not None and self.keep(site)) or any(self(j) for j in _subjaxprs(eqn))
 
     def __call__(self, jaxpr: Any) -> bool:
         key = id(jaxpr)
         if key not in self.memo:
             self.memo[key] = False
-            self.memo[key] = any(id(e) in self.sites or any(self(j) for j in _subjaxprs(e)) for e in jaxpr.eqns)
+            self.memo[key] = any(self.holds(e) for e in jaxpr.eqns)
         return self.memo[key]
+
+
+def _last_uses(jaxpr: Any) -> dict[int, list]:
+    """{equation index: the variables read for the last time there} (outputs of the jaxpr are never freed)."""
+    last: dict = {}
+    for k, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                last[v] = k
+    keep = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    out: dict[int, list] = {}
+    for v, k in last.items():
+        if v not in keep:
+            out.setdefault(k, []).append(v)
+    return out
 
 
 def _subjaxprs(eqn: Any) -> list:
@@ -71,7 +125,15 @@ def _inner(eqn: Any) -> tuple[Any, list] | None:
     return None
 
 
-def _eval(jaxpr, consts, args, usage, hook, index, has) -> list:
+def _bind(eqn: Any, invals: list) -> list:
+    params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) in some jax releases
+    subfuns, params = params if isinstance(params, tuple) else ((), params)
+    with eqn.ctx.manager:
+        r = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(r) if eqn.primitive.multiple_results else [r]
+
+
+def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None) -> list:
     env: dict = {}
 
     def read(v):
@@ -79,7 +141,10 @@ def _eval(jaxpr, consts, args, usage, hook, index, has) -> list:
 
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
+    free = _last_uses(jaxpr)
+    for k, eqn in enumerate(jaxpr.eqns):
+        if stop is not None and k > stop:
+            return []
         invals = [read(v) for v in eqn.invars]
         outs = None
         site = usage.sites.get(id(eqn))
@@ -89,14 +154,14 @@ def _eval(jaxpr, consts, args, usage, hook, index, has) -> list:
         if outs is None and any(has(j) for j in _subjaxprs(eqn)):
             outs = _nested(eqn, invals, usage, hook, index, has)
         if outs is None:
-            params = eqn.primitive.get_bind_params(eqn.params)  # (subfuns, params) in some jax releases
-            subfuns, params = params if isinstance(params, tuple) else ((), params)
-            with eqn.ctx.manager:
-                r = eqn.primitive.bind(*subfuns, *invals, **params)
-            outs = list(r) if eqn.primitive.multiple_results else [r]
+            outs = _lanes(lambda *a, e=eqn: _bind(e, list(a)), *invals)
+            if isinstance(outs, Batched):  # per batch a list of outputs → per output one value per batch
+                outs = [Batched(o[i] for o in outs) for i in range(len(eqn.outvars))]
         for v, o in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
+        for v in free.get(k, ()):
+            env.pop(v, None)
     return [read(v) for v in jaxpr.outvars]
 
 
@@ -109,9 +174,11 @@ def _nested(eqn, invals, usage, hook, index, has) -> list | None:
         consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
         ys: list = [None] * n
         for i in (reversed(range(n)) if p["reverse"] else range(n)):
-            outs = _eval(body.jaxpr, body.consts, consts + carry + [x[i] for x in xs], usage, hook, index + (i,), has)
+            sliced = [_lanes(lambda a, i=i: a[i], x) for x in xs]
+            outs = _eval(body.jaxpr, body.consts, consts + carry + sliced, usage, hook, index + (i,), has)
             carry, ys[i] = outs[:nk], outs[nk:]
-        stacked = [jnp.stack([ys[i][k] for i in range(n)]) for k in range(len(body.jaxpr.outvars) - nk)]
+        stacked = [_lanes(lambda *a: jnp.stack(a), *[ys[i][k] for i in range(n)])
+                   for k in range(len(body.jaxpr.outvars) - nk)]
         return list(carry) + stacked
     inner = _inner(eqn)
     if inner is None or len(inner[0].invars) != len(invals):

@@ -4,7 +4,7 @@ When a quantized weight is read outside such a layer — a custom `self.param` u
 `lax.dot_general` — `apply` runs the model's traced jaxpr instead and sends every matmul that reads a quantized leaf
 directly to `jq.ops` as well (`jq.interop.traced_routing`); what cannot go there (a reshaped or sliced weight, a
 matmul inside `scan`, keyword arguments or mutable collections in the call) reads the dequantized leaf, which is
-always correct. Which layers are routed is found by abstract traces, so nothing about the model needs
+always correct (so does a layer under `nn.scan`). Which layers are routed is found by abstract traces, so nothing about the model needs
 declaring."""
 
 from __future__ import annotations
@@ -62,11 +62,15 @@ quantized_interceptor.__doc__ = "Runs routable layers whose kernel is a QTensor 
 
 def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> set[str]:
     """Kernel paths (relative to `params`) that belong to layers jq routes to `jq.ops`, found by one abstract
-    trace of the model on dequantized parameters."""
+    trace of the model on dequantized parameters. A layer under `nn.scan` (its kernel a slice of the stored
+    stacked leaf, which a QTensor's static layout cannot follow) is not routed: its weight is dequantized."""
     found: set[str] = set()
+    shapes = {path_str(kp): tuple(x.shape) for kp, x in
+              jax.tree_util.tree_flatten_with_path(variables.get("params", {}), is_leaf=is_weight_leaf)[0]}
 
     def record(c: LayerCall):
-        found.add(c.path)
+        if tuple(jnp.shape(c.kernel)) == shapes.get(c.path):
+            found.add(c.path)
         return c.proceed()
 
     def run(v):

@@ -48,7 +48,8 @@ class DotSite:
     the other operand's contracting dims ordered by the weight's leaf axes (flattening them in that order gives
     the K of `hessian [K, K]`); `batch` whether the weight has batch dims in the dot; `where` the control-flow
     primitives around it ("scan", "cond", "while"), outermost first; `direct` operand dim → leaf axis when the
-    operand is the leaf up to transposes / converts (None otherwise); `dims` the equation's dimension numbers
+    operand is the leaf up to transposes / converts (None otherwise; under `nn.scan`, the layer's slice: the
+    scanned axes, `use.stacked`, are not among them); `dims` the equation's dimension numbers
     ((lhs contracting, rhs contracting), (lhs batch, rhs batch)) and `preferred` its preferred_element_type."""
 
     path: str
@@ -270,7 +271,7 @@ def _dot(eqn, traced, uses, sites, paths, where) -> None:
         order = sorted(range(len(c)), key=lambda k: dims[c[k]][0] if dims[c[k]] else -1)
         direct = None
         if all(len(d) == 1 for d in dims) and len({d[0] for d in dims}) == nd and "slice" not in note \
-                and not any(n in note for n in ("reshape", "broadcast", "squeeze")) and not stacked:
+                and not any(n in note for n in ("reshape", "broadcast", "squeeze")):
             direct = tuple(d[0] for d in dims)
             if any(n in note for n in _ELEMENTWISE):
                 direct = None

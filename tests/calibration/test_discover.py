@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 
 import jq
-from jq.calibration.discover import discover_blocks, quantize_model
+from jq.calibration.discover import discover_blocks
+from jq.calibration.model import quantize_model
 from jq.calibration.sequential import BlockSpec, quantize_sequential
 from jq.numbers.qtensor import is_qtensor
 
@@ -89,11 +90,13 @@ def test_discovered_sequential_gptq_equals_a_hand_written_block_spec(setup):
     assert is_qtensor(q_auto["blocks_1"]["q"]["kernel"]) and not is_qtensor(q_auto["head"]["kernel"])
 
 
-def test_no_chain_falls_back_to_one_shot_and_says_why(setup):
+def test_no_chain_is_calibrated_through_the_traced_jaxpr_and_says_why(setup):
     params, tokens = setup
     cfg = jq.tree.recipe.recipe_from_dict(RULES)
-    with pytest.warns(UserWarning, match=r"block blocks_1's input is not block blocks_0's output.*one shot"):
-        q, log = quantize_model(Model(between=True), params, cfg, tokens, batch_size=8)
+    q, log = quantize_model(Model(between=True), params, cfg, tokens, batch_size=8)
+    assert log["mode"] == "sequential (traced)" and is_qtensor(q["blocks_2"]["down"]["kernel"])
+    assert "block blocks_1's input is not block blocks_0's output" in log["discovery"]
+    q, log = quantize_model(Model(between=True), params, cfg, tokens, batch_size=8, sequential=False)
     assert log["mode"] == "one-shot" and is_qtensor(q["blocks_2"]["down"]["kernel"])
 
 
@@ -109,7 +112,7 @@ def test_a_model_without_repeated_blocks_is_said_to_have_none():
     assert spec is None and "no repeated blocks" in why and "hidden" in why
 
 
-def test_blocks_whose_matmuls_are_not_standard_layers_are_calibrated_in_one_shot():
+def test_blocks_whose_matmuls_are_not_standard_layers_are_calibrated_through_the_traced_jaxpr():
     class EinsumBlock(nn.Module):  # a third-party style block: its own weight and jnp.einsum
         @nn.compact
         def __call__(self, x):
@@ -129,6 +132,6 @@ def test_blocks_whose_matmuls_are_not_standard_layers_are_calibrated_in_one_shot
     params = jax.tree_util.tree_map(np.asarray, EinsumModel().init(jax.random.key(1), tokens[:1])["params"])
     cfg = jq.tree.recipe.recipe_from_dict(
         {"rules": [{"pattern": r"layer_\d/w", "format": "int4", "group_size": 8, "axes": [1], "method": "gptq"}]})
-    with pytest.warns(UserWarning, match=r"layer_0's calibrated weights \['w'\] are not kernels of standard layers"):
-        q, log = quantize_model(EinsumModel(), params, cfg, tokens, batch_size=8)
-    assert log["mode"] == "one-shot" and is_qtensor(q["layer_1"]["w"]) and q["layer_1"]["w"].layout.axes == (1,)
+    q, log = quantize_model(EinsumModel(), params, cfg, tokens, batch_size=8)
+    assert "layer_0's calibrated weights ['w'] are not kernels of standard layers" in log["discovery"]
+    assert log["mode"] == "sequential (traced)" and log["sequential"] == ["layer_0/w", "layer_1/w"] and is_qtensor(q["layer_1"]["w"]) and q["layer_1"]["w"].layout.axes == (1,)

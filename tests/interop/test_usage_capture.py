@@ -119,8 +119,9 @@ def test_gptq_on_scanned_einsum_weights_runs_per_layer(scanned_gemma, tokens):
 
 def test_quantize_model_on_third_party_code_uses_the_traced_axes_and_says_what_a_llama_recipe_missed(gemma, tokens):
     """`jq.quantize_model` as a new user calls it: a Llama recipe names the einsum weights it missed; the same
-    recipe with a pattern for this model calibrates in one shot (the blocks' layers are not standard ones) with
-    each weight grouped along the axes the model contracts — act-order included on o's two contraction axes."""
+    recipe with a pattern for this model calibrates weight by weight through the traced jaxpr (the blocks'
+    layers are not standard ones), each weight grouped along the axes the model contracts — act-order included
+    on o's two contraction axes."""
     m, v, x = gemma
     data = np.concatenate([np.asarray(tokens(s, 4, 16)) for s in range(2)])
     scheme = jq.Scheme("int4", group_size=16)
@@ -130,9 +131,8 @@ def test_quantize_model_on_third_party_code_uses_the_traced_axes_and_says_what_a
     assert not any(is_qtensor(leaf) for leaf in jax.tree.leaves(q, is_leaf=is_qtensor))
     own = jq.QuantConfig(rules=(jq.Rule(r".*(/w|gating_einsum|linear)", scheme, "gptq",
                                         options=(("act_order", True),)),))
-    with pytest.warns(UserWarning, match="calibrating in one shot"):
-        q, log = jq.quantize_model(m, v["params"], own, data)
-    assert log["mode"] == "one-shot"
+    q, log = jq.quantize_model(m, v["params"], own, data)
+    assert log["mode"] == "sequential (traced)" and len(log["sequential"]) == 10 and log["after"] == {}
     axes = {k: q["layer_0"]["attn"][k]["w"].layout.axes for k in ("q_einsum", "kv_einsum", "attn_vec_einsum")}
     assert axes == {"q_einsum": (1,), "kv_einsum": (2,), "attn_vec_einsum": (0, 1)}
     assert q["layer_0"]["attn"]["attn_vec_einsum"]["w"].perm is not None
