@@ -4,7 +4,8 @@ When a quantized weight is read outside such a layer — a custom `self.param` u
 `lax.dot_general` — `apply` runs the model's traced jaxpr instead and sends every matmul that reads a quantized leaf
 directly to `jq.ops` as well (`jq.interop.traced_routing`); what cannot go there (a reshaped or sliced weight, a
 matmul inside `scan`, keyword arguments or mutable collections in the call) reads the dequantized leaf, which is
-always correct (so does a layer under `nn.scan`). Which layers are routed is found by abstract traces, so nothing about the model needs
+always correct. A layer under `nn.scan` is not intercepted with its QTensor (whose layout is the stacked one):
+the traced jaxpr runs each layer's matmul on its slice. Which layers are routed is found by abstract traces, so nothing about the model needs
 declaring."""
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ quantized_interceptor.__doc__ = "Runs routable layers whose kernel is a QTensor 
 def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> set[str]:
     """Kernel paths (relative to `params`) that belong to layers jq routes to `jq.ops`, found by one abstract
     trace of the model on dequantized parameters. A layer under `nn.scan` (its kernel a slice of the stored
-    stacked leaf, which a QTensor's static layout cannot follow) is not routed: its weight is dequantized."""
+    stacked leaf, which a QTensor's static layout cannot follow) is not among them (`apply` routes it through the
+    traced jaxpr, layer by layer)."""
     found: set[str] = set()
     shapes = {path_str(kp): tuple(x.shape) for kp, x in
               jax.tree_util.tree_flatten_with_path(variables.get("params", {}), is_leaf=is_weight_leaf)[0]}
@@ -89,9 +91,13 @@ def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwa
     return _keep_routed(module, variables, routed_paths(module, variables, *args, method=method, **kwargs))
 
 
-def _quantized_paths(params: Any) -> set[str]:
+def _quantized_leaves(params: Any) -> dict[str, Any]:
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
-    return {path_str(kp) for kp, x in flat if is_weight_leaf(x)}
+    return {path_str(kp): x for kp, x in flat if is_weight_leaf(x)}
+
+
+def _quantized_paths(params: Any) -> set[str]:
+    return set(_quantized_leaves(params))
 
 
 def _keep_routed(module: nn.Module, variables: dict, routed: set[str]) -> dict:
@@ -141,7 +147,7 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
         if quantized - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
             # a weight is read outside a standard layer: run the traced jaxpr, every direct matmul through jq.ops
             usage = trace_usage(module, variables, *args, method=method)
-            _say_routing(module, variables["params"], routed | traced_routed(usage, quantized))
+            _say_routing(module, variables["params"], routed | traced_routed(usage, _quantized_leaves(variables["params"])))
             return apply_traced(module, variables, *args, method=method, usage=usage)
         variables = _keep_routed(module, variables, routed)
     with nn.intercept_methods(quantized_interceptor):

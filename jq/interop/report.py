@@ -66,7 +66,7 @@ def routing_report(module: Any, variables: dict, *args: Any, method: Any = None,
     routed = routed_paths(module, variables, *args, method=method, **kwargs)
     usage = trace_usage(module, variables, *args, method=method, **kwargs)
     if set(quantized) - routed and can_trace(args, kwargs):  # jq.apply then routes direct matmuls too
-        routed |= traced_routed(usage, set(quantized))
+        routed |= traced_routed(usage, {path_str(kp): x for kp, x in flat if is_qtensor(x)})
     deq = [p for p in quantized if p not in routed]
     mm = tuple(p for p in deq if p in usage and usage[p].matmuls)
     return RoutingReport(tuple(p for p in quantized if p in routed), tuple(deq), mm,

@@ -6,12 +6,15 @@ quantized leaf is read by any other matmul, `jq.apply` instead traces the model 
 (abstractly, on dense stand-ins) and runs its jaxpr equation by equation: each `dot_general` whose weight operand
 is a quantized leaf itself — up to transposes and dtype converts — runs as `jq.ops.qdot_general` on the QTensor
 (kernels, activation quantization, online rotations, dense-and-sparse terms), its output laid out as the traced
-equation's. Everything else reads the dequantized leaf: matmuls on a reshaped or sliced weight, with batch
-dimensions on the weight, or inside `scan` / `cond` / `while` (XLA drops a dequantization nothing reads).
+equation's. Under `nn.scan` (weights stacked on a leading layer axis) the scan is unrolled and each iteration's
+matmul gets that layer's slice of the QTensor (`QTensor.layer`). Everything else reads the dequantized leaf:
+matmuls on a reshaped weight, with batch dimensions on the weight, inside `cond` / `while` or nested scans (XLA
+drops a dequantization nothing reads).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -27,18 +30,24 @@ from jq.tree.paths import path_str
 __all__ = ["routable", "traced_routed", "can_trace", "apply_traced"]
 
 
-def routable(site: DotSite) -> bool:
-    """Whether this weight-reading dot_general can run on the QTensor: the operand is the leaf up to transposes
-    and converts, no batch dims on the weight, no control flow around it."""
-    return site.direct is not None and not site.batch and not site.where
+def routable(site: DotSite, weight: Any = None) -> bool:
+    """Whether this weight-reading dot_general can run on the QTensor `weight`: the operand is the leaf up to
+    transposes and converts, no batch dims on the weight, no control flow around it but one `scan` slicing the
+    leaf's leading axis (then the QTensor must have per-layer slices, `QTensor.layer`)."""
+    if site.direct is None or site.batch:
+        return False
+    if not site.where:
+        return True
+    return site.where == ("scan",) and site.use.stacked == (0,) and getattr(weight, "takes_layers", False)
 
 
-def traced_routed(usage: Usage, quantized: set[str]) -> set[str]:
-    """The quantized leaves every matmul of which is `routable` (at least one)."""
+def traced_routed(usage: Usage, weights: Mapping[str, Any]) -> set[str]:
+    """The quantized leaves (`weights`: path → QTensor) every matmul of which is `routable` (at least one)."""
     sites: dict[str, list[bool]] = {}
     for site in usage.sites.values():
-        sites.setdefault(site.path, []).append(routable(site))
-    return {p for p, ok in sites.items() if p in quantized and all(ok)}
+        if site.path in weights:
+            sites.setdefault(site.path, []).append(routable(site, weights[site.path]))
+    return {p for p, ok in sites.items() if all(ok)}
 
 
 def can_trace(args: tuple, kwargs: dict) -> bool:
@@ -47,17 +56,20 @@ def can_trace(args: tuple, kwargs: dict) -> bool:
     return not kwargs and all(isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree_util.tree_leaves(args))
 
 
-def _route(site: DotSite, invals: list, weight: Any) -> jax.Array:
-    """The site's dot_general computed by `jq.ops.qdot_general(x, weight)`, in the traced output's layout."""
+def _route(site: DotSite, invals: list, weight: Any, index: tuple[int, ...] = ()) -> jax.Array:
+    """The site's dot_general computed by `jq.ops.qdot_general(x, weight)` (under a scan: on layer `index[0]`'s
+    slice), in the traced output's layout."""
     x, w = invals[1 - site.side], invals[site.side]
     (contract, _) = site.dims
     cw, cx = tuple(contract[site.side]), tuple(contract[1 - site.side])
-    y = ops.qdot_general(x, weight, ((cx, tuple(site.direct[d] for d in cw)), ((), ())),
+    direct = tuple(a - 1 for a in site.direct) if index else site.direct  # the slice lost the layer axis
+    weight = weight.layer(index[0]) if index else weight
+    y = ops.qdot_general(x, weight, ((cx, tuple(direct[d] for d in cw)), ((), ())),
                          preferred_element_type=site.preferred)
     # y: x's free dims in order, then the weight's free leaf axes ascending; the traced dot_general gives lhs free
     # dims then rhs free dims, each in operand order
     n_x = x.ndim - len(cx)
-    leaf_free = [site.direct[d] for d in range(w.ndim) if d not in cw]
+    leaf_free = [direct[d] for d in range(w.ndim) if d not in cw]
     rank = {a: i for i, a in enumerate(sorted(leaf_free))}
     w_pos = [n_x + rank[a] for a in leaf_free]
     perm = list(range(n_x)) + w_pos if site.side == 1 else w_pos + list(range(n_x))
@@ -75,6 +87,6 @@ def apply_traced(module: Any, variables: dict, *args: Any, method: Any = None, u
 
     def hook(site: DotSite, invals: list, index: tuple[int, ...]) -> jax.Array | None:
         weight = weights.get(site.path)
-        return None if weight is None or index or not routable(site) else _route(site, invals, weight)
+        return None if weight is None or not routable(site, weight) else _route(site, invals, weight, index)
 
     return evaluate(usage, leaves, args, hook)

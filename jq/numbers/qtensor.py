@@ -217,6 +217,29 @@ class QTensor:
         vals = self.codebook.astype(jnp.float32).reshape(-1, f.vec)[tab * entries + idx]
         return jnp.moveaxis(vals, -1, lay.pack_axis + 1).reshape(lay.stored_shape)
 
+    def layer(self, i: int) -> "QTensor":
+        """Slice `i` of a weight stacked on a leading axis that is neither contracted nor grouped (scanned layers'
+        [L, K, N], stacked experts [E, K, N]): what `nn.scan` would hand one iteration, with its own layout.
+        Raises ValueError for what has no per-slice form (see `takes_layers`)."""
+        if not self.takes_layers:
+            raise ValueError(f"{self!r}: no per-layer slice (the leading axis is contracted or grouped, groups are "
+                             "flat, or a permutation / sparse term spans the stack)")
+        lay = self.layout
+
+        def take(a):
+            return None if a is None else a if a.ndim == 0 else a[i] if a.shape[0] > 1 else a[0]
+
+        sliced = dataclasses.replace(lay, shape=lay.shape[1:], axes=tuple(a - 1 for a in lay.axes))
+        return dataclasses.replace(self, codes=self.codes[i], scale=take(self.scale), zero=take(self.zero),
+                                   codebook=take(self.codebook), outer_scale=take(self.outer_scale), layout=sliced)
+
+    @property
+    def takes_layers(self) -> bool:
+        """Whether `layer(i)` slices this QTensor (a leading axis of its own, per-axis groups or channels)."""
+        lay = self.layout
+        return (len(lay.shape) >= 2 and 0 not in lay.axes and not lay.flat and lay.granularity != "tensor"
+                and self.perm is None and self.sparse_index is None)
+
     def dense_part(self) -> "QTensor":
         """The same QTensor without its sparse term (what a kernel multiplies; `jq.ops` adds the sparse product)."""
         return dataclasses.replace(self, sparse_index=None, sparse_value=None)

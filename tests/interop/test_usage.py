@@ -98,8 +98,8 @@ def test_a_forced_embedding_quantizes_along_its_attend_axis(gemma):
 
 
 def test_the_routing_report_counts_routed_and_dequantized_leaves(gemma, scanned_gemma):
-    """User-code einsums on the weights themselves are routed (traced routing); inside `nn.scan` they read the
-    dequantized stacked weight, which the report and a warning say."""
+    """User-code einsums on the weights themselves are routed (traced routing), inside `nn.scan` too: each layer's
+    matmul runs on its slice of the stacked QTensor, giving what the dequantized model gives."""
     def report(m, v, x):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,9 +111,16 @@ def test_the_routing_report_counts_routed_and_dequantized_leaves(gemma, scanned_
     assert "10 of 10 quantized leaves routed" in str(r)
     m, v, x = scanned_gemma
     q, r = report(m, v, x)
-    assert r.counts == {"quantized": 5, "routed": 0, "dequantized": 5, "matmul": 5, "no_matmul": 0}
-    with pytest.warns(UserWarning, match="none of the 5 quantized leaves of ScannedGemma reaches jq.ops"):
-        jq.apply(m, {"params": q}, x)
+    assert r.counts == {"quantized": 5, "routed": 5, "dequantized": 0, "matmul": 0, "no_matmul": 0}
+    calls = []
+    real = jq.ops.qdot_general
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jq.ops, "qdot_general", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+        out = jq.apply(m, {"params": q}, x)
+    layer_shapes = [(4, 32, 16), (2, 4, 32, 16), (4, 16, 32), (2, 64, 32), (64, 32)]  # one layer's slices
+    assert all(calls.count(s) == 2 for s in layer_shapes), calls  # once per layer each
+    ref = m.apply({"params": jq.dequantize_params(q)}, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_dense_layers_are_reported_routed():
@@ -160,7 +167,7 @@ def test_user_code_matmuls_run_the_qtensor_through_jq_ops_whatever_their_layout(
 
     seen = []
     real = traced_routing._route
-    monkeypatch.setattr(traced_routing, "_route", lambda site, invals, w: seen.append(w.shape) or real(site, invals, w))
+    monkeypatch.setattr(traced_routing, "_route", lambda site, invals, w, i: seen.append(w.shape) or real(site, invals, w, i))
     out = jax.jit(lambda p, x: jq.apply(m, {"params": p}, x))(q, x)
     assert sorted(seen) == [(4, 8, 2), (8, 24), (16, 24)] and out.shape == (2, 4, 2, 3)
     # the reference: the model's own maths with each matmul done by jq.ops on the QTensor

@@ -227,6 +227,27 @@ def test_vmap_over_stacked_qtensors():
     np.testing.assert_allclose(np.asarray(y), np.einsum("bik,bkn->bin", x, np.asarray(out)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", [Scheme("int4", group_size=16, symmetric=False), Scheme("int8"),
+                                    Scheme("nf4", group_size=16)])
+def test_a_stacked_qtensors_layer_is_the_slice_quantized_alone(scheme):
+    """`QTensor.layer(i)` of a weight stacked on a leading layer axis [L, K, N] (contracted along K) is what
+    quantizing layer i alone gives: same layout, codes and values (RTN works per group, so per layer)."""
+    w = make_weight((3, 64, 32), seed=13)
+    q = rtn(w, scheme, scheme.layout((3, 64, 32), (1,)))
+    assert q.takes_layers
+    for i in range(3):
+        alone = rtn(w[i], scheme, scheme.layout((64, 32), (0,)))
+        qi = q.layer(i)
+        assert qi.layout == alone.layout
+        qi.check()
+        np.testing.assert_array_equal(np.asarray(qi.codes), np.asarray(alone.codes))
+        np.testing.assert_array_equal(np.asarray(qi.dequantize()), np.asarray(q.dequantize())[i])
+    contracted = rtn(w, scheme, scheme.layout((3, 64, 32), (0, 1)))
+    assert not contracted.takes_layers
+    with pytest.raises(ValueError, match="no per-layer slice"):
+        contracted.layer(0)
+
+
 def test_device_put_with_named_sharding():
     devices = np.array(jax.devices())
     assert devices.size == 8, "tests/conftest.py should provide 8 CPU devices"
