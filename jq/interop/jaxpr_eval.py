@@ -62,12 +62,9 @@ def evaluate_batches(usage: Usage, leaves: list, batches: list[tuple], hook: Hoo
     closed = usage.jaxpr
     per_batch = [jax.tree_util.tree_leaves(b) for b in batches]
     flat_args = [Batched(a[k] for a in per_batch) for k in range(len(per_batch[0]))]
-    stop = None
-    if until is not None:
-        wanted = _SiteIndex(usage, until)
-        stop = max((k for k, e in enumerate(closed.jaxpr.eqns)
-                    if wanted.holds(e)), default=-1)
-    _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), _SiteIndex(usage), stop)
+    wanted = _SiteIndex(usage, until or (lambda s: True))
+    stop = None if until is None else max((k for k, e in enumerate(closed.jaxpr.eqns) if wanted.holds(e)), default=-1)
+    _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), wanted, stop)
 
 
 class _SiteIndex:
@@ -142,9 +139,16 @@ def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None)
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
     free = _last_uses(jaxpr)
-    for k, eqn in enumerate(jaxpr.eqns):
-        if stop is not None and k > stop:
-            return []
+    eqns = jaxpr.eqns if stop is None else jaxpr.eqns[:stop + 1]
+    lockstep = any(isinstance(a, Batched) for a in args)
+    k = 0
+    while k < len(eqns):
+        if lockstep and not has.holds(eqns[k]):  # a run of equations with no site: batch by batch
+            end = next((j for j in range(k, len(eqns)) if has.holds(eqns[j])), len(eqns))
+            _segment(eqns, k, end, env, free, jaxpr.outvars)
+            k = end
+            continue
+        eqn = eqns[k]
         invals = [read(v) for v in eqn.invars]
         outs = None
         site = usage.sites.get(id(eqn))
@@ -162,7 +166,55 @@ def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None)
                 env[v] = o
         for v in free.get(k, ()):
             env.pop(v, None)
-    return [read(v) for v in jaxpr.outvars]
+        k += 1
+    return [] if stop is not None else [read(v) for v in jaxpr.outvars]
+
+
+def _segment(eqns: list, start: int, end: int, env: dict, free: dict[int, list], outvars: list) -> None:
+    """Equations start..end-1 (holding no site) run one batch at a time, so only one batch's temporaries are held:
+    the values still read after them are kept per batch (`Batched`), those that depend on no batch once."""
+    batched = {v for v, x in env.items() if isinstance(x, Batched)}
+    for eqn in eqns[start:end]:
+        if any(not isinstance(v, jcore.Literal) and v in batched for v in eqn.invars):
+            batched.update(eqn.outvars)
+    later = {v for e in eqns[end:] for v in e.invars if not isinstance(v, jcore.Literal)}
+    later |= {v for v in outvars if not isinstance(v, jcore.Literal)}
+    n = next(len(x) for x in env.values() if isinstance(x, Batched))
+    kept: dict = {}
+    shared: dict = {}  # values that depend on no batch, computed with the first
+    for b in range(n):
+        local: dict = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return v.val
+            x = local[v] if v in local else shared[v] if v in shared else env[v]
+            return x[b] if isinstance(x, Batched) else x
+
+        for k in range(start, end):
+            eqn = eqns[k]
+            per_batch = any(v in batched for v in eqn.outvars)
+            if b and not per_batch:
+                continue
+            outs = _bind(eqn, [read(v) for v in eqn.invars])
+            for v, o in zip(eqn.outvars, outs):
+                if not isinstance(v, jcore.DropVar):
+                    (local if per_batch else shared)[v] = o
+            for v in free.get(k, ()):
+                if v in later:
+                    continue
+                if v in local:
+                    del local[v]
+                elif v in shared and b + 1 == n:
+                    del shared[v]
+        for v, o in local.items():
+            if v in later:
+                kept.setdefault(v, Batched([None] * n))[b] = o
+    kept.update({v: o for v, o in shared.items() if v in later})
+    for k in range(start, end):
+        for v in free.get(k, ()):
+            env.pop(v, None)
+    env.update(kept)
 
 
 def _nested(eqn, invals, usage, hook, index, has) -> list | None:
