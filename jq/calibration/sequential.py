@@ -78,8 +78,9 @@ class BlockSpec:
     stages: tuple[tuple[str, ...], ...] = ()
     folds: tuple[Fold, ...] = ()
     # Optional fast path: staged(block, hs, extras, quantize_stage) -> (block, outputs) runs the block's dataflow
-    # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers
-    # (a tuple gives one per block, for blocks that differ).
+    # once, calling quantize_stage(paths, inputs) -> block with the per-batch inputs shared by a stage's layers, or
+    # quantize_stage(paths, (), stats=...) with statistics it computed itself (stacked per expert: MoE) (a tuple
+    # gives one per block, for blocks that differ).
     staged: Callable | tuple[Callable, ...] | None = None
     # Optional: blocks that differ (Gemma's local / global attention) give one module per name; `module` is the
     # default for the names this tuple does not cover (None entries).
@@ -236,10 +237,9 @@ def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: l
                                           "scale_min": float(jnp.min(s)), "scale_max": float(jnp.max(s))})
 
     # (2) stages, each calibrated with the earlier ones quantized; (3) on to the next block
-    def quantize_stage(paths, stage_inputs, block):
+    def quantize_stage(paths, stage_inputs, block, stats=None):
         todo = [p for p in paths if p in rules]
-        stats = None
-        if any(rules[p].needs_calibration for p in todo):
+        if stats is None and any(rules[p].needs_calibration for p in todo):
             acc = None
             for x in stage_inputs:
                 st = _batch_sums(x)
@@ -251,7 +251,7 @@ def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: l
 
     staged = spec.staged[i] if isinstance(spec.staged, tuple) else spec.staged
     if staged is not None and true_sequential:
-        block, hs = staged(block, hs, extras, lambda paths, xs, b=block: quantize_stage(paths, xs, b))
+        block, hs = staged(block, hs, extras, lambda paths, xs, b=block, stats=None: quantize_stage(paths, xs, b, stats))
         leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
         if leftover:
             raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")

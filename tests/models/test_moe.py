@@ -303,3 +303,19 @@ def test_the_calibrated_pipeline_quantizes_the_moe_end_to_end(trained):
 
     base, with_gptq, with_rtn = nll(params), nll(qg), nll(jq.quantize_params(params, rtn))
     assert np.isfinite(with_gptq) and abs(with_gptq - base) < abs(with_rtn - base), (base, with_gptq, with_rtn)
+
+
+def test_the_staged_pipeline_quantizes_all_experts_at_once_as_quantize_params_does(trained):
+    """Block by block, the first block's gate / up see the float model's inputs (nothing before them is
+    quantized): their per-expert GPTQ equals `quantize_params` on `capture_experts` statistics, experts vmapped."""
+    params, tokens = trained
+    m = LoadedModel(moe.FAMILY, CFG, params, None, "in-memory toy MoE")
+    cfg = jq.QuantConfig.simple(jq.Scheme("int4", symmetric=False, group_size=32), pattern=EXPERTS, method="gptq")
+    staged, _ = pipeline.quantize(m, cfg, tokens, progress=False)
+    st = capture_experts(MoeLM(CFG), {"params": params}, [jnp.asarray(tokens)])
+    first = jq.QuantConfig.simple(cfg.rules[0].scheme, pattern="layers_0/moe/experts/(gate|up)/kernel",
+                                  method="gptq")
+    ref = jq.quantize_params(params, first, calib=st)
+    for k in ("gate", "up"):
+        a, b = (np.asarray(q["layers_0"]["moe"]["experts"][k]["kernel"].dequantize()) for q in (staged, ref))
+        assert np.mean(~np.isclose(a, b, rtol=1e-4, atol=1e-5)) < 0.01
