@@ -18,6 +18,7 @@ perplexity, bits, the calibration mode and what the routing report counts.
 from __future__ import annotations
 
 import argparse
+import resource
 import dataclasses
 import json
 import time
@@ -193,11 +194,18 @@ def recipe_for_this_model(name: str) -> jq.QuantConfig:
     return dataclasses.replace(cfg, rules=rules)
 
 
+def _peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux ru_maxrss, KiB), in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", nargs="*", default=["rtn_w4_g128", "gptq_w4_g128_actorder"])
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--one-shot", action="store_true", help="calibrate on the float model's activations "
+                    "(quantize_model(..., sequential=False)) instead of weight by weight through the traced jaxpr")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "third_party_gemma.json"))
     args = ap.parse_args()
     m = load_model("gemma3-270m")
@@ -217,17 +225,18 @@ def main() -> None:
                                        args.calib_samples, 512)
     for name in args.recipes:
         cfg = recipe_for_this_model(name)
-        t0 = time.perf_counter()
+        t0, rss0 = time.perf_counter(), _peak_rss_gb()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            q, log = jq.quantize_model(model, params, cfg, calib, batch_size=4)
-        secs = time.perf_counter() - t0
+            q, log = jq.quantize_model(model, params, cfg, calib, batch_size=4, sequential=not args.one_shot)
+        secs, rss1 = time.perf_counter() - t0, _peak_rss_gb()
         qt = [x for x in jax.tree.leaves(q, is_leaf=is_qtensor) if is_qtensor(x)]
         bits = sum(x.bits_per_weight * x.size for x in qt) / sum(x.size for x in qt)
         report = jq.routing_report(model, {"params": q}, jnp.asarray(calib[:1]))
         row = {"perplexity": perplexity(fwd, q, ids, 512, args.windows, 4, bos)["perplexity"],
                "linear_bits_per_weight": bits, "quantized_leaves": len(qt), "mode": log["mode"],
                "routing": report.counts, "quantize_seconds": secs,
+               "peak_rss_gb": {"before_quantize": rss0, "after_quantize": rss1},
                "axes": {p: str(x.layout.axes) for p, x in leaf_paths(q["layer_0"]) if is_qtensor(x)},
                "warnings": sorted({str(w.message)[:200] for w in caught})}
         res["recipes"][name] = row

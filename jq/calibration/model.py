@@ -67,6 +67,11 @@ def quantize_model(model: Any, params: Any, cfg: QuantConfig, tokens: Sequence[A
     Returns (qparams, log): log["mode"] is "data-free", "sequential" (blocks), "sequential (traced)" or
     "one-shot"; log["discovery"] says what was found. A recipe's `lowrank` section (LoRC, linen) is applied last,
     its Hessians from the float model on `tokens`."""
+    from flax import nnx
+
+    if isinstance(model, nnx.Module):
+        raise TypeError(f"quantize_model: got the NNX module {type(model).__name__} itself; pass its split parts: "
+                        "graphdef, state = nnx.split(model); jq.quantize_model(graphdef, state, cfg, tokens)")
     if cfg.lowrank is not None:
         if _is_nnx(model):
             raise ValueError("quantize_model: a recipe's lowrank section (LoRC) is supported on linen models only; "

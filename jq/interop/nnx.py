@@ -1,6 +1,7 @@
 """Unmodified NNX models on quantized states: `nnx_merge` gives every `nnx.Linear` whose kernel is a QTensor jq's
 `dot_general` / `promote_dtype` (hooks NNX offers as constructor arguments) and dequantizes any other QTensor; an
-optional `input_hook(path, x, axes)` sees every Linear's input first (QAT fake-quantizes activations with it)."""
+optional `input_hook(path, x, axes)` sees every Linear's input first (QAT fake-quantizes activations with it).
+Linears stacked by `nnx.vmap` for `nnx.scan` read their kernels dequantized."""
 
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def nnx_merge(graphdef: Any, state: Any, *states: Any,
     linear_paths = set()
     model_abstract = nnx.eval_shape(lambda: nnx.merge(graphdef, dense_like(state), *states))
     for path, node in nnx.iter_graph(model_abstract):
-        if type(node) is nnx.Linear:
+        # a Linear stacked by nnx.vmap (run under nnx.scan, which slices the QTensor's arrays but not its static
+        # layout) reads its kernel dequantized
+        if type(node) is nnx.Linear and tuple(node.kernel.shape) == (node.in_features, node.out_features):
             linear_paths.add("/".join(str(p) for p in path) + "/kernel")
 
     state = dequantize_except(state, linear_paths)

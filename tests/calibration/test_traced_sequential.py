@@ -98,6 +98,30 @@ class NModel(nnx.Module):
         return self.head(x)
 
 
+class NScanned(nnx.Module):
+    """The NNX model with its blocks stacked by `nnx.vmap` and run by `nnx.scan`."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r):
+            return NBlock(r)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens):
+        mask = _mask(tokens.shape[1])
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def step(x, block):
+            return block(x, mask)
+
+        return self.head(step(self.embed(tokens), self.blocks))
+
+
 CFG = {"rules": [{"pattern": r"blocks.*/(q|k|v|o|up|down)/kernel", "format": "int4", "group_size": 16,
                   "method": "gptq"}]}
 
@@ -119,7 +143,12 @@ def models():
         for n in ("norm1", "norm2"):
             pure["blocks"][i][n]["scale"] = b[n]["scale"]
     nnx.replace_by_pure_dict(state, pure)
-    return p, scanned, (graphdef, state), tokens
+    sgraph, sstate = nnx.split(NScanned(nnx.Rngs(0)))
+    spure = nnx.to_pure_dict(sstate)
+    spure["embed"]["embedding"], spure["head"]["kernel"] = p["embed"]["embedding"], p["head"]["kernel"]
+    spure["blocks"] = {n: {k: np.asarray(v) for k, v in d.items()} for n, d in scanned["blocks"]["block"].items()}
+    nnx.replace_by_pure_dict(sstate, spure)
+    return p, scanned, (graphdef, state), tokens, (sgraph, sstate)
 
 
 def _reference(params, tokens):
@@ -139,7 +168,7 @@ def _close(a, b):
 
 
 def test_unrolled_blocks_traced_equal_the_block_spec(models):
-    p, _, _, tokens = models
+    p, _, _, tokens, _ = models
     ref = _reference(p, tokens)
     usage = trace_usage(Unrolled(), {"params": p}, jnp.asarray(tokens[:8]))
     q, log = quantize_traced(usage, p, jq.recipe_from_dict(CFG), [(tokens[:8],), (tokens[8:],)])
@@ -151,7 +180,7 @@ def test_unrolled_blocks_traced_equal_the_block_spec(models):
 
 
 def test_an_nn_scan_stack_is_calibrated_layer_by_layer(models):
-    p, scanned, _, tokens = models
+    p, scanned, _, tokens, _ = models
     ref = _reference(p, tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the stack is followed
@@ -169,15 +198,32 @@ def test_an_nn_scan_stack_is_calibrated_layer_by_layer(models):
 
 
 def test_an_nnx_model_with_a_list_of_blocks_is_calibrated_sequentially(models):
-    p, _, (graphdef, state), tokens = models
+    p, _, (graphdef, state), tokens, _ = models
     ref = _reference(p, tokens)
     q, log = jq.quantize_model(graphdef, state, jq.recipe_from_dict(CFG), tokens, batch_size=8)
     assert log["mode"] == "sequential (traced)" and "NNX" in log["discovery"]
+    with pytest.raises(TypeError, match=r"NNX module NModel itself.*nnx.split\(model\)"):
+        jq.quantize_model(nnx.merge(graphdef, state), None, jq.recipe_from_dict(CFG), tokens)
     for i in range(L):
         for n in NAMES:
             _close(q["blocks"][i][n]["kernel"].get_value(), ref[f"blocks_{i}"][n]["kernel"])
     x = jnp.asarray(tokens[:2])
     out = jax.jit(lambda s, t: jq.nnx_merge(graphdef, s)(t))(q, x)
+    np.testing.assert_allclose(out, jq.apply(Unrolled(), {"params": ref}, x), rtol=2e-3, atol=2e-3)
+
+
+def test_an_nnx_scan_over_vmapped_blocks_is_calibrated_layer_by_layer(models):
+    p, _, _, tokens, (graphdef, state) = models
+    ref = _reference(p, tokens)
+    q, log = jq.quantize_model(graphdef, state, jq.recipe_from_dict(CFG), tokens, batch_size=8)
+    assert log["mode"] == "sequential (traced)" and log["after"] == {}
+    for n in NAMES:
+        stacked = q["blocks"][n]["kernel"].get_value()
+        assert stacked.shape[0] == L and stacked.layout.axes == (1,)
+        for i in range(L):
+            _close(stacked.dequantize()[i], ref[f"blocks_{i}"][n]["kernel"])
+    x = jnp.asarray(tokens[:2])
+    out = jax.jit(lambda s, t: jq.nnx_merge(graphdef, s)(t))(q, x)  # stacked Linears read dequantized kernels
     np.testing.assert_allclose(out, jq.apply(Unrolled(), {"params": ref}, x), rtol=2e-3, atol=2e-3)
 
 
@@ -187,7 +233,7 @@ def test_later_weights_see_the_quantized_model_not_the_float_one(models, monkeyp
     on that model, not to one on the float model; the first block's q/k/v see the same input either way."""
     import jq.calibration.traced_sequential as ts
 
-    p, _, _, tokens = models
+    p, _, _, tokens, _ = models
     seen, quantize_at = {}, ts._quantize_at
 
     def spy(path, w, rule, axes, sums, index):
