@@ -4,7 +4,7 @@
     cfg = jq.load_recipe("rtn_w4_g128")                 # a shipped recipe, or any YAML path
     qparams = jq.quantize_params(params, cfg)           # same tree, QTensors at quantized leaves
     logits = jq.apply(model, {"params": qparams}, tokens)   # the unmodified linen model (NNX: jq.nnx_merge)
-    qparams, log = jq.quantize_model(model, params, cfg, calib_tokens)   # GPTQ & co. on any linen model
+    qparams, log = jq.quantize_model(model, params, cfg, calib_tokens)   # GPTQ & co. on any linen / NNX model
 
 Where things live (each layer imports only the ones above it in this list):
 
@@ -54,7 +54,7 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("jq.adapters")
-    if name == "quantize_model":  # calibrated quantization of any linen model (blocks found, or one shot)
+    if name == "quantize_model":  # calibrated quantization of any linen or NNX model (blocks, traced, one shot)
         import importlib
 
         return importlib.import_module("jq.calibration.model").quantize_model
