@@ -5,10 +5,10 @@ whatever the block discovery (`jq.calibration.discover`) cannot stage — with n
 `quantize_traced` evaluates the model's jaxpr (`jq.interop.usage.trace_usage`) on all calibration batches in
 lockstep (`jq.interop.jaxpr_eval.evaluate_batches`). At each `dot_general` that reads a weight to calibrate, the
 weight's input over every batch gives its statistics; the weight (under `nn.scan`: this layer's slice) is quantized
-there (GPTQ, AWQ clip, …) and the matmul runs on the dequantized result, so everything downstream — the rest of
-the block, the next layers — sees the quantized model ("true sequential", in execution order: q/k/v, then o, …).
-Weights that cannot be swapped at their matmul — read by several matmuls, through a reshape or elementwise op,
-shared by every scan iteration, with a rotation — get statistics from the same pass (inputs of the partially
+there (GPTQ, AWQ clip, …) and the matmul runs on it through `jq.ops` (activation quantization, online rotation), so
+everything downstream — the rest of the block, the next layers — sees the quantized model ("true sequential", in
+execution order: q/k/v, then o, …). Weights that cannot be swapped at their matmul — read by several matmuls,
+through a reshape or elementwise op, shared by every scan iteration, rotated and stacked — get statistics from the same pass (inputs of the partially
 quantized model) and are quantized after it; the log says which and why. Data-free rules and leaves outside any
 matmul go through `quantize_params` as usual. AWQ / SmoothQuant folds still need a family's `BlockSpec`.
 """
@@ -26,6 +26,7 @@ from jq.algorithms.experts import stack_qtensors
 from jq.algorithms.stats import StatSums
 from jq.calibration.usage_capture import capturable, is_stacked, site_sums, stack_stats
 from jq.interop.jaxpr_eval import Batched, evaluate_batches
+from jq.interop.traced_routing import run_site
 from jq.interop.usage import DotSite, Usage
 from jq.numbers.qtensor import is_qtensor
 from jq.tree.axes import axes_from_use
@@ -84,7 +85,8 @@ def plan_traced(usage: Usage, params: Any, cfg: QuantConfig) -> tuple[dict[str, 
 def quantize_traced(usage: Usage, params: Any, cfg: QuantConfig, batches: Sequence[tuple], *,
                     progress: bool = False) -> tuple[Any, dict[str, Any]]:
     """Quantize `params` by `cfg`, calibrating weight by weight in execution order on `batches` (argument tuples
-    of the shapes `usage` was traced with; all are held, and their live activations, in lockstep).
+    of the shapes `usage` was traced with; all are held, with the activations that cross from one weight to the
+    next, while the equations between weights run one batch at a time).
 
     Returns (qparams, log): log["sequential"] the weights quantized at their matmul, log["after"] {path: why} those
     quantized after the pass, log["seconds"]. Raises ValueError naming the calibrated weights whose inputs cannot
@@ -116,13 +118,11 @@ def quantize_traced(usage: Usage, params: Any, cfg: QuantConfig, batches: Sequen
             sums[site.path][index] = acc if prev is None else prev.merge(acc)
             return None
         rule, axes = at_matmul[site.path]
-        q, wq = _quantize_at(site.path, dense[site.path], rule, axes, acc, index)
-        done[site.path][index] = q
+        q = done[site.path][index] = _quantize_at(site.path, dense[site.path], rule, axes, acc, index)
         say(site.path, index)
-        operands = list(invals)
-        operands[site.side] = jnp.transpose(wq, _operand_perm(site, wq.ndim, index)).astype(invals[site.side].dtype)
-        ys = [jax.lax.dot_general(a, b, site.dims, preferred_element_type=site.preferred) for a, b in _pairs(*operands)]
-        return Batched(ys) if any(isinstance(v, Batched) for v in operands) else ys[0]
+        # on through jq.ops, as the quantized model runs it (activation quantization and rotations included)
+        ys = [run_site(site, pair, q, sliced=bool(index)) for pair in _pairs(*invals)]
+        return Batched(ys) if any(isinstance(v, Batched) for v in invals) else ys[0]
 
     want = set(at_matmul) | set(after)
     evaluate_batches(usage, leaves, [b if isinstance(b, tuple) else (b,) for b in batches], hook,
@@ -137,26 +137,19 @@ def quantize_traced(usage: Usage, params: Any, cfg: QuantConfig, batches: Sequen
 
 
 def _quantize_at(path: str, w: jax.Array, rule: Rule, axes: tuple[int, ...], sums: StatSums,
-                 index: tuple[int, ...]) -> tuple[Any, jax.Array]:
-    """(QTensor, its dequantized values) of the weight, or under a scan of its layer `index[0]` (leading axis)."""
+                 index: tuple[int, ...]) -> Any:
+    """The QTensor of the weight, or under a scan of its layer `index[0]` (leading axis)."""
     if index:
         w, axes = w[index[0]], tuple(a - 1 for a in axes)
         path = f"{path}[{index[0]}]"
-    q = quantize_leaf(path, w, rule, sums.finalize(), axes=axes)
-    return q, q.dequantize()
+    return quantize_leaf(path, w, rule, sums.finalize(), axes=axes)
 
 
-def _operand_perm(site: DotSite, ndim: int, index: tuple[int, ...]) -> tuple[int, ...]:
-    """The transpose of the (sliced) weight that gives the matmul operand: `site.direct` numbers the full leaf's
-    axes, a scanned slice lost the leading one."""
-    return tuple(a - 1 for a in site.direct) if index else tuple(site.direct)
-
-
-def _pairs(lhs: Any, rhs: Any):
-    """(lhs, rhs) per batch: the activation operand is `Batched` (or neither is: one pair), the weight is not."""
+def _pairs(lhs: Any, rhs: Any) -> list[list]:
+    """[lhs, rhs] per batch: the activation operand is `Batched` (or neither is: one pair), the weight is not."""
     n = len(lhs) if isinstance(lhs, Batched) else len(rhs) if isinstance(rhs, Batched) else 1
-    return ((lhs[b] if isinstance(lhs, Batched) else lhs, rhs[b] if isinstance(rhs, Batched) else rhs)
-            for b in range(n))
+    return [[lhs[b] if isinstance(lhs, Batched) else lhs, rhs[b] if isinstance(rhs, Batched) else rhs]
+            for b in range(n)]
 
 
 def _assemble(path: str, w: jax.Array, plan: tuple, per_layer: dict[tuple, Any]) -> Any:

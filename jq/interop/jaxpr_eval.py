@@ -10,9 +10,10 @@ function of arrays.
 
 `evaluate_batches` runs several batches in lockstep, equation by equation (each value one array per batch, a
 `Batched`): a hook then sees a weight's input over every batch before anything downstream of it runs — what
-sequential calibration needs (`jq.calibration.traced_sequential`). Values are freed after their last use, and
-evaluation can stop after the last top-level equation that holds a wanted site, so the memory held is the live
-activations of all batches, not every intermediate.
+sequential calibration needs (`jq.calibration.traced_sequential`). Only the wanted sites run in lockstep: the runs
+of equations between them go one batch at a time, keeping per batch just the values read later (the residual
+stream, not every batch's attention scores); values are freed after their last use, and evaluation stops after
+the last top-level equation that holds a wanted site.
 """
 
 from __future__ import annotations

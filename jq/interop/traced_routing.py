@@ -27,7 +27,7 @@ from jq.interop.usage import DotSite, Usage, trace_usage
 from jq.numbers.lowrank import is_weight_leaf
 from jq.tree.paths import path_str
 
-__all__ = ["routable", "traced_routed", "can_trace", "apply_traced"]
+__all__ = ["routable", "traced_routed", "can_trace", "apply_traced", "run_site"]
 
 
 def routable(site: DotSite, weight: Any = None) -> bool:
@@ -59,11 +59,17 @@ def can_trace(args: tuple, kwargs: dict) -> bool:
 def _route(site: DotSite, invals: list, weight: Any, index: tuple[int, ...] = ()) -> jax.Array:
     """The site's dot_general computed by `jq.ops.qdot_general(x, weight)` (under a scan: on layer `index[0]`'s
     slice), in the traced output's layout."""
+    return run_site(site, invals, weight.layer(index[0]) if index else weight, sliced=bool(index))
+
+
+def run_site(site: DotSite, invals: list, weight: Any, sliced: bool = False) -> jax.Array:
+    """The site's dot_general on its operands `invals` with the weight operand replaced by the QTensor `weight` —
+    the leaf itself, or (`sliced`) a scanned leaf's layer slice — through `jq.ops.qdot_general` (kernels, the
+    QTensor's activation quantization and rotation), laid out as the traced output."""
     x, w = invals[1 - site.side], invals[site.side]
     (contract, _) = site.dims
     cw, cx = tuple(contract[site.side]), tuple(contract[1 - site.side])
-    direct = tuple(a - 1 for a in site.direct) if index else site.direct  # the slice lost the layer axis
-    weight = weight.layer(index[0]) if index else weight
+    direct = tuple(a - 1 for a in site.direct) if sliced else site.direct  # the slice lost the layer axis
     y = ops.qdot_general(x, weight, ((cx, tuple(direct[d] for d in cw)), ((), ())),
                          preferred_element_type=site.preferred)
     # y: x's free dims in order, then the weight's free leaf axes ascending; the traced dot_general gives lhs free

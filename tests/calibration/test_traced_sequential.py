@@ -151,12 +151,12 @@ def models():
     return p, scanned, (graphdef, state), tokens, (sgraph, sstate)
 
 
-def _reference(params, tokens):
+def _reference(params, tokens, cfg=CFG):
     """Block by block with a hand-written BlockSpec (`jq.calibration.sequential`)."""
     spec = BlockSpec(module=Block(), names=tuple(f"blocks_{i}" for i in range(L)),
                      embed=lambda p, tk: jnp.take(p["embed"]["embedding"], tk, axis=0),
                      extra=lambda tk: (_mask(tk.shape[1]),), stages=STAGES)
-    return quantize_sequential(spec, params, jq.recipe_from_dict(CFG), tokens, batch_size=8, progress=False)[0]
+    return quantize_sequential(spec, params, jq.recipe_from_dict(cfg), tokens, batch_size=8, progress=False)[0]
 
 
 def _close(a, b):
@@ -167,11 +167,14 @@ def _close(a, b):
     assert np.mean(~np.isclose(a, b, rtol=1e-4, atol=1e-5)) < 0.01
 
 
-def test_unrolled_blocks_traced_equal_the_block_spec(models):
+@pytest.mark.parametrize("act", [None, "int8"])
+def test_unrolled_blocks_traced_equal_the_block_spec(models, act):
+    """Also with int8 activations: later weights see the quantized model as it runs, activations quantized."""
     p, _, _, tokens, _ = models
-    ref = _reference(p, tokens)
+    cfg = {"rules": [{**CFG["rules"][0], **({"act": act} if act else {})}]}
+    ref = _reference(p, tokens, cfg)
     usage = trace_usage(Unrolled(), {"params": p}, jnp.asarray(tokens[:8]))
-    q, log = quantize_traced(usage, p, jq.recipe_from_dict(CFG), [(tokens[:8],), (tokens[8:],)])
+    q, log = quantize_traced(usage, p, jq.recipe_from_dict(cfg), [(tokens[:8],), (tokens[8:],)])
     assert len(log["sequential"]) == L * len(NAMES) and log["after"] == {}
     for i in range(L):
         for n in NAMES:
