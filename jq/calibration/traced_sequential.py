@@ -126,7 +126,7 @@ def quantize_traced(usage: Usage, params: Any, cfg: QuantConfig, batches: Sequen
 
     want = set(at_matmul) | set(after)
     evaluate_batches(usage, leaves, [b if isinstance(b, tuple) else (b,) for b in batches], hook,
-                     until=lambda s: s.path in want)
+                     wanted=lambda s: s.path in want)
     out = list(x for _, x in flat)
     for i, p in enumerate(paths):
         if p in at_matmul and done[p]:

@@ -55,17 +55,17 @@ def evaluate(usage: Usage, leaves: list, args: tuple, hook: Hook) -> Any:
 
 
 def evaluate_batches(usage: Usage, leaves: list, batches: list[tuple], hook: Hook,
-                     until: Callable[[DotSite], bool] | None = None) -> None:
+                     wanted: Callable[[DotSite], bool]) -> None:
     """Run the traced model on `leaves` and every batch of `batches` (argument tuples of the traced shapes) in
-    lockstep: the hook gets `Batched` operands (one per batch) and returns a `Batched` output or None. With
-    `until`, evaluation stops after the last top-level equation holding a site for which `until(site)` is true
-    (nothing after it runs). Eager: call it outside `jax.jit`."""
+    lockstep at the sites `wanted` accepts: the hook sees each of them with `Batched` operands (one per batch) and
+    returns a `Batched` output or None; other sites run as traced, and evaluation stops after the last top-level
+    equation holding a wanted site (nothing after it runs). Eager: call it outside `jax.jit`."""
     closed = usage.jaxpr
     per_batch = [jax.tree_util.tree_leaves(b) for b in batches]
     flat_args = [Batched(a[k] for a in per_batch) for k in range(len(per_batch[0]))]
-    wanted = _SiteIndex(usage, until or (lambda s: True))
-    stop = None if until is None else max((k for k, e in enumerate(closed.jaxpr.eqns) if wanted.holds(e)), default=-1)
-    _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), wanted, stop)
+    has = _SiteIndex(usage, wanted)
+    stop = max((k for k, e in enumerate(closed.jaxpr.eqns) if has.holds(e)), default=-1)
+    _eval(closed.jaxpr, closed.consts, list(leaves) + flat_args, usage, hook, (), has, stop)
 
 
 class _SiteIndex:
