@@ -62,7 +62,8 @@ def quantize_model(model: Any, params: Any, cfg: QuantConfig, tokens: Sequence[A
         `graphdef, state = nnx.split(model)` (then `nnx.merge(graphdef, state)(x)` runs it; use the quantized
         state with `jq.nnx_merge`).
       tokens: calibration inputs [S, ...]; None for a data-free recipe (axes then follow the Flax convention).
-      batch_size: rows per batch (the weight-by-weight mode holds every batch in lockstep: S rows of activations).
+      batch_size: rows per batch (the weight-by-weight mode holds, for all S rows, the activations that cross
+        from one calibrated weight to the next, e.g. the residual stream).
       sequential: False calibrates a linen model in one shot on the float model's activations.
     Returns (qparams, log): log["mode"] is "data-free", "sequential" (blocks), "sequential (traced)" or
     "one-shot"; log["discovery"] says what was found. A recipe's `lowrank` section (LoRC, linen) is applied last,
