@@ -1,46 +1,62 @@
 #!/usr/bin/env bash
 # Issue #19's one call on a lent GPU, prepared on CPU: versions, the compiled kernels against the XLA reference,
-# kernel speed on Llama-7B shapes, decode speed of a 7B-shaped Llama, GPTQ time of one 7B layer. Everything lands
-# in $OUT (JSON, PNG, suite.log); each step has its own time limit so that a hung step cannot eat the lease, and the
-# whole stays under about 8 minutes.
+# kernel speed on Llama-7B shapes and torch's int4 / int8 / fp8 matmuls on the same shapes, decode speed of a
+# 7B-shaped Llama, GPTQ time of one 7B layer. Everything lands in $OUT (JSON, PNG, suite.log); each step has its own
+# time limit so that a hung step cannot eat the lease, and the whole stays under 8 minutes (limits: 480 s). The
+# device returns at most 8 files: every output goes to a work folder, packed after each step into
+# $OUT/gpu_suite.tar.gz beside a copy of suite.log (so a step that is killed loses only itself).
 #
-#   run(command="OUT=$OUT bash benchmarks/gpu_suite.sh", timeout_s=560)
+#   run(command="OUT=$OUT bash benchmarks/gpu_suite.sh", timeout_s=540)
 #
 # Nothing is installed: the device image has jax (CUDA), flax, optax, torch, triton, pyyaml, rich. SmolLM2's
 # weights do not travel (over the 64 MiB limit), so decode runs the randomly initialised 7B-shaped Llama only.
 set -u
 OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false
+W=${WORK:-/tmp/gpu_suite}
+mkdir -p "$OUT" "$W"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
-log() { echo "== $1 ($(date +%T))" | tee -a "$OUT/suite.log"; }
+log() { tar czf "$OUT/gpu_suite.tar.gz" -C "$W" . ; cp "$W/suite.log" "$OUT/" 2>/dev/null
+        echo "== $1 ($(date +%T))" | tee -a "$W/suite.log"; }
 
 log versions
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import jax, jaxlib, flax, torch, triton; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__,
 'flax', flax.__version__, 'torch', torch.__version__, 'triton', triton.__version__); print(jax.devices())"
-} > "$OUT/versions.txt" 2>&1
-cat "$OUT/versions.txt" >> "$OUT/suite.log"
+} > "$W/versions.txt" 2>&1
+cat "$W/versions.txt" >> "$W/suite.log"
 
 log "compiled kernels vs the XLA reference (benchmarks/gpu_check.py)"
-timeout 150 $PY benchmarks/gpu_check.py --out "$OUT" > "$OUT/gpu_check.log" 2>&1
-echo "exit $?; $(tail -n 1 "$OUT/gpu_check.log")" | tee -a "$OUT/suite.log"
+timeout 120 $PY benchmarks/gpu_check.py --out "$W" > "$W/gpu_check.log" 2>&1
+echo "exit $?; $(tail -n 1 "$W/gpu_check.log")" | tee -a "$W/suite.log"
 
-log "kernel speed (benchmarks/kernels.py)"
-timeout 200 $PY benchmarks/kernels.py --out "$OUT" --ms 1 4 16 64 256 2048 4096 --repeats 10 \
-  > "$OUT/kernels.log" 2>&1
-echo "exit $?" | tee -a "$OUT/suite.log"
+SHAPES="4096x4096 4096x11008 11008x4096"
+log "kernel speed, weight-only at small M (benchmarks/kernels.py -> OUT/mem)"
+timeout 100 $PY benchmarks/kernels.py --out "$W/mem" --shapes $SHAPES --schemes w4a16 w8a16 --ms 1 4 16 64 \
+  > "$W/kernels_mem.log" 2>&1
+echo "exit $?" | tee -a "$W/suite.log"
+log "kernel speed, W8A8 int8 / fp8 at large M (benchmarks/kernels.py -> OUT/compute)"
+timeout 80 $PY benchmarks/kernels.py --out "$W/compute" --shapes $SHAPES --schemes w8a8_int8 w8a8_fp8 \
+  --ms 256 2048 4096 > "$W/kernels_compute.log" 2>&1
+echo "exit $?" | tee -a "$W/suite.log"
+
+log "torch's peers on the same shapes (benchmarks/torch_peers.py)"
+timeout 60 $PY benchmarks/torch_peers.py --out "$W" --shapes $SHAPES --ms 1 16 64 2048 4096 \
+  > "$W/torch_peers.log" 2>&1
+echo "exit $?" | tee -a "$W/suite.log"
 
 log "decode, 7B-shaped Llama, bf16 / W8A16 / W4A16 (benchmarks/decode.py)"
-timeout 90 $PY benchmarks/decode.py --out "$OUT" --models llama7b-2l > "$OUT/decode.log" 2>&1
-echo "exit $?" | tee -a "$OUT/suite.log"
+timeout 70 $PY benchmarks/decode.py --out "$W" --models llama7b-2l > "$W/decode.log" 2>&1
+echo "exit $?" | tee -a "$W/suite.log"
 
 log "GPTQ of one 7B layer, K 4096 / 11008 x N 4096 (benchmarks/gptq_speed.py)"
-timeout 60 $PY benchmarks/gptq_speed.py --out "$OUT" --sizes 4096 11008 --numpy-max-k 0 > "$OUT/gptq.log" 2>&1
-echo "exit $?" | tee -a "$OUT/suite.log"
+timeout 50 $PY benchmarks/gptq_speed.py --out "$W" --sizes 4096 11008 --numpy-max-k 0 > "$W/gptq.log" 2>&1
+echo "exit $?" | tee -a "$W/suite.log"
 
 log done
-grep -E "^(FAIL|[0-9]+ of)" "$OUT/gpu_check.log" | tail -n 12
-tail -n 25 "$OUT/kernels.log"
-tail -n 8 "$OUT/decode.log"
+grep -E "^(FAIL|[0-9]+ of)" "$W/gpu_check.log" | tail -n 12
+tail -n 12 "$W/kernels_mem.log" "$W/kernels_compute.log"
+grep -c error "$W/torch_peers.log"
+tail -n 8 "$W/decode.log"
