@@ -6,10 +6,12 @@
 # device returns at most 8 files: every output goes to a work folder, packed after each step into
 # $OUT/gpu_suite.tar.gz beside a copy of suite.log (so a step that is killed loses only itself).
 #
-#   run(command="OUT=$OUT bash benchmarks/gpu_suite.sh", timeout_s=540)
+#   run(command="OUT=$OUT bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=540)
 #
-# Nothing is installed: the device image has jax (CUDA), flax, optax, torch, triton, pyyaml, rich. SmolLM2's
-# weights do not travel (over the 64 MiB limit), so decode runs the randomly initialised 7B-shaped Llama only.
+# The device image has jax (CUDA), flax, optax, torch, triton, pyyaml, rich, tokenizers, safetensors — not `gguf`,
+# which jq.apps imports (decode.py). Carry its wheel (pure Python, .gitignore'd folder), fetched here once with
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl gguf==0.19.0
+# SmolLM2's weights do not travel (over the 64 MiB limit), so decode runs the random 7B-shaped Llama only.
 set -u
 OUT=${OUT:-out/gpu}
 W=${WORK:-/tmp/gpu_suite}
@@ -17,6 +19,10 @@ mkdir -p "$OUT" "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks" JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
+if ls .whl/*.whl > /dev/null 2>&1; then  # carried wheels (gguf): installed beside the image's packages
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 log() { tar czf "$OUT/gpu_suite.tar.gz" -C "$W" . ; cp "$W/suite.log" "$OUT/" 2>/dev/null
         echo "== $1 ($(date +%T))" | tee -a "$W/suite.log"; }
 
