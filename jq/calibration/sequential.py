@@ -251,7 +251,8 @@ def quantize_block(spec: BlockSpec, i: int, block: dict, cfg: QuantConfig, hs: l
 
     staged = spec.staged[i] if isinstance(spec.staged, tuple) else spec.staged
     if staged is not None and true_sequential:
-        block, hs = staged(block, hs, extras, lambda paths, xs, b=block, stats=None: quantize_stage(paths, xs, b, stats))
+        block, hs = staged(block, hs, extras,
+                           lambda paths, xs, b=block, stats=None: quantize_stage(paths, xs, b, stats))
         leftover = [p for p in rules if not is_qtensor(get_path(block, p))]
         if leftover:
             raise ValueError(f"{name}: the staged BlockSpec left {leftover} unquantized; list them in its stages")

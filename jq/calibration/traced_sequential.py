@@ -8,9 +8,10 @@ weight's input over every batch gives its statistics; the weight (under `nn.scan
 there (GPTQ, AWQ clip, …) and the matmul runs on it through `jq.ops` (activation quantization, online rotation), so
 everything downstream — the rest of the block, the next layers — sees the quantized model ("true sequential", in
 execution order: q/k/v, then o, …). Weights that cannot be swapped at their matmul — read by several matmuls,
-through a reshape or elementwise op, shared by every scan iteration, rotated and stacked — get statistics from the same pass (inputs of the partially
-quantized model) and are quantized after it; the log says which and why. Data-free rules and leaves outside any
-matmul go through `quantize_params` as usual. AWQ / SmoothQuant folds still need a family's `BlockSpec`.
+through a reshape or elementwise op, shared by every scan iteration, rotated and stacked — get statistics from the
+same pass (inputs of the partially quantized model) and are quantized after it; the log says which and why.
+Data-free rules and leaves outside any matmul go through `quantize_params` as usual. AWQ / SmoothQuant folds
+still need a family's `BlockSpec`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jq.algorithms.experts import stack_qtensors
 from jq.algorithms.stats import StatSums
 from jq.calibration.usage_capture import capturable, is_stacked, site_sums, stack_stats
-from jq.interop.jaxpr_eval import Batched, evaluate_batches
+from jq.interop.jaxpr_eval import Batched, evaluate_batches, lanes
 from jq.interop.traced_routing import run_site
 from jq.interop.usage import DotSite, Usage
 from jq.numbers.qtensor import is_qtensor
@@ -121,8 +122,7 @@ def quantize_traced(usage: Usage, params: Any, cfg: QuantConfig, batches: Sequen
         q = done[site.path][index] = _quantize_at(site.path, dense[site.path], rule, axes, acc, index)
         say(site.path, index)
         # on through jq.ops, as the quantized model runs it (activation quantization and rotations included)
-        ys = [run_site(site, pair, q, sliced=bool(index)) for pair in _pairs(*invals)]
-        return Batched(ys) if any(isinstance(v, Batched) for v in invals) else ys[0]
+        return lanes(lambda *operands: run_site(site, list(operands), q, sliced=bool(index)), *invals)
 
     want = set(at_matmul) | set(after)
     evaluate_batches(usage, leaves, [b if isinstance(b, tuple) else (b,) for b in batches], hook,
@@ -143,13 +143,6 @@ def _quantize_at(path: str, w: jax.Array, rule: Rule, axes: tuple[int, ...], sum
         w, axes = w[index[0]], tuple(a - 1 for a in axes)
         path = f"{path}[{index[0]}]"
     return quantize_leaf(path, w, rule, sums.finalize(), axes=axes)
-
-
-def _pairs(lhs: Any, rhs: Any) -> list[list]:
-    """[lhs, rhs] per batch: the activation operand is `Batched` (or neither is: one pair), the weight is not."""
-    n = len(lhs) if isinstance(lhs, Batched) else len(rhs) if isinstance(rhs, Batched) else 1
-    return [[lhs[b] if isinstance(lhs, Batched) else lhs, rhs[b] if isinstance(rhs, Batched) else rhs]
-            for b in range(n)]
 
 
 def _assemble(path: str, w: jax.Array, plan: tuple, per_layer: dict[tuple, Any]) -> Any:

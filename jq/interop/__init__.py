@@ -7,8 +7,8 @@ Mechanism (see README, "Running a model on quantized params"):
   runs with `jq.ops.qdot_general` / `jq.ops.qeinsum`, so the packed weight reaches the matmul (and a kernel,
   when one is registered). A QTensor that user code reads with `@` / `jnp.einsum` / `lax.dot_general` reaches
   `jq.ops` too when the matmul reads it directly: `apply` then runs the traced jaxpr (`traced_routing`); anything
-  else is dequantized inside the traced function, which is always correct. Which kernels are routed is found by one abstract
-  trace (`jax.eval_shape`) of the model, so nothing about the model needs declaring.
+  else is dequantized inside the traced function, which is always correct. Which kernels are routed is found by
+  one abstract trace (`jax.eval_shape`) of the model, so nothing about the model needs declaring.
 - NNX: `jq.interop.nnx_merge(graphdef, qstate)` builds the module; every `nnx.Linear` whose kernel is a QTensor gets
   jq's `dot_general` / `promote_dtype` hooks (constructor arguments NNX itself offers), other QTensors are
   dequantized.

@@ -27,7 +27,7 @@ from jax.extend import core as jcore
 
 from jq.interop.usage import DotSite, Usage
 
-__all__ = ["evaluate", "evaluate_batches", "Batched", "Hook"]
+__all__ = ["evaluate", "evaluate_batches", "Batched", "lanes", "Hook"]
 
 Hook = Callable[[DotSite, list, tuple[int, ...]], Any]
 _CALLS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
@@ -37,7 +37,7 @@ class Batched(list):
     """One value per batch (lockstep evaluation): every equation reading one is bound once per batch."""
 
 
-def _lanes(fn: Callable, *vals: Any) -> Any:
+def lanes(fn: Callable, *vals: Any) -> Any:
     """fn(*vals) once, or once per batch (a `Batched` of results) when any value is `Batched`."""
     n = next((len(v) for v in vals if isinstance(v, Batched)), None)
     if n is None:
@@ -146,7 +146,7 @@ def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None)
     while k < len(eqns):
         if lockstep and not has.holds(eqns[k]):  # a run of equations with no site: batch by batch
             end = next((j for j in range(k, len(eqns)) if has.holds(eqns[j])), len(eqns))
-            _segment(eqns, k, end, env, free, jaxpr.outvars)
+            _segment(eqns, k, end, env, free)
             k = end
             continue
         eqn = eqns[k]
@@ -159,7 +159,7 @@ def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None)
         if outs is None and any(has(j) for j in _subjaxprs(eqn)):
             outs = _nested(eqn, invals, usage, hook, index, has)
         if outs is None:
-            outs = _lanes(lambda *a, e=eqn: _bind(e, list(a)), *invals)
+            outs = lanes(lambda *a, e=eqn: _bind(e, list(a)), *invals)
             if isinstance(outs, Batched):  # per batch a list of outputs → per output one value per batch
                 outs = [Batched(o[i] for o in outs) for i in range(len(eqn.outvars))]
         for v, o in zip(eqn.outvars, outs):
@@ -171,15 +171,14 @@ def _eval(jaxpr, consts, args, usage, hook, index, has, stop: int | None = None)
     return [] if stop is not None else [read(v) for v in jaxpr.outvars]
 
 
-def _segment(eqns: list, start: int, end: int, env: dict, free: dict[int, list], outvars: list) -> None:
+def _segment(eqns: list, start: int, end: int, env: dict, free: dict[int, list]) -> None:
     """Equations start..end-1 (holding no site) run one batch at a time, so only one batch's temporaries are held:
-    the values still read after them are kept per batch (`Batched`), those that depend on no batch once."""
+    the values not freed within them (`free`: last reads) are kept per batch (`Batched`), those that depend on no
+    batch once."""
     batched = {v for v, x in env.items() if isinstance(x, Batched)}
     for eqn in eqns[start:end]:
         if any(not isinstance(v, jcore.Literal) and v in batched for v in eqn.invars):
             batched.update(eqn.outvars)
-    later = {v for e in eqns[end:] for v in e.invars if not isinstance(v, jcore.Literal)}
-    later |= {v for v in outvars if not isinstance(v, jcore.Literal)}
     n = next(len(x) for x in env.values() if isinstance(x, Batched))
     kept: dict = {}
     shared: dict = {}  # values that depend on no batch, computed with the first
@@ -201,17 +200,14 @@ def _segment(eqns: list, start: int, end: int, env: dict, free: dict[int, list],
             for v, o in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     (local if per_batch else shared)[v] = o
-            for v in free.get(k, ()):
-                if v in later:
-                    continue
+            for v in free.get(k, ()):  # read for the last time here
                 if v in local:
                     del local[v]
                 elif v in shared and b + 1 == n:
                     del shared[v]
-        for v, o in local.items():
-            if v in later:
-                kept.setdefault(v, Batched([None] * n))[b] = o
-    kept.update({v: o for v, o in shared.items() if v in later})
+        for v, o in local.items():  # still read after the segment
+            kept.setdefault(v, Batched([None] * n))[b] = o
+    kept.update(shared)
     for k in range(start, end):
         for v in free.get(k, ()):
             env.pop(v, None)
@@ -227,10 +223,10 @@ def _nested(eqn, invals, usage, hook, index, has) -> list | None:
         consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
         ys: list = [None] * n
         for i in (reversed(range(n)) if p["reverse"] else range(n)):
-            sliced = [_lanes(lambda a, i=i: a[i], x) for x in xs]
+            sliced = [lanes(lambda a, i=i: a[i], x) for x in xs]
             outs = _eval(body.jaxpr, body.consts, consts + carry + sliced, usage, hook, index + (i,), has)
             carry, ys[i] = outs[:nk], outs[nk:]
-        stacked = [_lanes(lambda *a: jnp.stack(a), *[ys[i][k] for i in range(n)])
+        stacked = [lanes(lambda *a: jnp.stack(a), *[ys[i][k] for i in range(n)])
                    for k in range(len(body.jaxpr.outvars) - nk)]
         return list(carry) + stacked
     inner = _inner(eqn)

@@ -5,8 +5,8 @@ When a quantized weight is read outside such a layer — a custom `self.param` u
 directly to `jq.ops` as well (`jq.interop.traced_routing`); what cannot go there (a reshaped or sliced weight, a
 matmul inside `scan`, keyword arguments or mutable collections in the call) reads the dequantized leaf, which is
 always correct. A layer under `nn.scan` is not intercepted with its QTensor (whose layout is the stacked one):
-the traced jaxpr runs each layer's matmul on its slice. Which layers are routed is found by abstract traces, so nothing about the model needs
-declaring."""
+the traced jaxpr runs each layer's matmul on its slice. Which layers are routed is found by abstract traces, so
+nothing about the model needs declaring."""
 
 from __future__ import annotations
 
@@ -86,18 +86,15 @@ def routed_paths(module: nn.Module, variables: dict, *args, method: Any = None, 
 def prepare(module: nn.Module, variables: dict, *args, method: Any = None, **kwargs) -> dict:
     """The variables `apply` runs `module.apply` on (when it does not run the traced jaxpr): QTensors of routed
     layers kept, every other QTensor dequantized."""
-    if not _quantized_paths(variables.get("params", {})):
+    if not _quantized_leaves(variables.get("params", {})):
         return variables
     return _keep_routed(module, variables, routed_paths(module, variables, *args, method=method, **kwargs))
 
 
 def _quantized_leaves(params: Any) -> dict[str, Any]:
+    """{path: leaf} of the QTensor (and LowRank) leaves."""
     flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_weight_leaf)[0]
     return {path_str(kp): x for kp, x in flat if is_weight_leaf(x)}
-
-
-def _quantized_paths(params: Any) -> set[str]:
-    return set(_quantized_leaves(params))
 
 
 def _keep_routed(module: nn.Module, variables: dict, routed: set[str]) -> dict:
@@ -141,13 +138,13 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
         uses one to record layer inputs, QAT to fake-quantize them); it must call `next_fun` to run the call.
     Returns: what `module.apply` returns.
     """
-    quantized = _quantized_paths(variables.get("params", {}))
+    quantized = _quantized_leaves(variables.get("params", {}))
     if quantized:
         routed = routed_paths(module, variables, *args, method=method, **kwargs)
-        if quantized - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
+        if quantized.keys() - routed and mutable is False and interceptor is None and can_trace(args, kwargs):
             # a weight is read outside a standard layer: run the traced jaxpr, every direct matmul through jq.ops
             usage = trace_usage(module, variables, *args, method=method)
-            _say_routing(module, variables["params"], routed | traced_routed(usage, _quantized_leaves(variables["params"])))
+            _say_routing(module, variables["params"], routed | traced_routed(usage, quantized))
             return apply_traced(module, variables, *args, method=method, usage=usage)
         variables = _keep_routed(module, variables, routed)
     with nn.intercept_methods(quantized_interceptor):
@@ -155,7 +152,6 @@ def apply(module: nn.Module, variables: dict, *args, method: Any = None, mutable
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
         with nn.intercept_methods(interceptor):
             return module.apply(variables, *args, method=method, mutable=mutable, **kwargs)
-
 
 
 def dequantize_except(tree: Any, keep: set[str]) -> Any:
