@@ -277,3 +277,26 @@ def test_weights_that_cannot_be_swapped_at_their_matmul_are_quantized_after_the_
     ref = Twice().apply({"params": params}, x)
     out = jq.apply(Twice(), {"params": q}, x)
     assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 0.2
+
+
+def test_what_the_traced_mode_cannot_calibrate_is_refused_by_name(models):
+    """A calibrated weight whose matmul has batch dims on it (one Hessian per batch index) is named with the reason
+    and the fix; an NNX model with a recipe's lowrank section (LoRC is linen-only) is refused naming the section."""
+
+    class PerExpert(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # x [B, E, K]: the expert axis is a batch dim of the dot
+            w = self.param("experts", nn.initializers.normal(0.2), (3, D, D))
+            return jnp.einsum("bek,ekn->ben", x, w)
+
+    x = np.random.default_rng(3).standard_normal((8, 3, D)).astype(np.float32)
+    params = PerExpert().init(jax.random.key(0), x[:1])["params"]
+    cfg = jq.recipe_from_dict({"rules": [{"pattern": "experts", "format": "int4", "group_size": 16, "axes": [1],
+                                          "method": "gptq"}]})
+    with pytest.raises(ValueError, match=r"no calibration statistics can be recorded for experts: its matmul has batch "
+                                         r"dims on the weight.*method: rtn"):
+        quantize_model(PerExpert(), params, cfg, x, batch_size=4)
+    _, _, (graphdef, state), tokens, _ = models
+    lorc = jq.recipe_from_dict({**CFG, "lowrank": {"rank": 4}})
+    with pytest.raises(ValueError, match="lowrank section .*linen models only; drop it for this NNX model"):
+        jq.quantize_model(graphdef, state, lorc, tokens)
