@@ -1,4 +1,4 @@
-"""Allocated against uniform: SmolLM2 quantized by `jq autoquant` recipes at several budgets (bits per linear weight)
+"""Allocated against uniform: a model (SmolLM2 by default) quantized by `jq autoquant` recipes at several budgets (bits per linear weight)
 beside each candidate recipe applied uniformly — perplexity on persuasion.txt (and on a text not in the repo, the
 GPL-3 licence) against bits per linear weight —, which candidate each layer got at one budget, and how well each
 estimated cost ranks the measured one (the logits' KL when one layer alone is quantized, on a sample of layers).
@@ -8,8 +8,11 @@ Writes OUT/NAME.json, OUT/NAME.png (the frontiers) and OUT/NAME_layers.png (the 
         [--metrics kfac fisher hessian] [--compare-at 4.0] [--budgets 2.5 3 3.5 4 4.5] [--map-budget 3.5]
         [--windows 16] [--validate 12]
         [--uniform rtn_w4_g128 ...] [--also /usr/share/common-licenses/GPL-3] [--base quarot_gptq_refit_w4_g128]
+        [--model gemma3-270m] [--cache sens.json]
 
 `--base`: every candidate runs on that recipe's rotation (QuaRot) and online rotations, the uniform rows too.
+`--cache FILE`: the sensitivity tables are read from FILE when it holds them for the same model, candidates,
+metrics, base and calibration draw, else measured and written there (another set of budgets then takes minutes).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from jq.apps import data, pipeline  # noqa: E402
 from jq.apps.autoquant import DEFAULT_CANDIDATES, choose, sensitivity_tables, uniform  # noqa: E402
-from jq.tree.recipe import load_recipe, recipe_from_dict  # noqa: E402
+from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from timing import environment  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 KEYS = ("perplexity", "linear_bits_per_weight", "bits_per_weight", "model_bytes", "quantize_seconds")
@@ -96,10 +99,18 @@ def frontier_plot(res: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("bits per linear weight (scales and zeros included)")
     ax.set_ylabel("perplexity (persuasion, 16 × 512)")
-    ax.set_title(f"SmolLM2-135M: jq autoquant against uniform recipes ({res['meta']['name']})")
+    ax.set_title(f"{res['meta']['model']}: jq autoquant against uniform recipes ({res['meta']['name']})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _cached(path: str | None, key: dict) -> dict | None:
+    """The sensitivity tables cached at `path` when they were measured for `key`, else None."""
+    if not path or not Path(path).exists():
+        return None
+    cached = json.loads(Path(path).read_text())
+    return cached["tables"] if cached.get("key") == json.loads(json.dumps(key)) else None
 
 
 def main() -> None:
@@ -117,22 +128,31 @@ def main() -> None:
     p.add_argument("--validate", type=int, default=0, help="layers sampled to check the estimates against KL")
     p.add_argument("--also", default="/usr/share/common-licenses/GPL-3", help="a text not in the repo ('' for none)")
     p.add_argument("--base", help="a recipe whose rotation every candidate (allocated and uniform) runs on")
+    p.add_argument("--model", default="smollm2-135m", help="a known model name, .gguf file or Hugging Face directory")
+    p.add_argument("--cache", help="a JSON file of sensitivity tables: reused when it matches, else written")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    m = pipeline.load("smollm2-135m")
+    m = pipeline.load(args.model)
     text_path = data.default_eval_text()
     text = text_path.read_text(encoding="utf-8")
     also = {Path(args.also).name: Path(args.also).read_text(encoding="utf-8")} if args.also else None
     tokens, draw = data.calibration_draw(m.tokenizer, data.default_calib_files(text_path), 128, 512, 0, "windows")
     candidates = [load_recipe(c) for c in args.candidates]
     base = load_recipe(args.base) if args.base else None
-    tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
+    key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metrics": args.metrics,
+           "base": recipe_to_dict(base) if base is not None else None,
+           "calibration": {k: v for k, v in draw.items() if k != "files"}}
+    tables = _cached(args.cache, key)
+    if tables is None:
+        tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
+        if args.cache:
+            Path(args.cache).write_text(json.dumps({"key": key, "tables": tables}))
     seconds = next(iter(tables.values()))["seconds"]
     res = {"meta": environment(windows=args.windows, calibration={k: v for k, v in draw.items() if k != "files"},
                                date=time.strftime("%Y-%m-%d"), sensitivity_seconds=seconds, metrics=args.metrics,
                                name=args.name, candidates=args.candidates, also=args.also or None,
-                               base=args.base),
+                               base=args.base, model=args.model),
            "uniform": [], "allocated": []}
     if args.validate:
         layers = sorted(next(iter(tables.values()))["layers"])

@@ -293,3 +293,29 @@ def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_t
     for (p, a), (_, b) in zip(jq.tree.paths.leaf_paths(jq.dequantize_params(got)),
                               jq.tree.paths.leaf_paths(jq.dequantize_params(want))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=p)
+
+
+def test_microscaling_normal_float_and_lattice_candidates_hold_the_budget_as_reports_count_them(tiny):
+    """Candidates whose scales are not plain group floats — MX (e8m0 per 32), NVFP4 (e4m3 per 16 and a tensor scale),
+    NF4, the E8P lattice (a code per 8 weights, calibrated) — are scored and sized with the reports' own accounting,
+    and the chosen mix quantizes (sequentially, as `jq eval` would) to exactly that size."""
+    from jq.apps import pipeline
+
+    _, m, _ = tiny
+    names = ["mxfp4", "nvfp4", "nf4_g32", "mxfp8_e4m3", "e8p_w2", "e8p_w4"]
+    calib = np.random.default_rng(5).integers(0, m.cfg.vocab_size, (8, 16))
+    sens = sensitivities(m, [load_recipe(n) for n in names], calib, metric="kfac")
+    shapes = {p: np.shape(w) for p, w in jq.tree.paths.leaf_paths(m.params)}
+    for path, row in sens["layers"].items():
+        k = shapes[path][0]  # the contraction axis: one float16 scale per output channel over k weights
+        per_weight = np.asarray(row["bits"]) / row["weights"]
+        assert per_weight[0] == pytest.approx(4 + 8 / 32) and per_weight[3] == pytest.approx(8 + 8 / 32), path
+        assert per_weight[1] == pytest.approx(4 + 8 / 16 + 32 / row["weights"]), path  # + one float32 per tensor
+        assert per_weight[4:].tolist() == pytest.approx([2 + 16 / k, 4 + 16 / k]), path
+        assert np.all(np.isfinite(row["cost"])) and row["cost"][4] > row["cost"][5] > 0, path
+    for budget in ("3bpw", "4.3bpw"):
+        chosen = choose(sens, budget)
+        cfg = recipe_from_dict(chosen["recipe"])
+        got = size_summary(pipeline.quantize(m, cfg, calib=calib, progress=False)[0])["linear_bits_per_weight"]
+        assert got == pytest.approx(chosen["linear_bits_per_weight"]) and got <= parse_budget(budget)[1]
+    assert "e8p_w2" in choose(sens, "3bpw")["layers_per_candidate"]  # the only candidate under 4 bits
