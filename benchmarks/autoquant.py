@@ -1,5 +1,5 @@
-"""Allocated against uniform: a model (SmolLM2 by default) quantized by `jq autoquant` recipes at several budgets (bits per linear weight)
-beside each candidate recipe applied uniformly — perplexity on persuasion.txt (and on a text not in the repo, the
+"""Allocated against uniform: a model (SmolLM2 by default) quantized by `jq autoquant` recipes at several budgets
+(bits per linear weight) beside each candidate recipe applied uniformly — perplexity on persuasion.txt (and on a text not in the repo, the
 GPL-3 licence) against bits per linear weight —, which candidate each layer got at one budget, and how well each
 estimated cost ranks the measured one (the logits' KL when one layer alone is quantized, on a sample of layers).
 Writes OUT/NAME.json, OUT/NAME.png (the frontiers) and OUT/NAME_layers.png (the sensitivity map: bits per layer).
@@ -142,7 +142,7 @@ def main() -> None:
     base = load_recipe(args.base) if args.base else None
     key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metrics": args.metrics,
            "base": recipe_to_dict(base) if base is not None else None,
-           "calibration": {k: v for k, v in draw.items() if k != "files"}}
+           "calibration": {k: (sorted(map(str, v)) if k == "files" else v) for k, v in draw.items()}}
     tables = _cached(args.cache, key)
     if tables is None:
         tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
