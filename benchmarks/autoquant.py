@@ -1,7 +1,8 @@
 """Allocated against uniform: a model (SmolLM2 by default) quantized by `jq autoquant` recipes at several budgets
 (bits per linear weight) beside each candidate recipe applied uniformly — perplexity on persuasion.txt (and on a text
 not in the repo, the GPL-3 licence) against bits per linear weight —, which candidate each layer got at one budget,
-and how well each estimated cost ranks the measured one (the logits' KL when one layer alone is quantized, on a sample of layers).
+and how well each estimated cost ranks the measured one (the logits' KL when one layer alone is quantized, on a
+sample of layers).
 Writes OUT/NAME.json, OUT/NAME.png (the frontiers) and OUT/NAME_layers.png (the sensitivity map: bits per layer).
 
     python benchmarks/autoquant.py [--out out] [--name autoquant] [--candidates rtn_w3_g128 ...]
