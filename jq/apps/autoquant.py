@@ -316,14 +316,19 @@ def _progress(n_candidates: int, enabled: bool) -> Callable[[str], None] | None:
                                       f"{time.perf_counter() - t0:.0f} s", highlight=False)
 
 
-def command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace, refine: Callable[..., tuple[dict, dict]] | None = None) -> int:
     """`jq autoquant` (arguments as `jq.apps.cli` parses them): autoquant the model, write the recipe, print what it
-    chose."""
+    chose. `refine`: `jq.apps.autoquant_refine.refine` (which builds on this module), used when `args.refine` > 0."""
     import yaml
 
     from jq.apps import data, pipeline
 
     kind, _ = parse_budget(args.budget)  # checked before the model loads
+    if getattr(args, "refine", 0) and refine is None:
+        raise ValueError("--refine needs command(args, refine=jq.apps.autoquant_refine.refine), as jq's CLI passes it")
+    if getattr(args, "refine", 0) and kind == "seconds":
+        raise ValueError(f"--refine {args.refine}: refinement re-scores the layers given fewer bits than a size "
+                         f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
     lat = args.latency_tokens or (1 if kind == "seconds" else None)  # a time budget: decode (1 token) by default
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -350,11 +355,16 @@ def command(args: argparse.Namespace) -> int:
                              latency_tokens=lat, base=base)
         if args.cache:
             Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
-    chosen = choose(sens, args.budget)
+    if getattr(args, "refine", 0):
+        chosen, refined = refine(m, candidates, tokens, sens, args.budget, rounds=args.refine, base=base,
+                                 progress=_progress(len(candidates), not args.json))
+    else:
+        chosen, refined = choose(sens, args.budget), {}
     out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
     info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate",
                                    "latency_seconds") if k in chosen}
-    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"], sensitivities_cached=cached)
+    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"], sensitivities_cached=cached,
+                **({"measured_layers": len(refined["measured"]), "kl_ratio": refined["kl_ratio"]} if refined else {}))
     if args.json:
         print(json.dumps(info))
         return 0

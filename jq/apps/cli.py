@@ -229,10 +229,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_autoquant(args: argparse.Namespace) -> int:
     """`jq autoquant`: the per-layer mix of candidate recipes with the least estimated error within a budget, as a
-    recipe (`jq.apps.autoquant.command`)."""
+    recipe (`jq.apps.autoquant.command`; `--refine` through `jq.apps.autoquant_refine`)."""
     from jq.apps.autoquant import command
+    from jq.apps.autoquant_refine import refine
 
-    return command(args)
+    return command(args, refine=refine)
 
 
 def _known_names() -> str:
@@ -341,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="the recipe YAML to write")
     a.add_argument("--cache", help="a JSON file of sensitivities: reused when it matches the model, candidates, metric "
                    "and calibration; written otherwise (try other budgets in a second)")
+    a.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="re-score by measurement (the logits' KL with that layer alone quantized) the layers the "
+                   "allocation gives fewer bits than the budget's average, and solve again, for up to ROUNDS rounds: "
+                   "the solver picks the layers the estimate underrates (default 0: estimates only)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     _add_calib_args(a)
