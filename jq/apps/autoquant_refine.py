@@ -52,7 +52,7 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
 
     def measure(layers: list[str]) -> dict[str, list[float]]:
         if progress:
-            progress(f"measuring the logits' KL of {len(layers)} layers under {len(candidates)} candidates")
+            progress(f"{len(layers)} layers by their measured KL")  # the CLI's line adds "under N candidates"
         kl = sensitivity_tables(m, candidates, calib, ("kl",), only=layers, kl_samples=kl_samples, base=base)["kl"]
         return {p: kl["layers"][p]["cost"] for p in layers}
 
