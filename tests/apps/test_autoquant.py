@@ -12,22 +12,16 @@ import yaml
 import jq
 from jq.apps.autoquant import METRICS, choose, parse_budget, sensitivities, sensitivity_tables, uniform
 from jq.apps.cli import main as cli_main
-from jq.models.io.gguf import load_gguf
 from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 from jq.tree.report import size_summary
 
-from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
 
 CANDIDATES = ["rtn_w2_g128", "rtn_w4_g128", "rtn_w8_g128"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("aq")
-    cfg = tiny_cfg(tie=True)
-    write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg, seed=12))
-    m = load_gguf(d / "tiny.gguf")
-    calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16))
+def tiny(tiny_gguf):
+    d, m, calib = tiny_gguf
     return d, m, sensitivities(m, [load_recipe(c) for c in CANDIDATES], calib, metric="fisher")
 
 

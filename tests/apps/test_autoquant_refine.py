@@ -12,21 +12,14 @@ import yaml
 from jq.apps.autoquant import choose, sensitivities, sensitivity_tables
 from jq.apps.autoquant_refine import refine
 from jq.apps.cli import main as cli_main
-from jq.models.io.gguf import load_gguf
 from jq.tree.recipe import load_recipe
-
-from jqtest.llama import tiny_cfg, tiny_checkpoint, write_gguf
 
 NAMES = ["rtn_w2_g128", "rtn_w4_g128", "rtn_w8_g128"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("aqr")
-    cfg = tiny_cfg(tie=True)
-    write_gguf(d / "tiny.gguf", cfg, tiny_checkpoint(cfg, seed=12))
-    m = load_gguf(d / "tiny.gguf")
-    calib = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 16))
+def tiny(tiny_gguf):
+    d, m, calib = tiny_gguf
     cands = [load_recipe(c) for c in NAMES]
     sens = sensitivities(m, cands, calib, metric="kfac")
     kl = sensitivity_tables(m, cands, calib, ("kl",))["kl"]  # every layer measured: the reference
