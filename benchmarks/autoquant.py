@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jq.apps import data, pipeline  # noqa: E402
-from jq.apps.autoquant import DEFAULT_CANDIDATES, choose, sensitivity_tables, uniform  # noqa: E402
+from jq.apps.autoquant import (  # noqa: E402
+    DEFAULT_CANDIDATES, choose, load_sensitivities, sensitivity_tables, uniform)
 from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
 from timing import environment  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
@@ -106,14 +107,6 @@ def frontier_plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _cached(path: str | None, key: dict) -> dict | None:
-    """The sensitivity tables cached at `path` when they were measured for `key`, else None."""
-    if not path or not Path(path).exists():
-        return None
-    cached = json.loads(Path(path).read_text())
-    return cached["tables"] if cached.get("key") == json.loads(json.dumps(key)) else None
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="out")
@@ -144,11 +137,11 @@ def main() -> None:
     key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metrics": args.metrics,
            "base": recipe_to_dict(base) if base is not None else None,
            "calibration": {k: (sorted(map(str, v)) if k == "files" else v) for k, v in draw.items()}}
-    tables = _cached(args.cache, key)
+    tables = load_sensitivities(args.cache, key) if args.cache else None  # the same cache file as jq autoquant's
     if tables is None:
         tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
         if args.cache:
-            Path(args.cache).write_text(json.dumps({"key": key, "tables": tables}))
+            Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": tables}))
     seconds = next(iter(tables.values()))["seconds"]
     res = {"meta": environment(windows=args.windows, calibration={k: v for k, v in draw.items() if k != "files"},
                                date=time.strftime("%Y-%m-%d"), sensitivity_seconds=seconds, metrics=args.metrics,

@@ -324,10 +324,11 @@ def command(args: argparse.Namespace, refine: Callable[..., tuple[dict, dict]] |
     from jq.apps import data, pipeline
 
     kind, _ = parse_budget(args.budget)  # checked before the model loads
-    if getattr(args, "refine", 0) and refine is None:
+    rounds = getattr(args, "refine", 0)
+    if rounds and refine is None:
         raise ValueError("--refine needs command(args, refine=jq.apps.autoquant_refine.refine), as jq's CLI passes it")
-    if getattr(args, "refine", 0) and kind == "seconds":
-        raise ValueError(f"--refine {args.refine}: refinement re-scores the layers given fewer bits than a size "
+    if rounds and kind == "seconds":
+        raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
                          f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
     lat = args.latency_tokens or (1 if kind == "seconds" else None)  # a time budget: decode (1 token) by default
     out = Path(args.out)
@@ -355,8 +356,8 @@ def command(args: argparse.Namespace, refine: Callable[..., tuple[dict, dict]] |
                              latency_tokens=lat, base=base)
         if args.cache:
             Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
-    if getattr(args, "refine", 0):
-        chosen, refined = refine(m, candidates, tokens, sens, args.budget, rounds=args.refine, base=base,
+    if rounds:
+        chosen, refined = refine(m, candidates, tokens, sens, args.budget, rounds=rounds, base=base,
                                  progress=_progress(len(candidates), not args.json))
     else:
         chosen, refined = choose(sens, args.budget), {}

@@ -15,7 +15,6 @@ from jq.apps.cli import main as cli_main
 from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 from jq.tree.report import size_summary
 
-
 CANDIDATES = ["rtn_w2_g128", "rtn_w4_g128", "rtn_w8_g128"]
 
 
