@@ -62,11 +62,24 @@ def test_bad_rounds_and_time_budgets_are_refused(tiny, tmp_path, capsys):
         refine(m, cands, calib, sens, "4bpw", rounds=0)
     with pytest.raises(ValueError, match=r"budget 2ms: refinement .* needs a size budget"):
         refine(m, cands, calib, sens, "2ms")
+    zero = json.loads(json.dumps(sens))
+    for row in zero["layers"].values():
+        row["cost"] = [0.0] * len(row["cost"])
+    with pytest.raises(ValueError, match=r"refine: the 2 sampled layers have no finite positive estimates to fit the "
+                                         r"KL / estimate ratio to; sample more layers"):
+        refine(m, cands, calib, zero, "4bpw", sample=2)
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat and the hat, " * 80)
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "2ms", "--refine", "1", "--out",
                      str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
     assert "--refine 1: refinement re-scores" in capsys.readouterr().err
+    from jq.apps.autoquant import command
+    from jq.apps.cli import build_parser
+
+    args = build_parser().parse_args(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine",
+                                      "1", "--out", str(tmp_path / "b.yaml")])
+    with pytest.raises(ValueError, match=r"--refine needs command\(args, refine=jq.apps.autoquant_refine.refine\)"):
+        command(args)
 
 
 def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
