@@ -12,8 +12,9 @@ Writes OUT/NAME.json, OUT/NAME.png (the frontiers) and OUT/NAME_layers.png (the 
         [--model gemma3-270m] [--cache sens.json]
 
 `--base`: every candidate runs on that recipe's rotation (QuaRot) and online rotations, the uniform rows too.
-`--cache FILE`: the sensitivity tables are read from FILE when it holds them for the same model, candidates,
-metrics, base and calibration draw, else measured and written there (another set of budgets then takes minutes).
+`--cache FILE`: costs are read from FILE (`jq.apps.autoquant_cache`, the file `jq autoquant --cache` keeps) when
+it holds them for the same model, base and calibration draw; only the missing candidates, metrics and validation
+layers are measured and added (another set of budgets or one more candidate then takes minutes).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jq.apps import data, pipeline  # noqa: E402
-from jq.apps.autoquant import (  # noqa: E402
-    DEFAULT_CANDIDATES, choose, load_sensitivities, sensitivity_tables, uniform)
-from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict  # noqa: E402
+from jq.apps.autoquant import DEFAULT_CANDIDATES, choose, uniform  # noqa: E402
+from jq.apps.autoquant_cache import cache_key, cached_tables  # noqa: E402
+from jq.tree.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from timing import environment  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 KEYS = ("perplexity", "linear_bits_per_weight", "bits_per_weight", "model_bytes", "quantize_seconds")
@@ -134,14 +135,8 @@ def main() -> None:
     tokens, draw = data.calibration_draw(m.tokenizer, data.default_calib_files(text_path), 128, 512, 0, "windows")
     candidates = [load_recipe(c) for c in args.candidates]
     base = load_recipe(args.base) if args.base else None
-    key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metrics": args.metrics,
-           "base": recipe_to_dict(base) if base is not None else None,
-           "calibration": {k: (sorted(map(str, v)) if k == "files" else v) for k, v in draw.items()}}
-    tables = load_sensitivities(args.cache, key) if args.cache else None  # the same cache file as jq autoquant's
-    if tables is None:
-        tables = sensitivity_tables(m, candidates, tokens, args.metrics, base=base)
-        if args.cache:
-            Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": tables}))
+    key = cache_key(m, draw, base)  # the same cache file as jq autoquant's
+    tables = cached_tables(m, candidates, tokens, args.metrics, cache=args.cache, key=key, base=base)
     seconds = next(iter(tables.values()))["seconds"]
     res = {"meta": environment(windows=args.windows, calibration={k: v for k, v in draw.items() if k != "files"},
                                date=time.strftime("%Y-%m-%d"), sensitivity_seconds=seconds, metrics=args.metrics,
@@ -151,7 +146,8 @@ def main() -> None:
     if args.validate:
         layers = sorted(next(iter(tables.values()))["layers"])
         sample = sorted(np.random.default_rng(0).choice(layers, size=min(args.validate, len(layers)), replace=False))
-        measured = sensitivity_tables(m, candidates, tokens, ("kl",), only=list(sample), base=base)["kl"]
+        measured = cached_tables(m, candidates, tokens, ("kl",), cache=args.cache, key=key, only=list(sample),
+                                 base=base)["kl"]
         res["validation"] = {"layers": list(sample), "measured_seconds": measured["seconds"],
                              **validation(tables, measured)}
         print(res["validation"], flush=True)

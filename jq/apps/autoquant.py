@@ -1,4 +1,5 @@
-"""`jq autoquant`: the best mix of candidate recipes for a size budget, written as an ordinary recipe.
+"""The best mix of candidate recipes for a size budget, written as an ordinary recipe (`jq autoquant`:
+`jq.apps.autoquant_cli`; the cache: `autoquant_cache`; measured refinement: `autoquant_refine`).
 
 1. Sensitivity: for each layer and each candidate (a single-rule recipe: RTN / HQQ on any grid, or a calibrated
    method such as GPTQ, run per layer on the float model's input Hessians), the estimated loss increase
@@ -16,17 +17,14 @@
    summed matmul time measured on this device at M tokens (`2ms`, `jq.apps.latency`) — exactly, by dynamic
    programming over the budget.
 3. The result is a YAML recipe with one explicit rule per layer, to inspect, edit and run with `jq eval` /
-   `jq quantize`; the sensitivities are returned too (cache them to try other budgets).
+   `jq quantize`; the sensitivities are returned too (`jq.apps.autoquant_cache` keeps them for other budgets).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import re
 import time
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,10 +40,10 @@ from jq.calibration.capture import batched, capture
 from jq.models.family import LoadedModel
 from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
-from jq.tree.recipe import QuantConfig, load_recipe, recipe_from_dict, recipe_to_dict
+from jq.tree.recipe import QuantConfig, recipe_from_dict, recipe_to_dict
 
 __all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "recipe_of", "uniform",
-           "autoquant", "load_sensitivities", "command", "DEFAULT_CANDIDATES"]
+           "autoquant", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
                       "rtn_w5_g128", "rtn_w6_g128", "rtn_w8_g128"]
@@ -119,9 +117,9 @@ def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     """Per layer the candidates' estimated cost under one `metric` and their stored bits: `sensitivity_tables` for
     that metric alone (options as there).
 
-    calib: token ids int [S, T]. Returns {"candidates": [names], "metric", "layers": {path: {"weights": n, "cost":
-    [C], "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"}; a candidate that
-    refuses a layer (a group size that does not divide it) gets cost inf there."""
+    calib: token ids int [S, T]. Returns {"candidates": [names], "metric", "layers": {path: {"weights": n,
+    "float_bytes", "cost": [C], "bits": [C]}}, "fixed_bytes": bytes of the leaves no candidate quantizes, "seconds"};
+    a candidate that refuses a layer (a group size that does not divide it) gets cost inf there."""
     return sensitivity_tables(m, candidates, calib, (metric,), progress, **options)[metric]
 
 
@@ -214,8 +212,8 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
             for x in metrics:
                 cost[x].append(cost_of[x](path, w, w_hat))
         for x in metrics:
-            layers[x][path] = {"weights": int(np.size(w)), "cost": cost[x], "bits": bits,
-                               **({"latency": lat} if latency_tokens else {})}
+            layers[x][path] = {"weights": int(np.size(w)), "float_bytes": int(np.asarray(w).nbytes), "cost": cost[x],
+                               "bits": bits, **({"latency": lat} if latency_tokens else {})}
     seconds = time.perf_counter() - t0
     based = {} if base is None else {"base": {"name": base.name, "rotation": recipe_to_dict(base).get("rotation"),
                                               "online": online}}
@@ -290,87 +288,3 @@ def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarr
     """`sensitivities` then `choose`: (the chosen recipe and its accounting, the sensitivities to reuse)."""
     sens = sensitivities(m, candidates, calib, progress, metric, base=base)
     return choose(sens, budget), sens
-
-
-def load_sensitivities(path: str | Path, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The sensitivities cached at `path` (`jq autoquant --cache`) when they were measured for `key` (model,
-    candidates, metric, calibration draw), else None (absent, or measured for something else: recomputed)."""
-    p = Path(path)
-    if not p.is_file():
-        return None
-    try:
-        cached = json.loads(p.read_text())
-    except ValueError:
-        return None
-    return cached.get("sensitivities") if cached.get("key") == json.loads(json.dumps(key)) else None
-
-
-def _progress(n_candidates: int, enabled: bool) -> Callable[[str], None] | None:
-    """A progress line per layer on stderr ('layer (i/n)', seconds so far), or None."""
-    if not enabled:
-        return None
-    from rich.console import Console
-
-    console, t0 = Console(stderr=True), time.perf_counter()
-    return lambda what: console.print(f"  scoring {what} under {n_candidates} candidates; "
-                                      f"{time.perf_counter() - t0:.0f} s", highlight=False)
-
-
-def command(args: argparse.Namespace, refine: Callable[..., tuple[dict, dict]] | None = None) -> int:
-    """`jq autoquant` (arguments as `jq.apps.cli` parses them): autoquant the model, write the recipe, print what it
-    chose. `refine`: `jq.apps.autoquant_refine.refine` (which builds on this module), used when `args.refine` > 0."""
-    import yaml
-
-    from jq.apps import data, pipeline
-
-    kind, _ = parse_budget(args.budget)  # checked before the model loads
-    rounds = getattr(args, "refine", 0)
-    if rounds and refine is None:
-        raise ValueError("--refine needs command(args, refine=jq.apps.autoquant_refine.refine), as jq's CLI passes it")
-    if rounds and kind == "seconds":
-        raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
-                         f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
-    lat = args.latency_tokens or (1 if kind == "seconds" else None)  # a time budget: decode (1 token) by default
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
-    candidates = [load_recipe(c) for c in args.candidates or DEFAULT_CANDIDATES]
-    base = load_recipe(args.base) if args.base else None
-    files = [Path(f) for f in args.calib] if args.calib else data.default_calib_files()
-    for f in files:
-        data.read_text(f, "--calib")
-    m = pipeline.load(args.model)
-    tokens, _ = data.calibration_draw(m.tokenizer, files, args.calib_samples, args.calib_len, args.calib_seed,
-                                      args.calib_sampling)
-    key = {"model": str(m.source), "candidates": [recipe_to_dict(c) for c in candidates], "metric": args.metric,
-           "calibration": [args.calib_samples, args.calib_len, args.calib_seed, args.calib_sampling,
-                           sorted(map(str, files))]}
-    if lat:
-        key["latency"] = [lat, jax.devices()[0].device_kind]
-    if base is not None:
-        key["base"] = recipe_to_dict(base)
-    sens = load_sensitivities(args.cache, key) if args.cache else None
-    cached = sens is not None
-    if sens is None:
-        sens = sensitivities(m, candidates, tokens, _progress(len(candidates), not args.json), metric=args.metric,
-                             latency_tokens=lat, base=base)
-        if args.cache:
-            Path(args.cache).write_text(json.dumps({"key": key, "sensitivities": sens}))
-    if rounds:
-        chosen, refined = refine(m, candidates, tokens, sens, args.budget, rounds=rounds, base=base,
-                                 progress=_progress(len(candidates), not args.json))
-    else:
-        chosen, refined = choose(sens, args.budget), {}
-    out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))
-    info = {k: chosen[k] for k in ("linear_bits_per_weight", "bytes", "estimated_error", "layers_per_candidate",
-                                   "latency_seconds") if k in chosen}
-    info.update(out=str(out), budget=args.budget, sensitivity_seconds=sens["seconds"], sensitivities_cached=cached,
-                **({"measured_layers": len(refined["measured"]), "kl_ratio": refined["kl_ratio"]} if refined else {}))
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    mix = ", ".join(f"{n}: {k}" for n, k in info["layers_per_candidate"].items())
-    t = f", {info['latency_seconds'] * 1e3:.3f} ms of matmuls at {lat} token(s)" if "latency_seconds" in info else ""
-    print(f"wrote {out}: {info['linear_bits_per_weight']:.3f} bits per linear weight, {info['bytes'] / 1e6:.1f} MB{t} "
-          f"({mix}); sensitivities {'from ' + str(args.cache) if cached else 'in %.0f s' % sens['seconds']}")
-    return 0

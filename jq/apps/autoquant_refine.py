@@ -34,7 +34,8 @@ def _target_bits(sens: dict[str, Any], budget: str) -> float:
 
 def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, sens: dict[str, Any], budget: str,
            *, rounds: int = 2, sample: int = 8, kl_samples: int = 4, seed: int = 0, base: QuantConfig | None = None,
-           progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+           progress: Callable[[str], None] | None = None, tables: Callable[..., dict[str, Any]] = sensitivity_tables
+           ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`choose(sens, budget)` with the lowered layers' costs measured instead of estimated.
 
     m, candidates, calib (int [S, T]), base: as the sensitivities were measured (`sensitivity_tables`); sens: their
@@ -42,7 +43,8 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
     measured KL / Σ estimate over their finite pairs; then each round measures the layers the current choice puts
     below the budget's bits per weight and not measured yet, sets their cost row to KL / ratio, and solves again.
     Returns (the choice as `choose` returns it, the refined table: its "measured" lists the re-scored layers in order,
-    "kl_ratio" the fitted ratio)."""
+    "kl_ratio" the fitted ratio). `tables`: what measures, `sensitivity_tables` or one with its arguments that keeps
+    the measurements (`jq.apps.autoquant_cache.cached_tables`, bound to a file: a stopped refinement resumes)."""
     if rounds < 1 or sample < 1:
         raise ValueError(f"refine(rounds={rounds}, sample={sample}): both must be at least 1")
     target = _target_bits(sens, budget)
@@ -53,7 +55,7 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
     def measure(layers: list[str]) -> dict[str, list[float]]:
         if progress:
             progress(f"{len(layers)} layers by their measured KL")  # the CLI's line adds "under N candidates"
-        kl = sensitivity_tables(m, candidates, calib, ("kl",), only=layers, kl_samples=kl_samples, base=base)["kl"]
+        kl = tables(m, candidates, calib, ("kl",), only=layers, kl_samples=kl_samples, base=base)["kl"]
         return {p: kl["layers"][p]["cost"] for p in layers}
 
     measured = measure(probe)

@@ -229,11 +229,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_autoquant(args: argparse.Namespace) -> int:
     """`jq autoquant`: the per-layer mix of candidate recipes with the least estimated error within a budget, as a
-    recipe (`jq.apps.autoquant.command`; `--refine` through `jq.apps.autoquant_refine`)."""
-    from jq.apps.autoquant import command
-    from jq.apps.autoquant_refine import refine
+    recipe (`jq.apps.autoquant_cli.command`)."""
+    from jq.apps.autoquant_cli import command
 
-    return command(args, refine=refine)
+    return command(args)
 
 
 def _known_names() -> str:
@@ -340,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(hessian), or measured: the logits' KL when the layer alone is quantized (kl: one forward per "
                    "layer and candidate)")
     a.add_argument("--out", required=True, help="the recipe YAML to write")
-    a.add_argument("--cache", help="a JSON file of sensitivities: reused when it matches the model, candidates, metric "
-                   "and calibration; written otherwise (try other budgets in a second)")
+    a.add_argument("--cache", help="a JSON file of measured costs per candidate, layer and metric for this model, "
+                   "calibration draw and base: what it holds is reused, only what is missing is measured (another "
+                   "budget takes seconds, another candidate only its own scoring, a stopped --refine resumes)")
     a.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="re-score by measurement (the logits' KL with that layer alone quantized) the layers the "
                    "allocation gives fewer bits than the budget's average, and solve again, for up to ROUNDS rounds: "

@@ -134,7 +134,13 @@ def test_cli_caches_sensitivities_for_other_budgets(tiny, tmp_path, capsys):
         assert cli_main(["autoquant", *common, "--budget", budget, "--calib-seed", seed, "--out", str(out)]) == 0
         got.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert [g["sensitivities_cached"] for g in got] == [False, True, False]  # another calibration draw: measured
+    assert [g["candidates_measured"] for g in got] == [3, 0, 3]
     assert got[1]["linear_bits_per_weight"] <= 3 < got[0]["linear_bits_per_weight"] <= 4
+    more = [*common[:3], "rtn_w3_g128", *common[3:]]  # one more candidate: only it is scored
+    assert cli_main(["autoquant", *more, "--budget", "3bpw", "--calib-seed", "1", "--out",
+                     str(tmp_path / "m.yaml")]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["candidates_measured"] == 1 and not info["sensitivities_cached"]
 
 
 def test_whole_model_candidates_and_unknown_metrics_are_refused(tiny):

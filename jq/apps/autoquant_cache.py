@@ -1,0 +1,151 @@
+"""The sensitivity cache of `jq autoquant --cache` and `benchmarks/autoquant.py --cache`: per candidate, per layer,
+per metric, so nothing measured is measured twice.
+
+A cache file holds, for one model, calibration draw and base recipe (its key), one column per candidate recipe
+(keyed by the recipe's content, not its name): the layers a whole-model measurement scored it on and, per layer,
+its stored bits, the layer's float bytes and every cost measured so far — the estimates for all layers, the logits'
+KL for the layers a `--refine` or a validation measured. Adding a candidate to a search measures only that one; a
+refinement that stops resumes with the layers it had measured. The file is written whole to a temporary name and
+renamed, so a stopped run never leaves half of one; two runs sharing a file at once keep the last one's columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jq.apps.autoquant import sensitivity_tables
+from jq.models.family import LoadedModel
+from jq.tree.recipe import QuantConfig, recipe_to_dict
+
+__all__ = ["cache_key", "cached_tables"]
+
+_VERSION = 2
+_OPTIONS = {"fisher_samples": 16, "kl_samples": 4, "hessian_samples": 32}  # sensitivity_tables' defaults
+
+
+def cache_key(m: LoadedModel, draw: dict[str, Any], base: QuantConfig | None = None,
+              latency: tuple[int, str] | None = None) -> dict[str, Any]:
+    """What a cached cost depends on besides its candidate: the model's source, the calibration draw (as
+    `jq.apps.data.calibration_draw` records it; the file list order-free), the base recipe, and for latencies the
+    tokens per matmul and the device kind. JSON-shaped."""
+    calib = {k: (sorted(map(str, v)) if k == "files" else v) for k, v in draw.items()}
+    key = {"version": _VERSION, "model": str(m.source), "calibration": calib,
+           "base": recipe_to_dict(base) if base is not None else None}
+    if latency:
+        key["latency"] = list(latency)
+    return json.loads(json.dumps(key))
+
+
+def _column_id(c: QuantConfig) -> str:
+    return json.dumps(recipe_to_dict(c), sort_keys=True)
+
+
+def _read(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The store in `path` when it was written for `key`, else an empty one (absent, unreadable, or another key:
+    re-measured and replaced)."""
+    empty = {"key": key, "columns": {}, "extras": {}}
+    try:
+        store = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return empty
+    return store if isinstance(store, dict) and store.get("key") == key and "columns" in store else empty
+
+
+def _write(path: Path, store: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(store))
+    os.replace(tmp, path)
+
+
+def _absorb(store: dict[str, Any], candidates: Sequence[QuantConfig], tables: dict[str, dict[str, Any]],
+            whole: bool) -> None:
+    """Add a `sensitivity_tables` result (metric → table) measured for `candidates` to the store's columns; `whole`:
+    it scored every layer the candidates quantize (not `only` some)."""
+    first = next(iter(tables.values()))
+    for ci, c in enumerate(candidates):
+        col = store["columns"].setdefault(_column_id(c), {"name": c.name, "rule": first["rules"][ci], "layers": {},
+                                                          "seconds": 0.0})
+        for metric, table in tables.items():
+            for p, row in table["layers"].items():
+                entry = col["layers"].setdefault(p, {"weights": row["weights"], "float_bytes": row["float_bytes"],
+                                                     "bits": row["bits"][ci], "cost": {}})
+                entry["cost"][metric] = row["cost"][ci]
+                if "latency" in row:
+                    entry["latency"] = row["latency"][ci]
+        if whole:  # the seconds of whole-model measurements: what a table from the cache reports it cost
+            col["targets"], col["fixed_bytes"] = list(first["layers"]), first["fixed_bytes"]
+            col["seconds"] += first["seconds"] / len(candidates)
+    if whole:
+        store["extras"] = {k: v for k, v in first.items()
+                           if k in ("base", "latency_tokens", "device")}
+
+
+def _has(col: dict[str, Any] | None, metric: str, layers: Sequence[str] | None) -> bool:
+    """Whether the column holds `metric` on `layers` (None: every layer of its whole-model measurement); layers it
+    was not scored on in that measurement (no candidate of its run quantizes them) need nothing."""
+    if col is None or "targets" not in col:
+        return False
+    want = col["targets"] if layers is None else [p for p in layers if p in col["targets"]]
+    return all(metric in col["layers"][p]["cost"] for p in want)
+
+
+def _assemble(store: dict[str, Any], candidates: Sequence[QuantConfig], metric: str,
+              only: Sequence[str] | None) -> dict[str, Any]:
+    """The `sensitivity_tables` table of `metric` for `candidates` (and `only` these layers) from the store."""
+    cols = [store["columns"][_column_id(c)] for c in candidates]
+    layers = list(dict.fromkeys(p for col in cols for p in col["targets"]))
+    if only is not None:
+        layers = [p for p in only if p in layers]
+    floats = {p: col["layers"][p]["float_bytes"] for col in cols for p in col["targets"]}
+    rows = {}
+    for p in layers:
+        entries = [col["layers"][p] if p in col["targets"] else None for col in cols]  # None: not a choice here
+        rows[p] = {"weights": next(e for e in entries if e is not None)["weights"], "float_bytes": floats[p],
+                   "cost": [e["cost"][metric] if e else float("inf") for e in entries],
+                   "bits": [e["bits"] if e else 8 * floats[p] for e in entries]}
+        if any(e is not None and "latency" in e for e in entries):
+            rows[p]["latency"] = [e.get("latency", float("inf")) if e else float("inf") for e in entries]
+    total = cols[0]["fixed_bytes"] + sum(cols[0]["layers"][p]["float_bytes"] for p in cols[0]["targets"])
+    return {"candidates": [c.name for c in candidates], "metric": metric, "rules": [col["rule"] for col in cols],
+            "layers": rows, "fixed_bytes": int(total - sum(floats[p] for p in layers)),
+            "seconds": float(sum(col["seconds"] for col in cols)), **store["extras"]}
+
+
+def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
+                  metrics: Sequence[str] = ("kfac",), progress: Any = None, *, cache: str | Path | None = None,
+                  key: dict[str, Any] | None = None, only: Sequence[str] | None = None, **options: Any
+                  ) -> dict[str, dict[str, Any]]:
+    """`jq.apps.autoquant.sensitivity_tables` (same arguments and result) through the cache file `cache` written for
+    `key` (`cache_key`): what it holds is read, only the missing (candidate, metric[, layer]) costs are measured —
+    for the candidates that lack them —, and the file is rewritten before returning. Each table also says
+    "measured": how many candidates had to be measured (0: all from the cache). No `cache`: measures everything."""
+    if cache is None:
+        tables = sensitivity_tables(m, candidates, calib, metrics, progress, only=only, **options)
+        return {x: {**t, "measured": len(candidates)} for x, t in tables.items()}
+    if key is None:
+        raise ValueError("cached_tables(cache=...) needs the cache's key: cache_key(model, draw, base, latency)")
+    if any(options.get(k, v) != v for k, v in _OPTIONS.items()):  # the sample counts the key assumes
+        key = {**key, "options": {k: options.get(k, v) for k, v in _OPTIONS.items()}}
+    path = Path(cache)
+    store = _read(path, key)
+    cols = store["columns"]
+    missing = [ci for ci, c in enumerate(candidates)
+               if not all(_has(cols.get(_column_id(c)), x, only) for x in metrics)]
+    if only is not None:  # a whole-model column comes first: it says which layers a candidate quantizes
+        lacking = [candidates[ci].name for ci in missing if "targets" not in cols.get(_column_id(candidates[ci]), {})]
+        if lacking:
+            raise ValueError(f"cached_tables(only=...): candidates {lacking} have no whole-model measurement in "
+                             f"{path}; measure all layers first (only=None)")
+    if missing:
+        sub = [candidates[ci] for ci in missing]
+        need = None if only is None else [p for p in only if any(
+            not _has(cols[_column_id(c)], x, [p]) for c in sub for x in metrics)]
+        _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, only=need, **options), only is None)
+        _write(path, store)
+    return {x: {**_assemble(store, candidates, x, only), "measured": len(missing)} for x in metrics}
