@@ -53,9 +53,8 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
     probe = sorted(rng.choice(paths, size=min(sample, len(paths)), replace=False).tolist())
 
     def measure(layers: list[str]) -> dict[str, list[float]]:
-        if progress:
-            progress(f"{len(layers)} layers by their measured KL")  # the CLI's line adds "under N candidates"
-        kl = tables(m, candidates, calib, ("kl",), only=layers, kl_samples=kl_samples, base=base)["kl"]
+        each = (lambda what: progress(f"by the measured KL: {what}")) if progress else None  # per layer measured
+        kl = tables(m, candidates, calib, ("kl",), each, only=layers, kl_samples=kl_samples, base=base)["kl"]
         return {p: kl["layers"][p]["cost"] for p in layers}
 
     measured = measure(probe)

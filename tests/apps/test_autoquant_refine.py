@@ -39,7 +39,9 @@ def test_sampled_and_lowered_layers_take_their_measured_cost_and_the_budget_hold
         row = refined["layers"][p]
         assert p in refined["measured"] or row["bits"][c] / row["weights"] >= 4, p
     assert chosen == choose(refined, "4bpw") and chosen["linear_bits_per_weight"] <= 4
-    assert refine(m, cands, calib, sens, "4bpw", rounds=20, sample=3)[0] == chosen  # deterministic
+    lines = []
+    assert refine(m, cands, calib, sens, "4bpw", rounds=20, sample=3, progress=lines.append)[0] == chosen  # determin.
+    assert len(lines) == len(refined["measured"]) and lines[0].startswith("by the measured KL: layers_")
 
 
 def test_a_planted_underestimate_is_measured_and_corrected(tiny):
