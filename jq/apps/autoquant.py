@@ -139,7 +139,9 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
                        metrics: Sequence[str] = ("kfac",), progress: Callable[[str], None] | None = None, *,
                        fisher_samples: int = 16, kl_samples: int = 4, hessian_samples: int = 32,
                        only: Sequence[str] | None = None, latency_tokens: int | None = None,
-                       base: QuantConfig | None = None) -> dict[str, dict[str, Any]]:
+                       base: QuantConfig | None = None,
+                       on_layer: Callable[[str, dict[str, dict[str, Any]]], None] | None = None
+                       ) -> dict[str, dict[str, Any]]:
     """`sensitivities` under several metrics at once (each candidate quantizes each layer once): "fisher" — the loss
     increase under the diagonal Fisher of the first `fisher_samples` calibration rows —, "kfac" — under the Kronecker
     Fisher (input Hessians from the first `hessian_samples` rows) —, "hessian" — the layer's output error — or "kl" —
@@ -149,7 +151,8 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     `latency_tokens` = M: also each candidate's measured matmul time at M tokens per layer ("latency", seconds;
     `jq.apps.latency.matmul_seconds`, once per shape and candidate), for time budgets. `base`: a recipe whose
     model-level `rotation` is applied first (QuaRot) and whose rules' online rotations (`rotate: hadamard`, e.g. before
-    down_proj) every candidate takes on those layers; the chosen recipe carries both."""
+    down_proj) every candidate takes on those layers; the chosen recipe carries both. `on_layer(path, {metric: row})`:
+    called as each layer's rows are done (to keep them before a long run ends)."""
     bad = [x for x in metrics if x not in METRICS]
     if bad or not metrics:
         raise ValueError(f"metric {bad[0] if bad else None!r}; choose one of {', '.join(map(repr, METRICS))}")
@@ -214,6 +217,8 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
         for x in metrics:
             layers[x][path] = {"weights": int(np.size(w)), "float_bytes": int(np.asarray(w).nbytes), "cost": cost[x],
                                "bits": bits, **({"latency": lat} if latency_tokens else {})}
+        if on_layer:
+            on_layer(path, {x: layers[x][path] for x in metrics})
     seconds = time.perf_counter() - t0
     based = {} if base is None else {"base": {"name": base.name, "rotation": recipe_to_dict(base).get("rotation"),
                                               "online": online}}

@@ -1,12 +1,13 @@
-"""The sensitivity cache of `jq autoquant --cache` and `benchmarks/autoquant.py --cache`: per candidate, per layer,
-per metric, so nothing measured is measured twice.
+"""The sensitivity cache of `jq autoquant --cache` and `benchmarks/autoquant.py --cache`: per candidate, per layer, per
+metric, so nothing measured is measured twice.
 
 A cache file holds, for one model, calibration draw and base recipe (its key), one column per candidate recipe
-(keyed by the recipe's content, not its name): the layers a whole-model measurement scored it on and, per layer,
-its stored bits, the layer's float bytes and every cost measured so far — the estimates for all layers, the logits'
-KL for the layers a `--refine` or a validation measured. Adding a candidate to a search measures only that one; a
-refinement that stops resumes with the layers it had measured. The file is written whole to a temporary name and
-renamed, so a stopped run never leaves half of one; two runs sharing a file at once keep the last one's columns.
+(keyed by the recipe's content, not its name): the layers a whole-model measurement scored it on and, per layer, its
+stored bits, the layer's float bytes and every cost measured so far — the estimates for all layers, the logits' KL
+for the layers a `--refine` or a validation measured. Adding a candidate to a search measures only that one; a
+refinement that stops resumes with the layers it had measured (each is written as it is done). The file is written
+whole to a temporary name and renamed, so a stopped run never leaves half of one; two runs sharing a file at once
+keep the last one's columns.
 """
 
 from __future__ import annotations
@@ -63,27 +64,38 @@ def _write(path: Path, store: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _column(store: dict[str, Any], c: QuantConfig, rule: dict[str, Any]) -> dict[str, Any]:
+    return store["columns"].setdefault(_column_id(c), {"name": c.name, "rule": rule, "layers": {}, "seconds": 0.0})
+
+
+def _absorb_layer(store: dict[str, Any], candidates: Sequence[QuantConfig], path: str,
+                  rows: dict[str, dict[str, Any]]) -> None:
+    """Add one layer's rows (metric → `sensitivity_tables` row) measured for `candidates` (their columns exist)."""
+    for ci, c in enumerate(candidates):
+        for metric, row in rows.items():
+            entry = store["columns"][_column_id(c)]["layers"].setdefault(
+                path, {"weights": row["weights"], "float_bytes": row["float_bytes"], "bits": row["bits"][ci],
+                       "cost": {}})
+            entry["cost"][metric] = row["cost"][ci]
+            if "latency" in row:
+                entry["latency"] = row["latency"][ci]
+
+
 def _absorb(store: dict[str, Any], candidates: Sequence[QuantConfig], tables: dict[str, dict[str, Any]],
             whole: bool) -> None:
     """Add a `sensitivity_tables` result (metric → table) measured for `candidates` to the store's columns; `whole`:
     it scored every layer the candidates quantize (not `only` some)."""
     first = next(iter(tables.values()))
     for ci, c in enumerate(candidates):
-        col = store["columns"].setdefault(_column_id(c), {"name": c.name, "rule": first["rules"][ci], "layers": {},
-                                                          "seconds": 0.0})
-        for metric, table in tables.items():
-            for p, row in table["layers"].items():
-                entry = col["layers"].setdefault(p, {"weights": row["weights"], "float_bytes": row["float_bytes"],
-                                                     "bits": row["bits"][ci], "cost": {}})
-                entry["cost"][metric] = row["cost"][ci]
-                if "latency" in row:
-                    entry["latency"] = row["latency"][ci]
-        if whole:  # the seconds of whole-model measurements: what a table from the cache reports it cost
+        _column(store, c, first["rules"][ci])
+    for p in first["layers"]:
+        _absorb_layer(store, candidates, p, {x: t["layers"][p] for x, t in tables.items()})
+    if whole:  # the seconds of whole-model measurements: what a table from the cache reports it cost
+        for c in candidates:
+            col = store["columns"][_column_id(c)]
             col["targets"], col["fixed_bytes"] = list(first["layers"]), first["fixed_bytes"]
             col["seconds"] += first["seconds"] / len(candidates)
-    if whole:
-        store["extras"] = {k: v for k, v in first.items()
-                           if k in ("base", "latency_tokens", "device")}
+        store["extras"] = {k: v for k, v in first.items() if k in ("base", "latency_tokens", "device")}
 
 
 def _has(col: dict[str, Any] | None, metric: str, layers: Sequence[str] | None) -> bool:
@@ -146,6 +158,12 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
         sub = [candidates[ci] for ci in missing]
         need = None if only is None else [p for p in only if any(
             not _has(cols[_column_id(c)], x, [p]) for c in sub for x in metrics)]
-        _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, only=need, **options), only is None)
+        keep = None  # measuring some layers (a refinement): each is written as it is done, so a stop loses one
+        if only is not None:
+            def keep(p: str, rows: dict[str, dict[str, Any]]) -> None:
+                _absorb_layer(store, sub, p, rows)
+                _write(path, store)
+        _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, only=need, on_layer=keep, **options),
+                only is None)
         _write(path, store)
     return {x: {**_assemble(store, candidates, x, only), "measured": len(missing)} for x in metrics}

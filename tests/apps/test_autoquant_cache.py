@@ -136,3 +136,21 @@ def test_a_refinement_through_the_cache_resumes_without_measuring(setup, spy, tm
     second = refine(m, cands, calib, sens, "4bpw", rounds=20, sample=3, tables=tables)
     assert len(spy) == n and first[0]["choice"] == second[0]["choice"] == plain[0]["choice"]
     assert first[1]["measured"] == plain[1]["measured"] and first[1]["kl_ratio"] == pytest.approx(plain[1]["kl_ratio"])
+
+
+def test_a_stopped_measurement_of_some_layers_keeps_the_layers_it_finished(setup, spy, tmp_path):
+    m, cands, calib, _ = setup
+    key, f = cache_key(m, DRAW), tmp_path / "s.json"
+    cached_tables(m, cands, calib, ("kfac",), cache=f, key=key)
+    layers = sorted(setup[3]["kfac"]["layers"])[:3]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_the_third(what):
+        if what.endswith("(3/3)"):
+            raise Stop
+    with pytest.raises(Stop):
+        cached_tables(m, cands, calib, ("kl",), stop_at_the_third, cache=f, key=key, only=layers)
+    got = cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers)["kl"]
+    assert len(spy[-1][2]) == 1 and set(got["layers"]) == set(layers)  # the two finished layers came from the file
