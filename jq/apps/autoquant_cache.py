@@ -12,6 +12,7 @@ keep the last one's columns.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ from jq.tree.recipe import QuantConfig, recipe_to_dict
 __all__ = ["cache_key", "cached_tables"]
 
 _VERSION = 2
-_OPTIONS = {"fisher_samples": 16, "kl_samples": 4, "hessian_samples": 32}  # sensitivity_tables' defaults
+_OPTIONS = {k: inspect.signature(sensitivity_tables).parameters[k].default  # the sample counts a key assumes
+            for k in ("fisher_samples", "kl_samples", "hessian_samples")}
 
 
 def cache_key(m: LoadedModel, draw: dict[str, Any], base: QuantConfig | None = None,
@@ -64,10 +66,6 @@ def _write(path: Path, store: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _column(store: dict[str, Any], c: QuantConfig, rule: dict[str, Any]) -> dict[str, Any]:
-    return store["columns"].setdefault(_column_id(c), {"name": c.name, "rule": rule, "layers": {}, "seconds": 0.0})
-
-
 def _absorb_layer(store: dict[str, Any], candidates: Sequence[QuantConfig], path: str,
                   rows: dict[str, dict[str, Any]]) -> None:
     """Add one layer's rows (metric → `sensitivity_tables` row) measured for `candidates` (their columns exist)."""
@@ -81,21 +79,18 @@ def _absorb_layer(store: dict[str, Any], candidates: Sequence[QuantConfig], path
                 entry["latency"] = row["latency"][ci]
 
 
-def _absorb(store: dict[str, Any], candidates: Sequence[QuantConfig], tables: dict[str, dict[str, Any]],
-            whole: bool) -> None:
-    """Add a `sensitivity_tables` result (metric → table) measured for `candidates` to the store's columns; `whole`:
-    it scored every layer the candidates quantize (not `only` some)."""
+def _absorb(store: dict[str, Any], candidates: Sequence[QuantConfig], tables: dict[str, dict[str, Any]]) -> None:
+    """Add a whole-model `sensitivity_tables` result (metric → table, every layer the candidates quantize) measured
+    for `candidates` to the store: their columns, the layers they were scored on, their share of the seconds."""
     first = next(iter(tables.values()))
     for ci, c in enumerate(candidates):
-        _column(store, c, first["rules"][ci])
+        col = store["columns"].setdefault(_column_id(c), {"name": c.name, "rule": first["rules"][ci], "layers": {},
+                                                          "seconds": 0.0})
+        col["targets"], col["fixed_bytes"] = list(first["layers"]), first["fixed_bytes"]
+        col["seconds"] += first["seconds"] / len(candidates)  # what a table from the cache reports it cost
     for p in first["layers"]:
         _absorb_layer(store, candidates, p, {x: t["layers"][p] for x, t in tables.items()})
-    if whole:  # the seconds of whole-model measurements: what a table from the cache reports it cost
-        for c in candidates:
-            col = store["columns"][_column_id(c)]
-            col["targets"], col["fixed_bytes"] = list(first["layers"]), first["fixed_bytes"]
-            col["seconds"] += first["seconds"] / len(candidates)
-        store["extras"] = {k: v for k, v in first.items() if k in ("base", "latency_tokens", "device")}
+    store["extras"] = {k: v for k, v in first.items() if k in ("base", "latency_tokens", "device")}
 
 
 def _has(col: dict[str, Any] | None, metric: str, layers: Sequence[str] | None) -> bool:
@@ -156,14 +151,14 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
                              f"{path}; measure all layers first (only=None)")
     if missing:
         sub = [candidates[ci] for ci in missing]
-        need = None if only is None else [p for p in only if any(
-            not _has(cols[_column_id(c)], x, [p]) for c in sub for x in metrics)]
-        keep = None  # measuring some layers (a refinement): each is written as it is done, so a stop loses one
-        if only is not None:
+        if only is None:
+            _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, **options))
+            _write(path, store)
+        else:  # some layers (a refinement): each is written as it is done, so a stop loses one
+            need = [p for p in only if any(not _has(cols[_column_id(c)], x, [p]) for c in sub for x in metrics)]
+
             def keep(p: str, rows: dict[str, dict[str, Any]]) -> None:
                 _absorb_layer(store, sub, p, rows)
                 _write(path, store)
-        _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, only=need, on_layer=keep, **options),
-                only is None)
-        _write(path, store)
+            sensitivity_tables(m, sub, calib, metrics, progress, only=need, on_layer=keep, **options)
     return {x: {**_assemble(store, candidates, x, only), "measured": len(missing)} for x in metrics}

@@ -4,6 +4,7 @@ given), choose — refined by measurement with `--refine` —, write the recipe 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -57,8 +58,8 @@ def command(args: argparse.Namespace) -> int:
     key = cache_key(m, draw, base, (lat, jax.devices()[0].device_kind) if lat else None)
     progress = _progress(len(candidates), not args.json)
 
-    def tables(*a, **kw):  # sensitivity_tables through the cache: refinement's measurements are kept there too
-        return cached_tables(*a, cache=args.cache, key=key, **kw)
+    # sensitivity_tables through the cache: the refinement's measurements are kept there too
+    tables = functools.partial(cached_tables, cache=args.cache, key=key)
 
     sens = tables(m, candidates, tokens, (args.metric,), progress, latency_tokens=lat, base=base)[args.metric]
     if rounds:
