@@ -10,8 +10,8 @@
    on calibration text (SqueezeLLM's sensitivity; it overcharges GPTQ); `metric="hessian"` the layer's own output
    error tr(ΔWᵀ H ΔW) (local, and blind to how an early layer's error grows downstream); `metric="kl"` no estimate but
    the measured KL divergence of the model's next-token distributions from the float model's when that layer alone
-   is quantized (one forward pass per layer and candidate: the reference the estimates are checked against,
-   `logit_kl`). And the candidate's stored bits.
+   is quantized (one forward pass per layer and candidate, resumed from the first block that reads the layer: the
+   reference the estimates are checked against, `jq.apps.logit_kl`). And the candidate's stored bits.
 2. Allocation: one candidate per layer minimising the summed error within the budget — bits per linear weight
    (`3.5bpw`, as reports count `linear_bits_per_weight`), the whole model's bytes (`150MB`), or the quantized layers'
    summed matmul time measured on this device at M tokens (`2ms`, `jq.apps.latency`) — exactly, by dynamic
@@ -34,6 +34,7 @@ import numpy as np
 
 from jq.algorithms.allocate import allocate, fisher_cost, hessian_cost, kfac_cost
 from jq.apps.latency import matmul_seconds
+from jq.apps.logit_kl import logit_kl
 from jq.apps.pipeline import rotated
 from jq.apps.perplexity import window_nll_sum
 from jq.calibration.capture import batched, capture
@@ -42,7 +43,7 @@ from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "logit_kl", "choose", "recipe_of", "uniform",
+__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "choose", "recipe_of", "uniform",
            "autoquant", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
@@ -95,20 +96,6 @@ def fisher_diagonal(m: LoadedModel, calib: np.ndarray, paths: Sequence[str], bat
             if path in want:
                 acc[path] = acc.get(path, 0.0) + jnp.square(g.astype(jnp.float32)) / len(batches)
     return acc
-
-
-def logit_kl(m: LoadedModel, ids: np.ndarray) -> Callable[[Any], float]:
-    """params (the model's tree, float or quantized leaves) → the mean over the tokens of `ids` (int [S, T]) of
-    KL(float model's next-token distribution ‖ theirs): the end-to-end cost of a change, compiled once per tree
-    structure (swapping one float weight for its dequantized copy reuses it)."""
-    module = m.family.module(m.cfg)
-
-    def log_probs(params):
-        return jax.nn.log_softmax(module.apply({"params": params}, ids).astype(jnp.float32), axis=-1)
-
-    ref = jax.jit(log_probs)(m.params)
-    kl = jax.jit(lambda params, ref: jnp.mean(jnp.sum(jnp.exp(ref) * (ref - log_probs(params)), axis=-1)))
-    return lambda params: float(kl(params, ref))
 
 
 def sensitivities(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
@@ -183,7 +170,7 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     cost_of = {"fisher": lambda p, w, w_hat: fisher_cost(w, w_hat, fisher[p]),
                "kfac": lambda p, w, w_hat: kfac_cost(w, w_hat, stats[p].hessian, fisher[p]),
                "hessian": lambda p, w, w_hat: hessian_cost(w, w_hat, stats[p].hessian),
-               "kl": lambda p, w, w_hat: kl(replaced(m.params, p, w_hat.astype(jnp.result_type(w))))}
+               "kl": lambda p, w, w_hat: kl(replaced(m.params, p, w_hat.astype(jnp.result_type(w))), changed=p)}
     layers, fixed, timed = {x: {} for x in metrics}, 0, {}
     for path, w in leaf_paths(m.params):
         if path not in targets:

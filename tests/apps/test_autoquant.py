@@ -173,27 +173,6 @@ def test_gptq_candidates_are_scored_on_the_float_models_hessians_and_kfac_prefer
     assert recipe_from_dict(chosen["recipe"]).needs_calibration
 
 
-def test_logit_kl_is_zero_for_the_float_model_and_matches_numpy_for_a_change(tiny):
-    import jax
-
-    from jq.apps.autoquant import logit_kl
-    from jq.tree.paths import get_path, replaced
-
-    _, m, _ = tiny
-    ids = np.random.default_rng(4).integers(0, m.cfg.vocab_size, (2, 16))
-    kl = logit_kl(m, ids)
-    assert kl(m.params) == pytest.approx(0.0, abs=1e-6)
-    path = "layers_0/mlp/down_proj/kernel"
-    w = np.asarray(get_path(m.params, path))
-    changed = replaced(m.params, path, w * 0.5)
-    assert get_path(m.params, path) is not None and np.array_equal(np.asarray(get_path(m.params, path)), w)
-    module = m.family.module(m.cfg)
-    p = jax.nn.log_softmax(np.asarray(module.apply({"params": m.params}, ids), np.float64), -1)
-    q = jax.nn.log_softmax(np.asarray(module.apply({"params": changed}, ids), np.float64), -1)
-    want = np.mean(np.sum(np.exp(p) * (p - q), -1))
-    assert kl(changed) == pytest.approx(float(want), rel=1e-3) and want > 0
-
-
 def test_a_time_budget_chooses_by_measured_matmul_latency_and_holds_it(tiny):
     _, m, _ = tiny
     calib = np.random.default_rng(3).integers(0, m.cfg.vocab_size, (4, 16))
