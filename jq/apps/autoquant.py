@@ -124,7 +124,7 @@ def _online_rotations(m: LoadedModel, base: QuantConfig | None) -> dict[str, Any
 
 def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
                        metrics: Sequence[str] = ("kfac",), progress: Callable[[str], None] | None = None, *,
-                       fisher_samples: int = 16, kl_samples: int = 4, hessian_samples: int = 32,
+                       fisher_samples: int = 16, kl_samples: int = 4, kl_stride: int = 1, hessian_samples: int = 32,
                        only: Sequence[str] | None = None, latency_tokens: int | None = None,
                        base: QuantConfig | None = None,
                        on_layer: Callable[[str, dict[str, dict[str, Any]]], None] | None = None
@@ -132,9 +132,10 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     """`sensitivities` under several metrics at once (each candidate quantizes each layer once): "fisher" — the loss
     increase under the diagonal Fisher of the first `fisher_samples` calibration rows —, "kfac" — under the Kronecker
     Fisher (input Hessians from the first `hessian_samples` rows) —, "hessian" — the layer's output error — or "kl" —
-    measured end to end on the first `kl_samples` rows. Calibrated candidates (GPTQ) quantize each layer with the
-    float model's input Hessian (the final recipe calibrates sequentially, usually a little better). `only`: score
-    just these layers (to check the estimates against "kl" on a sample; such tables are not for `choose`).
+    measured end to end on the first `kl_samples` rows (every `kl_stride`-th position). Calibrated candidates (GPTQ)
+    quantize each layer with the float model's input Hessian (the final recipe calibrates sequentially, usually a
+    little better). `only`: score just these layers (to check the estimates against "kl" on a sample; such tables are
+    not for `choose`).
     `latency_tokens` = M: also each candidate's measured matmul time at M tokens per layer ("latency", seconds;
     `jq.apps.latency.matmul_seconds`, once per shape and candidate), for time budgets. `base`: a recipe whose
     model-level `rotation` is applied first (QuaRot) and whose rules' online rotations (`rotate: hadamard`, e.g. before
@@ -166,7 +167,7 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
     if {"fisher", "kfac"} & set(metrics):
         fisher = fisher_diagonal(m, calib[:fisher_samples], list(targets))
     if "kl" in metrics:
-        kl = logit_kl(m, calib[:kl_samples])
+        kl = logit_kl(m, calib[:kl_samples], kl_stride)
     cost_of = {"fisher": lambda p, w, w_hat: fisher_cost(w, w_hat, fisher[p]),
                "kfac": lambda p, w, w_hat: kfac_cost(w, w_hat, stats[p].hessian, fisher[p]),
                "hessian": lambda p, w, w_hat: hessian_cost(w, w_hat, stats[p].hessian),

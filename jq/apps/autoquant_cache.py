@@ -4,7 +4,8 @@ metric, so nothing measured is measured twice.
 A cache file holds, for one model, calibration draw and base recipe (its key), one column per candidate recipe
 (keyed by the recipe's content, not its name): the layers a whole-model measurement scored it on and, per layer, its
 stored bits, the layer's float bytes and every cost measured so far — the estimates for all layers, the logits' KL
-for the layers a `--refine` or a validation measured. Adding a candidate to a search measures only that one; a
+for the layers a `--refine` or a validation measured (a KL on other tokens than the default, `--kl-samples` /
+`--kl-stride`, under its own name beside it). Adding a candidate to a search measures only that one; a
 refinement that stops resumes with the layers it had measured (each is written as it is done). The file is written
 whole to a temporary name and renamed, so a stopped run never leaves half of one; two runs sharing a file at once
 keep the last one's columns.
@@ -28,8 +29,18 @@ from jq.tree.recipe import QuantConfig, recipe_to_dict
 __all__ = ["cache_key", "cached_tables"]
 
 _VERSION = 2
-_OPTIONS = {k: inspect.signature(sensitivity_tables).parameters[k].default  # the sample counts a key assumes
-            for k in ("fisher_samples", "kl_samples", "hessian_samples")}
+_DEFAULTS = {k: p.default for k, p in inspect.signature(sensitivity_tables).parameters.items()}
+_OPTIONS = {k: _DEFAULTS[k] for k in ("fisher_samples", "hessian_samples")}  # the sample counts a key assumes
+_KL_OPTIONS = {k: _DEFAULTS[k] for k in ("kl_samples", "kl_stride")}  # part of the stored KL's name instead
+
+
+def _stored(metric: str, options: dict[str, Any]) -> str:
+    """The name a metric's costs are kept under: "kl[kl_samples=1,kl_stride=4]" for a KL measured on other tokens
+    than the default ones (so the estimates of the same key serve both), else the metric's name."""
+    kl = {k: options.get(k, v) for k, v in _KL_OPTIONS.items()}
+    if metric != "kl" or kl == _KL_OPTIONS:
+        return metric
+    return "kl[" + ",".join(f"{k}={v}" for k, v in kl.items()) + "]"
 
 
 def cache_key(m: LoadedModel, draw: dict[str, Any], base: QuantConfig | None = None,
@@ -142,8 +153,9 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     path = Path(cache)
     store = _read(path, key)
     cols = store["columns"]
+    names = {x: _stored(x, options) for x in metrics}
     missing = [ci for ci, c in enumerate(candidates)
-               if not all(_has(cols.get(_column_id(c)), x, only) for x in metrics)]
+               if not all(_has(cols.get(_column_id(c)), names[x], only) for x in metrics)]
     if only is not None:  # a whole-model column comes first: it says which layers a candidate quantizes
         lacking = [candidates[ci].name for ci in missing if "targets" not in cols.get(_column_id(candidates[ci]), {})]
         if lacking:
@@ -152,13 +164,15 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     if missing:
         sub = [candidates[ci] for ci in missing]
         if only is None:
-            _absorb(store, sub, sensitivity_tables(m, sub, calib, metrics, progress, **options))
+            tables = sensitivity_tables(m, sub, calib, metrics, progress, **options)
+            _absorb(store, sub, {names[x]: t for x, t in tables.items()})
             _write(path, store)
         else:  # some layers (a refinement): each is written as it is done, so a stop loses one
-            need = [p for p in only if any(not _has(cols[_column_id(c)], x, [p]) for c in sub for x in metrics)]
+            need = [p for p in only if any(not _has(cols[_column_id(c)], names[x], [p]) for c in sub for x in metrics)]
 
             def keep(p: str, rows: dict[str, dict[str, Any]]) -> None:
-                _absorb_layer(store, sub, p, rows)
+                _absorb_layer(store, sub, p, {names[x]: r for x, r in rows.items()})
                 _write(path, store)
             sensitivity_tables(m, sub, calib, metrics, progress, only=need, on_layer=keep, **options)
-    return {x: {**_assemble(store, candidates, x, only), "measured": len(missing)} for x in metrics}
+    return {x: {**_assemble(store, candidates, names[x], only), "metric": x, "measured": len(missing)}
+            for x in metrics}

@@ -33,12 +33,14 @@ def _target_bits(sens: dict[str, Any], budget: str) -> float:
 
 
 def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, sens: dict[str, Any], budget: str,
-           *, rounds: int = 2, sample: int = 8, kl_samples: int = 4, seed: int = 0, base: QuantConfig | None = None,
-           progress: Callable[[str], None] | None = None, tables: Callable[..., dict[str, Any]] = sensitivity_tables
+           *, rounds: int = 2, sample: int = 8, kl_samples: int = 4, kl_stride: int = 1, seed: int = 0,
+           base: QuantConfig | None = None, progress: Callable[[str], None] | None = None,
+           tables: Callable[..., dict[str, Any]] = sensitivity_tables
            ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`choose(sens, budget)` with the lowered layers' costs measured instead of estimated.
 
-    m, candidates, calib (int [S, T]), base: as the sensitivities were measured (`sensitivity_tables`); sens: their
+    m, candidates, calib (int [S, T]), base: as the sensitivities were measured (`sensitivity_tables`; the KL on
+    `kl_samples` rows, every `kl_stride`-th position); sens: their
     estimated table (any metric). `sample` random layers are measured first, every candidate, to fit ratio = Σ
     measured KL / Σ estimate over their finite pairs; then each round measures the layers the current choice puts
     below the budget's bits per weight and not measured yet, sets their cost row to KL / ratio, and solves again.
@@ -54,7 +56,8 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
 
     def measure(layers: list[str]) -> dict[str, list[float]]:
         each = (lambda what: progress(f"by the measured KL: {what}")) if progress else None  # per layer measured
-        kl = tables(m, candidates, calib, ("kl",), each, only=layers, kl_samples=kl_samples, base=base)["kl"]
+        kl = tables(m, candidates, calib, ("kl",), each, only=layers, kl_samples=kl_samples,
+                    kl_stride=kl_stride, base=base)["kl"]
         return {p: kl["layers"][p]["cost"] for p in layers}
 
     measured = measure(probe)

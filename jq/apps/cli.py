@@ -346,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-score by measurement (the logits' KL with that layer alone quantized) the layers the "
                    "allocation gives fewer bits than the budget's average, and solve again, for up to ROUNDS rounds: "
                    "the solver picks the layers the estimate underrates (default 0: estimates only)")
+    a.add_argument("--kl-samples", type=int, default=4, metavar="N",
+                   help="calibration windows each measured KL (--metric kl, --refine) runs on (default 4)")
+    a.add_argument("--kl-stride", type=int, default=1, metavar="S",
+                   help="score the KL at every S-th position only, the LM head run on those alone (default 1; "
+                   "4 cuts most of the time of a large-vocabulary model such as Gemma 3)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     a.add_argument("--json", action="store_true", help="print one JSON object")
     _add_calib_args(a)

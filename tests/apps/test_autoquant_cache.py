@@ -94,6 +94,26 @@ def test_kl_of_some_layers_is_kept_and_only_new_layers_are_measured(setup, spy, 
                                    rtol=1e-5)
 
 
+def test_a_kl_on_other_tokens_is_kept_beside_the_default_one_and_the_estimates_serve_both(setup, spy, tmp_path):
+    m, cands, calib, _ = setup
+    key, f = cache_key(m, DRAW), tmp_path / "s.json"
+    layers = sorted(setup[3]["kfac"]["layers"])[:2]
+    cached_tables(m, cands, calib, ("kfac",), cache=f, key=key)
+    assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=key, kl_stride=2, kl_samples=2)["kfac"][
+        "measured"] == 0
+    strided = cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers, kl_stride=2, kl_samples=2)["kl"]
+    plain = cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers)["kl"]
+    assert [c[1:] for c in spy[1:]] == [(("kl",), layers)] * 2  # each KL measured once, the estimates never again
+    assert cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers, kl_stride=2, kl_samples=2)["kl"][
+        "measured"] == 0 and len(spy) == 3
+    want = sensitivity_tables(m, cands, calib, ("kl",), only=layers, kl_stride=2, kl_samples=2)["kl"]
+    for p in layers:
+        np.testing.assert_allclose(strided["layers"][p]["cost"], want["layers"][p]["cost"], rtol=1e-5)
+        assert not np.allclose(strided["layers"][p]["cost"], plain["layers"][p]["cost"], rtol=1e-3)
+    stored = json.loads(f.read_text())["columns"]
+    assert set(next(iter(stored.values()))["layers"][layers[0]]["cost"]) == {"kfac", "kl", "kl[kl_samples=2,kl_stride=2]"}
+
+
 def test_another_key_a_damaged_file_or_other_sample_counts_are_measured_afresh(setup, spy, tmp_path):
     m, cands, calib, _ = setup
     f = tmp_path / "s.json"

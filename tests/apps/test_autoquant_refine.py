@@ -75,6 +75,9 @@ def test_bad_rounds_and_time_budgets_are_refused(tiny, tmp_path, capsys):
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "2ms", "--refine", "1", "--out",
                      str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
     assert "--refine 1: refinement re-scores" in capsys.readouterr().err
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine", "1",
+                     "--kl-stride", "0", "--out", str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
+    assert "--kl-stride 0: must be at least 1" in capsys.readouterr().err
 
 
 def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
@@ -82,9 +85,13 @@ def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat and the hat, " * 80)
     out = tmp_path / "r.yaml"
+    cache = tmp_path / "c.json"
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--candidates", *NAMES,
                      "--refine", "2", "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out",
-                     str(out), "--json"]) == 0
+                     str(out), "--json", "--cache", str(cache), "--kl-samples", "2", "--kl-stride", "3"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["measured_layers"] >= 8 and info["kl_ratio"] > 0 and info["linear_bits_per_weight"] <= 4
+    column = next(iter(json.loads(cache.read_text())["columns"].values()))
+    kept = [p for p, e in column["layers"].items() if "kl[kl_samples=2,kl_stride=3]" in e["cost"]]
+    assert len(kept) == info["measured_layers"]  # the KL on the tokens asked for, kept under that name
     assert "lowered layers measured (kl) cost" in yaml.safe_load(out.read_text())["description"]

@@ -119,3 +119,40 @@ def test_a_module_reached_through_another_block_resumes_at_that_block():
         want = np_kl(module, params, changed, ids)
         assert want > 0, path
         assert kl(changed, changed=path) == pytest.approx(want, rel=1e-3), path
+
+
+def test_a_stride_scores_every_stride_th_position_and_a_head_that_mixes_positions_is_refused(tiny_gguf):
+    _, m, _ = tiny_gguf
+    ids = np.random.default_rng(8).integers(0, m.cfg.vocab_size, (2, 16))
+    module = m.family.module(m.cfg)
+    for path in ("layers_1/mlp/gate_proj/kernel", "embed/embedding"):
+        changed = halved(m.params, path)
+        p = jax.nn.log_softmax(np.asarray(module.apply({"params": m.params}, ids), np.float64)[:, ::3], -1)
+        q = jax.nn.log_softmax(np.asarray(module.apply({"params": changed}, ids), np.float64)[:, ::3], -1)
+        want = float(np.mean(np.sum(np.exp(p) * (p - q), -1)))
+        kl = logit_kl(m, ids, stride=3)
+        assert kl(changed, changed=path) == pytest.approx(want, rel=1e-3), path
+        assert kl(changed) == pytest.approx(want, rel=1e-3), path
+
+    class Mixing(nn.Module):  # a head that reads the running sum over positions
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(11)(jnp.cumsum(x, axis=1))
+
+    class Toy(nn.Module):
+        def setup(self):
+            self.embed, self.head = nn.Embed(11, 8), Mixing()
+
+        def __call__(self, tokens):
+            return self.head(self.embed(tokens))
+
+    toy = Toy()
+    params = toy.init(jax.random.key(2), jnp.zeros((1, 4), jnp.int32))["params"]
+    family = ModelFamily(name="toy", config_type=_ToyConfig, module=lambda cfg: toy, expected_shapes=lambda cfg: {})
+    mixing = LoadedModel(family, _ToyConfig(), params, None, "toy")
+    ids = np.random.default_rng(9).integers(0, 11, (2, 8))
+    assert logit_kl(mixing, ids)(halved(params, "head/Dense_0/kernel")) > 0
+    with pytest.raises(ValueError, match=r"stride=2.*not position-wise.*use stride=1"):
+        logit_kl(mixing, ids, stride=2)
+    with pytest.raises(ValueError, match=r"stride=0"):
+        logit_kl(mixing, ids, stride=0)
