@@ -43,9 +43,10 @@ def command(args: argparse.Namespace) -> int:
     if rounds and kind == "seconds":
         raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
                          f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
-    for flag, v in (("--kl-samples", getattr(args, "kl_samples", 4)), ("--kl-stride", getattr(args, "kl_stride", 1))):
+    kl = {"kl_samples": getattr(args, "kl_samples", 4), "kl_stride": getattr(args, "kl_stride", 1)}
+    for option, v in kl.items():
         if v < 1:
-            raise ValueError(f"{flag} {v}: must be at least 1")
+            raise ValueError(f"--{option.replace('_', '-')} {v}: must be at least 1")
     lat = args.latency_tokens or (1 if kind == "seconds" else None)  # a time budget: decode (1 token) by default
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -63,7 +64,6 @@ def command(args: argparse.Namespace) -> int:
 
     # sensitivity_tables through the cache: the refinement's measurements are kept there too
     tables = functools.partial(cached_tables, cache=args.cache, key=key)
-    kl = {"kl_samples": getattr(args, "kl_samples", 4), "kl_stride": getattr(args, "kl_stride", 1)}
 
     sens = tables(m, candidates, tokens, (args.metric,), progress, latency_tokens=lat, base=base,
                   **(kl if args.metric == "kl" else {}))[args.metric]
