@@ -72,17 +72,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text_path = Path(args.text) if args.text else data.default_eval_text()
     text = data.read_text(text_path, "--text")  # every input is checked before the model loads
     also = {str(f): data.read_text(f, "--also-text") for f in args.also_text or []}
-    if args.native and args.recipe:
-        raise ValueError("--native evaluates the model as shipped (its GGUF blocks as QTensors); --recipe quantizes "
-                         "the float model: pass one of them")
+    _one_weight_source(args)
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe, text_path)
     m = pipeline.load(args.model, native=args.native)
     data.check_window(m.cfg, args.window, "--window")
     calib, calib_info = _calibration(args, m, recipe, files)
     load_s = time.perf_counter() - t0
-    r = pipeline.evaluate(m, text, recipe, window=args.window, windows=args.windows,
-                          batch_size=args.batch_size, calib=calib, progress=True, also=also)
+    r = pipeline.evaluate(m, text, recipe, window=args.window, windows=args.windows, batch_size=args.batch_size,
+                          calib=calib, progress=True, also=also, quantized=args.quantized)
     r.update(text=str(text_path), window=args.window, calibration=calib_info, load_seconds=load_s,
              seconds=time.perf_counter() - t0)
     if args.json:
@@ -164,15 +162,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_weight_source(args: argparse.Namespace) -> None:
+    """At most one of --recipe, --quantized DIR and --native, or a ValueError naming the ones given."""
+    given = [f for f, v in (("--recipe", args.recipe), ("--quantized", args.quantized), ("--native", args.native)) if v]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} cannot be combined: --recipe quantizes the float model, --quantized "
+                         "DIR brings weights a recipe quantized, --native the model as shipped; pass one of them")
+
+
 def _weights(args: argparse.Namespace):
     """The model and the weights a command runs (`--recipe`, `--quantized DIR`, `--native`, or float): (model, params,
     config, KV-cache config, recipe), every argument checked before the model loads."""
     from jq.apps import pipeline
 
-    given = [f for f, v in (("--recipe", args.recipe), ("--quantized", args.quantized), ("--native", args.native)) if v]
-    if len(given) > 1:
-        raise ValueError(f"{' and '.join(given)} cannot be combined: --recipe quantizes the float model, --quantized "
-                         "DIR brings weights a recipe quantized, --native the model as shipped; pass one of them")
+    _one_weight_source(args)
     recipe = _recipe(args.recipe)
     files = _calib_files(args, recipe)
     m = pipeline.load(args.model, native=args.native)
@@ -250,10 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("eval", help="perplexity of a model, float or quantized by a recipe")
-    e.add_argument("--model", required=True, help=_MODEL_HELP)
-    e.add_argument("--recipe", help="a YAML recipe (configs/…); omit for the float model")
-    e.add_argument("--native", action="store_true",
-                   help="the model as shipped: GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 tensors read as QTensors, not dequantized")
+    _add_weight_args(e, "a YAML recipe (configs/…); omit for the float model")
     e.add_argument("--text", help="evaluation text file (default: persuasion.txt)")
     e.add_argument("--also-text", nargs="+", metavar="FILE",
                    help="more texts scored by the same quantized model (e.g. a text of another kind)")

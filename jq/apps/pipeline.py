@@ -114,19 +114,27 @@ def evaluate(
     calib: np.ndarray | None = None,
     progress: bool = False,
     also: dict[str, str] | None = None,
+    quantized: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens, int [N, T], when the recipe needs data) and
+    """Quantize `m` by `recipe` (None: float; calibrated on `calib` tokens, int [N, T], when the recipe needs data) —
+    or run the weights of the checkpoint directory `quantized` (`jq quantize --out`, `jq qat --out`) — and
     measure perplexity on `text` (see `jq.apps.perplexity`); `also` maps names to more texts scored by the same
     quantized model (same window / windows; fewer windows when a text is shorter), reported under "also"."""
     check_window(m.cfg, window)
+    if quantized is not None and recipe is not None:
+        raise ValueError(f"a recipe ({recipe.name}) and a quantized checkpoint ({quantized}) cannot both be evaluated: "
+                         "the checkpoint's weights are quantized already; pass one of them")
     t0 = time.perf_counter()
     ids, bos = text_ids(m.tokenizer, text)
-    params, qlog = m.params, {}
+    params, qlog, cfg, kv, source = m.params, {}, m.cfg, None, None
     if recipe is not None:
         params, qlog = quantize(m, recipe, calib, progress=progress)
+        cfg, kv = qlog.get("model_config", m.cfg), recipe.kv_cache
+    elif quantized is not None:
+        params, meta, kv = load_quantized(quantized)
+        cfg, source = checkpoint_config(m, meta, f"--quantized {quantized}"), f"quantized:{quantized}"
     t1 = time.perf_counter()
-    kv = recipe.kv_cache if recipe is not None else None
-    fwd = quantized_forward(qlog.get("model_config", m.cfg), dtype, kv)
+    fwd = quantized_forward(cfg, dtype, kv)
     result = perplexity(fwd, params, ids, window=window, windows=windows, batch_size=batch_size, bos=bos)
     extra = {}
     for name, t in (also or {}).items():
@@ -144,7 +152,7 @@ def evaluate(
     return {
         "model": m.source,
         "family": m.family.name,
-        "recipe": recipe.name if recipe is not None else ("native" if m.native else "float"),
+        "recipe": recipe.name if recipe is not None else source or ("native" if m.native else "float"),
         **({"native": m.native} if m.native and recipe is None else {}),
         "kv_cache": kv.describe() if kv is not None else None,
         "rotation": dataclasses.asdict(recipe.rotation) if recipe is not None and recipe.rotation else None,

@@ -163,6 +163,26 @@ def test_quantize_with_a_rotating_recipe_stores_the_untied_config(tiny_model, tm
     assert info["recipe"]["rotation"] == {"residual": True, "heads": True, "seed": 1}
 
 
+def test_eval_of_a_quantized_checkpoint_equals_eval_of_its_recipe(tiny_model, tmp_path, capsys):
+    model, text, _ = tiny_model
+    rot = tmp_path / "rot.yaml"  # a rotation: the checkpoint's stored (untied) config must be the one used
+    rot.write_text("name: rot\nrotation: {seed: 1}\nrules:\n  - pattern: '.*kernel'\n    format: int4\n"
+                   "    group_size: 16\n")
+    out = tmp_path / "q"
+    assert cli_main(["quantize", "--model", str(model), "--recipe", str(rot), "--out", str(out)]) == 0
+    capsys.readouterr()
+    common = ["eval", "--model", str(model), "--text", str(text), "--window", "32", "--windows", "3", "--json"]
+    assert cli_main(common + ["--recipe", str(rot)]) == 0
+    want = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli_main(common + ["--quantized", str(out), "--also-text", str(text)]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["recipe"] == f"quantized:{out}" and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert got["also"][str(text)]["perplexity"] == pytest.approx(want["perplexity"], rel=1e-5)
+    assert got["model_bytes"] == want["model_bytes"]
+    assert cli_main(common + ["--quantized", str(out), "--recipe", str(rot)]) == 2
+    assert "--recipe and --quantized cannot be combined" in capsys.readouterr().err
+
+
 # -- bad inputs, caught before the work and named ------------------------------------------------------------
 
 
