@@ -57,13 +57,13 @@ class _Calls:
 
 
 def _first_reader(scopes: list[set[tuple[str, ...]]], path: str) -> int:
-    """The index of the first root-level call that reached a module owning leaf `path` ("a/b/kernel"), or the
-    number of calls when none did (a leaf the root reads itself: nothing before the head is skipped then)."""
+    """The index of the first root-level call that reached a module owning leaf `path` ("a/b/kernel"), or 0 when
+    none did (a parameter the root module reads itself, at a point no call marks: nothing is replayed then)."""
     owner = tuple(path.split("/")[:-1])
     for i, reached in enumerate(scopes):
         if any(owner[:len(s)] == s for s in reached):
             return i
-    return len(scopes)
+    return 0
 
 
 def logit_kl(m: LoadedModel, ids: np.ndarray, stride: int = 1) -> Callable[..., float]:

@@ -87,7 +87,8 @@ class _Block(nn.Module):
 
 
 class _Toy(nn.Module):
-    """embed → a → b (which reaches the root's `shared` Dense) → head: `shared` has no call of its own at the root."""
+    """embed → a → × gain → b (which reaches the root's `shared` Dense) → head: `shared` has no call of its own at
+    the root, `gain` is the root's own parameter."""
 
     vocab: int = 11
 
@@ -97,9 +98,10 @@ class _Toy(nn.Module):
         self.a = _Block()
         self.b = _Block(shared=self.shared)
         self.head = nn.Dense(self.vocab)
+        self.gain = self.param("gain", nn.initializers.ones, (8,))  # read by the root itself, between two calls
 
     def __call__(self, tokens):
-        return self.head(self.b(self.a(self.embed(tokens))))
+        return self.head(self.b(self.a(self.embed(tokens)) * self.gain))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,7 @@ def test_a_module_reached_through_another_block_resumes_at_that_block():
     m = LoadedModel(family, _ToyConfig(), params, None, "toy")
     ids = np.random.default_rng(7).integers(0, 11, (2, 6))
     kl = logit_kl(m, ids)
-    for path in ("shared/kernel", "a/inner/kernel", "b/inner/kernel", "embed/embedding", "head/kernel"):
+    for path in ("shared/kernel", "a/inner/kernel", "b/inner/kernel", "embed/embedding", "head/kernel", "gain"):
         changed = halved(params, path)
         want = np_kl(module, params, changed, ids)
         assert want > 0, path
