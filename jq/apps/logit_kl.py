@@ -81,7 +81,7 @@ def logit_kl(m: LoadedModel, ids: np.ndarray, stride: int = 1) -> Callable[..., 
     with nn.intercept_methods(probe.intercept):
         jax.eval_shape(lambda p: module.apply({"params": p}, ids[:1]), m.params)
     scopes = probe.scopes
-    kept = len(scopes) - 1  # every call's output but the last one's (the logits: never replayed)
+    kept = max(len(scopes) - 1, 0)  # every call's output but the last one's (the logits: never replayed)
     # a module called again later (a tied embedding, read first and as the head) is run, not replayed: its later
     # call needs what its first one set up
     rerun = frozenset(i for i, s in enumerate(scopes) if any(s & later for later in scopes[i + 1:]))
