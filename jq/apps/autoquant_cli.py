@@ -43,7 +43,7 @@ def command(args: argparse.Namespace) -> int:
     if rounds and kind == "seconds":
         raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
                          f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
-    kl = {"kl_samples": getattr(args, "kl_samples", 4), "kl_stride": getattr(args, "kl_stride", 1)}
+    kl = {"kl_samples": args.kl_samples, "kl_stride": args.kl_stride}
     for option, v in kl.items():
         if v < 1:
             raise ValueError(f"--{option.replace('_', '-')} {v}: must be at least 1")

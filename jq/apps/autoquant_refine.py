@@ -40,10 +40,10 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
     """`choose(sens, budget)` with the lowered layers' costs measured instead of estimated.
 
     m, candidates, calib (int [S, T]), base: as the sensitivities were measured (`sensitivity_tables`; the KL on
-    `kl_samples` rows, every `kl_stride`-th position); sens: their
-    estimated table (any metric). `sample` random layers are measured first, every candidate, to fit ratio = Σ
-    measured KL / Σ estimate over their finite pairs; then each round measures the layers the current choice puts
-    below the budget's bits per weight and not measured yet, sets their cost row to KL / ratio, and solves again.
+    `kl_samples` rows, every `kl_stride`-th position); sens: their estimated table (any metric). `sample` random
+    layers are measured first, every candidate, to fit ratio = Σ measured KL / Σ estimate over their finite pairs;
+    then each round measures the layers the current choice puts below the budget's bits per weight and not measured
+    yet, sets their cost row to KL / ratio, and solves again.
     Returns (the choice as `choose` returns it, the refined table: its "measured" lists the re-scored layers in order,
     "kl_ratio" the fitted ratio). `tables`: what measures, `sensitivity_tables` or one with its arguments that keeps
     the measurements (`jq.apps.autoquant_cache.cached_tables`, bound to a file: a stopped refinement resumes)."""

@@ -184,8 +184,7 @@ def _weights(args: argparse.Namespace):
         params, qlog = pipeline.quantize(m, recipe, _calibration(args, m, recipe, files)[0], progress=False)
         cfg, kv = qlog.get("model_config", cfg), recipe.kv_cache  # a rotating recipe unties the LM head
     elif args.quantized:
-        params, meta, kv = pipeline.load_quantized(args.quantized)  # the KV cache of the checkpoint's recipe
-        cfg = pipeline.checkpoint_config(m, meta, f"--quantized {args.quantized}")
+        params, cfg, kv = pipeline.quantized_weights(m, args.quantized)  # the KV cache of the checkpoint's recipe
     return m, params, cfg, kv, recipe
 
 

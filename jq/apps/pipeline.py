@@ -28,7 +28,7 @@ from jq.tree.recipe import QuantConfig
 from jq.tree.report import size_summary
 
 __all__ = ["LoadedModel", "load", "quantized_forward", "evaluate", "rotated", "quantize", "outlier_fractions",
-           "load_quantized", "checkpoint_config"]
+           "load_quantized", "checkpoint_config", "quantized_weights"]
 
 Params = dict[str, Any]
 
@@ -131,8 +131,8 @@ def evaluate(
         params, qlog = quantize(m, recipe, calib, progress=progress)
         cfg, kv = qlog.get("model_config", m.cfg), recipe.kv_cache
     elif quantized is not None:
-        params, meta, kv = load_quantized(quantized)
-        cfg, source = checkpoint_config(m, meta, f"--quantized {quantized}"), f"quantized:{quantized}"
+        params, cfg, kv = quantized_weights(m, quantized)
+        source = f"quantized:{quantized}"
     t1 = time.perf_counter()
     fwd = quantized_forward(cfg, dtype, kv)
     result = perplexity(fwd, params, ids, window=window, windows=windows, batch_size=batch_size, bos=bos)
@@ -194,3 +194,10 @@ def load_quantized(directory: str | Path) -> tuple[Params, dict[str, Any], KVCac
     recipe = info.get("recipe") or {}
     kv = recipe.get("kv_cache") if isinstance(recipe, dict) else None
     return tree, dict(info.get("meta") or {}), KVCacheConfig(**kv) if kv else None
+
+
+def quantized_weights(m: LoadedModel, directory: str | Path) -> tuple[Params, Any, KVCacheConfig | None]:
+    """(params, config, kv_cache) to run the checkpoint in `directory` with the model `m` it was quantized from: its
+    tree, its stored config checked against `m` (`checkpoint_config`), the KV cache of its recipe."""
+    params, meta, kv = load_quantized(directory)
+    return params, checkpoint_config(m, meta, f"--quantized {directory}"), kv

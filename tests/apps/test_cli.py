@@ -181,6 +181,12 @@ def test_eval_of_a_quantized_checkpoint_equals_eval_of_its_recipe(tiny_model, tm
     assert got["model_bytes"] == want["model_bytes"]
     assert cli_main(common + ["--quantized", str(out), "--recipe", str(rot)]) == 2
     assert "--recipe and --quantized cannot be combined" in capsys.readouterr().err
+    from jq.apps import pipeline
+    from jq.tree.recipe import load_recipe
+
+    with pytest.raises(ValueError, match=r"a recipe \(rot\) and a quantized checkpoint \(.*q\) cannot both be "
+                                         r"evaluated: .*pass one of them"):
+        pipeline.evaluate(pipeline.load(str(model)), TEXT, load_recipe(str(rot)), window=32, windows=1, quantized=out)
 
 
 # -- bad inputs, caught before the work and named ------------------------------------------------------------
