@@ -151,8 +151,6 @@ def test_qat_subcommand_hands_its_arguments_to_the_finetune_parser(capsys):
 
 
 def test_quantize_with_a_rotating_recipe_stores_the_untied_config(tiny_model, tmp_path, capsys):
-    from jq import checkpoint
-
     model, _, _ = tiny_model
     rot = tmp_path / "rot.yaml"
     rot.write_text("name: rot\nrotation: {seed: 1}\nrules:\n  - pattern: '.*kernel'\n    format: int8\n")
@@ -182,11 +180,11 @@ def test_eval_of_a_quantized_checkpoint_equals_eval_of_its_recipe(tiny_model, tm
     assert cli_main(common + ["--quantized", str(out), "--recipe", str(rot)]) == 2
     assert "--recipe and --quantized cannot be combined" in capsys.readouterr().err
     from jq.apps import pipeline
-    from jq.tree.recipe import load_recipe
 
     with pytest.raises(ValueError, match=r"a recipe \(rot\) and a quantized checkpoint \(.*q\) cannot both be "
                                          r"evaluated: .*pass one of them"):
-        pipeline.evaluate(pipeline.load(str(model)), TEXT, load_recipe(str(rot)), window=32, windows=1, quantized=out)
+        pipeline.evaluate(pipeline.load(str(model)), TEXT, jq.load_recipe(str(rot)), window=32, windows=1,
+                          quantized=out)
 
 
 # -- bad inputs, caught before the work and named ------------------------------------------------------------
