@@ -43,6 +43,10 @@ def command(args: argparse.Namespace) -> int:
     if rounds and kind == "seconds":
         raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
                          f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
+    margin = getattr(args, "refine_margin", 0.0)
+    if margin and not rounds or not margin >= 0:
+        raise ValueError(f"--refine-margin {margin}: bits above the budget's average (0 or more) within which "
+                         "--refine also measures layers; it needs --refine ROUNDS")
     kl = {"kl_samples": args.kl_samples, "kl_stride": args.kl_stride}
     for option, v in kl.items():
         if v < 1:
@@ -69,7 +73,7 @@ def command(args: argparse.Namespace) -> int:
                   **(kl if args.metric == "kl" else {}))[args.metric]
     if rounds:
         chosen, refined = refine(m, candidates, tokens, sens, args.budget, rounds=rounds, base=base,
-                                 progress=progress, tables=tables, **kl)
+                                 margin=margin, progress=progress, tables=tables, **kl)
     else:
         chosen, refined = choose(sens, args.budget), {}
     out.write_text(yaml.safe_dump(chosen["recipe"], sort_keys=False, width=120))

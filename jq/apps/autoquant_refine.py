@@ -7,6 +7,10 @@ raised were charged right. So: the layers an allocation gives fewer bits per wei
 re-scored by measurement (the KL when that layer alone is quantized), brought to the estimate's units by a ratio
 fitted on a random sample of layers (measured too, so the ratio is not biased by the selection), and the budget is
 solved again — for `rounds` rounds or until every lowered layer has been measured.
+
+A margin widens "lowered" to the layers chosen up to `margin` bits above the average: where several candidates sit
+near the average width (int zero points or a refit, group 128 or 64), which of them a layer takes also rests on
+the estimate alone unless those layers are measured too.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def _target_bits(sens: dict[str, Any], budget: str) -> float:
 
 
 def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, sens: dict[str, Any], budget: str,
-           *, rounds: int = 2, sample: int = 8, kl_samples: int = 4, kl_stride: int = 1, seed: int = 0,
+           *, rounds: int = 2, margin: float = 0.0, sample: int = 8, kl_samples: int = 4, kl_stride: int = 1, seed: int = 0,
            base: QuantConfig | None = None, progress: Callable[[str], None] | None = None,
            tables: Callable[..., dict[str, Any]] = sensitivity_tables
            ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -42,14 +46,16 @@ def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray,
     m, candidates, calib (int [S, T]), base: as the sensitivities were measured (`sensitivity_tables`; the KL on
     `kl_samples` rows, every `kl_stride`-th position); sens: their estimated table (any metric). `sample` random
     layers are measured first, every candidate, to fit ratio = Σ measured KL / Σ estimate over their finite pairs;
-    then each round measures the layers the current choice puts below the budget's bits per weight and not measured
-    yet, sets their cost row to KL / ratio, and solves again.
+    then each round measures the layers the current choice puts below the budget's bits per weight (+ `margin`
+    bits) and not measured yet, sets their cost row to KL / ratio, and solves again.
     Returns (the choice as `choose` returns it, the refined table: its "measured" lists the re-scored layers in order,
     "kl_ratio" the fitted ratio). `tables`: what measures, `sensitivity_tables` or one with its arguments that keeps
     the measurements (`jq.apps.autoquant_cache.cached_tables`, bound to a file: a stopped refinement resumes)."""
     if rounds < 1 or sample < 1:
         raise ValueError(f"refine(rounds={rounds}, sample={sample}): both must be at least 1")
-    target = _target_bits(sens, budget)
+    if not margin >= 0:
+        raise ValueError(f"refine(margin={margin}): the margin is bits above the budget's average, 0 or more")
+    target = _target_bits(sens, budget) + margin
     paths = list(sens["layers"])
     rng = np.random.default_rng(seed)
     probe = sorted(rng.choice(paths, size=min(sample, len(paths)), replace=False).tolist())

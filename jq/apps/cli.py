@@ -342,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "calibration draw and base: what it holds is reused, only what is missing is measured (another "
                    "budget takes seconds, another candidate only its own scoring, a stopped --refine resumes)")
     a.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
-                   help="re-score by measurement (the logits' KL with that layer alone quantized) the layers the "
-                   "allocation gives fewer bits than the budget's average, and solve again, for up to ROUNDS rounds: "
-                   "the solver picks the layers the estimate underrates (default 0: estimates only)")
+                   help="re-score by their measured KL (that layer alone quantized) the layers given fewer bits than "
+                   "the budget's average (+ --refine-margin), solve again; up to ROUNDS rounds (default 0: none)")
+    a.add_argument("--refine-margin", type=float, default=0.0, metavar="BITS",
+                   help="also re-score layers chosen up to BITS above the average (which variant at about it wins)")
     a.add_argument("--kl-samples", type=int, default=4, metavar="N",
                    help="calibration windows each measured KL (--metric kl, --refine) runs on (default 4)")
     a.add_argument("--kl-stride", type=int, default=1, metavar="S",

@@ -44,6 +44,21 @@ def test_sampled_and_lowered_layers_take_their_measured_cost_and_the_budget_hold
     assert len(lines) == len(refined["measured"]) and lines[0].startswith("by the measured KL: layers_")
 
 
+def test_a_margin_also_measures_the_layers_chosen_near_the_average(tiny):
+    """margin=m measures every layer the choice puts below 4 + m bits: with m past the widest candidate (int8 g128,
+    8.25 bits) every layer is measured, so the refined table is the measured KL throughout."""
+    _, m, cands, calib, sens, kl = tiny
+    plain = refine(m, cands, calib, sens, "4bpw", rounds=20, sample=3)[1]
+    chosen, refined = refine(m, cands, calib, sens, "4bpw", rounds=20, margin=4.5, sample=3)
+    assert set(refined["measured"]) == set(sens["layers"]) > set(plain["measured"])
+    assert len(refined["measured"]) == len(set(refined["measured"]))  # no layer measured twice
+    for p, row in refined["layers"].items():
+        np.testing.assert_allclose(row["cost"], np.asarray(kl[p]) / refined["kl_ratio"], rtol=1e-5, err_msg=p)
+    assert chosen == choose(refined, "4bpw") and chosen["linear_bits_per_weight"] <= 4
+    with pytest.raises(ValueError, match=r"refine\(margin=-0.5\): the margin is bits above the budget's average"):
+        refine(m, cands, calib, sens, "4bpw", margin=-0.5)
+
+
 def test_a_planted_underestimate_is_measured_and_corrected(tiny):
     """A layer whose 2-bit cost the estimate puts at zero is lowered by the plain solver; refinement measures it and
     charges it what it costs."""
@@ -78,6 +93,9 @@ def test_bad_rounds_and_time_budgets_are_refused(tiny, tmp_path, capsys):
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine", "1",
                      "--kl-stride", "0", "--out", str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
     assert "--kl-stride 0: must be at least 1" in capsys.readouterr().err
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine-margin", "0.3",
+                     "--out", str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
+    assert "--refine-margin 0.3: bits above the budget's average" in capsys.readouterr().err
 
 
 def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
@@ -88,10 +106,12 @@ def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
     cache = tmp_path / "c.json"
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--candidates", *NAMES,
                      "--refine", "2", "--calib", str(text), "--calib-samples", "4", "--calib-len", "16", "--out",
-                     str(out), "--json", "--cache", str(cache), "--kl-samples", "2", "--kl-stride", "3"]) == 0
+                     str(out), "--json", "--cache", str(cache), "--kl-samples", "2", "--kl-stride", "3",
+                     "--refine-margin", "4.5"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert info["measured_layers"] >= 8 and info["kl_ratio"] > 0 and info["linear_bits_per_weight"] <= 4
+    assert info["kl_ratio"] > 0 and info["linear_bits_per_weight"] <= 4
     column = next(iter(json.loads(cache.read_text())["columns"].values()))
+    assert info["measured_layers"] == len(column["layers"])  # the margin past int8's 8.25 bits: every layer
     kept = [p for p, e in column["layers"].items() if "kl[kl_samples=2,kl_stride=3]" in e["cost"]]
     assert len(kept) == info["measured_layers"]  # the KL on the tokens asked for, kept under that name
     assert "lowered layers measured (kl) cost" in yaml.safe_load(out.read_text())["description"]
