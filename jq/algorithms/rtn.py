@@ -62,7 +62,8 @@ class QAT:
     The options steer training only — `lsq` learns the step sizes (LSQ), `lsq_init` ("range" or "paper") picks
     their start, `ste` ("identity", "clipped" or "trust") the straight-through gradient, `trust` the trust factor of
     QuEST's estimator (`ste: trust`, weights and activations: gradient only where the rounding error is at most
-    trust × half a step; 1.0 in the paper). Applied as plain post-training
+    trust × half a step; 1.0 in the paper), `act_ste` ("identity" or "trust") the activations' estimator where it
+    should differ from `ste` (default: the same as the weights'). Applied as plain post-training
     quantization, without learned step sizes, the method is round-to-nearest on the scheme's grid, so a QAT
     recipe also quantizes an untrained model; `jq.qat.convert` uses learned step sizes where they exist.
     """
@@ -71,6 +72,7 @@ class QAT:
     lsq_init: str = "range"
     ste: str = "identity"
     trust: float = 1.0
+    act_ste: str | None = None
 
     def quantize(self, w: jnp.ndarray, scheme: Scheme, layout: Layout,
                  stats: LayerStats | dict | None = None) -> QTensor:

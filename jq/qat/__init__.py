@@ -23,7 +23,7 @@ Q has zero derivative almost everywhere, so training uses straight-through estim
   weights and activations quantized in the Hadamard-rotated basis, the weight range ±α*·rms (α* the Gaussian-MSE-
   optimal clip of the grid, `jq.numbers.ranges.gaussian_clip`), and the trust estimator
       ∂ŵ/∂w = 1[|ŵ − w| ≤ trust · s / 2]        (s the step; the same mask on activations, s per token)
-  so values clipped far beyond the grid get no gradient.
+  so values clipped far beyond the grid get no gradient (`act_ste: identity` keeps the mask to the weights).
 - BitNet b1.58 (Ma et al. 2024): `format: int2, restricted: true` (codes {−1, 0, 1}), `range: absmean`
   (s = mean |W| per tensor) and `act: int8` — see configs/qat_bitnet_b158.yaml.
 

@@ -4,7 +4,8 @@ when the converted model runs — through the same layer interceptor (`jq.intero
 
 A `rotate: hadamard` rule quantizes the rotated input, as `jq.ops` does with the converted QTensor (which multiplies
 x Q by the stored Qᵀ W): the layer sees fq(x Q) Qᵀ, so fq(x Q) Qᵀ · Q fq(Qᵀ W) = fq(x Q) · fq(Qᵀ W). A rule with
-`ste: trust` (QuEST) masks the activations' gradient with the trust estimator as well."""
+`ste: trust` (QuEST) masks the activations' gradient with the trust estimator as well (`act_ste` sets the
+activations' estimator apart from the weights')."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ __all__ = ["act_interceptor", "apply", "nnx_merge"]
 
 def _act_scheme(cfg: QuantConfig, path: str, ndim: int) -> tuple[Scheme, float | None] | None:
     """(scheme, trust factor or None) of the kernel at `path` when it quantizes its layer's input activations, else
-    None; the trust factor is set when the rule trains with `ste: trust`."""
+    None; the trust factor is set when the rule's activations train with the trust estimator (`ste: trust`, unless
+    `act_ste: identity` keeps it to the weights; or `act_ste: trust` alone)."""
     rule = cfg.rule_for(path, ndim)
     if rule is None or rule.scheme is None or not rule.scheme.act:
         return None
     o = qat_options(rule)
-    return rule.scheme, (o["trust"] if o["ste"] == "trust" else None)
+    return rule.scheme, (o["trust"] if o["act_ste"] == "trust" else None)
 
 
 def _fq_act(x: jax.Array, act: tuple[Scheme, float | None], axes: tuple[int, ...]) -> jax.Array:

@@ -57,10 +57,17 @@ def qat_options(rule: Rule) -> dict[str, Any]:
     if rec.ste == "trust" and (rec.lsq or not isinstance(rec.trust, (int, float)) or not rec.trust > 0):
         raise ValueError(f"rule {rule.pattern!r}: ste: trust (QuEST) needs lsq: false and a trust factor > 0; "
                          f"got lsq={rec.lsq!r}, trust={rec.trust!r}")
-    if rec.ste != "trust" and rec.trust != 1.0:
+    act_ste = rec.ste if rec.act_ste is None else rec.act_ste
+    if act_ste not in ("identity", "trust") and rec.act_ste is not None:
+        raise ValueError(f"rule {rule.pattern!r}: option act_ste={rec.act_ste!r} (the activations' estimator); "
+                         "choose identity or trust, or drop it to follow ste")
+    if "trust" not in (rec.ste, act_ste) and rec.trust != 1.0:
         raise ValueError(f"rule {rule.pattern!r}: option trust={rec.trust!r} is the factor of ste: trust (QuEST) and "
                          f"this rule has ste: {rec.ste}; set ste: trust or drop trust")
-    return {"lsq": bool(rec.lsq), "lsq_init": rec.lsq_init, "ste": rec.ste, "trust": float(rec.trust)}
+    if act_ste == "trust" and not (isinstance(rec.trust, (int, float)) and rec.trust > 0):
+        raise ValueError(f"rule {rule.pattern!r}: act_ste: trust needs a trust factor > 0; got trust={rec.trust!r}")
+    return {"lsq": bool(rec.lsq), "lsq_init": rec.lsq_init, "ste": rec.ste, "trust": float(rec.trust),
+            "act_ste": act_ste}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -194,6 +194,32 @@ def test_quest_forward_equals_converted_model(bits):
     np.testing.assert_allclose(np.asarray(y_fq), np.asarray(y_q), rtol=1e-4, atol=1e-4 * float(jnp.abs(y_q).max()))
 
 
+def test_act_ste_sets_the_activations_estimator_apart_from_the_weights():
+    """The input gradient sees only the activations' estimator (the weights enter by value): act_ste: identity under
+    ste: trust gives plain STE's input gradient, act_ste: trust under ste: identity QuEST's masked one."""
+    rule = {"pattern": ".*kernel", "method": "qat", "format": "int4", "symmetric": False, "zero_point": "float",
+            "group_size": 8, "range": "gaussian", "rotate": "hadamard", "act": "int4", "act_clip": 0.5}
+    x = jax.random.normal(jax.random.PRNGKey(1), (6, 16))
+    model = MLP()
+    params = model.init(jax.random.PRNGKey(0), x)["params"]
+
+    def input_grad(options):
+        r = recipe_from_dict({"rules": [{**rule, "options": options}]})
+        qp = qat.init(params, r)
+        return np.asarray(jax.grad(lambda u: qat.apply(model, {"params": qat.fake_quantize(qp, r)}, u,
+                                                       cfg=r).sum())(x))
+
+    plain, quest = input_grad({"ste": "identity"}), input_grad({"ste": "trust"})
+    assert not np.allclose(plain, quest)  # clipping at half the abs-max: the trust mask drops some gradient
+    np.testing.assert_array_equal(input_grad({"ste": "trust", "act_ste": "identity"}), plain)
+    np.testing.assert_array_equal(input_grad({"ste": "identity", "act_ste": "trust"}), quest)
+    bad = recipe_from_dict({"rules": [{**rule, "options": {"act_ste": "clipped"}}]})
+    with pytest.raises(ValueError, match="option act_ste='clipped' .* choose identity or trust"):
+        qat.qat_options(bad.rules[0])
+    factor = recipe_from_dict({"rules": [{**rule, "options": {"act_ste": "trust", "trust": 2.0}}]})
+    assert qat.qat_options(factor.rules[0])["trust"] == 2.0  # the factor serves the activations' trust alone
+
+
 def test_quest_w4a4_llama_training_lowers_the_loss():
     recipe = load_recipe(REPO / "configs" / "quest_w4a4.yaml")
     model, params = Llama(TINY), jax.jit(init_params, static_argnums=0)(TINY, jax.random.PRNGKey(0))
