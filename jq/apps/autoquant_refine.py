@@ -37,8 +37,8 @@ def _target_bits(sens: dict[str, Any], budget: str) -> float:
 
 
 def refine(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, sens: dict[str, Any], budget: str,
-           *, rounds: int = 2, margin: float = 0.0, sample: int = 8, kl_samples: int = 4, kl_stride: int = 1, seed: int = 0,
-           base: QuantConfig | None = None, progress: Callable[[str], None] | None = None,
+           *, rounds: int = 2, margin: float = 0.0, sample: int = 8, kl_samples: int = 4, kl_stride: int = 1,
+           seed: int = 0, base: QuantConfig | None = None, progress: Callable[[str], None] | None = None,
            tables: Callable[..., dict[str, Any]] = sensitivity_tables
            ) -> tuple[dict[str, Any], dict[str, Any]]:
     """`choose(sens, budget)` with the lowered layers' costs measured instead of estimated.
