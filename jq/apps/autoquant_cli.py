@@ -44,7 +44,7 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError(f"--refine {rounds}: refinement re-scores the layers given fewer bits than a size "
                          f"budget's average; {args.budget} is a time: use a size budget (3.5bpw or 150MB)")
     margin = getattr(args, "refine_margin", 0.0)
-    if margin and not rounds or not margin >= 0:
+    if (margin and not rounds) or not margin >= 0:
         raise ValueError(f"--refine-margin {margin}: bits above the budget's average (0 or more) within which "
                          "--refine also measures layers; it needs --refine ROUNDS")
     kl = {"kl_samples": args.kl_samples, "kl_stride": args.kl_stride}

@@ -57,10 +57,10 @@ def qat_options(rule: Rule) -> dict[str, Any]:
     if rec.ste == "trust" and (rec.lsq or not isinstance(rec.trust, (int, float)) or not rec.trust > 0):
         raise ValueError(f"rule {rule.pattern!r}: ste: trust (QuEST) needs lsq: false and a trust factor > 0; "
                          f"got lsq={rec.lsq!r}, trust={rec.trust!r}")
-    act_ste = rec.ste if rec.act_ste is None else rec.act_ste
-    if act_ste not in ("identity", "trust") and rec.act_ste is not None:
+    if rec.act_ste not in (None, "identity", "trust"):
         raise ValueError(f"rule {rule.pattern!r}: option act_ste={rec.act_ste!r} (the activations' estimator); "
                          "choose identity or trust, or drop it to follow ste")
+    act_ste = rec.ste if rec.act_ste is None else rec.act_ste
     if "trust" not in (rec.ste, act_ste) and rec.trust != 1.0:
         raise ValueError(f"rule {rule.pattern!r}: option trust={rec.trust!r} is the factor of ste: trust (QuEST) and "
                          f"this rule has ste: {rec.ste}; set ste: trust or drop trust")

@@ -96,6 +96,9 @@ def test_bad_rounds_and_time_budgets_are_refused(tiny, tmp_path, capsys):
     assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine-margin", "0.3",
                      "--out", str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
     assert "--refine-margin 0.3: bits above the budget's average" in capsys.readouterr().err
+    assert cli_main(["autoquant", "--model", str(d / "tiny.gguf"), "--budget", "4bpw", "--refine", "1",
+                     "--refine-margin", "-0.5", "--out", str(tmp_path / "a.yaml"), "--calib", str(text)]) == 2
+    assert "--refine-margin -0.5: bits above the budget's average (0 or more)" in capsys.readouterr().err
 
 
 def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):

@@ -218,6 +218,9 @@ def test_act_ste_sets_the_activations_estimator_apart_from_the_weights():
         qat.qat_options(bad.rules[0])
     factor = recipe_from_dict({"rules": [{**rule, "options": {"act_ste": "trust", "trust": 2.0}}]})
     assert qat.qat_options(factor.rules[0])["trust"] == 2.0  # the factor serves the activations' trust alone
+    zero = recipe_from_dict({"rules": [{**rule, "options": {"act_ste": "trust", "trust": 0.0}}]})
+    with pytest.raises(ValueError, match=r"act_ste: trust needs a trust factor > 0; got trust=0.0"):
+        qat.qat_options(zero.rules[0])
 
 
 def test_quest_w4a4_llama_training_lowers_the_loss():
