@@ -66,12 +66,13 @@ from jq.qat.train import (
     tree_shardings,
 )
 from jq.qat.activations import act_interceptor, apply, nnx_merge
+from jq.qat.alignment import gradient_alignment
 from jq.qat.tree import QAT_OPTIONS, LeafPlan, convert, decay_mask, fake_quantize, init, init_from, plan, qat_options
 
 __all__ = [
     "QAT_OPTIONS", "Checkpointer", "LeafPlan", "WindowBatches", "act_interceptor", "apply", "batch_sharding",
-    "code_bounds", "convert", "decay_mask", "distill_loss", "fake_quant", "fake_quant_act", "fake_quantize", "init",
-    "init_from", "init_train_state", "kl_divergence", "lsq_fake_quant", "lsq_grad_scale", "make_mesh",
-    "make_train_step", "maybe_initialize_distributed", "nnx_merge", "param_spec", "plan", "qat_options",
-    "shard_batch", "shard_tree", "ste", "tree_shardings",
+    "code_bounds", "convert", "decay_mask", "distill_loss", "fake_quant", "fake_quant_act", "fake_quantize",
+    "gradient_alignment", "init", "init_from", "init_train_state", "kl_divergence", "lsq_fake_quant",
+    "lsq_grad_scale", "make_mesh", "make_train_step", "maybe_initialize_distributed", "nnx_merge", "param_spec",
+    "plan", "qat_options", "shard_batch", "shard_tree", "ste", "tree_shardings",
 ]

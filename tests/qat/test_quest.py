@@ -165,6 +165,11 @@ def test_quest_recipes_load_with_their_grids():
         sch = r.rules[0].scheme
         assert qat.qat_options(r.rules[0])["ste"] == "trust" and sch.range == "gaussian"
         assert sch.act == sch.format == f"int{bits}" and str(sch.policy.rotation) == "hadamard"
+        base = load_recipe(REPO / "configs" / f"qat_ste_w{bits}a{bits}.yaml")  # its plain-STE baseline, same grid
+        b = base.rules[0].scheme
+        assert qat.qat_options(base.rules[0])["ste"] == "identity" and b.range == "minmax"
+        assert (b.act, b.format, b.group_size, str(b.policy.rotation)) == (sch.act, sch.format, sch.group_size,
+                                                                            "hadamard")
     tern = load_recipe(REPO / "configs" / "quest_ternary_a8.yaml")
     w = {"mlp": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(256, 8)).astype(np.float32))}}
     q = jq.quantize_params(w, tern)["mlp"]["kernel"]
