@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jq.qat.tree import LeafPlan, fake_quantize, plan, to_basis
+from jq.qat.tree import LeafPlan, fake_quantize, init, plan, to_basis
 from jq.tree.paths import path_str
 from jq.tree.recipe import QuantConfig
 
@@ -60,7 +60,8 @@ def gradient_alignment(loss: Loss, params: Any, cfg: QuantConfig, batches: Itera
 
     loss(params, batch, act_cfg) → scalar: the model's loss with its weights `params` and its activations fake-
     quantized by `act_cfg` (None: float), e.g. `jq.apps.finetune_setup.make_loss` per cfg. The QAT gradient is
-    d loss(fake_quantize(params, cfg), batch, cfg) / d params — the estimator's — and the reference
+    d loss(fake_quantize(params, cfg), batch, cfg) / d params — the estimator's, learned step sizes at their
+    `jq.qat.init` values — and the reference
     d loss(params, batch, None) / d params, both on the float masters; compared over the leaves `cfg` quantizes.
     Returns {"cosine": of the gradients summed over the batches (one optimizer step's), "cosine_per_batch": [B],
     "norm_ratio": |g_qat| / |g_float| (summed), "zero_fraction": entries the QAT gradient zeroes where the float
@@ -71,7 +72,9 @@ def gradient_alignment(loss: Loss, params: Any, cfg: QuantConfig, batches: Itera
     if not plans:
         raise ValueError(f"recipe {cfg.name!r} quantizes no leaf of these params: nothing to compare gradients on")
     float_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b, None)))
-    qat_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(fake_quantize({"params": p, "quant": {}}, cfg), b, cfg)))
+    quant = init(params, cfg)["quant"]  # learned step sizes (lsq: true) at their initial values, held fixed
+    qat_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(fake_quantize({"params": p, "quant": quant}, cfg), b,
+                                                             cfg)))
     totals_q = totals_f = None
     per_batch, losses_f, losses_q = [], [], []
     for batch in batches:

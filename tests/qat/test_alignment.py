@@ -94,6 +94,17 @@ def test_int8_identity_ste_is_aligned_and_the_trust_mask_zeroes_exactly_the_far_
     assert 0 < got["zero_fraction"] < 0.5 and got["cosine"] < fine["cosine"]
 
 
+def test_learned_step_sizes_start_from_their_init():
+    cfg, params, loss, batches = _setup({"format": "int4", "group_size": 16, "options": {"lsq": True}})
+    got = qat.gradient_alignment(loss, params, cfg, batches)
+    qp = qat.init(params, cfg)
+    assert jax.tree_util.tree_leaves(qp["quant"])  # step sizes exist: the QAT forward needs them
+    gq = jax.grad(lambda p: loss(qat.fake_quantize({"params": p, "quant": qp["quant"]}, cfg), batches[0], cfg))(params)
+    gf = jax.grad(lambda p: loss(p, batches[0], None))(params)
+    a, b = (np.concatenate([np.asarray(g[n]["kernel"]).ravel() for n in ("Dense_0", "Dense_1")]) for g in (gq, gf))
+    assert got["cosine_per_batch"][0] == pytest.approx(_cos(a, b), rel=1e-6) and got["cosine"] > 0.9
+
+
 def test_a_recipe_that_quantizes_nothing_is_refused():
     cfg, params, loss, batches = _setup({"format": "int4"})
     none = recipe_from_dict({"name": "nothing", "rules": [{"pattern": ".*no_such", "method": "qat", "format": "int4"}]})
