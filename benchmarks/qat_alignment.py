@@ -49,20 +49,26 @@ def variant(spec: str):
 
 
 def plot(rows: dict, path: Path) -> None:
+    """Two panels per recipe: the cosine, and |g_qat| / |g_float| on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(rows)
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(names)), 4))
-    colors = ["tab:blue" if n.startswith("quest") and ":" not in n else "tab:orange" if ":" in n else "tab:gray"
+    colors = ["tab:orange" if ":" in n else "tab:blue" if Path(n).name.startswith("quest") else "tab:gray"
               for n in names]
-    ax.bar(range(len(names)), [rows[n]["cosine"] for n in names], color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("cosine(QAT gradient, float gradient)")
-    ax.set_ylim(0, 1)
-    ax.set_title("QuEST (blue), its clips without the trust mask (orange), plain STE (grey)")
+    fig, axes = plt.subplots(1, 2, figsize=(max(9, 1.3 * len(names)), 4.2))
+    for ax, key, label in ((axes[0], "cosine", "cosine(QAT gradient, float gradient)"),
+                           (axes[1], "norm_ratio", "|QAT gradient| / |float gradient|")):
+        ax.bar(range(len(names)), [rows[n][key] for n in names], color=colors)
+        ax.set_xticks(range(len(names)), [Path(n).stem if "/" in n else n for n in names], rotation=40, ha="right",
+                      fontsize=8)
+        ax.set_ylabel(label)
+    axes[0].set_ylim(min(-0.05, min(rows[n]["cosine"] for n in names) - 0.02), 1)
+    axes[0].axhline(0, color="black", lw=0.6)
+    axes[1].set_yscale("log")
+    fig.suptitle("QuEST (blue), its Gaussian clips with the identity STE (orange), plain STE (grey): at QAT's start")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
