@@ -7,7 +7,7 @@ loss. The loss is next-token cross-entropy: under KD the float teacher's gradien
         [--recipes quest_w4a4 quest_w4a4:ste=identity qat_ste_w4a4 ...] [--out benchmarks/results/qat_alignment]
 
 `NAME:key=value[,key=value]` sets QAT options (ste, act_ste, trust) on every rule of recipe NAME. Writes OUT.json
-and OUT.png (cosine per recipe, by bit width).
+and OUT.png (per recipe: the cosine, and the gradient's norm against the float one).
 """
 
 from __future__ import annotations

@@ -67,8 +67,10 @@ def gradient_alignment(loss: Loss, params: Any, cfg: QuantConfig, batches: Itera
     "norm_ratio": |g_qat| / |g_float| (summed), "zero_fraction": entries the QAT gradient zeroes where the float
     one is not, in the codes' basis (the weights' trust mask), "loss_float" / "loss_qat":
     means over the batches, "groups": {group(path): cosine of the summed gradients}, "leaves": quantized leaves}."""
-    plans = {path_str(kp): plan(path_str(kp), w, cfg) for kp, w in jax.tree_util.tree_flatten_with_path(params)[0]}
-    plans = {k: p for k, p in plans.items() if p is not None}
+    plans = {}
+    for kp, w in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if (p := plan(path_str(kp), w, cfg)) is not None:
+            plans[p.path] = p
     if not plans:
         raise ValueError(f"recipe {cfg.name!r} quantizes no leaf of these params: nothing to compare gradients on")
     float_grad = jax.jit(jax.value_and_grad(lambda p, b: loss(p, b, None)))

@@ -20,7 +20,7 @@ class MLP(nn.Module):
         return nn.Dense(8, name="Dense_1")(nn.tanh(nn.Dense(32, name="Dense_0")(x)))
 
 
-def _setup(rule: dict, use_bias: bool = True):
+def _setup(rule: dict):
     cfg = recipe_from_dict({"rules": [{"pattern": ".*kernel", "method": "qat", **rule}]})
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 64))
     y = jax.random.normal(jax.random.PRNGKey(2), (4, 6, 8))
