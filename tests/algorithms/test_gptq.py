@@ -1,24 +1,21 @@
 """GPTQ: the jitted implementation against a plain float64 NumPy transcription of the published algorithm
 (one channel at a time, no lazy batches), plus properties: lower output error than RTN, equality with RTN when
-the Hessian is diagonal, dead inputs, damping retries and the RTN fallback, act-order permutations, layouts."""
+the Hessian is diagonal, dead inputs, damping retries and the RTN fallback, act-order permutations, layouts (the
+`refit` / `hqq` grid options: test_gptq_grids.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jqtest.gptqdata import N, correlated_hessian, jitted, objective, rtn_jit, run, stored_codes, weight
 
 from jq.algorithms import METHODS
 from jq.algorithms import GPTQ, HQQFit, LeastSquaresRefit
 from jq.algorithms.gptq import gptq
-from jq.algorithms.rtn import rtn
 from jq.numbers.scheme import Scheme
-
-N = 48  # output columns of the test kernels
 
 
 # -- the reference --------------------------------------------------------------------------------------------
@@ -103,52 +100,6 @@ def ref_gptq(ws, h, real, *, bits, sym, g=None, act_order=False, static_groups=F
         codes, deq = codes[inv], deq[inv]
     deq_orig = deq if not store_perm else deq[inv]
     return codes, np.stack(scales), None if sym else np.stack(zeros), perm, deq_orig, obj
-
-
-# -- data -----------------------------------------------------------------------------------------------------
-
-
-def correlated_hessian(k: int, seed: int = 0, n: int = 2048):
-    """H = XᵀX/n for inputs with a few high-variance channels and strongly correlated groups of channels."""
-    return _correlated_hessian(k, seed, n).copy()
-
-
-@functools.lru_cache(maxsize=None)
-def _correlated_hessian(k: int, seed: int, n: int):
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, k // 4))
-    mix = rng.standard_normal((k // 4, k)) * (rng.random((k // 4, k)) < 0.2)
-    x = z @ mix + 0.3 * rng.standard_normal((n, k))
-    x[:, rng.choice(k, 4, replace=False)] *= 8.0
-    return (x.T @ x / n).astype(np.float32)
-
-
-def weight(k: int, n: int = N, seed: int = 1):
-    return (np.random.default_rng(seed).standard_normal((k, n)) * 0.05).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
-def jitted(**options):
-    """One jitted GPTQ (with info) per recipe option set (jax then caches per scheme, layout and shapes)."""
-    return jax.jit(GPTQ.from_options(**options).quantize_with_info, static_argnums=(1, 2))
-
-
-def run(w, scheme, h, axes=(0,), **options):
-    layout = scheme.layout(w.shape, axes)
-    return jitted(**options)(jnp.asarray(w), scheme, layout, {"hessian": jnp.asarray(h)})
-
-
-_rtn = jax.jit(rtn, static_argnums=(1, 2))
-
-
-def stored_codes(q) -> np.ndarray:
-    c = np.asarray(q.unpacked_codes()).astype(np.float64)
-    return c.reshape(-1, c.shape[-1])
-
-
-def objective(w, q_deq, h):
-    d = (np.asarray(q_deq, np.float64) - w).reshape(h.shape[0], -1)
-    return float(np.trace(d.T @ h.astype(np.float64) @ d))
 
 
 # -- agreement with the reference ----------------------------------------------------------------------------
@@ -268,7 +219,7 @@ def test_beats_rtn_on_correlated_inputs():
     k, scheme, opts = case("g32 act_order")
     h, w = correlated_hessian(k, seed=3), weight(k, seed=4)
     q, info = run(w, scheme, h, **opts)
-    r = _rtn(jnp.asarray(w), scheme, scheme.layout(w.shape, (0,)))
+    r = rtn_jit(jnp.asarray(w), scheme, scheme.layout(w.shape, (0,)))
     e_gptq, e_rtn = objective(w, q.dequantize(), h), objective(w, r.dequantize(), h)
     assert e_gptq < 0.6 * e_rtn, (e_gptq, e_rtn)
     # the reported objective is tr((W−Q)ᵀ(H+λI)(W−Q))
@@ -282,14 +233,14 @@ def test_beats_rtn_on_correlated_inputs():
     (dict(format="nf4", group_size=32), dict(act_order=True, static_groups=True)),
     (dict(format="fp8_e4m3", scale_dtype="float32"), dict(act_order=True)),
 ])
-def test_diagonal_hessian_equals_rtn(skw, opts):
+def test_diagonal_hessian_equalsrtn_jit(skw, opts):
     """Without correlations the error feedback vanishes: GPTQ's codes and grids are RTN's."""
     k = 96
     scheme, w = Scheme(**skw), weight(k)
     # act-order with distinct diagonals reorders the groups; with equal ones the order is the identity
     d = np.ones(k) if opts.get("act_order") else np.random.default_rng(5).uniform(0.5, 2.0, k)
     q, info = run(w, scheme, np.diag(d).astype(np.float32), **opts)
-    r = _rtn(jnp.asarray(w), scheme, scheme.layout(w.shape, (0,)))
+    r = rtn_jit(jnp.asarray(w), scheme, scheme.layout(w.shape, (0,)))
     assert q.perm is None or np.array_equal(np.asarray(q.perm), np.arange(k))
     np.testing.assert_array_equal(np.asarray(q.unpacked_codes()), np.asarray(r.unpacked_codes()))
     np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(r.scale))
@@ -336,7 +287,7 @@ def test_indefinite_hessian_raises_damping():
 
 
 @pytest.mark.parametrize("h_kind", ["negative", "nan", "zero", "count0"])
-def test_hopeless_hessian_falls_back_to_rtn(h_kind):
+def test_hopeless_hessian_falls_back_tortn_jit(h_kind):
     k, scheme, opts = case("g32 act_order")
     w = weight(k)
     h = {"negative": -np.eye(k), "nan": np.full((k, k), np.nan), "zero": np.zeros((k, k)),
@@ -348,7 +299,7 @@ def test_hopeless_hessian_falls_back_to_rtn(h_kind):
     q, info = jitted(**opts)(jnp.asarray(w), scheme, layout, stats)
     assert bool(info["fallback"])
     assert q.perm is None or np.array_equal(np.asarray(q.perm), np.arange(k))
-    r = _rtn(jnp.asarray(w), scheme, layout)
+    r = rtn_jit(jnp.asarray(w), scheme, layout)
     np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(r.dequantize()))
 
 
@@ -405,107 +356,6 @@ def test_tree_level_gptq_warns_naming_the_layer_on_raised_damping_and_fallback()
     with pytest.warns(UserWarning, match=r"blk_4/mlp/kernel: no calibration signal reached this layer") as rec:
         jq.tree.quantize.quantize_leaf("blk_4/mlp/kernel", w, rule, {"hessian": jnp.zeros((64, 64)), "count": 512.0})
     assert not any("not positive definite" in str(r.message) for r in rec)
-
-
-# -- refit of group parameters ---------------------------------------------------------------------------------
-
-
-def np_refit(w, vals, h, g, fit_zero):
-    """Per output column, the group (scale[, offset]) minimising (w − Ŵ)ᵀ H (w − Ŵ) with Ŵ = a_g·v + b_g over
-    group g's rows, by an explicit float64 design matrix and least squares. Returns a [G, N], b [G, N]."""
-    k, n = w.shape
-    gs = k // g
-    lc = np.linalg.cholesky(h.astype(np.float64))  # H = L Lᵀ: the objective is ‖Lᵀ(w − Z θ)‖²
-    a, b = np.zeros((gs, n)), np.zeros((gs, n))
-    for c in range(n):
-        cols = []
-        for j in range(gs):
-            z = np.zeros(k)
-            z[j * g:(j + 1) * g] = vals[j * g:(j + 1) * g, c]
-            cols.append(z)
-        if fit_zero:
-            for j in range(gs):
-                z = np.zeros(k)
-                z[j * g:(j + 1) * g] = 1.0
-                cols.append(z)
-        zm = lc.T @ np.stack(cols, 1)
-        theta = np.linalg.lstsq(zm, lc.T @ w[:, c].astype(np.float64), rcond=None)[0]
-        a[:, c] = theta[:gs]
-        if fit_zero:
-            b[:, c] = theta[gs:]
-    return a, b
-
-
-@pytest.mark.parametrize("zero_point,sym", [("float", False), ("int", False), ("int", True)])
-def test_refit_is_the_least_squares_optimum_and_lowers_the_objective(zero_point, sym):
-    from jq.algorithms.refit import refit_groups
-
-    k, g = 64, 16
-    h = correlated_hessian(k, seed=3)
-    w = weight(k, seed=4)
-    sch = Scheme(format="int4", symmetric=sym, group_size=g, zero_point=zero_point, scale_dtype="float32")
-    q0, info0 = run(w, sch, h, act_order=False)
-    q1, info1 = run(w, sch, h, act_order=False, refit=True)
-    np.testing.assert_array_equal(stored_codes(q0), stored_codes(q1))  # codes are held fixed
-    assert objective(w, q1.dequantize(), h) < objective(w, q0.dequantize(), h)
-    assert float(info1["err"]) < float(info0["err"])
-
-    # the function itself against the explicit least-squares solution (no damping, tiny ridge)
-    fit_zero = zero_point == "float" and not sym
-    codes = stored_codes(q0)
-    zrow = None if sym or fit_zero else np.repeat(np.asarray(q0.zero, np.float64).reshape(-1, N), g, 0)
-    vals = codes - (0 if zrow is None else zrow)
-    if sym:
-        vals = np.asarray(sch.grid.decode(jnp.asarray(codes), jnp.ones((1, N)), None), np.float64)
-    s0 = np.asarray(q0.scale, np.float32).reshape(-1, N)
-    z0 = None if sym else np.asarray(q0.zero, np.float32).reshape(-1, N)
-    a, z = refit_groups(jnp.asarray(w), jnp.asarray(vals, jnp.float32), jnp.asarray(h), jnp.ones(k), g,
-                        jnp.asarray(s0), None if z0 is None else jnp.asarray(z0), fit_zero, ridge=1e-9)
-    ra, rb = np_refit(w, vals, h, g, fit_zero)
-    np.testing.assert_allclose(np.asarray(a), ra, rtol=2e-3, atol=1e-6)
-    if fit_zero:
-        np.testing.assert_allclose(-np.asarray(z) * np.asarray(a), rb, rtol=2e-3, atol=1e-5)
-
-
-def test_refit_refuses_static_groups_and_channels():
-    sch = Scheme(format="int4", symmetric=False, group_size=16)
-    with pytest.raises(ValueError, match="refit"):
-        run(weight(32), sch, correlated_hessian(32), static_groups=True, refit=True)
-    with pytest.raises(ValueError, match="refit"):
-        run(weight(32), Scheme(format="int4", symmetric=False), correlated_hessian(32), refit=True)
-
-
-@pytest.mark.parametrize("zero_point,k", [("int", 96), ("float", 80)])  # 80 rows: the last group is padded
-def test_hqq_group_grids_equal_hqq_without_feedback(zero_point, k):
-    """With a diagonal Hessian no error is fed back, so GPTQ's `hqq` option gives exactly `hqq`'s codes and grids
-    (the padded rows of a partial group left out of HQQ's fit in both)."""
-    from jq.algorithms.hqq import hqq
-
-    sch = Scheme(format="int3", symmetric=False, group_size=32, pad=True, zero_point=zero_point)
-    w = weight(k, seed=6)
-    # (HQQ's early stop looks at the whole tensor, inside GPTQ at one group: compare without it)
-    q, info = run(w, sch, np.eye(k, dtype=np.float32), hqq=(("early_stop", False), ("iters", 10)))  # as a recipe
-    r = hqq(jnp.asarray(w), sch, sch.layout(w.shape, (0,)), iters=10, early_stop=False)
-    np.testing.assert_array_equal(np.asarray(q.unpacked_codes()), np.asarray(r.unpacked_codes()))
-    np.testing.assert_array_equal(np.asarray(q.scale), np.asarray(r.scale))
-    np.testing.assert_array_equal(np.asarray(q.zero), np.asarray(r.zero))
-    plain, _ = run(w, sch, np.eye(k, dtype=np.float32))
-    moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in ((q.scale, plain.scale), (q.zero, plain.zero))]
-    assert any(moved)  # HQQ did move the grids (float zero points: the zero only)
-
-    # with correlations GPTQ + HQQ grids still compensate: far below RTN's objective
-    h = correlated_hessian(k, seed=3)
-    qh, _ = run(w, sch, h, hqq=True)
-    rt = _rtn(jnp.asarray(w), sch, sch.layout(w.shape, (0,)))
-    assert objective(w, qh.dequantize(), h) < 0.7 * objective(w, rt.dequantize(), h)
-
-
-def test_hqq_option_refuses_symmetric_and_static_grids():
-    with pytest.raises(ValueError, match="hqq"):
-        run(weight(32), Scheme(format="int4", group_size=16), correlated_hessian(32), hqq=True)
-    with pytest.raises(ValueError, match="hqq"):
-        run(weight(32), Scheme(format="int4", symmetric=False, group_size=16), correlated_hessian(32),
-            static_groups=True, hqq=True)
 
 
 def test_contraction_axes_that_do_not_lead_are_moved_to_the_front_and_back():
