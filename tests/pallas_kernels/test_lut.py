@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jqtest.kernels import TOL_FALLBACK, TOL_NUMPY, acts, fallback, fallback_messages, rel_err, run_kernel
 
 import jq
 import jq.pallas_kernels as pk
@@ -25,10 +26,6 @@ from jq.numbers.codebook import stored_codebook_qtensor
 from jq.numbers.qtensor import ExecPolicy, Layout
 from jq.pallas_kernels import common, lut
 from jq.pallas_kernels.common import Blocks, Mode
-
-TOL_FALLBACK = {"float32": 2e-5, "bfloat16": 1.6e-2}  # max |kernel − fallback| / max |fallback|
-TOL_NUMPY = {"float32": 2e-5, "bfloat16": 2.5e-2}  # max |kernel − float64 reference| / max |reference|
-
 
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
@@ -68,25 +65,6 @@ def np_dequant(q) -> np.ndarray:
         out[np.asarray(q.perm)] = w[: lay.shape[0]]
         return out
     return w[: lay.shape[0]]
-
-
-def acts(M: int, K: int, dtype, seed: int = 1) -> jax.Array:
-    return jnp.asarray(rng(seed).standard_normal((M, K)).astype(np.float32), dtype)
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def fallback(x, q):
-    assert common.kernel_mode()[0] is None
-    return jax.jit(lambda x, q: jq.ops.qdot(x, q))(x, q)
-
-
-def run_kernel(x, q, style):
-    with pk.force_interpret(style):
-        return jax.jit(lambda x, q: jq.ops.qdot(x, q))(x, q)
 
 
 @pytest.fixture
@@ -175,10 +153,6 @@ def test_fitted_codebooks_act_order_and_padded_groups(calls):
     assert calls == ["gpu", "tpu", "gpu"]
 
 
-def _fallback_messages(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "jq.ops" and "falls back" in r.getMessage()]
-
-
 def test_qdot_general_dispatch_and_gradient(calls, caplog):
     """A batched x [B, T, K] through `jq.ops.qdot_general` reaches the kernel (no fallback logged); gradients with
     respect to x are the fallback's."""
@@ -190,7 +164,7 @@ def test_qdot_general_dispatch_and_gradient(calls, caplog):
     with caplog.at_level(logging.DEBUG, logger="jq.ops"), pk.force_interpret():
         assert pk.dispatch.supports_lut(x, q, dn) is None
         y = jax.jit(lambda x, q: jq.ops.qdot_general(x, q, dn))(x, q)
-        assert not _fallback_messages(caplog)
+        assert not fallback_messages(caplog)
         loss = lambda x: jnp.sum(jnp.sin(jq.ops.qdot_general(x, q, dn)))
         g = jax.jit(jax.grad(loss))(x)
     assert calls == ["gpu", "gpu"] and y.shape == (2, 3, 48)
@@ -224,7 +198,7 @@ def test_refusals_fall_back_with_reason(calls, caplog, what, build, lhs_shape, s
     with caplog.at_level(logging.DEBUG, logger="jq.ops"), pk.force_interpret(style):
         y = jax.jit(lambda x, q: jq.ops.qdot_general(x, q, dn))(x, q)
     assert calls == []
-    assert any(f"pallas_lut: {reason}" in m for m in _fallback_messages(caplog)), _fallback_messages(caplog)
+    assert any(f"pallas_lut: {reason}" in m for m in fallback_messages(caplog)), fallback_messages(caplog)
     if q.policy.act is None:
         ref = jax.jit(lambda x, q: jax.lax.dot_general(x, q.dequantize(jnp.float32), dn))(x, q)
         assert rel_err(y, ref) < 1e-5
