@@ -4,18 +4,22 @@ and a rotated QAT recipe trained from the rotated GPTQ result; bad flags refused
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jq
-from jq import qat
+from jq import checkpoint, qat
+from jq.apps import finetune as script
+from jq.apps import pipeline
+from jq.apps.finetune_setup import training_model
 from jq.models.llama.model import Llama
 from jq.numbers.qtensor import QTensor
 
 
 def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
-    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                       "must be in want of a wife. " * 20)
@@ -23,8 +27,6 @@ def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
     rc = script.main(["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "8", "--corpus",
                       str(corpus), "--out", str(out), "--ckpt-dir", str(tmp_path / "ckpt"), "--no-progress"])
     assert rc == 0
-    from jq import checkpoint
-
     tree, meta = checkpoint.load(out)
     assert meta["recipe"]["name"] == "qat_w4_g128"
     assert isinstance(tree["layers_0"]["attn"]["q_proj"]["kernel"], QTensor)
@@ -33,9 +35,6 @@ def test_finetune_script_smoke_on_a_tiny_model(tmp_path, capsys):
 
 
 def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
-    import json
-
-    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition. " * 20)
     common = ["--model", "tiny", "--steps", "2", "--seq-len", "32", "--batch-size", "4", "--corpus", str(corpus),
@@ -60,9 +59,6 @@ def test_finetune_script_distills_from_the_float_model(tmp_path, capsys):
 
 def test_finetune_starts_from_a_calibrated_ptq_result(tmp_path, capsys):
     """--init-recipe: AWQ + GPTQ (act-order, static groups) on the corpus, then QAT on the same grid from it."""
-    import json
-
-    from jq.apps import finetune as script
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Anne Elliot walked along the Cobb at Lyme, and Captain Wentworth followed her. " * 30)
     recipe = tmp_path / "qat.yaml"
@@ -111,11 +107,6 @@ def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, c
     """A QAT recipe with a rotation section (QuaRot-style, down_proj in its online-Hadamard basis) trains the rotated
     model from the rotated GPTQ result: step 0 is the PTQ model, and the saved checkpoint is a rotated quantized
     model (its config, its rotated down_proj) that `jq eval` reads."""
-    import json
-
-    from jq import checkpoint
-    from jq.apps import finetune as script
-    from jq.apps import pipeline
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("Captain Wentworth wrote the letter while Anne spoke with Captain Harville by the window. " * 30)
     grid = "    format: int4\n    symmetric: false\n    group_size: 16\n    zero_point: float\n"
@@ -138,8 +129,6 @@ def test_finetune_trains_the_rotated_model_from_a_rotated_ptq_result(tmp_path, c
     assert str(tree["layers_0"]["mlp"]["down_proj"]["kernel"].policy.rotation) == "hadamard"
     assert tree["layers_0"]["mlp"]["up_proj"]["kernel"].policy.rotation is None
     # the float model rotated by the same section computes the same function as the unrotated one
-    from jq.apps.finetune_setup import training_model
-
     m = training_model("tiny", 0)
     mcfg, params = m.cfg, m.params
     rot = pipeline.rotated(m, jq.load_recipe(recipe))

@@ -53,8 +53,6 @@ def test_w4a16(monkeypatch, sym, g, M, K, N, dtype, style):
 def test_w4a16_reads_float32_zero_points_exactly(monkeypatch, style):
     """A QA-LoRA merge leaves fractional float32 zeros: the kernel keeps them float32 (rounding them to the scale
     dtype would move every weight of a group by up to 2^-11 of its zero)."""
-    import dataclasses
-
     q = quantize(weight(256, 64), format="int4", symmetric=False, group_size=64)
     shift = np.random.default_rng(5).normal(size=q.zero.shape).astype(np.float32) * 0.37
     q = dataclasses.replace(q, zero=q.zero.astype(jnp.float32) + shift)

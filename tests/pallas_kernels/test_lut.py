@@ -27,6 +27,7 @@ from jq.numbers.qtensor import ExecPolicy, Layout
 from jq.pallas_kernels import common, lut
 from jq.pallas_kernels.common import Blocks, Mode
 
+
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
