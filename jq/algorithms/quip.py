@@ -7,12 +7,14 @@ block-LDL error feedback.
 2. scales: each group of rows (`group_size`, or all K per channel) and column gets the scale RMS / GAIN (float16),
    GAIN stretching unit-RMS Gaussian weights onto the codebook at least error (`jq.numbers.lattice.GAIN`).
 3. BlockLDLQ: rows are fixed 8 at a time, each column's 8 weights (divided by its scale) rounded to the nearest
-   E8P entry (`e8p`: one 16-bit code, 2 bits per weight; `e8p2`: a second stage on the residual, 4 bits), and the
+   E8P entry (`e8p`: one 16-bit code, 2 bits per weight; `e8p3` / `e8p2`: a second stage on the residual from E8's
+   shell of roots / from E8P again, 3 / 4 bits), and the
    error is fed into the rows not yet fixed through the inverse Hessian — GPTQ with vector rounding
    (`jq.algorithms.codebook_feedback`), which is what BlockLDLQ's LDL form computes.
 4. refit (optional): the scales refitted to the layer objective tr((W − Ŵ)ᵀ H (W − Ŵ)) with the codes fixed.
 
-Bits per weight = 2 (`e8p`) or 4 (`e8p2`) + 16 / R (R = group_size, or K per channel); nothing else is stored.
+Bits per weight = 2 (`e8p`), 3 (`e8p3`) or 4 (`e8p2`) + 16 / R (R = group_size, or K per channel); nothing else is
+stored.
 Not here: QuIP#'s fine-tuning of the remaining float parameters.
 """
 
@@ -37,36 +39,37 @@ __all__ = ["QuIP", "quip"]
 @cbk.on_leading_matrix
 def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
          damp: float = 0.01, refit: bool = True) -> QTensor:
-    """Quantize a kernel w [K, N] to the E8P lattice (format `e8p` or `e8p2`) with block-LDL error feedback.
+    """Quantize a kernel w [K, N] to the E8P lattice (format `e8p`, `e8p3` or `e8p2`) with block-LDL error feedback.
 
     Args:
       stats: `LayerStats` with `hessian` [K, K]; None (a layer no calibration token reached) rounds with H = I
         (plain nearest-entry rounding).
       damp: relative damping of the Hessian (as GPTQ).
       refit: refit each column's scales to the layer objective once the codes are fixed.
-    Returns a QTensor with codes uint16 (e8p) / uint32 (e8p2) [K / 8, N] and float16 scales [G, N].
+    Returns a QTensor with codes uint16 (e8p) [K / 8, N], uint8 (e8p3) [K / 8, N, 3] or uint32 (e8p2) [K / 8, N],
+    and float16 scales [G, N].
     """
     f = scheme.fmt
     cbk.check_shared_layout(f, layout, "quip", fitted=False, kind="lattice")
     stats = LayerStats.coerce(stats)
     K, N = layout.shape
-    rows, stages = cbk.rows_per_group(layout), f.stages
+    rows, bits = cbk.rows_per_group(layout), f.bits
     w32 = jnp.asarray(w, jnp.float32)
     h = hessian_or_identity(stats, K)
 
     def scales_of(_, wb):  # the group's scales [N] from its current (error-updated) rows
-        s = cbk.as_stored(cbk.rms_scales(wb, axis=0) / lattice.GAIN[stages])
+        s = cbk.as_stored(cbk.rms_scales(wb, axis=0) / lattice.GAIN[bits])
         return s, s
 
     def round_step(wv, s, _):  # nearest entries of the 8 rows wv [8, N] in units of the column scales s [N]
-        codes, v = lattice.quantize((wv / s).T, stages)
+        codes, v = lattice.quantize((wv / s).T, bits)
         return codes, v.T * s
 
-    dtype = jnp.uint32 if stages == 2 else jnp.uint16
     codes, scale, _ = feedback_assign(w32, inverse_hessian_factor(h, damp), lattice.VEC, rows, scales_of, round_step,
-                                   index_dtype=dtype)  # [K/8, N], [G, N]
+                                      index_dtype=jnp.uint16 if bits == 16 else jnp.uint32)  # [K/8, N], [G, N]
+    codes = lattice.pack24(codes) if bits == 24 else codes  # e8p3 stores each code's three bytes
     if refit:
-        v = jnp.transpose(lattice.decode(codes, stages), (0, 2, 1)).reshape(K, N)  # [K/8, N, 8] → [K, N]
+        v = jnp.transpose(lattice.decode(codes, bits), (0, 2, 1)).reshape(K, N)  # [K/8, N, 8] → [K, N]
         scale = cbk.as_stored(refit_group_scales(w32, damped(h, damp), v, scale))
     q = QTensor(codes=codes, scale=scale.reshape(layout.scale_shape).astype(jnp.float16), fmt=scheme.format,
                 layout=layout, symmetric=True, dtype=jnp.dtype(w.dtype).name, policy=scheme.policy)

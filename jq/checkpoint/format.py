@@ -53,6 +53,8 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     e4m3). Written only for trees that hold such a leaf.
 # 3.1 lets `outer_scale` be per output channel (float16, broadcastable to the scales) over uint8 integer group scales
 #     (QoQ's progressive groups); a 3.0 reader refuses such a leaf (its outer-scale shape check fails).
+# 1.6 adds the 3-bit lattice format e8p3 (uint8 codes with a trailing axis of 3: a 24-bit code's bytes); written
+#     only for trees that hold one (a 1.5 reader refuses the format name)
 # 4.0 adds the dense-and-sparse term of a QTensor (arrays "sparse_index" int32 [nnz] and "sparse_value" float16 [nnz],
 #     added to the decoded weight: SqueezeLLM / SpQR outliers). A 3.x reader would drop the term and return other
 #     weights, so it must refuse the file: written only for trees that hold such a leaf.
@@ -61,6 +63,7 @@ SCALED_FORMAT_VERSION = "3.0"
 CHANNEL_OUTER_FORMAT_VERSION = "3.1"
 LATTICE_FORMAT_VERSION = "1.4"
 ADDITIVE_FORMAT_VERSION = "1.5"
+LATTICE3_FORMAT_VERSION = "1.6"
 SPARSE_FORMAT_VERSION = "4.0"
 READS_MAJOR = 4
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -241,7 +244,8 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 def entry_version(entry: Mapping[str, Any]) -> str:
     """The oldest format version that holds a leaf's metadata entry: 4.0 for a dense-and-sparse term, 3.0 for
     weight-unit offsets, an outer scale or 8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank
-    leaf, 1.5 for an additive codebook, 1.4 for a lattice codebook, else 1.3."""
+    leaf, 1.6 for the 3-bit lattice codebook, 1.5 for an additive codebook, 1.4 for another lattice codebook, else
+    1.3."""
     arrays = entry.get("arrays", {})
     if "sparse_index" in arrays:
         return SPARSE_FORMAT_VERSION
@@ -254,6 +258,8 @@ def entry_version(entry: Mapping[str, Any]) -> str:
         return LOWRANK_FORMAT_VERSION
     f = formats.FORMATS.get(str(entry.get("fmt")))
     kind = None if f is None else f.kind
+    if kind == "lattice" and f.bits == 24:
+        return LATTICE3_FORMAT_VERSION
     return {"lattice": LATTICE_FORMAT_VERSION, "additive": ADDITIVE_FORMAT_VERSION}.get(kind, FORMAT_VERSION)
 
 

@@ -13,7 +13,8 @@ Codes are stored as:
   of their element format; the preset also fixes the block size and scale dtype (`jq.numbers.mx`);
 - learned codebooks ("lut": `cb3`, `cb8x2`, …): a `bits`-bit index per vector of `vec` consecutive weights along
   the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed;
-- lattice codebooks ("lattice": `e8p`, `e8p2`): a 16-bit (uint16) or two-stage 32-bit (uint32) code per vector of
+- lattice codebooks ("lattice": `e8p`, `e8p3`, `e8p2`): a 16-bit (uint16), two-stage 24-bit (uint8 [..., 3]) or
+  two-stage 32-bit (uint32) code per vector of
   8 consecutive weights into the fixed E8P table of `jq.numbers.lattice` (2 or 4 bits per weight, nothing stored
   beside the codes and scales);
 - additive codebooks ("additive": `aq{B}x{M}`, AQLM): M indices of B bits per vector of 8 consecutive weights, each
@@ -98,13 +99,10 @@ class Format:
         if self.kind in ("lut", "additive"):
             return 1.0
         if self.kind == "lattice":
-            return float(np.abs(lattice.table()).max() * (1 + lattice.RESIDUAL_SCALE * (self.stages - 1)))
+            second = {16: 0.0, 24: lattice.SHELL_SCALE * np.abs(lattice.shell()).max(),
+                      32: lattice.RESIDUAL_SCALE * np.abs(lattice.table()).max()}[self.bits]
+            return float(np.abs(lattice.table()).max() + second)
         return float(max(abs(v) for v in self.table))
-
-    @property
-    def stages(self) -> int:
-        """Residual stages of a lattice format (16 code bits each); 1 for every other format."""
-        return self.bits // 16 if self.kind == "lattice" else 1
 
     @property
     def dtype(self) -> type[np.generic] | None:
@@ -252,8 +250,10 @@ FORMATS: dict[str, Format] = {
     # learned codebooks: cb{b} = a b-bit index per weight; cb{b}x{d} = a b-bit index per vector of d weights
     **{f"cb{b}": Format(f"cb{b}", "lut", b) for b in range(2, 9)},
     **{f"cb{b}x{d}": Format(f"cb{b}x{d}", "lut", b, vec=d) for d in (2, 4) for b in range(2, 9)},
-    # the E8P lattice codebook: a 16-bit code per 8 weights (2 bits per weight), two residual stages (4 bits)
+    # the E8P lattice codebook: a 16-bit code per 8 weights (2 bits per weight); a second stage from E8's shell of
+    # roots (3 bits) or from E8P again (4 bits)
     "e8p": Format("e8p", "lattice", 16, vec=8),
+    "e8p3": Format("e8p3", "lattice", 24, vec=8),
     "e8p2": Format("e8p2", "lattice", 32, vec=8),
     # additive codebooks (AQLM): aq{B}x{M} = M tables of 2^B entries of 8 weights summed, M·B / 8 bits per weight
     **{f"aq{b}x{m}": Format(f"aq{b}x{m}", "additive", b, vec=additive.VEC, books=m)

@@ -209,7 +209,7 @@ class QTensor:
         if f.kind == "additive":
             return additive.lookup(self.codes, self.codebook, lay, f.bits)
         if f.kind == "lattice":
-            return jnp.moveaxis(lattice.decode(self.codes, f.stages), -1, lay.pack_axis + 1).reshape(lay.stored_shape)
+            return jnp.moveaxis(lattice.decode(self.codes, f.bits), -1, lay.pack_axis + 1).reshape(lay.stored_shape)
         tshape = tuple(self.codebook.shape[:-2])  # = scale_shape, or dims dividing it (tables shared by blocks)
         entries = 2**f.bits
         idx = self.unpacked_codes().astype(jnp.int32)  # stored shape, pack axis / vec
@@ -259,6 +259,7 @@ class QTensor:
         if f.packs:
             want[lay.pack_axis] = formats.packed_length(want[lay.pack_axis], f.bits)
         want += [f.books] if f.kind == "additive" else []  # M indices per vector
+        want += [3] if f.kind == "lattice" and f.bits == 24 else []  # e8p3: a code's three bytes
         if tuple(self.codes.shape) != tuple(want):
             problems.append(f"codes shape {tuple(self.codes.shape)} != {tuple(want)}")
         for name, a in (("scale", self.scale), ("zero", self.zero)):
