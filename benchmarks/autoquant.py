@@ -153,7 +153,7 @@ def main() -> None:
         print(res["validation"], flush=True)
     first = next(iter(tables.values()))
     for name in args.candidates if args.uniform is None else args.uniform:
-        cfg = recipe_from_dict(uniform(first, name)) if base is not None else load_recipe(name)
+        cfg = recipe_from_dict(uniform(first, name)["recipe"]) if base is not None else load_recipe(name)
         res["uniform"].append(_row(m, text, cfg, args.windows, tokens, also))
         print(res["uniform"][-1], flush=True)
     for metric, sens in tables.items():

@@ -43,7 +43,7 @@ from jq.tree.paths import leaf_paths, replaced
 from jq.tree.quantize import quantize_leaf
 from jq.tree.recipe import QuantConfig, recipe_from_dict, recipe_to_dict
 
-__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "choose", "recipe_of", "uniform",
+__all__ = ["parse_budget", "sensitivities", "sensitivity_tables", "choose", "fits", "summarize", "recipe_of", "uniform",
            "autoquant", "DEFAULT_CANDIDATES"]
 
 DEFAULT_CANDIDATES = ["rtn_w2_g128", "rtn_w3_g128", "hqq_w3_g64", "rtn_w4_g128", "rtn_w4_g64", "hqq_w4_g64",
@@ -216,10 +216,9 @@ def sensitivity_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib:
                    if latency_tokens else {})} for x in metrics}
 
 
-def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
-    """The recipe (a YAML-shaped dict with one rule per layer) that minimises the summed sensitivity within
-    `budget` ('3.5bpw' over the candidates' layers, '150MB' for the whole model, or '2ms' of summed matmul time of the
-    candidates' layers, which needs sensitivities measured with `latency_tokens`), and what it costs."""
+def _budget_units(sens: dict[str, Any], budget: str) -> tuple[list[list[int]], int]:
+    """What each (layer, candidate) of `sens` uses of `budget` — stored bits, or whole nanoseconds of matmul time —
+    and the budget in those units. ValueError when the budget cannot be met or measured."""
     kind, value = parse_budget(budget)
     paths = list(sens["layers"])
     n_weights = sum(sens["layers"][p]["weights"] for p in paths)
@@ -237,20 +236,45 @@ def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: in
         if total <= 0:
             raise ValueError(f"budget {budget}: the leaves autoquant does not quantize already take "
                              f"{sens['fixed_bytes'] / 1e6:.1f} MB; raise the budget")
-    costs = [[c if np.isfinite(c) else 1e30 for c in sens["layers"][p]["cost"]] for p in paths]
-    pick = allocate(costs, use, int(total), max(1, int(total // steps)))
-    used, err, counts = 0, 0.0, {}
-    for i, c in enumerate(pick):
-        used += sizes[i][c]
-        err += costs[i][c]
+    return use, int(total)
+
+
+def fits(sens: dict[str, Any], budget: str, pick: Sequence[int]) -> bool:
+    """Whether giving layer i of `sens` candidate pick[i] stays within `budget` (as `choose` counts it)."""
+    use, total = _budget_units(sens, budget)
+    return sum(row[c] for row, c in zip(use, pick)) <= total
+
+
+def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
+    """The recipe (a YAML-shaped dict with one rule per layer) that minimises the summed sensitivity within
+    `budget` ('3.5bpw' over the candidates' layers, '150MB' for the whole model, or '2ms' of summed matmul time of the
+    candidates' layers, which needs sensitivities measured with `latency_tokens`), and what it costs."""
+    use, total = _budget_units(sens, budget)
+    costs = [[c if np.isfinite(c) else 1e30 for c in row["cost"]] for row in sens["layers"].values()]
+    pick = allocate(costs, use, total, max(1, total // steps))
+    return summarize(sens, pick, name or f"autoquant_{budget.strip().lower()}",
+                     f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} (least estimated "
+                     f"{sens['metric']} cost)")
+
+
+def summarize(sens: dict[str, Any], pick: Sequence[int], name: str, description: str) -> dict[str, Any]:
+    """What `choose` returns for the choice `pick` (candidate pick[i] on layer i of `sens`): the recipe
+    (`recipe_of`), its bits per linear weight, bytes, summed estimated error, layers per candidate, the choice by
+    path and, when `sens` has latencies, the summed matmul time."""
+    paths = list(sens["layers"])
+    rows = [sens["layers"][p] for p in paths]
+    n_weights = sum(r["weights"] for r in rows)
+    used = sum(r["bits"][c] for r, c in zip(rows, pick))
+    err = sum(r["cost"][c] if np.isfinite(r["cost"][c]) else 1e30 for r, c in zip(rows, pick))
+    counts: dict[str, int] = {}
+    for c in pick:
         counts[sens["candidates"][c]] = counts.get(sens["candidates"][c], 0) + 1
-    label = name or f"autoquant_{budget.strip().lower()}"
-    recipe = recipe_of(sens, pick, label, f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} "
-                                          f"(least estimated {sens['metric']} cost)")
+    recipe = recipe_of(sens, pick, name, description)
+    latency = [r.get("latency") for r in rows]
     out = {"recipe": recipe, "linear_bits_per_weight": used / n_weights, "bytes": sens["fixed_bytes"] + used / 8,
            "estimated_error": err, "layers_per_candidate": counts, "choice": dict(zip(paths, pick))}
     if all(t is not None for t in latency):
-        out["latency_seconds"] = float(sum(latency[i][c] for i, c in enumerate(pick)))
+        out["latency_seconds"] = float(sum(t[c] for t, c in zip(latency, pick)))
     return out
 
 
@@ -269,10 +293,10 @@ def recipe_of(sens: dict[str, Any], pick: Sequence[int], name: str, description:
 
 
 def uniform(sens: dict[str, Any], candidate: str) -> dict[str, Any]:
-    """`recipe_of` one candidate (by name) on every layer: the uniform recipe the allocation is compared with,
-    built the same way (on the same base)."""
+    """`summarize` one candidate (by name) on every layer: the uniform recipe the allocation is compared with, built
+    the same way (on the same base), and its accounting."""
     c = sens["candidates"].index(candidate)
-    return recipe_of(sens, [c] * len(sens["layers"]), candidate, f"{candidate} on every layer")
+    return summarize(sens, [c] * len(sens["layers"]), candidate, f"{candidate} on every layer")
 
 
 def autoquant(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.ndarray, budget: str,

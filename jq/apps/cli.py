@@ -322,37 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("autoquant", help="the best per-layer mix of candidate recipes within a size or time budget, as a recipe")
-    a.add_argument("--model", required=True, help=_MODEL_HELP)
-    a.add_argument("--budget", required=True, help="bits per linear weight (3.5bpw), the model's size (150MB), or "
-                   "the summed matmul time of the quantized layers measured on this device (2.5ms, 800us)")
-    a.add_argument("--latency-tokens", type=int, help="tokens per matmul when latencies are measured (default 1, "
-                   "decode, for a time budget; give it with a size budget to report the time too)")
-    a.add_argument("--candidates", nargs="+", help="single-rule recipes to choose from per layer (RTN / HQQ, or "
-                   "calibrated ones such as gptq_w4_g64; default: rtn_w2_g128 rtn_w3_g128 hqq_w3_g64 rtn_w4_g128 "
-                   "rtn_w4_g64 hqq_w4_g64 rtn_w5_g128 rtn_w6_g128 rtn_w8_g128)")
-    a.add_argument("--base", help="a recipe whose rotation (QuaRot) is applied first and whose online rotations "
-                   "(rotate: hadamard, e.g. before down_proj) every candidate takes; the chosen recipe carries both")
-    a.add_argument("--metric", choices=["kfac", "fisher", "hessian", "kl"], default="kfac",
-                   help="layer cost: loss increase under the Kronecker Fisher (kfac, default: input correlations kept, "
-                   "so GPTQ candidates are judged fairly), under the diagonal Fisher, the layer's own output error "
-                   "(hessian), or measured: the logits' KL when the layer alone is quantized (kl: one forward per "
-                   "layer and candidate)")
-    a.add_argument("--out", required=True, help="the recipe YAML to write")
-    a.add_argument("--cache", help="a JSON file of measured costs per candidate, layer and metric for this model, "
-                   "calibration draw and base: what it holds is reused, only what is missing is measured (another "
-                   "budget takes seconds, another candidate only its own scoring, a stopped --refine resumes)")
-    a.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
-                   help="re-score by their measured KL (that layer alone quantized) the layers given fewer bits than "
-                   "the budget's average (+ --refine-margin), solve again; up to ROUNDS rounds (default 0: none)")
-    a.add_argument("--refine-margin", type=float, default=0.0, metavar="BITS",
-                   help="also re-score layers chosen up to BITS above the average (which variant at about it wins)")
-    a.add_argument("--kl-samples", type=int, default=4, metavar="N",
-                   help="calibration windows each measured KL (--metric kl, --refine) runs on (default 4)")
-    a.add_argument("--kl-stride", type=int, default=1, metavar="S",
-                   help="score the KL at every S-th position only, the LM head run on those alone (default 1; "
-                   "4 cuts most of the time of a large-vocabulary model such as Gemma 3)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    a.add_argument("--json", action="store_true", help="print one JSON object")
+    from jq.apps.autoquant_cli import add_arguments
+
+    add_arguments(a, _MODEL_HELP)
     _add_calib_args(a)
     a.set_defaults(fn=cmd_autoquant)
 

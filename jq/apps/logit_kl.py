@@ -24,7 +24,17 @@ import numpy as np
 
 from jq.models.family import LoadedModel
 
-__all__ = ["logit_kl"]
+__all__ = ["logit_kl", "log_probs", "mean_kl"]
+
+
+def log_probs(logits: jax.Array) -> jax.Array:
+    """Next-token log-probabilities (float32) of logits [..., V]."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def mean_kl(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """Mean over the positions of KL(p ‖ q) for log-probabilities [..., V] (`log_probs`)."""
+    return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
 class _Calls:
@@ -90,7 +100,7 @@ def logit_kl(m: LoadedModel, ids: np.ndarray, stride: int = 1) -> Callable[..., 
         calls = _Calls(replay, skip, rerun, kept, head_stride)
         with nn.intercept_methods(calls.intercept):
             logits = module.apply({"params": params}, row[None])[0]
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), calls
+        return log_probs(logits), calls
 
     if stride > 1:
         row = ids[0, :min(ids.shape[1], 4 * stride)]
@@ -114,7 +124,7 @@ def logit_kl(m: LoadedModel, ids: np.ndarray, stride: int = 1) -> Callable[..., 
             def row_kl(xs):
                 row, log_p, replay = xs
                 log_q, _ = traced(params, row, replay, skip)
-                return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
+                return mean_kl(log_p, log_q)
             return jnp.mean(jax.lax.map(row_kl, (ids, ref, recorded[:skip])))
         return kl
 
