@@ -53,7 +53,8 @@ def joint_kl(m: LoadedModel, recipe: Mapping[str, Any], calib: np.ndarray, ids: 
     dict, calibrated on `calib` [S, T] as `jq eval` would), one window at a time."""
     params, log = quantize(m, recipe_from_dict(dict(recipe)), calib, progress=False)
     float_fwd, quant_fwd = quantized_forward(m.cfg), quantized_forward(log.get("model_config", m.cfg))
-    one = jax.jit(lambda p, q, row: mean_kl(log_probs(float_fwd(p, row[None])[0]), log_probs(quant_fwd(q, row[None])[0])))
+    one = jax.jit(lambda p, q, row: mean_kl(log_probs(float_fwd(p, row[None])[0]),
+                                            log_probs(quant_fwd(q, row[None])[0])))
     return float(np.mean([float(one(m.params, params, row)) for row in np.asarray(ids)]))
 
 

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["VEC", "ENTRIES", "CODE_BITS", "RESIDUAL_SCALE", "SHELL_SCALE", "patterns", "table", "shell", "encode",
-           "decode", "quantize", "GAIN"]
+           "nearest_in_shell", "pack24", "unpack24", "decode", "quantize", "GAIN"]
 
 VEC = 8
 ENTRIES = 1 << 16
 # e8p2's stage-2 weight: the stage-1 residual lies in E8's Voronoi cell, far smaller than the stage-1 entries; with
-# GAIN[2] this pair minimises the two-stage error for Gaussian inputs (a grid search on 2^15 samples; the tests
+# GAIN[32] this pair minimises the two-stage error for Gaussian inputs (a grid search on 2^15 samples; the tests
 # check it stays within 1% of the best). Part of the format: changing it changes every stored e8p2 weight.
 RESIDUAL_SCALE = 0.26
 CODE_BITS = (16, 24, 32)  # code bits per vector of 8 weights: e8p, e8p3, e8p2

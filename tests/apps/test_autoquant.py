@@ -262,7 +262,8 @@ def test_a_rotated_base_is_applied_first_and_its_online_rotations_carried_into_t
     r = chosen["recipe"]
     assert r["rotation"] == rot and "on b's rotation" in r["description"]
     assert all((rule.get("rotate") == "hadamard") == ("down_proj" in rule["pattern"]) for rule in r["rules"])
-    assert uniform(sens, "rtn_w4_g128")["recipe"]["rules"] == r["rules"]  # one candidate: the allocation is the uniform recipe
+    # one candidate: the allocation is the uniform recipe
+    assert uniform(sens, "rtn_w4_g128")["recipe"]["rules"] == r["rules"]
     rtn = recipe_to_dict(load_recipe("rtn_w4_g128"))["rules"][0]
     by_hand = recipe_from_dict({"name": "u", "rotation": rot, "rules": [
         {**rtn, "pattern": ".*down_proj/kernel", "rotate": "hadamard"}, {**rtn, "pattern": ".*kernel"}]})
