@@ -45,6 +45,8 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     codebook array); written only for trees that hold one (a 1.3 reader refuses the unknown format name)
 # 1.5 adds additive-codebook QTensors: formats aq{B}x{M} (AQLM: uint8 codes with a trailing axis of M indices, a
 #     "codebook" of M tables [..., M, 2^B, 8]); written only for trees that hold one (a 1.4 reader refuses the name)
+# 1.6 adds the 3-bit lattice format e8p3 (uint8 codes with a trailing axis of 3: a 24-bit code's bytes); written
+#     only for trees that hold one (a 1.5 reader refuses the format name)
 # 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
 #     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
 #     other checkpoint stays 1.3 and reads in older jq.
@@ -53,8 +55,6 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     e4m3). Written only for trees that hold such a leaf.
 # 3.1 lets `outer_scale` be per output channel (float16, broadcastable to the scales) over uint8 integer group scales
 #     (QoQ's progressive groups); a 3.0 reader refuses such a leaf (its outer-scale shape check fails).
-# 1.6 adds the 3-bit lattice format e8p3 (uint8 codes with a trailing axis of 3: a 24-bit code's bytes); written
-#     only for trees that hold one (a 1.5 reader refuses the format name)
 # 4.0 adds the dense-and-sparse term of a QTensor (arrays "sparse_index" int32 [nnz] and "sparse_value" float16 [nnz],
 #     added to the decoded weight: SqueezeLLM / SpQR outliers). A 3.x reader would drop the term and return other
 #     weights, so it must refuse the file: written only for trees that hold such a leaf.
