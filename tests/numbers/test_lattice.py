@@ -166,6 +166,9 @@ def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gra
 
 
 def test_refusals_name_the_value_and_fix():
+    for fn in (lattice.decode, lattice.quantize):
+        with pytest.raises(ValueError, match=r"lattice codes of 20 bits per vector; E8P formats have \(16, 24, 32\)"):
+            fn(jnp.zeros((2, 8)), 20)
     with pytest.raises(ValueError, match="'e8p' is a vector codebook .* method: quip"):
         get_format("e8p").encode(jnp.zeros(3))
     with pytest.raises(ValueError, match=r"vectors of 8 weights \(format e8p\) do not divide groups of 12"):
