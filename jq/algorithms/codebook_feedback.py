@@ -72,8 +72,9 @@ def _round_to_tables(wv: jnp.ndarray, t: jnp.ndarray, uvv: jnp.ndarray) -> tuple
 
 def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables_of: TablesOf,
                     round_step: RoundStep = _round_to_tables, index_dtype: Any = jnp.int32,
-                    keep: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
-    """Indices [K / vec, N] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned with feedback,
+                    keep: jnp.ndarray | None = None, index_shape: tuple[int, ...] = ()
+                    ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
+    """Indices [K / vec, N, *index_shape] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned with feedback,
     the stacked per-block outputs of `tables_of`, and the assigned weights [K, N] (the chosen entries; at `keep`
     positions the kept weights).
 
@@ -88,6 +89,8 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables
         weight units); by default the entries of the tables nearest in the metric U_vv⁻ᵀ. A fixed codebook passes
         its own (the tables are then whatever it needs per block, e.g. column scales).
       index_dtype: dtype of the indices returned.
+      index_shape: the trailing shape of one vector's index (what `round_step` returns per column: () for one
+        integer, (3,) for a lattice code's three bytes).
       keep: bool [K, N] or None: weights kept exactly (dense-and-sparse outliers, as SpQR keeps them): each takes
         its current error-updated value, feeds back no error, and still gets an index (the sparse term stores the
         difference).
@@ -113,11 +116,11 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables
                 err, qb = err.at[r + i].set(e), qb.at[r + i].set(qi)
             return wb, err, ib.at[j].set(idx), qb
 
-        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N), index_dtype), jnp.zeros_like(wb))
+        init = (wb, jnp.zeros_like(wb), jnp.zeros((block // vec, N, *index_shape), index_dtype), jnp.zeros_like(wb))
         _, err, ib, qb = lax.fori_loop(0, block // vec, step, init)
         later = jnp.arange(K) >= s + block
         ur = jnp.where(later[None, :], lax.dynamic_slice_in_dim(u, s, block), 0.0)  # [block, K]
         return w - jnp.matmul(ur.T, err, precision=lax.Precision.HIGHEST), (ib, aux, qb)
 
     _, (idx, aux, values) = lax.scan(one_block, w, jnp.arange(K // block))
-    return idx.reshape(K // vec, N), aux, values.reshape(K, N)
+    return idx.reshape(K // vec, N, *index_shape), aux, values.reshape(K, N)

@@ -8,12 +8,12 @@ block-LDL error feedback.
    GAIN stretching unit-RMS Gaussian weights onto the codebook at least error (`jq.numbers.lattice.GAIN`).
 3. BlockLDLQ: rows are fixed 8 at a time, each column's 8 weights (divided by its scale) rounded to the nearest
    E8P entry (`e8p`: one 16-bit code, 2 bits per weight; `e8p3` / `e8p2`: a second stage on the residual from E8's
-   shell of roots / from E8P again, 3 / 4 bits), and the
+   shell of roots / from E8P again, 3 / 4 bits; `e8p5` / `e8p6`: a third stage, 5 / 6 bits), and the
    error is fed into the rows not yet fixed through the inverse Hessian — GPTQ with vector rounding
    (`jq.algorithms.codebook_feedback`), which is what BlockLDLQ's LDL form computes.
 4. refit (optional): the scales refitted to the layer objective tr((W − Ŵ)ᵀ H (W − Ŵ)) with the codes fixed.
 
-Bits per weight = 2 (`e8p`), 3 (`e8p3`) or 4 (`e8p2`) + 16 / R (R = group_size, or K per channel); nothing else is
+Bits per weight = 2 (`e8p`), 3 (`e8p3`), 4 (`e8p2`), 5 (`e8p5`) or 6 (`e8p6`) + 16 / R (R = group_size, or K per channel); nothing else is
 stored.
 Not here: QuIP#'s fine-tuning of the remaining float parameters.
 """
@@ -39,15 +39,16 @@ __all__ = ["QuIP", "quip"]
 @cbk.on_leading_matrix
 def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dict | None = None, *,
          damp: float = 0.01, refit: bool = True) -> QTensor:
-    """Quantize a kernel w [K, N] to the E8P lattice (format `e8p`, `e8p3` or `e8p2`) with block-LDL error feedback.
+    """Quantize a kernel w [K, N] to the E8P lattice (`e8p`, `e8p3`, `e8p2`, `e8p5`, `e8p6`: 2-6 bits per weight)
+    with block-LDL error feedback.
 
     Args:
       stats: `LayerStats` with `hessian` [K, K]; None (a layer no calibration token reached) rounds with H = I
         (plain nearest-entry rounding).
       damp: relative damping of the Hessian (as GPTQ).
       refit: refit each column's scales to the layer objective once the codes are fixed.
-    Returns a QTensor with codes uint16 (e8p) [K / 8, N], uint8 (e8p3) [K / 8, N, 3] or uint32 (e8p2) [K / 8, N],
-    and float16 scales [G, N].
+    Returns a QTensor with codes [K / 8, N, *trailing] as `lattice.storage` gives them (uint16 for e8p, uint32 for
+    e8p2, uint8 bytes [K / 8, N, 3 / 5 / 6] for e8p3 / e8p5 / e8p6) and float16 scales [G, N].
     """
     f = scheme.fmt
     cbk.check_shared_layout(f, layout, "quip", fitted=False, kind="lattice")
@@ -65,9 +66,9 @@ def quip(w: jnp.ndarray, scheme: Scheme, layout: Layout, stats: LayerStats | dic
         codes, v = lattice.quantize((wv / s).T, bits)
         return codes, v.T * s
 
+    dtype, trailing = lattice.storage(bits)
     codes, scale, _ = feedback_assign(w32, inverse_hessian_factor(h, damp), lattice.VEC, rows, scales_of, round_step,
-                                      index_dtype=jnp.uint16 if bits == 16 else jnp.uint32)  # [K/8, N], [G, N]
-    codes = lattice.pack24(codes) if bits == 24 else codes  # e8p3 stores each code's three bytes
+                                      index_dtype=dtype, index_shape=trailing)  # [K/8, N, *trailing], [G, N]
     if refit:
         v = jnp.transpose(lattice.decode(codes, bits), (0, 2, 1)).reshape(K, N)  # [K/8, N, 8] → [K, N]
         scale = cbk.as_stored(refit_group_scales(w32, damped(h, damp), v, scale))

@@ -47,6 +47,8 @@ FORMAT_VERSION = "1.3"  # major.minor: a reader refuses a newer major; a newer m
 #     "codebook" of M tables [..., M, 2^B, 8]); written only for trees that hold one (a 1.4 reader refuses the name)
 # 1.6 adds the 3-bit lattice format e8p3 (uint8 codes with a trailing axis of 3: a 24-bit code's bytes); written
 #     only for trees that hold one (a 1.5 reader refuses the format name)
+# 1.7 adds the 5- and 6-bit lattice formats e8p5 / e8p6 (uint8 codes with a trailing axis of 5 / 6: the stage codes'
+#     bytes); written only for trees that hold one (a 1.6 reader refuses the format name)
 # 2.0 adds LowRank leaves (kind "lowrank": a QTensor entry plus "lowrank" {scale, in_ndim, pool} and two arrays). A
 #     1.x reader would drop the low-rank term, so only a checkpoint holding such a leaf is written as 2.0; every
 #     other checkpoint stays 1.3 and reads in older jq.
@@ -64,6 +66,7 @@ CHANNEL_OUTER_FORMAT_VERSION = "3.1"
 LATTICE_FORMAT_VERSION = "1.4"
 ADDITIVE_FORMAT_VERSION = "1.5"
 LATTICE3_FORMAT_VERSION = "1.6"
+LATTICE56_FORMAT_VERSION = "1.7"
 SPARSE_FORMAT_VERSION = "4.0"
 READS_MAJOR = 4
 PLAIN_SCALE_DTYPES = ("float32", "float16", "bfloat16")
@@ -244,8 +247,8 @@ def sealed(m: dict[str, Any]) -> dict[str, Any]:
 def entry_version(entry: Mapping[str, Any]) -> str:
     """The oldest format version that holds a leaf's metadata entry: 4.0 for a dense-and-sparse term, 3.0 for
     weight-unit offsets, an outer scale or 8-bit float scales (3.1 for a per-channel outer scale), 2.0 for a LowRank
-    leaf, 1.6 for the 3-bit lattice codebook, 1.5 for an additive codebook, 1.4 for another lattice codebook, else
-    1.3."""
+    leaf, 1.7 for the 5- and 6-bit lattice codebooks, 1.6 for the 3-bit one, 1.5 for an additive codebook, 1.4 for
+    another lattice codebook, else 1.3."""
     arrays = entry.get("arrays", {})
     if "sparse_index" in arrays:
         return SPARSE_FORMAT_VERSION
@@ -258,8 +261,8 @@ def entry_version(entry: Mapping[str, Any]) -> str:
         return LOWRANK_FORMAT_VERSION
     f = formats.FORMATS.get(str(entry.get("fmt")))
     kind = None if f is None else f.kind
-    if kind == "lattice" and f.bits == 24:
-        return LATTICE3_FORMAT_VERSION
+    if kind == "lattice" and f.bits in (24, 40, 48):
+        return LATTICE3_FORMAT_VERSION if f.bits == 24 else LATTICE56_FORMAT_VERSION
     return {"lattice": LATTICE_FORMAT_VERSION, "additive": ADDITIVE_FORMAT_VERSION}.get(kind, FORMAT_VERSION)
 
 

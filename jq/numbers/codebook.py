@@ -97,7 +97,7 @@ def check_shared_layout(fmt: formats.Format, layout: Layout, method: str, fitted
     and (`fitted`: tables fitted to the weights) at least as many vectors per group as table entries."""
     if fmt.kind != kind:
         what, takes = {"lut": ("learned", "cb{b}x{d} (e.g. cb6x2: 3 bits per weight) or cb{b}"),
-                       "lattice": ("lattice", "e8p (2 bits per weight), e8p3 (3) or e8p2 (4)"),
+                       "lattice": ("lattice", "e8p (2 bits per weight), e8p3 (3), e8p2 (4), e8p5 (5) or e8p6 (6)"),
                        "additive": ("additive", "aq{B}x{M} (e.g. aq8x2: 2 bits per weight, aq8x3: 3)")}[kind]
         raise ValueError(f"format {fmt.name!r} is not a {what} codebook; {method} takes {takes}")
     if len(layout.shape) != 2 or layout.axes != (0,) or layout.flat or layout.valid_mask() is not None \

@@ -13,10 +13,10 @@ Codes are stored as:
   of their element format; the preset also fixes the block size and scale dtype (`jq.numbers.mx`);
 - learned codebooks ("lut": `cb3`, `cb8x2`, …): a `bits`-bit index per vector of `vec` consecutive weights along
   the pack axis into a table the QTensor itself stores (one per channel / group: `jq.numbers.codebook`), packed;
-- lattice codebooks ("lattice": `e8p`, `e8p3`, `e8p2`): a 16-bit (uint16), two-stage 24-bit (uint8 [..., 3]) or
-  two-stage 32-bit (uint32) code per vector of
-  8 consecutive weights into the fixed E8P table of `jq.numbers.lattice` (2 or 4 bits per weight, nothing stored
-  beside the codes and scales);
+- lattice codebooks ("lattice": `e8p`, `e8p3`, `e8p2`, `e8p5`, `e8p6`): a 16-bit (uint16), two-stage 24-bit (uint8
+  [..., 3]) or 32-bit (uint32), or three-stage 40- or 48-bit (uint8 [..., 5 / 6]) code per vector of 8 consecutive
+  weights into the fixed E8P table of `jq.numbers.lattice` (2-6 bits per weight, nothing stored beside the codes and
+  scales);
 - additive codebooks ("additive": `aq{B}x{M}`, AQLM): M indices of B bits per vector of 8 consecutive weights, each
   into its own learned table of 2^B vectors, the weight vector being the sum of the M entries (M·B / 8 bits per
   weight; codes uint8 [..., M], tables in the QTensor's `codebook`: `jq.numbers.additive`).
@@ -99,9 +99,9 @@ class Format:
         if self.kind in ("lut", "additive"):
             return 1.0
         if self.kind == "lattice":
-            second = {16: 0.0, 24: lattice.SHELL_SCALE * np.abs(lattice.shell()).max(),
-                      32: lattice.RESIDUAL_SCALE * np.abs(lattice.table()).max()}[self.bits]
-            return float(np.abs(lattice.table()).max() + second)
+            tables = {"e8p": lattice.table(), "shell": lattice.shell()}
+            return float(np.abs(lattice.table()).max()
+                         + sum(scale * np.abs(tables[name]).max() for name, scale in lattice.STAGES[self.bits]))
         return float(max(abs(v) for v in self.table))
 
     @property
@@ -251,10 +251,12 @@ FORMATS: dict[str, Format] = {
     **{f"cb{b}": Format(f"cb{b}", "lut", b) for b in range(2, 9)},
     **{f"cb{b}x{d}": Format(f"cb{b}x{d}", "lut", b, vec=d) for d in (2, 4) for b in range(2, 9)},
     # the E8P lattice codebook: a 16-bit code per 8 weights (2 bits per weight); a second stage from E8's shell of
-    # roots (3 bits) or from E8P again (4 bits)
+    # roots (3 bits) or from E8P again (4 bits); a third stage from the shell (5 bits) or E8P (6 bits)
     "e8p": Format("e8p", "lattice", 16, vec=8),
     "e8p3": Format("e8p3", "lattice", 24, vec=8),
     "e8p2": Format("e8p2", "lattice", 32, vec=8),
+    "e8p5": Format("e8p5", "lattice", 40, vec=8),
+    "e8p6": Format("e8p6", "lattice", 48, vec=8),
     # additive codebooks (AQLM): aq{B}x{M} = M tables of 2^B entries of 8 weights summed, M·B / 8 bits per weight
     **{f"aq{b}x{m}": Format(f"aq{b}x{m}", "additive", b, vec=additive.VEC, books=m)
        for b in additive.BITS for m in additive.BOOKS},

@@ -11,11 +11,14 @@ s ⊙ a in D8 + ½ (half of the 256: the sign of the last coordinate follows fro
 
 A code is 16 bits: bit 15 the shift (1: −¼), bits 7..14 the pattern, bits 0..6 the signs of coordinates 0..6
 (1: negative). The table is never stored with a weight: `decode` is a lookup in this module's constant table.
-`e8p2` stacks two stages (residual vector quantization, 4 bits per weight): code = stage-1 code | stage-2 code << 16,
-vector = entry(stage 1) + RESIDUAL_SCALE · entry(stage 2). `e8p3` (3 bits per weight, QuIP#'s 3-bit construction:
-E8P plus a 1-bit E8 stage on the residual) takes its second stage from the E8 shell (`shell`: the origin and E8's
-240 roots), an 8-bit index: code = stage-1 code | shell index << 16, stored as its three little-endian bytes (uint8
-[..., 3]: 24 bits per 8 weights, nothing padded), vector = entry(stage 1) + SHELL_SCALE · shell[index].
+Wider formats add stages on the residual (residual vector quantization): vector = entry(stage 1) + Σ_k scale_k ·
+table_k[code_k], each stage's code the nearest entry of its table to what the stages before left, divided by its scale
+(`STAGES`: the tables and scales per code width). `e8p3` (3 bits per weight, QuIP#'s 3-bit construction: E8P plus a
+1-bit E8 stage) takes its second stage from the E8 shell (`shell`: the origin and E8's 240 roots, an 8-bit index);
+`e8p2` (4 bits) from E8P again; `e8p5` (5 bits) is `e8p2` plus a shell stage, `e8p6` (6 bits) three E8P stages.
+Stored codes (`storage`): uint16 [...] (e8p), uint32 [...] (e8p2: stage-1 code | stage-2 code << 16) and otherwise the
+stage codes' little-endian bytes one after another, uint8 [..., bytes] (an E8P code two bytes, a shell index one:
+e8p3 [..., 3], e8p5 [..., 5], e8p6 [..., 6]; nothing padded).
 
 `encode` finds the nearest entry exactly using the structure: for each shift and pattern the best signs are those
 of the input, and when they break the parity the coordinate cheapest to flip is flipped (cost 4·|z_i|·a_i): 2 × 256
@@ -31,21 +34,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["VEC", "ENTRIES", "CODE_BITS", "RESIDUAL_SCALE", "SHELL_SCALE", "patterns", "table", "shell", "encode",
-           "nearest_in_shell", "pack24", "unpack24", "decode", "quantize", "GAIN"]
+__all__ = ["VEC", "ENTRIES", "CODE_BITS", "STAGES", "GAIN", "patterns", "table", "shell", "storage", "split", "join",
+           "encode", "nearest_in_shell", "decode", "quantize"]
 
 VEC = 8
 ENTRIES = 1 << 16
-# e8p2's stage-2 weight: the stage-1 residual lies in E8's Voronoi cell, far smaller than the stage-1 entries; with
-# GAIN[32] this pair minimises the two-stage error for Gaussian inputs (a grid search on 2^15 samples; the tests
-# check it stays within 1% of the best). Part of the format: changing it changes every stored e8p2 weight.
-RESIDUAL_SCALE = 0.26
-CODE_BITS = (16, 24, 32)  # code bits per vector of 8 weights: e8p, e8p3, e8p2
-# e8p3's stage-2 weight, found the same way (and as much part of the format).
-SHELL_SCALE = 0.49
+# The stages after the first, per code bits per vector of 8 weights: (table, scale on the stage-1 entries' units).
+# The scales were fitted with GAIN (a grid search on Gaussian inputs, the tests check they stay within 1% of the
+# best there) and are part of the formats: changing one changes every stored weight of that width.
+STAGES = {
+    16: (),  # e8p
+    24: (("shell", 0.49),),  # e8p3
+    32: (("e8p", 0.26),),  # e8p2: the stage-1 residual lies in E8's Voronoi cell, far smaller than the entries
+    40: (("e8p", 0.26), ("shell", 0.13)),  # e8p5
+    48: (("e8p", 0.26), ("e8p", 0.07)),  # e8p6
+}
+CODE_BITS = tuple(STAGES)
 # How far unit-RMS weights are stretched onto the codebook (scale = RMS / gain), per code bits: the gain minimising
-# E‖x − Q(κx)/κ‖² for x ~ N(0, I_8) (MSE per coordinate 0.0927 at 2 bits, 0.0300 at 3, 0.00846 at 4). Encoding only.
-GAIN = {16: 1.03, 24: 0.975, 32: 0.875}
+# E‖x − Q(κx)/κ‖² for x ~ N(0, I_8) (MSE per coordinate 0.0927 at 2 bits, 0.0300 at 3, 0.00846 at 4, 0.00272 at 5,
+# 0.00080 at 6). Encoding only.
+GAIN = {16: 1.03, 24: 0.975, 32: 0.875, 40: 0.83, 48: 0.8}
+_STAGE_BYTES = {"e8p": 2, "shell": 1}
 _CHUNK = 2048  # vectors per step of `encode` on large inputs ([chunk, 256, 8] float32 = 16 MB)
 
 
@@ -90,30 +99,58 @@ def shell() -> np.ndarray:
     return np.asarray([(0.0,) * VEC] + roots + [(0.0,) * VEC] * 15, np.float32)
 
 
-def pack24(codes: jax.Array) -> jax.Array:
-    """e8p3 codes [...] (uint32 < 2^24) → their stored form, the three little-endian bytes uint8 [..., 3]."""
-    c = codes.astype(jnp.uint32)
-    return jnp.stack([(c >> s) & 0xFF for s in (0, 8, 16)], axis=-1).astype(jnp.uint8)
+def _check(bits: int) -> tuple[str, ...]:
+    if bits not in STAGES:
+        raise ValueError(f"lattice codes of {bits} bits per vector; E8P formats have {CODE_BITS}")
+    return ("e8p",) + tuple(name for name, _ in STAGES[bits])
 
 
-def unpack24(stored: jax.Array) -> jax.Array:
-    """`pack24`'s inverse: uint8 [..., 3] → uint32 [...]."""
-    b = stored.astype(jnp.uint32)
-    return b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+def storage(bits: int) -> tuple[jnp.dtype, tuple[int, ...]]:
+    """(dtype, trailing shape) of the stored codes of `bits` per vector: (uint16, ()), (uint32, ()) or
+    (uint8, (bits / 8,))."""
+    _check(bits)
+    return {16: (jnp.dtype(jnp.uint16), ()), 32: (jnp.dtype(jnp.uint32), ())}.get(bits, (jnp.dtype(jnp.uint8),
+                                                                                            (bits // 8,)))
+
+
+def split(stored: jax.Array, bits: int) -> list[jax.Array]:
+    """Stored codes → the stage codes, int32 [...] each (an E8P code < 2^16, a shell index < 2^8)."""
+    names = _check(bits)
+    c = stored.astype(jnp.uint32)
+    if bits in (16, 32):
+        return [(c & 0xFFFF).astype(jnp.int32)] + ([(c >> 16).astype(jnp.int32)] if bits == 32 else [])
+    out, at = [], 0
+    for name in names:
+        if _STAGE_BYTES[name] == 2:
+            out.append((c[..., at] | (c[..., at + 1] << 8)).astype(jnp.int32))
+        else:
+            out.append(c[..., at].astype(jnp.int32))
+        at += _STAGE_BYTES[name]
+    return out
+
+
+def join(stage_codes: list[jax.Array], bits: int) -> jax.Array:
+    """`split`'s inverse: the stage codes [...] → the stored codes (`storage(bits)`)."""
+    names = _check(bits)
+    c = [x.astype(jnp.uint32) for x in stage_codes]
+    if bits == 16:
+        return c[0].astype(jnp.uint16)
+    if bits == 32:
+        return c[0] | (c[1] << 16)
+    parts = []
+    for name, x in zip(names, c):
+        parts += [x & 0xFF, (x >> 8) & 0xFF] if _STAGE_BYTES[name] == 2 else [x & 0xFF]
+    return jnp.stack(parts, axis=-1).astype(jnp.uint8)
 
 
 def decode(codes: jax.Array, bits: int = 16) -> jax.Array:
-    """Stored codes → vectors [..., 8] (float32): uint16 [...] (`bits` 16, e8p), uint8 [..., 3] (24, e8p3) or
-    uint32 [...] (32, e8p2)."""
-    if bits not in CODE_BITS:
-        raise ValueError(f"lattice codes of {bits} bits per vector; E8P formats have {CODE_BITS}")
-    t = jnp.asarray(table())
-    c = unpack24(codes) if bits == 24 else codes.astype(jnp.uint32)
-    v = t[(c & 0xFFFF).astype(jnp.int32)]
-    if bits == 24:
-        v = v + SHELL_SCALE * jnp.asarray(shell())[(c >> 16).astype(jnp.int32)]
-    elif bits == 32:
-        v = v + RESIDUAL_SCALE * t[(c >> 16).astype(jnp.int32)]
+    """Stored codes (`storage(bits)`) → vectors [..., 8] (float32)."""
+    names = _check(bits)
+    tables = {"e8p": jnp.asarray(table()), "shell": jnp.asarray(shell())}
+    c = split(codes, bits)
+    v = tables["e8p"][c[0]]
+    for name, (_, scale), ck in zip(names[1:], STAGES[bits], c[1:]):
+        v = v + scale * tables[name][ck]
     return v
 
 
@@ -164,15 +201,15 @@ def nearest_in_shell(y: jax.Array) -> jax.Array:
 
 
 def quantize(y: jax.Array, bits: int = 16) -> tuple[jax.Array, jax.Array]:
-    """(codes [...], vectors [..., 8]) of E8P with `bits` per vector for vectors y [..., 8]: a second stage encodes
-    the stage-1 residual divided by its scale (RESIDUAL_SCALE in E8P at 32 bits, SHELL_SCALE in the shell at 24).
-    Codes are uint16 (16 bits) or uint32 (24 and 32: not yet `pack24`ed for storage)."""
-    if bits not in CODE_BITS:
-        raise ValueError(f"lattice codes of {bits} bits per vector; E8P formats have {CODE_BITS}")
-    c1 = encode(y)
-    v = decode(c1.astype(jnp.uint16))
-    if bits == 16:
-        return c1.astype(jnp.uint16), v
-    c2 = nearest_in_shell((y - v) / SHELL_SCALE) if bits == 24 else encode((y - v) / RESIDUAL_SCALE)
-    codes = c1.astype(jnp.uint32) | (c2.astype(jnp.uint32) << 16)
-    return codes, decode(pack24(codes) if bits == 24 else codes, bits)
+    """(stored codes, vectors [..., 8]) of E8P with `bits` per vector for vectors y [..., 8]: each stage after the
+    first encodes what the stages before left, divided by its scale (`STAGES`)."""
+    names = _check(bits)
+    nearest = {"e8p": encode, "shell": nearest_in_shell}
+    tables = {"e8p": jnp.asarray(table()), "shell": jnp.asarray(shell())}
+    c = [encode(y)]
+    v = tables["e8p"][c[0]]
+    for name, (_, scale) in zip(names[1:], STAGES[bits]):
+        c.append(nearest[name]((y - v) / scale))
+        v = v + scale * tables[name][c[-1]]
+    stored = join(c, bits)
+    return stored, decode(stored, bits)

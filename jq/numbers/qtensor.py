@@ -259,7 +259,7 @@ class QTensor:
         if f.packs:
             want[lay.pack_axis] = formats.packed_length(want[lay.pack_axis], f.bits)
         want += [f.books] if f.kind == "additive" else []  # M indices per vector
-        want += [3] if f.kind == "lattice" and f.bits == 24 else []  # e8p3: a code's three bytes
+        want += list(lattice.storage(f.bits)[1]) if f.kind == "lattice" else []  # e8p3 / 5 / 6: a code's bytes
         if tuple(self.codes.shape) != tuple(want):
             problems.append(f"codes shape {tuple(self.codes.shape)} != {tuple(want)}")
         for name, a in (("scale", self.scale), ("zero", self.zero)):

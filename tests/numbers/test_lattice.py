@@ -1,4 +1,4 @@
-"""The E8P lattice codebook (`jq.numbers.lattice`, formats `e8p` / `e8p3` / `e8p2`): the table's structure (2^16
+"""The E8P lattice codebook (`jq.numbers.lattice`, formats `e8p` / `e8p3` / `e8p2` / `e8p5` / `e8p6`): the table's structure (2^16
 distinct points of E8 + ¼; e8p3's shell: the origin and E8's 240 roots), exact nearest-entry encoding against a
 NumPy brute force, code round trips, the format constants' optimality for Gaussian inputs, QTensor decoding against a
 NumPy lookup, honest bits and the checkpoint."""
@@ -59,15 +59,15 @@ def test_encoding_is_the_exact_nearest_entry():
 def test_every_entry_encodes_to_its_own_code(codes):
     c = np.resize(np.asarray(codes), 64)  # one shape: one compilation
     assert np.array_equal(np.asarray(lattice.encode(jnp.asarray(lattice.table()[c]))), c)
-    two = (c.astype(np.uint32) | (c[::-1].astype(np.uint32) << 16))
-    v = np.asarray(lattice.decode(jnp.asarray(two), 32))
-    np.testing.assert_array_equal(v, lattice.table()[c] + lattice.RESIDUAL_SCALE * lattice.table()[c[::-1]])
-    three = c.astype(np.uint32) | ((c[::-1] % 256).astype(np.uint32) << 16)
-    stored = np.asarray(lattice.pack24(jnp.asarray(three)))
-    assert stored.dtype == np.uint8 and stored.shape == (64, 3)
-    np.testing.assert_array_equal(stored.astype(np.uint32) @ (1 << np.arange(0, 24, 8, dtype=np.uint32)), three)
-    v = np.asarray(lattice.decode(jnp.asarray(stored), 24))
-    np.testing.assert_array_equal(v, lattice.table()[c] + lattice.SHELL_SCALE * lattice.shell()[c[::-1] % 256])
+    t, sh, rev = lattice.table(), lattice.shell(), c[::-1]
+    for bits in (24, 32, 40, 48):  # every stage's code reads back its own entry, at its own scale
+        tabs = [(t, rev) if name == "e8p" else (sh, rev % 241) for name, _ in lattice.STAGES[bits]]
+        stages = [c] + [i for _, i in tabs]
+        stored = lattice.join([jnp.asarray(s) for s in stages], bits)
+        want = t[c]
+        for (_, r), (tab, i) in zip(lattice.STAGES[bits], tabs):
+            want = want + r * tab[i]
+        np.testing.assert_array_equal(np.asarray(lattice.decode(stored, bits)), want)
 
 
 def test_the_shell_is_the_origin_and_the_240_roots_of_e8():
@@ -83,14 +83,16 @@ def test_the_shell_is_the_origin_and_the_240_roots_of_e8():
     np.testing.assert_allclose(d[np.arange(500), got], d.min(1), rtol=1e-5, atol=1e-6)
 
 
-def _gaussian_mse(gain: float, bits: int, second: float | None = None) -> float:
-    """MSE per coordinate of `bits`-bit E8P on unit Gaussians stretched by `gain` (second-stage scale `second`, the
-    format's when None), by a NumPy brute force for the second stage."""
+def _gaussian_mse(gain: float, bits: int, last: float | None = None) -> float:
+    """MSE per coordinate of `bits`-bit E8P on unit Gaussians stretched by `gain` (the last stage's scale `last`, the
+    format's when None), by a NumPy brute force for the stages after the first."""
     x = np.random.default_rng(0).standard_normal((1 << 13, 8)).astype(np.float32)
     v = np.asarray(lattice.decode(lattice.encode(jnp.asarray(gain * x)).astype(jnp.uint16)))
-    if bits > 16:
-        r = {24: lattice.SHELL_SCALE, 32: lattice.RESIDUAL_SCALE}[bits] if second is None else second
-        tab = lattice.shell()[:241] if bits == 24 else lattice.table()
+    stages = list(lattice.STAGES[bits])
+    if last is not None:
+        stages[-1] = (stages[-1][0], last)
+    for name, r in stages:
+        tab = lattice.shell()[:241] if name == "shell" else lattice.table()
         res = (gain * x - v) / r
         best = np.concatenate([(-2 * c @ tab.T + (tab**2).sum(1)[None]).argmin(1) for c in np.array_split(res, 16)])
         v = v + r * tab[best]
@@ -111,40 +113,76 @@ def test_the_format_constants_are_near_optimal_for_gaussian_weights():
                                                                    (0.875, 0.3)))
 
 
-def test_quantize_is_the_two_stage_nearest_entries():
+def test_the_five_and_six_bit_constants_are_near_optimal_for_gaussian_weights():
+    five = _gaussian_mse(lattice.GAIN[40], 40)
+    assert five < 0.0029  # the best uniform 5-bit grid (int5's): 0.0035; Lloyd-Max's non-uniform one 0.0025
+    assert all(five <= 1.01 * _gaussian_mse(k, 40, r) for k, r in ((0.78, 0.13), (0.88, 0.13), (0.83, 0.11),
+                                                                    (0.83, 0.15)))
+    six = _gaussian_mse(lattice.GAIN[48], 48)
+    assert six < 0.00085  # the best uniform 6-bit grid (int6's): 0.00104; Lloyd-Max's non-uniform one 0.00064
+    assert all(six <= 1.01 * _gaussian_mse(k, 48, r) for k, r in ((0.75, 0.07), (0.85, 0.07), (0.8, 0.06),
+                                                                   (0.8, 0.08)))
+
+
+def test_quantize_is_the_stagewise_nearest_entries():
     y = jnp.asarray(np.random.default_rng(5).standard_normal((300, 8)) * 0.9, jnp.float32)
-    for bits in (16, 24, 32):
-        codes, v = lattice.quantize(y, bits)
-        stored = lattice.pack24(codes) if bits == 24 else codes
+    t, sh = lattice.table(), lattice.shell()
+    for bits in lattice.CODE_BITS:
+        stored, v = lattice.quantize(y, bits)
+        dtype, trailing = lattice.storage(bits)
+        assert stored.dtype == dtype and stored.shape == (300, *trailing)
         np.testing.assert_array_equal(np.asarray(lattice.decode(stored, bits)), np.asarray(v))
-    c1 = lattice.encode(y)
-    v1 = lattice.decode(c1.astype(jnp.uint16))
-    c3, _ = lattice.quantize(y, 24)
-    np.testing.assert_array_equal(np.asarray(c3 & 0xFFFF), np.asarray(c1))
-    shell_index = lattice.nearest_in_shell((y - v1) / lattice.SHELL_SCALE)
-    np.testing.assert_array_equal(np.asarray(c3 >> 16), np.asarray(shell_index))
+        stages = [np.asarray(c) for c in lattice.split(stored, bits)]
+        np.testing.assert_array_equal(np.asarray(lattice.join([jnp.asarray(c) for c in stages], bits)),
+                                      np.asarray(stored))
+        # each stage: the nearest entry of its table to what the stages before left (NumPy brute force)
+        ref = t[stages[0]]
+        assert (stages[0] == np.asarray(lattice.encode(y))).all()
+        for (name, scale), c in zip(lattice.STAGES[bits], stages[1:]):
+            tab = sh[:241] if name == "shell" else t
+            res = (np.asarray(y) - ref) / scale
+            d = ((res[:, None] - tab[None]) ** 2).sum(-1)
+            np.testing.assert_allclose(d[np.arange(300), c], d.min(1), rtol=1e-5, atol=1e-5)
+            ref = ref + scale * tab[c]
+        np.testing.assert_allclose(np.asarray(v), ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("fmt, gran", [("e8p", "channel"), ("e8p3", "group"), ("e8p2", "group")])
+def test_stored_bytes_are_the_stage_codes_little_endian():
+    c1, c2, c3 = np.array([0x1234, 0xFFFF]), np.array([0xABCD, 0]), np.array([0x00EE, 0x0102])
+    three = np.asarray(lattice.join([jnp.asarray(c1), jnp.asarray(c3 & 0xFF)], 24))
+    np.testing.assert_array_equal(three, [[0x34, 0x12, 0xEE], [0xFF, 0xFF, 0x02]])
+    five = np.asarray(lattice.join([jnp.asarray(c) for c in (c1, c2, c3 & 0xFF)], 40))
+    np.testing.assert_array_equal(five, [[0x34, 0x12, 0xCD, 0xAB, 0xEE], [0xFF, 0xFF, 0, 0, 0x02]])
+    six = np.asarray(lattice.join([jnp.asarray(c) for c in (c1, c2, c3)], 48))
+    np.testing.assert_array_equal(six, [[0x34, 0x12, 0xCD, 0xAB, 0xEE, 0], [0xFF, 0xFF, 0, 0, 0x02, 0x01]])
+    two = np.asarray(lattice.join([jnp.asarray(c1), jnp.asarray(c2)], 32))
+    np.testing.assert_array_equal(two, c1 | (c2 << 16))
+
+
+@pytest.mark.parametrize("fmt, gran", [("e8p", "channel"), ("e8p3", "group"), ("e8p2", "group"), ("e8p5", "group"),
+                                       ("e8p6", "channel")])
 def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gran):
     f = get_format(fmt)
     K, N = 32, 5
     s = Scheme(fmt, granularity=gran, group_size=16 if gran == "group" else None)
     lay = s.layout((K, N), (0,))
     rng = np.random.default_rng(2)
-    c = rng.integers(0, 2 ** f.bits, (K // 8, N), dtype=np.uint64)
-    if f.bits == 24:
-        c = (c & 0xFFFF) | ((c >> 16) % 241 << 16)  # shell indices the encoder writes
-    codes = {16: c.astype(np.uint16), 32: c.astype(np.uint32),
-             24: np.stack([(c >> s) & 0xFF for s in (0, 8, 16)], -1).astype(np.uint8)}[f.bits]
+    names = ["e8p"] + [name for name, _ in lattice.STAGES[f.bits]]
+    stages = [rng.integers(0, 65536 if name == "e8p" else 241, (K // 8, N)) for name in names]  # shell: < 241
+    raw = np.concatenate([[(c >> 8 * i) & 0xFF for i in range(2 if name == "e8p" else 1)]
+                          for name, c in zip(names, stages)]).transpose(1, 2, 0)  # little-endian bytes [K/8, N, B]
+    if f.bits in (16, 32):
+        codes = stages[0].astype(np.uint16) if f.bits == 16 else (stages[0] | stages[1] << 16).astype(np.uint32)
+    else:
+        codes = raw.astype(np.uint8)
     scale = rng.uniform(0.5, 2, lay.scale_shape).astype(np.float16)
     q = QTensor(codes=jnp.asarray(codes), scale=jnp.asarray(scale), fmt=fmt, layout=lay, symmetric=True,
                 dtype="float32")
     q.check()
-    t = lattice.table()
-    c = c.astype(np.int64)
-    vec = t[c & 0xFFFF] + {16: 0, 24: lattice.SHELL_SCALE * lattice.shell()[c >> 16 & 255],
-                           32: lattice.RESIDUAL_SCALE * t[c >> 16 & 0xFFFF]}[f.bits]  # [K/8, N, 8]
+    tables = {"e8p": lattice.table(), "shell": lattice.shell()}
+    vec = tables["e8p"][stages[0]]  # [K/8, N, 8]
+    for (name, r), c in zip(lattice.STAGES[f.bits], stages[1:]):
+        vec = vec + r * tables[name][c]
     rows = K // scale.shape[0]
     ref = np.array([[vec[k // 8, n, k % 8] * float(scale[k // rows, n]) for n in range(N)] for k in range(K)])
     np.testing.assert_allclose(np.asarray(q.dequantize()), ref, rtol=1e-6)
@@ -153,8 +191,9 @@ def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gra
     from jq import checkpoint as ck
 
     ck.save(tmp_path / "ck", {"a": {"kernel": q}})
-    # an older reader refuses the format name: 1.3 does not know e8p / e8p2, 1.5 not e8p3
-    assert ck.read_meta(tmp_path / "ck")["format_version"] == ("1.6" if fmt == "e8p3" else "1.4")
+    # an older reader refuses the format name: 1.3 does not know e8p / e8p2, 1.5 not e8p3, 1.6 not e8p5 / e8p6
+    want = {"e8p3": "1.6", "e8p5": "1.7", "e8p6": "1.7"}.get(fmt, "1.4")
+    assert ck.read_meta(tmp_path / "ck")["format_version"] == want
     got = ck.load(tmp_path / "ck")[0]["a"]["kernel"]
     assert got.fmt == fmt and got.codes.dtype == q.codes.dtype
     for name in ("codes", "scale"):
@@ -167,7 +206,7 @@ def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gra
 
 def test_refusals_name_the_value_and_fix():
     for fn in (lattice.decode, lattice.quantize):
-        with pytest.raises(ValueError, match=r"lattice codes of 20 bits per vector; E8P formats have \(16, 24, 32\)"):
+        with pytest.raises(ValueError, match=r"lattice codes of 20 bits per vector; E8P formats have \(16, 24, 32, 40, 48\)"):
             fn(jnp.zeros((2, 8)), 20)
     with pytest.raises(ValueError, match="'e8p' is a vector codebook .* method: quip"):
         get_format("e8p").encode(jnp.zeros(3))
