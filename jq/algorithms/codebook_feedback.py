@@ -74,9 +74,9 @@ def feedback_assign(w: jnp.ndarray, u: jnp.ndarray, vec: int, block: int, tables
                     round_step: RoundStep = _round_to_tables, index_dtype: Any = jnp.int32,
                     keep: jnp.ndarray | None = None, index_shape: tuple[int, ...] = ()
                     ) -> tuple[jnp.ndarray, Any, jnp.ndarray]:
-    """Indices [K / vec, N, *index_shape] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned with feedback,
-    the stacked per-block outputs of `tables_of`, and the assigned weights [K, N] (the chosen entries; at `keep`
-    positions the kept weights).
+    """Indices [K / vec, N, *index_shape] (`index_dtype`) of the codebook vectors the rows of w [K, N] are assigned
+    with feedback, the stacked per-block outputs of `tables_of`, and the assigned weights [K, N] (the chosen entries;
+    at `keep` positions the kept weights).
 
     Args:
       w: the kernel, input rows first (K divisible by `block`, `block` by `vec`).

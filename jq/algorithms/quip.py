@@ -13,8 +13,8 @@ block-LDL error feedback.
    (`jq.algorithms.codebook_feedback`), which is what BlockLDLQ's LDL form computes.
 4. refit (optional): the scales refitted to the layer objective tr((W − Ŵ)ᵀ H (W − Ŵ)) with the codes fixed.
 
-Bits per weight = 2 (`e8p`), 3 (`e8p3`), 4 (`e8p2`), 5 (`e8p5`) or 6 (`e8p6`) + 16 / R (R = group_size, or K per channel); nothing else is
-stored.
+Bits per weight = 2 (`e8p`), 3 (`e8p3`), 4 (`e8p2`), 5 (`e8p5`) or 6 (`e8p6`) + 16 / R (R = group_size, or K per
+channel); nothing else is stored.
 Not here: QuIP#'s fine-tuning of the remaining float parameters.
 """
 

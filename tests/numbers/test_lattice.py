@@ -1,7 +1,7 @@
-"""The E8P lattice codebook (`jq.numbers.lattice`, formats `e8p` / `e8p3` / `e8p2` / `e8p5` / `e8p6`): the table's structure (2^16
-distinct points of E8 + ¼; e8p3's shell: the origin and E8's 240 roots), exact nearest-entry encoding against a
-NumPy brute force, code round trips, the format constants' optimality for Gaussian inputs, QTensor decoding against a
-NumPy lookup, honest bits and the checkpoint."""
+"""The E8P lattice codebook (`jq.numbers.lattice`, formats `e8p` / `e8p3` / `e8p2` / `e8p5` / `e8p6`): the table's
+structure (2^16 distinct points of E8 + ¼; the shell: the origin and E8's 240 roots), exact stagewise nearest-entry
+encoding against a NumPy brute force, code round trips and byte layout, the format constants' optimality for
+Gaussian inputs, QTensor decoding against a NumPy lookup, honest bits and the checkpoint."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_qtensors_decode_as_the_numpy_lookup_with_honest_bits(tmp_path, fmt, gra
 
 def test_refusals_name_the_value_and_fix():
     for fn in (lattice.decode, lattice.quantize):
-        with pytest.raises(ValueError, match=r"lattice codes of 20 bits per vector; E8P formats have \(16, 24, 32, 40, 48\)"):
+        with pytest.raises(ValueError, match=r"codes of 20 bits per vector; E8P formats have \(16, 24, 32, 40, 48\)"):
             fn(jnp.zeros((2, 8)), 20)
     with pytest.raises(ValueError, match="'e8p' is a vector codebook .* method: quip"):
         get_format("e8p").encode(jnp.zeros(3))
