@@ -1,6 +1,6 @@
 """The E8P lattice codebook (format kind "lattice": `e8p`, `e8p3`, `e8p2`, `e8p5`, `e8p6`): a fixed 2^16-entry codebook
-of 8-dimensional vectors from the E8 lattice, in the spirit of QuIP# (Tseng et al. 2024, "QuIP#: Even Better LLM Quantization with
-Hadamard Incoherence and Lattice Codebooks").
+of 8-dimensional vectors from the E8 lattice, in the spirit of QuIP# (Tseng et al. 2024, "QuIP#: Even Better LLM
+Quantization with Hadamard Incoherence and Lattice Codebooks").
 
 E8 = D8 ∪ (D8 + ½), D8 the integer vectors of even sum; the half-integer coset D8 + ½ holds the vectors of
 half-integers whose sum is even. E8P takes 256 *magnitude patterns* a ∈ (ℕ + ½)^8 — the 227 of norm² ≤ 10 and
