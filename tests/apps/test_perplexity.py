@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jq.apps.perplexity import perplexity
+from jq.apps.perplexity import perplexity, window_nll_sum
 
 
 def uniform_forward(vocab: int):
@@ -41,6 +41,13 @@ def test_matches_numpy_next_token_nll_and_is_batch_invariant():
     for r in runs:
         assert r["nll"] == pytest.approx(nll, rel=1e-5)
         assert r["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+
+
+def test_the_nll_keeps_no_copy_of_the_logits():
+    # a large-vocabulary model's logits are GBs (Gemma 3: 2 GB per 4 windows): the NLL reduces them in place
+    logits = jax.ShapeDtypeStruct((4, 64, 32768), jnp.float32)
+    mem = window_nll_sum.lower(logits, jax.ShapeDtypeStruct((4, 64), jnp.int32)).compile().memory_analysis()
+    assert mem.temp_size_in_bytes < 0.05 * 4 * 64 * 32768 * 4
 
 
 def test_params_are_passed_through_untouched():
