@@ -99,8 +99,8 @@ class Format:
         if self.kind in ("lut", "additive"):
             return 1.0
         if self.kind == "lattice":
-            tables = {"e8p": lattice.table(), "shell": lattice.shell()}
-            return float(np.abs(lattice.table()).max()
+            tables = lattice.stage_tables()
+            return float(np.abs(tables["e8p"]).max()
                          + sum(scale * np.abs(tables[name]).max() for name, scale in lattice.STAGES[self.bits]))
         return float(max(abs(v) for v in self.table))
 

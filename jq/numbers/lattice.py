@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["VEC", "ENTRIES", "CODE_BITS", "STAGES", "GAIN", "patterns", "table", "shell", "storage", "split", "join",
-           "encode", "nearest_in_shell", "decode", "quantize"]
+__all__ = ["VEC", "ENTRIES", "CODE_BITS", "STAGES", "GAIN", "patterns", "table", "shell", "stage_tables", "storage",
+           "split", "join", "encode", "nearest_in_shell", "decode", "quantize"]
 
 VEC = 8
 ENTRIES = 1 << 16
@@ -99,6 +99,12 @@ def shell() -> np.ndarray:
     return np.asarray([(0.0,) * VEC] + roots + [(0.0,) * VEC] * 15, np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def stage_tables() -> dict[str, np.ndarray]:
+    """The tables a stage may read, by the name `STAGES` gives it: "e8p" (`table`) and "shell" (`shell`)."""
+    return {"e8p": table(), "shell": shell()}
+
+
 def _check(bits: int) -> tuple[str, ...]:
     if bits not in STAGES:
         raise ValueError(f"lattice codes of {bits} bits per vector; E8P formats have {CODE_BITS}")
@@ -144,13 +150,11 @@ def join(stage_codes: list[jax.Array], bits: int) -> jax.Array:
 
 
 def decode(codes: jax.Array, bits: int = 16) -> jax.Array:
-    """Stored codes (`storage(bits)`) → vectors [..., 8] (float32)."""
-    names = _check(bits)
-    tables = {"e8p": jnp.asarray(table()), "shell": jnp.asarray(shell())}
-    c = split(codes, bits)
-    v = tables["e8p"][c[0]]
-    for name, (_, scale), ck in zip(names[1:], STAGES[bits], c[1:]):
-        v = v + scale * tables[name][ck]
+    """Stored codes (`storage(bits)`) → vectors [..., 8] (float32): entry(stage 1) + Σ_k scale_k · table_k[code_k]."""
+    c, tables = split(codes, bits), stage_tables()
+    v = jnp.asarray(tables["e8p"])[c[0]]
+    for (name, scale), ck in zip(STAGES[bits], c[1:]):
+        v = v + scale * jnp.asarray(tables[name])[ck]
     return v
 
 
@@ -203,13 +207,11 @@ def nearest_in_shell(y: jax.Array) -> jax.Array:
 def quantize(y: jax.Array, bits: int = 16) -> tuple[jax.Array, jax.Array]:
     """(stored codes, vectors [..., 8]) of E8P with `bits` per vector for vectors y [..., 8]: each stage after the
     first encodes what the stages before left, divided by its scale (`STAGES`)."""
-    names = _check(bits)
-    nearest = {"e8p": encode, "shell": nearest_in_shell}
-    tables = {"e8p": jnp.asarray(table()), "shell": jnp.asarray(shell())}
+    _check(bits)
+    nearest, tables = {"e8p": encode, "shell": nearest_in_shell}, stage_tables()
     c = [encode(y)]
-    v = tables["e8p"][c[0]]
-    for name, (_, scale) in zip(names[1:], STAGES[bits]):
+    v = jnp.asarray(tables["e8p"])[c[0]]
+    for name, scale in STAGES[bits]:  # the same sum, in the same order, as `decode`
         c.append(nearest[name]((y - v) / scale))
-        v = v + scale * tables[name][c[-1]]
-    stored = join(c, bits)
-    return stored, decode(stored, bits)
+        v = v + scale * jnp.asarray(tables[name])[c[-1]]
+    return join(c, bits), v
