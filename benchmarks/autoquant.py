@@ -124,7 +124,8 @@ def main() -> None:
     p.add_argument("--also", default="/usr/share/common-licenses/GPL-3", help="a text not in the repo ('' for none)")
     p.add_argument("--base", help="a recipe whose rotation every candidate (allocated and uniform) runs on")
     p.add_argument("--model", default="smollm2-135m", help="a known model name, .gguf file or Hugging Face directory")
-    p.add_argument("--cache", help="a JSON file of sensitivity tables: reused when it matches, else written")
+    p.add_argument("--cache", help="a JSON file of sensitivity tables (jq autoquant --cache): what it holds for "
+                   "this model, draw and base is reused, the rest measured and added")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

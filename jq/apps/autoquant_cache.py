@@ -9,6 +9,12 @@ for the layers a `--refine` or a validation measured (a KL on other tokens than 
 refinement that stops resumes with the layers it had measured (each is written as it is done). The file is written
 whole to a temporary name and renamed, so a stopped run never leaves half of one; two runs sharing a file at once
 keep the last one's columns.
+
+A file holds one store per key (another calibration draw or base adds a store beside the others, it does not
+replace them). Candidates and the base are known by what they quantize and how: a recipe's name and description are
+labels, so rewording one keeps its measurements. A file that is not such a cache (another JSON, a recipe, a damaged
+write) is refused, never overwritten. Files of the first layout (one store, recipes keyed with their labels) are read
+as the current one.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from jq.tree.recipe import QuantConfig, recipe_to_dict
 
 __all__ = ["cache_key", "cached_tables"]
 
-_VERSION = 2
+FORMAT, _VERSION = "jq-autoquant-cache", 3
+_LABELS = ("name", "description")  # what a recipe says about itself, not what it measures
 _DEFAULTS = {k: p.default for k, p in inspect.signature(sensitivity_tables).parameters.items()}
 _OPTIONS = {k: _DEFAULTS[k] for k in ("fisher_samples", "hessian_samples")}  # the sample counts a key assumes
 _KL_OPTIONS = {k: _DEFAULTS[k] for k in ("kl_samples", "kl_stride")}  # part of the stored KL's name instead
@@ -49,31 +56,73 @@ def cache_key(m: LoadedModel, draw: dict[str, Any], base: QuantConfig | None = N
     `jq.apps.data.calibration_draw` records it; the file list order-free), the base recipe, and for latencies the
     tokens per matmul and the device kind. JSON-shaped."""
     calib = {k: (sorted(map(str, v)) if k == "files" else v) for k, v in draw.items()}
-    key = {"version": _VERSION, "model": str(m.source), "calibration": calib,
-           "base": recipe_to_dict(base) if base is not None else None}
+    key = {"model": str(m.source), "calibration": calib,
+           "base": _content(recipe_to_dict(base)) if base is not None else None}
     if latency:
         key["latency"] = list(latency)
     return json.loads(json.dumps(key))
 
 
+def _content(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A YAML-shaped recipe without its labels."""
+    return {k: v for k, v in recipe.items() if k not in _LABELS}
+
+
 def _column_id(c: QuantConfig) -> str:
-    return json.dumps(recipe_to_dict(c), sort_keys=True)
+    return json.dumps(_content(recipe_to_dict(c)), sort_keys=True)
 
 
-def _read(path: Path, key: dict[str, Any]) -> dict[str, Any]:
-    """The store in `path` when it was written for `key`, else an empty one (absent, unreadable, or another key:
-    re-measured and replaced)."""
-    empty = {"key": key, "columns": {}, "extras": {}}
+def _from_version_2(store: dict[str, Any]) -> dict[str, Any]:
+    """A store of the first layout (its key carried "version": 2 and the base's labels, its columns were keyed by
+    the whole recipe) in the current one; columns that differed only in their labels are merged."""
+    key = {k: v for k, v in store["key"].items() if k != "version"}
+    if key.get("base") is not None:
+        key["base"] = _content(key["base"])
+    columns: dict[str, Any] = {}
+    for cid, col in store["columns"].items():
+        new = json.dumps(_content(json.loads(cid)), sort_keys=True)
+        if new not in columns:
+            columns[new] = col
+            continue
+        for p, entry in col["layers"].items():  # a second label of the same recipe: keep every cost of either
+            columns[new]["layers"].setdefault(p, entry)["cost"] = {**entry["cost"],
+                                                                    **columns[new]["layers"][p]["cost"]}
+    return {**store, "key": key, "columns": columns}
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """The stores in the cache file `path` ([] when it does not exist). ValueError naming the file when it exists
+    but is not an autoquant cache: it is not ours to overwrite."""
+    if not path.exists():
+        return []
     try:
-        store = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return empty
-    return store if isinstance(store, dict) and store.get("key") == key and "columns" in store else empty
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--cache {path}: not a readable autoquant cache ({e}); it is left as it is: give another "
+                         "file name, or delete it to measure afresh") from None
+    if isinstance(data, dict) and data.get("format") == FORMAT and isinstance(data.get("stores"), list):
+        if data.get("version", 0) > _VERSION:
+            raise ValueError(f"--cache {path}: written by a newer jq (cache version {data['version']}, this one "
+                             f"reads up to {_VERSION}); upgrade jq or give another file")
+        return data["stores"]
+    if isinstance(data, dict) and {"key", "columns"} <= set(data) and data["key"].get("version") == 2:
+        return [_from_version_2(data)]
+    raise ValueError(f"--cache {path}: a JSON file but not an autoquant cache (no \"format\": \"{FORMAT}\"); it is "
+                     "left as it is: give another file name, or delete it to measure afresh")
 
 
-def _write(path: Path, store: dict[str, Any]) -> None:
+def _store(stores: list[dict[str, Any]], key: dict[str, Any]) -> dict[str, Any]:
+    """The store of `key` among `stores`, added (empty) when there is none."""
+    for store in stores:
+        if store["key"] == key:
+            return store
+    stores.append({"key": key, "columns": {}, "extras": {}})
+    return stores[-1]
+
+
+def _write(path: Path, stores: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(store))
+    tmp.write_text(json.dumps({"format": FORMAT, "version": _VERSION, "stores": stores}))
     os.replace(tmp, path)
 
 
@@ -151,7 +200,8 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
     if any(options.get(k, v) != v for k, v in _OPTIONS.items()):  # the sample counts the key assumes
         key = {**key, "options": {k: options.get(k, v) for k, v in _OPTIONS.items()}}
     path = Path(cache)
-    store = _read(path, key)
+    stores = _read(path)
+    store = _store(stores, key)
     cols = store["columns"]
     names = {x: _stored(x, options) for x in metrics}
     missing = [ci for ci, c in enumerate(candidates)
@@ -166,13 +216,13 @@ def cached_tables(m: LoadedModel, candidates: Sequence[QuantConfig], calib: np.n
         if only is None:
             tables = sensitivity_tables(m, sub, calib, metrics, progress, **options)
             _absorb(store, sub, {names[x]: t for x, t in tables.items()})
-            _write(path, store)
+            _write(path, stores)
         else:  # some layers (a refinement): each is written as it is done, so a stop loses one
             need = [p for p in only if any(not _has(cols[_column_id(c)], names[x], [p]) for c in sub for x in metrics)]
 
             def keep(p: str, rows: dict[str, dict[str, Any]]) -> None:
                 _absorb_layer(store, sub, p, {names[x]: r for x, r in rows.items()})
-                _write(path, store)
+                _write(path, stores)
             sensitivity_tables(m, sub, calib, metrics, progress, only=need, on_layer=keep, **options)
     return {x: {**_assemble(store, candidates, names[x], only), "metric": x, "measured": len(missing)}
             for x in metrics}

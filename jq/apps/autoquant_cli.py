@@ -32,9 +32,10 @@ def add_arguments(a: argparse.ArgumentParser, model_help: str) -> None:
                    "(hessian), or measured: the logits' KL when the layer alone is quantized (kl: one forward per "
                    "layer and candidate)")
     a.add_argument("--out", required=True, help="the recipe YAML to write")
-    a.add_argument("--cache", help="a JSON file of measured costs per candidate, layer and metric for this model, "
-                   "calibration draw and base: what it holds is reused, only what is missing is measured (another "
-                   "budget takes seconds, another candidate only its own scoring, a stopped --refine resumes)")
+    a.add_argument("--cache", help="a JSON file of measured costs per candidate, layer and metric, per model, "
+                   "calibration draw and base: what it holds is reused, only what is missing is measured and added "
+                   "(another budget takes seconds, another candidate only its own scoring, a stopped --refine "
+                   "resumes); a file that is not such a cache is refused, never overwritten")
     a.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="re-score by their measured KL (that layer alone quantized) the layers given fewer bits than "
                    "the budget's average (+ --refine-margin), solve again; up to ROUNDS rounds (default 0: none)")

@@ -1,9 +1,11 @@
 """The autoquant sensitivity cache: tables from it equal tables measured directly, in any candidate order; only what
-is missing (a new candidate, a metric, the KL of a layer) is measured; another key or a damaged file is measured
-afresh; a refinement run twice measures nothing the second time."""
+is missing (a new candidate, a metric, the KL of a layer) is measured; another key is measured afresh beside the
+first; a file that is not a cache is refused and left alone; labels do not matter; a refinement run twice measures
+nothing the second time."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -14,7 +16,7 @@ import jq.apps.autoquant_cache as cache_mod
 from jq.apps.autoquant import sensitivity_tables
 from jq.apps.autoquant_cache import cache_key, cached_tables
 from jq.apps.autoquant_refine import refine
-from jq.tree.recipe import load_recipe, recipe_from_dict
+from jq.tree.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 
 NAMES = ["rtn_w2_g128", "rtn_w4_g128", "rtn_w8_g128"]
 DRAW = {"files": ["b.txt", "a.txt"], "samples": 8, "length": 16, "seed": 0, "sampling": "windows"}
@@ -110,24 +112,58 @@ def test_a_kl_on_other_tokens_is_kept_beside_the_default_one_and_the_estimates_s
     for p in layers:
         np.testing.assert_allclose(strided["layers"][p]["cost"], want["layers"][p]["cost"], rtol=1e-5)
         assert not np.allclose(strided["layers"][p]["cost"], plain["layers"][p]["cost"], rtol=1e-3)
-    stored = json.loads(f.read_text())["columns"]
+    stored = json.loads(f.read_text())["stores"][0]["columns"]
     assert set(next(iter(stored.values()))["layers"][layers[0]]["cost"]) == {"kfac", "kl", "kl[kl_samples=2,kl_stride=2]"}
 
 
-def test_another_key_a_damaged_file_or_other_sample_counts_are_measured_afresh(setup, spy, tmp_path):
+def test_another_key_is_a_store_beside_the_first_and_a_file_not_a_cache_is_refused(setup, spy, tmp_path):
     m, cands, calib, _ = setup
     f = tmp_path / "s.json"
     cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))
     assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, {**DRAW, "seed": 1}))["kfac"][
         "measured"] == 3
-    assert json.loads(f.read_text())["key"]["calibration"]["seed"] == 1  # replaced, not mixed
+    stored = json.loads(f.read_text())
+    assert stored["format"] == "jq-autoquant-cache" and [s["key"]["calibration"]["seed"] for s in stored["stores"]] \
+        == [0, 1]  # kept beside, not replaced
+    assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))["kfac"]["measured"] == 0
     assert cache_key(m, DRAW) == cache_key(m, {**DRAW, "files": DRAW["files"][::-1]})  # the file order is free
-    f.write_text('{"key": ')
-    assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))["kfac"]["measured"] == 3
     assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW), hessian_samples=4)["kfac"][
         "measured"] == 3
+    for text, why in (('{"key": ', "not a readable autoquant cache"), ("name: w4\nrules: []\n", "not a readable"),
+                      ('{"rules": []}', "a JSON file but not an autoquant cache")):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=rf"--cache .*s.json: {why}.*left as it is: give another file name"):
+            cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))
+        assert f.read_text() == text  # a damaged write or a recipe passed by mistake is never overwritten
     with pytest.raises(ValueError, match=r"needs the cache's key: cache_key\(model, draw, base, latency\)"):
-        cached_tables(m, cands, calib, ("kfac",), cache=f)
+        cached_tables(m, cands, calib, ("kfac",), cache=tmp_path / "t.json")
+
+
+def test_a_reworded_name_or_description_keeps_the_measurements(setup, spy, tmp_path):
+    m, cands, calib, _ = setup
+    base = load_recipe("quarot_gptq_refit_w4_g128")
+    relabel = lambda c: dataclasses.replace(c, name=c.name + "_v2", description="reworded")  # noqa: E731
+    f = tmp_path / "s.json"
+    first = cached_tables(m, cands, calib, ("hessian",), cache=f, key=cache_key(m, DRAW, base), base=base)["hessian"]
+    again = cached_tables(m, [relabel(c) for c in cands], calib, ("hessian",), cache=f,
+                          key=cache_key(m, DRAW, relabel(base)), base=relabel(base))["hessian"]
+    assert again["measured"] == 0 and len(spy) == 1 and again["candidates"] == [c.name + "_v2" for c in cands]
+    _same({**again, "candidates": first["candidates"]}, first)
+
+
+def test_a_file_of_the_first_layout_reads_as_the_current_one(setup, spy, tmp_path):
+    m, cands, calib, _ = setup
+    f, old = tmp_path / "s.json", tmp_path / "old.json"
+    key = cache_key(m, DRAW)
+    want = cached_tables(m, cands, calib, ("hessian",), cache=f, key=key)["hessian"]
+    store = json.loads(f.read_text())["stores"][0]
+    labelled = {json.dumps(recipe_to_dict(c), sort_keys=True): store["columns"][json.dumps(
+        {k: v for k, v in recipe_to_dict(c).items() if k not in ("name", "description")}, sort_keys=True)]
+        for c in cands}  # the first layout: columns keyed by the whole recipe, the key versioned inside
+    old.write_text(json.dumps({"key": {"version": 2, **key}, "columns": labelled, "extras": store["extras"]}))
+    got = cached_tables(m, cands, calib, ("hessian",), cache=old, key=key)["hessian"]
+    assert got["measured"] == 0 and len(spy) == 1
+    _same(got, want)
 
 
 def test_candidates_covering_different_layers_assemble_as_one_measurement(setup, spy, tmp_path):

@@ -113,7 +113,7 @@ def test_cli_refine_reports_the_measured_layers(tiny, tmp_path, capsys):
                      "--refine-margin", "4.5"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["kl_ratio"] > 0 and info["linear_bits_per_weight"] <= 4
-    column = next(iter(json.loads(cache.read_text())["columns"].values()))
+    column = next(iter(json.loads(cache.read_text())["stores"][0]["columns"].values()))
     assert info["measured_layers"] == len(column["layers"])  # the margin past int8's 8.25 bits: every layer
     kept = [p for p, e in column["layers"].items() if "kl[kl_samples=2,kl_stride=3]" in e["cost"]]
     assert len(kept) == info["measured_layers"]  # the KL on the tokens asked for, kept under that name
