@@ -86,7 +86,7 @@ def test_the_shell_is_the_origin_and_the_240_roots_of_e8():
 def _gaussian_mse(gain: float, bits: int, last: float | None = None) -> float:
     """MSE per coordinate of `bits`-bit E8P on unit Gaussians stretched by `gain` (the last stage's scale `last`, the
     format's when None), by a NumPy brute force for the stages after the first."""
-    x = np.random.default_rng(0).standard_normal((1 << 13, 8)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((1 << 12, 8)).astype(np.float32)
     v = np.asarray(lattice.decode(lattice.encode(jnp.asarray(gain * x)).astype(jnp.uint16)))
     stages = list(lattice.STAGES[bits])
     if last is not None:
