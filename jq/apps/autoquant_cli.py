@@ -50,9 +50,9 @@ def add_arguments(a: argparse.ArgumentParser, model_help: str) -> None:
     a.add_argument("--json", action="store_true", help="print one JSON object")
     a.add_argument("--validate", type=int, default=0, metavar="N",
                    help="before writing, quantize the whole model by the allocation, by the estimates' allocation "
-                   "(with --refine) and by the largest candidate that fits on every layer, and write the one whose "
-                   "next-token KL from the float model is least on N calibration windows outside the draw "
-                   "(default 0: no check)")
+                   "(with --refine), by the largest candidate that fits on every layer and by the smallest that "
+                   "does not, lowered on its cheapest layers until it fits; write the one whose next-token KL from "
+                   "the float model is least on N calibration windows outside the draw (default 0: no check)")
 
 
 def _progress(line: str, enabled: bool) -> Callable[[str], None] | None:
@@ -124,7 +124,8 @@ def command(args: argparse.Namespace) -> int:
         chosen, refined = choose(sens, args.budget), {}
     checked = {}
     if held is not None:
-        options = contenders(sens, args.budget, chosen, choose(sens, args.budget) if rounds else None)
+        options = contenders(sens, args.budget, chosen, choose(sens, args.budget) if rounds else None,
+                             refined or None)
         joint = validate(m, {k: v["recipe"] for k, v in options.items()}, tokens, held,
                          _progress("validating {what}", not args.json))
         written = min(joint, key=joint.get)

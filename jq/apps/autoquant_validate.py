@@ -7,6 +7,11 @@ measured KL was below the uniform lattice's scored 0.1% above it on Persuasion. 
 allocation is run whole beside the ones it could have been — the allocation the estimates alone chose (before a
 refinement), and the largest single candidate that fits the budget on every layer — on held-out text, and the one
 whose joint KL is least is written. Paired: every contender runs on the same windows.
+
+A third kind of contender changes least: the smallest uniform candidate that does not fit the budget, lowered on the
+layers where that costs least until it fits (no layer raised). Where a budget falls just below a uniform recipe
+(Gemma 3's lattice at 3.0 bits, uniform 3-bit at 3.02), the allocation trades many layers both ways on summed
+single-layer costs; the lowered uniform trades a few, so the sums it rests on are small.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import jax
 import numpy as np
 
 from jq.apps import data
-from jq.apps.autoquant import fits, uniform
+from jq.apps.autoquant import choose, fits, uniform
 from jq.apps.logit_kl import log_probs, mean_kl
 from jq.apps.pipeline import quantize, quantized_forward
 from jq.models.family import LoadedModel
 from jq.tree.recipe import recipe_from_dict
 
-__all__ = ["held_out_windows", "joint_kl", "contenders", "validate"]
+__all__ = ["held_out_windows", "joint_kl", "lowered", "contenders", "validate"]
 
 
 def held_out_windows(tokenizer: Any, files: list[Path], calib: np.ndarray, windows: int, seed: int,
@@ -58,20 +63,52 @@ def joint_kl(m: LoadedModel, recipe: Mapping[str, Any], calib: np.ndarray, ids: 
     return float(np.mean([float(one(m.params, params, row)) for row in np.asarray(ids)]))
 
 
+def _whole(sens: dict[str, Any]) -> list[tuple[int, int]]:
+    """(stored bits summed over the layers, candidate index) of each candidate finite on every layer, by size."""
+    rows = list(sens["layers"].values())
+    return sorted((sum(r["bits"][c] for r in rows), c) for c in range(len(sens["candidates"]))
+                  if all(np.isfinite(r["cost"][c]) for r in rows))
+
+
+def lowered(sens: dict[str, Any], budget: str) -> tuple[str, dict[str, Any]] | None:
+    """("uniform NAME lowered", the choice as `choose` returns it) for NAME the smallest candidate that, on every
+    layer, does not fit `budget`: the least summed cost within the budget when each layer may take NAME or a
+    candidate that stores fewer bits there (none more). None when every uniform fits or none is finite everywhere."""
+    n = len(sens["layers"])
+    over = [c for _, c in _whole(sens) if not fits(sens, budget, [c] * n)]
+    if not over:
+        return None
+    top, name = over[0], sens["candidates"][over[0]]
+    narrowed = {**sens, "layers": {p: {**r, "cost": [x if r["bits"][c] <= r["bits"][top] else float("inf")
+                                                       for c, x in enumerate(r["cost"])]}
+                                   for p, r in sens["layers"].items()}}
+    chosen = choose(narrowed, budget, name=f"{name}_lowered_{budget.strip().lower()}")
+    if not np.isfinite(sum(narrowed["layers"][p]["cost"][c] for p, c in chosen["choice"].items())):
+        return None  # it fits only with a layer raised
+    return f"uniform {name} lowered", {**chosen, "recipe": {
+        **chosen["recipe"], "description": f"jq autoquant: {name} on every layer, lowered where the {sens['metric']} "
+                                           f"cost is least until it fits {budget}"}}
+
+
 def contenders(sens: dict[str, Any], budget: str, chosen: dict[str, Any],
-               estimated: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+               estimated: dict[str, Any] | None = None, costs: dict[str, Any] | None = None
+               ) -> dict[str, dict[str, Any]]:
     """The choices a validation compares, by name, each as `choose` returns it: "allocation" (`chosen`),
-    "allocation by the estimates" (`estimated`, the choice before a refinement, when it differs) and "uniform NAME"
-    for the candidate with the most bits that fits `budget` on every layer of `sens` (when one does)."""
+    "allocation by the estimates" (`estimated`, the choice before a refinement, when it differs), "uniform NAME"
+    for the candidate with the most bits that fits `budget` on every layer of `sens` (when one does), and
+    `lowered`'s choice under `costs` (the refined table after a refinement; default `sens`) when it differs from
+    the others."""
     out = {"allocation": chosen}
     if estimated is not None and estimated["choice"] != chosen["choice"]:
         out["allocation by the estimates"] = estimated
-    rows = list(sens["layers"].values())
-    sizes = [(sum(r["bits"][c] for r in rows), c) for c in range(len(sens["candidates"]))
-             if all(np.isfinite(r["cost"][c]) for r in rows) and fits(sens, budget, [c] * len(rows))]
-    if sizes:
-        name = sens["candidates"][max(sizes)[1]]
+    n = len(sens["layers"])
+    fit = [c for _, c in _whole(sens) if fits(sens, budget, [c] * n)]
+    if fit:
+        name = sens["candidates"][fit[-1]]
         out[f"uniform {name}"] = uniform(sens, name)
+    low = lowered(costs if costs is not None else sens, budget)
+    if low is not None and all(low[1]["choice"] != o["choice"] for o in out.values()):
+        out[low[0]] = low[1]
     return out
 
 

@@ -1,5 +1,5 @@
-"""`jq autoquant --validate N`: the allocation, the estimates' allocation and the largest uniform candidate that fits
-are each quantized whole and scored by their next-token KL from the float model on held-out windows; the least is
+"""`jq autoquant --validate N`: the allocation, the estimates' allocation, the largest uniform candidate that fits and
+the smallest that does not, lowered on its cheapest layers, are each quantized whole and scored by their next-token KL from the float model on held-out windows; the least is
 written."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 
 from jq.apps import data
 from jq.apps.autoquant import choose, fits, sensitivities, uniform
-from jq.apps.autoquant_validate import contenders, held_out_windows, joint_kl, validate
+from jq.apps.autoquant_validate import contenders, held_out_windows, joint_kl, lowered, validate
 from jq.apps.cli import main as cli_main
 from jq.apps.pipeline import quantize, quantized_forward
 from jq.tree.recipe import load_recipe, recipe_from_dict
@@ -71,18 +71,36 @@ def test_joint_kl_is_the_numpy_kl_of_the_quantized_models_logits(tiny):
     assert kls == {"a": pytest.approx(got["rtn_w8_g128"], rel=1e-6)} and lines == ["a (1/1), whole"]
 
 
-def test_contenders_are_the_allocations_and_the_largest_uniform_candidate_that_fits(tiny):
+def test_contenders_are_the_allocations_and_the_uniform_candidates_either_side_of_the_budget(tiny):
     *_, sens, _ = tiny
+    n = len(sens["layers"])
     chosen = choose(sens, "4bpw")
     out = contenders(sens, "4bpw", chosen, chosen)  # the same choice twice: named once
-    assert list(out) == ["allocation", "uniform rtn_w2_g128"]  # rtn_w4_g128 stores 4.25 bits: over 4
-    n = len(sens["layers"])
+    assert list(out)[:2] == ["allocation", "uniform rtn_w2_g128"]  # rtn_w4_g128 stores 4.25 bits: over 4
     assert fits(sens, "4bpw", [0] * n) and not fits(sens, "4bpw", [1] * n)
     assert out["uniform rtn_w2_g128"]["layers_per_candidate"] == {"rtn_w2_g128": n}
+    name, low = lowered(sens, "4bpw")
+    assert name == "uniform rtn_w4_g128 lowered" and out.get(name, chosen)["choice"] == low["choice"]
     other = choose(sens, "3bpw")
     out = contenders(sens, "8.3bpw", chosen, other)
-    assert list(out) == ["allocation", "allocation by the estimates", "uniform rtn_w8_g128"]
-    assert out["allocation by the estimates"] is other
+    assert list(out) == ["allocation", "allocation by the estimates", "uniform rtn_w8_g128"]  # every uniform fits
+    assert out["allocation by the estimates"] is other and lowered(sens, "8.3bpw") is None
+
+
+def test_the_lowered_uniform_lowers_the_cheapest_layers_and_raises_none(tiny):
+    *_, sens, _ = tiny
+    n = len(sens["layers"])
+    name, low = lowered(sens, "4bpw")
+    picks = list(low["choice"].values())
+    assert set(picks) == {0, 1} and fits(sens, "4bpw", picks) and low["linear_bits_per_weight"] <= 4
+    assert low["recipe"]["name"] == "rtn_w4_g128_lowered_4bpw" and "lowered" in low["recipe"]["description"]
+    recipe_from_dict(low["recipe"])
+    # NumPy reference: the least summed cost over every way to lower layers from rtn_w4_g128 to rtn_w2_g128
+    rows = list(sens["layers"].values())
+    best = min((sum(r["cost"][c] for r, c in zip(rows, pick)), pick)
+               for pick in np.ndindex(*(2,) * n) if fits(sens, "4bpw", pick))
+    assert picks == list(best[1]) and low["estimated_error"] == pytest.approx(best[0], rel=1e-9)
+    assert low["estimated_error"] >= choose(sens, "4bpw")["estimated_error"] * (1 - 1e-9)  # a narrower search
 
 
 def test_cli_validate_writes_the_contender_with_the_least_joint_kl(tiny, tmp_path, capsys):
@@ -98,7 +116,8 @@ def test_cli_validate_writes_the_contender_with_the_least_joint_kl(tiny, tmp_pat
     assert v["written"] == min(v["kl"], key=v["kl"].get) and all(k > 0 for k in v["kl"].values())
     written = yaml.safe_load(out.read_text())
     assert info["linear_bits_per_weight"] <= 4
-    assert written["name"] == {"uniform rtn_w2_g128": "rtn_w2_g128"}.get(v["written"], "autoquant_4bpw")
+    assert written["name"] == {"uniform rtn_w2_g128": "rtn_w2_g128", "uniform rtn_w4_g128 lowered":
+                               "rtn_w4_g128_lowered_4bpw"}.get(v["written"], "autoquant_4bpw")
     if v["written"] == "uniform rtn_w2_g128":
         assert {r["format"] for r in written["rules"]} == {"int2"}
     assert cli_main([*common, "--budget", "4bpw", "--validate", "-1", "--out", str(tmp_path / "x.yaml")]) == 2
