@@ -7,8 +7,8 @@ stored bits, the layer's float bytes and every cost measured so far — the esti
 for the layers a `--refine` or a validation measured (a KL on other tokens than the default, `--kl-samples` /
 `--kl-stride`, under its own name beside it). Adding a candidate to a search measures only that one; a
 refinement that stops resumes with the layers it had measured (each is written as it is done). The file is written
-whole to a temporary name and renamed, so a stopped run never leaves half of one; two runs sharing a file at once
-keep the last one's columns.
+whole to a temporary name and renamed, so a stopped run never leaves half of one; each write merges what another run
+sharing the file wrote meanwhile (under a lock), so two runs at once keep both runs' measurements.
 
 A file holds one store per key (another calibration draw or base adds a store beside the others, it does not
 replace them). Candidates and the base are known by what they quantize and how: a recipe's name and description are
@@ -31,6 +31,11 @@ import numpy as np
 from jq.apps.autoquant import sensitivity_tables
 from jq.models.family import LoadedModel
 from jq.tree.recipe import QuantConfig, recipe_to_dict
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writes still merge, unlocked
+    fcntl = None
 
 __all__ = ["cache_key", "cached_tables"]
 
@@ -79,15 +84,20 @@ def _from_version_2(store: dict[str, Any]) -> dict[str, Any]:
     if key.get("base") is not None:
         key["base"] = _content(key["base"])
     columns: dict[str, Any] = {}
-    for cid, col in store["columns"].items():
-        new = json.dumps(_content(json.loads(cid)), sort_keys=True)
-        if new not in columns:
-            columns[new] = col
-            continue
-        for p, entry in col["layers"].items():  # a second label of the same recipe: keep every cost of either
-            columns[new]["layers"].setdefault(p, entry)["cost"] = {**entry["cost"],
-                                                                    **columns[new]["layers"][p]["cost"]}
+    for cid, col in store["columns"].items():  # a second label of the same recipe: every cost of either is kept
+        _merge_column(columns, json.dumps(_content(json.loads(cid)), sort_keys=True), col)
     return {**store, "key": key, "columns": columns}
+
+
+def _merge_column(columns: dict[str, Any], cid: str, col: dict[str, Any]) -> None:
+    """Add column `col` to `columns` under `cid`; where one is there, add the layers and costs it lacks."""
+    mine = columns.setdefault(cid, col)
+    if mine is col:
+        return
+    for p, entry in col["layers"].items():
+        mine["layers"].setdefault(p, entry)["cost"] = {**entry["cost"], **mine["layers"][p]["cost"]}
+    if "targets" not in mine and "targets" in col:
+        mine.update(targets=col["targets"], fixed_bytes=col["fixed_bytes"])
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
@@ -120,10 +130,26 @@ def _store(stores: list[dict[str, Any]], key: dict[str, Any]) -> dict[str, Any]:
     return stores[-1]
 
 
+def _merge(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> None:
+    """Add to `ours` what `theirs` (the file as another run left it) holds and ours lacks: stores, columns, layers,
+    costs (ours kept where both have one)."""
+    for other in theirs:
+        store = _store(ours, other["key"])
+        for cid, col in other["columns"].items():
+            _merge_column(store["columns"], cid, col)
+        store["extras"] = store["extras"] or other["extras"]
+
+
 def _write(path: Path, stores: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": _VERSION, "stores": stores}))
-    os.replace(tmp, path)
+    """Write `stores` whole under a temporary name and rename it, merged with what another run sharing the file
+    wrote since it was read (under an exclusive lock where the platform has one), so neither loses measurements."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge(stores, _read(path))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "version": _VERSION, "stores": stores}))
+        os.replace(tmp, path)
 
 
 def _absorb_layer(store: dict[str, Any], candidates: Sequence[QuantConfig], path: str,

@@ -210,3 +210,20 @@ def test_a_stopped_measurement_of_some_layers_keeps_the_layers_it_finished(setup
         cached_tables(m, cands, calib, ("kl",), stop_at_the_third, cache=f, key=key, only=layers)
     got = cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers)["kl"]
     assert len(spy[-1][2]) == 1 and set(got["layers"]) == set(layers)  # the two finished layers came from the file
+
+
+def test_two_runs_sharing_a_file_keep_both_runs_measurements(setup, spy, tmp_path):
+    m, cands, calib, _ = setup
+    key, f = cache_key(m, DRAW), tmp_path / "s.json"
+    cached_tables(m, cands, calib, ("kfac",), cache=f, key=key)
+    layers = sorted(setup[3]["kfac"]["layers"])[:3]
+    other = []
+
+    def meanwhile(what):  # another run on the same file measures layer 3 while this one measures layers 1-2
+        if not other:
+            other.append(cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers[2:]))
+    cached_tables(m, cands, calib, ("kl",), meanwhile, cache=f, key=key, only=layers[:2])
+    n = len(spy)
+    got = cached_tables(m, cands, calib, ("kl",), cache=f, key=key, only=layers)["kl"]
+    assert got["measured"] == 0 and len(spy) == n and list(got["layers"]) == layers
+    assert cached_tables(m, cands, calib, ("kfac",), cache=f, key=key)["kfac"]["measured"] == 0
