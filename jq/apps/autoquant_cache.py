@@ -115,7 +115,8 @@ def _read(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"--cache {path}: written by a newer jq (cache version {data['version']}, this one "
                              f"reads up to {_VERSION}); upgrade jq or give another file")
         return data["stores"]
-    if isinstance(data, dict) and {"key", "columns"} <= set(data) and data["key"].get("version") == 2:
+    if isinstance(data, dict) and isinstance(data.get("key"), dict) and data["key"].get("version") == 2 \
+            and "columns" in data:
         return [_from_version_2(data)]
     raise ValueError(f"--cache {path}: a JSON file but not an autoquant cache (no \"format\": \"{FORMAT}\"); it is "
                      "left as it is: give another file name, or delete it to measure afresh")
