@@ -1,6 +1,6 @@
 """`jq autoquant --validate N`: the allocation, the estimates' allocation, the largest uniform candidate that fits and
-the smallest that does not, lowered on its cheapest layers, are each quantized whole and scored by their next-token KL from the float model on held-out windows; the least is
-written."""
+the smallest that does not, lowered on its cheapest layers, are each quantized whole and scored by their next-token
+KL from the float model on held-out windows; the least is written."""
 
 from __future__ import annotations
 
