@@ -245,16 +245,18 @@ def fits(sens: dict[str, Any], budget: str, pick: Sequence[int]) -> bool:
     return sum(row[c] for row, c in zip(use, pick)) <= total
 
 
-def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000) -> dict[str, Any]:
+def choose(sens: dict[str, Any], budget: str, name: str | None = None, steps: int = 200_000,
+           description: str | None = None) -> dict[str, Any]:
     """The recipe (a YAML-shaped dict with one rule per layer) that minimises the summed sensitivity within
     `budget` ('3.5bpw' over the candidates' layers, '150MB' for the whole model, or '2ms' of summed matmul time of the
-    candidates' layers, which needs sensitivities measured with `latency_tokens`), and what it costs."""
+    candidates' layers, which needs sensitivities measured with `latency_tokens`), and what it costs. `name`,
+    `description`: the recipe's (defaults say what was chosen from)."""
     use, total = _budget_units(sens, budget)
     costs = [[c if np.isfinite(c) else 1e30 for c in row["cost"]] for row in sens["layers"].values()]
     pick = allocate(costs, use, total, max(1, total // steps))
     return summarize(sens, pick, name or f"autoquant_{budget.strip().lower()}",
-                     f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} (least estimated "
-                     f"{sens['metric']} cost)")
+                     description or f"jq autoquant: {', '.join(sens['candidates'])} per layer within {budget} (least "
+                     f"estimated {sens['metric']} cost)")
 
 
 def summarize(sens: dict[str, Any], pick: Sequence[int], name: str, description: str) -> dict[str, Any]:

@@ -73,8 +73,13 @@ def _content(recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in _LABELS}
 
 
+def _recipe_id(recipe: dict[str, Any]) -> str:
+    """A column's key: the YAML-shaped recipe without its labels, as sorted JSON."""
+    return json.dumps(_content(recipe), sort_keys=True)
+
+
 def _column_id(c: QuantConfig) -> str:
-    return json.dumps(_content(recipe_to_dict(c)), sort_keys=True)
+    return _recipe_id(recipe_to_dict(c))
 
 
 def _from_version_2(store: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +90,7 @@ def _from_version_2(store: dict[str, Any]) -> dict[str, Any]:
         key["base"] = _content(key["base"])
     columns: dict[str, Any] = {}
     for cid, col in store["columns"].items():  # a second label of the same recipe: every cost of either is kept
-        _merge_column(columns, json.dumps(_content(json.loads(cid)), sort_keys=True), col)
+        _merge_column(columns, _recipe_id(json.loads(cid)), col)
     return {**store, "key": key, "columns": columns}
 
 

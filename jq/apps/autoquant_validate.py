@@ -84,12 +84,12 @@ def lowered(sens: dict[str, Any], budget: str) -> tuple[str, dict[str, Any]] | N
     narrowed = {**sens, "layers": {p: {**r, "cost": [x if r["bits"][c] <= r["bits"][top] else float("inf")
                                                        for c, x in enumerate(r["cost"])]}
                                    for p, r in sens["layers"].items()}}
-    chosen = choose(narrowed, budget, name=f"{name}_lowered_{budget.strip().lower()}")
+    chosen = choose(narrowed, budget, name=f"{name}_lowered_{budget.strip().lower()}",
+                    description=f"jq autoquant: {name} on every layer, lowered where the {sens['metric']} cost is "
+                                f"least until it fits {budget}")
     if not np.isfinite(sum(narrowed["layers"][p]["cost"][c] for p, c in chosen["choice"].items())):
         return None  # it fits only with a layer raised
-    return f"uniform {name} lowered", {**chosen, "recipe": {
-        **chosen["recipe"], "description": f"jq autoquant: {name} on every layer, lowered where the {sens['metric']} "
-                                           f"cost is least until it fits {budget}"}}
+    return f"uniform {name} lowered", chosen
 
 
 def contenders(sens: dict[str, Any], budget: str, chosen: dict[str, Any],
