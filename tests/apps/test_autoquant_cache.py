@@ -135,6 +135,12 @@ def test_another_key_is_a_store_beside_the_first_and_a_file_not_a_cache_is_refus
         with pytest.raises(ValueError, match=rf"--cache .*s.json: {why}.*left as it is: give another file name"):
             cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))
         assert f.read_text() == text  # a damaged write or a recipe passed by mistake is never overwritten
+    newer = '{"format": "jq-autoquant-cache", "version": 99, "stores": []}'
+    f.write_text(newer)
+    with pytest.raises(ValueError, match=r"--cache .*s.json: written by a newer jq \(cache version 99, this one reads "
+                                         r"up to 3\); upgrade jq or give another file"):
+        cached_tables(m, cands, calib, ("kfac",), cache=f, key=cache_key(m, DRAW))
+    assert f.read_text() == newer
     with pytest.raises(ValueError, match=r"needs the cache's key: cache_key\(model, draw, base, latency\)"):
         cached_tables(m, cands, calib, ("kfac",), cache=tmp_path / "t.json")
 
