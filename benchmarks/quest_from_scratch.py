@@ -109,8 +109,9 @@ def main() -> None:
         rows[name] = train_one(None if name == "float" else variant(name), params0, mcfg, windows, eval_ids, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python benchmarks/quest_from_scratch.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+    flags = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in vars(args).items())
+    result = {"command": f"python benchmarks/quest_from_scratch.py {flags}",
         "model": {"dim": args.dim, "layers": args.layers, "hidden": 3 * args.dim, "vocab": 256,
                   "params": int(sum(x.size for x in jax.tree_util.tree_leaves(params0)))},
         "tokens_per_run": args.steps * args.batch_size * args.seq_len, "environment": environment(), "runs": rows}
